@@ -1,0 +1,23 @@
+"""ddpm: denoising diffusion models, trained and sampled on Accelerate."""
+
+from ddpm.config import Config, ConfigError, DataConfig, SampleConfig, TrainConfig, load_config, save_config
+from ddpm.data import build_dataset, num_classes_of
+from ddpm.samplers import SAMPLERS, sample
+from ddpm.scheduler import NoiseScheduler
+from ddpm.unet import UNet
+
+__all__ = [
+    "SAMPLERS",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "NoiseScheduler",
+    "SampleConfig",
+    "TrainConfig",
+    "UNet",
+    "build_dataset",
+    "load_config",
+    "num_classes_of",
+    "sample",
+    "save_config",
+]

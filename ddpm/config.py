@@ -1,0 +1,331 @@
+"""Run configuration: one YAML file with the sections model, diffusion, data, train, sample and output_dir.
+
+`model` holds the `UNet` constructor's keyword arguments and `diffusion` the `NoiseScheduler`'s, passed as
+given (a missing key takes the constructor's default); only their names are checked here, the constructors
+check the values. `data`, `train` and `sample` are dataclasses below: a missing key takes the default written
+there, and every value is checked for its type and range when the file is read, so that a typo stops the run
+before it starts rather than after an hour. Overrides are dotted `key=value` strings read as YAML scalars:
+`train.steps=200 data.batch_size=32 model.channel_mult=[1,2] output_dir=runs/try`.
+"""
+
+import copy
+import dataclasses
+import inspect
+import re
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override with an unknown key, or a value of the wrong type or out of range."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"  # digits | folder | cifar10 | mnist | fashion_mnist | celeba
+    root: str | None = None  # folder of images, or torchvision root (required for all but digits)
+    image_size: int = 16  # square side in pixels after resize (+ centre crop for folders/celeba)
+    channels: int = 1  # 1 or 3: images converted to L or RGB
+    labels: bool = True  # return class labels (folder: from sub-folder names); False -> label -1
+    hflip: bool = False  # random horizontal flip
+    download: bool = False  # torchvision datasets only
+    batch_size: int = 64  # per process
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000  # optimizer steps
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100  # linear LR warm-up, in optimizer steps
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    grad_accum: int = 1  # micro-batches per optimizer step
+    mixed_precision: str = "auto"  # auto | no | fp16 | bf16
+    ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay = min(ema_decay, (1 + n) / (10 + n))
+    label_dropout: float = 0.1  # p of replacing y by the null label (classifier-free guidance)
+    loss_weighting: str = "uniform"  # uniform | min_snr (ddpm.scheduler.LOSS_WEIGHTINGS)
+    min_snr_gamma: float = 5.0
+    channels_last: bool = False
+    compile: bool = False
+    checkpoint_every: int = 500  # optimizer steps
+    keep_checkpoints: int = 3
+    sample_every: int = 500  # optimizer steps; 0 disables in-training grids
+    log_every: int = 10  # optimizer steps
+    seed: int = 0
+    nan_policy: str = "stop"  # stop | skip
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ddim"  # a name in ddpm.samplers.SAMPLERS
+    steps: int = 50  # model evaluations per sample (network calls)
+    eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
+    n: int = 16  # images in the in-training grid
+    guidance_scale: float = 1.0  # classifier-free guidance weight; 1 = conditional model alone
+
+
+@dataclass
+class Config:
+    model: dict[str, Any] = field(default_factory=dict)  # UNet(**model)
+    diffusion: dict[str, Any] = field(default_factory=dict)  # NoiseScheduler(**diffusion)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    output_dir: str = "runs/default"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dicts, lists and scalars (YAML- and JSON-able), in the layout of a config file."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Config":
+        """The inverse of `to_dict`, with every key and value checked as in `load_config`."""
+        return _build(d, lambda key: "the config dict")
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read the YAML file at `path` (None: no file, only the defaults) and apply dotted `key=value` overrides.
+
+    Raises ConfigError naming the key, where it came from (file or override) and what is valid.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        with open(path) as f:
+            loaded = yaml.load(f, Loader=_Loader)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
+        raw = copy.deepcopy(loaded or {})
+    file_source = str(path) if path is not None else "the defaults"
+    sources: dict[str, str] = {}  # dotted key -> the override that set it
+    for text in overrides:
+        key, value = _parse_override(text)
+        sources[key] = f"override '{text}'"
+        section, _, name = key.partition(".")
+        if not name:
+            raw[section] = value
+        elif not isinstance(raw.get(section), dict):  # absent or null in the file: start an empty section
+            raw[section] = {name: value}
+        else:
+            raw[section][name] = value
+    return _build(raw, lambda key: sources.get(key, file_source))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write `config` as YAML (what `load_config` reads back into an equal Config)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "sample": SampleConfig}
+TOP_LEVEL_KEYS = ("model", "diffusion", "data", "train", "sample", "output_dir")
+
+# Values accepted by the options whose names no other module owns.
+_CHOICES: dict[str, tuple] = {
+    "data.channels": (1, 3),
+    "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
+    "train.nan_policy": ("stop", "skip"),
+}
+
+# Ranges, checked after the types: key -> (predicate, what is expected).
+_AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")
+_AT_LEAST_0 = (lambda v: v >= 0, "a number >= 0")
+_POSITIVE = (lambda v: v > 0, "a number > 0")
+_UNIT = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data.image_size": _AT_LEAST_1,
+    "data.batch_size": _AT_LEAST_1,
+    "data.num_workers": _AT_LEAST_0,
+    "train.steps": _AT_LEAST_1,
+    "train.lr": _POSITIVE,
+    "train.weight_decay": _AT_LEAST_0,
+    "train.adam_betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "train.warmup_steps": _AT_LEAST_0,
+    "train.grad_clip": _AT_LEAST_0,
+    "train.grad_accum": _AT_LEAST_1,
+    "train.ema_decay": _UNIT,
+    "train.label_dropout": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "train.min_snr_gamma": _POSITIVE,
+    "train.checkpoint_every": _AT_LEAST_1,
+    "train.keep_checkpoints": _AT_LEAST_1,
+    "train.sample_every": _AT_LEAST_0,
+    "train.log_every": _AT_LEAST_1,
+    "train.seed": _AT_LEAST_0,
+    "sample.steps": _AT_LEAST_1,
+    "sample.eta": _AT_LEAST_0,
+    "sample.n": _AT_LEAST_1,
+    "sample.guidance_scale": _AT_LEAST_0,
+}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# Field annotation -> (does the value have this type, how to describe the type in an error).
+_TYPES: dict[Any, tuple[Callable[[Any], bool], str]] = {
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (_is_number, "a number"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    str | None: (lambda v: v is None or isinstance(v, str), "a string or null"),
+    tuple[float, float]: (
+        lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(map(_is_number, v)),
+        "a list of two numbers",
+    ),
+}
+
+
+def _build(raw: Mapping[str, Any], where: Callable[[str], str]) -> Config:
+    """Check `raw` (a config file's layout) and turn it into a Config; `where(key)` says where key was set."""
+    for name in raw:
+        if name not in TOP_LEVEL_KEYS:
+            raise ConfigError(
+                f"unknown key '{name}' in {where(name)}; valid top-level keys: {', '.join(TOP_LEVEL_KEYS)}"
+            )
+    sections = {}
+    for name in TOP_LEVEL_KEYS[:-1]:
+        section = raw.get(name)
+        if section is None:
+            section = {}
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"'{name}' in {where(name)} must be a mapping of keys, got {section!r}")
+        sections[name] = dict(section)
+    output_dir = raw.get("output_dir", Config.output_dir)
+    if not isinstance(output_dir, str) or not output_dir:
+        raise ConfigError(_invalid("output_dir", output_dir, where, "a non-empty string (a directory path)"))
+
+    for name in ("model", "diffusion"):
+        if sections[name]:
+            constructor = _constructor(name)
+            _check_names(
+                name, sections[name], _keyword_arguments(constructor), where, f" ({constructor.__name__})"
+            )
+    built = {name: _build_section(name, sections[name], where) for name in SECTIONS}
+    data = built["data"]
+    if data.dataset != "digits" and data.root is None:
+        raise ConfigError(
+            f"data.root is required for data.dataset '{data.dataset}' (in {where('data.dataset')}): "
+            "the folder of images or the torchvision root, e.g. data.root=data/cifar10"
+        )
+    return Config(model=sections["model"], diffusion=sections["diffusion"], output_dir=output_dir, **built)
+
+
+def _build_section(section: str, values: dict[str, Any], where: Callable[[str], str]) -> Any:
+    """The dataclass of `section` from the keys given (checked here); the others take their defaults."""
+    cls = SECTIONS[section]
+    types = typing.get_type_hints(cls)
+    _check_names(section, values, list(types), where)
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{section}.{name}"
+        has_type, type_name = _TYPES[types[name]]
+        if not has_type(value):
+            raise ConfigError(_invalid(key, value, where, type_name))
+        if types[name] is float:
+            value = float(value)
+        elif types[name] == tuple[float, float]:
+            value = tuple(float(v) for v in value)
+        choices = _choices(key)
+        if choices is not None and value not in choices:
+            raise ConfigError(_invalid(key, value, where, f"one of {', '.join(map(str, choices))}"))
+        if key in _RANGES and not _RANGES[key][0](value):
+            raise ConfigError(_invalid(key, value, where, _RANGES[key][1]))
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _choices(key: str) -> tuple | None:
+    """Valid values of `key`, read from the registry that owns them where there is one."""
+    if key == "data.dataset":
+        from ddpm.data import DATASETS
+
+        return tuple(DATASETS)
+    if key == "train.loss_weighting":
+        from ddpm.scheduler import LOSS_WEIGHTINGS
+
+        return LOSS_WEIGHTINGS
+    if key == "sample.sampler":
+        from ddpm.samplers import SAMPLERS
+
+        return tuple(SAMPLERS)
+    return _CHOICES.get(key)
+
+
+def _check_names(
+    section: str, values: Mapping[str, Any], valid: Sequence[str], where: Callable[[str], str], note: str = ""
+) -> None:
+    for name in values:
+        if name not in valid:
+            key = f"{section}.{name}"
+            raise ConfigError(
+                f"unknown key '{key}' in {where(key)}; valid keys of {section}{note}: {', '.join(valid)}"
+            )
+
+
+def _constructor(section: str) -> type:
+    """The class a model/diffusion section is passed to (imported here: those modules import torch)."""
+    if section == "model":
+        from ddpm.unet import UNet
+
+        return UNet
+    from ddpm.scheduler import NoiseScheduler
+
+    return NoiseScheduler
+
+
+def _keyword_arguments(constructor: type) -> list[str]:
+    parameters = inspect.signature(constructor).parameters.values()
+    return [p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _invalid(key: str, value: Any, where: Callable[[str], str], expected: str) -> str:
+    return f"invalid value {value!r} for '{key}' in {where(key)}: expected {expected}"
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    """'train.steps=200' -> ('train.steps', 200): the value is read as a YAML scalar or flow list."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override '{text}' must look like key=value, e.g. train.steps=200")
+    section, _, name = key.partition(".")
+    if name and section not in TOP_LEVEL_KEYS[:-1]:
+        raise ConfigError(
+            f"unknown key '{key}' in override '{text}'; valid sections: {', '.join(TOP_LEVEL_KEYS[:-1])}"
+        )
+    if section in TOP_LEVEL_KEYS[:-1] and (not name or "." in name):
+        raise ConfigError(f"override '{text}' must name one key of {section}, e.g. {section}.KEY=VALUE")
+    try:
+        return key, yaml.load(value, Loader=_Loader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({error.problem})") from None
+
+
+def _plain(value: Any) -> Any:
+    """Tuples -> lists, recursively, so that yaml.safe_dump and json accept the result."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent floats without a dot (1e-3, 5E4) as floats, as YAML 1.2 does;
+    PyYAML follows YAML 1.1 and would hand `lr: 1e-3` over as the string '1e-3'."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)

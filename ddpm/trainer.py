@@ -1,0 +1,438 @@
+"""The training loop on Hugging Face Accelerate: one process or many, CPU or GPU, with the same code.
+
+`Trainer(config).train()` builds the UNet, the NoiseScheduler and the dataset from a `Config`, then runs
+AdamW with learning-rate warm-up, gradient clipping and accumulation, mixed precision, an EMA of the weights,
+label dropout for classifier-free guidance and the scheduler's loss weighting. It writes the run directory
+described in `ddpm.checkpoint` and can resume it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+from torch.optim.swa_utils import AveragedModel
+from tqdm.auto import tqdm
+
+from ddpm.checkpoint import (
+    CheckpointError,
+    TrainerState,
+    latest_checkpoint,
+    load_training_state,
+    save_checkpoint,
+)
+from ddpm.config import Config, ConfigError, save_config
+from ddpm.data import build_dataset
+from ddpm.generate import generate, save_grid
+from ddpm.scheduler import NoiseScheduler
+from ddpm.unet import UNet
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; nothing after the last good checkpoint was saved."""
+
+
+class Trainer:
+    """Train a UNet as a denoising diffusion model under Accelerate.
+
+    Args:
+        config: the resolved run configuration (see `ddpm.config`).
+        resume: None to start fresh (the run directory must then hold no checkpoint), "latest" for the newest
+            checkpoint in `config.output_dir`, or the path of a checkpoint folder.
+    """
+
+    def __init__(self, config: Config, *, resume: str | None = None):
+        self.config = config
+        self.run_dir = Path(config.output_dir)
+        train = config.train
+        self.accelerator = Accelerator(
+            # Without GPUs, `accelerate launch --multi_gpu --num_processes N` must still mean N processes
+            # over gloo; Accelerate only picks that backend when told it runs on the CPU.
+            cpu=not torch.cuda.is_available() and "LOCAL_RANK" in os.environ,
+            mixed_precision=_mixed_precision(train.mixed_precision),
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=train.grad_accum, sync_with_dataloader=False
+            ),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train.seed),
+            log_with=_available_trackers() or None,
+            project_dir=str(self.run_dir),
+        )
+        # Different noise on each process; the same data order and initial weights everywhere (DDP broadcasts
+        # rank 0's weights and the seedable sampler shares one permutation that Accelerate then shards).
+        set_seed(train.seed, device_specific=True)
+
+        self.dataset = build_dataset(config.data)
+        self.noise_scheduler = NoiseScheduler(**config.diffusion)
+        self.model = UNet(**config.model)
+        _check_compatible(self.model, self.dataset, config)
+        if train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema_warmup = EMADecay(train.ema_decay, warmup=train.ema_warmup)
+        self.ema = AveragedModel(self.model, multi_avg_fn=self.ema_warmup, use_buffers=False)
+        # AveragedModel copies the weights on its first update; ours already start as that copy.
+        self.ema.n_averaged.fill_(1)
+        self.ema.requires_grad_(False)
+        self.ema.module.eval()  # only ever sampled from and saved
+
+        optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=train.lr,
+            betas=tuple(train.adam_betas),
+            weight_decay=train.weight_decay,
+            fused=torch.cuda.is_available() or None,
+        )
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=config.data.batch_size,
+            shuffle=True,
+            drop_last=len(self.dataset) >= config.data.batch_size * self.accelerator.num_processes,
+            num_workers=config.data.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=config.data.num_workers > 0,
+            # Its own generator: creating a loader iterator draws a seed, which must not come from the global
+            # RNG (that would shift the noise after a resume, which creates the iterator at another moment).
+            generator=torch.Generator().manual_seed(train.seed),
+        )
+        self.model, self.optimizer, self.loader = self.accelerator.prepare(self.model, optimizer, loader)
+        self.ema.to(self.accelerator.device)
+        self.forward = torch.compile(self.model) if train.compile else self.model
+
+        self.state = TrainerState(step=0, ema_updates=0)
+        self._resume(resume)
+        self._stop_signal: str | None = None
+
+    def train(self) -> Path | None:
+        """Run until `train.steps` optimizer steps; returns the last checkpoint folder written, if any."""
+        train, accelerator = self.config.train, self.accelerator
+        if accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.run_dir / "config.yaml")
+        accelerator.init_trackers("ddpm", config=_flat(self.config.to_dict()))
+        previous_handlers = self._install_signal_handlers()
+        bar = tqdm(
+            total=train.steps,
+            initial=self.state.step,
+            desc="train",
+            disable=not accelerator.is_main_process,
+            dynamic_ncols=True,
+        )
+        last_saved = latest_checkpoint(self.run_dir)
+        images_per_step = self.config.data.batch_size * train.grad_accum * accelerator.num_processes
+        loss_sum = torch.zeros((), device=accelerator.device)
+        first_bad_step = torch.full((), -1, device=accelerator.device, dtype=torch.long)
+        skipped, tick, ticks_from = 0, time.perf_counter(), self.state.step
+        try:
+            for x0, labels in self._batches():
+                loss, applied = self._train_micro_step(x0, labels)
+                if not accelerator.sync_gradients:
+                    continue
+                if not applied:
+                    skipped += 1
+                    continue
+                self.state.step += 1
+                step = self.state.step
+                self.ema.update_parameters(accelerator.unwrap_model(self.model))
+                self.state.ema_updates = self.ema_warmup.updates
+                loss_sum += loss.detach()
+                # Recorded on the device and checked at log steps: no host sync per step.
+                first_bad_step.masked_fill_((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step)
+                done = step >= train.steps or self._stop_requested(step)
+                if step % train.log_every == 0 or done or step % train.checkpoint_every == 0:
+                    self._raise_if_nonfinite(first_bad_step, last_saved)
+                    elapsed = time.perf_counter() - tick
+                    record = {
+                        "step": step,
+                        "loss": accelerator.reduce(loss_sum, "mean").item() / max(step - ticks_from, 1),
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "images_per_s": images_per_step * (step - ticks_from) / max(elapsed, 1e-9),
+                        "skipped_steps": skipped,
+                    }
+                    self._log(record, bar)
+                    loss_sum.zero_()
+                    tick, ticks_from = time.perf_counter(), step
+                bar.update(1)
+                if step % train.checkpoint_every == 0 or done:
+                    last_saved = self._save()
+                if train.sample_every and (step % train.sample_every == 0 or done):
+                    self._sample_grid(step)
+                if done:
+                    break
+        finally:
+            bar.close()
+            self._restore_signal_handlers(previous_handlers)
+            accelerator.end_training()
+        if self._stop_signal:
+            accelerator.print(f"stopped by {self._stop_signal} at step {self.state.step}; saved {last_saved}")
+        return last_saved
+
+    # -- one step
+
+    def _train_micro_step(self, x0: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Forward, backward and (on synchronising micro-steps) the optimizer step.
+
+        Returns (loss, applied). `applied` is False only when nan_policy is "skip" and the loss was not finite
+        on some process: then no process updates its weights, which keeps the replicas identical.
+        """
+        train, accelerator = self.config.train, self.accelerator
+        with accelerator.accumulate(self.model):
+            self._set_learning_rate()
+            loss = self._loss(x0, labels)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and train.grad_clip > 0:
+                accelerator.clip_grad_norm_(self.model.parameters(), train.grad_clip)
+            if train.nan_policy == "skip" and accelerator.sync_gradients:
+                finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), "min")
+                if not bool(finite):  # a host sync per step, paid only under this policy
+                    self.optimizer.zero_grad(set_to_none=True)
+                    return loss, False
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss, True
+
+    def _loss(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The weighted denoising loss: Ho et al. 2020 Eq. 14, generalised to the configured target.
+
+        E_t,eps [ w(t) * || model(x_t, t, y) - target(x0, eps, t) ||^2 ], with x_t ~ q(x_t | x0) drawn by
+        `NoiseScheduler.add_noise` and w(t) uniform or min-SNR-gamma (Hang et al. 2023).
+        """
+        train, scheduler = self.config.train, self.noise_scheduler
+        if train.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        noise = torch.randn_like(x0)
+        t = scheduler.sample_timesteps(x0.shape[0], device=x0.device)
+        x_t = scheduler.add_noise(x0, noise, t)
+        y = self._drop_labels(labels) if self.ema.module.null_class is not None else None
+        with self.accelerator.autocast():
+            prediction = self.forward(x_t, t, y)
+        target = scheduler.training_target(x0, noise, t)
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        weight = scheduler.loss_weight(t, weighting=train.loss_weighting, min_snr_gamma=train.min_snr_gamma)
+        return (weight.to(per_sample.dtype) * per_sample).mean()
+
+    def _drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Replace each label by the null label with probability `label_dropout` (Ho & Salimans 2022)."""
+        dropped = torch.rand(labels.shape, device=labels.device) < self.config.train.label_dropout
+        return torch.where(dropped, torch.full_like(labels, self.ema.module.null_class), labels)
+
+    def _set_learning_rate(self) -> None:
+        """Linear warm-up over `warmup_steps`, then constant: a function of the step, so resume is exact."""
+        train = self.config.train
+        scale = min(1.0, (self.state.step + 1) / train.warmup_steps) if train.warmup_steps > 0 else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = train.lr * scale
+
+    # -- data
+
+    def _batches(self):
+        """Endless batches, starting exactly where the restored step left off (epoch and position in it)."""
+        per_epoch = len(self.loader)
+        if per_epoch == 0:
+            raise ConfigError(
+                f"data.batch_size={self.config.data.batch_size} is larger than the dataset "
+                f"({len(self.dataset)} images); lower data.batch_size"
+            )
+        consumed = self.state.step * self.config.train.grad_accum
+        epoch, skip = divmod(consumed, per_epoch)
+        while True:
+            self.loader.set_epoch(epoch)
+            loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+            yield from loader
+            epoch, skip = epoch + 1, 0
+
+    # -- checkpoints, samples, logs
+
+    def _resume(self, resume: str | None) -> None:
+        existing = latest_checkpoint(self.run_dir)
+        if resume is None:
+            if existing is not None:
+                raise CheckpointError(
+                    f"{self.run_dir} already holds checkpoints (latest {existing.name}); continue it with "
+                    "--resume, or choose a new output_dir=..."
+                )
+            return
+        checkpoint = existing if resume == "latest" else Path(resume)
+        if checkpoint is None:
+            raise CheckpointError(
+                f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; start without --resume "
+                "or set output_dir to the run you want to continue"
+            )
+        self.state = load_training_state(self.accelerator, checkpoint, self.ema.module)
+        self.ema_warmup.updates = self.state.ema_updates
+        self.accelerator.print(f"resumed from {checkpoint} at step {self.state.step}")
+
+    def _save(self) -> Path:
+        self._check_replicas_identical()
+        return save_checkpoint(
+            self.accelerator,
+            self.run_dir,
+            self.state,
+            model=self.accelerator.unwrap_model(self.model),
+            ema_model=self.ema.module,
+            noise_scheduler=self.noise_scheduler,
+            keep=self.config.train.keep_checkpoints,
+        )
+
+    def _check_replicas_identical(self) -> None:
+        """Guard against silently diverged data-parallel replicas (one collective per checkpoint)."""
+        if self.accelerator.num_processes == 1:
+            return
+        sums = torch.stack([p.detach().float().sum() for p in self.model.parameters()])
+        gathered = self.accelerator.gather(sums[None])
+        if not torch.equal(gathered.amin(0), gathered.amax(0)):
+            raise RuntimeError(
+                "data-parallel replicas hold different weights; gradients were not synchronised. "
+                "Launch with `accelerate launch` and do not mix processes of different configs"
+            )
+
+    def _sample_grid(self, step: int) -> None:
+        """Write samples/step-NNNNNNN-ema.png from the EMA weights (main process only, own RNG)."""
+        if not self.accelerator.is_main_process:
+            return
+        sample, data = self.config.sample, self.config.data
+        with self.accelerator.autocast():
+            images = generate(
+                self.ema.module,
+                self.noise_scheduler,
+                sample.n,
+                image_shape=(data.channels, data.image_size, data.image_size),
+                sampler=sample.sampler,
+                steps=sample.steps,
+                eta=sample.eta,
+                guidance_scale=sample.guidance_scale,
+                seed=self.config.train.seed,
+                device=self.accelerator.device,
+            )
+        save_grid(images, self.run_dir / "samples" / f"step-{step:07d}-ema.png")
+
+    def _log(self, record: dict, bar: tqdm) -> None:
+        accelerator = self.accelerator
+        accelerator.log(record, step=record["step"])
+        if accelerator.is_main_process:
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.0f}"
+            )
+            with open(self.run_dir / "log.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
+
+    def _raise_if_nonfinite(self, first_bad_step: torch.Tensor, last_saved: Path | None) -> None:
+        bad = int(self.accelerator.reduce(first_bad_step, "max"))
+        if bad >= 0:
+            raise NonFiniteLossError(
+                f"the loss became NaN or infinite at step {bad}; nothing after it was saved "
+                f"(last good checkpoint: {last_saved or 'none'}). Lower train.lr, raise train.warmup_steps, "
+                "use mixed_precision=bf16 or no, or set train.nan_policy=skip"
+            )
+
+    # -- signals
+
+    def _install_signal_handlers(self) -> dict:
+        def request_stop(signum, frame):
+            self._stop_signal = signal.Signals(signum).name
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, request_stop)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def _stop_requested(self, step: int) -> bool:
+        """True once SIGINT/SIGTERM arrived on any process (agreed across processes at log steps)."""
+        if self.accelerator.num_processes == 1:
+            return self._stop_signal is not None
+        if step % self.config.train.log_every:
+            return False
+        flag = torch.tensor(float(self._stop_signal is not None), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "max"))
+
+
+class EMADecay:
+    """`multi_avg_fn` for torch's AveragedModel: an exponential moving average with decay warm-up.
+
+    decay_n = min(decay, (1 + n) / (10 + n)) after n updates (the warm-up of Tarvainen & Valpola 2017, used by
+    DDPM-style trainers), so early averages are not dominated by the random initial weights. The update count
+    is kept on the host so no device sync is needed, and is saved with each checkpoint.
+    """
+
+    def __init__(self, decay: float, *, warmup: bool = True):
+        self.decay = decay
+        self.warmup = warmup
+        self.updates = 0
+
+    def __call__(self, ema_params: list[torch.Tensor], params: list[torch.Tensor], _num_averaged) -> None:
+        self.updates += 1
+        n = self.updates
+        decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def _mixed_precision(setting: str) -> str:
+    """Resolve train.mixed_precision: "auto" is bf16 where the GPU has it, else fp16 on GPU, none on CPU.
+
+    An explicit `accelerate launch --mixed_precision fp16|bf16` wins over "auto".
+    """
+    if setting != "auto":
+        return setting
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched != "no":
+        return launched
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _available_trackers() -> list[str]:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return []
+    return ["tensorboard"]
+
+
+def _check_compatible(model: UNet, dataset, config: Config) -> None:
+    """Stop before training when the data cannot go through the network, naming the keys to change."""
+    data = config.data
+    if model.config["in_channels"] != data.channels:
+        raise ConfigError(
+            f"model.in_channels={model.config['in_channels']} but data.channels={data.channels}; "
+            "make them equal"
+        )
+    factor = 2 ** (len(model.config["channel_mult"]) - 1)
+    if data.image_size % factor:
+        raise ConfigError(
+            f"data.image_size={data.image_size} is not divisible by {factor} (2^(levels-1) for "
+            f"model.channel_mult={model.config['channel_mult']}); use a multiple of {factor} or fewer levels"
+        )
+    classes = getattr(dataset, "num_classes", None)
+    if model.num_classes and not classes:
+        raise ConfigError(
+            f"model.num_classes={model.num_classes} but the {data.dataset} data has no labels; "
+            "set model.num_classes=null or data.labels=true"
+        )
+    if model.num_classes and classes > model.num_classes:
+        raise ConfigError(
+            f"the data has {classes} classes but model.num_classes={model.num_classes}; "
+            f"set model.num_classes={classes}"
+        )
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """Flatten a nested config for trackers (TensorBoard hparams take scalars only)."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{name}."))
+        else:
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat

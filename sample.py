@@ -1,0 +1,60 @@
+"""Sample images from a trained model and write them as a PNG grid.
+
+    python sample.py --n 16 [--checkpoint RUN_OR_CHECKPOINT] [--sampler ddim] [--steps 50] [--out FILE]
+
+Sampler settings default to the `sample:` section of the run's config, so nothing from training is re-typed.
+"""
+
+import argparse
+import sys
+
+from ddpm.checkpoint import CheckpointError
+from ddpm.generate import sample_checkpoint
+from ddpm.samplers import SAMPLERS
+from train import DEFAULT_CONFIG
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n", type=int, default=16, help="number of images (default: %(default)s)")
+    parser.add_argument(
+        "--checkpoint",
+        help="a run directory (its latest checkpoint), a checkpoint folder, or a UNet folder "
+        "(default: output_dir of configs/digits.yaml)",
+    )
+    parser.add_argument("--out", help="grid PNG path (default: RUN/samples/sample-STEP-WEIGHTS-SAMPLER.png)")
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), help="default: the run's sample.sampler")
+    parser.add_argument("--steps", type=int, help="sampler steps (default: the run's sample.steps)")
+    parser.add_argument("--eta", type=float, help="DDIM eta (default: the run's sample.eta)")
+    parser.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded seed+i")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--class-label", type=int, help="class of every image (default: cycle over classes)")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument("--save-images", action="store_true", help="also write one PNG per image")
+    parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    args = parser.parse_args(argv)
+    try:
+        grid = sample_checkpoint(
+            args.checkpoint,
+            args.n,
+            default_config=DEFAULT_CONFIG,
+            out=args.out,
+            sampler=args.sampler,
+            steps=args.steps,
+            eta=args.eta,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            class_label=args.class_label,
+            guidance_scale=args.guidance_scale,
+            save_images=args.save_images,
+            use_ema=not args.raw,
+        )
+    except (CheckpointError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    print(grid)
+
+
+if __name__ == "__main__":
+    main()

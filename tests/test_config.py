@@ -1,0 +1,234 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ddpm.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    SampleConfig,
+    TrainConfig,
+    load_config,
+    save_config,
+)
+
+DIGITS_YAML = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+
+
+def requires(*modules: str) -> None:
+    """Skip when a module of another builder is not there yet (config checks names against them)."""
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not available")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_digits_config_loads_and_builds():
+    requires("ddpm.unet", "ddpm.scheduler", "ddpm.samplers")
+    from ddpm.scheduler import NoiseScheduler
+    from ddpm.unet import UNet
+
+    config = load_config(DIGITS_YAML)
+    file = yaml.safe_load(DIGITS_YAML.read_text())
+    assert config.model == file["model"] and config.diffusion == file["diffusion"]
+    assert config.data == DataConfig(**file["data"])
+    assert config.output_dir == file["output_dir"]
+    assert config.train.steps == file["train"]["steps"]
+    assert config.train.adam_betas == TrainConfig.adam_betas  # not in the file: the default
+    assert (config.data.dataset, config.data.image_size, config.data.channels) == ("digits", 16, 1)
+    model = UNet(**config.model)
+    assert model.config["in_channels"] == config.data.channels and model.num_classes == 10
+    assert NoiseScheduler(**config.diffusion).config["num_train_timesteps"] == 1000
+
+
+def test_defaults_fill_in_missing_sections_and_keys(tmp_path):
+    config = load_config(write(tmp_path, "train:\n  steps: 5\n"))
+    assert config == Config(train=TrainConfig(steps=5))
+    assert config.model == {} and config.diffusion == {} and config.sample == SampleConfig()
+    assert load_config(None) == Config()
+    assert load_config(write(tmp_path, "")) == Config()
+
+
+def test_overrides_of_each_type(tmp_path):
+    path = write(tmp_path, "train:\n  steps: 5\n  lr: 0.1\n")
+    config = load_config(
+        path,
+        [
+            "train.steps=200",  # int
+            "train.lr=3e-4",  # float without a dot: YAML 1.1 would read a string
+            "train.ema_decay=0",  # an int where a float is expected
+            "data.hflip=true",  # bool
+            "train.adam_betas=[0.5, 0.9]",  # list
+            "train.mixed_precision=bf16",  # string
+            "output_dir=runs/try",
+            "data.num_workers=2",
+            "data.num_workers=3",  # the last one wins
+        ],
+    )
+    assert config.train.steps == 200
+    assert config.train.lr == 3e-4 and isinstance(config.train.lr, float)
+    assert config.train.ema_decay == 0.0 and isinstance(config.train.ema_decay, float)
+    assert config.data.hflip is True
+    assert config.train.adam_betas == (0.5, 0.9)
+    assert config.train.mixed_precision == "bf16"
+    assert config.output_dir == "runs/try"
+    assert config.data.num_workers == 3
+
+
+def test_overrides_of_model_and_diffusion_keys(tmp_path):
+    requires("ddpm.unet", "ddpm.scheduler")
+    config = load_config(
+        None, ["model.channel_mult=[1,2]", "model.num_classes=null", "diffusion.beta_end=0.01"]
+    )
+    assert config.model == {"channel_mult": [1, 2], "num_classes": None}
+    assert config.diffusion == {"beta_end": 0.01}
+
+
+def test_exponent_floats_in_a_file_are_numbers(tmp_path):
+    config = load_config(write(tmp_path, "train:\n  lr: 1e-3\n  min_snr_gamma: 5E0\n"))
+    assert config.train.lr == 1e-3 and config.train.min_snr_gamma == 5.0
+
+
+TRAIN_KEYS = r"valid keys of train: steps, lr, weight_decay, adam_betas, warmup_steps"
+
+# (file text, overrides, modules it needs, message pattern)
+ERRORS = [
+    ("train:\n  stepz: 3\n", [], (), r"unknown key 'train\.stepz' in \S+job\.yaml; " + TRAIN_KEYS),
+    ("", ["train.stepz=3"], (), r"unknown key 'train\.stepz' in override 'train\.stepz=3'; " + TRAIN_KEYS),
+    ("", ["data.sizes=3"], (), r"unknown key 'data\.sizes'.*valid keys of data: dataset, root, image_size"),
+    ("", ["sample.stepz=3"], (), r"unknown key 'sample\.stepz'.*valid keys of sample: sampler, steps, eta"),
+    (
+        "trian:\n  steps: 3\n",
+        [],
+        (),
+        r"unknown key 'trian' in \S+job\.yaml; valid top-level keys: model, diffusion, data, train, sample, "
+        "output_dir",
+    ),
+    (
+        "",
+        ["trian.steps=3"],
+        (),
+        r"unknown key 'trian\.steps' in override 'trian\.steps=3'; valid sections: model",
+    ),
+    (
+        "model:\n  base_chanels: 8\n",
+        [],
+        ("ddpm.unet",),
+        r"unknown key 'model\.base_chanels' in \S+; valid keys of model \(UNet\): in_channels, out_channels, "
+        "base_channels",
+    ),
+    (
+        "",
+        ["diffusion.beta_schedul=linear"],
+        ("ddpm.scheduler",),
+        r"unknown key 'diffusion\.beta_schedul' in override .*; valid keys of diffusion \(NoiseScheduler\): "
+        "num_train_timesteps, beta_schedule",
+    ),
+    (
+        "",
+        ["train.steps=abc"],
+        (),
+        r"invalid value 'abc' for 'train\.steps' in override .*: expected an integer",
+    ),
+    (
+        "train:\n  steps: 2.5\n",
+        [],
+        (),
+        r"invalid value 2\.5 for 'train\.steps' in \S+job\.yaml: expected an integer",
+    ),
+    ("", ["data.hflip=3"], (), r"invalid value 3 for 'data\.hflip' .*: expected true or false"),
+    ("", ["train.lr=fast"], (), r"invalid value 'fast' for 'train\.lr' .*: expected a number"),
+    ("", ["train.steps=true"], (), r"invalid value True for 'train\.steps' .*: expected an integer"),
+    ("", ["train.adam_betas=[0.9]"], (), r"'train\.adam_betas' .*: expected a list of two numbers"),
+    ("", ["train.adam_betas=[0.9, 1.5]"], (), r"'train\.adam_betas' .*: expected two numbers in \[0, 1\)"),
+    ("", ["output_dir=3"], (), r"invalid value 3 for 'output_dir' .*: expected a non-empty string"),
+    ("", ["train.steps=0"], (), r"invalid value 0 for 'train\.steps' .*: expected an integer >= 1"),
+    ("", ["data.batch_size=0"], (), r"invalid value 0 for 'data\.batch_size' .*: expected an integer >= 1"),
+    ("", ["train.lr=-1e-4"], (), r"invalid value -0\.0001 for 'train\.lr' .*: expected a number > 0"),
+    ("", ["train.ema_decay=1.0"], (), r"'train\.ema_decay' .*: expected a number in \[0, 1\)"),
+    ("", ["data.channels=2"], (), r"invalid value 2 for 'data\.channels' .*: expected one of 1, 3"),
+    (
+        "data:\n  dataset: cifar100\n",
+        [],
+        (),
+        r"invalid value 'cifar100' for 'data\.dataset' .*: expected one of digits, folder, cifar10, mnist, "
+        "fashion_mnist, celeba",
+    ),
+    (
+        "",
+        ["train.mixed_precision=fp8"],
+        (),
+        r"'train\.mixed_precision' .*: expected one of auto, no, fp16, bf16",
+    ),
+    ("", ["train.nan_policy=ignore"], (), r"'train\.nan_policy' .*: expected one of stop, skip"),
+    (
+        "",
+        ["train.loss_weighting=snr"],
+        ("ddpm.scheduler",),
+        r"invalid value 'snr' for 'train\.loss_weighting' .*: expected one of uniform, min_snr",
+    ),
+    (
+        "",
+        ["sample.sampler=dmp"],
+        ("ddpm.samplers",),
+        r"invalid value 'dmp' for 'sample\.sampler' .*: expected one of .*ddim",
+    ),
+    ("", ["data.dataset=cifar10"], (), r"data\.root is required for data\.dataset 'cifar10'"),
+    ("train: 3\n", [], (), r"'train' in \S+job\.yaml must be a mapping of keys, got 3"),
+    ("", ["train.steps"], (), r"override 'train\.steps' must look like key=value"),
+    ("", ["train=3"], (), r"override 'train=3' must name one key of train"),
+    ("", ["model.a.b=3"], (), r"override 'model\.a\.b=3' must name one key of model"),
+    (
+        "",
+        ["train.adam_betas=[0.9,"],
+        (),
+        r"override 'train\.adam_betas=\[0\.9,': the value is not valid YAML",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "overrides", "modules", "pattern"), ERRORS)
+def test_errors_name_the_key_and_what_is_valid(tmp_path, text, overrides, modules, pattern):
+    requires(*modules)
+    with pytest.raises(ConfigError, match=pattern) as error:
+        load_config(write(tmp_path, text), overrides)
+    assert "\n" not in str(error.value)
+    assert isinstance(error.value, ValueError)
+
+
+def test_from_dict_checks_like_load_config():
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'train\.stepz' in the config dict; valid keys of train"
+    ):
+        Config.from_dict({"train": {"stepz": 3}})
+
+
+def test_to_dict_from_dict_round_trip(tmp_path):
+    config = load_config(
+        None, ["train.steps=7", "train.adam_betas=[0.5,0.6]", "data.root=/data", "output_dir=x"]
+    )
+    d = config.to_dict()
+    assert d["train"]["adam_betas"] == [0.5, 0.6]  # lists, so that YAML and JSON take it
+    assert yaml.safe_load(yaml.safe_dump(d)) == d
+    assert Config.from_dict(d) == config
+
+
+def test_save_load_round_trip(tmp_path):
+    requires("ddpm.unet", "ddpm.scheduler", "ddpm.samplers")
+    config = load_config(DIGITS_YAML, ["train.lr=1e-5", "data.hflip=true", "model.channel_mult=[1,2]"])
+    path = tmp_path / "run" / "config.yaml"
+    save_config(config, path)
+    assert load_config(path) == config
+
+
+def test_save_load_round_trip_of_the_defaults(tmp_path):
+    config = load_config(None, ["train.lr=1e-5", "train.warmup_steps=0", "data.root=null"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config

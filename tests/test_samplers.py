@@ -1,0 +1,452 @@
+"""Samplers: trajectories against diffusers' schedulers, closed forms, guidance, precision and errors.
+
+The models are toy callables: a fixed random linear map of x plus a function of t (float64), so that both
+libraries see exactly the same deterministic network.
+"""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from torch import nn
+
+from ddpm.samplers import SAMPLERS, posterior, sample
+from ddpm.scheduler import NoiseScheduler
+
+SHAPE = (2, 3, 4, 4)
+
+
+class LinearToy:
+    """model(x, t, y) = x @ W + 0.1 sin(t / 100), W = 0.8 I + 0.2 (random rotation); records its calls."""
+
+    def __init__(self, dim: int = 3 * 4 * 4, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        rotation = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))[0]
+        self.weight = 0.8 * torch.eye(dim, dtype=torch.float64) + 0.2 * rotation
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+
+    def __call__(self, x, t, y=None):
+        self.calls.append((x.clone(), t.clone(), y))
+        out = (x.reshape(x.shape[0], -1).double() @ self.weight).reshape(x.shape)
+        return (out + 0.1 * torch.sin(t.double() / 100).view(-1, 1, 1, 1)).to(x.dtype)
+
+
+def x_T(dtype=torch.float64, shape=SHAPE) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(42), dtype=dtype)
+
+
+def run_diffusers(ref, model, x, generator=None) -> torch.Tensor:
+    """The standard diffusers loop: set_timesteps done, then one `step` per timestep."""
+    for t in ref.timesteps:
+        kwargs = {"generator": generator} if generator is not None else {}
+        x = ref.step(model(x, t.repeat(x.shape[0])), t, x, **kwargs).prev_sample
+    return x
+
+
+# --- agreement with diffusers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddim_trajectory_matches_diffusers(prediction_type):
+    """50 steps, eta 0, leading spacing, no clipping, set_alpha_to_one; diffusers as shipped (float32)."""
+    ref = DDIMScheduler(prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=True)
+    ref.set_timesteps(50)
+    expected = run_diffusers(ref, LinearToy(), x_T())
+    ours = sample(LinearToy(), NoiseScheduler(prediction_type=prediction_type), noise=x_T(), progress=False)
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_ddim_trajectory_matches_diffusers_exactly_on_the_same_table(prediction_type, clip):
+    """With diffusers given our float64 alpha_bar the step arithmetic agrees to rounding. Clipping re-derives
+    eps from the clipped x0, which is diffusers' use_clipped_model_output=True."""
+    ours = NoiseScheduler(prediction_type=prediction_type, clip_sample=clip, clip_sample_range=0.5)
+    ref = DDIMScheduler(prediction_type=prediction_type, clip_sample=clip, clip_sample_range=0.5)
+    ref.alphas_cumprod = ours.alphas_cumprod.clone()
+    ref.set_timesteps(20)
+    model, x = LinearToy(), x_T()
+    for t in ref.timesteps:
+        out = model(x, t.repeat(x.shape[0]))
+        x = ref.step(out, t, x, use_clipped_model_output=clip).prev_sample
+    got = sample(LinearToy(), ours, noise=x_T(), steps=20, progress=False)
+    torch.testing.assert_close(got, x, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("spacing", "variance", "steps"),
+    [
+        ("leading", "fixed_small", 10),
+        ("leading", "fixed_large", 10),
+        ("leading", "fixed_small", 1000),
+        ("leading", "fixed_large", 1000),
+        ("linspace", "fixed_small", 10),
+        ("linspace", "fixed_large", 10),
+        ("trailing", "fixed_small", 10),
+        # not trailing + fixed_large: diffusers adds beta-scaled noise on the final step when its t > 0;
+        # we add none on the step to alpha_bar = 1 (Ho et al. Algorithm 2: z = 0 at the last step)
+    ],
+)
+def test_ddpm_trajectory_matches_diffusers(spacing, variance, steps):
+    """Same table, same x_T and the same generator seed: both draw one noise per step but the last."""
+    ours = NoiseScheduler(timestep_spacing=spacing)
+    ref = DDPMScheduler(variance_type=variance, clip_sample=False, timestep_spacing=spacing)
+    ref.alphas_cumprod = ours.alphas_cumprod.clone()
+    ref.set_timesteps(steps)
+    expected = run_diffusers(ref, LinearToy(), x_T(), generator=torch.Generator().manual_seed(3))
+    got = sample(
+        LinearToy(),
+        ours,
+        noise=x_T(),
+        sampler="ddpm",
+        steps=steps,
+        variance=variance,
+        generator=torch.Generator().manual_seed(3),
+        progress=False,
+    )
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+@pytest.mark.parametrize("steps", [10, 25])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_dpmpp_2m_matches_diffusers(prediction_type, steps):
+    """DPMSolverMultistepScheduler(dpmsolver++, order 2, lower_order_final) on our timesteps. Its `step` casts
+    x to float32 and keeps sigmas in float32, so agreement is to float32 accuracy (a few 1e-5)."""
+    ours = NoiseScheduler(prediction_type=prediction_type)
+    ref = DPMSolverMultistepScheduler(
+        prediction_type=prediction_type, algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True
+    )
+    ref.set_timesteps(timesteps=ours.inference_timesteps(steps).tolist())
+    expected = run_diffusers(ref, LinearToy(), x_T())
+    got = sample(LinearToy(), ours, noise=x_T(), sampler="dpm++", steps=steps, progress=False)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_dpmpp_2m_matches_diffusers_update_rules_in_float64(prediction_type):
+    """diffusers' first- and second-order update functions driven in float64 (no float32 casts): exact."""
+    ours = NoiseScheduler(prediction_type=prediction_type)
+    ref = DPMSolverMultistepScheduler(prediction_type=prediction_type, algorithm_type="dpmsolver++")
+    timesteps = ours.inference_timesteps(10)
+    ref.set_timesteps(timesteps=timesteps.tolist())
+    ab = ours.alphas_cumprod[timesteps]
+    ref.sigmas = torch.cat([((1 - ab) / ab).sqrt(), torch.zeros(1, dtype=torch.float64)])
+    ref.alphas_cumprod = ours.alphas_cumprod.clone()
+    model, x, history = LinearToy(), x_T(), []
+    for i, t in enumerate(timesteps):
+        ref._step_index = i
+        history.append(ref.convert_model_output(model(x, t.repeat(x.shape[0])), sample=x))
+        if i in (0, len(timesteps) - 1):  # first order on the first step and the final step
+            x = ref.dpm_solver_first_order_update(history[-1], sample=x)
+        else:
+            x = ref.multistep_dpm_solver_second_order_update(history[-2:], sample=x)
+    got = sample(LinearToy(), ours, noise=x_T(), sampler="dpm++", steps=10, progress=False)
+    torch.testing.assert_close(got, x, rtol=0, atol=1e-10)
+
+
+# --- closed forms -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_ddpm_step_is_the_gaussian_posterior(variance):
+    """x_s drawn by the sampler == mean + std * z with the posterior of q(x_s | x_t, x0) derived here by
+    Gaussian conditioning (x_s ~ N(sqrt(ab_s) x0, 1 - ab_s), x_t = sqrt(ab_t / ab_s) x_s + N(0, beta))."""
+    scheduler = NoiseScheduler(prediction_type="sample")
+    x0_pred = torch.linspace(-1, 1, 32, dtype=torch.float64).reshape(2, 1, 4, 4)
+    calls = []
+
+    def model(x, t, y):
+        calls.append(x.clone())
+        return x0_pred
+
+    noise = x_T(shape=(2, 1, 4, 4))
+    sample(
+        model,
+        scheduler,
+        noise=noise,
+        sampler="ddpm",
+        steps=4,
+        variance=variance,
+        progress=False,
+        generator=torch.Generator().manual_seed(5),
+    )
+    t, s = scheduler.inference_timesteps(4)[:2].tolist()
+    ab_t, ab_s = scheduler.alphas_cumprod[t].item(), scheduler.alphas_cumprod[s].item()
+    alpha, beta = ab_t / ab_s, 1 - ab_t / ab_s
+    precision = 1 / (1 - ab_s) + alpha / beta
+    mean = (ab_s**0.5 * x0_pred / (1 - ab_s) + alpha**0.5 * noise / beta) / precision
+    std = (1 / precision) ** 0.5 if variance == "fixed_small" else beta**0.5
+    z = torch.randn(noise.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    torch.testing.assert_close(calls[1], mean + std * z, rtol=0, atol=1e-12)
+    got_mean, var_small, got_beta = posterior(x0_pred, noise, ab_t, ab_s)
+    torch.testing.assert_close(got_mean, mean, rtol=0, atol=1e-12)
+    assert var_small == pytest.approx(1 / precision, rel=1e-12) and got_beta == pytest.approx(beta, rel=1e-12)
+
+
+def test_ddim_with_eta_one_is_ddpm_with_fixed_small_variance():
+    kwargs = {"noise": x_T(), "steps": 10, "progress": False}
+    ddim = sample(
+        LinearToy(),
+        NoiseScheduler(),
+        sampler="ddim",
+        eta=1.0,
+        **kwargs,
+        generator=torch.Generator().manual_seed(0),
+    )
+    ddpm = sample(
+        LinearToy(),
+        NoiseScheduler(),
+        sampler="ddpm",
+        variance="fixed_small",
+        **kwargs,
+        generator=torch.Generator().manual_seed(0),
+    )
+    torch.testing.assert_close(ddim, ddpm, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_final_step_returns_the_predicted_x0(name):
+    """alpha_bar = 1 after the last timestep: a model that always predicts x0 = c gives exactly c."""
+    c = torch.full(SHAPE, 0.25, dtype=torch.float64)
+    got = sample(
+        lambda x, t, y: c,
+        NoiseScheduler(prediction_type="sample"),
+        noise=x_T(),
+        sampler=name,
+        steps=5,
+        progress=False,
+        generator=torch.Generator().manual_seed(0),
+    )
+    torch.testing.assert_close(got, c, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_model_sees_every_timestep_of_the_list_as_a_long_batch(name):
+    scheduler = NoiseScheduler(timestep_spacing="linspace")
+    model = LinearToy()
+    sample(model, scheduler, SHAPE, sampler=name, steps=7, progress=False)
+    seen = torch.stack([t for _, t, _ in model.calls])  # (steps, N)
+    assert seen.dtype == torch.long and seen.shape == (7, SHAPE[0])
+    assert torch.equal(seen[:, 0], scheduler.inference_timesteps(7)) and torch.equal(seen[:, 0], seen[:, 1])
+
+
+def test_ddpm_with_all_training_steps_visits_every_timestep():
+    model = LinearToy()
+    sample(model, NoiseScheduler(num_train_timesteps=100), SHAPE, sampler="ddpm", steps=100, progress=False)
+    assert [int(t[0]) for _, t, _ in model.calls] == list(range(99, -1, -1))
+
+
+# --- zero terminal SNR and finiteness -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "variance", "eta"),
+    [("ddpm", "fixed_small", 0.0), ("ddpm", "fixed_large", 0.0), ("ddim", "fixed_small", 0.0)]
+    + [("ddim", "fixed_small", 1.0), ("dpm++", "fixed_small", 0.0)],
+)
+@pytest.mark.parametrize(
+    "diffusion",
+    [
+        {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"},
+        {"rescale_betas_zero_snr": True, "prediction_type": "sample", "timestep_spacing": "trailing"},
+        {"beta_schedule": "cosine", "timestep_spacing": "trailing"},
+    ],
+)
+def test_sampling_stays_finite(diffusion, name, variance, eta):
+    """Zero terminal SNR (alpha_bar = 0 at the first step visited), the cosine schedule's 0.999 last beta,
+    every variance option (diffusers #14569: a variance option that gave NaN)."""
+    scheduler = NoiseScheduler(**diffusion)
+    model = LinearToy()
+    got = sample(
+        model,
+        scheduler,
+        noise=x_T(torch.float32),
+        sampler=name,
+        steps=8,
+        variance=variance,
+        eta=eta,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
+    assert int(model.calls[0][1][0]) == 999
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_zero_terminal_snr_first_step_closed_form(name):
+    """At alpha_bar_T = 0, x_T is pure noise and v = -x0: a model predicting v = -c gives x0 = c, eps = x_T,
+    so the first step lands on sqrt(ab_s) c + sqrt(1 - ab_s) x_T (DDIM, DPM-Solver++ first order), or on
+    sqrt(ab_s) c + sqrt(1 - ab_s) z for the ancestral sampler (posterior mean sqrt(ab_s) x0, variance
+    1 - ab_s).
+    """
+    scheduler = NoiseScheduler(
+        rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"
+    )
+    c, calls = 0.3, []
+
+    def model(x, t, y):
+        calls.append(x.clone())
+        return torch.full_like(x, -c)
+
+    noise = x_T()
+    sample(
+        model,
+        scheduler,
+        noise=noise,
+        sampler=name,
+        steps=4,
+        progress=False,
+        generator=torch.Generator().manual_seed(0),
+    )
+    ab_s = scheduler.alphas_cumprod[scheduler.inference_timesteps(4)[1]].item()
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(calls[1], ab_s**0.5 * c + (1 - ab_s) ** 0.5 * (z if name == "ddpm" else noise))
+
+
+# --- determinism, guidance, precision -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "eta"), [("ddpm", 0.0), ("ddim", 0.5), ("dpm++", 0.0)])
+def test_deterministic_under_a_fixed_generator(name, eta):
+    def run(seed):
+        return sample(
+            LinearToy(),
+            NoiseScheduler(),
+            SHAPE,
+            sampler=name,
+            steps=6,
+            eta=eta,
+            progress=False,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    first = run(0)
+    assert first.shape == SHAPE and first.dtype == torch.float32
+    assert torch.equal(first, run(0))
+    assert not torch.allclose(first, run(1))
+
+
+class LabelToy(nn.Module):
+    """Predicts x0 = the label value everywhere ("sample" prediction); counts calls and batch sizes."""
+
+    def __init__(self, null_class: int | None = 10):
+        super().__init__()
+        self.null_class = null_class
+        self.batches: list[tuple[int, list[int]]] = []
+
+    def forward(self, x, t, y):
+        self.batches.append((x.shape[0], y.tolist()))
+        return y.to(x.dtype).view(-1, 1, 1, 1).expand_as(x)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_classifier_free_guidance_one_batched_call_per_step(name):
+    model = LabelToy(null_class=10)
+    y = torch.tensor([2, 7])
+    got = sample(
+        model,
+        NoiseScheduler(prediction_type="sample"),
+        SHAPE,
+        sampler=name,
+        steps=5,
+        y=y,
+        guidance_scale=3.0,
+        progress=False,
+    )
+    assert [n for n, _ in model.batches] == [2 * SHAPE[0]] * 5
+    assert all(labels == [2, 7, 10, 10] for _, labels in model.batches)
+    # out = uncond + s (cond - uncond), and the final step returns that x0
+    expected = (10 + 3.0 * (y - 10)).float().view(-1, 1, 1, 1).expand(SHAPE)
+    torch.testing.assert_close(got, expected)
+
+
+def test_guidance_null_label_override_and_errors():
+    model = LabelToy(null_class=None)
+    scheduler = NoiseScheduler(prediction_type="sample")
+    y = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="needs a null label"):
+        sample(model, scheduler, SHAPE, y=y, guidance_scale=2.0, progress=False)
+    sample(model, scheduler, SHAPE, y=y, guidance_scale=2.0, null_class=5, steps=2, progress=False)
+    assert model.batches[0][1] == [1, 2, 5, 5]
+    with pytest.raises(ValueError, match="needs class labels y"):
+        sample(LabelToy(), scheduler, SHAPE, guidance_scale=2.0, progress=False)
+    unguided = LabelToy()
+    sample(unguided, scheduler, SHAPE, y=y, steps=3, progress=False)
+    assert [n for n, _ in unguided.batches] == [SHAPE[0]] * 3
+
+
+class Bf16Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5, dtype=torch.bfloat16))
+        self.input_dtypes: list[torch.dtype] = []
+
+    def forward(self, x, t, y):
+        self.input_dtypes.append(x.dtype)
+        return x * self.scale
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_bf16_model_gets_bf16_inputs_and_sampling_stays_float32(name):
+    model = Bf16Toy()
+    got = sample(
+        model,
+        NoiseScheduler(),
+        SHAPE,
+        sampler=name,
+        steps=3,
+        progress=False,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert model.input_dtypes == [torch.bfloat16] * 3
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+
+
+def test_clip_sample_applies_to_the_returned_x0():
+    got = sample(
+        lambda x, t, y: torch.full_like(x, 5.0),
+        NoiseScheduler(prediction_type="sample", clip_sample=True),
+        SHAPE,
+        steps=3,
+        progress=False,
+    )
+    assert torch.equal(got, torch.ones(SHAPE))
+
+
+def test_progress_bar_can_be_turned_off(capsys):
+    sample(LinearToy(), NoiseScheduler(), SHAPE, steps=3, progress=True)
+    assert "3/3" in capsys.readouterr().err
+    sample(LinearToy(), NoiseScheduler(), SHAPE, steps=3, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+# --- errors at the boundary ---------------------------------------------------------------------------------
+
+
+def test_unknown_sampler_lists_the_valid_names():
+    with pytest.raises(ValueError, match=r"unknown sampler 'euler'; valid: ddpm, ddim, dpm\+\+"):
+        sample(LinearToy(), NoiseScheduler(), SHAPE, sampler="euler")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"steps": 0}, "steps must be an integer in 1..num_train_timesteps=1000"),
+        ({"steps": 1001}, "steps must be an integer in 1..num_train_timesteps=1000"),
+        ({"noise": torch.zeros(SHAPE)}, "exactly one of shape"),
+        ({"shape": None}, "exactly one of shape"),
+        ({"y": torch.tensor([1, 2, 3])}, r"y must have shape \(2,\)"),
+        (
+            {"variance": "fixed_large_log"},
+            "unknown variance 'fixed_large_log'; valid: fixed_small, fixed_large",
+        ),
+        ({"eta": 1.5}, r"eta must be in \[0, 1\]"),
+        ({"sampler": "ddpm", "eta": 0.5}, "applies only to sampler='ddim'"),
+    ],
+)
+def test_invalid_arguments(kwargs, message):
+    kwargs = {"shape": SHAPE, "progress": False, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        sample(LinearToy(), NoiseScheduler(), **kwargs)

@@ -1,0 +1,240 @@
+"""NoiseScheduler: closed forms, diffusers' schedulers as the reference, and errors at the boundary."""
+
+import inspect
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from ddpm.scheduler import NoiseScheduler
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+# our schedule name -> diffusers' name
+DIFFUSERS_SCHEDULE = {
+    "linear": "linear",
+    "scaled_linear": "scaled_linear",
+    "cosine": "squaredcos_cap_v2",
+    "sigmoid": "sigmoid",
+}
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("schedule", list(DIFFUSERS_SCHEDULE))
+def test_alphas_cumprod_match_diffusers(schedule, rescale):
+    ours = NoiseScheduler(
+        beta_schedule=schedule, rescale_betas_zero_snr=rescale, prediction_type="v_prediction"
+    )
+    ref = DDPMScheduler(beta_schedule=DIFFUSERS_SCHEDULE[schedule], rescale_betas_zero_snr=rescale)
+    assert ours.betas.dtype == ours.alphas.dtype == ours.alphas_cumprod.dtype == torch.float64
+    assert ours.alphas_cumprod.shape == (1000,)
+    # diffusers keeps its schedule in float32: agreement to float32 precision is all there is to check
+    torch.testing.assert_close(ours.alphas_cumprod, ref.alphas_cumprod.double(), rtol=0, atol=1e-6)
+
+
+def test_linear_schedule_is_ddpm_and_cosine_is_capped():
+    linear = NoiseScheduler()
+    assert linear.betas[0].item() == pytest.approx(1e-4) and linear.betas[-1].item() == pytest.approx(0.02)
+    cosine = NoiseScheduler(beta_schedule="cosine", num_train_timesteps=100)
+    assert cosine.betas.max().item() == pytest.approx(0.999)
+    assert cosine.alphas_cumprod[-1] > 0
+    torch.testing.assert_close(cosine.alphas_cumprod, torch.cumprod(1 - cosine.betas, 0))
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+def test_zero_terminal_snr(prediction_type):
+    s = NoiseScheduler(rescale_betas_zero_snr=True, prediction_type=prediction_type)
+    assert s.alphas_cumprod[-1].item() == 0.0
+    assert s.alphas_cumprod[0].item() == pytest.approx(NoiseScheduler().alphas_cumprod[0].item())
+    t = torch.arange(1000)
+    snr = s.snr(t)
+    assert snr[-1].item() == 0.0 and torch.isfinite(snr).all() and (snr[:-1] > 0).all()
+    weights = s.loss_weight(t, weighting="min_snr")
+    assert torch.isfinite(weights).all() and weights[-1].item() == 0.0
+    x_t = torch.randn(2, 1, 2, 2)
+    x0, eps = s.predict_x0_and_eps(torch.randn(2, 1, 2, 2), x_t, torch.tensor([999, 999]))
+    assert torch.isfinite(x0).all() and torch.equal(eps, x_t)  # x_T is pure noise
+
+
+def test_zero_terminal_snr_with_epsilon_prediction_is_refused():
+    with pytest.raises(ValueError, match="v_prediction"):
+        NoiseScheduler(rescale_betas_zero_snr=True, prediction_type="epsilon")
+
+
+def test_add_noise_matches_diffusers():
+    ours, ref = NoiseScheduler(), DDPMScheduler()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)
+    noise = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 10, 500, 999])
+    # 1 - alpha_bar_0 = 1e-4 in diffusers' float32 table keeps only ~4 digits: 1e-5 is as close as it gets
+    torch.testing.assert_close(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), rtol=0, atol=1e-5)
+
+
+def test_add_noise_statistics():
+    s = NoiseScheduler()
+    n, c = 200_000, 0.7
+    t = torch.full((n,), 300)
+    x0 = torch.full((n, 1), c)
+    x_t = s.add_noise(x0, torch.randn(n, 1, generator=torch.Generator().manual_seed(1)), t)
+    ab = s.alphas_cumprod[300].item()
+    assert x_t.mean().item() == pytest.approx(ab**0.5 * c, abs=0.01)
+    assert x_t.var().item() == pytest.approx(1 - ab, rel=0.02)
+
+
+@pytest.mark.parametrize(
+    ("prediction_type", "zero_snr"),
+    [(p, False) for p in PREDICTION_TYPES] + [("sample", True), ("v_prediction", True)],
+)
+def test_training_target_round_trips_through_predict_x0_and_eps(prediction_type, zero_snr):
+    s = NoiseScheduler(prediction_type=prediction_type, rescale_betas_zero_snr=zero_snr)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(5, 2, 4, 4, generator=g), torch.randn(5, 2, 4, 4, generator=g)
+    t = torch.tensor([0, 1, 400, 998, 999])
+    x_t = s.add_noise(x0, eps, t)
+    target = s.training_target(x0, eps, t)
+    expected = {"epsilon": eps, "sample": x0, "v_prediction": s.velocity(x0, eps, t)}[prediction_type]
+    torch.testing.assert_close(target, expected)
+    x0_hat, eps_hat = s.predict_x0_and_eps(target, x_t, t)
+    torch.testing.assert_close(x0_hat, x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(eps_hat, eps, rtol=1e-4, atol=1e-4)
+
+
+def test_velocity_closed_form_and_conversions():
+    s = NoiseScheduler()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 1, 2, 2, generator=g, dtype=torch.float64)
+    eps = torch.randn(3, 1, 2, 2, generator=g, dtype=torch.float64)
+    t = torch.tensor([5, 250, 990])
+    a = s.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    sig = (1 - s.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    v = s.velocity(x0, eps, t)
+    torch.testing.assert_close(v, a * eps - sig * x0)
+    x_t = s.add_noise(x0, eps, t)
+    torch.testing.assert_close(a * x_t - sig * v, x0)  # x0 from v (Salimans & Ho 2022)
+    torch.testing.assert_close(sig * x_t + a * v, eps)  # eps from v
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_min_snr_weights_closed_form(prediction_type):
+    s = NoiseScheduler(prediction_type=prediction_type)
+    gamma = 5.0
+    t = torch.tensor([0, 50, 200, 600, 999])
+    w = s.loss_weight(t, weighting="min_snr", min_snr_gamma=gamma)
+    assert w.dtype == torch.float32 and w.shape == (5,)
+    for wi, ab in zip(w.tolist(), s.alphas_cumprod[t].tolist(), strict=True):
+        snr = ab / (1 - ab)
+        expected = {
+            "epsilon": min(snr, gamma) / snr,
+            "sample": min(snr, gamma),
+            "v_prediction": min(snr, gamma) / (snr + 1),
+        }[prediction_type]
+        assert wi == pytest.approx(expected, rel=1e-6)
+    torch.testing.assert_close(s.loss_weight(t), torch.ones(5))
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_min_snr_weight_turns_every_target_into_the_min_snr_x0_loss(prediction_type):
+    # Hang et al. 2023: the loss is min(snr, gamma) * ||x0_hat - x0||^2 whatever the network predicts
+    s = NoiseScheduler(prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    eps = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([3, 100, 500, 950])
+    target = s.training_target(x0, eps, t)
+    output = target + 0.1 * torch.randn(4, 8, generator=g, dtype=torch.float64)
+    x0_hat, _ = s.predict_x0_and_eps(output, s.add_noise(x0, eps, t), t)
+    weighted = s.loss_weight(t, weighting="min_snr").double() * ((output - target) ** 2).sum(1)
+    torch.testing.assert_close(
+        weighted, s.snr(t).clamp(max=5.0) * ((x0_hat - x0) ** 2).sum(1), rtol=1e-5, atol=0
+    )
+
+
+def test_clip_sample_clamps_x0_and_keeps_the_pair_consistent():
+    s = NoiseScheduler(prediction_type="sample", clip_sample=True, clip_sample_range=1.0)
+    x_t, t = torch.randn(2, 1, 2, 2), torch.tensor([100, 700])
+    x0, eps = s.predict_x0_and_eps(torch.full((2, 1, 2, 2), 3.0), x_t, t)
+    assert torch.equal(x0, torch.ones_like(x0))
+    ab = s.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(ab.sqrt() * x0 + (1 - ab).sqrt() * eps, x_t)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 10, 50, 250, 999, 1000])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_inference_timesteps_match_diffusers(spacing, steps):
+    ref = DDIMScheduler(timestep_spacing=spacing)
+    ref.set_timesteps(steps)
+    ours = NoiseScheduler(timestep_spacing=spacing).inference_timesteps(steps)
+    assert ours.dtype == torch.long and ours.shape == (steps,)
+    assert torch.equal(ours, ref.timesteps)
+
+
+def test_trailing_timesteps_keep_their_count_where_diffusers_adds_minus_one():
+    ref = DDIMScheduler(timestep_spacing="trailing")
+    ref.set_timesteps(61)  # diffusers' float arange yields 62 values here, the last -1
+    ours = NoiseScheduler(timestep_spacing="trailing").inference_timesteps(61)
+    assert ours.shape == (61,) and ours[0] == 999 and ours.min() >= 0
+    assert torch.equal(ours, ref.timesteps[:61])
+
+
+def test_leading_steps_offset_matches_diffusers_and_overflow_is_an_error():
+    ref = DDIMScheduler(steps_offset=1)
+    ref.set_timesteps(50)
+    s = NoiseScheduler(steps_offset=1)
+    assert torch.equal(s.inference_timesteps(50), ref.timesteps)
+    with pytest.raises(ValueError, match="steps_offset=1 with steps=1000"):
+        s.inference_timesteps(1000)
+
+
+@pytest.mark.parametrize("steps", [0, 1001, 2.5])
+def test_inference_steps_out_of_range(steps):
+    with pytest.raises(ValueError, match="1..num_train_timesteps=1000"):
+        NoiseScheduler().inference_timesteps(steps)
+
+
+def test_sample_timesteps_uniform_and_deterministic():
+    s = NoiseScheduler(num_train_timesteps=10)
+    t = s.sample_timesteps(5000, generator=torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and t.min() == 0 and t.max() == 9
+    assert torch.bincount(t).min() > 400
+    assert torch.equal(t, s.sample_timesteps(5000, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "valid"),
+    [
+        ("beta_schedule", "quadratic", "linear, scaled_linear, cosine, sigmoid"),
+        ("prediction_type", "x0", "epsilon, sample, v_prediction"),
+        ("timestep_spacing", "uniform", "leading, trailing, linspace"),
+    ],
+)
+def test_unknown_options_list_the_valid_ones(key, value, valid):
+    with pytest.raises(ValueError, match=f"unknown {key} '{value}'; valid: {valid}"):
+        NoiseScheduler(**{key: value})
+
+
+def test_unknown_loss_weighting_and_bad_numbers():
+    with pytest.raises(ValueError, match="valid: uniform, min_snr"):
+        NoiseScheduler().loss_weight(torch.tensor([1]), weighting="snr")
+    with pytest.raises(ValueError, match="beta_start"):
+        NoiseScheduler(beta_start=0.0)
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        NoiseScheduler(num_train_timesteps=1)
+
+
+def test_config_is_the_constructor_kwargs():
+    s = NoiseScheduler(beta_schedule="cosine", prediction_type="v_prediction", timestep_spacing="trailing")
+    assert list(s.config) == list(inspect.signature(NoiseScheduler).parameters)
+    torch.testing.assert_close(NoiseScheduler(**s.config).alphas_cumprod, s.alphas_cumprod)
+
+
+def test_coefficients_follow_input_dtype_at_least_float32():
+    s = NoiseScheduler()
+    t = torch.tensor([10, 20])
+    for dtype, expected in [
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float32),
+        (torch.float64,) * 2,
+    ]:
+        x = torch.randn(2, 1, 2, 2).to(dtype)
+        assert s.add_noise(x, x, t).dtype == expected
+    assert s.snr(t).dtype == torch.float64

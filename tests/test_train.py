@@ -1,0 +1,233 @@
+"""End to end: train -> checkpoint -> sample -> resume, on a tiny model and the digits, on the CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+
+from ddpm.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_for_sampling
+from ddpm.config import ConfigError, load_config
+from ddpm.trainer import NonFiniteLossError, Trainer
+from ddpm.unet import UNet
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.image_size=8",
+    "data.batch_size=16",
+    "model.image_size=8",
+    "model.base_channels=8",
+    "model.channel_mult=[1,2]",
+    "model.num_res_blocks=1",
+    "model.attention_resolutions=[4]",
+    "model.norm_groups=4",
+    "model.dropout=0.1",  # dropout draws from the global RNG: resume must restore it
+    "train.steps=6",
+    "train.warmup_steps=4",
+    "train.checkpoint_every=3",
+    "train.keep_checkpoints=5",
+    "train.sample_every=3",
+    "train.log_every=1",
+    "sample.steps=2",
+    "sample.n=4",
+]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each Trainer builds an Accelerator; its process-wide state must not leak between tests."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def tiny_config(run_dir: Path, *extra: str):
+    return load_config(ROOT / "configs" / "digits.yaml", [*TINY, f"output_dir={run_dir}", *extra])
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint / "model.safetensors") | {
+        f"ema.{k}": v for k, v in load_file(checkpoint / "ema" / "model.safetensors").items()
+    }
+
+
+def test_train_writes_a_complete_run_directory(tmp_path):
+    run = tmp_path / "run"
+    last = Trainer(tiny_config(run)).train()
+
+    assert last == run / "checkpoints" / "step-0000006"
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000003", "step-0000006"]
+    assert (run / "config.yaml").is_file()
+    assert load_config(run / "config.yaml").train.steps == 6
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "step-0000003-ema.png",
+        "step-0000006-ema.png",
+    ]
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert all(r["loss"] > 0 and torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert log[0]["lr"] < log[-1]["lr"]  # warm-up
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["ema_updates"] == 6
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "ema/config.json",
+        "ema/model.safetensors",
+        "noise_scheduler.json",
+        "optimizer.bin",
+        "random_states_0.pkl",
+    ]:
+        assert (last / file).is_file(), file
+    # Both weight folders load as plain UNets, and EMA differs from the raw weights.
+    raw, ema = UNet.from_pretrained(last), UNet.from_pretrained(last / "ema")
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(raw.state_dict().values(), ema.state_dict().values(), strict=True)
+    )
+
+
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
+    straight = Trainer(tiny_config(tmp_path / "a")).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    Trainer(tiny_config(tmp_path / "b", "train.steps=3")).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = Trainer(tiny_config(tmp_path / "b"), resume="latest").train()
+
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert json.loads((resumed / "trainer_state.json").read_text())["step"] == 6
+
+
+def test_fresh_start_refuses_to_overwrite_and_resume_needs_a_checkpoint(tmp_path):
+    Trainer(tiny_config(tmp_path / "run", "train.steps=3")).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(CheckpointError, match="already holds checkpoints.*--resume"):
+        Trainer(tiny_config(tmp_path / "run"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(CheckpointError, match="no checkpoint in .*start without --resume"):
+        Trainer(tiny_config(tmp_path / "empty"), resume="latest")
+
+
+def test_nan_loss_stops_naming_the_step_and_saves_nothing_after_it(tmp_path):
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_config(run, "train.steps=6"))
+    original = trainer._loss
+
+    def poisoned(x0, labels):
+        loss = original(x0, labels)
+        return loss * float("nan") if trainer.state.step >= 4 else loss
+
+    trainer._loss = poisoned
+    with pytest.raises(NonFiniteLossError, match=r"step 5.*last good checkpoint: .*step-0000003"):
+        trainer.train()
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000003"]
+
+
+def test_nan_policy_skip_counts_and_skips_bad_steps(tmp_path):
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_config(run, "train.steps=3", "train.nan_policy=skip"))
+    original, calls = trainer._loss, []
+
+    def poisoned(x0, labels):
+        calls.append(1)
+        return original(x0, labels) * (float("nan") if len(calls) == 2 else 1.0)
+
+    trainer._loss = poisoned
+    last = trainer.train()
+    assert json.loads((last / "trainer_state.json").read_text())["step"] == 3
+    assert len(calls) == 4
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["skipped_steps"] == 1
+    assert all(torch.isfinite(w).all() for w in weights(last).values())
+
+
+def test_incompatible_data_and_model_stop_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="data.channels"):
+        Trainer(tiny_config(tmp_path / "run", "model.in_channels=3"))
+    with pytest.raises(ConfigError, match="data.image_size=12 is not divisible by 8"):
+        Trainer(tiny_config(tmp_path / "run", "data.image_size=12", "model.channel_mult=[1,1,2,2]"))
+
+
+def run_script(*args: str, cwd: Path, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    command = [*(launcher or [sys.executable]), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_scripts_train_sample_and_resume(tmp_path):
+    run = tmp_path / "run"
+    common = [*TINY, f"output_dir={run}"]
+    result = run_script(str(ROOT / "train.py"), *common, "train.steps=3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    result = run_script(str(ROOT / "train.py"), "--resume", *common, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stdout + result.stderr
+    assert json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())["step"] == 6
+
+    result = run_script(
+        str(ROOT / "sample.py"), "--n", "5", "--checkpoint", str(run), "--save-images", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    grid = Path(result.stdout.strip().splitlines()[-1])
+    assert grid == run / "samples" / "sample-step-0000006-ema-ddim2.png" and grid.is_file()
+    assert len(list(grid.with_suffix("").glob("*.png"))) == 5
+
+    from PIL import Image
+
+    with Image.open(grid) as image:  # 5 images of 8x8 in a 3-column grid with 1-pixel padding
+        assert image.size == (3 * 9 + 1, 2 * 9 + 1)
+
+
+def test_sample_without_checkpoint_is_a_one_line_error(tmp_path):
+    result = run_script(str(ROOT / "sample.py"), "--checkpoint", str(tmp_path / "nothing"), cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
+    assert "accelerate launch train.py" in result.stderr
+
+
+def test_train_bad_override_is_a_one_line_error(tmp_path):
+    result = run_script(str(ROOT / "train.py"), "train.stepz=3", f"output_dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "train.stepz" in result.stderr
+
+
+def test_two_processes_over_gloo_keep_replicas_identical(tmp_path):
+    run = tmp_path / "run"
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    result = run_script(
+        str(ROOT / "train.py"),
+        *TINY,
+        f"output_dir={run}",
+        "train.steps=4",
+        "train.checkpoint_every=2",
+        cwd=tmp_path,
+        launcher=launcher,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = latest_checkpoint(run)
+    assert (last / "random_states_0.pkl").is_file() and (last / "random_states_1.pkl").is_file()
+    # Only the main process writes logs: one line per step, not two.
+    assert len((run / "log.jsonl").read_text().splitlines()) == 4
+    model, _, label = load_for_sampling(run)
+    assert label == "ema" and all(torch.isfinite(p).all() for p in model.parameters())
