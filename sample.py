@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
             save_images=args.save_images,
             use_ema=not args.raw,
         )
-    except (CheckpointError, ValueError) as error:
+    except (CheckpointError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     print(grid)
 

@@ -3,18 +3,28 @@
     accelerate launch train.py [--config configs/NAME.yaml] [key=value ...] [--resume [CHECKPOINT]]
 
 Overrides are dotted config keys, e.g. `train.steps=200 data.batch_size=32 output_dir=runs/try`.
-`--resume` alone continues the latest checkpoint of output_dir; `--resume PATH` continues that checkpoint.
+`--resume` alone continues the latest checkpoint of output_dir; `--resume PATH` continues that checkpoint, or
+the latest one of the run directory PATH.
+
+Exit status: 0 when training finished; 1 with a one-line `error: ...` on stderr for bad input or a failure
+(config, data, checkpoint, NaN loss, a full disk, another process not answering); 128 + the signal number
+(130 for SIGINT, 143 for SIGTERM) when a signal stopped training after saving a checkpoint of the current
+step, and 130 when Ctrl-C came before training started (nothing to save).
 """
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
-from ddpm.checkpoint import CheckpointError
+from ddpm.checkpoint import CheckpointError, latest_checkpoint
 from ddpm.config import ConfigError, load_config
-from ddpm.trainer import NonFiniteLossError, Trainer
+from ddpm.data import DataError
+from ddpm.trainer import DistributedTimeoutError, NonFiniteLossError, Trainer
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "digits.yaml"
+# Errors whose message says all a user needs: printed as one line, without a traceback.
+USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, DistributedTimeoutError, OSError)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         nargs="?",
         const="latest",
         metavar="CHECKPOINT",
-        help="continue the latest checkpoint of output_dir, or the checkpoint folder given",
+        help="continue the latest checkpoint of output_dir, or the checkpoint folder or run directory given",
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     args = parser.parse_args(argv)
@@ -35,11 +45,19 @@ def main(argv: list[str] | None = None) -> None:
         # `--resume train.steps=10`: argparse took an override for the optional checkpoint path.
         args.overrides.insert(0, args.resume)
         args.resume = "latest"
+    config = None
     try:
         config = load_config(args.config, args.overrides)
-        Trainer(config, resume=args.resume).train()
-    except (ConfigError, CheckpointError, NonFiniteLossError) as error:
+        trainer = Trainer(config, resume=args.resume)
+        trainer.train()
+    except USER_ERRORS as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        last = latest_checkpoint(config.output_dir) if config is not None else None
+        print(f"interrupted before training started; last checkpoint: {last or 'none'}", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    if trainer.stopped_by is not None:
+        sys.exit(128 + trainer.stopped_by)
 
 
 if __name__ == "__main__":

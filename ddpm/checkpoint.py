@@ -13,21 +13,30 @@ A run directory looks like this::
         trainer_state.json               step, EMA update count, package version (written last)
         optimizer.bin, random_states_*.pkl   Accelerate's training state (loaded with weights_only)
 
-A checkpoint is first written under a temporary name in the same folder and then renamed, so a crash at any
-moment leaves either the previous checkpoints or a complete new one: never a half-written one that resume or
-sampling would pick up. The step of a checkpoint is read from its trainer_state.json, never from its name.
+A checkpoint is first written under a temporary name in the same folder, flushed to disk and then renamed,
+so a crash at any moment leaves either the previous checkpoints or a complete new one: never a half-written
+one that resume or sampling would pick up. Only real `step-*` folders holding trainer_state.json count as
+checkpoints (a symlink there is followed only when named explicitly); leftovers of a crash are deleted by the
+next save. The step of a checkpoint is read from its trainer_state.json, never from its name.
+
+Weights are read only through safetensors, and the pickled training state only with `weights_only`
+unpickling, which refuses anything but tensors and plain data, so a checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from accelerate.utils import load as load_weights_only
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from ddpm.scheduler import NoiseScheduler
@@ -37,8 +46,12 @@ CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 NOISE_SCHEDULER = "noise_scheduler.json"
 EMA = "ema"
+WEIGHTS = "model.safetensors"
 _PREFIX = "step-"
 _TMP_PREFIX = ".tmp-"
+_PICKLED = (".bin", ".pkl", ".pt")  # the suffixes of the files Accelerate writes with torch.save
+# What a failed write raises: OSError (Python), RuntimeError (torch.save), SafetensorError (safetensors).
+_WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 class CheckpointError(RuntimeError):
@@ -60,11 +73,15 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (sorted by their recorded step)."""
+    """Complete checkpoints of a run, oldest first (sorted by their recorded step).
+
+    A folder counts when it is a real `step-*` folder (not a symlink, which could lead out of the run) holding
+    trainer_state.json, the file written last.
+    """
     folder = Path(run_dir) / CHECKPOINTS
     if not folder.is_dir():
         return []
-    found = [p for p in folder.glob(f"{_PREFIX}*") if (p / TRAINER_STATE).is_file()]
+    found = [p for p in folder.glob(f"{_PREFIX}*") if not p.is_symlink() and (p / TRAINER_STATE).is_file()]
     return sorted(found, key=lambda p: read_trainer_state(p).step)
 
 
@@ -98,12 +115,14 @@ def save_checkpoint(
     """Write a checkpoint of the prepared training objects atomically; every process must call this.
 
     `model` and `ema_model` are the unwrapped networks. Returns the checkpoint folder. Older checkpoints
-    beyond the last `keep` are deleted once the new one is in place.
+    beyond the last `keep` are deleted once the new one is in place. Raises CheckpointError, leaving the
+    earlier checkpoints as they were, when the weights are not finite or the files cannot be written.
     """
     final = checkpoint_path(run_dir, state.step)
     tmp = final.with_name(_TMP_PREFIX + final.name)
+    _check_finite(state.step, run_dir, raw=model, ema=ema_model)  # the same answer on every process
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash during an earlier write
+        _remove_incomplete(final.parent, accelerator)
         _ensure_writable_dir(tmp)
     accelerator.wait_for_everyone()
     try:
@@ -113,36 +132,62 @@ def save_checkpoint(
             ema_model.save_pretrained(tmp / EMA)
             (tmp / NOISE_SCHEDULER).write_text(json.dumps(noise_scheduler.config, indent=2))
             (tmp / TRAINER_STATE).write_text(json.dumps(vars(state), indent=2))
-    except OSError as error:
+            _flush_to_disk(tmp)
+    except _WRITE_ERRORS as error:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # give back the space a full disk needs
         raise CheckpointError(
-            f"could not write checkpoint {final}: {error}; free disk space or fix permissions, then resume "
-            "with --resume (earlier checkpoints are untouched)"
+            f"could not write checkpoint {final}: {_one_line(error)}; free disk space or fix the permissions "
+            f"of {final.parent}, then continue with --resume (the earlier checkpoints are untouched)"
         ) from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():  # the same step saved before (e.g. a signal right after a scheduled save)
-            shutil.rmtree(final)
+        if final.exists():  # the same step saved before (e.g. when resuming from an earlier checkpoint)
+            _discard(final)
         os.replace(tmp, final)
+        _flush_to_disk(final.parent, recursive=False)
         for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old)
+            _discard(old)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_training_state(accelerator, checkpoint: Path, ema_model: UNet) -> TrainerState:
-    """Restore model, optimizer and RNG states (through Accelerate) and the EMA weights from `checkpoint`."""
+def load_training_state(accelerator, checkpoint: Path, *, model: UNet, ema_model: UNet) -> TrainerState:
+    """Restore model, optimizer and RNG states (through Accelerate) and the EMA weights from `checkpoint`.
+
+    `model` and `ema_model` are the unwrapped networks. Everything is checked before anything is loaded:
+    the weights must fit the networks (names and shapes, read from the safetensors headers) and every
+    pickled file must unpickle with `weights_only`. Raises CheckpointError, with the fix, otherwise.
+    """
+    if not (checkpoint / TRAINER_STATE).is_file():
+        raise CheckpointError(
+            f"{checkpoint} is not a training checkpoint (it has no {TRAINER_STATE}); --resume takes a run "
+            f"directory or one of its {CHECKPOINTS}/{_PREFIX}NNNNNNN folders"
+        )
     state = read_trainer_state(checkpoint)
     if state.ddpm_version != version("ddpm"):
         accelerator.print(
             f"note: {checkpoint} was written by ddpm {state.ddpm_version}, this is {version('ddpm')}"
         )
+    _check_weights_fit(checkpoint / WEIGHTS, model)
+    _check_weights_fit(checkpoint / EMA / WEIGHTS, ema_model)
+    for file in sorted(checkpoint.iterdir()):
+        if file.suffix in _PICKLED:
+            _check_unpickles_safely(file)
+    if not (checkpoint / f"random_states_{accelerator.process_index}.pkl").is_file():
+        # Accelerate would skip the missing file silently; say that the run will not repeat bit for bit.
+        warnings.warn(
+            f"{checkpoint} has no random state for process {accelerator.process_index} (it was written by "
+            "fewer processes); training continues, but not exactly as an uninterrupted run would",
+            stacklevel=2,
+        )
     try:
         accelerator.load_state(str(checkpoint))
-        ema_model.load_state_dict(load_file(checkpoint / EMA / "model.safetensors"))
-    except (OSError, RuntimeError, KeyError) as error:
+        ema_model.load_state_dict(load_file(checkpoint / EMA / WEIGHTS))
+    except (OSError, RuntimeError, KeyError, ValueError, SafetensorError) as error:
         raise CheckpointError(
-            f"cannot resume from {checkpoint}: {error}. Its weights do not fit this config or it is damaged; "
-            "resume with the config it was trained with, or name an earlier checkpoint with --resume PATH"
+            f"cannot resume from {checkpoint}: {_one_line(error)}; it is damaged: name an earlier checkpoint "
+            "with --resume PATH"
         ) from None
     return state
 
@@ -182,6 +227,106 @@ def load_for_sampling(
     scheduler_file = checkpoint / NOISE_SCHEDULER
     scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
     return model, NoiseScheduler(**scheduler_config), label
+
+
+def _check_finite(step: int, run_dir: str | Path, **networks: torch.nn.Module) -> None:
+    """Raise CheckpointError when a network holds a NaN or inf (one host sync for all tensors)."""
+    for name, network in networks.items():
+        tensors = {k: v for k, v in network.state_dict().items() if v.is_floating_point()}
+        finite = torch.stack([torch.isfinite(v).all() for v in tensors.values()]).tolist()
+        bad = [key for key, ok in zip(tensors, finite, strict=True) if not ok]
+        if bad:
+            raise CheckpointError(
+                f"refusing to save step {step}: the {name} weights hold NaN or inf ({len(bad)} tensors, e.g. "
+                f"{bad[0]}); the last good checkpoint is {latest_checkpoint(run_dir) or 'none'}. Lower "
+                "train.lr, raise train.warmup_steps or use mixed_precision=bf16 or no, then --resume"
+            )
+
+
+def _check_weights_fit(file: Path, network: torch.nn.Module) -> None:
+    """Raise CheckpointError unless `file` holds exactly the tensors of `network`, shape for shape.
+
+    Only the safetensors header is read; it also tells a truncated file (the header promises more bytes).
+    """
+    try:
+        with safe_open(file, framework="pt") as f:
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+    except (OSError, SafetensorError) as error:
+        raise CheckpointError(
+            f"cannot read {file}: {_one_line(error)}; the checkpoint is incomplete or damaged: name an "
+            "earlier one with --resume PATH"
+        ) from None
+    expected = {key: tuple(v.shape) for key, v in network.state_dict().items()}
+    problems = [f"missing {key}" for key in expected if key not in shapes]
+    problems += [f"unexpected {key}" for key in shapes if key not in expected]
+    problems += [
+        f"{key}: file {shape} vs model {expected[key]}"
+        for key, shape in shapes.items()
+        if key in expected and shape != expected[key]
+    ]
+    if problems:
+        raise CheckpointError(
+            f"the weights in {file} do not fit the model of this config ({len(problems)} problems, e.g. "
+            f"{'; '.join(problems[:3])}); resume with the config the run was trained with (its config.yaml)"
+        )
+
+
+def _check_unpickles_safely(file: Path) -> None:
+    """Unpickle `file` as Accelerate will, with weights_only: tensors and plain data only, never code."""
+    try:
+        load_weights_only(file, map_location="cpu")
+    except pickle.UnpicklingError as error:
+        reason = next((line for line in str(error).splitlines() if "GLOBAL" in line), "")
+        raise CheckpointError(
+            f"refusing to load {file}: it holds more than tensors and plain data, and unpickling it could "
+            f"run code ({reason or _one_line(error)}); use only checkpoints written by ddpm"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as error:
+        raise CheckpointError(
+            f"cannot read {file}: {_one_line(error)}; the checkpoint is damaged: name an earlier one with "
+            "--resume PATH"
+        ) from None
+
+
+def _remove_incomplete(folder: Path, accelerator) -> None:
+    """Delete what a crash left in the checkpoints folder: temporary folders, step folders missing
+    trainer_state.json. Symlinks are left alone (they lead to folders this run does not own)."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        temporary = path.name.startswith(_TMP_PREFIX)
+        incomplete = path.name.startswith(_PREFIX) and not (path / TRAINER_STATE).is_file()
+        if path.is_dir() and not path.is_symlink() and (temporary or incomplete):
+            accelerator.print(f"removing {path}, left incomplete by an interrupted save")
+            shutil.rmtree(path)
+
+
+def _discard(checkpoint: Path) -> None:
+    """Delete a checkpoint so that no crash leaves it half deleted yet listed: rename it, then delete."""
+    trash = checkpoint.with_name(f"{_TMP_PREFIX}old-{checkpoint.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(checkpoint, trash)
+    shutil.rmtree(trash)
+
+
+def _flush_to_disk(folder: Path, *, recursive: bool = True) -> None:
+    """fsync the files under `folder` and the folders themselves, so that after a power cut a renamed
+    checkpoint holds its data and not empty files."""
+    paths = [*folder.rglob("*"), folder] if recursive else [folder]
+    for path in paths:
+        if path.is_dir() and os.name != "posix":  # folders can be opened for fsync on POSIX only
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line of an error's message (torch and safetensors write paragraphs)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _ensure_writable_dir(path: Path) -> None:

@@ -11,6 +11,7 @@ before it starts rather than after an hour. Overrides are dotted `key=value` str
 import copy
 import dataclasses
 import inspect
+import os
 import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -61,6 +62,7 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps
     seed: int = 0
     nan_policy: str = "stop"  # stop | skip
+    dist_timeout_s: float = 600.0  # seconds a process waits for the others before it stops with an error
 
 
 @dataclass
@@ -98,8 +100,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     """
     raw: dict[str, Any] = {}
     if path is not None:
-        with open(path) as f:
-            loaded = yaml.load(f, Loader=_Loader)
+        loaded = _read_yaml(Path(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
         raw = copy.deepcopy(loaded or {})
@@ -119,10 +120,15 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    """Write `config` as YAML (what `load_config` reads back into an equal Config)."""
+    """Write `config` as YAML (what `load_config` reads back into an equal Config).
+
+    Written to a temporary file and renamed, so that a crash never leaves a truncated file at `path`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "sample": SampleConfig}
@@ -159,6 +165,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.sample_every": _AT_LEAST_0,
     "train.log_every": _AT_LEAST_1,
     "train.seed": _AT_LEAST_0,
+    "train.dist_timeout_s": _POSITIVE,
     "sample.steps": _AT_LEAST_1,
     "sample.eta": _AT_LEAST_0,
     "sample.n": _AT_LEAST_1,
@@ -230,15 +237,15 @@ def _build_section(section: str, values: dict[str, Any], where: Callable[[str], 
         has_type, type_name = _TYPES[types[name]]
         if not has_type(value):
             raise ConfigError(_invalid(key, value, where, type_name))
+        choices = _choices(key)
+        if choices is not None and value not in choices:
+            raise ConfigError(_invalid(key, value, where, f"one of {', '.join(map(str, choices))}"))
+        if key in _RANGES and not _RANGES[key][0](value):  # before the conversion: errors show the input
+            raise ConfigError(_invalid(key, value, where, _RANGES[key][1]))
         if types[name] is float:
             value = float(value)
         elif types[name] == tuple[float, float]:
             value = tuple(float(v) for v in value)
-        choices = _choices(key)
-        if choices is not None and value not in choices:
-            raise ConfigError(_invalid(key, value, where, f"one of {', '.join(map(str, choices))}"))
-        if key in _RANGES and not _RANGES[key][0](value):
-            raise ConfigError(_invalid(key, value, where, _RANGES[key][1]))
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -289,6 +296,20 @@ def _keyword_arguments(constructor: type) -> list[str]:
 
 def _invalid(key: str, value: Any, where: Callable[[str], str], expected: str) -> str:
     return f"invalid value {value!r} for '{key}' in {where(key)}: expected {expected}"
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML document at `path`; a missing file or a syntax error is a ConfigError saying where."""
+    try:
+        with open(path) as f:
+            return yaml.load(f, Loader=_Loader)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found; pass an existing file with --config") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
 
 
 def _parse_override(text: str) -> tuple[str, Any]:

@@ -24,10 +24,14 @@ from ddpm.config import DataConfig
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 
 
+class DataError(ValueError):
+    """The data named by the config cannot be used (missing, empty, unreadable); the message says the fix."""
+
+
 def build_dataset(data: DataConfig) -> Dataset:
     """The training set described by `data` (see DATASETS for the names)."""
     if data.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset '{data.dataset}'; valid: {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset '{data.dataset}'; valid: {', '.join(DATASETS)}")
     return DATASETS[data.dataset](data)
 
 
@@ -70,7 +74,8 @@ class ImageFolderDataset(Dataset):
 
     Corrupt or truncated files are found lazily, when loaded: each is skipped with a warning naming it and
     replaced by the next readable file, because stopping a multi-hour run for one bad file loses more than
-    a substitute sample costs. If no file can be read, RuntimeError.
+    a substitute sample costs (and checking every file up front would delay the start of large data sets).
+    If no file can be read, DataError.
     """
 
     def __init__(
@@ -78,20 +83,20 @@ class ImageFolderDataset(Dataset):
     ):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(
+            raise DataError(
                 f"data.root '{self.root}' is not a folder; expected a folder of images "
                 f"({', '.join(IMAGE_EXTENSIONS)}), with one sub-folder per class when data.labels is true"
             )
         files = _image_files(self.root)
         if not files:
-            raise FileNotFoundError(
+            raise DataError(
                 f"no images found under data.root '{self.root}'; expected files ending in "
                 f"{', '.join(IMAGE_EXTENSIONS)} (searched recursively)"
             )
         if labels:
             loose = [f for f in files if f.parent == self.root]
             if loose:
-                raise ValueError(
+                raise DataError(
                     f"{len(loose)} images sit directly in data.root '{self.root}' (e.g. {loose[0].name}), "
                     "but data.labels=true reads each label from the first-level sub-folder name: move them "
                     "into a sub-folder per class, or set data.labels=false"
@@ -125,7 +130,10 @@ class ImageFolderDataset(Dataset):
                 warnings.warn(f"skipping unreadable image {self.files[i]}: {error}", stacklevel=2)
                 continue
             return self.transform(image), self.targets[i]
-        raise RuntimeError(f"none of the {len(self.files)} images under '{self.root}' can be read")
+        raise DataError(
+            f"none of the {len(self.files)} images under data.root '{self.root}' can be read (see the "
+            "warnings above); replace them with image files (Git LFS pointers, for one, are not images)"
+        )
 
 
 class TorchvisionDataset(Dataset):
@@ -204,7 +212,7 @@ def _torchvision(
     except RuntimeError as error:  # torchvision's "Dataset not found or corrupted"
         if data.download:
             raise
-        raise FileNotFoundError(
+        raise DataError(
             f"{cls.__name__} not found (or corrupted) under data.root '{root}': expected {root}/{expected}. "
             "Set data.download=true on a machine with internet access, or put the files there"
         ) from error
@@ -213,7 +221,7 @@ def _torchvision(
 
 def _root(data: DataConfig) -> Path:
     if data.root is None:
-        raise ValueError(f"data.root is required for data.dataset '{data.dataset}'")
+        raise DataError(f"data.root is required for data.dataset '{data.dataset}'")
     return Path(data.root).expanduser()
 
 

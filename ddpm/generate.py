@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from ddpm.checkpoint import load_for_sampling, resolve_checkpoint
+from ddpm.checkpoint import CheckpointError, load_for_sampling, resolve_checkpoint
 from ddpm.config import SampleConfig, load_config
 from ddpm.samplers import sample
 from ddpm.scheduler import NoiseScheduler
@@ -52,7 +53,10 @@ def generate(
     if class_label is not None and not num_classes:
         raise ValueError("class_label given, but the model has no classes; drop --class-label")
     if class_label is not None and not 0 <= class_label < num_classes:
-        raise ValueError(f"class_label must be in [0, {num_classes - 1}], got {class_label}")
+        raise ValueError(
+            f"class label {class_label} is out of range: the model has {num_classes} classes, so pass a "
+            f"label in 0..{num_classes - 1}"
+        )
     batches = []
     for start in tqdm(range(0, n, batch_size), desc="sample", disable=not progress or n <= batch_size):
         indices = range(start, min(start + batch_size, n))
@@ -84,13 +88,20 @@ def generate(
 
 
 def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None) -> Path:
-    """Write images in [-1, 1] of shape (N, C, H, W) as one PNG grid (atomically: temp file, then rename)."""
+    """Write images in [-1, 1] of shape (N, C, H, W) as one PNG grid (atomically: temp file, then rename).
+
+    A failed write raises OSError naming `path`; a crash leaves at most a hidden .tmp- file beside it.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # one per process: sample.py may run alongside
     nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
-    save_image(images, tmp, nrow=nrow, normalize=True, value_range=(-1, 1), padding=1)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(images, tmp, nrow=nrow, normalize=True, value_range=(-1, 1), padding=1)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
     return path
 
 
@@ -126,10 +137,15 @@ def sample_checkpoint(
 
     `checkpoint` None means the run directory named by `default_config`'s output_dir. Sampler options left
     None come from the run's saved config (its `sample:` section), else from `SampleConfig`'s defaults. The
-    device is CUDA when available (with bf16 or fp16 autocast), else the CPU.
+    device is CUDA when available (with bf16 or fp16 autocast), else the CPU. Raises ValueError for a bad
+    option and CheckpointError for weights that are missing, damaged or do not fit their config.
     """
-    if n <= 0:
-        raise ValueError(f"--n must be a positive number of images, got {n}")
+    for name, value in (("--n", n), ("--steps", steps), ("--batch-size", batch_size)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+    for name, value in (("--eta", eta), ("--guidance-scale", guidance_scale)):
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
     if checkpoint is None:
         checkpoint = load_config(default_config).output_dir
     folder = resolve_checkpoint(checkpoint)
@@ -141,7 +157,13 @@ def sample_checkpoint(
     guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, scheduler, weights = load_for_sampling(folder, use_ema=use_ema, device=device)
+    try:
+        model, scheduler, weights = load_for_sampling(folder, use_ema=use_ema, device=device)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise CheckpointError(
+            f"cannot load the model in {folder}: {error}; it is incomplete, damaged or not a ddpm "
+            "checkpoint: pass another one with --checkpoint"
+        ) from None
     config = model.config
     shape = (config["in_channels"], config["image_size"], config["image_size"])
     autocast_dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float16

@@ -10,18 +10,26 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+    set_seed,
+)
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from ddpm.checkpoint import (
+    CHECKPOINTS,
     CheckpointError,
     TrainerState,
     latest_checkpoint,
@@ -34,9 +42,21 @@ from ddpm.generate import generate, save_grid
 from ddpm.scheduler import NoiseScheduler
 from ddpm.unet import UNet
 
+# Below this the fp16 loss scale means gradients overflow even unscaled: stop (DeepSpeed's min_loss_scale).
+MIN_LOSS_SCALE = 1.0
+# With several processes, how often (in steps, at most) they agree on whether a stop signal arrived.
+STOP_CHECK_EVERY = 10
+# How gloo and NCCL word a collective that timed out or lost its peer.
+_PEER_FAILURE = re.compile(r"timed? ?out|connection (closed|reset)", re.I)
+
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; nothing after the last good checkpoint was saved."""
+    """The loss became NaN or infinite (or fp16 overflowed for good); nothing after the last good checkpoint
+    was saved."""
+
+
+class DistributedTimeoutError(RuntimeError):
+    """A process waited longer than train.dist_timeout_s for the others: one of them crashed or hangs."""
 
 
 class Trainer:
@@ -45,7 +65,11 @@ class Trainer:
     Args:
         config: the resolved run configuration (see `ddpm.config`).
         resume: None to start fresh (the run directory must then hold no checkpoint), "latest" for the newest
-            checkpoint in `config.output_dir`, or the path of a checkpoint folder.
+            checkpoint in `config.output_dir`, or the path of a checkpoint folder or of a run directory.
+
+    SIGINT and SIGTERM stop training at the end of the current step after saving a checkpoint; `stopped_by`
+    then holds the signal. Repeats are ignored: launchers pass on the signal that the terminal or the cluster
+    already sent to every process, and the save must not be cut short (SIGKILL stops at once).
     """
 
     def __init__(self, config: Config, *, resume: str | None = None):
@@ -63,14 +87,16 @@ class Trainer:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train.seed),
             log_with=_available_trackers() or None,
             project_dir=str(self.run_dir),
+            # A process whose peer crashed or hangs stops with an error instead of waiting forever.
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=train.dist_timeout_s))],
         )
         # Different noise on each process; the same data order and initial weights everywhere (DDP broadcasts
         # rank 0's weights and the seedable sampler shares one permutation that Accelerate then shards).
         set_seed(train.seed, device_specific=True)
 
         self.dataset = build_dataset(config.data)
-        self.noise_scheduler = NoiseScheduler(**config.diffusion)
-        self.model = UNet(**config.model)
+        self.noise_scheduler = _construct(NoiseScheduler, "diffusion", config.diffusion)
+        self.model = _construct(UNet, "model", config.model)
         _check_compatible(self.model, self.dataset, config)
         if train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -106,11 +132,19 @@ class Trainer:
 
         self.state = TrainerState(step=0, ema_updates=0)
         self._resume(resume)
-        self._stop_signal: str | None = None
+        self.stopped_by: signal.Signals | None = None  # the stop signal, once the processes agreed on it
+        self._signal: signal.Signals | None = None  # the stop signal this process received
 
     def train(self) -> Path | None:
-        """Run until `train.steps` optimizer steps; returns the last checkpoint folder written, if any."""
+        """Run until `train.steps` optimizer steps, or a stop signal; returns the last checkpoint written.
+
+        Raises NonFiniteLossError (nan_policy "stop"), CheckpointError when a checkpoint cannot be written,
+        and DistributedTimeoutError when another process stopped answering.
+        """
         train, accelerator = self.config.train, self.accelerator
+        if self.state.step >= train.steps:
+            accelerator.print(f"nothing to do: at step {self.state.step} of train.steps={train.steps}")
+            return latest_checkpoint(self.run_dir)
         if accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.run_dir / "config.yaml")
@@ -160,16 +194,23 @@ class Trainer:
                 bar.update(1)
                 if step % train.checkpoint_every == 0 or done:
                     last_saved = self._save()
-                if train.sample_every and (step % train.sample_every == 0 or done):
+                if train.sample_every and not self.stopped_by and (step % train.sample_every == 0 or done):
                     self._sample_grid(step)
                 if done:
                     break
+        except RuntimeError as error:
+            if accelerator.num_processes > 1 and _is_peer_failure(error):
+                raise DistributedTimeoutError(self._peer_failure_message(error, last_saved)) from error
+            raise
         finally:
             bar.close()
             self._restore_signal_handlers(previous_handlers)
             accelerator.end_training()
-        if self._stop_signal:
-            accelerator.print(f"stopped by {self._stop_signal} at step {self.state.step}; saved {last_saved}")
+        if self.stopped_by:
+            accelerator.print(
+                f"stopped by {self.stopped_by.name} at step {self.state.step} of {train.steps}; saved "
+                f"checkpoint {last_saved}; continue with --resume"
+            )
         return last_saved
 
     # -- one step
@@ -249,23 +290,42 @@ class Trainer:
     # -- checkpoints, samples, logs
 
     def _resume(self, resume: str | None) -> None:
-        existing = latest_checkpoint(self.run_dir)
         if resume is None:
+            existing = latest_checkpoint(self.run_dir)
             if existing is not None:
                 raise CheckpointError(
                     f"{self.run_dir} already holds checkpoints (latest {existing.name}); continue it with "
                     "--resume, or choose a new output_dir=..."
                 )
             return
-        checkpoint = existing if resume == "latest" else Path(resume)
+        source = self.run_dir if resume == "latest" else Path(resume)
+        is_run = resume == "latest" or (source / CHECKPOINTS).is_dir()
+        checkpoint = latest_checkpoint(source) if is_run else source
         if checkpoint is None:
             raise CheckpointError(
-                f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}; start without --resume "
+                f"--resume: no checkpoint in {source / CHECKPOINTS}; start without --resume "
                 "or set output_dir to the run you want to continue"
             )
-        self.state = load_training_state(self.accelerator, checkpoint, self.ema.module)
+        self.state = load_training_state(
+            self.accelerator,
+            checkpoint,
+            model=self.accelerator.unwrap_model(self.model),
+            ema_model=self.ema.module,
+        )
         self.ema_warmup.updates = self.state.ema_updates
+        self._trim_log(self.state.step)
         self.accelerator.print(f"resumed from {checkpoint} at step {self.state.step}")
+
+    def _trim_log(self, step: int) -> None:
+        """Drop the log records after `step`, which the resumed run logs again, and any line cut short by a
+        crash (the file is rewritten whole: a temporary file, then a rename)."""
+        log = self.run_dir / "log.jsonl"
+        if not self.accelerator.is_main_process or not log.is_file():
+            return
+        kept = [line for line in log.read_text().splitlines() if 0 <= _logged_step(line) <= step]
+        tmp = log.with_name(f".tmp-{log.name}")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, log)
 
     def _save(self) -> Path:
         self._check_replicas_identical()
@@ -322,6 +382,7 @@ class Trainer:
                 log.write(json.dumps(record) + "\n")
 
     def _raise_if_nonfinite(self, first_bad_step: torch.Tensor, last_saved: Path | None) -> None:
+        """Stop on a NaN/inf loss since the last check, or on an fp16 loss scale that keeps collapsing."""
         bad = int(self.accelerator.reduce(first_bad_step, "max"))
         if bad >= 0:
             raise NonFiniteLossError(
@@ -329,12 +390,34 @@ class Trainer:
                 f"(last good checkpoint: {last_saved or 'none'}). Lower train.lr, raise train.warmup_steps, "
                 "use mixed_precision=bf16 or no, or set train.nan_policy=skip"
             )
+        # GradScaler halves the scale and skips the step whenever fp16 gradients overflow; below 1 they
+        # overflow even unscaled, so training has stalled while the loss still looks finite.
+        scaler = self.accelerator.scaler
+        if scaler is not None and scaler.is_enabled() and scaler.get_scale() < MIN_LOSS_SCALE:
+            raise NonFiniteLossError(
+                f"the fp16 loss scale fell to {scaler.get_scale():g} by step {self.state.step}: gradients "
+                "overflow fp16 at nearly every step and those steps are skipped (last good checkpoint: "
+                f"{last_saved or 'none'}). Use train.mixed_precision=bf16 or no, or lower train.lr"
+            )
+
+    def _peer_failure_message(self, error: RuntimeError, last_saved: Path | None) -> str:
+        """One line for DistributedTimeoutError: what this process saw, and where to resume from."""
+        if re.search(r"timed? ?out", str(error), re.I):
+            timeout = self.config.train.dist_timeout_s
+            what = f"got no answer from the others within train.dist_timeout_s={timeout:g} s"
+        else:
+            what = "lost the connection to the others"
+        then = f"continue from {last_saved} with --resume" if last_saved else "no checkpoint was saved yet"
+        return (
+            f"process {self.accelerator.process_index} {what} at step {self.state.step}: another process "
+            f"crashed or hangs (see its messages); {then}"
+        )
 
     # -- signals
 
     def _install_signal_handlers(self) -> dict:
         def request_stop(signum, frame):
-            self._stop_signal = signal.Signals(signum).name
+            self._signal = self._signal or signal.Signals(signum)
 
         previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -347,13 +430,18 @@ class Trainer:
             signal.signal(sig, handler)
 
     def _stop_requested(self, step: int) -> bool:
-        """True once SIGINT/SIGTERM arrived on any process (agreed across processes at log steps)."""
+        """True once SIGINT/SIGTERM arrived on any process; sets `stopped_by`.
+
+        With several processes they agree (one collective) every STOP_CHECK_EVERY steps or more often, so
+        that all stop at the same step, each with the same signal.
+        """
         if self.accelerator.num_processes == 1:
-            return self._stop_signal is not None
-        if step % self.config.train.log_every:
-            return False
-        flag = torch.tensor(float(self._stop_signal is not None), device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, "max"))
+            self.stopped_by = self._signal
+        elif step % min(self.config.train.log_every, STOP_CHECK_EVERY) == 0:
+            received = torch.tensor(int(self._signal or 0), device=self.accelerator.device)
+            agreed = int(self.accelerator.reduce(received, "max"))
+            self.stopped_by = signal.Signals(agreed) if agreed else None
+        return self.stopped_by is not None
 
 
 class EMADecay:
@@ -374,6 +462,33 @@ class EMADecay:
         n = self.updates
         decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def _construct(cls: type, section: str, kwargs: dict):
+    """`cls(**kwargs)` for a config section, with a bad value reported as a ConfigError naming the key."""
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as error:
+        keys = [f"{section}.{key}" for key in kwargs if re.search(rf"\b{key}\b", str(error))]
+        raise ConfigError(
+            f"{', '.join(keys) or section}: {error} (the {section} section holds {cls.__name__}'s arguments)"
+        ) from None
+
+
+def _is_peer_failure(error: RuntimeError) -> bool:
+    """Whether a collective failed because another process timed out or disappeared (gloo raises a plain
+    RuntimeError, NCCL a DistError)."""
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    return type(error) is RuntimeError and bool(_PEER_FAILURE.search(str(error)))
+
+
+def _logged_step(line: str) -> int:
+    """The step of a log.jsonl line, or -1 when the line is not a whole record."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -1
 
 
 def _mixed_precision(setting: str) -> str:

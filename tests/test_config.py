@@ -168,6 +168,7 @@ ERRORS = [
         r"'train\.mixed_precision' .*: expected one of auto, no, fp16, bf16",
     ),
     ("", ["train.nan_policy=ignore"], (), r"'train\.nan_policy' .*: expected one of stop, skip"),
+    ("", ["train.dist_timeout_s=0"], (), r"value 0 for 'train\.dist_timeout_s' .*: expected a number > 0"),
     (
         "",
         ["train.loss_weighting=snr"],

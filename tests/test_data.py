@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 from torch.utils.data import Subset
 
 from ddpm.config import DataConfig
-from ddpm.data import build_dataset, num_classes_of
+from ddpm.data import DataError, build_dataset, num_classes_of
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -122,19 +122,15 @@ def test_folder_hflip(tmp_path):
 
 
 def test_folder_errors(tmp_path):
-    with pytest.raises(
-        FileNotFoundError, match=r"data\.root '\S*missing' is not a folder; expected a folder"
-    ):
+    with pytest.raises(DataError, match=r"data\.root '\S*missing' is not a folder; expected a folder"):
         build_dataset(DataConfig(dataset="folder", root=str(tmp_path / "missing")))
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "sub" / "readme.txt").write_text("")
-    with pytest.raises(
-        FileNotFoundError, match=r"no images found under data\.root '\S*empty'; expected .*\.png"
-    ):
+    with pytest.raises(DataError, match=r"no images found under data\.root '\S*empty'; expected .*\.png"):
         build_dataset(DataConfig(dataset="folder", root=str(tmp_path / "empty")))
     write_folder(tmp_path / "loose")
     Image.new("L", (4, 4)).save(tmp_path / "loose" / "x.png")
-    with pytest.raises(ValueError, match=r"1 images sit directly in data\.root .*x\.png.*data\.labels=false"):
+    with pytest.raises(DataError, match=r"1 images sit directly in data\.root .*x\.png.*data\.labels=false"):
         build_dataset(DataConfig(dataset="folder", root=str(tmp_path / "loose")))
 
 
@@ -158,7 +154,7 @@ def test_folder_skips_corrupt_and_truncated_files_with_a_warning(tmp_path):
     (tmp_path / "a" / "3_white.png").write_bytes(b"broken too")
     with (
         pytest.warns(UserWarning),
-        pytest.raises(RuntimeError, match=r"none of the 3 images under '\S+' can be read"),
+        pytest.raises(DataError, match=r"none of the 3 images under data\.root '\S+' can be read"),
     ):
         dataset[2]
 
@@ -210,7 +206,7 @@ def test_cifar10(tmp_path, skip_md5):
 
 def test_cifar10_md5_is_checked(tmp_path):
     write_cifar10(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"CIFAR10 not found \(or corrupted\) under data\.root"):
+    with pytest.raises(DataError, match=r"CIFAR10 not found \(or corrupted\) under data\.root"):
         build_dataset(DataConfig(dataset="cifar10", root=str(tmp_path), image_size=32, channels=3))
 
 
@@ -248,8 +244,6 @@ def test_mnist_and_fashion_mnist(tmp_path, name, folder):
 )
 def test_torchvision_missing_data(tmp_path, name, expected):
     root = tmp_path / "nothing here"
-    with pytest.raises(
-        FileNotFoundError, match=rf"under data\.root '{root}': expected {root}/{expected}"
-    ) as e:
+    with pytest.raises(DataError, match=rf"under data\.root '{root}': expected {root}/{expected}") as e:
         build_dataset(DataConfig(dataset=name, root=str(root)))
     assert "data.download=true" in str(e.value)

@@ -1,0 +1,355 @@
+"""FID: the Frechet distance against closed forms and scipy, the Inception features (with random weights, as
+the real ones cannot be downloaded here), the uint8 path of samples, every kind of source, and the CLI."""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+from threadpoolctl import threadpool_limits
+
+from ddpm import fid
+from ddpm.checkpoint import EMA, NOISE_SCHEDULER, TRAINER_STATE, checkpoint_path
+from ddpm.config import Config, DataConfig, SampleConfig, save_config
+from ddpm.generate import generate, save_images_to
+from ddpm.scheduler import NoiseScheduler
+from ddpm.unet import UNet
+
+pytestmark = pytest.mark.filterwarnings("ignore:FID statistics of only")  # tests use a handful of images
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Inception on a CPU shared with other jobs: two threads waiting on each other run ~8x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def random_weights(tmp_path_factory) -> Path:
+    """torch-fidelity's Inception with random He-initialised convolutions, saved as a weights file.
+
+    PyTorch's default initialisation shrinks the activations to ~1e-8 over the network's ~100 layers; He
+    initialisation keeps the pool3 features of order 0.1, so that distances between them are meaningful.
+    """
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with (
+        mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"),
+        mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url"),
+    ):
+        network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    generator = torch.Generator().manual_seed(0)
+    # The keys of the real file, which has no num_batches_tracked (it was converted from TensorFlow).
+    state = {k: v for k, v in network.state_dict().items() if not k.endswith("num_batches_tracked")}
+    for tensor in state.values():
+        if tensor.ndim == 4:  # conv weights (out, in, kh, kw)
+            fan_in = tensor[0].numel()
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * math.sqrt(2.0 / fan_in))
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    torch.save(state, path)
+    return path
+
+
+def random_uint8(n: int, channels: int = 3, size: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(
+        0, 256, (n, channels, size, size), generator=torch.Generator().manual_seed(seed)
+    ).byte()
+
+
+def features_of(images: torch.Tensor, weights: Path, **kwargs) -> np.ndarray:
+    return fid.inception_features(images, weights=weights, device="cpu", progress=False, **kwargs)
+
+
+def scipy_frechet(mu1, s1, mu2, s2) -> float:
+    """The textbook route, independent of ours: scipy's square root of the non-symmetric product."""
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2)).real)
+
+
+def few_sample_frechet(f1: np.ndarray, f2: np.ndarray) -> float:
+    """FID of features (n1, D) and (n2, D) with n1, n2 < D, in closed form in sample space.
+
+    With centred features A1, A2, S_i = A_i^T A_i / (n_i - 1), and the nonzero eigenvalues of S1 S2 are those
+    of (A1 A2^T)(A1 A2^T)^T / ((n1 - 1)(n2 - 1)): Tr((S1 S2)^(1/2)) is the nuclear norm of A1 A2^T over
+    sqrt((n1 - 1)(n2 - 1)), and Tr(S_i) = ||A_i||_F^2 / (n_i - 1).
+    """
+    a1, a2 = f1 - f1.mean(0), f2 - f2.mean(0)
+    c1, c2 = len(f1) - 1, len(f2) - 1
+    diff = f1.mean(0) - f2.mean(0)
+    cross = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum() / math.sqrt(c1 * c2)
+    return float(diff @ diff + (a1**2).sum() / c1 + (a2**2).sum() / c2 - 2 * cross)
+
+
+def random_spd(d: int, rng: np.random.Generator) -> np.ndarray:
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+# --- the Frechet distance -------------------------------------------------------------------------------
+
+
+def test_frechet_distance_of_diagonal_covariances_is_the_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    a, b = rng.uniform(0.1, 3.0, size=6), rng.uniform(0.1, 3.0, size=6)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(a + b - 2 * np.sqrt(a * b))
+    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_frechet_distance_of_commuting_covariances_is_the_closed_form():
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.normal(size=(8, 8)))  # shared eigenvectors: S1 S2 = S2 S1
+    a, b = rng.uniform(0.0, 2.0, size=8), rng.uniform(0.1, 2.0, size=8)
+    a[:3] = 0.0  # a singular covariance too
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(a + b - 2 * np.sqrt(a * b))
+    got = fid.frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T)
+    assert got == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_agrees_with_scipy_sqrtm_and_is_symmetric():
+    rng = np.random.default_rng(2)
+    mu1, mu2 = rng.normal(size=32), rng.normal(size=32)
+    s1, s2 = random_spd(32, rng), random_spd(32, rng)
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(scipy_frechet(mu1, s1, mu2, s2), rel=1e-10)
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(
+        fid.frechet_distance(mu2, s2, mu1, s1), rel=1e-10
+    )
+    # Few samples in many dimensions, as FID on few images: both covariances singular.
+    f1, f2 = rng.normal(size=(6, 40)), rng.normal(loc=0.3, size=(9, 40))
+    stats1, stats2 = fid.statistics(f1), fid.statistics(f2)
+    ours = fid.frechet_distance(stats1.mu, stats1.sigma, stats2.mu, stats2.sigma)
+    assert ours == pytest.approx(scipy_frechet(stats1.mu, stats1.sigma, stats2.mu, stats2.sigma), rel=1e-6)
+
+
+def test_frechet_distance_of_identical_statistics_is_zero():
+    stats = fid.statistics(np.random.default_rng(3).normal(size=(10, 256)))  # rank 9 of 256
+    assert abs(fid.frechet_distance(stats.mu, stats.sigma, stats.mu, stats.sigma)) < 1e-9 * np.trace(
+        stats.sigma
+    )
+
+
+def test_frechet_distance_rejects_statistics_of_different_dimensions():
+    with pytest.raises(ValueError, match="do not match"):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_statistics_are_the_mean_and_unbiased_covariance_and_warn_below_2048_images():
+    features = np.random.default_rng(4).normal(size=(5, 3))
+    with pytest.warns(UserWarning, match="only 5 images"):
+        stats = fid.statistics(features)
+    np.testing.assert_allclose(stats.mu, features.mean(0))
+    centred = features - features.mean(0)
+    np.testing.assert_allclose(stats.sigma, centred.T @ centred / 4)
+    assert stats.n == 5
+    with pytest.raises(ValueError, match="at least 2 images"):
+        fid.statistics(features[:1])
+
+
+# --- images and features --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_to_uint8_gives_the_pixels_save_image_writes(tmp_path, channels):
+    generator = torch.Generator().manual_seed(5)
+    x = torch.rand(3, channels, 16, 16, generator=generator) * 3 - 1.5  # beyond [-1, 1] too
+    x.view(-1)[:256] = (
+        torch.arange(256) + 0.5
+    ) / 127.5 - 1  # half-way between levels, where rounding rules differ
+    x.view(-1)[256:258] = torch.tensor([-1.0, 1.0])
+    paths = save_images_to(x, tmp_path)
+    written = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))) for p in paths])
+    assert torch.equal(fid.to_uint8(x).expand(-1, 3, -1, -1), written.permute(0, 3, 1, 2))
+
+
+def test_inception_features_are_2048_wide_in_eval_mode_and_independent_of_the_batch(random_weights):
+    images = random_uint8(3)
+    gray = random_uint8(1, channels=1, seed=1)
+    images[2] = gray[0].expand(3, -1, -1)
+    features = features_of(images, random_weights, batch_size=3)
+    assert features.shape == (3, 2048) and features.dtype == np.float64
+    assert np.isfinite(features).all() and features.std() > 1e-2
+    network = fid._inception(random_weights, torch.device("cpu"))
+    assert not any(module.training for module in network.modules())
+    # Batch norm from running statistics and no dropout: an image alone gives what it gave among others.
+    np.testing.assert_allclose(features_of(images[:1], random_weights), features[:1], rtol=1e-4, atol=1e-5)
+    # A 1-channel image is its gray RGB; the images may come as an iterable of batches.
+    np.testing.assert_allclose(features_of(iter([gray]), random_weights), features[2:], rtol=1e-4, atol=1e-5)
+    with pytest.raises(TypeError, match="to_uint8"):
+        features_of(images.float(), random_weights)
+
+
+@pytest.mark.parametrize("content", ["garbage", "pickled code"])
+def test_a_weights_file_that_is_not_a_state_dict_is_refused_before_unpickling(tmp_path, content):
+    path = tmp_path / "weights.pth"
+    if content == "garbage":
+        path.write_bytes(b"not a checkpoint")
+    else:
+        torch.save(argparse.Namespace(payload="anything but tensors"), path)
+    with pytest.raises(ValueError, match="cannot load") as error:
+        features_of(random_uint8(1), path)
+    assert "\n" not in str(error.value) and fid.WEIGHTS_URL in str(error.value)
+
+
+def test_weights_default_to_the_file_torch_fidelity_downloads():
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    assert fid.WEIGHTS_URL == URL_INCEPTION_V3
+    assert fid.DEFAULT_WEIGHTS.name == "weights-inception-2015-12-05-6726825d.pth"
+
+
+# --- sources --------------------------------------------------------------------------------------------
+
+
+def write_pngs(folder: Path, images: torch.Tensor, mode: str = "RGB") -> list[Path]:
+    """uint8 images (N, 3, H, W) as PNGs; mode L keeps channel 0."""
+    folder.mkdir(parents=True)
+    paths = []
+    for i, image in enumerate(images):
+        array = image.permute(1, 2, 0).numpy()
+        paths.append(folder / f"{i}.png")
+        Image.fromarray(array[..., 0] if mode == "L" else array, mode).save(paths[-1])
+    return paths
+
+
+def test_cli_on_two_folders_prints_the_fid_of_their_images(tmp_path, random_weights, capsys):
+    real_images, fake_images = random_uint8(3, seed=6), random_uint8(3, seed=7)
+    write_pngs(tmp_path / "real" / "class_a", real_images)
+    fake_paths = write_pngs(tmp_path / "fake", fake_images[:2])
+    fake_paths += write_pngs(tmp_path / "fake" / "gray", fake_images[2:], mode="L")
+    stats_file = tmp_path / "real.npz"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # the module-wide filter above would hide the CLI's warning
+        fid.main(
+            [str(tmp_path / "real"), str(tmp_path / "fake"), "--weights", str(random_weights)]
+            + ["--batch-size", "2", "--device", "cpu", "--save-stats", str(stats_file)]
+        )
+    out, err = capsys.readouterr()
+    printed = float(out.strip())
+    assert math.isfinite(printed) and printed > 0
+    assert "real: 3 images" in err and "fake: 3 images" in err and "fewer than 2048" in err
+
+    read = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))) for p in fake_paths])
+    real_features = features_of(real_images, random_weights)
+    expected = few_sample_frechet(real_features, features_of(read.permute(0, 3, 1, 2), random_weights))
+    assert printed == pytest.approx(expected, abs=1e-4)
+    saved = fid.load_statistics(stats_file)
+    assert saved.n == 3
+    np.testing.assert_allclose(saved.mu, real_features.mean(0), rtol=1e-5, atol=1e-7)
+
+
+def test_missing_weights_stop_the_cli_with_one_line_naming_the_file_and_its_url(tmp_path):
+    missing = tmp_path / "nowhere.pth"
+    with pytest.raises(SystemExit) as stop:
+        fid.main([str(tmp_path), str(tmp_path), "--weights", str(missing)])
+    message = str(stop.value.code)
+    assert "\n" not in message and str(missing) in message and fid.WEIGHTS_URL in message
+
+    # The default location, in a fresh process: exit status 1, one line on stderr, no traceback.
+    env = {k: v for k, v in os.environ.items() if k != fid.WEIGHTS_ENV} | {"HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "ddpm.fid", str(tmp_path), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert str(tmp_path / ".cache" / "ddpm" / fid.DEFAULT_WEIGHTS.name) in done.stderr
+    assert fid.WEIGHTS_URL in done.stderr
+
+
+def test_weights_are_found_through_the_environment_variable(tmp_path, random_weights, monkeypatch):
+    monkeypatch.setenv(fid.WEIGHTS_ENV, str(random_weights))
+    assert fid.resolve_weights() == random_weights
+    monkeypatch.setenv(fid.WEIGHTS_ENV, str(tmp_path / "elsewhere.pth"))
+    with pytest.raises(fid.WeightsNotFoundError, match="elsewhere.pth"):
+        fid.resolve_weights()
+
+
+def test_a_config_file_gives_the_statistics_of_its_whole_data_set_unflipped(tmp_path, random_weights):
+    images = random_uint8(3, size=8, seed=8)
+    write_pngs(tmp_path / "pngs", images, mode="L")
+    data = DataConfig(dataset="folder", root=str(tmp_path / "pngs"), image_size=8, channels=1, labels=False)
+    config_file = tmp_path / "data.yaml"
+    save_config(Config(data=replace(data, hflip=True)), config_file)
+
+    stats = fid.source_statistics(config_file, weights=random_weights, device="cpu", progress=False)
+    expected = fid.statistics(features_of(images[:, :1], random_weights))  # the files' pixels, gray
+    assert stats.n == 3
+    np.testing.assert_allclose(stats.mu, expected.mu, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(stats.sigma, expected.sigma, rtol=1e-4, atol=1e-7)
+
+    # Cached: read back without touching the data; a different data set is recomputed.
+    cache = tmp_path / "cache" / "reference.npz"
+    options = dict(weights=random_weights, device="cpu", progress=False)
+    fid.reference_statistics(data, cache=cache, **options)
+    with mock.patch("ddpm.fid.build_dataset", side_effect=AssertionError("recomputed")):
+        np.testing.assert_array_equal(fid.reference_statistics(data, cache=cache, **options).mu, stats.mu)
+    with pytest.warns(UserWarning, match="other data or weights"):
+        fid.reference_statistics(replace(data, image_size=4), cache=cache, **options)
+    assert json.loads(str(np.load(cache)["key"]))["image_size"] == 4
+
+
+def tiny_run(run: Path) -> tuple[UNet, NoiseScheduler, SampleConfig]:
+    """A run directory as the trainer leaves it, holding one checkpoint of a tiny class-conditional UNet."""
+    torch.manual_seed(0)
+    model = UNet(
+        in_channels=1,
+        out_channels=1,
+        base_channels=8,
+        channel_mult=(1,),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        image_size=8,
+        norm_groups=4,
+        num_classes=2,
+    )
+    scheduler = NoiseScheduler(num_train_timesteps=50)
+    sample = SampleConfig(sampler="ddim", steps=2, guidance_scale=1.5)
+    save_config(
+        Config(model=model.config, diffusion=scheduler.config, sample=sample, output_dir=str(run)),
+        run / "config.yaml",
+    )
+    checkpoint = checkpoint_path(run, 5)
+    model.save_pretrained(checkpoint)
+    model.save_pretrained(checkpoint / EMA)
+    (checkpoint / NOISE_SCHEDULER).write_text(json.dumps(scheduler.config))
+    (checkpoint / TRAINER_STATE).write_text(json.dumps({"step": 5, "ema_updates": 5}))
+    return model, scheduler, sample
+
+
+def test_a_run_directory_is_sampled_with_its_settings_and_fid_of_model_matches(tmp_path, random_weights):
+    model, scheduler, sample = tiny_run(tmp_path / "run")
+    # batch_size 1 with 2 classes: chunks of 2 images, which must add up to one call of generate.
+    stats = fid.source_statistics(
+        tmp_path / "run", n=4, weights=random_weights, batch_size=1, device="cpu", seed=3, progress=False
+    )
+    images = generate(
+        model, scheduler, 4, image_shape=(1, 8, 8), sampler="ddim", steps=2, guidance_scale=1.5, seed=3
+    )
+    expected = fid.statistics(features_of(fid.to_uint8(images), random_weights))
+    assert stats.n == 4
+    np.testing.assert_allclose(stats.mu, expected.mu, rtol=1e-4, atol=1e-6)
+
+    model.train()
+    value = fid.fid_of_model(
+        model, scheduler, expected, 4, sample=sample, weights=random_weights, seed=3, progress=False
+    )
+    assert abs(value) < 1e-6 * np.trace(expected.sigma)  # the same images: FID 0
+    assert model.training  # handed back in the mode it came in

@@ -1,0 +1,308 @@
+"""Interop with diffusers and torch.export: UNet.from_diffusers against UNet2DModel, each library's samplers
+driving the other's network, and the exported UNet against eager.
+
+Models are tiny versions of the published layouts (4-16 channels, 8x8 or 16x16 inputs); every parameter is
+perturbed so that zero-initialised layers cannot hide a wrong mapping.
+"""
+
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_unet import perturb  # pytest puts tests/ on sys.path
+
+from ddpm.samplers import sample
+from ddpm.scheduler import NoiseScheduler
+from ddpm.unet import (
+    DIFFUSERS_DEFAULTS,
+    DIFFUSERS_RENAMES,
+    UNet,
+    unet_kwargs_from_diffusers,
+)
+
+diffusers = pytest.importorskip("diffusers")
+
+# config.json of google/ddpm-cifar10-32 as published (by diffusers 0.0.4: no dropout, add_attention...).
+DDPM_CIFAR10 = {
+    "_class_name": "UNet2DModel",
+    "_diffusers_version": "0.0.4",
+    "act_fn": "silu",
+    "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256],
+    "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "in_channels": 3,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-06,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 32,
+    "time_embedding_type": "positional",
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+}
+# google/ddpm-cat-256: the 256x256 layout, attention at 16x16.
+DDPM_256 = {
+    **DDPM_CIFAR10,
+    "block_out_channels": [128, 128, 256, 256, 512, 512],
+    "down_block_types": ["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4,
+    "sample_size": 256,
+}
+TINY_CIFAR10 = {
+    **DDPM_CIFAR10,
+    "block_out_channels": [8, 16, 16, 16],
+    "norm_num_groups": 4,
+    "sample_size": 16,
+}
+TINY_2_LEVELS = {
+    "sample_size": 8,
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+}
+VARIANTS = {
+    # The published CIFAR-10 layout, saved as the early DDPM files were (see save_diffusers).
+    "ddpm_cifar10": (TINY_CIFAR10, "legacy"),
+    # diffusers' own defaults (flip_sin_to_cos, freq_shift 0, symmetric padding) and several heads.
+    "diffusers_defaults": (
+        {
+            **TINY_2_LEVELS,
+            "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+            "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+            "attention_head_dim": 4,
+        },
+        "full",
+    ),
+    # AdaGN time injection, class labels, dropout (eval mode), act_fn's alias.
+    "class_scale_shift": (
+        {
+            **TINY_2_LEVELS,
+            "down_block_types": ["AttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "AttnUpBlock2D"],
+            "resnet_time_scale_shift": "scale_shift",
+            "attn_norm_num_groups": 4,
+            "num_class_embeds": 3,
+            "dropout": 0.1,
+            "act_fn": "swish",
+            "downsample_padding": 0,
+        },
+        "full",
+    ),
+}
+
+
+def save_diffusers(folder: Path, config: dict, form: str = "full") -> torch.nn.Module:
+    """A perturbed UNet2DModel saved to `folder`; returns it. form "full": as save_pretrained writes it;
+    "legacy": as the early DDPM files, config.json holding only `config`'s keys and the weights in
+    diffusion_pytorch_model.bin with the attention tensors under their names before diffusers 0.14."""
+    torch.manual_seed(0)
+    reference = diffusers.UNet2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    perturb(reference).eval()
+    reference.save_pretrained(folder, safe_serialization=form == "full")
+    if form == "legacy":
+        (folder / "config.json").write_text(json.dumps(config))
+        weights = folder / "diffusion_pytorch_model.bin"
+        old_names = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+        state = {}
+        for key, value in torch.load(weights, weights_only=True).items():
+            for new, old in old_names.items():
+                key = key.replace(new, old)
+            state[key] = value
+        assert any(".proj_attn." in key for key in state)
+        torch.save(state, weights)
+    return reference
+
+
+def inputs(config: dict, n: int = 2) -> torch.Tensor:
+    size = config["sample_size"]
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(2))
+
+
+def tiny_unet(scale: float = 0.1, **overrides) -> UNet:
+    torch.manual_seed(0)
+    kwargs = dict(
+        base_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        image_size=8,
+        num_heads=2,
+        norm_groups=4,
+    )
+    return perturb(UNet(**kwargs, **overrides), scale).eval()
+
+
+@pytest.fixture(scope="module")
+def cifar10_folder(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    folder = tmp_path_factory.mktemp("ddpm-cifar10-32")
+    return folder, save_diffusers(folder, *VARIANTS["ddpm_cifar10"])
+
+
+# --- UNet.from_diffusers ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_from_diffusers_computes_the_same_function(name, tmp_path, cifar10_folder):
+    config, form = VARIANTS[name]
+    if name == "ddpm_cifar10":
+        folder, reference = cifar10_folder
+    else:
+        folder, reference = tmp_path, save_diffusers(tmp_path, config, form)
+    model = UNet.from_diffusers(folder).eval()
+    x, t = inputs(config, n=4), torch.tensor([0, 1, 500, 999])
+    y = torch.tensor([0, 2, 1, 0]) if "num_class_embeds" in config else None
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), reference(x, t, class_labels=y).sample, rtol=0, atol=1e-4)
+    if y is not None:  # the null label has a zero embedding: no class term
+        assert model.null_class == 3 and torch.count_nonzero(model.class_embedding.weight[3]) == 0
+
+
+def test_ddpm_padding_is_needed(cifar10_folder):
+    """The same tensors in the symmetric-padding UNet compute something else: the option is not cosmetic."""
+    folder, reference = cifar10_folder
+    loaded = UNet.from_diffusers(folder).eval()
+    assert loaded.config["downsample"] == "conv_asymmetric"
+    symmetric = UNet(**{**loaded.config, "downsample": "conv"}).eval()
+    symmetric.load_state_dict(loaded.state_dict())
+    x, t = inputs(TINY_CIFAR10), torch.tensor([10, 10])
+    with torch.no_grad():
+        assert (symmetric(x, t) - reference(x, t).sample).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    ("config", "params"),
+    [(DDPM_CIFAR10, 35_746_307), (DDPM_256, 113_673_219)],
+    ids=["cifar10-32", "256"],
+)
+def test_published_configs_map_to_the_same_tensors(config, params):
+    """Full-size published layouts, built on the meta device (no memory, no compute): our mapped UNet has
+    exactly the renamed tensors of UNet2DModel, with the same shapes."""
+    kwargs = unet_kwargs_from_diffusers(config)
+    with torch.device("meta"):
+        ours = UNet(**kwargs)
+        reference = diffusers.UNet2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    expected = {}
+    for key, value in reference.state_dict().items():
+        for old, new in DIFFUSERS_RENAMES.items():
+            key = key.replace(old, new)
+        expected[key] = value.shape
+    assert {k: v.shape for k, v in ours.state_dict().items()} == expected
+    assert sum(p.numel() for p in ours.parameters()) == params
+    assert kwargs["downsample"] == "conv_asymmetric" and kwargs["time_injection"] == "add"
+    assert kwargs["attention_resolutions"] == [16] and kwargs["image_size"] == config["sample_size"]
+
+
+def test_diffusers_defaults_are_those_of_the_installed_diffusers():
+    signature = inspect.signature(diffusers.UNet2DModel.__init__).parameters
+    installed = {
+        name: list(p.default) if isinstance(p.default, tuple) else p.default
+        for name, p in signature.items()
+        if name != "self"
+    }
+    assert installed == DIFFUSERS_DEFAULTS
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D"]},
+            r"down_block_types \['CrossAttnDownBlock2D'\] not supported; supported: \['DownBlock2D', 'Attn",
+        ),
+        ({"up_block_types": ["UpBlock2D"] * 4}, "attention at different levels"),
+        ({"time_embedding_type": "fourier"}, r"time_embedding_type='fourier' is not supported.*positional"),
+        ({"class_embed_type": "timestep"}, "class_embed_type='timestep' is not supported"),
+        ({"center_input_sample": True}, "center_input_sample=True is not supported"),
+        ({"resnet_time_scale_shift": "ada_group"}, r"resnet_time_scale_shift='ada_group'.*'scale_shift'"),
+        ({"resnet_time_scale_shift": "scale_shift"}, "middle attention block normalises with None groups"),
+        ({"downsample_padding": 2}, r"downsample_padding=2 is not supported; supported: \[0, 1\]"),
+        ({"block_out_channels": [128, 192, 256, 256]}, "must all be multiples of the first, 128"),
+        ({"cross_attention_dim": 768}, r"unknown UNet2DModel option\(s\) \['cross_attention_dim'\]"),
+    ],
+)
+def test_unsupported_options_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        unet_kwargs_from_diffusers({**DDPM_CIFAR10, **overrides})
+
+
+def test_from_diffusers_folder_errors(tmp_path, cifar10_folder):
+    with pytest.raises(FileNotFoundError, match="no diffusers model.*UNet.from_pretrained"):
+        UNet.from_diffusers(tmp_path)
+    UNet(**unet_kwargs_from_diffusers(TINY_CIFAR10)).save_pretrained(tmp_path / "ours")
+    with pytest.raises(FileNotFoundError, match="no diffusers model"):
+        UNet.from_diffusers(tmp_path / "ours")
+
+    pipeline = tmp_path / "pipeline"  # a pipeline folder: the UNet in unet/
+    (pipeline / "unet").mkdir(parents=True)
+    (pipeline / "unet" / "config.json").write_text(json.dumps({**DDPM_CIFAR10, "_class_name": "UNet2DCond"}))
+    with pytest.raises(FileNotFoundError, match="no weights in .*unet"):
+        UNet.from_diffusers(pipeline)
+    folder, _ = cifar10_folder
+    weights = (folder / "diffusion_pytorch_model.bin").read_bytes()
+    (pipeline / "unet" / "diffusion_pytorch_model.bin").write_bytes(weights)
+    with pytest.raises(ValueError, match="describes a UNet2DCond; .* UNet2DModel"):
+        UNet.from_diffusers(pipeline)
+    (pipeline / "unet" / "config.json").write_text(json.dumps({**TINY_CIFAR10, "layers_per_block": 1}))
+    with pytest.raises(ValueError, match="do not fit the UNet2DModel.*unexpected down_blocks.0.resnets.1"):
+        UNet.from_diffusers(pipeline)
+
+
+# --- each library's samplers with the other's network -------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+def test_diffusers_schedulers_drive_our_unet():
+    """The README loop (set_timesteps, then step(model(x, t), t, x)) gives our samplers' results."""
+    model = tiny_unet(scale=0.02)
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    # DDIMScheduler has set_alpha_to_one=True by default; DPM-Solver's "leading" spacing differs from ours
+    # (and from DDIM's), its "trailing" does not.
+    for diffusers_scheduler, sampler, spacing in [
+        (diffusers.DDIMScheduler, "ddim", "leading"),
+        (diffusers.DPMSolverMultistepScheduler, "dpm++", "trailing"),
+    ]:
+        scheduler = NoiseScheduler(timestep_spacing=spacing)
+        ref = diffusers_scheduler.from_config(scheduler.config)
+        ref.set_timesteps(10)
+        x = noise
+        with torch.no_grad():
+            for t in ref.timesteps:
+                x = ref.step(model(x, t), t, x).prev_sample
+        ours = sample(model, scheduler, noise=noise, sampler=sampler, steps=10, progress=False)
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+
+
+def test_our_sampler_drives_a_diffusers_unet(cifar10_folder):
+    """ddpm.sample with UNet2DModel behind a lambda equals ddpm.sample with the converted UNet."""
+    folder, reference = cifar10_folder
+    scheduler, noise = NoiseScheduler(), inputs(TINY_CIFAR10)
+    with torch.no_grad():
+        images = sample(
+            lambda x, t, y: reference(x, t).sample, scheduler, noise=noise, steps=5, progress=False
+        )
+    assert torch.isfinite(images).all()
+    converted = UNet.from_diffusers(folder).eval()
+    expected = sample(converted, scheduler, noise=noise, steps=5, progress=False)
+    torch.testing.assert_close(images, expected, rtol=1e-4, atol=1e-4)
+
+
+# --- torch.export -------------------------------------------------------------------------------------------
+
+
+def test_torch_export_with_dynamic_batch_matches_eager():
+    model = tiny_unet(num_classes=3, downsample="conv_asymmetric")
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([0, 3])
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (x, t, y), dynamic_shapes=({0: batch}, {0: batch}, {0: batch}))
+    exported = program.module()
+    for n in (2, 3, 1):
+        x, t, y = torch.randn(n, 3, 8, 8), torch.randint(0, 1000, (n,)), torch.randint(0, 4, (n,))
+        with torch.no_grad():
+            torch.testing.assert_close(exported(x, t, y), model(x, t, y), rtol=0, atol=1e-5)
