@@ -39,8 +39,9 @@ from accelerate.utils import load as load_weights_only
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from ddpm.config import SampleConfig, load_config
 from ddpm.scheduler import NoiseScheduler
-from ddpm.unet import UNet
+from ddpm.unet import UNet, diffusers_unet_folder, weight_mismatches
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -193,40 +194,82 @@ def load_training_state(accelerator, checkpoint: Path, *, model: UNet, ema_model
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Turn a run directory, a checkpoint folder or a UNet folder into the folder that holds the weights.
+    """Turn a run directory, a checkpoint folder, a UNet folder or a diffusers model or pipeline folder into
+    the folder that holds the weights.
 
     A run directory resolves to its latest checkpoint. Raises CheckpointError, with the fix, when nothing is
     found.
     """
     path = Path(path)
+    if path.name.startswith(_TMP_PREFIX):
+        raise CheckpointError(f"{path} is a checkpoint that was never finished; name a step-NNNNNNN folder")
     if (path / CHECKPOINTS).is_dir() or (path / "config.yaml").is_file():
         latest = latest_checkpoint(path)
         if latest is None:
             raise CheckpointError(f"no checkpoint in {path}; train one first: accelerate launch train.py")
         return latest
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() or diffusers_unet_folder(path) is not None:
         return path
     raise CheckpointError(
         f"{path} is neither a run directory nor a checkpoint folder; train one with `accelerate launch "
-        "train.py`, or pass --checkpoint with a run directory or a folder holding config.json"
+        "train.py`, or pass --checkpoint with a run directory, a folder holding config.json, or a diffusers "
+        "UNet2DModel or pipeline folder"
     )
 
 
 def load_for_sampling(
     path: str | Path, *, use_ema: bool = True, device: torch.device | str = "cpu"
 ) -> tuple[UNet, NoiseScheduler, str]:
-    """Load the network and noise scheduler that sampling needs from a run, checkpoint or UNet folder.
+    """Load the network and noise scheduler that sampling needs from a run, checkpoint or UNet folder, or from
+    a diffusers UNet2DModel or pipeline folder.
 
-    Returns (model in eval mode on `device`, scheduler, a label naming the weights: "ema" or "raw").
-    A bare UNet folder without noise_scheduler.json gets the default (DDPM linear) schedule.
+    Returns (model in eval mode on `device`, scheduler, a label naming the weights: "ema", "raw" or
+    "diffusers"). A bare UNet folder without noise_scheduler.json gets the default (DDPM linear) schedule; a
+    diffusers folder gets the scheduler_config.json beside it (NoiseScheduler.from_diffusers_config) and
+    ignores `use_ema` (published EMA weights, such as google/ddpm-ema-church-256, are the only weights there).
+    Raises CheckpointError, naming the file, when something cannot be read.
     """
     checkpoint = resolve_checkpoint(path)
-    use_ema = use_ema and (checkpoint / EMA).is_dir()
-    weights, label = (checkpoint / EMA, "ema") if use_ema else (checkpoint, "raw")
-    model = UNet.from_pretrained(weights, device=device).eval()
-    scheduler_file = checkpoint / NOISE_SCHEDULER
-    scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
-    return model, NoiseScheduler(**scheduler_config), label
+    try:
+        if diffusers_unet_folder(checkpoint) is not None:
+            model = UNet.from_diffusers(checkpoint, device=device).eval()
+            return (
+                model,
+                NoiseScheduler.from_diffusers_config(_diffusers_scheduler_config(checkpoint)),
+                "diffusers",
+            )
+        use_ema = use_ema and (checkpoint / EMA).is_dir()
+        weights, label = (checkpoint / EMA, "ema") if use_ema else (checkpoint, "raw")
+        model = UNet.from_pretrained(weights, device=device).eval()
+        scheduler_file = checkpoint / NOISE_SCHEDULER
+        scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+        return model, NoiseScheduler(**scheduler_config), label
+    except (OSError, ValueError, SafetensorError) as error:  # JSONDecodeError is a ValueError
+        raise CheckpointError(
+            f"cannot load the model in {checkpoint}: {_one_line(error)}; it is incomplete, damaged or not a "
+            "ddpm checkpoint: pass another one with --checkpoint"
+        ) from None
+
+
+def run_directory(checkpoint: Path) -> Path | None:
+    """The run directory a checkpoint folder belongs to (it holds config.yaml), or None for a loose folder."""
+    run = checkpoint.parent.parent
+    return run if (run / "config.yaml").is_file() else None
+
+
+def sample_defaults(checkpoint: Path) -> SampleConfig:
+    """The `sample:` section of the run a checkpoint belongs to; SampleConfig() for a loose folder."""
+    run = run_directory(checkpoint)
+    return load_config(run / "config.yaml").sample if run is not None else SampleConfig()
+
+
+def _diffusers_scheduler_config(folder: Path) -> dict:
+    """The scheduler_config.json beside a diffusers model: in `folder`, in its scheduler/ (a pipeline folder)
+    or in its parent's scheduler/ (`folder` is a pipeline's unet/); {} (DDPMScheduler's defaults) if none."""
+    for candidate in (folder, folder / "scheduler", folder.parent / "scheduler"):
+        if (candidate / "scheduler_config.json").is_file():
+            return json.loads((candidate / "scheduler_config.json").read_text())
+    return {}
 
 
 def _check_finite(step: int, run_dir: str | Path, **networks: torch.nn.Module) -> None:
@@ -256,14 +299,7 @@ def _check_weights_fit(file: Path, network: torch.nn.Module) -> None:
             f"cannot read {file}: {_one_line(error)}; the checkpoint is incomplete or damaged: name an "
             "earlier one with --resume PATH"
         ) from None
-    expected = {key: tuple(v.shape) for key, v in network.state_dict().items()}
-    problems = [f"missing {key}" for key in expected if key not in shapes]
-    problems += [f"unexpected {key}" for key in shapes if key not in expected]
-    problems += [
-        f"{key}: file {shape} vs model {expected[key]}"
-        for key, shape in shapes.items()
-        if key in expected and shape != expected[key]
-    ]
+    problems = weight_mismatches(network, shapes)
     if problems:
         raise CheckpointError(
             f"the weights in {file} do not fit the model of this config ({len(problems)} problems, e.g. "

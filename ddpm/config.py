@@ -63,6 +63,9 @@ class TrainConfig:
     seed: int = 0
     nan_policy: str = "stop"  # stop | skip
     dist_timeout_s: float = 600.0  # seconds a process waits for the others before it stops with an error
+    fid_every: int = 0  # optimizer steps between FIDs of the EMA weights against the data (0: never)
+    fid_n: int = 2000  # images sampled for each in-training FID (papers report 50,000: use ddpm.fid)
+    fid_weights: str | None = None  # Inception weights file (default: $DDPM_FID_WEIGHTS, ~/.cache/ddpm)
 
 
 @dataclass
@@ -166,6 +169,8 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.log_every": _AT_LEAST_1,
     "train.seed": _AT_LEAST_0,
     "train.dist_timeout_s": _POSITIVE,
+    "train.fid_every": _AT_LEAST_0,
+    "train.fid_n": _AT_LEAST_1,
     "sample.steps": _AT_LEAST_1,
     "sample.eta": _AT_LEAST_0,
     "sample.n": _AT_LEAST_1,

@@ -49,7 +49,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ddpm.checkpoint import CHECKPOINTS, CheckpointError, load_for_sampling, resolve_checkpoint
+from ddpm.checkpoint import (
+    CHECKPOINTS,
+    CheckpointError,
+    load_for_sampling,
+    resolve_checkpoint,
+    sample_defaults,
+)
 from ddpm.config import DataConfig, SampleConfig, load_config
 from ddpm.data import _convert, _image_files, build_dataset
 from ddpm.generate import generate
@@ -228,8 +234,7 @@ def source_statistics(
         )
     if (path / CHECKPOINTS).is_dir() or (path / "config.yaml").is_file() or (path / "config.json").is_file():
         checkpoint = resolve_checkpoint(path)
-        run_config = checkpoint.parent.parent / "config.yaml"
-        sample = load_config(run_config).sample if run_config.is_file() else SampleConfig()
+        sample = sample_defaults(checkpoint)
         model, scheduler, which = load_for_sampling(checkpoint, use_ema=True, device=_device(device))
         if which != "ema":
             warnings.warn(f"{checkpoint} holds no EMA weights; sampling its raw weights", stacklevel=2)

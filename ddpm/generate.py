@@ -12,12 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from ddpm.checkpoint import CheckpointError, load_for_sampling, resolve_checkpoint
-from ddpm.config import SampleConfig, load_config
+from ddpm.checkpoint import load_for_sampling, resolve_checkpoint, run_directory, sample_defaults
+from ddpm.config import load_config
 from ddpm.samplers import sample
 from ddpm.scheduler import NoiseScheduler
 
@@ -149,21 +148,14 @@ def sample_checkpoint(
     if checkpoint is None:
         checkpoint = load_config(default_config).output_dir
     folder = resolve_checkpoint(checkpoint)
-    run_config = folder.parent.parent / "config.yaml"
-    defaults = load_config(run_config).sample if run_config.is_file() else SampleConfig()
+    defaults = sample_defaults(folder)
     sampler = sampler or defaults.sampler
     steps = steps or defaults.steps
     eta = defaults.eta if eta is None else eta
     guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        model, scheduler, weights = load_for_sampling(folder, use_ema=use_ema, device=device)
-    except (OSError, ValueError, SafetensorError) as error:
-        raise CheckpointError(
-            f"cannot load the model in {folder}: {error}; it is incomplete, damaged or not a ddpm "
-            "checkpoint: pass another one with --checkpoint"
-        ) from None
+    model, scheduler, weights = load_for_sampling(folder, use_ema=use_ema, device=device)
     config = model.config
     shape = (config["in_channels"], config["image_size"], config["image_size"])
     autocast_dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
@@ -184,7 +176,8 @@ def sample_checkpoint(
             progress=True,
         )
     if out is None:
-        base = folder.parent.parent / "samples" if run_config.is_file() else Path.cwd()
+        run = run_directory(folder)
+        base = run / "samples" if run is not None else Path.cwd()
         out = base / f"sample-{folder.name}-{weights}-{sampler}{steps}.png"
     out = save_grid(images, out)
     if save_images:

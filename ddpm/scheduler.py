@@ -91,6 +91,31 @@ class NoiseScheduler:
         self.alphas = 1.0 - betas  # (T,) float64
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (T,) float64, alpha_bar_t
 
+    @classmethod
+    def from_diffusers_config(cls, config: dict) -> "NoiseScheduler":
+        """The NoiseScheduler equal to a diffusers DDPMScheduler/DDIMScheduler `scheduler_config.json` dict.
+
+        Keys the dict lacks take DDPMScheduler's defaults, notably clip_sample=True (which the published DDPM
+        checkpoints also set); their `squaredcos_cap_v2` is our `cosine`. `variance_type` is a sampler option
+        here (`ddpm.sample(variance=...)`). Options we do not have (trained_betas, thresholding) raise.
+        """
+        if config.get("trained_betas") is not None or config.get("thresholding", False):
+            raise ValueError("diffusers options trained_betas and thresholding are not supported")
+        schedule = config.get("beta_schedule", "linear")
+        schedule = {"squaredcos_cap_v2": "cosine"}.get(schedule, schedule)
+        return cls(
+            num_train_timesteps=config.get("num_train_timesteps", 1000),
+            beta_schedule=schedule,
+            beta_start=config.get("beta_start", 1e-4),
+            beta_end=config.get("beta_end", 0.02),
+            prediction_type=config.get("prediction_type", "epsilon"),
+            rescale_betas_zero_snr=config.get("rescale_betas_zero_snr", False),
+            clip_sample=config.get("clip_sample", True),
+            clip_sample_range=config.get("clip_sample_range", 1.0),
+            timestep_spacing=config.get("timestep_spacing", "leading"),
+            steps_offset=config.get("steps_offset", 0),
+        )
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
         return f"NoiseScheduler({args})"

@@ -130,6 +130,8 @@ class Trainer:
         self.ema.to(self.accelerator.device)
         self.forward = torch.compile(self.model) if train.compile else self.model
 
+        self.fid_reference = self._fid_reference() if train.fid_every else None
+        self._postfix: dict[str, str] = {}  # what the progress bar shows
         self.state = TrainerState(step=0, ema_updates=0)
         self._resume(resume)
         self.stopped_by: signal.Signals | None = None  # the stop signal, once the processes agreed on it
@@ -196,6 +198,8 @@ class Trainer:
                     last_saved = self._save()
                 if train.sample_every and not self.stopped_by and (step % train.sample_every == 0 or done):
                     self._sample_grid(step)
+                if train.fid_every and not self.stopped_by and (step % train.fid_every == 0 or done):
+                    self._log_fid(step, bar)
                 if done:
                     break
         except RuntimeError as error:
@@ -351,6 +355,39 @@ class Trainer:
                 "Launch with `accelerate launch` and do not mix processes of different configs"
             )
 
+    def _fid_reference(self):
+        """Inception statistics of the training data, computed once per run directory (main process)."""
+        from ddpm import fid  # torch-fidelity loads only when FID is asked for
+
+        weights = fid.resolve_weights(self.config.train.fid_weights)  # a missing file stops before training
+        if not self.accelerator.is_main_process:
+            return None
+        return fid.reference_statistics(
+            self.config.data,
+            cache=self.run_dir / "fid_reference.npz",
+            weights=weights,
+            device=self.accelerator.device,
+        )
+
+    def _log_fid(self, step: int, bar: tqdm) -> None:
+        """FID of `train.fid_n` EMA samples against the data, logged as {"step", "fid"} (main process)."""
+        from ddpm import fid
+
+        if self.accelerator.is_main_process:
+            with self.accelerator.autocast():
+                value = fid.fid_of_model(
+                    self.ema.module,
+                    self.noise_scheduler,
+                    self.fid_reference,
+                    self.config.train.fid_n,
+                    sample=self.config.sample,
+                    weights=self.config.train.fid_weights,
+                    seed=self.config.train.seed,
+                    progress=False,
+                )
+            self._log({"step": step, "fid": value}, bar)
+        self.accelerator.wait_for_everyone()
+
     def _sample_grid(self, step: int) -> None:
         """Write samples/step-NNNNNNN-ema.png from the EMA weights (main process only, own RNG)."""
         if not self.accelerator.is_main_process:
@@ -372,12 +409,14 @@ class Trainer:
         save_grid(images, self.run_dir / "samples" / f"step-{step:07d}-ema.png")
 
     def _log(self, record: dict, bar: tqdm) -> None:
+        """Send a record to the trackers, the progress bar (last value of each key) and log.jsonl."""
         accelerator = self.accelerator
         accelerator.log(record, step=record["step"])
         if accelerator.is_main_process:
-            bar.set_postfix(
-                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['images_per_s']:.0f}"
+            self._postfix.update(
+                {k: f"{v:.4g}" for k, v in record.items() if k not in ("step", "skipped_steps")}
             )
+            bar.set_postfix(self._postfix)
             with open(self.run_dir / "log.jsonl", "a") as log:
                 log.write(json.dumps(record) + "\n")
 
@@ -538,6 +577,11 @@ def _check_compatible(model: UNet, dataset, config: Config) -> None:
         raise ConfigError(
             f"the data has {classes} classes but model.num_classes={model.num_classes}; "
             f"set model.num_classes={classes}"
+        )
+    if not model.num_classes and config.sample.guidance_scale != 1:
+        raise ConfigError(
+            f"sample.guidance_scale={config.sample.guidance_scale} needs a class-conditional model; "
+            "set sample.guidance_scale=1 or model.num_classes"
         )
 
 

@@ -661,17 +661,24 @@ def _downsampler(kind: str, channels: int) -> nn.Module:
     return nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
 
+def weight_mismatches(model: nn.Module, shapes: dict[str, Sequence[int]]) -> list[str]:
+    """What keeps tensors with these names and shapes (name -> shape) from loading into `model`: the missing,
+    unexpected and mis-shaped names, each as a short phrase; empty when they fit exactly."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = [f"missing {k}" for k in expected if k not in shapes]
+    problems += [f"unexpected {k}" for k in shapes if k not in expected]
+    problems += [
+        f"{k}: file {tuple(shape)} vs model {expected[k]}"
+        for k, shape in shapes.items()
+        if k in expected and tuple(shape) != expected[k]
+    ]
+    return problems
+
+
 def _load_checked(model: nn.Module, state: dict[str, Tensor], mismatch: str, fix: str) -> None:
     """Loads `state` into `model`, or raises ValueError "<mismatch> (<problems>); <fix>" listing the missing,
     unexpected and mis-shaped tensors."""
-    expected = model.state_dict()
-    problems = [f"missing {k}" for k in expected if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in expected]
-    problems += [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
+    problems = weight_mismatches(model, {k: v.shape for k, v in state.items()})
     if problems:
         raise ValueError(f"{mismatch} ({len(problems)} problems, e.g. {problems[:5]}); {fix}")
     model.load_state_dict(state)

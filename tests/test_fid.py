@@ -21,7 +21,7 @@ from threadpoolctl import threadpool_limits
 
 from ddpm import fid
 from ddpm.checkpoint import EMA, NOISE_SCHEDULER, TRAINER_STATE, checkpoint_path
-from ddpm.config import Config, DataConfig, SampleConfig, save_config
+from ddpm.config import Config, DataConfig, SampleConfig, load_config, save_config
 from ddpm.generate import generate, save_images_to
 from ddpm.scheduler import NoiseScheduler
 from ddpm.unet import UNet
@@ -353,3 +353,35 @@ def test_a_run_directory_is_sampled_with_its_settings_and_fid_of_model_matches(t
     )
     assert abs(value) < 1e-6 * np.trace(expected.sigma)  # the same images: FID 0
     assert model.training  # handed back in the mode it came in
+
+
+def test_training_logs_the_fid_of_its_ema_weights(tmp_path, random_weights):
+    from accelerate.state import AcceleratorState
+    from test_train import TINY
+
+    from ddpm.trainer import Trainer
+
+    write_pngs(tmp_path / "data", random_uint8(6, channels=1, size=8), mode="L")
+    overrides = [
+        *TINY,
+        "data.dataset=folder",
+        f"data.root={tmp_path / 'data'}",
+        "data.labels=false",
+        "data.batch_size=3",
+        "model.num_classes=null",
+        "train.steps=2",
+        "train.sample_every=0",
+        "train.fid_every=2",
+        "train.fid_n=4",
+        "sample.guidance_scale=1",
+        f"train.fid_weights={random_weights}",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    try:
+        Trainer(load_config(Path(__file__).parents[1] / "configs" / "digits.yaml", overrides)).train()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    fids = [r for r in records if "fid" in r]
+    assert [r["step"] for r in fids] == [2] and np.isfinite(fids[0]["fid"]) and fids[0]["fid"] > 0
+    assert fid.load_statistics(tmp_path / "run" / "fid_reference.npz").n == 6  # the whole data set

@@ -13,6 +13,7 @@ import pytest
 import torch
 from test_unet import perturb  # pytest puts tests/ on sys.path
 
+from ddpm.checkpoint import load_for_sampling
 from ddpm.samplers import sample
 from ddpm.scheduler import NoiseScheduler
 from ddpm.unet import (
@@ -306,3 +307,28 @@ def test_torch_export_with_dynamic_batch_matches_eager():
         x, t, y = torch.randn(n, 3, 8, 8), torch.randint(0, 1000, (n,)), torch.randint(0, 4, (n,))
         with torch.no_grad():
             torch.testing.assert_close(exported(x, t, y), model(x, t, y), rtol=0, atol=1e-5)
+
+
+def test_load_for_sampling_takes_a_diffusers_pipeline_folder(tmp_path):
+    unet = save_diffusers(tmp_path / "model", TINY_CIFAR10)
+    scheduler = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path / "pipe")
+    x, t = inputs(TINY_CIFAR10), torch.tensor([3, 700])
+    for folder in (tmp_path / "pipe", tmp_path / "pipe" / "unet"):
+        model, ours, label = load_for_sampling(folder)
+        assert label == "diffusers"
+        assert ours.config["beta_schedule"] == "cosine" and ours.config["prediction_type"] == "v_prediction"
+        assert ours.config["clip_sample"] is True  # DDPMScheduler's default, kept
+        torch.testing.assert_close(ours.alphas_cumprod.float(), scheduler.alphas_cumprod, rtol=0, atol=1e-6)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x, t), unet(x, t).sample, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])  # DDIM has no sigmoid
+def test_noise_scheduler_from_diffusers_config(schedule):
+    theirs = diffusers.DDIMScheduler(beta_schedule=schedule, timestep_spacing="trailing", clip_sample=False)
+    ours = NoiseScheduler.from_diffusers_config(dict(theirs.config))
+    assert ours.config["timestep_spacing"] == "trailing" and ours.config["clip_sample"] is False
+    torch.testing.assert_close(ours.alphas_cumprod.float(), theirs.alphas_cumprod, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="thresholding"):
+        NoiseScheduler.from_diffusers_config({**theirs.config, "thresholding": True})
