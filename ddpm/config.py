@@ -66,6 +66,7 @@ class TrainConfig:
     fid_every: int = 0  # optimizer steps between FIDs of the EMA weights against the data (0: never)
     fid_n: int = 2000  # images sampled for each in-training FID (papers report 50,000: use ddpm.fid)
     fid_weights: str | None = None  # Inception weights file (default: $DDPM_FID_WEIGHTS, ~/.cache/ddpm)
+    cpu_threads: int = 0  # CPU training: torch threads per process; 0 = this machine's cores / its processes
 
 
 @dataclass
@@ -171,6 +172,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.dist_timeout_s": _POSITIVE,
     "train.fid_every": _AT_LEAST_0,
     "train.fid_n": _AT_LEAST_1,
+    "train.cpu_threads": _AT_LEAST_0,
     "sample.steps": _AT_LEAST_1,
     "sample.eta": _AT_LEAST_0,
     "sample.n": _AT_LEAST_1,

@@ -45,7 +45,7 @@ def num_classes_of(dataset: Dataset) -> int | None:
 class TensorImageDataset(Dataset):
     """A data set held as one tensor: `images` (N, C, S, S) float in [-1, 1], `labels` (N,) long (-1: none).
 
-    Small enough to move to the accelerator whole, which skips the DataLoader altogether.
+    Indexing it costs a tensor slice (and a flip), so the DataLoader needs no worker processes for it.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, *, num_classes: int | None, hflip: bool = False):

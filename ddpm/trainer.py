@@ -90,6 +90,8 @@ class Trainer:
             # A process whose peer crashed or hangs stops with an error instead of waiting forever.
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=train.dist_timeout_s))],
         )
+        if self.accelerator.device.type == "cpu":
+            torch.set_num_threads(train.cpu_threads or _cpu_threads_per_process())
         # Different noise on each process; the same data order and initial weights everywhere (DDP broadcasts
         # rank 0's weights and the seedable sampler shares one permutation that Accelerate then shards).
         set_seed(train.seed, device_specific=True)
@@ -543,6 +545,16 @@ def _mixed_precision(setting: str) -> str:
     if not torch.cuda.is_available():
         return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _cpu_threads_per_process() -> int:
+    """The cores this process may run on, shared among the processes launched on this machine.
+
+    `accelerate launch` sets OMP_NUM_THREADS=1 for a single process without GPUs (unless given
+    --num_cpu_threads_per_process), which would leave every other core idle.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def _available_trackers() -> list[str]:

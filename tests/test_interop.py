@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_unet import perturb  # pytest puts tests/ on sys.path
+from test_unet import TINY, perturb  # pytest puts tests/ on sys.path
 
 from ddpm.checkpoint import load_for_sampling
 from ddpm.samplers import sample
@@ -127,16 +127,7 @@ def inputs(config: dict, n: int = 2) -> torch.Tensor:
 
 def tiny_unet(scale: float = 0.1, **overrides) -> UNet:
     torch.manual_seed(0)
-    kwargs = dict(
-        base_channels=8,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(4,),
-        image_size=8,
-        num_heads=2,
-        norm_groups=4,
-    )
-    return perturb(UNet(**kwargs, **overrides), scale).eval()
+    return perturb(UNet(**{**TINY, **overrides}), scale).eval()
 
 
 @pytest.fixture(scope="module")

@@ -233,3 +233,21 @@ def test_two_processes_over_gloo_keep_replicas_identical(tmp_path):
     assert len((run / "log.jsonl").read_text().splitlines()) == 4
     model, _, label = load_for_sampling(run)
     assert label == "ema" and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_cpu_training_uses_every_core_whatever_accelerate_launch_set(tmp_path, monkeypatch):
+    # `accelerate launch` without GPUs sets OMP_NUM_THREADS=1; a torchrun launch says how many processes
+    # share the machine in LOCAL_WORLD_SIZE.
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        Trainer(tiny_config(tmp_path / "a"))
+        assert torch.get_num_threads() == cores
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))
+        Trainer(tiny_config(tmp_path / "b"))
+        assert torch.get_num_threads() == 1
+        Trainer(tiny_config(tmp_path / "c", "train.cpu_threads=3"))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
