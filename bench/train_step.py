@@ -26,7 +26,7 @@ Peak memory of a step:
 
 FLOP/s: the FLOPs of one step's forward and backward (torch's FlopCounterMode: convolutions, matmuls and
 attention; elementwise work and the optimizer count as 0) over the median step time. MFU divides that by
-the measured matmul peak: the fastest of several 2048^2 float32 products on the CPU, 8192^2 ones in the
+the measured matmul peak: the fastest of several 4096^2 float32 products on the CPU, 8192^2 ones in the
 step's dtype on CUDA, with the same thread count.
 
 Options for the GPU study (DDPM issue 5, item 4): --bf16 (autocast), --channels-last, --compile (both
@@ -50,7 +50,7 @@ from torch import nn
 
 from ddpm import load_config
 
-MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
+MATMUL_SIZE = {"cpu": 4096, "cuda": 8192}
 
 
 def main() -> None:

@@ -153,7 +153,11 @@ def test_incompatible_data_and_model_stop_before_training(tmp_path):
     with pytest.raises(ConfigError, match="data.channels"):
         Trainer(tiny_config(tmp_path / "run", "model.in_channels=3"))
     with pytest.raises(ConfigError, match="sample.guidance_scale=2.0 needs a class-conditional model"):
-        Trainer(tiny_config(tmp_path / "run", "model.num_classes=null", "data.labels=false"))
+        Trainer(
+            tiny_config(
+                tmp_path / "run", "model.num_classes=null", "data.labels=false", "sample.guidance_scale=2"
+            )
+        )
     with pytest.raises(ConfigError, match="data.image_size=12 is not divisible by 8"):
         Trainer(tiny_config(tmp_path / "run", "data.image_size=12", "model.channel_mult=[1,1,2,2]"))
 
