@@ -10,13 +10,15 @@ Training, for the same wall-clock budget (--minutes) each, in the same process, 
   and one checkpoint per chunk. A chunk is one `train()`, stopped at its time by SIGTERM, which the Trainer
   answers by finishing the step and saving a checkpoint; the next chunk resumes from it.
 - diffusers: `UNet2DModel` with the same layers (`common.diffusers_unet_kwargs`) and `DDPMScheduler` with the
-  same schedule (checked), trained by the loop of diffusers' examples/unconditional_image_generation
-  (add_noise, MSE to the noise, backward, clip_grad_norm_, AdamW, a warm-up LR schedule, EMAModel) on the
-  same data loader. For a fair race it takes our config's hyperparameters (batch, learning rate and warm-up,
-  Adam betas, weight decay, gradient clipping, EMA decay with the same (1 + n) / (10 + n) warm-up) rather
-  than the example's defaults, which are tuned for long GPU runs. It is class-conditional like ours
-  (num_class_embeds = 10, so that both learn the same conditional distribution), but diffusers has no null
-  label, hence no label dropout and no classifier-free guidance.
+  same schedule and prediction type (checked), trained by the loop of diffusers'
+  examples/unconditional_image_generation (add_noise, MSE to the target, backward, clip_grad_norm_, AdamW, a
+  warm-up LR schedule, EMAModel) on the same data loader. For a fair race it takes our config's
+  hyperparameters (batch, learning rate and warm-up, Adam betas, weight decay, gradient clipping, EMA decay
+  with the same (1 + n) / (10 + n) warm-up) rather than the example's defaults, which are tuned for long GPU
+  runs. It is class-conditional like ours (num_class_embeds = 10, so that both learn the same conditional
+  distribution). What the example loop lacks stays ours: its loss is the plain MSE (ours: the config's
+  train.loss_weighting, min-SNR by default), and diffusers has no null label, hence no label dropout (ours
+  drops a tenth of the labels, train.label_dropout) and no classifier-free guidance.
 Only training is timed (each library's set-up and our resumes are not); the times reported are measured,
 and exceed the budget by at most a step and a checkpoint.
 
@@ -310,6 +312,11 @@ class Scorer:
         self.n = n
         self.image_shape = tuple(self.images.shape[1:])
         self.classifier, self.accuracy = digit_classifier.train_classifier(self.images, self.labels)
+        if self.accuracy < digit_classifier.MIN_ACCURACY:
+            raise RuntimeError(
+                f"the digit classifier reached only {self.accuracy:.3f} held-out accuracy "
+                f"(< {digit_classifier.MIN_ACCURACY}): its features cannot be trusted to score samples"
+            )
         self.num_classes = self.classifier.head.out_features
         self.reference = self._statistics(self.images)
         real = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(0))[:n]

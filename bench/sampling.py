@@ -44,6 +44,8 @@ def main() -> None:
     for model in models.values():
         model.to(device=device, memory_format=memory_format).eval().requires_grad_(False)
     networks = {n: torch.compile(m) if args.compile else m for n, m in models.items()}
+    # diffusers' own loop calls the UNet2DModel itself, which must then be compiled too.
+    diffusers_unet = torch.compile(models["diffusers"].unet) if args.compile else models["diffusers"].unet
     scheduler = NoiseScheduler(**config.diffusion)
     ddim = DDIMScheduler(**common.diffusers_scheduler_kwargs(scheduler))
     common.check_same_schedule(scheduler, ddim)
@@ -61,9 +63,7 @@ def main() -> None:
         "ours": lambda: sample(
             networks["ours"], scheduler, noise=noise, steps=args.steps, y=labels, progress=False
         ),
-        "diffusers": lambda: common.diffusers_ddim(
-            networks["diffusers"].unet, ddim, noise, steps=args.steps, y=labels
-        ),
+        "diffusers": lambda: common.diffusers_ddim(diffusers_unet, ddim, noise, steps=args.steps, y=labels),
         "diffusers UNet, ddpm.sample": lambda: sample(
             networks["diffusers"], scheduler, noise=noise, steps=args.steps, y=labels, progress=False
         ),

@@ -14,7 +14,8 @@ and the noise are random and the same for both models (the values do not change 
 
 Timing: `--warmup` untimed steps of each model, then `--repeats` rounds of one step of each, the order
 alternating between rounds (common.interleaved_times). Reported: the median step time of each, and the
-median of the per-round ratios ours / diffusers (below 1: ours is faster).
+median of the per-round ratios ours / diffusers (below 1: ours is faster; in the rows of rates, images/s
+and FLOP/s, above 1 is ours faster).
 
 Peak memory of a step:
 - CUDA: torch.cuda.max_memory_allocated during one step, minus what was allocated before it (weights and
@@ -26,8 +27,8 @@ Peak memory of a step:
 
 FLOP/s: the FLOPs of one step's forward and backward (torch's FlopCounterMode: convolutions, matmuls and
 attention; elementwise work and the optimizer count as 0) over the median step time. MFU divides that by
-the measured matmul peak: the fastest of several 4096^2 float32 products on the CPU, 8192^2 ones in the
-step's dtype on CUDA, with the same thread count.
+the measured matmul peak: the fastest of several 4096^2 products on the CPU, 8192^2 ones on CUDA, in the
+step's dtype (bfloat16 with --bf16, else float32), with the same thread count.
 
 Options for the GPU study (DDPM issue 5, item 4): --bf16 (autocast), --channels-last, --compile (both
 models, torch.compile defaults) and --fused-adam (AdamW(fused=True); the default is torch's foreach AdamW).

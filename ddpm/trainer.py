@@ -548,11 +548,16 @@ def _mixed_precision(setting: str) -> str:
 
 
 def _cpu_threads_per_process() -> int:
-    """The cores this process may run on, shared among the processes launched on this machine.
+    """OMP_NUM_THREADS when it asks for more than one thread; else the cores this process may run on, shared
+    among the processes launched on this machine.
 
-    `accelerate launch` sets OMP_NUM_THREADS=1 for a single process without GPUs (unless given
-    --num_cpu_threads_per_process), which would leave every other core idle.
+    `accelerate launch` sets OMP_NUM_THREADS=1 for a single process without GPUs unless given
+    --num_cpu_threads_per_process, so 1 is taken for its default, which would leave every other core idle
+    (train.cpu_threads=1 asks for one thread).
     """
+    requested = os.environ.get("OMP_NUM_THREADS", "")
+    if requested.isdigit() and int(requested) > 1:
+        return int(requested)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 

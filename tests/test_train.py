@@ -239,6 +239,7 @@ def test_two_processes_over_gloo_keep_replicas_identical(tmp_path):
     assert label == "ema" and all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the thread count is set for CPU training only")
 def test_cpu_training_uses_every_core_whatever_accelerate_launch_set(tmp_path, monkeypatch):
     # `accelerate launch` without GPUs sets OMP_NUM_THREADS=1; a torchrun launch says how many processes
     # share the machine in LOCAL_WORLD_SIZE.
@@ -246,6 +247,7 @@ def test_cpu_training_uses_every_core_whatever_accelerate_launch_set(tmp_path, m
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
         Trainer(tiny_config(tmp_path / "a"))
         assert torch.get_num_threads() == cores
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))
@@ -253,5 +255,8 @@ def test_cpu_training_uses_every_core_whatever_accelerate_launch_set(tmp_path, m
         assert torch.get_num_threads() == 1
         Trainer(tiny_config(tmp_path / "c", "train.cpu_threads=3"))
         assert torch.get_num_threads() == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "5")  # asked for by the user: kept
+        Trainer(tiny_config(tmp_path / "d"))
+        assert torch.get_num_threads() == 5
     finally:
         torch.set_num_threads(before)
