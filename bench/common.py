@@ -30,13 +30,6 @@ from ddpm.scheduler import NoiseScheduler
 from ddpm.unet import UNet, unet_kwargs_from_diffusers
 
 REPO = Path(__file__).resolve().parents[1]
-# Our beta schedule names -> diffusers' (Nichol & Dhariwal's cosine is diffusers' "squaredcos_cap_v2").
-DIFFUSERS_BETA_SCHEDULES = {
-    "linear": "linear",
-    "scaled_linear": "scaled_linear",
-    "cosine": "squaredcos_cap_v2",
-    "sigmoid": "sigmoid",
-}
 
 
 def diffusers_unet_kwargs(model_config: dict) -> dict:
@@ -149,24 +142,6 @@ class DiffusersDenoiser(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         return self.unet(x, t, class_labels=y).sample
-
-
-def diffusers_scheduler_kwargs(scheduler: NoiseScheduler) -> dict:
-    """DDPMScheduler / DDIMScheduler kwargs with the schedule of `scheduler` (same alpha_bar to float32
-    rounding; `check_same_schedule` verifies it)."""
-    c = scheduler.config
-    return {
-        "num_train_timesteps": c["num_train_timesteps"],
-        "beta_schedule": DIFFUSERS_BETA_SCHEDULES[c["beta_schedule"]],
-        "beta_start": c["beta_start"],
-        "beta_end": c["beta_end"],
-        "prediction_type": c["prediction_type"],
-        "rescale_betas_zero_snr": c["rescale_betas_zero_snr"],
-        "clip_sample": c["clip_sample"],
-        "clip_sample_range": c["clip_sample_range"],
-        "timestep_spacing": c["timestep_spacing"],
-        "steps_offset": c["steps_offset"],
-    }
 
 
 def check_same_schedule(ours: NoiseScheduler, theirs) -> None:

@@ -147,17 +147,37 @@ def parse_args() -> argparse.Namespace:
 
 
 def our_config(args: argparse.Namespace, run_dir: Path) -> Config:
-    """Our config with --override applied, float32 (as the baseline), no grids, a checkpoint per chunk, and
-    no step limit (the chunks end by time)."""
-    return load_config(
+    """Our benchmark config with no step limit (the chunks end by time) and a checkpoint per chunk."""
+    return bench_config(
         args.config,
+        args.override,
+        run_dir,
+        steps=10**12,
+        checkpoint_every=10**12,
+        keep_checkpoints=len(args.fractions),
+    )
+
+
+def bench_config(
+    path: str | Path,
+    overrides: list[str],
+    run_dir: Path,
+    *,
+    steps: int,
+    checkpoint_every: int,
+    keep_checkpoints: int = 1,
+) -> Config:
+    """The config at `path` with `overrides` applied, for a benchmark run in `run_dir`: float32 (as the
+    baseline), no in-training grids, `steps` optimizer steps, checkpoints every `checkpoint_every`."""
+    return load_config(
+        path,
         [
             "train.mixed_precision='no'",  # quoted: YAML reads a bare no as false
-            *args.override,
+            *overrides,
             f"output_dir={run_dir}",
-            f"train.steps={10**12}",
-            f"train.checkpoint_every={10**12}",
-            f"train.keep_checkpoints={len(args.fractions)}",
+            f"train.steps={steps}",
+            f"train.checkpoint_every={checkpoint_every}",
+            f"train.keep_checkpoints={keep_checkpoints}",
             "train.sample_every=0",
         ],
     )
@@ -228,9 +248,7 @@ class DiffusersRun:
         self.device = torch.device(common.default_device())
         torch.manual_seed(train.seed)
         self.unet = UNet2DModel(**common.diffusers_unet_kwargs(config.model)).to(self.device).train()
-        self.noise_scheduler = DDPMScheduler(
-            **common.diffusers_scheduler_kwargs(NoiseScheduler(**config.diffusion))
-        )
+        self.noise_scheduler = DDPMScheduler(**NoiseScheduler(**config.diffusion).diffusers_config())
         common.check_same_schedule(NoiseScheduler(**config.diffusion), self.noise_scheduler)
         self.optimizer = torch.optim.AdamW(
             self.unet.parameters(), lr=train.lr, betas=train.adam_betas, weight_decay=train.weight_decay

@@ -47,7 +47,7 @@ def main() -> None:
     # diffusers' own loop calls the UNet2DModel itself, which must then be compiled too.
     diffusers_unet = torch.compile(models["diffusers"].unet) if args.compile else models["diffusers"].unet
     scheduler = NoiseScheduler(**config.diffusion)
-    ddim = DDIMScheduler(**common.diffusers_scheduler_kwargs(scheduler))
+    ddim = DDIMScheduler(**scheduler.diffusers_config())
     common.check_same_schedule(scheduler, ddim)
 
     x, t, y = (

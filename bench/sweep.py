@@ -22,7 +22,6 @@ import common
 import quality
 from accelerate.state import AcceleratorState
 
-from ddpm import load_config
 from ddpm.checkpoint import load_for_sampling
 from ddpm.trainer import Trainer
 
@@ -44,16 +43,8 @@ def main() -> None:
     rows, scorer = [], None
     for name, overrides in variants.items():
         with tempfile.TemporaryDirectory(prefix="ddpm-sweep-") as tmp:
-            config = load_config(
-                args.config,
-                [
-                    "train.mixed_precision='no'",  # quoted: YAML reads a bare no as false
-                    *overrides,
-                    f"output_dir={Path(tmp) / 'run'}",
-                    f"train.steps={args.steps}",
-                    f"train.checkpoint_every={args.steps}",
-                    "train.sample_every=0",
-                ],
+            config = quality.bench_config(
+                args.config, overrides, Path(tmp) / "run", steps=args.steps, checkpoint_every=args.steps
             )
             scorer = scorer or quality.Scorer(config, n=args.n_samples)
             start = time.perf_counter()

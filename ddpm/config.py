@@ -66,9 +66,7 @@ class TrainConfig:
     fid_every: int = 0  # optimizer steps between FIDs of the EMA weights against the data (0: never)
     fid_n: int = 2000  # images sampled for each in-training FID (papers report 50,000: use ddpm.fid)
     fid_weights: str | None = None  # Inception weights file (default: $DDPM_FID_WEIGHTS, ~/.cache/ddpm)
-    cpu_threads: int = (
-        0  # CPU training: threads per process; 0: OMP_NUM_THREADS if > 1, else cores / processes
-    )
+    cpu_threads: int = 0  # CPU threads per process; 0: OMP_NUM_THREADS if > 1, else cores / processes
 
 
 @dataclass

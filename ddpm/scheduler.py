@@ -23,6 +23,8 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
+# Our beta_schedule names that diffusers spells otherwise (Nichol & Dhariwal's cosine, capped at 0.999).
+DIFFUSERS_SCHEDULE_NAMES = {"cosine": "squaredcos_cap_v2"}
 
 
 class NoiseScheduler:
@@ -102,7 +104,7 @@ class NoiseScheduler:
         if config.get("trained_betas") is not None or config.get("thresholding", False):
             raise ValueError("diffusers options trained_betas and thresholding are not supported")
         schedule = config.get("beta_schedule", "linear")
-        schedule = {"squaredcos_cap_v2": "cosine"}.get(schedule, schedule)
+        schedule = {theirs: ours for ours, theirs in DIFFUSERS_SCHEDULE_NAMES.items()}.get(schedule, schedule)
         return cls(
             num_train_timesteps=config.get("num_train_timesteps", 1000),
             beta_schedule=schedule,
@@ -115,6 +117,12 @@ class NoiseScheduler:
             timestep_spacing=config.get("timestep_spacing", "leading"),
             steps_offset=config.get("steps_offset", 0),
         )
+
+    def diffusers_config(self) -> dict:
+        """This schedule as keyword arguments of diffusers' DDPMScheduler, DDIMScheduler or
+        DPMSolverMultistepScheduler (`from_config` takes it too); the inverse of `from_diffusers_config`."""
+        schedule = self.config["beta_schedule"]
+        return {**self.config, "beta_schedule": DIFFUSERS_SCHEDULE_NAMES.get(schedule, schedule)}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())

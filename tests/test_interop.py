@@ -259,8 +259,8 @@ def test_diffusers_schedulers_drive_our_unet():
         (diffusers.DDIMScheduler, "ddim", "leading"),
         (diffusers.DPMSolverMultistepScheduler, "dpm++", "trailing"),
     ]:
-        scheduler = NoiseScheduler(timestep_spacing=spacing)
-        ref = diffusers_scheduler.from_config(scheduler.config)
+        scheduler = NoiseScheduler(beta_schedule="cosine", timestep_spacing=spacing)
+        ref = diffusers_scheduler.from_config(scheduler.diffusers_config())
         ref.set_timesteps(10)
         x = noise
         with torch.no_grad():
@@ -323,3 +323,8 @@ def test_noise_scheduler_from_diffusers_config(schedule):
     torch.testing.assert_close(ours.alphas_cumprod.float(), theirs.alphas_cumprod, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="thresholding"):
         NoiseScheduler.from_diffusers_config({**theirs.config, "thresholding": True})
+    # and back: our config as diffusers kwargs builds their scheduler with our alpha_bar
+    again = diffusers.DDIMScheduler(**ours.diffusers_config())
+    assert again.config.beta_schedule == schedule
+    torch.testing.assert_close(ours.alphas_cumprod.float(), again.alphas_cumprod, rtol=0, atol=1e-6)
+    assert NoiseScheduler.from_diffusers_config(ours.diffusers_config()).config == ours.config
