@@ -10,8 +10,10 @@ A run directory looks like this::
         config.json, model.safetensors   the raw weights, loadable with UNet.from_pretrained
         ema/config.json, ema/model.safetensors   the EMA weights, loadable the same way
         noise_scheduler.json             the NoiseScheduler's keyword arguments
-        trainer_state.json               step, EMA update count, package version (written last)
+        trainer_state.json               step, skipped steps, EMA update count, package version (last)
         optimizer.bin, random_states_*.pkl   Accelerate's training state (loaded with weights_only)
+      checkpoints/abandoned-after-step-0000300/   checkpoints newer than the one the run was resumed
+                                       from (a --resume of an older checkpoint moves them here, out of reach)
 
 A checkpoint is first written under a temporary name in the same folder, flushed to disk and then renamed,
 so a crash at any moment leaves either the previous checkpoints or a complete new one: never a half-written
@@ -25,13 +27,14 @@ unpickling, which refuses anything but tensors and plain data, so a checkpoint c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import shutil
 import warnings
-from dataclasses import dataclass
-from importlib.metadata import version
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -49,6 +52,7 @@ NOISE_SCHEDULER = "noise_scheduler.json"
 EMA = "ema"
 WEIGHTS = "model.safetensors"
 _PREFIX = "step-"
+_ABANDONED_PREFIX = "abandoned-after-"
 _TMP_PREFIX = ".tmp-"
 _PICKLED = (".bin", ".pkl", ".pt")  # the suffixes of the files Accelerate writes with torch.save
 # What a failed write raises: OSError (Python), RuntimeError (torch.save), SafetensorError (safetensors).
@@ -59,13 +63,25 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit; the message says what to do."""
 
 
+def ddpm_version() -> str:
+    """The installed version of this package, or "unknown" when it runs from a source tree not installed."""
+    try:
+        return version("ddpm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 @dataclass
 class TrainerState:
-    """What, besides Accelerate's state, is needed to continue a run exactly."""
+    """What, besides Accelerate's state, is needed to continue a run exactly.
+
+    The data position of a resumed run is (step + skipped_steps) * train.grad_accum batches.
+    """
 
     step: int  # optimizer steps taken
     ema_updates: int  # EMA updates applied (drives the EMA decay warm-up)
-    ddpm_version: str = version("ddpm")
+    skipped_steps: int = 0  # steps dropped for a non-finite loss (nan_policy "skip"); 0 in older files
+    ddpm_version: str = field(default_factory=ddpm_version)
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -90,6 +106,25 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run, or None when there is none."""
     checkpoints = list_checkpoints(run_dir)
     return checkpoints[-1] if checkpoints else None
+
+
+def abandon_newer_checkpoints(run_dir: str | Path, step: int) -> list[Path]:
+    """Move the checkpoints of `run_dir` later than `step` into checkpoints/abandoned-after-step-NNNNNNN/,
+    where neither --resume nor sampling looks; returns their new paths (oldest first; [] when none).
+
+    A run resumed from an older checkpoint continues another branch: its own checkpoints will replace the
+    abandoned ones step by step, and a later --resume must never jump back to them. They are kept, not
+    deleted, since they may be the better weights. Call it on the main process only.
+    """
+    newer = [p for p in list_checkpoints(run_dir) if read_trainer_state(p).step > step]
+    if not newer:
+        return []
+    aside = _unused_name(Path(run_dir) / CHECKPOINTS / f"{_ABANDONED_PREFIX}{_PREFIX}{step:07d}")
+    aside.mkdir()
+    for checkpoint in newer:
+        os.replace(checkpoint, aside / checkpoint.name)
+    _flush_to_disk(aside.parent, recursive=False)
+    return [aside / checkpoint.name for checkpoint in newer]
 
 
 def read_trainer_state(checkpoint: Path) -> TrainerState:
@@ -153,12 +188,15 @@ def save_checkpoint(
     return final
 
 
-def load_training_state(accelerator, checkpoint: Path, *, model: UNet, ema_model: UNet) -> TrainerState:
+def load_training_state(
+    accelerator, checkpoint: Path, *, model: UNet, ema_model: UNet, noise_scheduler: NoiseScheduler
+) -> TrainerState:
     """Restore model, optimizer and RNG states (through Accelerate) and the EMA weights from `checkpoint`.
 
-    `model` and `ema_model` are the unwrapped networks. Everything is checked before anything is loaded:
-    the weights must fit the networks (names and shapes, read from the safetensors headers) and every
-    pickled file must unpickle with `weights_only`. Raises CheckpointError, with the fix, otherwise.
+    `model` and `ema_model` are the unwrapped networks, `noise_scheduler` the one the run continues with.
+    Everything is checked before anything is loaded: the noise schedule must be the one the checkpoint was
+    trained with, the weights must fit the networks (names and shapes, read from the safetensors headers) and
+    every pickled file must unpickle with `weights_only`. Raises CheckpointError, with the fix, otherwise.
     """
     if not (checkpoint / TRAINER_STATE).is_file():
         raise CheckpointError(
@@ -166,10 +204,11 @@ def load_training_state(accelerator, checkpoint: Path, *, model: UNet, ema_model
             f"directory or one of its {CHECKPOINTS}/{_PREFIX}NNNNNNN folders"
         )
     state = read_trainer_state(checkpoint)
-    if state.ddpm_version != version("ddpm"):
+    if state.ddpm_version != ddpm_version():
         accelerator.print(
-            f"note: {checkpoint} was written by ddpm {state.ddpm_version}, this is {version('ddpm')}"
+            f"note: {checkpoint} was written by ddpm {state.ddpm_version}, this is {ddpm_version()}"
         )
+    _check_same_schedule(checkpoint, noise_scheduler)
     _check_weights_fit(checkpoint / WEIGHTS, model)
     _check_weights_fit(checkpoint / EMA / WEIGHTS, ema_model)
     for file in sorted(checkpoint.iterdir()):
@@ -286,6 +325,32 @@ def _check_finite(step: int, run_dir: str | Path, **networks: torch.nn.Module) -
             )
 
 
+def _check_same_schedule(checkpoint: Path, noise_scheduler: NoiseScheduler) -> None:
+    """Raise CheckpointError, naming the keys, when `noise_scheduler` differs from the one `checkpoint` was
+    trained with (its noise_scheduler.json, with today's defaults for keys it lacks)."""
+    try:
+        saved = json.loads((checkpoint / NOISE_SCHEDULER).read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(
+            f"cannot read {checkpoint / NOISE_SCHEDULER}: {_one_line(error)}; the checkpoint is incomplete "
+            "or damaged: name an earlier one with --resume PATH"
+        ) from None
+    with contextlib.suppress(TypeError, ValueError):  # else written by another version: compared as it is
+        saved = NoiseScheduler(**saved).config
+    saved, current = (json.loads(json.dumps(config)) for config in (saved, noise_scheduler.config))
+    differing = [key for key in sorted(saved.keys() | current.keys()) if saved.get(key) != current.get(key)]
+    if differing:
+        run = run_directory(checkpoint) or checkpoint.parent.parent
+        changes = ", ".join(
+            f"diffusion.{key} (checkpoint {saved.get(key)!r}, config {current.get(key)!r})"
+            for key in differing
+        )
+        raise CheckpointError(
+            f"{checkpoint} was trained with another noise schedule: {changes}; resume with the run's own "
+            f"config (--config {run / 'config.yaml'}), or train the new schedule in a new output_dir"
+        )
+
+
 def _check_weights_fit(file: Path, network: torch.nn.Module) -> None:
     """Raise CheckpointError unless `file` holds exactly the tensors of `network`, shape for shape.
 
@@ -335,6 +400,15 @@ def _remove_incomplete(folder: Path, accelerator) -> None:
         if path.is_dir() and not path.is_symlink() and (temporary or incomplete):
             accelerator.print(f"removing {path}, left incomplete by an interrupted save")
             shutil.rmtree(path)
+
+
+def _unused_name(path: Path) -> Path:
+    """`path`, or `path`-2, -3, ... : the first that does not exist yet."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 def _discard(checkpoint: Path) -> None:

@@ -25,19 +25,20 @@ from accelerate.utils import (
     InitProcessGroupKwargs,
     set_seed,
 )
-from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from ddpm.checkpoint import (
     CHECKPOINTS,
     CheckpointError,
     TrainerState,
+    abandon_newer_checkpoints,
     latest_checkpoint,
     load_training_state,
     save_checkpoint,
 )
 from ddpm.config import Config, ConfigError, save_config
 from ddpm.data import build_dataset
+from ddpm.ema import EMA
 from ddpm.generate import generate, save_grid
 from ddpm.scheduler import NoiseScheduler
 from ddpm.unet import UNet
@@ -102,12 +103,7 @@ class Trainer:
         _check_compatible(self.model, self.dataset, config)
         if train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.ema_warmup = EMADecay(train.ema_decay, warmup=train.ema_warmup)
-        self.ema = AveragedModel(self.model, multi_avg_fn=self.ema_warmup, use_buffers=False)
-        # AveragedModel copies the weights on its first update; ours already start as that copy.
-        self.ema.n_averaged.fill_(1)
-        self.ema.requires_grad_(False)
-        self.ema.module.eval()  # only ever sampled from and saved
+        self.null_class = self.model.null_class
 
         optimizer = torch.optim.AdamW(
             self.model.parameters(),
@@ -129,7 +125,8 @@ class Trainer:
             generator=torch.Generator().manual_seed(train.seed),
         )
         self.model, self.optimizer, self.loader = self.accelerator.prepare(self.model, optimizer, loader)
-        self.ema.to(self.accelerator.device)
+        self.ema = EMA(self.accelerator.unwrap_model(self.model), train.ema_decay, warmup=train.ema_warmup)
+        self.losses = RunningLoss(train.grad_accum, self.accelerator.device)
         self.forward = torch.compile(self.model) if train.compile else self.model
 
         self.fid_reference = self._fid_reference() if train.fid_every else None
@@ -163,37 +160,33 @@ class Trainer:
         )
         last_saved = latest_checkpoint(self.run_dir)
         images_per_step = self.config.data.batch_size * train.grad_accum * accelerator.num_processes
-        loss_sum = torch.zeros((), device=accelerator.device)
-        first_bad_step = torch.full((), -1, device=accelerator.device, dtype=torch.long)
-        skipped, tick, ticks_from = 0, time.perf_counter(), self.state.step
+        tick, ticks_from = time.perf_counter(), self.state.step
         try:
             for x0, labels in self._batches():
-                loss, applied = self._train_micro_step(x0, labels)
+                applied = self._train_micro_step(x0, labels)
                 if not accelerator.sync_gradients:
                     continue
                 if not applied:
-                    skipped += 1
+                    self.state.skipped_steps += 1
+                    self.losses.drop_step()
                     continue
                 self.state.step += 1
                 step = self.state.step
-                self.ema.update_parameters(accelerator.unwrap_model(self.model))
-                self.state.ema_updates = self.ema_warmup.updates
-                loss_sum += loss.detach()
-                # Recorded on the device and checked at log steps: no host sync per step.
-                first_bad_step.masked_fill_((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step)
+                self.ema.update(accelerator.unwrap_model(self.model))
+                self.state.ema_updates = self.ema.updates
+                self.losses.end_step(step)
                 done = step >= train.steps or self._stop_requested(step)
                 if step % train.log_every == 0 or done or step % train.checkpoint_every == 0:
-                    self._raise_if_nonfinite(first_bad_step, last_saved)
+                    self._raise_if_nonfinite(self.losses.first_bad_step, last_saved)
                     elapsed = time.perf_counter() - tick
                     record = {
                         "step": step,
-                        "loss": accelerator.reduce(loss_sum, "mean").item() / max(step - ticks_from, 1),
+                        "loss": self.losses.mean_since_last_call(accelerator, steps=step - ticks_from),
                         "lr": self.optimizer.param_groups[0]["lr"],
                         "images_per_s": images_per_step * (step - ticks_from) / max(elapsed, 1e-9),
-                        "skipped_steps": skipped,
+                        "skipped_steps": self.state.skipped_steps,
                     }
                     self._log(record, bar)
-                    loss_sum.zero_()
                     tick, ticks_from = time.perf_counter(), step
                 bar.update(1)
                 if step % train.checkpoint_every == 0 or done:
@@ -221,41 +214,75 @@ class Trainer:
 
     # -- one step
 
-    def _train_micro_step(self, x0: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """Forward, backward and (on synchronising micro-steps) the optimizer step.
+    def _train_micro_step(self, x0: torch.Tensor, labels: torch.Tensor) -> bool:
+        """Forward and backward of one micro-batch and, on the last micro-batch of a step, the optimizer step.
 
-        Returns (loss, applied). `applied` is False only when nan_policy is "skip" and the loss was not finite
-        on some process: then no process updates its weights, which keeps the replicas identical.
+        Returns False only when nan_policy is "skip" and the step's loss was not finite on some process: then
+        no process updates its weights, which keeps the replicas identical.
         """
-        train, accelerator = self.config.train, self.accelerator
+        accelerator = self.accelerator
         with accelerator.accumulate(self.model):
             self._set_learning_rate()
             loss = self._loss(x0, labels)
+            self.losses.add_micro_batch(loss)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and train.grad_clip > 0:
-                accelerator.clip_grad_norm_(self.model.parameters(), train.grad_clip)
-            if train.nan_policy == "skip" and accelerator.sync_gradients:
-                finite = accelerator.reduce(torch.isfinite(loss.detach()).float(), "min")
-                if not bool(finite):  # a host sync per step, paid only under this policy
-                    self.optimizer.zero_grad(set_to_none=True)
-                    return loss, False
+            if accelerator.sync_gradients:
+                self._unscale_and_clip_gradients()
+                if self.config.train.nan_policy == "skip" and not self._finite_everywhere(
+                    self.losses.current
+                ):
+                    self._skip_step()
+                    return False
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return loss, True
+        return True
+
+    def _unscale_and_clip_gradients(self) -> None:
+        """Unscale fp16 gradients (a no-op otherwise) and clip their norm to train.grad_clip (0: no clipping).
+
+        Unscaled on every step, clipped or not, so that a skipped step can still end the loss scaler's step.
+        """
+        grad_clip = self.config.train.grad_clip
+        if grad_clip > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), grad_clip)  # unscales first
+        else:
+            self.accelerator.unscale_gradients()
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """Whether `loss` is finite on every process (a host sync per step, paid under nan_policy skip)."""
+        return bool(self.accelerator.reduce(torch.isfinite(loss).float(), "min"))
+
+    def _skip_step(self) -> None:
+        """Drop the step's gradients without an optimizer step.
+
+        Under fp16 the loss scaler must still end its step, as it does when it skips an overflowing step
+        itself: update() lowers the scale (the unscale found the NaN) and lets the next step unscale again.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.accelerator.scaler is not None:
+            self.accelerator.scaler.update()
 
     def _loss(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The weighted denoising loss: Ho et al. 2020 Eq. 14, generalised to the configured target.
-
-        E_t,eps [ w(t) * || model(x_t, t, y) - target(x0, eps, t) ||^2 ], with x_t ~ q(x_t | x0) drawn by
-        `NoiseScheduler.add_noise` and w(t) uniform or min-SNR-gamma (Hang et al. 2023).
-        """
-        train, scheduler = self.config.train, self.noise_scheduler
-        if train.channels_last:
+        """The loss of one micro-batch: draws eps ~ N(0, I), t ~ U{0, ..., T-1} and the label dropout (from
+        the global RNG, which checkpoints restore), then returns `_denoising_loss` of them."""
+        if self.config.train.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         noise = torch.randn_like(x0)
-        t = scheduler.sample_timesteps(x0.shape[0], device=x0.device)
+        t = self.noise_scheduler.sample_timesteps(x0.shape[0], device=x0.device)
+        y = self._drop_labels(labels) if self.null_class is not None else None
+        return self._denoising_loss(x0, noise, t, y)
+
+    def _denoising_loss(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The weighted denoising loss: Ho et al. 2020 Eq. 14, generalised to the configured target.
+
+        mean_i [ w(t_i) * || model(x_t, t_i, y_i) - target(x0_i, eps_i, t_i) ||^2 / (C H W) ] with
+        x_t = `NoiseScheduler.add_noise`(x0, eps, t) and w(t) uniform or min-SNR-gamma (Hang et al. 2023).
+        x0, noise: (N, C, H, W); t: (N,) long; y: (N,) long labels, or None. Returns a float32 scalar.
+        """
+        train, scheduler = self.config.train, self.noise_scheduler
         x_t = scheduler.add_noise(x0, noise, t)
-        y = self._drop_labels(labels) if self.ema.module.null_class is not None else None
         with self.accelerator.autocast():
             prediction = self.forward(x_t, t, y)
         target = scheduler.training_target(x0, noise, t)
@@ -266,7 +293,7 @@ class Trainer:
     def _drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Replace each label by the null label with probability `label_dropout` (Ho & Salimans 2022)."""
         dropped = torch.rand(labels.shape, device=labels.device) < self.config.train.label_dropout
-        return torch.where(dropped, torch.full_like(labels, self.ema.module.null_class), labels)
+        return torch.where(dropped, torch.full_like(labels, self.null_class), labels)
 
     def _set_learning_rate(self) -> None:
         """Linear warm-up over `warmup_steps`, then constant: a function of the step, so resume is exact."""
@@ -278,14 +305,15 @@ class Trainer:
     # -- data
 
     def _batches(self):
-        """Endless batches, starting exactly where the restored step left off (epoch and position in it)."""
+        """Endless batches, starting exactly where the restored step left off (epoch and position in it;
+        skipped steps consumed their batches too)."""
         per_epoch = len(self.loader)
         if per_epoch == 0:
             raise ConfigError(
                 f"data.batch_size={self.config.data.batch_size} is larger than the dataset "
                 f"({len(self.dataset)} images); lower data.batch_size"
             )
-        consumed = self.state.step * self.config.train.grad_accum
+        consumed = (self.state.step + self.state.skipped_steps) * self.config.train.grad_accum
         epoch, skip = divmod(consumed, per_epoch)
         while True:
             self.loader.set_epoch(epoch)
@@ -317,10 +345,24 @@ class Trainer:
             checkpoint,
             model=self.accelerator.unwrap_model(self.model),
             ema_model=self.ema.module,
+            noise_scheduler=self.noise_scheduler,
         )
-        self.ema_warmup.updates = self.state.ema_updates
+        self.ema.updates = self.state.ema_updates
+        self._set_aside_newer_checkpoints()
         self._trim_log(self.state.step)
         self.accelerator.print(f"resumed from {checkpoint} at step {self.state.step}")
+
+    def _set_aside_newer_checkpoints(self) -> None:
+        """Move this run's checkpoints later than the resumed step out of --resume's reach, saying where
+        (`abandon_newer_checkpoints`): the run continues another branch from here."""
+        if self.accelerator.is_main_process:
+            moved = abandon_newer_checkpoints(self.run_dir, self.state.step)
+            if moved:
+                self.accelerator.print(
+                    f"moved {', '.join(p.name for p in moved)} (newer than step {self.state.step}) to "
+                    f"{moved[0].parent}: --resume no longer picks them; move them back to use them again"
+                )
+        self.accelerator.wait_for_everyone()
 
     def _trim_log(self, step: int) -> None:
         """Drop the log records after `step`, which the resumed run logs again, and any line cut short by a
@@ -485,24 +527,38 @@ class Trainer:
         return self.stopped_by is not None
 
 
-class EMADecay:
-    """`multi_avg_fn` for torch's AveragedModel: an exponential moving average with decay warm-up.
+class RunningLoss:
+    """The training loss, summed on the device so that it costs no host sync per step.
 
-    decay_n = min(decay, (1 + n) / (10 + n)) after n updates (the warm-up of Tarvainen & Valpola 2017, used by
-    DDPM-style trainers), so early averages are not dominated by the random initial weights. The update count
-    is kept on the host so no device sync is needed, and is saved with each checkpoint.
+    `current`: the mean loss of the current step so far (the sum of its micro-batch losses / grad_accum; each
+    is a mean over equally many images); `total`: the sum of the finished steps' means since the last
+    `mean_since_last_call`; `first_bad_step`: the first finished step whose mean was NaN or inf (-1: none).
     """
 
-    def __init__(self, decay: float, *, warmup: bool = True):
-        self.decay = decay
-        self.warmup = warmup
-        self.updates = 0
+    def __init__(self, grad_accum: int, device: torch.device):
+        self.grad_accum = grad_accum
+        self.current = torch.zeros((), device=device)
+        self.total = torch.zeros((), device=device)
+        self.first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
 
-    def __call__(self, ema_params: list[torch.Tensor], params: list[torch.Tensor], _num_averaged) -> None:
-        self.updates += 1
-        n = self.updates
-        decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    def add_micro_batch(self, loss: torch.Tensor) -> None:
+        self.current += loss.detach().float() / self.grad_accum
+
+    def end_step(self, step: int) -> None:
+        """Count the current step's mean as the loss of optimizer step `step`."""
+        self.total += self.current
+        self.first_bad_step.masked_fill_((self.first_bad_step < 0) & ~torch.isfinite(self.current), step)
+        self.current.zero_()
+
+    def drop_step(self) -> None:
+        """Forget the current step (it was skipped)."""
+        self.current.zero_()
+
+    def mean_since_last_call(self, accelerator, *, steps: int) -> float:
+        """The mean step loss over the `steps` steps since the last call, averaged over the processes."""
+        mean = accelerator.reduce(self.total, "mean").item() / max(steps, 1)
+        self.total.zero_()
+        return mean
 
 
 def _construct(cls: type, section: str, kwargs: dict):

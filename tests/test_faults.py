@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.state import AcceleratorState
 from PIL import Image
 from test_train import ROOT, TINY, fresh_accelerator_state, tiny_config, weights  # noqa: F401 (a fixture)
@@ -295,6 +296,72 @@ def test_a_collapsing_fp16_loss_scale_stops_training(tmp_path):
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=0.5)
     with pytest.raises(NonFiniteLossError, match=r"fp16 loss scale fell to 0\.5 by step 1: .*bf16"):
         trainer.train()
+
+
+def fp16_with_a_real_grad_scaler(trainer: Trainer) -> torch.amp.GradScaler:
+    """Make the trainer's Accelerator do what it does for fp16 on a GPU, with torch's CPU GradScaler: the
+    scaled backward, the unscale in clip_grad_norm_, scaler.step + update in the optimizer step, fp16
+    autocast. (Accelerate turns fp16 into plain float32 on the CPU: it creates no scaler there.)"""
+    accelerator, scaler = trainer.accelerator, torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    assert accelerator.mixed_precision == "fp16" and accelerator.scaler is None
+    accelerator.native_amp, accelerator.scaler = True, scaler
+    optimizer = AcceleratedOptimizer(trainer.optimizer.optimizer, device_placement=False, scaler=scaler)
+    accelerator._optimizers = [optimizer]
+    trainer.optimizer = optimizer
+    return scaler
+
+
+def test_fp16_nan_policy_skip_lowers_the_loss_scale_and_goes_on(tmp_path):
+    run = tmp_path / "run"
+    trainer = Trainer(
+        tiny_config(run, "train.mixed_precision=fp16", "train.nan_policy=skip", "train.steps=3")
+    )
+    scaler = fp16_with_a_real_grad_scaler(trainer)
+    dtypes = []  # of the last layer's output, inside the autocast region (Accelerate returns float32)
+    conv_out = trainer.accelerator.unwrap_model(trainer.model).conv_out
+    conv_out.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    original, calls = trainer._loss, []
+
+    def poisoned(x0, labels):
+        calls.append(1)
+        return original(x0, labels) * (float("nan") if len(calls) == 2 else 1.0)
+
+    trainer._loss = poisoned
+    last = trainer.train()
+    assert set(dtypes) == {torch.float16}  # the fp16 path ran, not a float32 stand-in
+    assert len(calls) == 4 and json.loads((last / "trainer_state.json").read_text())["step"] == 3
+    assert scaler.get_scale() == 2.0**15  # the skipped step counted as an overflow
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["skipped_steps"] == 1
+    assert all(torch.isfinite(w).all() for w in weights(last).values())
+
+
+def poison_step(trainer: Trainer, step: int) -> None:
+    """Make the first loss of optimizer step `step` NaN (nan_policy=skip retries it on the next batch)."""
+    original, poisoned = trainer._loss, []
+
+    def loss(x0, labels):
+        bad = trainer.state.step + 1 == step and not poisoned
+        poisoned.extend([1] if bad else [])
+        return original(x0, labels) * (float("nan") if bad else 1.0)
+
+    trainer._loss = loss
+
+
+def test_a_resumed_run_with_a_skipped_step_continues_at_the_right_batch(tmp_path):
+    straight = Trainer(tiny_config(tmp_path / "a", "train.nan_policy=skip"))
+    poison_step(straight, 2)
+    expected = straight.train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    first = Trainer(tiny_config(tmp_path / "b", "train.nan_policy=skip", "train.steps=3"))
+    poison_step(first, 2)
+    first.train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = Trainer(tiny_config(tmp_path / "b", "train.nan_policy=skip"), resume="latest").train()
+    assert_same_weights(resumed, expected)
+    log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["skipped_steps"] == 1  # counted over the whole run, across the resume
 
 
 # -- failed writes

@@ -116,6 +116,55 @@ def test_fresh_start_refuses_to_overwrite_and_resume_needs_a_checkpoint(tmp_path
         Trainer(tiny_config(tmp_path / "empty"), resume="latest")
 
 
+def test_resuming_an_older_checkpoint_moves_the_abandoned_newer_ones_aside(tmp_path, capsys):
+    run = tmp_path / "run"
+    Trainer(tiny_config(run, "train.sample_every=0")).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    older = run / "checkpoints" / "step-0000003"
+    last = Trainer(tiny_config(run, "train.steps=4", "train.sample_every=0"), resume=str(older)).train()
+
+    assert last == run / "checkpoints" / "step-0000004"
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000003", "step-0000004"]
+    (aside,) = (run / "checkpoints").glob("abandoned-*")
+    assert [p.name for p in aside.iterdir()] == ["step-0000006"]
+    assert (aside / "step-0000006" / "ema" / "model.safetensors").is_file()  # kept whole, not deleted
+    assert f"moved step-0000006 (newer than step 3) to {aside}" in capsys.readouterr().out
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert Trainer(tiny_config(run, "train.steps=4"), resume="latest").state.step == 4
+
+
+def test_resume_with_another_noise_schedule_is_refused_naming_the_keys(tmp_path):
+    Trainer(tiny_config(tmp_path / "run", "train.steps=3", "train.sample_every=0")).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    changed = ["diffusion.beta_schedule=linear", "diffusion.prediction_type=epsilon"]
+    with pytest.raises(
+        CheckpointError,
+        match=r"diffusion\.beta_schedule \(checkpoint 'cosine', config 'linear'\), "
+        r"diffusion\.prediction_type \(checkpoint 'v_prediction', config 'epsilon'\).*--config .*\.yaml",
+    ):
+        Trainer(tiny_config(tmp_path / "run", *changed), resume="latest")
+
+
+def test_the_package_imports_without_being_installed(tmp_path):
+    code = (
+        "import importlib.metadata as metadata\n"
+        "installed = metadata.version\n"
+        "def version(name):\n"
+        "    if name == 'ddpm':\n"
+        "        raise metadata.PackageNotFoundError(name)\n"
+        "    return installed(name)\n"
+        "metadata.version = version\n"
+        "import ddpm, ddpm.checkpoint\n"
+        "print(ddpm.checkpoint.TrainerState(step=0, ema_updates=0).ddpm_version)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "unknown"
+
+
 def test_nan_loss_stops_naming_the_step_and_saves_nothing_after_it(tmp_path):
     run = tmp_path / "run"
     trainer = Trainer(tiny_config(run, "train.steps=6"))
