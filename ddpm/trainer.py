@@ -125,6 +125,7 @@ class Trainer:
             generator=torch.Generator().manual_seed(train.seed),
         )
         self.model, self.optimizer, self.loader = self.accelerator.prepare(self.model, optimizer, loader)
+        # Copied after `prepare`, which gives every process rank 0's initial weights.
         self.ema = EMA(self.accelerator.unwrap_model(self.model), train.ema_decay, warmup=train.ema_warmup)
         self.losses = RunningLoss(train.grad_accum, self.accelerator.device)
         self.forward = torch.compile(self.model) if train.compile else self.model
