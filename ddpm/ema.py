@@ -40,9 +40,7 @@ class EMA:
     def update(self, model: torch.nn.Module) -> None:
         """Move the average towards `model`'s current parameters and copy its buffers (update n + 1)."""
         self.updates += 1
-        averaged = list(self.module.parameters())
-        torch._foreach_lerp_(
-            averaged, [p.detach() for p in model.parameters()], 1.0 - self.decay_at(self.updates)
-        )
+        weight = 1.0 - self.decay_at(self.updates)  # a Python float: nothing is read back from the device
+        torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), weight)
         for mine, theirs in zip(self.module.buffers(), model.buffers(), strict=True):
             mine.copy_(theirs)

@@ -229,9 +229,7 @@ class Trainer:
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 self._unscale_and_clip_gradients()
-                if self.config.train.nan_policy == "skip" and not self._finite_everywhere(
-                    self.losses.current
-                ):
+                if self._must_skip():
                     self._skip_step()
                     return False
             self.optimizer.step()
@@ -249,9 +247,12 @@ class Trainer:
         else:
             self.accelerator.unscale_gradients()
 
-    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
-        """Whether `loss` is finite on every process (a host sync per step, paid under nan_policy skip)."""
-        return bool(self.accelerator.reduce(torch.isfinite(loss).float(), "min"))
+    def _must_skip(self) -> bool:
+        """Whether nan_policy is "skip" and the step's loss is not finite on some process (a host sync per
+        step, paid under this policy only)."""
+        if self.config.train.nan_policy != "skip":
+            return False
+        return not bool(self.accelerator.reduce(torch.isfinite(self.losses.current).float(), "min"))
 
     def _skip_step(self) -> None:
         """Drop the step's gradients without an optimizer step.
