@@ -2,11 +2,16 @@
 
     python sample.py --n 16 [--checkpoint RUN_OR_CHECKPOINT] [--sampler ddim] [--steps 50] [--out FILE]
 
-Sampler settings default to the `sample:` section of the run's config, so nothing from training is re-typed.
+Sampler settings default to the `sample:` section of the run's config, and the noise schedule is the one saved
+with the weights, so nothing from training is re-typed.
+
+Exit status: 0 with the grid's path on stdout; 1 with a one-line `error: ...` on stderr for a bad option or
+checkpoint.
 """
 
 import argparse
 import sys
+from typing import NoReturn
 
 from ddpm.checkpoint import CheckpointError
 from ddpm.generate import sample_checkpoint
@@ -14,26 +19,41 @@ from ddpm.samplers import SAMPLERS
 from train import DEFAULT_CONFIG
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr and exit status 1, as every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.exit(f"error: {message}; see --help")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=16, help="number of images (default: %(default)s)")
     parser.add_argument(
         "--checkpoint",
-        help="a run directory (its latest checkpoint), a checkpoint folder, or a UNet folder "
-        "(default: output_dir of configs/digits.yaml)",
+        help="a run directory (its latest checkpoint), a checkpoint folder or its ema/, a model folder, or a "
+        "diffusers folder (default: output_dir of configs/digits.yaml)",
     )
-    parser.add_argument("--out", help="grid PNG path (default: RUN/samples/sample-STEP-WEIGHTS-SAMPLER.png)")
+    parser.add_argument(
+        "--out",
+        help="grid PNG path (default: RUN/samples/sample-STEP-WEIGHTS-SAMPLERSTEPS-...-seedS-nN.png, "
+        "named after every setting that changes the images)",
+    )
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), help="default: the run's sample.sampler")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the run's sample.steps)")
     parser.add_argument("--eta", type=float, help="DDIM eta (default: the run's sample.eta)")
-    parser.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded seed+i")
+    parser.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded seed+i (>= 0)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--class-label", type=int, help="class of every image (default: cycle over classes)")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1 = none)")
     parser.add_argument("--save-images", action="store_true", help="also write one PNG per image")
     parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    parser.add_argument(
+        "--schedule",
+        metavar="FILE",
+        help="noise schedule JSON (a noise_scheduler.json or a diffusers scheduler_config.json) in place of "
+        "the one saved with the weights; needed for a folder that has none",
+    )
     args = parser.parse_args(argv)
     try:
         grid = sample_checkpoint(
@@ -50,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
             guidance_scale=args.guidance_scale,
             save_images=args.save_images,
             use_ema=not args.raw,
+            schedule=args.schedule,
         )
     except (CheckpointError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")

@@ -7,9 +7,9 @@ A run directory looks like this::
       log.jsonl                        one JSON object per logged step
       samples/step-0000500-ema.png     sample grids from the EMA weights
       checkpoints/step-0000500/        one folder per checkpoint, written whole or not at all
-        config.json, model.safetensors   the raw weights, loadable with UNet.from_pretrained
-        ema/config.json, ema/model.safetensors   the EMA weights, loadable the same way
-        noise_scheduler.json             the NoiseScheduler's keyword arguments
+        config.json, model.safetensors, noise_scheduler.json   the raw weights and their schedule
+        ema/                             the EMA weights, the same three files
+        (each a model folder: load_pretrained(folder) gives the UNet and its NoiseScheduler)
         trainer_state.json               step, skipped steps, EMA update count, package version (last)
         optimizer.bin, random_states_*.pkl   Accelerate's training state (loaded with weights_only)
       checkpoints/abandoned-after-step-0000300/   checkpoints newer than the one the run was resumed
@@ -164,9 +164,8 @@ def save_checkpoint(
     try:
         accelerator.save_state(str(tmp))  # model, optimizer, gradient scaler, per-process RNG states
         if accelerator.is_main_process:
-            model.save_pretrained(tmp)  # adds config.json beside Accelerate's model.safetensors
-            ema_model.save_pretrained(tmp / EMA)
-            (tmp / NOISE_SCHEDULER).write_text(json.dumps(noise_scheduler.config, indent=2))
+            save_pretrained(tmp, model, noise_scheduler)  # beside Accelerate's model.safetensors
+            save_pretrained(tmp / EMA, ema_model, noise_scheduler)
             (tmp / TRAINER_STATE).write_text(json.dumps(vars(state), indent=2))
             _flush_to_disk(tmp)
     except _WRITE_ERRORS as error:
@@ -232,15 +231,45 @@ def load_training_state(
     return state
 
 
+def save_pretrained(folder: str | Path, model: UNet, scheduler: NoiseScheduler) -> None:
+    """Write a model folder: config.json and model.safetensors (`UNet.save_pretrained`) and the noise schedule
+    the weights were trained with, noise_scheduler.json (`scheduler.config`). `load_pretrained` reads it."""
+    model.save_pretrained(folder)
+    (Path(folder) / NOISE_SCHEDULER).write_text(json.dumps(scheduler.config, indent=2) + "\n")
+
+
+def load_pretrained(
+    folder: str | Path, *, schedule: str | Path | None = None, device: torch.device | str = "cpu"
+) -> tuple[UNet, NoiseScheduler]:
+    """Load a (UNet in eval mode on `device`, NoiseScheduler) pair from a model folder.
+
+    A ddpm folder (written by `save_pretrained`, or a checkpoint or its ema/) gets its noise_scheduler.json; a
+    checkpoint's ema/ written before the schedule was saved beside the EMA weights gets the checkpoint's. A
+    diffusers UNet2DModel or pipeline folder gets the scheduler_config.json beside it (DDPMScheduler's
+    defaults without one). `schedule` names a schedule file instead: a noise_scheduler.json or a diffusers
+    scheduler_config.json. Raises CheckpointError for a ddpm folder without a schedule (sampling with another
+    schedule than the one the weights were trained with gives noise, so none is guessed) or a schedule file
+    that cannot be read, and OSError or ValueError for weights that cannot be read.
+    """
+    folder = Path(folder)
+    if diffusers_unet_folder(folder) is not None:
+        model = UNet.from_diffusers(folder, device=device)
+        if schedule is None:
+            return model.eval(), NoiseScheduler.from_diffusers_config(_diffusers_scheduler_config(folder))
+    else:
+        model = UNet.from_pretrained(folder, device=device)
+    return model.eval(), _read_schedule(schedule if schedule is not None else _schedule_file(folder))
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Turn a run directory, a checkpoint folder, a UNet folder or a diffusers model or pipeline folder into
-    the folder that holds the weights.
+    """Turn a run directory, a checkpoint folder (or its ema/), a model folder or a diffusers model or
+    pipeline folder into the folder that holds the weights.
 
     A run directory resolves to its latest checkpoint. Raises CheckpointError, with the fix, when nothing is
     found.
     """
     path = Path(path)
-    if path.name.startswith(_TMP_PREFIX):
+    if path.name.startswith(_TMP_PREFIX) or path.parent.name.startswith(_TMP_PREFIX):
         raise CheckpointError(f"{path} is a checkpoint that was never finished; name a step-NNNNNNN folder")
     if (path / CHECKPOINTS).is_dir() or (path / "config.yaml").is_file():
         latest = latest_checkpoint(path)
@@ -256,50 +285,95 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
+def checkpoint_of(folder: Path) -> Path:
+    """The checkpoint a weights folder belongs to: the parent of a checkpoint's ema/, else `folder` itself."""
+    parent = folder.parent
+    return parent if folder.name == EMA and (parent / TRAINER_STATE).is_file() else folder
+
+
 def load_for_sampling(
-    path: str | Path, *, use_ema: bool = True, device: torch.device | str = "cpu"
+    path: str | Path,
+    *,
+    use_ema: bool = True,
+    schedule: str | Path | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[UNet, NoiseScheduler, str]:
-    """Load the network and noise scheduler that sampling needs from a run, checkpoint or UNet folder, or from
-    a diffusers UNet2DModel or pipeline folder.
+    """Load the network and noise scheduler that sampling needs from a run, a checkpoint (or its ema/ folder),
+    a model folder, or a diffusers UNet2DModel or pipeline folder.
 
     Returns (model in eval mode on `device`, scheduler, a label naming the weights: "ema", "raw" or
-    "diffusers"). A bare UNet folder without noise_scheduler.json gets the default (DDPM linear) schedule; a
-    diffusers folder gets the scheduler_config.json beside it (NoiseScheduler.from_diffusers_config) and
-    ignores `use_ema` (published EMA weights, such as google/ddpm-ema-church-256, are the only weights there).
-    Raises CheckpointError, naming the file, when something cannot be read.
+    "diffusers"). A run or checkpoint gives its EMA weights unless `use_ema` is False; a checkpoint's ema/
+    named directly gives the EMA weights (and refuses `use_ema=False`). The schedule is the one saved with
+    the weights (see `load_pretrained`; a diffusers folder ignores `use_ema`, as published EMA weights, such
+    as google/ddpm-ema-church-256, are the only weights there), or the file `schedule` names. A ddpm folder
+    without a schedule is refused, never sampled with a guessed one. Raises CheckpointError, naming the file
+    and the fix, when something cannot be read.
     """
-    checkpoint = resolve_checkpoint(path)
+    folder = resolve_checkpoint(path)
+    checkpoint = checkpoint_of(folder)
+    if folder != checkpoint and not use_ema:
+        raise CheckpointError(
+            f"{folder} holds the EMA weights, but the raw ones were asked for (--raw); pass the checkpoint "
+            f"{checkpoint} for its raw weights, or drop --raw"
+        )
+    if diffusers_unet_folder(folder) is not None:
+        weights, label = folder, "diffusers"
+    elif folder != checkpoint:
+        weights, label = folder, "ema"
+    elif use_ema and (folder / EMA).is_dir():
+        weights, label = folder / EMA, "ema"
+    else:
+        weights, label = folder, "raw"
     try:
-        if diffusers_unet_folder(checkpoint) is not None:
-            model = UNet.from_diffusers(checkpoint, device=device).eval()
-            return (
-                model,
-                NoiseScheduler.from_diffusers_config(_diffusers_scheduler_config(checkpoint)),
-                "diffusers",
-            )
-        use_ema = use_ema and (checkpoint / EMA).is_dir()
-        weights, label = (checkpoint / EMA, "ema") if use_ema else (checkpoint, "raw")
-        model = UNet.from_pretrained(weights, device=device).eval()
-        scheduler_file = checkpoint / NOISE_SCHEDULER
-        scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
-        return model, NoiseScheduler(**scheduler_config), label
+        model, scheduler = load_pretrained(weights, schedule=schedule, device=device)
     except (OSError, ValueError, SafetensorError) as error:  # JSONDecodeError is a ValueError
         raise CheckpointError(
             f"cannot load the model in {checkpoint}: {_one_line(error)}; it is incomplete, damaged or not a "
             "ddpm checkpoint: pass another one with --checkpoint"
         ) from None
+    return model, scheduler, label
 
 
-def run_directory(checkpoint: Path) -> Path | None:
-    """The run directory a checkpoint folder belongs to (it holds config.yaml), or None for a loose folder."""
-    run = checkpoint.parent.parent
+def run_directory(folder: Path) -> Path | None:
+    """The run directory a checkpoint folder (or its ema/) belongs to (it holds config.yaml), or None for a
+    loose folder."""
+    run = checkpoint_of(folder).parent.parent
     return run if (run / "config.yaml").is_file() else None
 
 
-def sample_defaults(checkpoint: Path) -> SampleConfig:
-    """The `sample:` section of the run a checkpoint belongs to; SampleConfig() for a loose folder."""
-    run = run_directory(checkpoint)
+def sample_defaults(folder: Path) -> SampleConfig:
+    """The `sample:` section of the run a checkpoint folder (or its ema/) belongs to; SampleConfig() for a
+    loose folder."""
+    run = run_directory(folder)
     return load_config(run / "config.yaml").sample if run is not None else SampleConfig()
+
+
+def _read_schedule(file: str | Path) -> NoiseScheduler:
+    """The NoiseScheduler of a schedule file: a ddpm noise_scheduler.json (NoiseScheduler's keyword arguments)
+    or a diffusers scheduler_config.json (it has "_class_name"). Raises CheckpointError naming the file."""
+    try:
+        config = json.loads(Path(file).read_text())
+        if isinstance(config, dict) and "_class_name" in config:
+            return NoiseScheduler.from_diffusers_config(config)
+        return NoiseScheduler(**config)
+    except (OSError, ValueError, TypeError) as error:  # TypeError: not a dict, or an unknown keyword
+        raise CheckpointError(
+            f"cannot read the noise schedule {file}: {_one_line(error)}; it must hold NoiseScheduler's "
+            "keyword arguments (a ddpm noise_scheduler.json) or be a diffusers scheduler_config.json"
+        ) from None
+
+
+def _schedule_file(folder: Path) -> Path:
+    """The noise_scheduler.json of a ddpm model folder; for a checkpoint's ema/ without one, the checkpoint's.
+    Raises CheckpointError, saying how to name the schedule, when there is none."""
+    for candidate in (folder, checkpoint_of(folder)):
+        if (candidate / NOISE_SCHEDULER).is_file():
+            return candidate / NOISE_SCHEDULER
+    raise CheckpointError(
+        f"{folder} has no {NOISE_SCHEDULER}, so the schedule its weights were trained with is unknown: copy "
+        f"the {NOISE_SCHEDULER} of the checkpoint they came from into it, write NoiseScheduler(...).config "
+        "there as JSON (ddpm.save_pretrained does), or pass sample.py --schedule FILE"
+    )
 
 
 def _diffusers_scheduler_config(folder: Path) -> dict:

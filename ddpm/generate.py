@@ -11,14 +11,23 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from ddpm.checkpoint import load_for_sampling, resolve_checkpoint, run_directory, sample_defaults
+from ddpm.checkpoint import (
+    checkpoint_of,
+    load_for_sampling,
+    resolve_checkpoint,
+    run_directory,
+    sample_defaults,
+)
 from ddpm.config import load_config
-from ddpm.samplers import sample
+from ddpm.samplers import SAMPLERS, sample
 from ddpm.scheduler import NoiseScheduler
+
+_SAMPLER_NOISE = 1  # the SeedSequence purpose key of the samplers' noise streams
 
 
 @torch.no_grad()
@@ -40,13 +49,19 @@ def generate(
 ) -> torch.Tensor:
     """Draw `n` images of shape `image_shape` (C, H, W); returns (n, C, H, W) float32 on the CPU in [-1, 1].
 
-    The starting noise of image i is drawn from its own generator seeded with `seed + i`, so with a
-    deterministic sampler (DDIM, eta 0; DPM-Solver++) image i is the same whatever the batch size. For a
-    class-conditional model, images get `class_label` when given, else labels 0, 1, ... cycling over the
-    classes; `guidance_scale` applies classifier-free guidance against the null label.
+    Every random draw is independent of every other. The starting noise x_T of image i comes from its own
+    CPU generator seeded with `seed + i`, so image i starts the same whatever the batch size (and with a
+    deterministic sampler, DDIM at eta 0 or DPM-Solver++, ends the same). The stochastic samplers' noise
+    (ddpm; ddim with eta > 0) for the batch that starts at image s comes from a generator on `device` seeded
+    with a hash of (seed + s, 1) by numpy's SeedSequence, a stream unrelated to any x_T's (so those images
+    change with the batch size). For a class-conditional model, images get `class_label` when given, else
+    labels 0, 1, ... cycling over the classes; `guidance_scale` applies classifier-free guidance against the
+    null label.
     """
     if n <= 0:
         raise ValueError(f"the number of images must be positive, got {n}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     batch_size = batch_size or n
     num_classes = getattr(model, "num_classes", None)
     if class_label is not None and not num_classes:
@@ -69,7 +84,7 @@ def generate(
         if num_classes:
             labels = [class_label if class_label is not None else i % num_classes for i in indices]
             y = torch.tensor(labels, device=device)
-        generator = torch.Generator(device).manual_seed(seed + start)  # for the stochastic samplers' noise
+        generator = _noise_generator(seed + start, device)
         images = sample(
             model,
             scheduler,
@@ -131,31 +146,43 @@ def sample_checkpoint(
     guidance_scale: float | None = None,
     save_images: bool = False,
     use_ema: bool = True,
+    schedule: str | Path | None = None,
 ) -> Path:
-    """Sample `n` images from a run, checkpoint or UNet folder and write a grid; returns the grid's path.
+    """Sample `n` images from a run, a checkpoint (or its ema/), a model folder or a diffusers folder and
+    write a grid; returns the grid's path.
 
     `checkpoint` None means the run directory named by `default_config`'s output_dir. Sampler options left
-    None come from the run's saved config (its `sample:` section), else from `SampleConfig`'s defaults. The
-    device is CUDA when available (with bf16 or fp16 autocast), else the CPU. Raises ValueError for a bad
-    option and CheckpointError for weights that are missing, damaged or do not fit their config.
+    None come from the run's saved config (its `sample:` section), else from `SampleConfig`'s defaults; the
+    run's eta applies only when sampling with ddim. The noise schedule is the one saved with the weights, or
+    the file `schedule` names (see `load_for_sampling`). `out` None writes RUN/samples/ (the current folder
+    for a loose folder) sample-CHECKPOINT-WEIGHTS-SAMPLERSTEPS[-etaE][-classC][-guidanceG]-seedS-nN.png, a
+    name that differs whenever the images would; `save_images` also writes one PNG per image in the folder
+    of the grid's name without .png. The device is CUDA when available (with bf16 or fp16 autocast), else the
+    CPU. Raises ValueError, naming the sample.py option, for a bad option and CheckpointError for weights
+    that are missing, damaged or do not fit their config.
     """
-    for name, value in (("--n", n), ("--steps", steps), ("--batch-size", batch_size)):
-        if value is not None and value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value}")
-    for name, value in (("--eta", eta), ("--guidance-scale", guidance_scale)):
-        if value is not None and value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+    _check_options(n=n, steps=steps, batch_size=batch_size, eta=eta, guidance_scale=guidance_scale, seed=seed)
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ValueError(f"--sampler: unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    if schedule is not None and not Path(schedule).is_file():
+        raise ValueError(f"--schedule {schedule}: no such file; name a noise_scheduler.json")
     if checkpoint is None:
         checkpoint = load_config(default_config).output_dir
     folder = resolve_checkpoint(checkpoint)
     defaults = sample_defaults(folder)
     sampler = sampler or defaults.sampler
+    if eta and sampler != "ddim":
+        raise ValueError(f"--eta {eta} applies only to --sampler ddim, not {sampler}; drop --eta")
     steps = steps or defaults.steps
-    eta = defaults.eta if eta is None else eta
+    if eta is None:
+        eta = defaults.eta if sampler == "ddim" else 0.0  # the run's eta is a DDIM setting
     guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, scheduler, weights = load_for_sampling(folder, use_ema=use_ema, device=device)
+    model, scheduler, weights = load_for_sampling(folder, use_ema=use_ema, schedule=schedule, device=device)
+    _check_model_options(
+        model, scheduler, steps=steps, class_label=class_label, guidance_scale=guidance_scale
+    )
     config = model.config
     shape = (config["in_channels"], config["image_size"], config["image_size"])
     autocast_dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
@@ -177,9 +204,58 @@ def sample_checkpoint(
         )
     if out is None:
         run = run_directory(folder)
-        base = run / "samples" if run is not None else Path.cwd()
-        out = base / f"sample-{folder.name}-{weights}-{sampler}{steps}.png"
+        name = [checkpoint_of(folder).name, weights, f"{sampler}{steps}"]
+        name += [f"eta{eta:g}"] if eta else []
+        name += [f"class{class_label}"] if class_label is not None else []
+        name += [f"guidance{guidance_scale:g}"] if guidance_scale != 1 else []
+        name += [f"seed{seed}", f"n{n}"]
+        out = (run / "samples" if run is not None else Path.cwd()) / f"sample-{'-'.join(name)}.png"
     out = save_grid(images, out)
     if save_images:
         save_images_to(images, out.with_suffix(""))
     return out
+
+
+def _check_options(**options: float | None) -> None:
+    """Raise ValueError naming the sample.py option for a value out of range (None: not given)."""
+    positive, at_least_0 = (lambda v: v > 0, "a positive integer"), (lambda v: v >= 0, ">= 0")
+    rules = {"n": positive, "steps": positive, "batch_size": positive, "guidance_scale": at_least_0}
+    rules |= {"seed": at_least_0, "eta": (lambda v: 0 <= v <= 1, "in [0, 1]")}
+    for name, value in options.items():
+        valid, expected = rules[name]
+        if value is not None and not valid(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value}")
+
+
+def _check_model_options(
+    model: torch.nn.Module,
+    scheduler: NoiseScheduler,
+    *,
+    steps: int,
+    class_label: int | None,
+    guidance_scale: float,
+) -> None:
+    """Raise ValueError naming the sample.py option for a value the loaded model or schedule cannot take."""
+    T = scheduler.num_train_timesteps
+    if steps > T:
+        raise ValueError(f"--steps must be at most the schedule's num_train_timesteps={T}, got {steps}")
+    num_classes = getattr(model, "num_classes", None)
+    if class_label is not None and not num_classes:
+        raise ValueError(f"--class-label {class_label}: the model has no classes; drop --class-label")
+    if class_label is not None and not 0 <= class_label < num_classes:
+        raise ValueError(
+            f"--class-label {class_label} is out of range: the model has {num_classes} classes, so pass a "
+            f"label in 0..{num_classes - 1}"
+        )
+    if guidance_scale != 1 and getattr(model, "null_class", None) is None:
+        raise ValueError(
+            f"--guidance-scale {guidance_scale:g} needs a class-conditional model; this one has no classes: "
+            "pass --guidance-scale 1"
+        )
+
+
+def _noise_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """The generator of a batch's sampler noise: seeded with a SeedSequence hash of (seed, 1), never with a
+    plain `seed + i` of an x_T generator, whose stream it would repeat (same seed, same engine on the CPU)."""
+    entropy = np.random.SeedSequence([seed, _SAMPLER_NOISE]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device).manual_seed(int(entropy))

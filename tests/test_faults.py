@@ -559,12 +559,35 @@ def test_bad_input_to_train_is_a_one_line_error(tmp_path, capsys, extra, pattern
         (["--batch-size", "-1"], r"--batch-size must be a positive integer, got -1"),
         (
             ["--class-label", "99"],
-            r"class label 99 is out of range: the model has 10 classes, so pass a label in 0\.\.9",
+            r"--class-label 99 is out of range: the model has 10 classes, so pass a label in 0\.\.9",
         ),
-        (["--class-label", "-1"], r"class label -1 is out of range"),
+        (["--class-label", "-1"], r"--class-label -1 is out of range"),
+        (["--n", "abc"], r"argument --n: invalid int value: 'abc'; see --help"),
+        (["--sampler", "euler"], r"argument --sampler: invalid choice: 'euler' \(choose from "),
+        (["--unknown"], r"unrecognized arguments: --unknown"),
+        (["--eta", "1.5"], r"--eta must be in \[0, 1\], got 1\.5"),
+        (["--sampler", "ddpm", "--eta", "0.5"], r"--eta 0\.5 applies only to --sampler ddim, not ddpm"),
+        (["--guidance-scale", "-1"], r"--guidance-scale must be >= 0, got -1"),
+        (["--seed", "-1"], r"--seed must be >= 0, got -1"),
+        (["--steps", "5000"], r"--steps must be at most the schedule's num_train_timesteps=1000, got 5000"),
+        (["--schedule", "missing.json"], r"--schedule missing\.json: no such file"),
+        (
+            ["--schedule", "BAD_JSON"],
+            r"cannot read the noise schedule \S+bad\.json: .*NoiseScheduler's keyword",
+        ),
+        (["--checkpoint", "BARE"], r"bare has no noise_scheduler\.json, so the schedule .* --schedule FILE"),
+        (["--checkpoint", "EMA", "--raw"], r"ema holds the EMA weights, but the raw ones were asked for"),
     ],
 )
-def test_bad_input_to_sample_is_a_one_line_error(reference, capsys, argv, pattern):
+def test_bad_input_to_sample_is_a_one_line_error(reference, tmp_path, capsys, argv, pattern):
+    (tmp_path / "bad.json").write_text('{"beta_schedule": "cosin"}')
+    UNet.from_pretrained(reference / "checkpoints" / "step-0000006").save_pretrained(tmp_path / "bare")
+    places = {
+        "BAD_JSON": tmp_path / "bad.json",
+        "BARE": tmp_path / "bare",
+        "EMA": reference / "checkpoints" / "step-0000006" / "ema",
+    }
+    argv = [str(places.get(arg, arg)) for arg in argv]
     code, _, _ = call_main(sample_script, ["--checkpoint", str(reference), *argv], capsys)
     assert_one_line_error(code, pattern)
 

@@ -7,13 +7,14 @@ perturbed so that zero-initialised layers cannot hide a wrong mapping.
 
 import inspect
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from test_unet import TINY, perturb  # pytest puts tests/ on sys.path
 
-from ddpm.checkpoint import load_for_sampling
+from ddpm.checkpoint import load_for_sampling, save_pretrained
 from ddpm.samplers import sample
 from ddpm.scheduler import NoiseScheduler
 from ddpm.unet import (
@@ -24,6 +25,7 @@ from ddpm.unet import (
 )
 
 diffusers = pytest.importorskip("diffusers")
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 # config.json of google/ddpm-cifar10-32 as published (by diffusers 0.0.4: no dropout, add_attention...).
 DDPM_CIFAR10 = {
@@ -328,3 +330,46 @@ def test_noise_scheduler_from_diffusers_config(schedule):
     assert again.config.beta_schedule == schedule
     torch.testing.assert_close(ours.alphas_cumprod.float(), again.alphas_cumprod, rtol=0, atol=1e-6)
     assert NoiseScheduler.from_diffusers_config(ours.diffusers_config()).config == ours.config
+
+
+# --- the README's code blocks -------------------------------------------------------------------------------
+
+
+def checked_readme_blocks() -> dict[str, str]:
+    """The README's ```python blocks whose first line is `# checked`, by the heading above them."""
+    blocks, heading = {}, ""
+    for part in re.split(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M):
+        if part.startswith("# checked\n"):
+            blocks[heading if heading not in blocks else f"{heading} ({len(blocks)})"] = part
+        else:
+            heading = (re.findall(r"^#+ (.*)$", part, flags=re.M) or [heading])[-1]
+    return blocks
+
+
+READMES_BLOCKS = checked_readme_blocks()
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+@pytest.mark.parametrize("name", list(READMES_BLOCKS))
+def test_each_checked_readme_block_runs_alone_as_written(name, tmp_path, monkeypatch):
+    """Each block in a fresh namespace and folder holding only the folders the README names: a (tiny)
+    download of google/ddpm-cifar10-32 and a (tiny) CIFAR-10 run's EMA weights."""
+    monkeypatch.chdir(tmp_path)
+    smallest = {**TINY_2_LEVELS, "block_out_channels": [4, 4], "norm_num_groups": 2, "add_attention": False}
+    smallest |= {"down_block_types": ["DownBlock2D"] * 2, "up_block_types": ["UpBlock2D"] * 2}
+    save_diffusers(tmp_path / "ddpm-cifar10-32", smallest)
+    diffusers.DDPMScheduler().save_config(tmp_path / "ddpm-cifar10-32")  # as published: clip_sample=True
+    model = tiny_unet(
+        base_channels=4, channel_mult=(1,), attention_resolutions=(), mid_attention=False, norm_groups=2
+    )
+    save_pretrained(tmp_path / "runs/cifar10/checkpoints/step-0500000/ema", model, NoiseScheduler())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: more threads only wait for each other on a shared machine
+    try:
+        exec(compile(READMES_BLOCKS[name], f"README.md ({name})", "exec"), {"__name__": "readme"})
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_readme_has_checked_blocks():
+    assert len(READMES_BLOCKS) == 4, list(READMES_BLOCKS)  # the parser finds them all

@@ -1,0 +1,210 @@
+"""Every way to sample a trained model: the schedule it was trained with travels with its weights, every
+random draw is independent of the others, and a grid's file name says what made it."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+import ddpm
+import ddpm.generate
+from ddpm import samplers
+from ddpm.checkpoint import CheckpointError, TrainerState, load_for_sampling, save_checkpoint
+from ddpm.config import Config, SampleConfig, save_config
+from ddpm.generate import generate, sample_checkpoint
+from ddpm.scheduler import NoiseScheduler
+from ddpm.unet import UNet
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(
+    in_channels=1,
+    out_channels=1,
+    base_channels=8,
+    channel_mult=(1,),
+    num_res_blocks=1,
+    attention_resolutions=(),
+    image_size=8,
+    norm_groups=4,
+    num_classes=3,
+)
+# Far from NoiseScheduler()'s defaults in every key that changes the sampling maths.
+TRAINED = dict(
+    num_train_timesteps=40, beta_schedule="cosine", prediction_type="v_prediction", clip_sample=True
+)
+
+
+def tiny_unet(seed: int) -> UNet:
+    torch.manual_seed(seed)
+    model = UNet(**TINY)
+    with torch.no_grad():
+        for p in model.parameters():  # no zero-initialised layer: the raw and EMA weights differ everywhere
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture
+def run(tmp_path) -> Path:
+    """A run directory holding one checkpoint (step 5) written by save_checkpoint, as training writes it."""
+    run = tmp_path / "run"
+    scheduler = NoiseScheduler(**TRAINED)
+    sample = SampleConfig(sampler="ddim", steps=2, n=3)
+    config = Config(model=TINY, diffusion=scheduler.config, sample=sample, output_dir=str(run))
+    save_config(config, run / "config.yaml")
+    try:
+        save_checkpoint(
+            Accelerator(cpu=True),
+            run,
+            TrainerState(step=5, ema_updates=5),
+            model=tiny_unet(0),
+            ema_model=tiny_unet(1),
+            noise_scheduler=scheduler,
+            keep=2,
+        )
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return run
+
+
+# --- the schedule travels with the weights ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("where", "use_ema", "label", "seed"),
+    [
+        ("run", True, "ema", 1),
+        ("checkpoint", True, "ema", 1),
+        ("checkpoint", False, "raw", 0),
+        ("ema folder", True, "ema", 1),
+    ],
+)
+def test_every_path_to_the_weights_samples_with_the_trained_schedule(run, where, use_ema, label, seed):
+    checkpoint = run / "checkpoints" / "step-0000005"
+    path = {"run": run, "checkpoint": checkpoint, "ema folder": checkpoint / "ema"}[where]
+    model, scheduler, got = load_for_sampling(path, use_ema=use_ema)
+    assert got == label
+    assert scheduler.config == NoiseScheduler(**TRAINED).config
+    torch.testing.assert_close(model.state_dict(), tiny_unet(seed).state_dict(), rtol=0, atol=0)
+
+
+def test_every_weights_folder_written_holds_its_schedule(run):
+    checkpoint = run / "checkpoints" / "step-0000005"
+    for folder, seed in ((checkpoint, 0), (checkpoint / "ema", 1)):
+        assert json.loads((folder / "noise_scheduler.json").read_text()) == NoiseScheduler(**TRAINED).config
+        model, scheduler = ddpm.load_pretrained(folder)
+        assert scheduler.config == NoiseScheduler(**TRAINED).config and not model.training
+        torch.testing.assert_close(model.state_dict(), tiny_unet(seed).state_dict(), rtol=0, atol=0)
+
+
+def test_a_checkpoint_ema_folder_written_before_the_schedule_travelled_takes_the_checkpoints(run):
+    ema = run / "checkpoints" / "step-0000005" / "ema"
+    (ema / "noise_scheduler.json").unlink()
+    assert ddpm.load_pretrained(ema)[1].config == NoiseScheduler(**TRAINED).config
+
+
+def test_save_and_load_pretrained_round_trip(tmp_path):
+    model, scheduler = tiny_unet(0), NoiseScheduler(**TRAINED)
+    ddpm.save_pretrained(tmp_path / "m", model, scheduler)
+    loaded, loaded_scheduler = ddpm.load_pretrained(tmp_path / "m")
+    assert loaded.config == model.config and loaded_scheduler.config == scheduler.config
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict(), rtol=0, atol=0)
+
+
+def test_a_folder_without_a_schedule_is_refused_saying_how_to_name_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny_unet(0).save_pretrained(tmp_path / "bare")
+    fix = (
+        r"bare has no noise_scheduler\.json, so the schedule its weights were trained with is unknown: copy "
+        r"the noise_scheduler\.json of the checkpoint they came from into it, write NoiseScheduler\(\.\.\.\)"
+        r"\.config there as JSON \(ddpm\.save_pretrained does\), or pass sample\.py --schedule FILE"
+    )
+    with pytest.raises(CheckpointError, match=fix):
+        ddpm.load_pretrained(tmp_path / "bare")
+    with pytest.raises(CheckpointError, match=fix):
+        load_for_sampling(tmp_path / "bare")
+    # --schedule names it: our noise_scheduler.json or a diffusers scheduler_config.json
+    (tmp_path / "ours.json").write_text(json.dumps(NoiseScheduler(**TRAINED).config))
+    diffusers = pytest.importorskip("diffusers")
+    diffusers.DDPMScheduler(**NoiseScheduler(**TRAINED).diffusers_config()).save_config(tmp_path)
+    for file in ("ours.json", "scheduler_config.json"):
+        _, scheduler, label = load_for_sampling(tmp_path / "bare", schedule=tmp_path / file)
+        assert scheduler.config == NoiseScheduler(**TRAINED).config and label == "raw"
+    ours = tmp_path / "ours.json"
+    grid = sample_checkpoint(
+        tmp_path / "bare", 1, default_config=ROOT / "configs" / "digits.yaml", steps=2, schedule=ours
+    )
+    assert grid == tmp_path / "sample-bare-raw-ddim2-seed0-n1.png" and grid.is_file()
+
+
+def test_sampling_an_ema_folder_writes_an_ema_grid_into_its_run(run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ema = run / "checkpoints" / "step-0000005" / "ema"
+    grid = sample_checkpoint(ema, 2, default_config=ROOT / "configs" / "digits.yaml")
+    # the run's sample: settings (ddim, 2 steps), not SampleConfig's defaults
+    assert grid == run / "samples" / "sample-step-0000005-ema-ddim2-seed0-n2.png" and grid.is_file()
+    with pytest.raises(CheckpointError, match=r"ema holds the EMA weights, but the raw ones were asked for"):
+        sample_checkpoint(ema, 2, default_config=ROOT / "configs" / "digits.yaml", use_ema=False)
+
+
+# --- grid file names ----------------------------------------------------------------------------------------
+
+
+def test_a_grid_is_named_after_what_made_it_and_never_replaces_another(run):
+    options = [
+        ({}, "ddim2-seed0-n2"),
+        ({"save_images": True, "n": 3}, "ddim2-seed0-n3"),
+        ({"class_label": 1, "guidance_scale": 3.0}, "ddim2-class1-guidance3-seed0-n2"),
+        ({"sampler": "ddim", "eta": 0.5, "seed": 7}, "ddim2-eta0.5-seed7-n2"),
+        ({"sampler": "ddpm", "steps": 3}, "ddpm3-seed0-n2"),
+    ]
+    grids = []
+    for kwargs, name in options:
+        kwargs = {"n": 2, **kwargs}
+        grid = sample_checkpoint(run, default_config=ROOT / "configs" / "digits.yaml", **kwargs)
+        assert grid == run / "samples" / f"sample-step-0000005-ema-{name}.png" and grid.is_file()
+        grids.append(grid)
+    assert sorted(p.name for p in (run / "samples").iterdir()) == sorted(
+        [*(g.name for g in grids), grids[1].stem]
+    )
+    assert len(list((run / "samples" / grids[1].stem).glob("*.png"))) == 3  # --save-images
+
+
+# --- independent noise --------------------------------------------------------------------------------------
+
+
+def test_every_random_draw_of_generate_is_independent(monkeypatch):
+    """x_T of every image and each ancestral noise draw of the ddpm sampler, per image: no two are alike (on
+    today's main the first noise of the first image of each batch was its x_T)."""
+    draws: list[torch.Tensor] = []
+    real_sample, real_randn = ddpm.generate.sample, samplers._randn
+
+    def recording_sample(*args, noise, **kwargs):
+        draws.extend(noise)
+        return real_sample(*args, noise=noise, **kwargs)
+
+    def recording_randn(*args, **kwargs):
+        out = real_randn(*args, **kwargs)
+        draws.extend(out)
+        return out
+
+    monkeypatch.setattr(ddpm.generate, "sample", recording_sample)
+    monkeypatch.setattr(samplers, "_randn", recording_randn)
+    model = lambda x, t, y: torch.zeros_like(x)  # noqa: E731
+    generate(model, NoiseScheduler(), 4, image_shape=(1, 16, 16), sampler="ddpm", steps=3, batch_size=2)
+    assert len(draws) == 4 + 2 * 2 * 2  # x_T of 4 images; 2 batches x 2 noisy steps x 2 images
+    flat = torch.stack([d.flatten() for d in draws])
+    flat = (flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True)
+    correlation = flat @ flat.T / (flat.shape[1] - 1)
+    off_diagonal = correlation - torch.eye(len(draws))
+    assert off_diagonal.abs().max() < 0.4, off_diagonal.abs().max()  # independent: |r| ~ 1/16
+
+
+def test_an_images_start_noise_does_not_depend_on_the_batch_size():
+    model = lambda x, t, y: 0.1 * x  # noqa: E731
+    options = dict(image_shape=(1, 8, 8), sampler="ddim", steps=3, seed=5)
+    whole = generate(model, NoiseScheduler(), 5, batch_size=5, **options)
+    torch.testing.assert_close(generate(model, NoiseScheduler(), 5, batch_size=2, **options), whole)
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+        generate(model, NoiseScheduler(), 1, **{**options, "seed": -1})
