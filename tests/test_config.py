@@ -1,4 +1,5 @@
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from ddpm.config import (
 )
 
 DIGITS_YAML = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+FOLDER_YAML = DIGITS_YAML.with_name("folder.yaml")
 
 
 def requires(*modules: str) -> None:
@@ -85,9 +87,10 @@ def test_overrides_of_each_type(tmp_path):
 def test_overrides_of_model_and_diffusion_keys(tmp_path):
     requires("ddpm.unet", "ddpm.scheduler")
     config = load_config(
-        None, ["model.channel_mult=[1,2]", "model.num_classes=null", "diffusion.beta_end=0.01"]
+        None,
+        ["model.channel_mult=[1,2]", "model.num_classes=null", "diffusion.beta_end=0.01", "data.channels=3"],
     )
-    assert config.model == {"channel_mult": [1, 2], "num_classes": None}
+    assert config.model == {"channel_mult": [1, 2], "num_classes": None, "image_size": 16}
     assert config.diffusion == {"beta_end": 0.01}
 
 
@@ -233,3 +236,70 @@ def test_save_load_round_trip_of_the_defaults(tmp_path):
     config = load_config(None, ["train.lr=1e-5", "train.warmup_steps=0", "data.root=null"])
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
+
+
+# -- settings of different sections that cannot work together: refused when the config is read, all at once
+
+
+def test_image_size_mismatch_is_refused_naming_both_keys():
+    with pytest.raises(ConfigError, match=r"model\.image_size=16 .*data\.image_size=32") as error:
+        load_config(DIGITS_YAML, ["data.image_size=32"])
+    assert "\n" not in str(error.value)
+
+
+def test_model_image_size_is_taken_from_data_when_absent(tmp_path):
+    text = "model:\n  in_channels: 1\n  out_channels: 1\n  channel_mult: [1, 2]\ndata:\n  image_size: 8\n"
+    config = load_config(write(tmp_path, text))
+    assert config.model["image_size"] == 8
+    assert load_config(write(tmp_path, text), ["data.image_size=12"]).model["image_size"] == 12
+    assert load_config(None) == Config()  # no model section: nothing to fill (a file for the data alone)
+
+
+def test_every_conflict_is_reported_at_once():
+    overrides = ["data.channels=3", "data.image_size=10", "data.labels=false", "data.dataset=folder"]
+    with pytest.raises(ConfigError) as error:
+        load_config(DIGITS_YAML, [*overrides, "sample.guidance_scale=2"])
+    message = str(error.value)
+    assert "\n" not in message
+    for pattern in [
+        r"^6 problems in the config: ",
+        r"model\.in_channels=1 but data\.channels=3: set model\.in_channels=3",
+        r"model\.out_channels=1 but data\.channels=3: set model\.out_channels=3",
+        r"model\.image_size=16 but data\.image_size=10: make them equal",
+        r"data\.image_size=10 is not divisible by 4 \(2\^\(levels-1\) for model\.channel_mult=\[1, 2, 2\]\)",
+        r"model\.num_classes=10 but data\.labels=false: set model\.num_classes=null or data\.labels=true",
+        r"data\.root is required for data\.dataset 'folder'",
+    ]:
+        assert re.search(pattern, message), (pattern, message)
+    with pytest.raises(
+        ConfigError, match=r"sample\.guidance_scale=2\.0 needs a class-conditional model: set sample\."
+    ):
+        load_config(DIGITS_YAML, ["model.num_classes=null", "data.labels=false", "sample.guidance_scale=2"])
+
+
+def test_unet_defaults_count_for_an_absent_model_key():
+    # model.in_channels is not in the file: UNet's default, 3, does not fit 1-channel data.
+    with pytest.raises(ConfigError, match=r"model\.in_channels=3 \(UNet's default\) but data\.channels=1"):
+        Config.from_dict({"model": {"out_channels": 1, "channel_mult": [1, 2]}, "data": {"image_size": 8}})
+
+
+def test_folder_config_loads_and_fits_its_model(tmp_path):
+    import torch
+    from PIL import Image
+
+    from ddpm.data import build_dataset
+    from ddpm.unet import UNet
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (80, 70), (40 * i, 90, 200)).save(folder / f"{i}.png")
+    with pytest.raises(ConfigError, match=r"data\.root is required for data\.dataset 'folder'"):
+        load_config(FOLDER_YAML)
+    config = load_config(FOLDER_YAML, [f"data.root={folder}"])
+    assert config.data.dataset == "folder" and not config.data.labels and "num_classes" not in config.model
+    model = UNet(**config.model)
+    image, label = build_dataset(config.data)[0]
+    assert image.shape == (config.data.channels, config.data.image_size, config.data.image_size)
+    with torch.no_grad():
+        assert model(image[None], 10).shape == image[None].shape
