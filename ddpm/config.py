@@ -266,7 +266,8 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
             "is the side the model samples at and that attention_resolutions refer to; left out, it is "
             "data.image_size)"
         )
-    factor = 2 ** (len(model["channel_mult"]) - 1)
+    levels = len(model["channel_mult"]) if isinstance(model["channel_mult"], list | tuple) else 1
+    factor = 2 ** (levels - 1)  # a channel_mult of the wrong type is left to UNet's own error
     if data.image_size % factor:
         problems.append(
             f"data.image_size={data.image_size} is not divisible by {factor} (2^(levels-1) for "

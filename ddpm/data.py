@@ -99,7 +99,8 @@ class ImageFolderDataset(Dataset):
                 raise DataError(
                     f"{len(loose)} images sit directly in data.root '{self.root}' (e.g. {loose[0].name}), "
                     "but data.labels=true reads each label from the first-level sub-folder name: move them "
-                    "into a sub-folder per class, or set data.labels=false"
+                    "into a sub-folder per class, or set data.labels=false (and model.num_classes=null: an "
+                    "unconditional model)"
                 )
             class_names = [f.relative_to(self.root).parts[0] for f in files]
             self.classes = sorted(set(class_names))

@@ -36,8 +36,8 @@ from ddpm.checkpoint import (
     load_training_state,
     save_checkpoint,
 )
-from ddpm.config import Config, ConfigError, save_config
-from ddpm.data import build_dataset
+from ddpm.config import Config, ConfigError, conflicts, raise_problems, save_config
+from ddpm.data import build_dataset, num_classes_of
 from ddpm.generate import generate, save_grid
 from ddpm.scheduler import NoiseScheduler
 from ddpm.unet import UNet
@@ -571,35 +571,22 @@ def _available_trackers() -> list[str]:
 
 
 def _check_compatible(model: UNet, dataset, config: Config) -> None:
-    """Stop before training when the data cannot go through the network, naming the keys to change."""
-    data = config.data
-    if model.config["in_channels"] != data.channels:
-        raise ConfigError(
-            f"model.in_channels={model.config['in_channels']} but data.channels={data.channels}; "
-            "make them equal"
+    """Stop before training when the data cannot go through the network, naming the keys to change: the
+    config's conflicts (`ddpm.config.conflicts`, for a Config built in code) and what only the loaded data
+    set says, its number of classes. Checked once here, so that the model's forward need not check labels."""
+    problems = conflicts(config, model.config)
+    classes = num_classes_of(dataset)
+    if model.num_classes and config.data.labels and not classes:
+        problems.append(
+            f"model.num_classes={model.num_classes} but the {config.data.dataset} data has no labels; "
+            "set model.num_classes=null"
         )
-    factor = 2 ** (len(model.config["channel_mult"]) - 1)
-    if data.image_size % factor:
-        raise ConfigError(
-            f"data.image_size={data.image_size} is not divisible by {factor} (2^(levels-1) for "
-            f"model.channel_mult={model.config['channel_mult']}); use a multiple of {factor} or fewer levels"
-        )
-    classes = getattr(dataset, "num_classes", None)
-    if model.num_classes and not classes:
-        raise ConfigError(
-            f"model.num_classes={model.num_classes} but the {data.dataset} data has no labels; "
-            "set model.num_classes=null or data.labels=true"
-        )
-    if model.num_classes and classes > model.num_classes:
-        raise ConfigError(
+    elif model.num_classes and classes > model.num_classes:
+        problems.append(
             f"the data has {classes} classes but model.num_classes={model.num_classes}; "
             f"set model.num_classes={classes}"
         )
-    if not model.num_classes and config.sample.guidance_scale != 1:
-        raise ConfigError(
-            f"sample.guidance_scale={config.sample.guidance_scale} needs a class-conditional model; "
-            "set sample.guidance_scale=1 or model.num_classes"
-        )
+    raise_problems(problems)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -1,8 +1,10 @@
 import importlib.util
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from ddpm.config import (
@@ -303,3 +305,21 @@ def test_folder_config_loads_and_fits_its_model(tmp_path):
     assert image.shape == (config.data.channels, config.data.image_size, config.data.image_size)
     with torch.no_grad():
         assert model(image[None], 10).shape == image[None].shape
+
+
+def test_trainer_checks_a_config_built_in_code_and_the_classes_of_the_data():
+    from ddpm.data import TensorImageDataset
+    from ddpm.trainer import _check_compatible
+    from ddpm.unet import UNet
+
+    tiny = dict(base_channels=8, channel_mult=[1, 2], attention_resolutions=[], image_size=8, norm_groups=4)
+    model = UNet(in_channels=1, out_channels=1, num_classes=3, **tiny)
+    data = DataConfig(image_size=8, channels=3)
+    five_classes = TensorImageDataset(torch.zeros(5, 3, 8, 8), torch.arange(5), num_classes=5)
+    with pytest.raises(
+        ConfigError, match=r"^3 problems .*in_channels=1 but .*out_channels=1 but .*5 classes"
+    ):
+        _check_compatible(model, five_classes, Config(model=model.config, data=data))
+    no_labels = TensorImageDataset(torch.zeros(5, 1, 8, 8), torch.full((5,), -1), num_classes=None)
+    with pytest.raises(ConfigError, match=r"^model\.num_classes=3 but the digits data has no labels"):
+        _check_compatible(model, no_labels, Config(model=model.config, data=replace(data, channels=1)))
