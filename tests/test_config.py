@@ -1,5 +1,8 @@
 import importlib.util
+import os
 import re
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -323,3 +326,27 @@ def test_trainer_checks_a_config_built_in_code_and_the_classes_of_the_data():
     no_labels = TensorImageDataset(torch.zeros(5, 1, 8, 8), torch.full((5,), -1), num_classes=None)
     with pytest.raises(ConfigError, match=r"^model\.num_classes=3 but the digits data has no labels"):
         _check_compatible(model, no_labels, Config(model=model.config, data=replace(data, channels=1)))
+
+
+@pytest.mark.parametrize("launcher", [["python"], ["accelerate", "launch", "-q"]], ids=" ".join)
+def test_a_bad_key_through_the_documented_commands_ends_with_our_line_and_status_1(launcher):
+    # README's commands: `python train.py` for one process, `accelerate launch -q train.py` where accelerate's
+    # own settings are wanted (without -q, accelerate prints its traceback after our line).
+    root = DIGITS_YAML.parents[1]
+    bin_dir = Path(sys.executable).parent
+    launch = [str(bin_dir / launcher[0]), *launcher[1:]]
+    if launcher[0] == "accelerate":
+        launch += ["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no"]
+        launch += ["--dynamo_backend", "no"]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*launch, "train.py", "train.stepz=1", "output_dir=never"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: unknown key 'train.stepz' in override 'train.stepz=1'"), result.stderr
