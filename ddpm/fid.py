@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ddpm.checkpoint import (
@@ -197,11 +197,15 @@ def reference_statistics(
     batch_size: int = 64,
     device: torch.device | str | None = None,
     progress: bool = True,
-) -> Statistics:
+    accelerator: Accelerator | None = None,
+) -> Statistics | None:
     """Inception statistics of every image of the data set `data` describes (random flips off).
 
     With `cache`, the statistics are read from that .npz file when it holds those of the same data set
-    (dataset, root, image_size, channels) and weights file, else computed and written there.
+    (dataset, root, image_size, channels) and weights file, else computed and written there. With
+    `accelerator` (every process must call this), they are computed only if some process lacks a valid
+    cache, each process embedding its batches (batch i on process i mod num_processes), gathered to the main
+    process, which writes the cache and returns the statistics (the others return None).
     """
     weights = resolve_weights(weights)
     data = dataclasses.replace(data, hflip=False)  # the statistics of the data, not of one random draw
@@ -214,27 +218,48 @@ def reference_statistics(
             "weights": weights.name,
         }
     )
-    if cache is not None and Path(cache).is_file():
-        stats, cached_key = _read_statistics(Path(cache))
-        if cached_key == key:
-            return stats
-        warnings.warn(
-            f"{cache} holds statistics of other data or weights ({cached_key}); recomputing", stacklevel=2
-        )
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    cached = _cached_statistics(cache, key)
+    if world > 1:  # all processes compute, or none: each one's cache may differ (a disk per machine)
+        everywhere = accelerator.gather(torch.tensor([int(cached is not None)], device=accelerator.device))
+        cached = cached if int(everywhere.min()) == 1 else None
+    if cached is not None:
+        return cached if rank == 0 else None
     dataset = build_dataset(data)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=data.num_workers)
+    chunks = [(start, min(batch_size, len(dataset) - start)) for start in range(0, len(dataset), batch_size)]
+    mine = chunks[rank::world]
+    indices = [i for start, size in mine for i in range(start, start + size)]
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=data.num_workers)
     features = inception_features(
         (to_uint8(images) for images, _ in loader),
         weights=weights,
         batch_size=batch_size,
         device=device,
-        total=len(dataset),
-        progress=progress,
+        total=len(indices),
+        progress=progress and rank == 0,
+        allow_empty=True,
     )
+    if world > 1:
+        features = _gather_chunks(features, chunks, accelerator)
+        if rank != 0:
+            return None
     stats = statistics(features)
     if cache is not None:
         save_statistics(stats, cache, key=key)
     return stats
+
+
+def _cached_statistics(cache: str | Path | None, key: str) -> Statistics | None:
+    """The statistics in `cache` when it holds those of `key`; a file of other data is reported."""
+    if cache is None or not Path(cache).is_file():
+        return None
+    stats, cached_key = _read_statistics(Path(cache))
+    if cached_key == key:
+        return stats
+    warnings.warn(
+        f"{cache} holds statistics of other data or weights ({cached_key}); recomputing", stacklevel=3
+    )
+    return None
 
 
 def source_statistics(

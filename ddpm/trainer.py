@@ -358,17 +358,16 @@ class Trainer:
             )
 
     def _fid_reference(self):
-        """Inception statistics of the training data, computed once per run directory (main process)."""
+        """Inception statistics of the training data, computed once per run directory, shared among the
+        processes; the main process holds them, the others None."""
         from ddpm import fid  # torch-fidelity loads only when FID is asked for
 
-        weights = fid.resolve_weights(self.config.train.fid_weights)  # a missing file stops before training
-        if not self.accelerator.is_main_process:
-            return None
         return fid.reference_statistics(
             self.config.data,
             cache=self.run_dir / "fid_reference.npz",
-            weights=weights,
+            weights=self.config.train.fid_weights,  # a missing file stops here, before training
             device=self.accelerator.device,
+            accelerator=self.accelerator,
         )
 
     def _log_fid(self, step: int, bar: tqdm) -> None:
