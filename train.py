@@ -1,6 +1,7 @@
 """Train a diffusion model.
 
-    accelerate launch train.py [--config configs/NAME.yaml] [key=value ...] [--resume [CHECKPOINT]]
+    python train.py [--config configs/NAME.yaml] [key=value ...] [--resume [CHECKPOINT]]
+    accelerate launch --multi_gpu --num_processes N train.py [...]       # several processes
 
 Overrides are dotted config keys, e.g. `train.steps=200 data.batch_size=32 output_dir=runs/try`.
 `--resume` alone continues the latest checkpoint of output_dir; `--resume PATH` continues that checkpoint, or
@@ -9,7 +10,9 @@ the latest one of the run directory PATH.
 Exit status: 0 when training finished; 1 with a one-line `error: ...` on stderr for bad input or a failure
 (config, data, checkpoint, NaN loss, a full disk, another process not answering); 128 + the signal number
 (130 for SIGINT, 143 for SIGTERM) when a signal stopped training after saving a checkpoint of the current
-step, and 130 when Ctrl-C came before training started (nothing to save).
+step, and 130 when Ctrl-C came before training started (nothing to save). A launcher reports its own status:
+`accelerate launch` exits 1 for any of these failures and signals, and prints a traceback after our line
+unless given -q (one process); see README, "Exit statuses and launchers".
 """
 
 import argparse

@@ -4,8 +4,10 @@
 given (a missing key takes the constructor's default); only their names are checked here, the constructors
 check the values. `data`, `train` and `sample` are dataclasses below: a missing key takes the default written
 there, and every value is checked for its type and range when the file is read, so that a typo stops the run
-before it starts rather than after an hour. Overrides are dotted `key=value` strings read as YAML scalars:
-`train.steps=200 data.batch_size=32 model.channel_mult=[1,2] output_dir=runs/try`.
+before it starts rather than after an hour. Settings of different sections that cannot work together
+(`conflicts`) are then reported all at once, in one error. `model.image_size`, when left out, is
+`data.image_size`: one value decides the image size. Overrides are dotted `key=value` strings read as YAML
+scalars: `train.steps=200 data.batch_size=32 model.channel_mult=[1,2] output_dir=runs/try`.
 """
 
 import copy
@@ -135,6 +137,62 @@ def save_config(config: Config, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[str]:
+    """The settings of different sections of `config` that cannot work together, each with its fix.
+
+    `model` is the UNet's whole config (every constructor argument, as `UNet.config`); by default
+    config.model over UNet's defaults. Only what is known without loading the data is checked here; the
+    Trainer adds what the data set itself says (its number of classes).
+    """
+    model_keys = config.model if model is None else model
+    model = {**_defaults(_constructor("model")), **config.model} if model is None else model
+    data, sample = config.data, config.sample
+
+    def key(name: str) -> str:
+        note = "" if name in model_keys else " (UNet's default)"
+        return f"model.{name}={_yaml(model[name])}{note}"
+
+    problems = []
+    for name in ("in_channels", "out_channels"):
+        if model[name] != data.channels:
+            problems.append(
+                f"{key(name)} but data.channels={data.channels}: set model.{name}={data.channels} "
+                "or change data.channels"
+            )
+    if model["image_size"] != data.image_size:
+        problems.append(
+            f"{key('image_size')} but data.image_size={data.image_size}: make them equal (model.image_size "
+            "is the side the model samples at and that attention_resolutions refer to; left out, it is "
+            "data.image_size)"
+        )
+    levels = len(model["channel_mult"]) if isinstance(model["channel_mult"], list | tuple) else 1
+    factor = 2 ** (levels - 1)  # a channel_mult of the wrong type is left to UNet's own error
+    if data.image_size % factor:
+        problems.append(
+            f"data.image_size={data.image_size} is not divisible by {factor} (2^(levels-1) for "
+            f"{key('channel_mult')}): use a multiple of {factor} or fewer levels"
+        )
+    if model["num_classes"] is not None and not data.labels:
+        problems.append(
+            f"{key('num_classes')} but data.labels=false: set model.num_classes=null or data.labels=true"
+        )
+    if model["num_classes"] is None and sample.guidance_scale != 1:
+        problems.append(
+            f"sample.guidance_scale={_yaml(sample.guidance_scale)} needs a class-conditional model: set "
+            "sample.guidance_scale=1 or model.num_classes"
+        )
+    return problems
+
+
+def raise_problems(problems: Sequence[str]) -> None:
+    """Raise one ConfigError, on one line, listing every problem (none: return)."""
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        listed = "; ".join(f"({i}) {problem}" for i, problem in enumerate(problems, 1))
+        raise ConfigError(f"{len(problems)} problems in the config: {listed}")
+
+
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "sample": SampleConfig}
 TOP_LEVEL_KEYS = ("model", "diffusion", "data", "train", "sample", "output_dir")
 
@@ -224,13 +282,18 @@ def _build(raw: Mapping[str, Any], where: Callable[[str], str]) -> Config:
                 name, sections[name], _keyword_arguments(constructor), where, f" ({constructor.__name__})"
             )
     built = {name: _build_section(name, sections[name], where) for name in SECTIONS}
-    data = built["data"]
+    model, data = sections["model"], built["data"]
+    if model:
+        model.setdefault("image_size", data.image_size)  # one value decides: the side of the data
+    config = Config(model=model, diffusion=sections["diffusion"], output_dir=output_dir, **built)
+    problems = conflicts(config) if model else []  # no model section: a file for the data alone
     if data.dataset != "digits" and data.root is None:
-        raise ConfigError(
+        problems.append(
             f"data.root is required for data.dataset '{data.dataset}' (in {where('data.dataset')}): "
             "the folder of images or the torchvision root, e.g. data.root=data/cifar10"
         )
-    return Config(model=sections["model"], diffusion=sections["diffusion"], output_dir=output_dir, **built)
+    raise_problems(problems)
+    return config
 
 
 def _build_section(section: str, values: dict[str, Any], where: Callable[[str], str]) -> Any:
@@ -294,6 +357,16 @@ def _constructor(section: str) -> type:
     from ddpm.scheduler import NoiseScheduler
 
     return NoiseScheduler
+
+
+def _defaults(constructor: type) -> dict[str, Any]:
+    parameters = inspect.signature(constructor).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not p.empty}
+
+
+def _yaml(value: Any) -> str:
+    """A value as it would be written in a config file or an override (null, false, [1, 2])."""
+    return yaml.safe_dump(_plain(value), default_flow_style=True).removesuffix("\n...\n").strip()
 
 
 def _keyword_arguments(constructor: type) -> list[str]:

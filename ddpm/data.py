@@ -8,7 +8,7 @@
 """
 
 import os
-import warnings
+import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, Subset, get_worker_info
 from torchvision.transforms import v2
+from tqdm.auto import tqdm
 
 from ddpm.config import DataConfig
 
@@ -99,7 +100,8 @@ class ImageFolderDataset(Dataset):
                 raise DataError(
                     f"{len(loose)} images sit directly in data.root '{self.root}' (e.g. {loose[0].name}), "
                     "but data.labels=true reads each label from the first-level sub-folder name: move them "
-                    "into a sub-folder per class, or set data.labels=false"
+                    "into a sub-folder per class, or set data.labels=false (and model.num_classes=null: an "
+                    "unconditional model)"
                 )
             class_names = [f.relative_to(self.root).parts[0] for f in files]
             self.classes = sorted(set(class_names))
@@ -127,7 +129,7 @@ class ImageFolderDataset(Dataset):
                     image = image.copy()
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
                 self._unreadable.add(i)
-                warnings.warn(f"skipping unreadable image {self.files[i]}: {error}", stacklevel=2)
+                _warn(f"skipping unreadable image {self.files[i]}: {error}")
                 continue
             return self.transform(image), self.targets[i]
         raise DataError(
@@ -257,12 +259,27 @@ def _convert(image: Image.Image, mode: str) -> Image.Image:
 
 
 def _image_files(root: Path) -> list[Path]:
-    files = []
+    """The image files under `root`, following symbolic links but reading each real folder once (the first
+    name in sorted order), so that a link cycle ends and an aliased folder is not counted twice."""
+    files, seen = [], set()
     for folder, subfolders, names in os.walk(root, followlinks=True):
-        subfolders[:] = [s for s in subfolders if not s.startswith(".")]
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(s for s in subfolders if not s.startswith("."))  # top-down, in sorted order
         names = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
         files += [Path(folder, n) for n in names]
     return sorted(files)
+
+
+def _warn(message: str) -> None:
+    """Print `warning: message` on a line of its own on stderr, clear of the training progress bar."""
+    if get_worker_info() is None:
+        tqdm.write(f"warning: {message}", file=sys.stderr)  # clears the bar, prints, draws the bar again
+    else:  # a DataLoader worker cannot clear the main process's bar: start a new line instead
+        print(f"\nwarning: {message}", file=sys.stderr, flush=True)
 
 
 DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {

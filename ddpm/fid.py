@@ -41,12 +41,12 @@ import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ddpm.checkpoint import (
@@ -60,6 +60,9 @@ from ddpm.config import DataConfig, SampleConfig, load_config
 from ddpm.data import _convert, _image_files, build_dataset
 from ddpm.generate import generate
 from ddpm.scheduler import NoiseScheduler
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 # The file torch-fidelity itself downloads (its URL_INCEPTION_V3); tests check that the two agree.
 WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -111,9 +114,11 @@ def fid_of_model(
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
-) -> float:
+    accelerator: Accelerator | None = None,
+) -> float | None:
     """FID of `n` images sampled from `model` (e.g. the EMA weights, during training) against `reference`
-    (from `reference_statistics`). See `model_statistics` for how the images are drawn."""
+    (from `reference_statistics`). See `model_statistics` for how the images are drawn and shared among the
+    processes of `accelerator`; the FID is returned on the main process, None on the others."""
     stats = model_statistics(
         model,
         scheduler,
@@ -123,7 +128,10 @@ def fid_of_model(
         batch_size=batch_size,
         seed=seed,
         progress=progress,
+        accelerator=accelerator,
     )
+    if stats is None:
+        return None
     return frechet_distance(reference.mu, reference.sigma, stats.mu, stats.sigma)
 
 
@@ -138,26 +146,46 @@ def model_statistics(
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
-) -> Statistics:
+    accelerator: Accelerator | None = None,
+) -> Statistics | None:
     """Inception statistics of `n` images drawn with `ddpm.generate.generate` and the sampler settings of
     `sample` (default: SampleConfig()), on the model's device.
 
     Image i starts from noise seeded `seed + i`, so repeated evaluations during training see the same noise.
     Class-conditional models get labels 0, 1, ... cycling over the classes (balanced, as the data usually
     are). The model is put in eval mode for sampling and left in the mode it came in.
+
+    With `accelerator` (an `accelerate.Accelerator`; every process must call this), the images are drawn in
+    chunks dealt out to the processes in turn, each process samples and embeds its own chunks, and the
+    features are gathered to the main process, which returns the statistics (the others return None). The
+    chunks, their seeds and labels are those of the single-process call, so the result is the same, in
+    1 / num_processes of the time.
     """
     weights = resolve_weights(weights)
     sample = sample or SampleConfig()
     device = next(model.parameters()).device
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    chunks = _chunks(model, n, batch_size)  # [(first image index, images)]
+    mine = chunks[rank::world]
     was_training = model.training
     model.eval()
     try:
-        batches = _sampled_batches(model, scheduler, n, sample=sample, batch_size=batch_size, seed=seed)
+        batches = _sampled_batches(model, scheduler, mine, sample=sample, batch_size=batch_size, seed=seed)
         features = inception_features(
-            batches, weights=weights, batch_size=batch_size, device=device, total=n, progress=progress
+            batches,
+            weights=weights,
+            batch_size=batch_size,
+            device=device,
+            total=sum(size for _, size in mine),
+            progress=progress and rank == 0,
+            allow_empty=True,
         )
     finally:
         model.train(was_training)
+    if world > 1:
+        features = _gather_chunks(features, chunks, accelerator)
+        if not accelerator.is_main_process:
+            return None
     return statistics(features)
 
 
@@ -169,11 +197,15 @@ def reference_statistics(
     batch_size: int = 64,
     device: torch.device | str | None = None,
     progress: bool = True,
-) -> Statistics:
+    accelerator: Accelerator | None = None,
+) -> Statistics | None:
     """Inception statistics of every image of the data set `data` describes (random flips off).
 
     With `cache`, the statistics are read from that .npz file when it holds those of the same data set
-    (dataset, root, image_size, channels) and weights file, else computed and written there.
+    (dataset, root, image_size, channels) and weights file, else computed and written there. With
+    `accelerator` (every process must call this), they are computed only if some process lacks a valid
+    cache, each process embedding its batches (batch i on process i mod num_processes), gathered to the main
+    process, which writes the cache and returns the statistics (the others return None).
     """
     weights = resolve_weights(weights)
     data = dataclasses.replace(data, hflip=False)  # the statistics of the data, not of one random draw
@@ -186,27 +218,48 @@ def reference_statistics(
             "weights": weights.name,
         }
     )
-    if cache is not None and Path(cache).is_file():
-        stats, cached_key = _read_statistics(Path(cache))
-        if cached_key == key:
-            return stats
-        warnings.warn(
-            f"{cache} holds statistics of other data or weights ({cached_key}); recomputing", stacklevel=2
-        )
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    cached = _cached_statistics(cache, key)
+    if world > 1:  # all processes compute, or none: each one's cache may differ (a disk per machine)
+        everywhere = accelerator.gather(torch.tensor([int(cached is not None)], device=accelerator.device))
+        cached = cached if int(everywhere.min()) == 1 else None
+    if cached is not None:
+        return cached if rank == 0 else None
     dataset = build_dataset(data)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=data.num_workers)
+    chunks = [(start, min(batch_size, len(dataset) - start)) for start in range(0, len(dataset), batch_size)]
+    mine = chunks[rank::world]
+    indices = [i for start, size in mine for i in range(start, start + size)]
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=data.num_workers)
     features = inception_features(
         (to_uint8(images) for images, _ in loader),
         weights=weights,
         batch_size=batch_size,
         device=device,
-        total=len(dataset),
-        progress=progress,
+        total=len(indices),
+        progress=progress and rank == 0,
+        allow_empty=True,
     )
+    if world > 1:
+        features = _gather_chunks(features, chunks, accelerator)
+        if rank != 0:
+            return None
     stats = statistics(features)
     if cache is not None:
         save_statistics(stats, cache, key=key)
     return stats
+
+
+def _cached_statistics(cache: str | Path | None, key: str) -> Statistics | None:
+    """The statistics in `cache` when it holds those of `key`; a file of other data is reported."""
+    if cache is None or not Path(cache).is_file():
+        return None
+    stats, cached_key = _read_statistics(Path(cache))
+    if cached_key == key:
+        return stats
+    warnings.warn(
+        f"{cache} holds statistics of other data or weights ({cached_key}); recomputing", stacklevel=3
+    )
+    return None
 
 
 def source_statistics(
@@ -319,12 +372,14 @@ def inception_features(
     device: torch.device | str | None = None,
     total: int | None = None,
     progress: bool = True,
+    allow_empty: bool = False,
 ) -> np.ndarray:
     """Inception pool3 features (N, 2048) float64 of uint8 images (N, C, H, W), C = 1 or 3, any H and W.
 
     `images` is one tensor or an iterable of such batches (read or generated lazily); each batch is run in
     pieces of at most `batch_size`. `total` (the number of images, when known) sizes the progress bar.
-    The network runs in float32 even inside an autocast region.
+    The network runs in float32 even inside an autocast region. No images: ValueError, or (0, 2048) features
+    with `allow_empty`.
     """
     device = _device(device)
     network = _inception(resolve_weights(weights), device)
@@ -337,9 +392,9 @@ def inception_features(
                     (pool3,) = network(piece.to(device))  # (n, 3, H, W) uint8 -> (n, 2048) float32
                 features.append(pool3.double().cpu().numpy())
                 bar.update(len(piece))
-    if not features:
+    if not features and not allow_empty:
         raise ValueError("no images to compute Inception features of")
-    return np.concatenate(features)
+    return np.concatenate(features) if features else np.zeros((0, FEATURE_DIM))
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -429,26 +484,32 @@ def _source_pair(
     return source_statistics(real, **options), source_statistics(fake, **options)
 
 
+def _chunks(model: torch.nn.Module, n: int, batch_size: int) -> list[tuple[int, int]]:
+    """The (first image index, number of images) of each call of `generate` that draws n images: chunks whose
+    size is a multiple of the class count, because `generate` cycles labels from 0 in every call, so only
+    such chunks keep the classes balanced (and equal to one big call)."""
+    classes = getattr(model, "num_classes", None) or 1
+    chunk = -(-batch_size // classes) * classes
+    return [(start, min(chunk, n - start)) for start in range(0, n, chunk)]
+
+
 def _sampled_batches(
     model: torch.nn.Module,
     scheduler: NoiseScheduler,
-    n: int,
+    chunks: list[tuple[int, int]],
     *,
     sample: SampleConfig,
     batch_size: int,
     seed: int,
 ) -> Iterator[torch.Tensor]:
-    """uint8 images from `generate`, in chunks whose size is a multiple of the class count: `generate` cycles
-    labels from 0 in every call, so only such chunks keep the classes balanced (and equal to one big call)."""
+    """uint8 images from `generate`, one batch per chunk of `_chunks` (image i seeded seed + i)."""
     config = model.config
     shape = (config["in_channels"], config["image_size"], config["image_size"])
-    classes = getattr(model, "num_classes", None) or 1
-    chunk = -(-batch_size // classes) * classes
-    for start in range(0, n, chunk):
+    for start, size in chunks:
         images = generate(
             model,
             scheduler,
-            min(chunk, n - start),
+            size,
             image_shape=shape,
             sampler=sample.sampler,
             steps=sample.steps,
@@ -459,6 +520,28 @@ def _sampled_batches(
             device=next(model.parameters()).device,
         )
         yield to_uint8(images)
+
+
+def _gather_chunks(
+    features: np.ndarray, chunks: list[tuple[int, int]], accelerator: Accelerator
+) -> np.ndarray:
+    """All processes' features (n, D), in the order of `chunks`, from each process's own: the features of
+    chunks[rank::world] on process rank. Collective: every process calls it; all get the result."""
+    world = accelerator.num_processes
+    counts = [sum(size for _, size in chunks[rank::world]) for rank in range(world)]
+    rows = max(counts)
+    padded = torch.zeros(rows, FEATURE_DIM, dtype=torch.float64)  # gather needs one shape everywhere
+    padded[: len(features)] = torch.from_numpy(features)
+    gathered = (
+        accelerator.gather(padded.to(accelerator.device)).cpu().numpy().reshape(world, rows, FEATURE_DIM)
+    )
+    taken = [0] * world  # rows of each process's features already put in order
+    ordered = []
+    for index, (_, size) in enumerate(chunks):
+        rank = index % world
+        ordered.append(gathered[rank, taken[rank] : taken[rank] + size])
+        taken[rank] += size
+    return np.concatenate(ordered)
 
 
 def _folder_batches(files: list[Path], batch_size: int) -> Iterator[torch.Tensor]:

@@ -36,8 +36,8 @@ from ddpm.checkpoint import (
     load_training_state,
     save_checkpoint,
 )
-from ddpm.config import Config, ConfigError, save_config
-from ddpm.data import build_dataset
+from ddpm.config import Config, ConfigError, conflicts, raise_problems, save_config
+from ddpm.data import build_dataset, num_classes_of
 from ddpm.ema import EMA
 from ddpm.generate import generate, save_grid
 from ddpm.scheduler import NoiseScheduler
@@ -402,37 +402,40 @@ class Trainer:
             )
 
     def _fid_reference(self):
-        """Inception statistics of the training data, computed once per run directory (main process)."""
+        """Inception statistics of the training data, computed once per run directory, shared among the
+        processes; the main process holds them, the others None."""
         from ddpm import fid  # torch-fidelity loads only when FID is asked for
 
-        weights = fid.resolve_weights(self.config.train.fid_weights)  # a missing file stops before training
-        if not self.accelerator.is_main_process:
-            return None
         return fid.reference_statistics(
             self.config.data,
             cache=self.run_dir / "fid_reference.npz",
-            weights=weights,
+            weights=self.config.train.fid_weights,  # a missing file stops here, before training
             device=self.accelerator.device,
+            accelerator=self.accelerator,
         )
 
     def _log_fid(self, step: int, bar: tqdm) -> None:
-        """FID of `train.fid_n` EMA samples against the data, logged as {"step", "fid"} (main process)."""
+        """FID of `train.fid_n` EMA samples against the data, logged as {"step", "fid"}.
+
+        Every process samples and embeds its share of the images (`fid.model_statistics`), so FID takes
+        1 / num_processes of the time and no process waits idle in a collective for the whole of it.
+        """
         from ddpm import fid
 
+        with self.accelerator.autocast():
+            value = fid.fid_of_model(
+                self.ema.module,
+                self.noise_scheduler,
+                self.fid_reference,
+                self.config.train.fid_n,
+                sample=self.config.sample,
+                weights=self.config.train.fid_weights,
+                seed=self.config.train.seed,
+                progress=False,
+                accelerator=self.accelerator,
+            )
         if self.accelerator.is_main_process:
-            with self.accelerator.autocast():
-                value = fid.fid_of_model(
-                    self.ema.module,
-                    self.noise_scheduler,
-                    self.fid_reference,
-                    self.config.train.fid_n,
-                    sample=self.config.sample,
-                    weights=self.config.train.fid_weights,
-                    seed=self.config.train.seed,
-                    progress=False,
-                )
             self._log({"step": step, "fid": value}, bar)
-        self.accelerator.wait_for_everyone()
 
     def _sample_grid(self, step: int) -> None:
         """Write samples/step-NNNNNNN-ema.png from the EMA weights (main process only, own RNG)."""
@@ -629,35 +632,22 @@ def _available_trackers() -> list[str]:
 
 
 def _check_compatible(model: UNet, dataset, config: Config) -> None:
-    """Stop before training when the data cannot go through the network, naming the keys to change."""
-    data = config.data
-    if model.config["in_channels"] != data.channels:
-        raise ConfigError(
-            f"model.in_channels={model.config['in_channels']} but data.channels={data.channels}; "
-            "make them equal"
+    """Stop before training when the data cannot go through the network, naming the keys to change: the
+    config's conflicts (`ddpm.config.conflicts`, for a Config built in code) and what only the loaded data
+    set says, its number of classes. Checked once here, so that the model's forward need not check labels."""
+    problems = conflicts(config, model.config)
+    classes = num_classes_of(dataset)
+    if model.num_classes and config.data.labels and not classes:
+        problems.append(
+            f"model.num_classes={model.num_classes} but the {config.data.dataset} data has no labels; "
+            "set model.num_classes=null"
         )
-    factor = 2 ** (len(model.config["channel_mult"]) - 1)
-    if data.image_size % factor:
-        raise ConfigError(
-            f"data.image_size={data.image_size} is not divisible by {factor} (2^(levels-1) for "
-            f"model.channel_mult={model.config['channel_mult']}); use a multiple of {factor} or fewer levels"
-        )
-    classes = getattr(dataset, "num_classes", None)
-    if model.num_classes and not classes:
-        raise ConfigError(
-            f"model.num_classes={model.num_classes} but the {data.dataset} data has no labels; "
-            "set model.num_classes=null or data.labels=true"
-        )
-    if model.num_classes and classes > model.num_classes:
-        raise ConfigError(
+    elif model.num_classes and classes > model.num_classes:
+        problems.append(
             f"the data has {classes} classes but model.num_classes={model.num_classes}; "
             f"set model.num_classes={classes}"
         )
-    if not model.num_classes and config.sample.guidance_scale != 1:
-        raise ConfigError(
-            f"sample.guidance_scale={config.sample.guidance_scale} needs a class-conditional model; "
-            "set sample.guidance_scale=1 or model.num_classes"
-        )
+    raise_problems(problems)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -1,7 +1,13 @@
 import importlib.util
+import os
+import re
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from ddpm.config import (
@@ -15,6 +21,7 @@ from ddpm.config import (
 )
 
 DIGITS_YAML = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+FOLDER_YAML = DIGITS_YAML.with_name("folder.yaml")
 
 
 def requires(*modules: str) -> None:
@@ -85,9 +92,10 @@ def test_overrides_of_each_type(tmp_path):
 def test_overrides_of_model_and_diffusion_keys(tmp_path):
     requires("ddpm.unet", "ddpm.scheduler")
     config = load_config(
-        None, ["model.channel_mult=[1,2]", "model.num_classes=null", "diffusion.beta_end=0.01"]
+        None,
+        ["model.channel_mult=[1,2]", "model.num_classes=null", "diffusion.beta_end=0.01", "data.channels=3"],
     )
-    assert config.model == {"channel_mult": [1, 2], "num_classes": None}
+    assert config.model == {"channel_mult": [1, 2], "num_classes": None, "image_size": 16}
     assert config.diffusion == {"beta_end": 0.01}
 
 
@@ -233,3 +241,112 @@ def test_save_load_round_trip_of_the_defaults(tmp_path):
     config = load_config(None, ["train.lr=1e-5", "train.warmup_steps=0", "data.root=null"])
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
+
+
+# -- settings of different sections that cannot work together: refused when the config is read, all at once
+
+
+def test_image_size_mismatch_is_refused_naming_both_keys():
+    with pytest.raises(ConfigError, match=r"model\.image_size=16 .*data\.image_size=32") as error:
+        load_config(DIGITS_YAML, ["data.image_size=32"])
+    assert "\n" not in str(error.value)
+
+
+def test_model_image_size_is_taken_from_data_when_absent(tmp_path):
+    text = "model:\n  in_channels: 1\n  out_channels: 1\n  channel_mult: [1, 2]\ndata:\n  image_size: 8\n"
+    config = load_config(write(tmp_path, text))
+    assert config.model["image_size"] == 8
+    assert load_config(write(tmp_path, text), ["data.image_size=12"]).model["image_size"] == 12
+    assert load_config(None) == Config()  # no model section: nothing to fill (a file for the data alone)
+
+
+def test_every_conflict_is_reported_at_once():
+    overrides = ["data.channels=3", "data.image_size=10", "data.labels=false", "data.dataset=folder"]
+    with pytest.raises(ConfigError) as error:
+        load_config(DIGITS_YAML, [*overrides, "sample.guidance_scale=2"])
+    message = str(error.value)
+    assert "\n" not in message
+    for pattern in [
+        r"^6 problems in the config: ",
+        r"model\.in_channels=1 but data\.channels=3: set model\.in_channels=3",
+        r"model\.out_channels=1 but data\.channels=3: set model\.out_channels=3",
+        r"model\.image_size=16 but data\.image_size=10: make them equal",
+        r"data\.image_size=10 is not divisible by 4 \(2\^\(levels-1\) for model\.channel_mult=\[1, 2, 2\]\)",
+        r"model\.num_classes=10 but data\.labels=false: set model\.num_classes=null or data\.labels=true",
+        r"data\.root is required for data\.dataset 'folder'",
+    ]:
+        assert re.search(pattern, message), (pattern, message)
+    with pytest.raises(
+        ConfigError, match=r"sample\.guidance_scale=2\.0 needs a class-conditional model: set sample\."
+    ):
+        load_config(DIGITS_YAML, ["model.num_classes=null", "data.labels=false", "sample.guidance_scale=2"])
+
+
+def test_unet_defaults_count_for_an_absent_model_key():
+    # model.in_channels is not in the file: UNet's default, 3, does not fit 1-channel data.
+    with pytest.raises(ConfigError, match=r"model\.in_channels=3 \(UNet's default\) but data\.channels=1"):
+        Config.from_dict({"model": {"out_channels": 1, "channel_mult": [1, 2]}, "data": {"image_size": 8}})
+
+
+def test_folder_config_loads_and_fits_its_model(tmp_path):
+    import torch
+    from PIL import Image
+
+    from ddpm.data import build_dataset
+    from ddpm.unet import UNet
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (80, 70), (40 * i, 90, 200)).save(folder / f"{i}.png")
+    with pytest.raises(ConfigError, match=r"data\.root is required for data\.dataset 'folder'"):
+        load_config(FOLDER_YAML)
+    config = load_config(FOLDER_YAML, [f"data.root={folder}"])
+    assert config.data.dataset == "folder" and not config.data.labels and "num_classes" not in config.model
+    model = UNet(**config.model)
+    image, label = build_dataset(config.data)[0]
+    assert image.shape == (config.data.channels, config.data.image_size, config.data.image_size)
+    with torch.no_grad():
+        assert model(image[None], 10).shape == image[None].shape
+
+
+def test_trainer_checks_a_config_built_in_code_and_the_classes_of_the_data():
+    from ddpm.data import TensorImageDataset
+    from ddpm.trainer import _check_compatible
+    from ddpm.unet import UNet
+
+    tiny = dict(base_channels=8, channel_mult=[1, 2], attention_resolutions=[], image_size=8, norm_groups=4)
+    model = UNet(in_channels=1, out_channels=1, num_classes=3, **tiny)
+    data = DataConfig(image_size=8, channels=3)
+    five_classes = TensorImageDataset(torch.zeros(5, 3, 8, 8), torch.arange(5), num_classes=5)
+    with pytest.raises(
+        ConfigError, match=r"^3 problems .*in_channels=1 but .*out_channels=1 but .*5 classes"
+    ):
+        _check_compatible(model, five_classes, Config(model=model.config, data=data))
+    no_labels = TensorImageDataset(torch.zeros(5, 1, 8, 8), torch.full((5,), -1), num_classes=None)
+    with pytest.raises(ConfigError, match=r"^model\.num_classes=3 but the digits data has no labels"):
+        _check_compatible(model, no_labels, Config(model=model.config, data=replace(data, channels=1)))
+
+
+@pytest.mark.parametrize("launcher", [["python"], ["accelerate", "launch", "-q"]], ids=" ".join)
+def test_a_bad_key_through_the_documented_commands_ends_with_our_line_and_status_1(launcher):
+    # README's commands: `python train.py` for one process, `accelerate launch -q train.py` where accelerate's
+    # own settings are wanted (without -q, accelerate prints its traceback after our line).
+    root = DIGITS_YAML.parents[1]
+    bin_dir = Path(sys.executable).parent
+    launch = [str(bin_dir / launcher[0]), *launcher[1:]]
+    if launcher[0] == "accelerate":
+        launch += ["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no"]
+        launch += ["--dynamo_backend", "no"]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*launch, "train.py", "train.stepz=1", "output_dir=never"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: unknown key 'train.stepz' in override 'train.stepz=1'"), result.stderr

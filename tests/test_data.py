@@ -1,6 +1,7 @@
 import os
 import pickle
 import struct
+import sys
 import warnings
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import Subset
+from tqdm import tqdm
 
 from ddpm.config import DataConfig
 from ddpm.data import DataError, build_dataset, num_classes_of
@@ -134,7 +136,7 @@ def test_folder_errors(tmp_path):
         build_dataset(DataConfig(dataset="folder", root=str(tmp_path / "loose")))
 
 
-def test_folder_skips_corrupt_and_truncated_files_with_a_warning(tmp_path):
+def test_folder_skips_corrupt_and_truncated_files_with_a_warning(tmp_path, capsys):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "1_garbage.png").write_bytes(b"this is not a png" * 10)
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), np.uint8)).save(tmp_path / "full.png")
@@ -144,19 +146,32 @@ def test_folder_skips_corrupt_and_truncated_files_with_a_warning(tmp_path):
     (tmp_path / "full.png").unlink()
     dataset = build_dataset(DataConfig(dataset="folder", root=str(tmp_path), image_size=8))
     assert len(dataset) == 3
-    with pytest.warns(UserWarning) as record:
-        image, label = dataset[0]  # both bad files are tried, then replaced by the next readable one
-    assert [str(w.message).split(":")[0] for w in record] == [
-        f"skipping unreadable image {tmp_path / 'a' / '1_garbage.png'}",
-        f"skipping unreadable image {tmp_path / 'a' / '2_truncated.png'}",
+    bar = tqdm(total=10, file=sys.stderr, desc="train")  # as the Trainer draws it: no newline after it
+    bar.update(3)
+    capsys.readouterr()
+    image, label = dataset[0]  # both bad files are tried, then replaced by the next readable one
+    bar.close()
+    # Each warning on a line of its own (the bar cleared before it), naming the file, not a torch module.
+    lines = [line.split("\r")[-1] for line in capsys.readouterr().err.split("\n")]
+    assert [line.split(": ")[:2] for line in lines if line.startswith("warning")] == [
+        ["warning", f"skipping unreadable image {tmp_path / 'a' / '1_garbage.png'}"],
+        ["warning", f"skipping unreadable image {tmp_path / 'a' / '2_truncated.png'}"],
     ]
     assert torch.equal(image, torch.ones(1, 8, 8)) and label.item() == 0
     (tmp_path / "a" / "3_white.png").write_bytes(b"broken too")
-    with (
-        pytest.warns(UserWarning),
-        pytest.raises(DataError, match=r"none of the 3 images under data\.root '\S+' can be read"),
-    ):
+    with pytest.raises(DataError, match=r"none of the 3 images under data\.root '\S+' can be read"):
         dataset[2]
+    assert f"warning: skipping unreadable image {tmp_path / 'a' / '3_white.png'}: " in capsys.readouterr().err
+
+
+def test_folder_reads_each_real_folder_once_through_symlink_cycles(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    Image.new("L", (8, 8), 255).save(tmp_path / "a" / "b" / "white.png")
+    # a/b/up/b/up/... without end (one cycle, not two: two would make today's walk exponential, not finite)
+    (tmp_path / "a" / "b" / "up").symlink_to(tmp_path / "a")
+    (tmp_path / "c").symlink_to(tmp_path / "a" / "b")  # a second name for a/b: read once, as a/b
+    dataset = build_dataset(DataConfig(dataset="folder", root=str(tmp_path), image_size=8))
+    assert dataset.files == [tmp_path / "a" / "b" / "white.png"] and dataset.classes == ["a"]
 
 
 def write_cifar10(root, n: int = 2) -> list[tuple[np.ndarray, list[int]]]:

@@ -525,7 +525,7 @@ def test_a_damaged_or_foreign_checkpoint_is_a_one_line_error(
             ["model.channel_mult=3"],
             r"^error: model: 'int' object is not iterable \(the model section holds UNet's",
         ),
-        (["model.image_size=7"], r"model\.image_size: image_size=7 must be divisible"),
+        (["model.image_size=7"], r"model\.image_size=7 but data\.image_size=8: make them equal"),
         (
             ["data.image_size=12", "model.channel_mult=[1,1,2,2]"],
             r"data\.image_size=12 is not divisible by 8",

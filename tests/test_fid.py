@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -323,7 +324,13 @@ def tiny_run(run: Path) -> tuple[UNet, NoiseScheduler, SampleConfig]:
     scheduler = NoiseScheduler(num_train_timesteps=50)
     sample = SampleConfig(sampler="ddim", steps=2, guidance_scale=1.5)
     save_config(
-        Config(model=model.config, diffusion=scheduler.config, sample=sample, output_dir=str(run)),
+        Config(
+            model=model.config,
+            diffusion=scheduler.config,
+            data=DataConfig(image_size=8),
+            sample=sample,
+            output_dir=str(run),
+        ),
         run / "config.yaml",
     )
     checkpoint = checkpoint_path(run, 5)
@@ -353,6 +360,100 @@ def test_a_run_directory_is_sampled_with_its_settings_and_fid_of_model_matches(t
     )
     assert abs(value) < 1e-6 * np.trace(expected.sigma)  # the same images: FID 0
     assert model.training  # handed back in the mode it came in
+
+
+class ThreadedProcesses:
+    """Stands in for an Accelerator of `world` processes, each a thread: `gather` exchanges tensors through
+    a barrier and concatenates them in process order, as accelerate.Accelerator.gather does."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, world: int):
+        self.world, self.barrier, self.slots = world, threading.Barrier(world), [None] * world
+        self.local = threading.local()
+
+    def run(self, function) -> list:
+        results = [None] * self.world
+
+        def target(rank):
+            self.local.rank = rank
+            results[rank] = function()
+
+        threads = [threading.Thread(target=target, args=(rank,)) for rank in range(self.world)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return results
+
+    @property
+    def process_index(self) -> int:
+        return self.local.rank
+
+    @property
+    def num_processes(self) -> int:
+        return self.world
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.local.rank == 0
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.slots[self.local.rank] = tensor
+        self.barrier.wait()
+        gathered = torch.cat(self.slots)
+        self.barrier.wait()  # every process has read the slots before they are written again
+        return gathered
+
+
+def test_sharded_model_statistics_equal_the_single_process_ones(tmp_path, random_weights):
+    model, scheduler, sample = tiny_run(tmp_path / "run")
+    # 2 classes, batch_size 1: chunks of 2 images; n=7 gives 4 chunks (the last one partial) for 3 processes.
+    options = dict(sample=sample, weights=random_weights, batch_size=1, seed=3, progress=False)
+    single = fid.model_statistics(model, scheduler, 7, **options)
+    processes = ThreadedProcesses(3)
+    sampled = []
+    original = fid.generate
+
+    def recording(model, scheduler, n, **kwargs):
+        sampled.append((processes.process_index, kwargs["seed"], n))
+        return original(model, scheduler, n, **kwargs)
+
+    with mock.patch("ddpm.fid.generate", recording):
+        results = processes.run(
+            lambda: fid.model_statistics(model, scheduler, 7, accelerator=processes, **options)
+        )
+    # Each process sampled its own chunks (seeds = the chunks' first image indices + 3), none twice.
+    assert sorted(sampled) == [(0, 3, 2), (0, 9, 1), (1, 5, 2), (2, 7, 2)]
+    assert results[1:] == [None, None]  # the statistics are the main process's
+    assert results[0].n == single.n == 7
+    np.testing.assert_array_equal(results[0].mu, single.mu)
+    np.testing.assert_array_equal(results[0].sigma, single.sigma)
+
+
+def test_sharded_reference_statistics_equal_the_single_process_ones(tmp_path, random_weights):
+    write_pngs(tmp_path / "data", random_uint8(7, channels=1, size=8), mode="L")
+    data = DataConfig(dataset="folder", root=str(tmp_path / "data"), image_size=8, labels=False)
+    options = dict(weights=random_weights, batch_size=2, device="cpu", progress=False)
+    single = fid.reference_statistics(data, **options)
+    processes = ThreadedProcesses(3)
+    cache = tmp_path / "reference.npz"
+    with mock.patch("ddpm.fid.inception_features", wraps=fid.inception_features) as embed:
+        results = processes.run(
+            lambda: fid.reference_statistics(data, cache=cache, accelerator=processes, **options)
+        )
+    assert sorted(call.kwargs["total"] for call in embed.call_args_list) == [2, 2, 3]  # 4 batches of 2 and 1
+    assert results[1:] == [None, None]
+    np.testing.assert_array_equal(results[0].mu, single.mu)
+    np.testing.assert_array_equal(results[0].sigma, single.sigma)
+    np.testing.assert_array_equal(
+        fid.load_statistics(cache).mu, single.mu
+    )  # written once, by the main process
+    with mock.patch("ddpm.fid.build_dataset", side_effect=AssertionError("recomputed")):
+        results = processes.run(
+            lambda: fid.reference_statistics(data, cache=cache, accelerator=processes, **options)
+        )
+    np.testing.assert_array_equal(results[0].mu, single.mu)
 
 
 def test_training_logs_the_fid_of_its_ema_weights(tmp_path, random_weights):
@@ -385,3 +486,43 @@ def test_training_logs_the_fid_of_its_ema_weights(tmp_path, random_weights):
     fids = [r for r in records if "fid" in r]
     assert [r["step"] for r in fids] == [2] and np.isfinite(fids[0]["fid"]) and fids[0]["fid"] > 0
     assert fid.load_statistics(tmp_path / "run" / "fid_reference.npz").n == 6  # the whole data set
+
+
+def test_two_processes_over_gloo_share_the_fid_and_log_what_one_process_computes(tmp_path, random_weights):
+    from test_train import TINY, run_script
+
+    from ddpm.checkpoint import latest_checkpoint, load_for_sampling
+
+    write_pngs(tmp_path / "data", random_uint8(6, channels=1, size=8), mode="L")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run = tmp_path / "run"
+    overrides = [
+        *TINY,
+        "data.dataset=folder",
+        f"data.root={tmp_path / 'data'}",
+        "data.labels=false",
+        "data.batch_size=3",
+        "model.num_classes=null",
+        "train.steps=2",
+        "train.checkpoint_every=2",
+        "train.sample_every=0",
+        "train.fid_every=2",
+        "train.fid_n=5",
+        f"train.fid_weights={random_weights}",
+        f"output_dir={run}",
+    ]
+    config = Path(__file__).parents[1] / "configs" / "digits.yaml"
+    result = run_script(
+        str(Path(__file__).parents[1] / "train.py"), "--config", str(config), *overrides, cwd=tmp_path,
+        launcher=launcher,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "fid" in r]
+    # The EMA weights of the step-2 checkpoint made the logged FID: one process gets the same number.
+    model, scheduler, _ = load_for_sampling(latest_checkpoint(run))
+    reference = fid.load_statistics(run / "fid_reference.npz")
+    assert reference.n == 6
+    sample = load_config(run / "config.yaml").sample
+    expected = fid.fid_of_model(model, scheduler, reference, 5, sample=sample, weights=random_weights)
+    assert record["step"] == 2 and record["fid"] == pytest.approx(expected, rel=1e-4)

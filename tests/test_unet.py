@@ -201,8 +201,6 @@ def test_from_pretrained_errors(tmp_path):
         ({}, lambda m: m(torch.randn(2, 3, 8, 8), torch.zeros(3)), r"shape \(N,\) = \(2,\)"),
         ({}, lambda m: m(torch.randn(2, 3, 8, 8), 1, torch.zeros(2, dtype=torch.long)), "no class embedding"),
         ({"num_classes": 3}, lambda m: m(torch.randn(2, 3, 8, 8), 1), "model.null_class"),
-        ({"num_classes": 3}, lambda m: m(torch.randn(2, 3, 8, 8), 1, torch.tensor([0, 4])), r"\[0, 3\]"),
-        ({"num_classes": 3}, lambda m: m(torch.randn(2, 3, 8, 8), 1, torch.tensor([-1, 0])), r"\[0, 3\]"),
         (
             {"num_classes": 3},
             lambda m: m(torch.randn(2, 3, 8, 8), 1, torch.tensor([0.0, 1.0])),
@@ -285,3 +283,17 @@ def test_bf16_autocast_on_cpu():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     out.float().square().mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_forward_reads_no_value_from_the_device(monkeypatch):
+    # A host sync per step (reading a device value, e.g. to check the label range) would stall the GPU:
+    # labels are checked where they enter (the data set against model.num_classes, the sampling entry).
+    model = tiny(num_classes=3)
+    x, t = inputs()
+
+    def sync(*args):
+        raise AssertionError("forward read a tensor value on the host")
+
+    for name in ("__bool__", "item", "__int__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    assert model(x, t, torch.tensor([0, 3])).shape == x.shape
