@@ -34,7 +34,6 @@ import pickle
 import shutil
 import warnings
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -45,6 +44,7 @@ from safetensors.torch import load_file
 from ddpm.config import SampleConfig, load_config
 from ddpm.scheduler import NoiseScheduler
 from ddpm.unet import UNet, diffusers_unet_folder, weight_mismatches
+from ddpm.version import ddpm_version
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -61,14 +61,6 @@ _WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit; the message says what to do."""
-
-
-def ddpm_version() -> str:
-    """The installed version of this package, or "unknown" when it runs from a source tree not installed."""
-    try:
-        return version("ddpm")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 @dataclass

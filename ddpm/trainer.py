@@ -93,9 +93,9 @@ class Trainer:
         )
         if self.accelerator.device.type == "cpu":
             torch.set_num_threads(train.cpu_threads or _cpu_threads_per_process())
-        # Different noise on each process; the same data order and initial weights everywhere (DDP broadcasts
-        # rank 0's weights and the seedable sampler shares one permutation that Accelerate then shards).
-        set_seed(train.seed, device_specific=True)
+        # The same initial weights on every process (so the EMA starts from what DDP trains), then different
+        # noise on each; the seedable sampler shares one data permutation that Accelerate then shards.
+        set_seed(train.seed)
 
         self.dataset = build_dataset(config.data)
         self.noise_scheduler = _construct(NoiseScheduler, "diffusion", config.diffusion)
@@ -104,6 +104,8 @@ class Trainer:
         if train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.null_class = self.model.null_class
+        self.ema = EMA(self.model, train.ema_decay, warmup=train.ema_warmup)
+        set_seed(train.seed, device_specific=True)
 
         optimizer = torch.optim.AdamW(
             self.model.parameters(),
@@ -125,8 +127,7 @@ class Trainer:
             generator=torch.Generator().manual_seed(train.seed),
         )
         self.model, self.optimizer, self.loader = self.accelerator.prepare(self.model, optimizer, loader)
-        # Copied after `prepare`, which gives every process rank 0's initial weights.
-        self.ema = EMA(self.accelerator.unwrap_model(self.model), train.ema_decay, warmup=train.ema_warmup)
+        self.ema.module.to(self.accelerator.device)
         self.losses = RunningLoss(train.grad_accum, self.accelerator.device)
         self.forward = torch.compile(self.model) if train.compile else self.model
 

@@ -17,7 +17,6 @@ Conditioning: emb = MLP(sinusoid(t)) + label_embedding(y), handed to every ResBl
 
 from __future__ import annotations
 
-import importlib.metadata
 import inspect
 import json
 import math
@@ -31,6 +30,8 @@ from einops import rearrange
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from ddpm.version import ddpm_version
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -247,7 +248,7 @@ class UNet(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         config = {
             "class": type(self).__name__,
-            "ddpm_version": importlib.metadata.version("ddpm"),
+            "ddpm_version": ddpm_version(),
             **self.config,
         }
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")

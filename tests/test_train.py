@@ -156,6 +156,8 @@ def test_the_package_imports_without_being_installed(tmp_path):
         "metadata.version = version\n"
         "import ddpm, ddpm.checkpoint\n"
         "print(ddpm.checkpoint.TrainerState(step=0, ema_updates=0).ddpm_version)\n"
+        "model = ddpm.UNet(base_channels=8, channel_mult=(1,), attention_resolutions=(), norm_groups=4)\n"
+        f"model.save_pretrained({str(tmp_path / 'unet')!r})\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
@@ -163,6 +165,7 @@ def test_the_package_imports_without_being_installed(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "unknown"
+    assert json.loads((tmp_path / "unet" / "config.json").read_text())["ddpm_version"] == "unknown"
 
 
 def test_nan_loss_stops_naming_the_step_and_saves_nothing_after_it(tmp_path):
