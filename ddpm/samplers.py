@@ -6,9 +6,10 @@ Every sampler is a function with one signature (k-diffusion style):
 
 where `denoise(x_t, t) -> (x0, eps)` is the model call followed by the scheduler's one conversion
 (`NoiseScheduler.predict_x0_and_eps`), x is x_T, and `timesteps` (steps,) is the descending list of the
-scheduler's `inference_timesteps`. The next timestep is always read from that list; after its last entry comes
-alpha_bar = 1 (diffusers' set_alpha_to_one), so the final step returns the predicted x0. Samplers work in x's
-dtype (float32, or float64 when given float64 noise) whatever precision the model runs in.
+scheduler's `inference_timesteps` (with drop_last=True for "dpm++", diffusers' DPM-Solver grid). The next
+timestep is always read from that list; after its last entry comes alpha_bar = 1 (diffusers'
+set_alpha_to_one), so the final step returns the predicted x0. Samplers work in x's dtype (float32, or
+float64 when given float64 noise) whatever precision the model runs in.
 """
 
 from collections.abc import Callable, Sequence
@@ -48,7 +49,8 @@ def sample(
     shape: (N, C, H, W) of x_T drawn from `generator`, or `noise`: x_T itself; exactly one of the two.
         Drawn noise is float32 on the generator's device (so a CPU generator gives the same images on any
         device), then moved to the model's device (the device of its first parameter; else the generator's).
-    sampler: a key of SAMPLERS. steps: 1..num_train_timesteps, spaced by `scheduler.timestep_spacing`.
+    sampler: a key of SAMPLERS. steps: network calls (without guidance), 1..num_train_timesteps, spaced by
+        `scheduler.timestep_spacing` as diffusers' scheduler of the same sampler spaces them.
     eta: DDIM stochasticity in [0, 1] (Song et al. 2021, Eq. 16); only the "ddim" sampler takes a nonzero eta.
     variance: "fixed_small" (posterior variance beta-tilde) or "fixed_large" (beta); used by "ddpm" only.
     y: (N,) class labels or None. guidance_scale: classifier-free guidance weight s (Ho & Salimans 2022);
@@ -64,7 +66,9 @@ def sample(
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     if eta != 0.0 and sampler != "ddim":
         raise ValueError(f"eta={eta} applies only to sampler='ddim', not {sampler!r}; leave eta at 0")
-    timesteps = scheduler.inference_timesteps(steps)  # validates steps
+    # DPM-Solver++ ends with a first-order step to alpha_bar = 1 and needs no network call at t = 0: it takes
+    # diffusers' DPMSolverMultistepScheduler grid. DDPM and DDIM keep DDPMScheduler's and DDIMScheduler's.
+    timesteps = scheduler.inference_timesteps(steps, drop_last=sampler == "dpm++")
     x = _initial_noise(model, shape, noise, generator)
     y = _check_labels(y, x, guidance_scale)
     if guidance_scale != 1.0:

@@ -44,7 +44,7 @@ class NoiseScheduler:
         rescale_betas_zero_snr: bool = False,  # rescale so that alpha_bar_{T-1} = 0 (Lin et al. 2024, Alg. 1)
         clip_sample: bool = False,  # clamp the x0 estimate to [-clip_sample_range, clip_sample_range]
         clip_sample_range: float = 1.0,
-        timestep_spacing: str = "leading",  # inference timesteps: one of TIMESTEP_SPACINGS (as in diffusers)
+        timestep_spacing: str = "trailing",  # inference timesteps: one of TIMESTEP_SPACINGS (as in diffusers)
         steps_offset: int = 0,  # added to "leading" timesteps (as in diffusers)
     ):
         _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
@@ -206,29 +206,35 @@ class NoiseScheduler:
             weight = snr.clamp(max=min_snr_gamma) / (snr + 1)
         return weight.float()
 
-    def inference_timesteps(self, steps: int) -> Tensor:
+    def inference_timesteps(self, steps: int, *, drop_last: bool = False) -> Tensor:
         """The `steps` timesteps a sampler visits, descending; (steps,) long on the CPU.
 
         Same meaning as diffusers' `timestep_spacing` (Lin et al. 2024, Table 2); with
-        T = num_train_timesteps, i = 0 .. steps-1 and round-half-to-even in float64 (as numpy does there):
-        "leading": i * (T // steps) + steps_offset (never reaches T-1 unless steps = T);
-        "trailing": round(T - i * T / steps) - 1 (always starts at T-1);
-        "linspace": round(i * (T - 1) / (steps - 1)).
+        T = num_train_timesteps, n = steps, i = 0 .. n-1 and round-half-to-even in float64 (as numpy does):
+        "leading": i * (T // n) + steps_offset (never reaches T-1 unless n = T);
+        "trailing": round(T - i * T / n) - 1 (always starts at T-1; the default: Lin et al. 2024, Sec. 3.3);
+        "linspace": round(i * (T - 1) / (n - 1)).
         Unlike diffusers' "trailing" (whose float arange returns steps + 1 values, the last -1, for some step
         counts such as 61 of 1000), this always returns exactly `steps` timesteps.
+
+        drop_last: lay out n = steps + 1 timesteps and return all but the last, as diffusers'
+        DPMSolverMultistepScheduler does for "leading" and "linspace". Their last timestep is then about
+        T / (steps + 1) rather than 0 (or steps_offset), where a step to alpha_bar = 1 would spend a network
+        call on almost nothing. "trailing" ends at T / steps - 1 already and ignores it, as does steps = T.
         """
         T = self.num_train_timesteps
         if not isinstance(steps, int) or not 1 <= steps <= T:
             raise ValueError(f"steps must be an integer in 1..num_train_timesteps={T}, got {steps!r}")
-        i = torch.arange(steps, dtype=torch.float64)
+        n = steps + 1 if drop_last and self.timestep_spacing != "trailing" and steps < T else steps
+        i = torch.arange(n, dtype=torch.float64)
         if self.timestep_spacing == "leading":
-            timesteps = (i * (T // steps) + self.steps_offset).flip(0)
+            timesteps = (i * (T // n) + self.steps_offset).flip(0)
         elif self.timestep_spacing == "trailing":
-            delta = (T - T / steps) - T  # numpy's float arange steps by its first difference, not by -T/steps
+            delta = (T - T / n) - T  # numpy's float arange steps by its first difference, not by -T/n
             timesteps = torch.round(T + i * delta) - 1
         else:
-            timesteps = torch.round(i * ((T - 1) / max(steps - 1, 1))).flip(0)
-        timesteps = timesteps.long()
+            timesteps = torch.round(i * ((T - 1) / max(n - 1, 1))).flip(0)
+        timesteps = timesteps[:steps].long()
         if timesteps[0] >= T:
             raise ValueError(
                 f"steps_offset={self.steps_offset} with steps={steps} and 'leading' spacing gives timestep "

@@ -45,13 +45,18 @@ def run_diffusers(ref, model, x, generator=None) -> torch.Tensor:
 # --- agreement with diffusers -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_ddim_trajectory_matches_diffusers(prediction_type):
-    """50 steps, eta 0, leading spacing, no clipping, set_alpha_to_one; diffusers as shipped (float32)."""
-    ref = DDIMScheduler(prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=True)
+def test_ddim_trajectory_matches_diffusers(prediction_type, spacing):
+    """50 steps, eta 0, no clipping, set_alpha_to_one; diffusers as shipped (float32). Not "linspace": there
+    DDIMScheduler steps to t - T // steps instead of the next timestep of its list (diffusers #12633)."""
+    ref = DDIMScheduler(
+        prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=True, timestep_spacing=spacing
+    )
     ref.set_timesteps(50)
     expected = run_diffusers(ref, LinearToy(), x_T())
-    ours = sample(LinearToy(), NoiseScheduler(prediction_type=prediction_type), noise=x_T(), progress=False)
+    scheduler = NoiseScheduler(prediction_type=prediction_type, timestep_spacing=spacing)
+    ours = sample(LinearToy(), scheduler, noise=x_T(), progress=False)
     assert ours.dtype == torch.float64
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
 
@@ -61,8 +66,12 @@ def test_ddim_trajectory_matches_diffusers(prediction_type):
 def test_ddim_trajectory_matches_diffusers_exactly_on_the_same_table(prediction_type, clip):
     """With diffusers given our float64 alpha_bar the step arithmetic agrees to rounding. Clipping re-derives
     eps from the clipped x0, which is diffusers' use_clipped_model_output=True."""
-    ours = NoiseScheduler(prediction_type=prediction_type, clip_sample=clip, clip_sample_range=0.5)
-    ref = DDIMScheduler(prediction_type=prediction_type, clip_sample=clip, clip_sample_range=0.5)
+    ours = NoiseScheduler(
+        prediction_type=prediction_type, clip_sample=clip, clip_sample_range=0.5, timestep_spacing="leading"
+    )
+    ref = DDIMScheduler(
+        prediction_type=prediction_type, clip_sample=clip, clip_sample_range=0.5, timestep_spacing="leading"
+    )
     ref.alphas_cumprod = ours.alphas_cumprod.clone()
     ref.set_timesteps(20)
     model, x = LinearToy(), x_T()
@@ -108,28 +117,32 @@ def test_ddpm_trajectory_matches_diffusers(spacing, variance, steps):
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("steps", [10, 25])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_dpmpp_2m_matches_diffusers(prediction_type, steps):
-    """DPMSolverMultistepScheduler(dpmsolver++, order 2, lower_order_final) on our timesteps. Its `step` casts
-    x to float32 and keeps sigmas in float32, so agreement is to float32 accuracy (a few 1e-5)."""
-    ours = NoiseScheduler(prediction_type=prediction_type)
-    ref = DPMSolverMultistepScheduler(
-        prediction_type=prediction_type, algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True
-    )
-    ref.set_timesteps(timesteps=ours.inference_timesteps(steps).tolist())
+def test_dpmpp_2m_matches_diffusers(prediction_type, steps, spacing):
+    """DPMSolverMultistepScheduler as shipped (dpmsolver++, order 2, final sigma 0), with its own timesteps
+    for each spacing: "leading" and "linspace" lay out steps + 1 and drop the last, which we do too. Its
+    `step` casts x to float32 and keeps sigmas in float32, so float64 agreement is to float32 accuracy (a few
+    1e-5)."""
+    ours = NoiseScheduler(prediction_type=prediction_type, timestep_spacing=spacing)
+    ref = DPMSolverMultistepScheduler(prediction_type=prediction_type, timestep_spacing=spacing)
+    ref.set_timesteps(steps)
     expected = run_diffusers(ref, LinearToy(), x_T())
-    got = sample(LinearToy(), ours, noise=x_T(), sampler="dpm++", steps=steps, progress=False)
+    model = LinearToy()
+    got = sample(model, ours, noise=x_T(), sampler="dpm++", steps=steps, progress=False)
+    assert [int(t[0]) for _, t, _ in model.calls] == ref.timesteps.tolist()
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_dpmpp_2m_matches_diffusers_update_rules_in_float64(prediction_type):
+def test_dpmpp_2m_matches_diffusers_update_rules_in_float64(prediction_type, spacing):
     """diffusers' first- and second-order update functions driven in float64 (no float32 casts): exact."""
-    ours = NoiseScheduler(prediction_type=prediction_type)
+    ours = NoiseScheduler(prediction_type=prediction_type, timestep_spacing=spacing)
     ref = DPMSolverMultistepScheduler(prediction_type=prediction_type, algorithm_type="dpmsolver++")
-    timesteps = ours.inference_timesteps(10)
+    timesteps = ours.inference_timesteps(10, drop_last=True)
     ref.set_timesteps(timesteps=timesteps.tolist())
     ab = ours.alphas_cumprod[timesteps]
     ref.sigmas = torch.cat([((1 - ab) / ab).sqrt(), torch.zeros(1, dtype=torch.float64)])
@@ -229,7 +242,8 @@ def test_model_sees_every_timestep_of_the_list_as_a_long_batch(name):
     sample(model, scheduler, SHAPE, sampler=name, steps=7, progress=False)
     seen = torch.stack([t for _, t, _ in model.calls])  # (steps, N)
     assert seen.dtype == torch.long and seen.shape == (7, SHAPE[0])
-    assert torch.equal(seen[:, 0], scheduler.inference_timesteps(7)) and torch.equal(seen[:, 0], seen[:, 1])
+    expected = scheduler.inference_timesteps(7, drop_last=name == "dpm++")
+    assert torch.equal(seen[:, 0], expected) and torch.equal(seen[:, 0], seen[:, 1])
 
 
 def test_ddpm_with_all_training_steps_visits_every_timestep():

@@ -4,7 +4,7 @@ import inspect
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from ddpm.scheduler import NoiseScheduler
 
@@ -168,6 +168,39 @@ def test_inference_timesteps_match_diffusers(spacing, steps):
     assert torch.equal(ours, ref.timesteps)
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+@pytest.mark.parametrize("steps", [1, 7, 10, 50, 250, 999])
+@pytest.mark.parametrize(
+    ("spacing", "steps_offset"), [("leading", 0), ("leading", 1), ("trailing", 0), ("linspace", 0)]
+)
+def test_drop_last_timesteps_are_dpm_solvers(spacing, steps_offset, steps):
+    """drop_last=True: DPMSolverMultistepScheduler's grid ("leading" and "linspace": steps + 1 timesteps, the
+    last dropped), so that no network call is spent at t = 0 before the step to alpha_bar = 1."""
+    scheduler = NoiseScheduler(timestep_spacing=spacing, steps_offset=steps_offset)
+    if steps_offset == 1 and steps == 999:  # diffusers indexes past its table here; we refuse
+        with pytest.raises(ValueError, match="steps_offset=1 with steps=999"):
+            scheduler.inference_timesteps(steps, drop_last=True)
+        return
+    ref = DPMSolverMultistepScheduler(timestep_spacing=spacing, steps_offset=steps_offset)
+    ref.set_timesteps(steps)
+    ours = scheduler.inference_timesteps(steps, drop_last=True)
+    assert ours.dtype == torch.long and ours.shape == (steps,)
+    assert torch.equal(ours, ref.timesteps)
+    assert ours.min() > 0 or spacing == "trailing"  # trailing reaches 0 only near steps = T, as diffusers'
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_drop_last_with_every_timestep_visits_every_timestep(spacing):
+    timesteps = NoiseScheduler(timestep_spacing=spacing).inference_timesteps(1000, drop_last=True)
+    assert timesteps.tolist() == list(range(999, -1, -1))
+
+
+def test_default_spacing_is_trailing():
+    """Lin et al. 2024: the first step starts from t = T - 1, where x_T ~ N(0, I) was trained."""
+    assert NoiseScheduler().config["timestep_spacing"] == "trailing"
+    assert NoiseScheduler().inference_timesteps(10)[0] == 999
+
+
 def test_trailing_timesteps_keep_their_count_where_diffusers_adds_minus_one():
     ref = DDIMScheduler(timestep_spacing="trailing")
     ref.set_timesteps(61)  # diffusers' float arange yields 62 values here, the last -1
@@ -179,7 +212,7 @@ def test_trailing_timesteps_keep_their_count_where_diffusers_adds_minus_one():
 def test_leading_steps_offset_matches_diffusers_and_overflow_is_an_error():
     ref = DDIMScheduler(steps_offset=1)
     ref.set_timesteps(50)
-    s = NoiseScheduler(steps_offset=1)
+    s = NoiseScheduler(steps_offset=1, timestep_spacing="leading")
     assert torch.equal(s.inference_timesteps(50), ref.timesteps)
     with pytest.raises(ValueError, match="steps_offset=1 with steps=1000"):
         s.inference_timesteps(1000)
