@@ -136,6 +136,34 @@ def test_dpmpp_2m_matches_diffusers(prediction_type, steps, spacing):
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+def test_diffusers_schedulers_from_our_config_with_clipping_match_our_samplers(sampler):
+    """NoiseScheduler.diffusers_config(cls) builds each diffusers scheduler so that it computes what our
+    sampler does, clip_sample included (DPM-Solver's thresholding at sample_max_value=1). The toy's x0 leaves
+    [-1, 1], so the clamp is active."""
+    cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}[sampler]
+    ours = NoiseScheduler(clip_sample=True, timestep_spacing="leading")
+    ref = cls(**ours.diffusers_config(cls))
+    ref.set_timesteps(10)
+    kwargs = {
+        "ddpm": {"generator": torch.Generator().manual_seed(3)},
+        "ddim": {"use_clipped_model_output": True},  # we re-derive eps from the clipped x0
+        "dpm++": {},
+    }[sampler]
+    model, x, clamped = LinearToy(), x_T(), []
+    for t in ref.timesteps:
+        out = model(x, t.repeat(x.shape[0]))
+        clamped.append(ours.predict_x0_and_eps(out, x, t.repeat(x.shape[0]))[0].abs().max() == 1.0)
+        x = ref.step(out, t, x, **kwargs).prev_sample
+    assert any(clamped)  # the clamp was active
+    generator = torch.Generator().manual_seed(3)
+    got = sample(
+        LinearToy(), ours, noise=x_T(), sampler=sampler, steps=10, generator=generator, progress=False
+    )
+    torch.testing.assert_close(got, x, rtol=0, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_dpmpp_2m_matches_diffusers_update_rules_in_float64(prediction_type, spacing):

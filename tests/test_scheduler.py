@@ -271,3 +271,65 @@ def test_coefficients_follow_input_dtype_at_least_float32():
         x = torch.randn(2, 1, 2, 2).to(dtype)
         assert s.add_noise(x, x, t).dtype == expected
     assert s.snr(t).dtype == torch.float64
+
+
+# --- diffusers configs --------------------------------------------------------------------------------------
+
+DIFFUSERS_SCHEDULERS = [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler]
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+@pytest.mark.parametrize("by_name", [False, True])
+@pytest.mark.parametrize("cls", DIFFUSERS_SCHEDULERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("clip_sample", [False, True])
+def test_diffusers_config_builds_each_diffusers_scheduler_and_round_trips(cls, by_name, clip_sample):
+    ours = NoiseScheduler(
+        beta_schedule="cosine",
+        prediction_type="v_prediction",
+        timestep_spacing="linspace",
+        steps_offset=1,
+        clip_sample=clip_sample,
+    )
+    kwargs = ours.diffusers_config(cls.__name__ if by_name else cls)
+    for theirs in (cls(**kwargs), cls.from_config(kwargs)):
+        assert type(theirs) is cls and theirs.config.beta_schedule == "squaredcos_cap_v2"
+        assert (
+            theirs.config.prediction_type == "v_prediction" and theirs.config.timestep_spacing == "linspace"
+        )
+        torch.testing.assert_close(ours.alphas_cumprod.float(), theirs.alphas_cumprod, rtol=0, atol=1e-6)
+        assert NoiseScheduler.from_diffusers_config(dict(theirs.config)).config == ours.config
+    assert NoiseScheduler.from_diffusers_config(kwargs).config == ours.config
+
+
+def test_diffusers_config_sets_the_samplers_maths():
+    """DDIM steps to alpha_bar = 1 at the end; DPM-Solver is DPM-Solver++(2M) ending at sigma = 0; clipping
+    to [-1, 1] is DPM-Solver's thresholding with sample_max_value = 1 (its clamp is then exactly [-1, 1])."""
+    scheduler = NoiseScheduler(clip_sample=True)
+    assert scheduler.diffusers_config("DDIMScheduler")["set_alpha_to_one"] is True
+    dpm = scheduler.diffusers_config("DPMSolverMultistepScheduler")
+    assert "clip_sample" not in dpm and "clip_sample_range" not in dpm
+    assert dpm["thresholding"] is True and dpm["sample_max_value"] == 1.0
+    assert (dpm["algorithm_type"], dpm["solver_order"], dpm["final_sigmas_type"]) == (
+        "dpmsolver++",
+        2,
+        "zero",
+    )
+    assert scheduler.diffusers_config() == scheduler.diffusers_config("DDPMScheduler")
+
+
+def test_diffusers_config_refuses_what_the_target_cannot_express():
+    with pytest.raises(ValueError, match="clip_sample_range=0.5 .*DPMSolverMultistepScheduler"):
+        NoiseScheduler(clip_sample=True, clip_sample_range=0.5).diffusers_config(DPMSolverMultistepScheduler)
+    with pytest.raises(ValueError, match="unknown diffusers scheduler 'EulerDiscreteScheduler'; valid: DDPM"):
+        NoiseScheduler().diffusers_config("EulerDiscreteScheduler")
+
+
+def test_from_diffusers_config_reads_thresholding_at_one_as_clipping():
+    """_threshold_sample clamps its percentile s to [1, sample_max_value]: at 1 that is x0.clamp(-1, 1)."""
+    base = dict(DDPMScheduler(clip_sample=False).config)
+    clipped = NoiseScheduler.from_diffusers_config({**base, "thresholding": True, "sample_max_value": 1.0})
+    assert clipped.config["clip_sample"] is True and clipped.config["clip_sample_range"] == 1.0
+    both = {**base, "thresholding": True, "clip_sample": True, "clip_sample_range": 0.5}
+    assert NoiseScheduler.from_diffusers_config(both).config["clip_sample_range"] == 0.5
+    with pytest.raises(ValueError, match="thresholding with sample_max_value=2.0"):
+        NoiseScheduler.from_diffusers_config({**base, "thresholding": True, "sample_max_value": 2.0})
