@@ -9,7 +9,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import nn
 
-from ddpm.samplers import SAMPLERS, posterior, sample
+from ddpm.config import ConfigError, load_config
+from ddpm.samplers import SAMPLERS, SampleOptionError, check_sample_options, posterior, sample
 from ddpm.scheduler import NoiseScheduler
 
 SHAPE = (2, 3, 4, 4)
@@ -468,15 +469,15 @@ def test_progress_bar_can_be_turned_off(capsys):
 
 
 def test_unknown_sampler_lists_the_valid_names():
-    with pytest.raises(ValueError, match=r"unknown sampler 'euler'; valid: ddpm, ddim, dpm\+\+"):
+    with pytest.raises(ValueError, match=r"invalid sampler='euler': expected one of ddpm, ddim, dpm\+\+"):
         sample(LinearToy(), NoiseScheduler(), SHAPE, sampler="euler")
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"steps": 0}, "steps must be an integer in 1..num_train_timesteps=1000"),
-        ({"steps": 1001}, "steps must be an integer in 1..num_train_timesteps=1000"),
+        ({"steps": 0}, "invalid steps=0: expected an integer in 1..num_train_timesteps=1000"),
+        ({"steps": 1001}, "invalid steps=1001: expected an integer in 1..num_train_timesteps=1000"),
         ({"noise": torch.zeros(SHAPE)}, "exactly one of shape"),
         ({"shape": None}, "exactly one of shape"),
         ({"y": torch.tensor([1, 2, 3])}, r"y must have shape \(2,\)"),
@@ -484,11 +485,113 @@ def test_unknown_sampler_lists_the_valid_names():
             {"variance": "fixed_large_log"},
             "unknown variance 'fixed_large_log'; valid: fixed_small, fixed_large",
         ),
-        ({"eta": 1.5}, r"eta must be in \[0, 1\]"),
-        ({"sampler": "ddpm", "eta": 0.5}, "applies only to sampler='ddim'"),
+        ({"eta": 1.5}, r"invalid eta=1.5: expected a number in \[0, 1\]"),
+        (
+            {"sampler": "ddpm", "eta": 0.5},
+            "expected 0 with sampler 'ddpm' \\(eta applies only to sampler 'ddim'",
+        ),
+        ({"guidance_scale": -1.0}, "invalid guidance_scale=-1.0: expected a finite number >= 0"),
     ],
 )
 def test_invalid_arguments(kwargs, message):
     kwargs = {"shape": SHAPE, "progress": False, **kwargs}
     with pytest.raises(ValueError, match=message):
         sample(LinearToy(), NoiseScheduler(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"sampler": "plms"}, r"invalid sampler='plms': expected one of ddpm, ddim, dpm\+\+"),
+        ({"steps": 0}, r"invalid steps=0: expected an integer in 1\.\.num_train_timesteps=100$"),
+        ({"steps": 101}, r"invalid steps=101: expected an integer in 1\.\.num_train_timesteps=100$"),
+        ({"steps": 2.0}, r"invalid steps=2\.0: expected an integer"),
+        ({"steps": True}, r"invalid steps=True: expected an integer"),
+        ({"eta": -0.1}, r"invalid eta=-0\.1: expected a number in \[0, 1\]"),
+        ({"eta": 1.5}, r"invalid eta=1\.5: expected a number in \[0, 1\]"),
+        ({"eta": float("nan")}, r"invalid eta=nan: expected a number in \[0, 1\]"),
+        ({"sampler": "dpm++", "eta": 0.5}, r"invalid eta=0\.5: expected 0 with sampler 'dpm\+\+'"),
+        ({"guidance_scale": -0.5}, r"invalid guidance_scale=-0\.5: expected a finite number >= 0"),
+        ({"guidance_scale": float("inf")}, r"invalid guidance_scale=inf: expected a finite number >= 0"),
+    ],
+)
+def test_check_sample_options_names_the_option_and_its_range(options, message):
+    options = {"sampler": "ddim", "steps": 10, "eta": 0.0, "guidance_scale": 1.0, **options}
+    with pytest.raises(SampleOptionError, match=message) as caught:
+        check_sample_options(**options, num_train_timesteps=100)
+    assert isinstance(caught.value, ValueError) and caught.value.option in options
+
+
+def test_check_sample_options_accepts_the_bounds():
+    check_sample_options(sampler="ddim", steps=100, eta=1, guidance_scale=0, num_train_timesteps=100)
+    check_sample_options(sampler="dpm++", steps=1, eta=0.0, guidance_scale=7.5, num_train_timesteps=100)
+    check_sample_options(sampler="ddpm", steps=5000, eta=0, guidance_scale=1.0)  # no T: steps >= 1 only
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["sample.eta=1.5"],
+            r"invalid value 1\.5 for 'sample\.eta' in override 'sample\.eta=1\.5': expected a ",
+        ),
+        (
+            ["sample.sampler=ddpm", "sample.eta=0.5"],
+            r"invalid value 0\.5 for 'sample\.eta' in override 'sample\.eta=0\.5': expected 0 with sampler "
+            "'ddpm'",
+        ),
+        (
+            ["diffusion.num_train_timesteps=100", "sample.steps=200"],
+            r"invalid value 200 for 'sample\.steps' .*: expected an integer in 1\.\.num_train_timesteps=100",
+        ),
+        (["sample.steps=1001"], r"'sample\.steps' .*: expected an integer in 1\.\.num_train_timesteps=1000"),
+        (["sample.steps=0"], r"'sample\.steps' .*: expected an integer in 1\.\.num_train_timesteps=1000"),
+        (["sample.guidance_scale=.inf"], r"'sample\.guidance_scale' .*: expected a finite number >= 0"),
+        (["sample.sampler=dmp"], r"invalid value 'dmp' for 'sample\.sampler' .*: expected one of ddpm, ddim"),
+    ],
+)
+def test_config_refuses_sampling_settings_sample_would_refuse(overrides, message):
+    """Checked when the config is read, by the same function as sample(): not at the first grid."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_config_sampling_settings_at_the_bounds_load():
+    config = load_config(None, ["diffusion.num_train_timesteps=100", "sample.steps=100", "sample.eta=1"])
+    assert config.sample.steps == 100 and config.sample.eta == 1.0
+
+
+class ClassToy(nn.Module):
+    """A class-conditional toy like UNet: labels 0..num_classes - 1 and the null label num_classes."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.num_classes = self.null_class = num_classes
+        self.calls = 0
+
+    def forward(self, x, t, y):
+        self.calls += 1
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize(
+    ("labels", "kwargs", "bad"),
+    [
+        ([3, 11], {}, r"\[11\]"),
+        ([-1, 2], {}, r"\[-1\]"),
+        ([1, 2], {"guidance_scale": 2.0, "null_class": 12}, r"\[12\]"),
+    ],
+)
+def test_labels_are_checked_against_num_classes_before_any_network_call(labels, kwargs, bad):
+    model = ClassToy(num_classes=10)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes\] = \[0, 10\] .*got " + bad):
+        sample(model, NoiseScheduler(), SHAPE, y=torch.tensor(labels), steps=2, progress=False, **kwargs)
+    assert model.calls == 0
+
+
+def test_labels_up_to_the_null_label_are_accepted():
+    model = ClassToy(num_classes=10)
+    sample(
+        model, NoiseScheduler(), SHAPE, y=torch.tensor([0, 10]), steps=2, guidance_scale=3.0, progress=False
+    )
+    assert model.calls == 2
