@@ -231,10 +231,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.fid_every": _AT_LEAST_0,
     "train.fid_n": _AT_LEAST_1,
     "train.cpu_threads": _AT_LEAST_0,
-    "sample.steps": _AT_LEAST_1,
-    "sample.eta": _AT_LEAST_0,
-    "sample.n": _AT_LEAST_1,
-    "sample.guidance_scale": _AT_LEAST_0,
+    "sample.n": _AT_LEAST_1,  # sampler, steps, eta, guidance_scale: ddpm.samplers.check_sample_options
 }
 
 
@@ -282,6 +279,7 @@ def _build(raw: Mapping[str, Any], where: Callable[[str], str]) -> Config:
                 name, sections[name], _keyword_arguments(constructor), where, f" ({constructor.__name__})"
             )
     built = {name: _build_section(name, sections[name], where) for name in SECTIONS}
+    _check_sample(built["sample"], sections["diffusion"], where)
     model, data = sections["model"], built["data"]
     if model:
         model.setdefault("image_size", data.image_size)  # one value decides: the side of the data
@@ -320,6 +318,22 @@ def _build_section(section: str, values: dict[str, Any], where: Callable[[str], 
     return cls(**kwargs)
 
 
+def _check_sample(sample: SampleConfig, diffusion: Mapping[str, Any], where: Callable[[str], str]) -> None:
+    """The sampling settings, by the check `ddpm.sample` itself makes (steps up to the diffusion's T)."""
+    from ddpm.samplers import SampleOptionError, check_sample_options
+    from ddpm.scheduler import NoiseScheduler
+
+    T = diffusion.get(
+        "num_train_timesteps", inspect.signature(NoiseScheduler).parameters["num_train_timesteps"].default
+    )
+    options = {k: getattr(sample, k) for k in ("sampler", "steps", "eta", "guidance_scale")}
+    try:  # a T of the wrong type is NoiseScheduler's to report
+        check_sample_options(**options, num_train_timesteps=T if isinstance(T, int) else None)
+    except SampleOptionError as error:
+        key = f"sample.{error.option}"
+        raise ConfigError(_invalid(key, error.value, where, error.expected)) from None
+
+
 def _choices(key: str) -> tuple | None:
     """Valid values of `key`, read from the registry that owns them where there is one."""
     if key == "data.dataset":
@@ -330,10 +344,6 @@ def _choices(key: str) -> tuple | None:
         from ddpm.scheduler import LOSS_WEIGHTINGS
 
         return LOSS_WEIGHTINGS
-    if key == "sample.sampler":
-        from ddpm.samplers import SAMPLERS
-
-        return tuple(SAMPLERS)
     return _CHOICES.get(key)
 
 

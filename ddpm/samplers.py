@@ -6,11 +6,14 @@ Every sampler is a function with one signature (k-diffusion style):
 
 where `denoise(x_t, t) -> (x0, eps)` is the model call followed by the scheduler's one conversion
 (`NoiseScheduler.predict_x0_and_eps`), x is x_T, and `timesteps` (steps,) is the descending list of the
-scheduler's `inference_timesteps`. The next timestep is always read from that list; after its last entry comes
-alpha_bar = 1 (diffusers' set_alpha_to_one), so the final step returns the predicted x0. Samplers work in x's
-dtype (float32, or float64 when given float64 noise) whatever precision the model runs in.
+scheduler's `inference_timesteps` (with drop_last=True for "dpm++", diffusers' DPM-Solver grid). The next
+timestep is always read from that list; after its last entry comes alpha_bar = 1 (diffusers'
+set_alpha_to_one), so the final step returns the predicted x0. Samplers work in x's dtype (float32, or
+float64 when given float64 noise) whatever precision the model runs in.
 """
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -48,25 +51,31 @@ def sample(
     shape: (N, C, H, W) of x_T drawn from `generator`, or `noise`: x_T itself; exactly one of the two.
         Drawn noise is float32 on the generator's device (so a CPU generator gives the same images on any
         device), then moved to the model's device (the device of its first parameter; else the generator's).
-    sampler: a key of SAMPLERS. steps: 1..num_train_timesteps, spaced by `scheduler.timestep_spacing`.
+    sampler: a key of SAMPLERS. steps: network calls (without guidance), 1..num_train_timesteps, spaced by
+        `scheduler.timestep_spacing` as diffusers' scheduler of the same sampler spaces them.
     eta: DDIM stochasticity in [0, 1] (Song et al. 2021, Eq. 16); only the "ddim" sampler takes a nonzero eta.
+        sampler, steps, eta and guidance_scale are checked by `check_sample_options`.
     variance: "fixed_small" (posterior variance beta-tilde) or "fixed_large" (beta); used by "ddpm" only.
-    y: (N,) class labels or None. guidance_scale: classifier-free guidance weight s (Ho & Salimans 2022);
-        with s != 1 each step makes one batched call on [x, x] with labels [y, null] and uses
-        uncond + s * (cond - uncond). The null label is `null_class`, else `model.null_class`.
+    y: (N,) class labels or None; with a `model.num_classes` (not None) they, and the null label, must lie in
+        [0, num_classes] (checked once here, not at every network call). guidance_scale: classifier-free
+        guidance weight s >= 0 (Ho & Salimans 2022); with s != 1 each step makes one batched call on [x, x]
+        with labels [y, null] and uses uncond + s * (cond - uncond). The null label is `null_class`, else
+        `model.null_class`.
     Returns x0, (N, C, H, W), float32 (float64 when `noise` is float64).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    check_sample_options(
+        sampler=sampler,
+        steps=steps,
+        eta=eta,
+        guidance_scale=guidance_scale,
+        num_train_timesteps=scheduler.num_train_timesteps,
+    )
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; valid: {', '.join(VARIANCES)}")
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be in [0, 1], got {eta}")
-    if eta != 0.0 and sampler != "ddim":
-        raise ValueError(f"eta={eta} applies only to sampler='ddim', not {sampler!r}; leave eta at 0")
-    timesteps = scheduler.inference_timesteps(steps)  # validates steps
+    # DPM-Solver++ ends with a first-order step to alpha_bar = 1 and needs no network call at t = 0: it takes
+    # diffusers' DPMSolverMultistepScheduler grid. DDPM and DDIM keep DDPMScheduler's and DDIMScheduler's.
+    timesteps = scheduler.inference_timesteps(steps, drop_last=sampler == "dpm++")
     x = _initial_noise(model, shape, noise, generator)
-    y = _check_labels(y, x, guidance_scale)
     if guidance_scale != 1.0:
         null_class = null_class if null_class is not None else getattr(model, "null_class", None)
         if null_class is None:
@@ -74,6 +83,7 @@ def sample(
                 f"guidance_scale={guidance_scale} needs a null label: the model has no `null_class` "
                 "(or it is None); pass null_class=<label id> or use guidance_scale=1.0"
             )
+    y = _check_labels(y, x, guidance_scale, null_class, getattr(model, "num_classes", None))
     param = _first_parameter(model)
     model_dtype = param.dtype if param is not None and param.is_floating_point() else x.dtype
 
@@ -99,6 +109,41 @@ def sample(
         generator=generator,
         disable=not progress,
     )
+
+
+class SampleOptionError(ValueError):
+    """A sampling option outside its valid values: `option` is its keyword in `sample()` (e.g. "eta"),
+    `value` what was given and `expected` what is valid, all three in the message."""
+
+    def __init__(self, option: str, value, expected: str):
+        super().__init__(f"invalid {option}={value!r}: expected {expected}")
+        self.option, self.value, self.expected = option, value, expected
+
+
+def check_sample_options(
+    *, sampler: str, steps: int, eta: float, guidance_scale: float, num_train_timesteps: int | None = None
+) -> None:
+    """The one check of the sampling settings, for `sample()`, a config's `sample:` section and the CLI.
+
+    sampler: a key of SAMPLERS. steps: an integer in 1..num_train_timesteps (>= 1 when that is None).
+    eta: a number in [0, 1] (Song et al. 2021, Eq. 16), nonzero only for sampler "ddim". guidance_scale: a
+    finite number >= 0 (Ho & Salimans 2022; 1 is the conditional model alone). Raises SampleOptionError (a
+    ValueError) naming the first option out of range and its valid values.
+    """
+    if sampler not in SAMPLERS:
+        raise SampleOptionError("sampler", sampler, f"one of {', '.join(SAMPLERS)}")
+    top = num_train_timesteps if num_train_timesteps is not None else math.inf
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= top:
+        valid = f"in 1..num_train_timesteps={top}" if num_train_timesteps is not None else ">= 1"
+        raise SampleOptionError("steps", steps, f"an integer {valid}")
+    if not _is_real(eta) or not 0 <= eta <= 1:
+        raise SampleOptionError("eta", eta, "a number in [0, 1] (DDIM stochasticity)")
+    if eta != 0 and sampler != "ddim":
+        raise SampleOptionError(
+            "eta", eta, f"0 with sampler {sampler!r} (eta applies only to sampler 'ddim')"
+        )
+    if not _is_real(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise SampleOptionError("guidance_scale", guidance_scale, "a finite number >= 0 (1: no guidance)")
 
 
 def sample_ddpm(
@@ -243,8 +288,11 @@ def _initial_noise(model, shape, noise: Tensor | None, generator: torch.Generato
     return _randn(shape, torch.float32, torch.device(device), generator)
 
 
-def _check_labels(y, x: Tensor, guidance_scale: float) -> Tensor | None:
-    """y as an (N,) long tensor on x's device, or None; guidance needs labels."""
+def _check_labels(
+    y, x: Tensor, guidance_scale: float, null_class: int | None, num_classes: int | None
+) -> Tensor | None:
+    """y as an (N,) long tensor on x's device, or None; guidance needs labels. With num_classes, y and the
+    null label must lie in [0, num_classes]: one host sync per sample() call, none per network call."""
     if y is None:
         if guidance_scale != 1.0:
             raise ValueError(f"guidance_scale={guidance_scale} needs class labels y; pass y or use 1.0")
@@ -252,7 +300,20 @@ def _check_labels(y, x: Tensor, guidance_scale: float) -> Tensor | None:
     y = torch.as_tensor(y, device=x.device).long()
     if y.shape != (x.shape[0],):
         raise ValueError(f"y must have shape ({x.shape[0]},), one label per image, got {tuple(y.shape)}")
+    if num_classes is not None:
+        labels = y if guidance_scale == 1.0 else torch.cat([y, y.new_tensor([null_class])])
+        outside = (labels < 0) | (labels > num_classes)
+        if bool(outside.any()):
+            raise ValueError(
+                f"labels must lie in [0, num_classes] = [0, {num_classes}] ({num_classes}: the null label), "
+                f"got {labels[outside].unique().tolist()} (in y or null_class)"
+            )
     return y
+
+
+def _is_real(value) -> bool:
+    """A real number (Python or numpy scalar), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _first_parameter(model) -> Tensor | None:

@@ -25,6 +25,18 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
 # Our beta_schedule names that diffusers spells otherwise (Nichol & Dhariwal's cosine, capped at 0.999).
 DIFFUSERS_SCHEDULE_NAMES = {"cosine": "squaredcos_cap_v2"}
+# The diffusers schedulers `diffusers_config` writes for, each with the settings that make it compute what our
+# sampler of the same maths computes ("ddpm", "ddim" with alpha_bar = 1 after the last step, "dpm++").
+DIFFUSERS_SAMPLER_SETTINGS = {
+    "DDPMScheduler": {},
+    "DDIMScheduler": {"set_alpha_to_one": True},
+    "DPMSolverMultistepScheduler": {
+        "algorithm_type": "dpmsolver++",
+        "solver_order": 2,
+        "solver_type": "midpoint",
+        "final_sigmas_type": "zero",
+    },
+}
 
 
 class NoiseScheduler:
@@ -44,7 +56,7 @@ class NoiseScheduler:
         rescale_betas_zero_snr: bool = False,  # rescale so that alpha_bar_{T-1} = 0 (Lin et al. 2024, Alg. 1)
         clip_sample: bool = False,  # clamp the x0 estimate to [-clip_sample_range, clip_sample_range]
         clip_sample_range: float = 1.0,
-        timestep_spacing: str = "leading",  # inference timesteps: one of TIMESTEP_SPACINGS (as in diffusers)
+        timestep_spacing: str = "trailing",  # inference timesteps: one of TIMESTEP_SPACINGS (as in diffusers)
         steps_offset: int = 0,  # added to "leading" timesteps (as in diffusers)
     ):
         _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
@@ -95,14 +107,28 @@ class NoiseScheduler:
 
     @classmethod
     def from_diffusers_config(cls, config: dict) -> "NoiseScheduler":
-        """The NoiseScheduler equal to a diffusers DDPMScheduler/DDIMScheduler `scheduler_config.json` dict.
+        """The NoiseScheduler equal to a diffusers DDPMScheduler, DDIMScheduler or DPMSolverMultistepScheduler
+        config (`scheduler_config.json`, `scheduler.config` or what `diffusers_config` returns).
 
         Keys the dict lacks take DDPMScheduler's defaults, notably clip_sample=True (which the published DDPM
-        checkpoints also set); their `squaredcos_cap_v2` is our `cosine`. `variance_type` is a sampler option
-        here (`ddpm.sample(variance=...)`). Options we do not have (trained_betas, thresholding) raise.
+        checkpoints also set), but a DPMSolverMultistepScheduler config (its `_class_name`) has no clipping.
+        Their `squaredcos_cap_v2` is our `cosine`. `thresholding` with sample_max_value = 1 clamps x0 to
+        [-1, 1] (diffusers clamps the dynamic threshold to [1, sample_max_value]): it is read as clip_sample.
+        Dynamic thresholding (sample_max_value > 1) and trained_betas raise. `variance_type` is a sampler
+        option here (`ddpm.sample(variance=...)`); sampler settings (set_alpha_to_one, solver_order, ...) are
+        not part of a schedule and are ignored.
         """
-        if config.get("trained_betas") is not None or config.get("thresholding", False):
-            raise ValueError("diffusers options trained_betas and thresholding are not supported")
+        if config.get("trained_betas") is not None:
+            raise ValueError("the diffusers option trained_betas is not supported")
+        clip_sample = config.get("clip_sample", config.get("_class_name") != "DPMSolverMultistepScheduler")
+        clip_sample_range = config.get("clip_sample_range", 1.0) if clip_sample else 1.0
+        if config.get("thresholding", False):
+            if config.get("sample_max_value", 1.0) != 1.0:
+                raise ValueError(
+                    f"diffusers' dynamic thresholding with sample_max_value={config['sample_max_value']} is "
+                    "not supported; with sample_max_value=1.0 it is clip_sample=True (a clamp to [-1, 1])"
+                )
+            clip_sample, clip_sample_range = True, min(clip_sample_range, 1.0)
         schedule = config.get("beta_schedule", "linear")
         schedule = {theirs: ours for ours, theirs in DIFFUSERS_SCHEDULE_NAMES.items()}.get(schedule, schedule)
         return cls(
@@ -112,17 +138,42 @@ class NoiseScheduler:
             beta_end=config.get("beta_end", 0.02),
             prediction_type=config.get("prediction_type", "epsilon"),
             rescale_betas_zero_snr=config.get("rescale_betas_zero_snr", False),
-            clip_sample=config.get("clip_sample", True),
-            clip_sample_range=config.get("clip_sample_range", 1.0),
+            clip_sample=clip_sample,
+            clip_sample_range=clip_sample_range,
             timestep_spacing=config.get("timestep_spacing", "leading"),
             steps_offset=config.get("steps_offset", 0),
         )
 
-    def diffusers_config(self) -> dict:
-        """This schedule as keyword arguments of diffusers' DDPMScheduler, DDIMScheduler or
-        DPMSolverMultistepScheduler (`from_config` takes it too); the inverse of `from_diffusers_config`."""
+    def diffusers_config(self, scheduler: str | type = "DDPMScheduler") -> dict:
+        """This schedule as keyword arguments of the diffusers scheduler `scheduler` (the class or its name,
+        one of DIFFUSERS_SAMPLER_SETTINGS: DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler), with
+        the sampler settings there, so that it computes what `ddpm.sample` computes with sampler "ddpm",
+        "ddim" or "dpm++" (and the same spacing). `from_config` takes it too; `from_diffusers_config` inverts
+        it.
+
+        DPMSolverMultistepScheduler has no clip_sample: clip_sample=True becomes its thresholding with
+        sample_max_value=1.0, exactly a clamp of x0 to [-1, 1]; a clip_sample_range other than 1 raises
+        ValueError, having no equivalent there.
+        """
+        name = scheduler if isinstance(scheduler, str) else scheduler.__name__
+        _check_choice("diffusers scheduler", name, tuple(DIFFUSERS_SAMPLER_SETTINGS))
         schedule = self.config["beta_schedule"]
-        return {**self.config, "beta_schedule": DIFFUSERS_SCHEDULE_NAMES.get(schedule, schedule)}
+        config = {
+            "_class_name": name,  # as in diffusers' own configs: whose keys these are (from_diffusers_config)
+            **self.config,
+            "beta_schedule": DIFFUSERS_SCHEDULE_NAMES.get(schedule, schedule),
+            **DIFFUSERS_SAMPLER_SETTINGS[name],
+        }
+        if name == "DPMSolverMultistepScheduler":
+            clip_sample, clip_sample_range = config.pop("clip_sample"), config.pop("clip_sample_range")
+            if clip_sample and clip_sample_range != 1.0:
+                raise ValueError(
+                    f"clip_sample=True with clip_sample_range={clip_sample_range} has no equivalent in "
+                    "DPMSolverMultistepScheduler (its thresholding clamps x0 to [-1, 1] at most); use "
+                    "clip_sample_range=1.0 or sample with ddpm.sample(..., sampler='dpm++')"
+                )
+            config.update(thresholding=clip_sample, sample_max_value=1.0)
+        return config
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
@@ -206,29 +257,35 @@ class NoiseScheduler:
             weight = snr.clamp(max=min_snr_gamma) / (snr + 1)
         return weight.float()
 
-    def inference_timesteps(self, steps: int) -> Tensor:
+    def inference_timesteps(self, steps: int, *, drop_last: bool = False) -> Tensor:
         """The `steps` timesteps a sampler visits, descending; (steps,) long on the CPU.
 
         Same meaning as diffusers' `timestep_spacing` (Lin et al. 2024, Table 2); with
-        T = num_train_timesteps, i = 0 .. steps-1 and round-half-to-even in float64 (as numpy does there):
-        "leading": i * (T // steps) + steps_offset (never reaches T-1 unless steps = T);
-        "trailing": round(T - i * T / steps) - 1 (always starts at T-1);
-        "linspace": round(i * (T - 1) / (steps - 1)).
+        T = num_train_timesteps, n = steps, i = 0 .. n-1 and round-half-to-even in float64 (as numpy does):
+        "leading": i * (T // n) + steps_offset (never reaches T-1 unless n = T);
+        "trailing": round(T - i * T / n) - 1 (always starts at T-1; the default: Lin et al. 2024, Sec. 3.3);
+        "linspace": round(i * (T - 1) / (n - 1)).
         Unlike diffusers' "trailing" (whose float arange returns steps + 1 values, the last -1, for some step
         counts such as 61 of 1000), this always returns exactly `steps` timesteps.
+
+        drop_last: lay out n = steps + 1 timesteps and return all but the last, as diffusers'
+        DPMSolverMultistepScheduler does for "leading" and "linspace". Their last timestep is then about
+        T / (steps + 1) rather than 0 (or steps_offset), where a step to alpha_bar = 1 would spend a network
+        call on almost nothing. "trailing" ends at T / steps - 1 already and ignores it, as does steps = T.
         """
         T = self.num_train_timesteps
         if not isinstance(steps, int) or not 1 <= steps <= T:
             raise ValueError(f"steps must be an integer in 1..num_train_timesteps={T}, got {steps!r}")
-        i = torch.arange(steps, dtype=torch.float64)
+        n = steps + 1 if drop_last and self.timestep_spacing != "trailing" and steps < T else steps
+        i = torch.arange(n, dtype=torch.float64)
         if self.timestep_spacing == "leading":
-            timesteps = (i * (T // steps) + self.steps_offset).flip(0)
+            timesteps = (i * (T // n) + self.steps_offset).flip(0)
         elif self.timestep_spacing == "trailing":
-            delta = (T - T / steps) - T  # numpy's float arange steps by its first difference, not by -T/steps
+            delta = (T - T / n) - T  # numpy's float arange steps by its first difference, not by -T/n
             timesteps = torch.round(T + i * delta) - 1
         else:
-            timesteps = torch.round(i * ((T - 1) / max(steps - 1, 1))).flip(0)
-        timesteps = timesteps.long()
+            timesteps = torch.round(i * ((T - 1) / max(n - 1, 1))).flip(0)
+        timesteps = timesteps[:steps].long()
         if timesteps[0] >= T:
             raise ValueError(
                 f"steps_offset={self.steps_offset} with steps={steps} and 'leading' spacing gives timestep "

@@ -324,7 +324,7 @@ def test_noise_scheduler_from_diffusers_config(schedule):
     assert ours.config["timestep_spacing"] == "trailing" and ours.config["clip_sample"] is False
     torch.testing.assert_close(ours.alphas_cumprod.float(), theirs.alphas_cumprod, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="thresholding"):
-        NoiseScheduler.from_diffusers_config({**theirs.config, "thresholding": True})
+        NoiseScheduler.from_diffusers_config({**theirs.config, "thresholding": True, "sample_max_value": 2.0})
     # and back: our config as diffusers kwargs builds their scheduler with our alpha_bar
     again = diffusers.DDIMScheduler(**ours.diffusers_config())
     assert again.config.beta_schedule == schedule

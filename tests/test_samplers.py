@@ -9,7 +9,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import nn
 
-from ddpm.samplers import SAMPLERS, posterior, sample
+from ddpm.config import ConfigError, load_config
+from ddpm.samplers import SAMPLERS, SampleOptionError, check_sample_options, posterior, sample
 from ddpm.scheduler import NoiseScheduler
 
 SHAPE = (2, 3, 4, 4)
@@ -45,13 +46,18 @@ def run_diffusers(ref, model, x, generator=None) -> torch.Tensor:
 # --- agreement with diffusers -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_ddim_trajectory_matches_diffusers(prediction_type):
-    """50 steps, eta 0, leading spacing, no clipping, set_alpha_to_one; diffusers as shipped (float32)."""
-    ref = DDIMScheduler(prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=True)
+def test_ddim_trajectory_matches_diffusers(prediction_type, spacing):
+    """50 steps, eta 0, no clipping, set_alpha_to_one; diffusers as shipped (float32). Not "linspace": there
+    DDIMScheduler steps to t - T // steps instead of the next timestep of its list (diffusers #12633)."""
+    ref = DDIMScheduler(
+        prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=True, timestep_spacing=spacing
+    )
     ref.set_timesteps(50)
     expected = run_diffusers(ref, LinearToy(), x_T())
-    ours = sample(LinearToy(), NoiseScheduler(prediction_type=prediction_type), noise=x_T(), progress=False)
+    scheduler = NoiseScheduler(prediction_type=prediction_type, timestep_spacing=spacing)
+    ours = sample(LinearToy(), scheduler, noise=x_T(), progress=False)
     assert ours.dtype == torch.float64
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
 
@@ -61,8 +67,12 @@ def test_ddim_trajectory_matches_diffusers(prediction_type):
 def test_ddim_trajectory_matches_diffusers_exactly_on_the_same_table(prediction_type, clip):
     """With diffusers given our float64 alpha_bar the step arithmetic agrees to rounding. Clipping re-derives
     eps from the clipped x0, which is diffusers' use_clipped_model_output=True."""
-    ours = NoiseScheduler(prediction_type=prediction_type, clip_sample=clip, clip_sample_range=0.5)
-    ref = DDIMScheduler(prediction_type=prediction_type, clip_sample=clip, clip_sample_range=0.5)
+    ours = NoiseScheduler(
+        prediction_type=prediction_type, clip_sample=clip, clip_sample_range=0.5, timestep_spacing="leading"
+    )
+    ref = DDIMScheduler(
+        prediction_type=prediction_type, clip_sample=clip, clip_sample_range=0.5, timestep_spacing="leading"
+    )
     ref.alphas_cumprod = ours.alphas_cumprod.clone()
     ref.set_timesteps(20)
     model, x = LinearToy(), x_T()
@@ -108,28 +118,60 @@ def test_ddpm_trajectory_matches_diffusers(spacing, variance, steps):
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("steps", [10, 25])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_dpmpp_2m_matches_diffusers(prediction_type, steps):
-    """DPMSolverMultistepScheduler(dpmsolver++, order 2, lower_order_final) on our timesteps. Its `step` casts
-    x to float32 and keeps sigmas in float32, so agreement is to float32 accuracy (a few 1e-5)."""
-    ours = NoiseScheduler(prediction_type=prediction_type)
-    ref = DPMSolverMultistepScheduler(
-        prediction_type=prediction_type, algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True
-    )
-    ref.set_timesteps(timesteps=ours.inference_timesteps(steps).tolist())
+def test_dpmpp_2m_matches_diffusers(prediction_type, steps, spacing):
+    """DPMSolverMultistepScheduler as shipped (dpmsolver++, order 2, final sigma 0), with its own timesteps
+    for each spacing: "leading" and "linspace" lay out steps + 1 and drop the last, which we do too. Its
+    `step` casts x to float32 and keeps sigmas in float32, so float64 agreement is to float32 accuracy (a few
+    1e-5)."""
+    ours = NoiseScheduler(prediction_type=prediction_type, timestep_spacing=spacing)
+    ref = DPMSolverMultistepScheduler(prediction_type=prediction_type, timestep_spacing=spacing)
+    ref.set_timesteps(steps)
     expected = run_diffusers(ref, LinearToy(), x_T())
-    got = sample(LinearToy(), ours, noise=x_T(), sampler="dpm++", steps=steps, progress=False)
+    model = LinearToy()
+    got = sample(model, ours, noise=x_T(), sampler="dpm++", steps=steps, progress=False)
+    assert [int(t[0]) for _, t, _ in model.calls] == ref.timesteps.tolist()
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+def test_diffusers_schedulers_from_our_config_with_clipping_match_our_samplers(sampler):
+    """NoiseScheduler.diffusers_config(cls) builds each diffusers scheduler so that it computes what our
+    sampler does, clip_sample included (DPM-Solver's thresholding at sample_max_value=1). The toy's x0 leaves
+    [-1, 1], so the clamp is active."""
+    cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}[sampler]
+    ours = NoiseScheduler(clip_sample=True, timestep_spacing="leading")
+    ref = cls(**ours.diffusers_config(cls))
+    ref.set_timesteps(10)
+    kwargs = {
+        "ddpm": {"generator": torch.Generator().manual_seed(3)},
+        "ddim": {"use_clipped_model_output": True},  # we re-derive eps from the clipped x0
+        "dpm++": {},
+    }[sampler]
+    model, x, clamped = LinearToy(), x_T(), []
+    for t in ref.timesteps:
+        out = model(x, t.repeat(x.shape[0]))
+        clamped.append(ours.predict_x0_and_eps(out, x, t.repeat(x.shape[0]))[0].abs().max() == 1.0)
+        x = ref.step(out, t, x, **kwargs).prev_sample
+    assert any(clamped)  # the clamp was active
+    generator = torch.Generator().manual_seed(3)
+    got = sample(
+        LinearToy(), ours, noise=x_T(), sampler=sampler, steps=10, generator=generator, progress=False
+    )
+    torch.testing.assert_close(got, x, rtol=0, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_dpmpp_2m_matches_diffusers_update_rules_in_float64(prediction_type):
+def test_dpmpp_2m_matches_diffusers_update_rules_in_float64(prediction_type, spacing):
     """diffusers' first- and second-order update functions driven in float64 (no float32 casts): exact."""
-    ours = NoiseScheduler(prediction_type=prediction_type)
+    ours = NoiseScheduler(prediction_type=prediction_type, timestep_spacing=spacing)
     ref = DPMSolverMultistepScheduler(prediction_type=prediction_type, algorithm_type="dpmsolver++")
-    timesteps = ours.inference_timesteps(10)
+    timesteps = ours.inference_timesteps(10, drop_last=True)
     ref.set_timesteps(timesteps=timesteps.tolist())
     ab = ours.alphas_cumprod[timesteps]
     ref.sigmas = torch.cat([((1 - ab) / ab).sqrt(), torch.zeros(1, dtype=torch.float64)])
@@ -229,7 +271,8 @@ def test_model_sees_every_timestep_of_the_list_as_a_long_batch(name):
     sample(model, scheduler, SHAPE, sampler=name, steps=7, progress=False)
     seen = torch.stack([t for _, t, _ in model.calls])  # (steps, N)
     assert seen.dtype == torch.long and seen.shape == (7, SHAPE[0])
-    assert torch.equal(seen[:, 0], scheduler.inference_timesteps(7)) and torch.equal(seen[:, 0], seen[:, 1])
+    expected = scheduler.inference_timesteps(7, drop_last=name == "dpm++")
+    assert torch.equal(seen[:, 0], expected) and torch.equal(seen[:, 0], seen[:, 1])
 
 
 def test_ddpm_with_all_training_steps_visits_every_timestep():
@@ -426,15 +469,15 @@ def test_progress_bar_can_be_turned_off(capsys):
 
 
 def test_unknown_sampler_lists_the_valid_names():
-    with pytest.raises(ValueError, match=r"unknown sampler 'euler'; valid: ddpm, ddim, dpm\+\+"):
+    with pytest.raises(ValueError, match=r"invalid sampler='euler': expected one of ddpm, ddim, dpm\+\+"):
         sample(LinearToy(), NoiseScheduler(), SHAPE, sampler="euler")
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"steps": 0}, "steps must be an integer in 1..num_train_timesteps=1000"),
-        ({"steps": 1001}, "steps must be an integer in 1..num_train_timesteps=1000"),
+        ({"steps": 0}, "invalid steps=0: expected an integer in 1..num_train_timesteps=1000"),
+        ({"steps": 1001}, "invalid steps=1001: expected an integer in 1..num_train_timesteps=1000"),
         ({"noise": torch.zeros(SHAPE)}, "exactly one of shape"),
         ({"shape": None}, "exactly one of shape"),
         ({"y": torch.tensor([1, 2, 3])}, r"y must have shape \(2,\)"),
@@ -442,11 +485,113 @@ def test_unknown_sampler_lists_the_valid_names():
             {"variance": "fixed_large_log"},
             "unknown variance 'fixed_large_log'; valid: fixed_small, fixed_large",
         ),
-        ({"eta": 1.5}, r"eta must be in \[0, 1\]"),
-        ({"sampler": "ddpm", "eta": 0.5}, "applies only to sampler='ddim'"),
+        ({"eta": 1.5}, r"invalid eta=1.5: expected a number in \[0, 1\]"),
+        (
+            {"sampler": "ddpm", "eta": 0.5},
+            "expected 0 with sampler 'ddpm' \\(eta applies only to sampler 'ddim'",
+        ),
+        ({"guidance_scale": -1.0}, "invalid guidance_scale=-1.0: expected a finite number >= 0"),
     ],
 )
 def test_invalid_arguments(kwargs, message):
     kwargs = {"shape": SHAPE, "progress": False, **kwargs}
     with pytest.raises(ValueError, match=message):
         sample(LinearToy(), NoiseScheduler(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"sampler": "plms"}, r"invalid sampler='plms': expected one of ddpm, ddim, dpm\+\+"),
+        ({"steps": 0}, r"invalid steps=0: expected an integer in 1\.\.num_train_timesteps=100$"),
+        ({"steps": 101}, r"invalid steps=101: expected an integer in 1\.\.num_train_timesteps=100$"),
+        ({"steps": 2.0}, r"invalid steps=2\.0: expected an integer"),
+        ({"steps": True}, r"invalid steps=True: expected an integer"),
+        ({"eta": -0.1}, r"invalid eta=-0\.1: expected a number in \[0, 1\]"),
+        ({"eta": 1.5}, r"invalid eta=1\.5: expected a number in \[0, 1\]"),
+        ({"eta": float("nan")}, r"invalid eta=nan: expected a number in \[0, 1\]"),
+        ({"sampler": "dpm++", "eta": 0.5}, r"invalid eta=0\.5: expected 0 with sampler 'dpm\+\+'"),
+        ({"guidance_scale": -0.5}, r"invalid guidance_scale=-0\.5: expected a finite number >= 0"),
+        ({"guidance_scale": float("inf")}, r"invalid guidance_scale=inf: expected a finite number >= 0"),
+    ],
+)
+def test_check_sample_options_names_the_option_and_its_range(options, message):
+    options = {"sampler": "ddim", "steps": 10, "eta": 0.0, "guidance_scale": 1.0, **options}
+    with pytest.raises(SampleOptionError, match=message) as caught:
+        check_sample_options(**options, num_train_timesteps=100)
+    assert isinstance(caught.value, ValueError) and caught.value.option in options
+
+
+def test_check_sample_options_accepts_the_bounds():
+    check_sample_options(sampler="ddim", steps=100, eta=1, guidance_scale=0, num_train_timesteps=100)
+    check_sample_options(sampler="dpm++", steps=1, eta=0.0, guidance_scale=7.5, num_train_timesteps=100)
+    check_sample_options(sampler="ddpm", steps=5000, eta=0, guidance_scale=1.0)  # no T: steps >= 1 only
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["sample.eta=1.5"],
+            r"invalid value 1\.5 for 'sample\.eta' in override 'sample\.eta=1\.5': expected a ",
+        ),
+        (
+            ["sample.sampler=ddpm", "sample.eta=0.5"],
+            r"invalid value 0\.5 for 'sample\.eta' in override 'sample\.eta=0\.5': expected 0 with sampler "
+            "'ddpm'",
+        ),
+        (
+            ["diffusion.num_train_timesteps=100", "sample.steps=200"],
+            r"invalid value 200 for 'sample\.steps' .*: expected an integer in 1\.\.num_train_timesteps=100",
+        ),
+        (["sample.steps=1001"], r"'sample\.steps' .*: expected an integer in 1\.\.num_train_timesteps=1000"),
+        (["sample.steps=0"], r"'sample\.steps' .*: expected an integer in 1\.\.num_train_timesteps=1000"),
+        (["sample.guidance_scale=.inf"], r"'sample\.guidance_scale' .*: expected a finite number >= 0"),
+        (["sample.sampler=dmp"], r"invalid value 'dmp' for 'sample\.sampler' .*: expected one of ddpm, ddim"),
+    ],
+)
+def test_config_refuses_sampling_settings_sample_would_refuse(overrides, message):
+    """Checked when the config is read, by the same function as sample(): not at the first grid."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_config_sampling_settings_at_the_bounds_load():
+    config = load_config(None, ["diffusion.num_train_timesteps=100", "sample.steps=100", "sample.eta=1"])
+    assert config.sample.steps == 100 and config.sample.eta == 1.0
+
+
+class ClassToy(nn.Module):
+    """A class-conditional toy like UNet: labels 0..num_classes - 1 and the null label num_classes."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.num_classes = self.null_class = num_classes
+        self.calls = 0
+
+    def forward(self, x, t, y):
+        self.calls += 1
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize(
+    ("labels", "kwargs", "bad"),
+    [
+        ([3, 11], {}, r"\[11\]"),
+        ([-1, 2], {}, r"\[-1\]"),
+        ([1, 2], {"guidance_scale": 2.0, "null_class": 12}, r"\[12\]"),
+    ],
+)
+def test_labels_are_checked_against_num_classes_before_any_network_call(labels, kwargs, bad):
+    model = ClassToy(num_classes=10)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes\] = \[0, 10\] .*got " + bad):
+        sample(model, NoiseScheduler(), SHAPE, y=torch.tensor(labels), steps=2, progress=False, **kwargs)
+    assert model.calls == 0
+
+
+def test_labels_up_to_the_null_label_are_accepted():
+    model = ClassToy(num_classes=10)
+    sample(
+        model, NoiseScheduler(), SHAPE, y=torch.tensor([0, 10]), steps=2, guidance_scale=3.0, progress=False
+    )
+    assert model.calls == 2

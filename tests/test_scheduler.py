@@ -4,7 +4,7 @@ import inspect
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from ddpm.scheduler import NoiseScheduler
 
@@ -168,6 +168,39 @@ def test_inference_timesteps_match_diffusers(spacing, steps):
     assert torch.equal(ours, ref.timesteps)
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+@pytest.mark.parametrize("steps", [1, 7, 10, 50, 250, 999])
+@pytest.mark.parametrize(
+    ("spacing", "steps_offset"), [("leading", 0), ("leading", 1), ("trailing", 0), ("linspace", 0)]
+)
+def test_drop_last_timesteps_are_dpm_solvers(spacing, steps_offset, steps):
+    """drop_last=True: DPMSolverMultistepScheduler's grid ("leading" and "linspace": steps + 1 timesteps, the
+    last dropped), so that no network call is spent at t = 0 before the step to alpha_bar = 1."""
+    scheduler = NoiseScheduler(timestep_spacing=spacing, steps_offset=steps_offset)
+    if steps_offset == 1 and steps == 999:  # diffusers indexes past its table here; we refuse
+        with pytest.raises(ValueError, match="steps_offset=1 with steps=999"):
+            scheduler.inference_timesteps(steps, drop_last=True)
+        return
+    ref = DPMSolverMultistepScheduler(timestep_spacing=spacing, steps_offset=steps_offset)
+    ref.set_timesteps(steps)
+    ours = scheduler.inference_timesteps(steps, drop_last=True)
+    assert ours.dtype == torch.long and ours.shape == (steps,)
+    assert torch.equal(ours, ref.timesteps)
+    assert ours.min() > 0 or spacing == "trailing"  # trailing reaches 0 only near steps = T, as diffusers'
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_drop_last_with_every_timestep_visits_every_timestep(spacing):
+    timesteps = NoiseScheduler(timestep_spacing=spacing).inference_timesteps(1000, drop_last=True)
+    assert timesteps.tolist() == list(range(999, -1, -1))
+
+
+def test_default_spacing_is_trailing():
+    """Lin et al. 2024: the first step starts from t = T - 1, where x_T ~ N(0, I) was trained."""
+    assert NoiseScheduler().config["timestep_spacing"] == "trailing"
+    assert NoiseScheduler().inference_timesteps(10)[0] == 999
+
+
 def test_trailing_timesteps_keep_their_count_where_diffusers_adds_minus_one():
     ref = DDIMScheduler(timestep_spacing="trailing")
     ref.set_timesteps(61)  # diffusers' float arange yields 62 values here, the last -1
@@ -179,7 +212,7 @@ def test_trailing_timesteps_keep_their_count_where_diffusers_adds_minus_one():
 def test_leading_steps_offset_matches_diffusers_and_overflow_is_an_error():
     ref = DDIMScheduler(steps_offset=1)
     ref.set_timesteps(50)
-    s = NoiseScheduler(steps_offset=1)
+    s = NoiseScheduler(steps_offset=1, timestep_spacing="leading")
     assert torch.equal(s.inference_timesteps(50), ref.timesteps)
     with pytest.raises(ValueError, match="steps_offset=1 with steps=1000"):
         s.inference_timesteps(1000)
@@ -238,3 +271,65 @@ def test_coefficients_follow_input_dtype_at_least_float32():
         x = torch.randn(2, 1, 2, 2).to(dtype)
         assert s.add_noise(x, x, t).dtype == expected
     assert s.snr(t).dtype == torch.float64
+
+
+# --- diffusers configs --------------------------------------------------------------------------------------
+
+DIFFUSERS_SCHEDULERS = [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler]
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+@pytest.mark.parametrize("by_name", [False, True])
+@pytest.mark.parametrize("cls", DIFFUSERS_SCHEDULERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("clip_sample", [False, True])
+def test_diffusers_config_builds_each_diffusers_scheduler_and_round_trips(cls, by_name, clip_sample):
+    ours = NoiseScheduler(
+        beta_schedule="cosine",
+        prediction_type="v_prediction",
+        timestep_spacing="linspace",
+        steps_offset=1,
+        clip_sample=clip_sample,
+    )
+    kwargs = ours.diffusers_config(cls.__name__ if by_name else cls)
+    for theirs in (cls(**kwargs), cls.from_config(kwargs)):
+        assert type(theirs) is cls and theirs.config.beta_schedule == "squaredcos_cap_v2"
+        assert (
+            theirs.config.prediction_type == "v_prediction" and theirs.config.timestep_spacing == "linspace"
+        )
+        torch.testing.assert_close(ours.alphas_cumprod.float(), theirs.alphas_cumprod, rtol=0, atol=1e-6)
+        assert NoiseScheduler.from_diffusers_config(dict(theirs.config)).config == ours.config
+    assert NoiseScheduler.from_diffusers_config(kwargs).config == ours.config
+
+
+def test_diffusers_config_sets_the_samplers_maths():
+    """DDIM steps to alpha_bar = 1 at the end; DPM-Solver is DPM-Solver++(2M) ending at sigma = 0; clipping
+    to [-1, 1] is DPM-Solver's thresholding with sample_max_value = 1 (its clamp is then exactly [-1, 1])."""
+    scheduler = NoiseScheduler(clip_sample=True)
+    assert scheduler.diffusers_config("DDIMScheduler")["set_alpha_to_one"] is True
+    dpm = scheduler.diffusers_config("DPMSolverMultistepScheduler")
+    assert "clip_sample" not in dpm and "clip_sample_range" not in dpm
+    assert dpm["thresholding"] is True and dpm["sample_max_value"] == 1.0
+    assert (dpm["algorithm_type"], dpm["solver_order"], dpm["final_sigmas_type"]) == (
+        "dpmsolver++",
+        2,
+        "zero",
+    )
+    assert scheduler.diffusers_config() == scheduler.diffusers_config("DDPMScheduler")
+
+
+def test_diffusers_config_refuses_what_the_target_cannot_express():
+    with pytest.raises(ValueError, match="clip_sample_range=0.5 .*DPMSolverMultistepScheduler"):
+        NoiseScheduler(clip_sample=True, clip_sample_range=0.5).diffusers_config(DPMSolverMultistepScheduler)
+    with pytest.raises(ValueError, match="unknown diffusers scheduler 'EulerDiscreteScheduler'; valid: DDPM"):
+        NoiseScheduler().diffusers_config("EulerDiscreteScheduler")
+
+
+def test_from_diffusers_config_reads_thresholding_at_one_as_clipping():
+    """_threshold_sample clamps its percentile s to [1, sample_max_value]: at 1 that is x0.clamp(-1, 1)."""
+    base = dict(DDPMScheduler(clip_sample=False).config)
+    clipped = NoiseScheduler.from_diffusers_config({**base, "thresholding": True, "sample_max_value": 1.0})
+    assert clipped.config["clip_sample"] is True and clipped.config["clip_sample_range"] == 1.0
+    both = {**base, "thresholding": True, "clip_sample": True, "clip_sample_range": 0.5}
+    assert NoiseScheduler.from_diffusers_config(both).config["clip_sample_range"] == 0.5
+    with pytest.raises(ValueError, match="thresholding with sample_max_value=2.0"):
+        NoiseScheduler.from_diffusers_config({**base, "thresholding": True, "sample_max_value": 2.0})
