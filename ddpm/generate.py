@@ -24,7 +24,7 @@ from ddpm.checkpoint import (
     sample_defaults,
 )
 from ddpm.config import load_config
-from ddpm.samplers import SAMPLERS, sample
+from ddpm.samplers import SampleOptionError, check_sample_options, sample
 from ddpm.scheduler import NoiseScheduler
 
 _SAMPLER_NOISE = 1  # the SeedSequence purpose key of the samplers' noise streams
@@ -161,9 +161,7 @@ def sample_checkpoint(
     CPU. Raises ValueError, naming the sample.py option, for a bad option and CheckpointError for weights
     that are missing, damaged or do not fit their config.
     """
-    _check_options(n=n, steps=steps, batch_size=batch_size, eta=eta, guidance_scale=guidance_scale, seed=seed)
-    if sampler is not None and sampler not in SAMPLERS:
-        raise ValueError(f"--sampler: unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    _check_options(n=n, batch_size=batch_size, seed=seed)
     if schedule is not None and not Path(schedule).is_file():
         raise ValueError(f"--schedule {schedule}: no such file; name a noise_scheduler.json")
     if checkpoint is None:
@@ -171,18 +169,20 @@ def sample_checkpoint(
     folder = resolve_checkpoint(checkpoint)
     defaults = sample_defaults(folder)
     sampler = sampler or defaults.sampler
-    if eta and sampler != "ddim":
-        raise ValueError(f"--eta {eta} applies only to --sampler ddim, not {sampler}; drop --eta")
-    steps = steps or defaults.steps
+    steps = defaults.steps if steps is None else steps
     if eta is None:
         eta = defaults.eta if sampler == "ddim" else 0.0  # the run's eta is a DDIM setting
     guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, scheduler, weights = load_for_sampling(folder, use_ema=use_ema, schedule=schedule, device=device)
-    _check_model_options(
-        model, scheduler, steps=steps, class_label=class_label, guidance_scale=guidance_scale
-    )
+    options = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale}
+    try:
+        check_sample_options(**options, num_train_timesteps=scheduler.num_train_timesteps)
+    except SampleOptionError as error:
+        flag = "--" + error.option.replace("_", "-")
+        raise ValueError(f"{flag} {error.value}: expected {error.expected}") from None
+    _check_labels(model, class_label=class_label, guidance_scale=guidance_scale)
     config = model.config
     shape = (config["in_channels"], config["image_size"], config["image_size"])
     autocast_dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
@@ -216,29 +216,17 @@ def sample_checkpoint(
     return out
 
 
-def _check_options(**options: float | None) -> None:
-    """Raise ValueError naming the sample.py option for a value out of range (None: not given)."""
-    positive, at_least_0 = (lambda v: v > 0, "a positive integer"), (lambda v: v >= 0, ">= 0")
-    rules = {"n": positive, "steps": positive, "batch_size": positive, "guidance_scale": at_least_0}
-    rules |= {"seed": at_least_0, "eta": (lambda v: 0 <= v <= 1, "in [0, 1]")}
+def _check_options(**options: int) -> None:
+    """Raise ValueError naming the sample.py option for a count or seed out of range; the sampling settings
+    are `ddpm.samplers.check_sample_options`'s to check."""
     for name, value in options.items():
-        valid, expected = rules[name]
-        if value is not None and not valid(value):
+        valid, expected = (value >= 0, ">= 0") if name == "seed" else (value > 0, "a positive integer")
+        if not valid:
             raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value}")
 
 
-def _check_model_options(
-    model: torch.nn.Module,
-    scheduler: NoiseScheduler,
-    *,
-    steps: int,
-    class_label: int | None,
-    guidance_scale: float,
-) -> None:
-    """Raise ValueError naming the sample.py option for a value the loaded model or schedule cannot take."""
-    T = scheduler.num_train_timesteps
-    if steps > T:
-        raise ValueError(f"--steps must be at most the schedule's num_train_timesteps={T}, got {steps}")
+def _check_labels(model: torch.nn.Module, *, class_label: int | None, guidance_scale: float) -> None:
+    """Raise ValueError naming the sample.py option for a label or guidance the loaded model cannot take."""
     num_classes = getattr(model, "num_classes", None)
     if class_label is not None and not num_classes:
         raise ValueError(f"--class-label {class_label}: the model has no classes; drop --class-label")
