@@ -13,7 +13,7 @@ import ddpm
 import ddpm.generate
 from ddpm import samplers
 from ddpm.checkpoint import CheckpointError, TrainerState, load_for_sampling, save_checkpoint
-from ddpm.config import Config, SampleConfig, save_config
+from ddpm.config import Config, DataConfig, SampleConfig, save_config
 from ddpm.generate import generate, sample_checkpoint
 from ddpm.scheduler import NoiseScheduler
 from ddpm.unet import UNet
@@ -51,7 +51,8 @@ def run(tmp_path) -> Path:
     run = tmp_path / "run"
     scheduler = NoiseScheduler(**TRAINED)
     sample = SampleConfig(sampler="ddim", steps=2, n=3)
-    config = Config(model=TINY, diffusion=scheduler.config, sample=sample, output_dir=str(run))
+    data = DataConfig(image_size=TINY["image_size"], channels=TINY["in_channels"])
+    config = Config(model=TINY, diffusion=scheduler.config, data=data, sample=sample, output_dir=str(run))
     save_config(config, run / "config.yaml")
     try:
         save_checkpoint(
