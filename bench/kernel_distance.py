@@ -28,17 +28,17 @@ def kernel_distance(x: Tensor, y: Tensor) -> float:
     return (within_x + within_y - 2 * k_xy.mean()).item()
 
 
-def split_floor(features: Tensor, *, splits: int = 100, seed: int = 0) -> dict:
-    """The kernel distance between two disjoint random halves of one set of features (N, d), over `splits`
-    seeded random splits: {"mean", "std", "abs_p95", "values"}. Its mean is about 0 (the estimator is
-    unbiased); its std, and the 95th percentile of its absolute value, say how far apart two sets drawn from
-    one distribution score."""
+def split_floor(features: Tensor, *, size: int | None = None, splits: int = 100, seed: int = 0) -> dict:
+    """The kernel distance between `size` (default: half) random rows of one set of features (N, d) and the
+    other N - size rows, over `splits` seeded random splits: {"mean", "std", "abs_p95", "values"}. Its mean
+    is about 0 (the estimator is unbiased); its std, and the 95th percentile of its absolute value, say how
+    far apart two sets drawn from one distribution score."""
     generator = torch.Generator().manual_seed(seed)
-    half = len(features) // 2
+    size = size or len(features) // 2
     values = []
     for _ in range(splits):
         order = torch.randperm(len(features), generator=generator)
-        values.append(kernel_distance(features[order[:half]], features[order[half:]]))
+        values.append(kernel_distance(features[order[:size]], features[order[size:]]))
     absolute = sorted(abs(v) for v in values)
     return {
         "mean": statistics.fmean(values),

@@ -24,8 +24,8 @@ Scoring, by a small CNN trained on the real digits (bench/digit_classifier.py, h
 - KID: the unbiased kernel distance (bench/kernel_distance.py) between the samples' features and those of
   all 1,797 real digits, features z-scored by the real digits' mean and std per dimension; on two features:
   the 1,024 convolutional features ("KID conv", the headline) and the 64 hidden features ("KID hidden").
-  Its floor: the same distance between two disjoint random halves of the real digits, over --floor-splits
-  splits (mean, std and 95th percentile of its absolute value).
+  Its floor: the same distance between --n-samples random real digits (at most half of them) and the
+  other real digits, over --floor-splits random splits (mean, std and 95th percentile of its absolute value).
 - the Frechet distance of the 64 hidden features (biased upwards at these sample counts; the previous
   measure, kept for comparison, with the same half-vs-half floor), mean confidence (the largest softmax
   probability), agreement (the fraction classified as the label they were sampled with) and coverage.
@@ -96,7 +96,7 @@ def main() -> None:
                     steps=args.steps,
                     checkpoint_every=args.steps,
                 )
-                scorer = scorer or Scorer(config, splits=args.floor_splits)
+                scorer = scorer or Scorer(config, splits=args.floor_splits, size=args.n_samples)
                 model, scheduler, seconds = train(name, config)
             sample = dataclasses.replace(config.sample, guidance_scale=1.0)  # the baseline has no null label
             images, labels = sample_images(
@@ -327,7 +327,7 @@ class Scorer:
     """Scores sets of images with the features and predictions of a classifier of the real data, against
     all the real images; `floor` holds each distance between two disjoint halves of the real images."""
 
-    def __init__(self, config: Config, *, splits: int = 100) -> None:
+    def __init__(self, config: Config, *, splits: int = 100, size: int | None = None) -> None:
         data = dataclasses.replace(config.data, hflip=False)
         dataset = build_dataset(data)
         self.images, self.labels = next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(dataset))))
@@ -343,10 +343,12 @@ class Scorer:
         self.standardize = {kind: (f.mean(0), f.std(0).clamp(min=1e-6)) for kind, f in real.items()}
         self.real = {kind: self._standardized(kind, f) for kind, f in real.items()}
         self.reference = _gaussian(real["hidden"])
+        size = min(size or len(self.images) // 2, len(self.images) // 2)
         self.floor = {
-            f"kid_{kind}": kernel_distance.split_floor(f, splits=splits) for kind, f in self.real.items()
+            f"kid_{kind}": kernel_distance.split_floor(f, size=size, splits=splits)
+            for kind, f in self.real.items()
         }
-        self.floor["frechet_distance"] = _frechet_floor(real["hidden"], splits=splits)
+        self.floor["frechet_distance"] = _frechet_floor(real["hidden"], size=size, splits=splits)
 
     @torch.no_grad()
     def score(self, images: Tensor, labels: Tensor | None) -> dict:
@@ -403,10 +405,11 @@ def _gaussian(features: Tensor):
         return gaussian_statistics(features.numpy())
 
 
-def _frechet_floor(features: Tensor, *, splits: int, seed: int = 0) -> dict:
-    """The Frechet distance between two disjoint random halves of `features`, over `splits` splits."""
+def _frechet_floor(features: Tensor, *, size: int | None, splits: int, seed: int = 0) -> dict:
+    """The Frechet distance between `size` (default: half) random rows of `features` and the other rows,
+    over `splits` seeded splits."""
     generator = torch.Generator().manual_seed(seed)
-    half = len(features) // 2
+    half = size or len(features) // 2
     values = []
     for _ in range(splits):
         order = torch.randperm(len(features), generator=generator)
@@ -471,14 +474,16 @@ def write_report(args, scorer: Scorer, results: list[dict], tradeoff: list[dict]
         for r in sorted(results, key=lambda r: (runs.index(r["run"]), r["seed"]))
     ]
     print(common.markdown_table(header, rows))
-    print("\nMean +- standard deviation over the seeds; the floor: real digits, half against half:\n")
+    print(
+        "\nMean +- standard deviation over the seeds; the floor: real digits against the other real digits:\n"
+    )
     rows = [
         [name, len(s["seeds"]), *(f"{s[m]['mean']:.4g} +- {s[m]['std']:.2g}" for m in METRICS)]
         for name, s in summary.items()
     ]
     rows.append(
         [
-            "real half vs half",
+            "real vs real",
             args.floor_splits,
             *(f"{f['mean']:.4g} +- {f['std']:.2g}" for f in floor.values()),
         ]
