@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import tempfile
 import time
@@ -83,6 +84,9 @@ METRICS = ("kid_conv", "kid_hidden", "frechet_distance", "confidence", "agreemen
 
 def main() -> None:
     args = parse_args()
+    if args.merge:
+        merge(args.merge, args.json)
+        return
     results: list[dict] = []
     tradeoff: list[dict] = []
     scorer = None
@@ -163,6 +167,13 @@ def parse_args() -> argparse.Namespace:
         "--tradeoff-samples", type=int, default=300, help="samples per --samplers entry (default: 300)"
     )
     parser.add_argument("--samples-dir", type=Path, help="also save each run's samples here (.pt)")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="train nothing: report the runs of these --json files together (same settings; e.g. seeds run "
+        "in separate processes)",
+    )
     common.add_report_options(parser)
     args = parser.parse_args()
     if args.steps < 1 or min(args.n_samples, args.tradeoff_samples, args.floor_splits) < 2:
@@ -171,6 +182,23 @@ def parse_args() -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown --runs {unknown}: choose from {', '.join(RUNS)}")
     return args
+
+
+def merge(paths: list[str], out: str | None) -> None:
+    """Print the report of the runs stored in the --json files `paths` (made with the same settings but
+    for their seeds) as one benchmark, and write it to `out`."""
+    payloads = [json.loads(Path(path).read_text()) for path in paths]
+    same = ("config", "override", "steps", "n_samples", "floor_splits")
+    first = payloads[0]
+    differ = [key for key in same for p in payloads if p["options"][key] != first["options"][key]]
+    if differ:
+        raise SystemExit(f"error: the files differ in {sorted(set(differ))}; merge only runs of one setting")
+    results = [r for p in payloads for r in p["results"]]
+    args = argparse.Namespace(**{**first["options"], "json": out})
+    args.seeds = sorted({r["seed"] for r in results})
+    args.runs = [name for name in RUNS if any(r["run"] == name for r in results)]
+    scorer = argparse.Namespace(floor=first["floor"], accuracy=first["classifier_accuracy"])
+    write_report(args, scorer, results, first["samplers"], final=True)
 
 
 def bench_config(
