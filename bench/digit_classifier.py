@@ -1,6 +1,6 @@
-"""A small CNN classifier of the 16x16 digits, whose hidden features stand in for Inception's in the Frechet
-distance of bench/quality.py: Inception features of 16x16 grey digits blown up to 299x299 say little about
-them, while this network trains in seconds on 2 CPU cores and knows what a digit looks like.
+"""A small CNN classifier of the 16x16 digits, whose features stand in for Inception's in the kernel and
+Frechet distances of bench/quality.py: Inception features of 16x16 grey digits blown up to 299x299 say little
+about them, while this network trains in seconds on 2 CPU cores and knows what a digit looks like.
 
     conv3x3 (C -> 32), ReLU, maxpool 2      (N, C, S, S) -> (N, 32, S/2, S/2)
     conv3x3 (32 -> 64), ReLU, maxpool 2     -> (N, 64, S/4, S/4)
