@@ -208,9 +208,12 @@ def floor_only(args: argparse.Namespace) -> None:
 
 
 def merge(paths: list[str], out: str | None) -> None:
-    """Print the report of the runs stored in the --json files `paths` (made with the same settings but
-    for their seeds) as one benchmark, and write it to `out`."""
+    """Print the report of the runs stored in the --json files `paths` (made with the same settings, but for
+    train.cpu_threads, for their seeds and runs) as one benchmark, and write it to `out`."""
     payloads = [json.loads(Path(path).read_text()) for path in paths]
+    for payload in payloads:  # the thread count changes the speed, not what is computed
+        options = payload["options"]
+        options["override"] = [o for o in options["override"] if not o.startswith("train.cpu_threads=")]
     same = ("config", "override", "steps", "n_samples", "floor_splits")
     first = payloads[0]
     differ = [key for key in same for p in payloads if p["options"][key] != first["options"][key]]
