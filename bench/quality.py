@@ -1,60 +1,61 @@
-"""Sample quality per CPU-minute on the digits: our Trainer against a plain diffusers training loop.
+"""Sample quality at equal optimizer steps on the digits: our Trainer against a plain diffusers training loop,
+over several seeds, scored by a kernel distance whose real-vs-real noise floor is reported with it.
 
-    python bench/quality.py [--minutes 5] [--fractions 0.25,0.5,1] [--n-samples 900] [--tradeoff-samples N]
-        [--samplers ddpm:1000,ddim:50,dpm++:10,dpm++:20] [--config configs/digits.yaml]
-        [--override train.lr=2e-3 ...] [--workdir DIR] [--json OUT]
+    python bench/quality.py [--steps 500] [--seeds 0,1,2] [--n-samples 900]
+        [--runs ours,ours-baseline-recipe,diffusers] [--config configs/digits.yaml] [--override KEY=VALUE ...]
+        [--samplers ddpm:1000,dpm++:20 --tradeoff-samples N] [--samples-dir DIR] [--json OUT]
 
-Training, for the same wall-clock budget (--minutes) each, in the same process, in alternating chunks (ours to
-25% of the budget, the baseline to 25%, ours to 50%, ...) so that changes in the machine's load reach both:
-- ours: `ddpm.trainer.Trainer` on configs/digits.yaml (+ --override), unchanged but for no in-training grids
-  and one checkpoint per chunk. A chunk is one `train()`, stopped at its time by SIGTERM, which the Trainer
-  answers by finishing the step and saving a checkpoint; the next chunk resumes from it.
-- diffusers: `UNet2DModel` with the same layers (`common.diffusers_unet_kwargs`) and `DDPMScheduler` with the
+For each seed s (--seeds), each run (--runs) trains from scratch for --steps optimizer steps with training
+seed s, and its EMA weights sample --n-samples images, image i from noise seeded 1,000,000 s + i with label
+i mod 10, with the config's sampler and steps and no guidance (the baseline has no null label). The runs:
+- "ours": `ddpm.trainer.Trainer` on configs/digits.yaml (+ --override), float32, no in-training grids.
+- "ours-baseline-recipe": the same with the baseline's recipe: uniform loss weights and no label dropout
+  (`train.loss_weighting=uniform train.label_dropout=0`).
+- "diffusers": `UNet2DModel` with the same layers (`common.diffusers_unet_kwargs`), `DDPMScheduler` with the
   same schedule and prediction type (checked), trained by the loop of diffusers'
-  examples/unconditional_image_generation (add_noise, MSE to the target, backward, clip_grad_norm_, AdamW, a
-  warm-up LR schedule, EMAModel) on the same data loader. For a fair race it takes our config's
-  hyperparameters (batch, learning rate and warm-up, Adam betas, weight decay, gradient clipping, EMA decay
-  with the same (1 + n) / (10 + n) warm-up) rather than the example's defaults, which are tuned for long GPU
-  runs. It is class-conditional like ours (num_class_embeds = 10, so that both learn the same conditional
-  distribution). What the example loop lacks stays ours: its loss is the plain MSE (ours: the config's
-  train.loss_weighting, min-SNR by default), and diffusers has no null label, hence no label dropout (ours
-  drops a tenth of the labels, train.label_dropout) and no classifier-free guidance.
-Only training is timed (each library's set-up and our resumes are not); the times reported are measured,
-and exceed the budget by at most a step and a checkpoint.
+  examples/unconditional_image_generation (add_noise, plain MSE to the target, backward, clip_grad_norm_,
+  AdamW, a warm-up LR schedule, EMAModel) on the same data, with our config's batch, learning rate and
+  warm-up, Adam betas, weight decay, gradient clipping and EMA decay (the same (1 + n) / (10 + n) warm-up). It
+  is class-conditional (num_class_embeds = 10) and has no null label, hence no label dropout.
+"ours" against "ours-baseline-recipe" is the recipe (loss weighting, label dropout), "ours-baseline-recipe"
+against "diffusers" the library (network code and initialisation, training loop, EMA).
 
-Scoring, for the EMA weights at each chunk's end: --n-samples images, image i from noise seeded i and with
-label i mod 10 for both models, sampled with `ddpm.generate.generate` (our config's sample: settings; the
-baseline through `common.DiffusersDenoiser` without guidance, since it has no null label; sampling.py shows
-that diffusers' own DDIM loop gives the same images) and scored by a small CNN trained on the real digits
-(bench/digit_classifier.py, held-out accuracy printed):
-- Frechet distance between Gaussians fitted to its 64 hidden features of the samples and of all 1,797 real
-  digits (`ddpm.fid.statistics` and `ddpm.fid.frechet_distance`); "real" is --n-samples real digits;
-- mean confidence (the largest softmax probability), agreement (the fraction classified as the label they
-  were sampled with) and coverage (how many classes the predictions reach, with the counts per class).
-Also: our final model sampled without guidance (as the baseline is; when our config guides), the time at
-which our run first reaches the baseline's full-budget distance, and the sampler/steps trade-off of our final
-model (--samplers, each timed and scored on --tradeoff-samples images, default --n-samples: DDPM 1000 makes
-1,000 network calls per batch, twice that with guidance).
+Scoring, by a small CNN trained on the real digits (bench/digit_classifier.py, held-out accuracy printed):
+- KID: the unbiased kernel distance (bench/kernel_distance.py) between the samples' features and those of
+  all 1,797 real digits, features z-scored by the real digits' mean and std per dimension; on two features:
+  the 1,024 convolutional features ("KID conv", the headline) and the 64 hidden features ("KID hidden").
+  Its floor: the same distance between --n-samples random real digits (at most half of them) and the
+  other real digits, over --floor-splits random splits (mean, std and 95th percentile of its absolute value).
+- the Frechet distance of the 64 hidden features (biased upwards at these sample counts; the previous
+  measure, kept for comparison, with the same half-vs-half floor), mean confidence (the largest softmax
+  probability), agreement (the fraction classified as the label they were sampled with) and coverage.
+Per run, the mean and standard deviation over the seeds; per pair of runs, the difference of the means with
+its standard error (sqrt(s_a^2 / n_a + s_b^2 / n_b)). A difference is called one when it exceeds both 3
+standard errors and the floor's 95th percentile; otherwise "no difference".
+
+Speed: each run's steps / s over its whole training (timed from the first step; our Trainer's time includes
+saving one checkpoint at the end); the run order alternates from seed to seed. Runs share the machine with
+whatever else runs on it, so the ratio is indicative only; bench/train_step.py measures the step interleaved.
+--samplers additionally scores our first seed's model with other samplers on --tradeoff-samples images.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import dataclasses
-import os
-import signal
+import json
+import statistics
 import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
 
 import common
 import digit_classifier
+import kernel_distance
 import torch
 import torch.nn.functional as F
+from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -62,50 +63,76 @@ from torch import Tensor, nn
 
 from ddpm import Config, NoiseScheduler, build_dataset, load_config, num_classes_of
 from ddpm.checkpoint import load_for_sampling
-from ddpm.fid import frechet_distance, statistics
+from ddpm.fid import frechet_distance
+from ddpm.fid import statistics as gaussian_statistics
 from ddpm.generate import generate
 from ddpm.trainer import Trainer
 
-
-@dataclasses.dataclass
-class Snapshot:
-    """A model's EMA weights at the end of a training chunk."""
-
-    model: nn.Module  # called as model(x, t, y)
-    seconds: float  # training wall-clock time so far
-    steps: int  # optimizer steps so far
+RUNS = {
+    "ours": [],
+    "ours-baseline-recipe": ["train.loss_weighting=uniform", "train.label_dropout=0"],
+    "diffusers": [],  # DiffusersRun reads only the data, model, schedule and optimizer settings
+}
+PAIRS = (
+    ("ours", "diffusers", "ours against the baseline"),
+    ("ours", "ours-baseline-recipe", "recipe (min-SNR weights, label dropout)"),
+    ("ours-baseline-recipe", "diffusers", "library (same recipe)"),
+)
+SAMPLING_SEED_STRIDE = 1_000_000  # seed s samples image i from noise seeded s * stride + i: disjoint sets
+METRICS = ("kid_conv", "kid_hidden", "frechet_distance", "confidence", "agreement")
 
 
 def main() -> None:
     args = parse_args()
-    budget = 60 * args.minutes
-    with working_directory(args.workdir) as workdir:
-        config = our_config(args, workdir / "ours")
-        scorer = Scorer(config, n=args.n_samples)
-        ours, theirs = OurRun(config), DiffusersRun(config)
-        snapshots: dict[str, list[Snapshot]] = {"ours": [], "diffusers": []}
-        for fraction in args.fractions:
-            snapshots["ours"].append(ours.train_until(fraction * budget))
-            snapshots["diffusers"].append(theirs.train_until(fraction * budget))
-
-        sample = config.sample
-        unguided = dataclasses.replace(sample, guidance_scale=1.0)  # diffusers' model has no null label
-        settings = {"ours": sample, "diffusers": unguided}
-        scores = {
-            name: [scorer.score_model(s.model, ours.scheduler, sample=settings[name]) for s in runs]
-            for name, runs in snapshots.items()
-        }
-        final = snapshots["ours"][-1].model
-        if sample.guidance_scale != 1.0:
-            scores["ours, no guidance"] = [scorer.score_model(final, ours.scheduler, sample=unguided)]
-        n_tradeoff = args.tradeoff_samples or args.n_samples
-        tradeoff = [
-            scorer.timed_score(
-                final, ours.scheduler, dataclasses.replace(sample, sampler=s, steps=k), n_tradeoff
+    if args.merge:
+        merge(args.merge, args.json)
+        return
+    if args.floor_only:
+        floor_only(args)
+        return
+    results: list[dict] = []
+    tradeoff: list[dict] = []
+    scorer = None
+    for index, seed in enumerate(args.seeds):
+        for name in args.runs if index % 2 == 0 else list(reversed(args.runs)):
+            with tempfile.TemporaryDirectory(prefix="ddpm-bench-") as tmp:
+                config = bench_config(
+                    args.config,
+                    [*args.override, *RUNS[name], f"train.seed={seed}"],
+                    Path(tmp) / "run",
+                    steps=args.steps,
+                    checkpoint_every=args.steps,
+                )
+                scorer = scorer or Scorer(config, splits=args.floor_splits, size=args.n_samples)
+                model, scheduler, seconds = train(name, config)
+            sample = dataclasses.replace(config.sample, guidance_scale=1.0)  # the baseline has no null label
+            images, labels = sample_images(
+                model, scheduler, sample, args.n_samples, SAMPLING_SEED_STRIDE * seed
             )
-            for s, k in args.samplers
-        ]
-    report(args, config, scorer, snapshots, scores, tradeoff, n_tradeoff)
+            if args.samples_dir:
+                args.samples_dir.mkdir(parents=True, exist_ok=True)
+                torch.save({"images": images, "labels": labels}, args.samples_dir / f"{name}-seed{seed}.pt")
+            result = {"run": name, "seed": seed, "steps": args.steps, "seconds": seconds}
+            results.append({**result, **scorer.score(images, labels)})
+            print(
+                ", ".join(
+                    f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                    for key, value in results[-1].items()
+                ),
+                flush=True,
+            )
+            if index == 0 and name == "ours" and args.samplers:
+                tradeoff = [
+                    scorer.timed_score(
+                        model,
+                        scheduler,
+                        dataclasses.replace(sample, sampler=s, steps=k),
+                        args.tradeoff_samples,
+                    )
+                    for s, k in args.samplers
+                ]
+            write_report(args, scorer, results, tradeoff, final=False)
+    write_report(args, scorer, results, tradeoff, final=True)
 
 
 def parse_args() -> argparse.Namespace:
@@ -116,46 +143,88 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--override", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides of our config"
     )
-    parser.add_argument("--minutes", type=float, default=5.0, help="training budget per model (default: 5)")
+    parser.add_argument("--steps", type=int, default=500, help="optimizer steps per run (default: 500)")
     parser.add_argument(
-        "--fractions",
-        type=lambda text: sorted(float(f) for f in text.split(",")),
-        default=[0.25, 0.5, 1.0],
-        help="fractions of the budget at which both models are scored (default: 0.25,0.5,1)",
+        "--seeds",
+        type=lambda text: [int(s) for s in text.split(",")],
+        default=[0, 1, 2],
+        help="training seeds, comma-separated; each also picks its own sampling noise (default: 0,1,2)",
     )
-    parser.add_argument("--n-samples", type=int, default=900, help="samples scored per model (default: 900)")
+    parser.add_argument(
+        "--runs",
+        type=lambda text: text.split(","),
+        default=list(RUNS),
+        help=f"runs to compare, comma-separated, of {', '.join(RUNS)} (default: all)",
+    )
+    parser.add_argument("--n-samples", type=int, default=900, help="samples scored per run (default: 900)")
+    parser.add_argument(
+        "--floor-splits", type=int, default=100, help="real-vs-real splits for the floor (default: 100)"
+    )
     parser.add_argument(
         "--samplers",
         type=lambda text: [(s, int(k)) for s, k in (item.rsplit(":", 1) for item in text.split(","))],
-        default=[("ddpm", 1000), ("ddim", 50), ("dpm++", 10), ("dpm++", 20)],
-        help="SAMPLER:STEPS,... for our final model's trade-off "
-        "(default: ddpm:1000,ddim:50,dpm++:10,dpm++:20)",
+        default=[],
+        help="SAMPLER:STEPS,... to score on our first seed's model too (default: none)",
     )
     parser.add_argument(
-        "--tradeoff-samples", type=int, help="samples per sampler in the trade-off (default: --n-samples)"
+        "--tradeoff-samples", type=int, default=300, help="samples per --samplers entry (default: 300)"
     )
-    parser.add_argument("--workdir", type=Path, help="keep our run here (default: a temporary directory)")
+    parser.add_argument("--samples-dir", type=Path, help="also save each run's samples here (.pt)")
+    parser.add_argument(
+        "--floor-only",
+        action="store_true",
+        help="train nothing: the real-vs-real floor of every measure at --n-samples samples",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="train nothing: report the runs of these --json files together (same settings; e.g. seeds run "
+        "in separate processes)",
+    )
     common.add_report_options(parser)
     args = parser.parse_args()
-    if args.minutes <= 0 or min(args.n_samples, args.tradeoff_samples or 2) < 2:
-        parser.error("--minutes must be > 0, --n-samples and --tradeoff-samples >= 2")
-    if not all(0 < f <= 1 for f in args.fractions):
-        parser.error("every fraction must lie in (0, 1]")
-    if args.fractions[-1] != 1.0:
-        args.fractions.append(1.0)
+    if args.steps < 1 or min(args.n_samples, args.tradeoff_samples, args.floor_splits) < 2:
+        parser.error("--steps must be >= 1; --n-samples, --tradeoff-samples and --floor-splits >= 2")
+    unknown = [name for name in args.runs if name not in RUNS]
+    if unknown:
+        parser.error(f"unknown --runs {unknown}: choose from {', '.join(RUNS)}")
     return args
 
 
-def our_config(args: argparse.Namespace, run_dir: Path) -> Config:
-    """Our benchmark config with no step limit (the chunks end by time) and a checkpoint per chunk."""
-    return bench_config(
-        args.config,
-        args.override,
-        run_dir,
-        steps=10**12,
-        checkpoint_every=10**12,
-        keep_checkpoints=len(args.fractions),
+def floor_only(args: argparse.Namespace) -> None:
+    """Print (and write to --json) the floor of each distance at --n-samples samples."""
+    with tempfile.TemporaryDirectory(prefix="ddpm-bench-") as tmp:
+        config = bench_config(args.config, args.override, Path(tmp) / "run", steps=1, checkpoint_every=1)
+    scorer = Scorer(config, splits=args.floor_splits, size=args.n_samples)
+    floor = {metric: {k: v for k, v in f.items() if k != "values"} for metric, f in scorer.floor.items()}
+    rows = [[metric, f["mean"], f["std"], f["abs_p95"]] for metric, f in floor.items()]
+    print(
+        f"{args.n_samples} real digits against the other real digits, {args.floor_splits} random splits; "
+        f"classifier held-out accuracy {scorer.accuracy:.3f}\n"
     )
+    print(common.markdown_table(["measure", "mean", "std", "95th percentile of |value|"], rows))
+    common.write_json(args.json, {"benchmark": "floor", "n_samples": args.n_samples, "floor": floor})
+
+
+def merge(paths: list[str], out: str | None) -> None:
+    """Print the report of the runs stored in the --json files `paths` (made with the same settings, but for
+    train.cpu_threads, for their seeds and runs) as one benchmark, and write it to `out`."""
+    payloads = [json.loads(Path(path).read_text()) for path in paths]
+    for payload in payloads:  # the thread count changes the speed, not what is computed
+        options = payload["options"]
+        options["override"] = [o for o in options["override"] if not o.startswith("train.cpu_threads=")]
+    same = ("config", "override", "steps", "n_samples", "floor_splits")
+    first = payloads[0]
+    differ = [key for key in same for p in payloads if p["options"][key] != first["options"][key]]
+    if differ:
+        raise SystemExit(f"error: the files differ in {sorted(set(differ))}; merge only runs of one setting")
+    results = [r for p in payloads for r in p["results"]]
+    args = argparse.Namespace(**{**first["options"], "json": out})
+    args.seeds = sorted({r["seed"] for r in results})
+    args.runs = [name for name in RUNS if any(r["run"] == name for r in results)]
+    scorer = argparse.Namespace(floor=first["floor"], accuracy=first["classifier_accuracy"])
+    write_report(args, scorer, results, first["samplers"], final=True)
 
 
 def bench_config(
@@ -183,59 +252,54 @@ def bench_config(
     )
 
 
-@contextlib.contextmanager
-def working_directory(path: Path | None):
-    """`path` (which must not hold a run yet), or a temporary directory removed afterwards."""
-    if path is not None:
-        if (path / "ours").exists():
-            raise SystemExit(f"error: {path / 'ours'} exists; pass a new --workdir")
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="ddpm-bench-") as tmp:
-        yield Path(tmp)
-
-
-class OurRun:
-    """Our Trainer, trained in chunks up to given total training times."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.seconds = 0.0
-        self.scheduler = NoiseScheduler(**config.diffusion)
-
-    def train_until(self, seconds: float) -> Snapshot:
-        """Train to `seconds` of training in all; returns the EMA weights of the checkpoint saved then."""
-        trainer = Trainer(self.config, resume="latest" if self.seconds else None)
+def train(name: str, config: Config) -> tuple[nn.Module, NoiseScheduler, float]:
+    """Train run `name` for config.train.steps steps: (EMA model called as model(x, t, y), its noise
+    scheduler, seconds of training)."""
+    scheduler = NoiseScheduler(**config.diffusion)
+    if name == "diffusers":
+        run = DiffusersRun(config)
         start = time.perf_counter()
-        with sigterm_after(seconds - self.seconds):
-            checkpoint = trainer.train()
-        self.seconds += time.perf_counter() - start
-        model, _, _ = load_for_sampling(checkpoint, use_ema=True)
-        return Snapshot(model, self.seconds, trainer.state.step)
+        for _ in range(config.train.steps):
+            run.step()
+        return run.ema_model(), scheduler, time.perf_counter() - start
+    trainer = Trainer(config)
+    start = time.perf_counter()
+    checkpoint = trainer.train()
+    seconds = time.perf_counter() - start
+    AcceleratorState._reset_state(reset_partial_state=True)  # the next Trainer builds its own
+    model, scheduler, _ = load_for_sampling(checkpoint, use_ema=True)
+    return model, scheduler, seconds
 
 
-@contextlib.contextmanager
-def sigterm_after(seconds: float):
-    """Send this process SIGTERM `seconds` after entering, but only once the SIGTERM handler has changed (the
-    Trainer installs its own at the start of train(); before that, SIGTERM would end the process)."""
-    before = signal.getsignal(signal.SIGTERM)
-    done = threading.Event()
+@torch.no_grad()
+def sample_images(
+    model: nn.Module, scheduler: NoiseScheduler, sample, n: int, seed: int
+) -> tuple[Tensor, Tensor | None]:
+    """`n` images (n, C, S, S) of `model` with the settings `sample`, image i from noise seeded seed + i and
+    with label i mod classes; and those labels (None for an unconditional model)."""
+    model.eval()
+    images = generate(
+        model,
+        scheduler,
+        n,
+        image_shape=(model_channels(model), *(2 * [model_size(model)])),
+        sampler=sample.sampler,
+        steps=sample.steps,
+        eta=sample.eta,
+        guidance_scale=sample.guidance_scale,
+        seed=seed,
+        device=next(model.parameters()).device,
+    )
+    labels = torch.arange(n) % model.num_classes if model.num_classes else None
+    return images, labels
 
-    def send() -> None:
-        if done.wait(max(seconds, 0.0)):
-            return
-        while signal.getsignal(signal.SIGTERM) == before:
-            if done.wait(0.01):
-                return
-        os.kill(os.getpid(), signal.SIGTERM)
 
-    thread = threading.Thread(target=send, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
+def model_channels(model: nn.Module) -> int:
+    return model.unet.config.in_channels if hasattr(model, "unet") else model.config["in_channels"]
+
+
+def model_size(model: nn.Module) -> int:
+    return model.unet.config.sample_size if hasattr(model, "unet") else model.config["image_size"]
 
 
 class DiffusersRun:
@@ -269,22 +333,16 @@ class DiffusersRun:
         self.conditional = num_classes_of(dataset) is not None
         self.generator = torch.Generator(self.device).manual_seed(train.seed)  # noise and timesteps
         self.batches = self._batches()
-        self.seconds, self.steps = 0.0, 0
 
-    def train_until(self, seconds: float) -> Snapshot:
-        """Train to `seconds` of training in all (at least one step); returns a copy of the EMA weights."""
-        start = time.perf_counter()
-        deadline = start + seconds - self.seconds
-        while True:
-            self._step(*next(self.batches))
-            if time.perf_counter() >= deadline:
-                break
-        self.seconds += time.perf_counter() - start
-        ema_unet = copy.deepcopy(self.unet).eval()
+    def ema_model(self) -> nn.Module:
+        """A copy of the EMA weights, called as model(x, t, y)."""
+        ema_unet = UNet2DModel.from_config(self.unet.config).to(self.device).eval()
         self.ema.copy_to(ema_unet.parameters())
-        return Snapshot(common.DiffusersDenoiser(ema_unet), self.seconds, self.steps)
+        return common.DiffusersDenoiser(ema_unet)
 
-    def _step(self, x0: Tensor, labels: Tensor) -> None:
+    def step(self) -> None:
+        """One optimizer step of the example's loop on the next batch."""
+        x0, labels = next(self.batches)
         x0 = x0.to(self.device)
         noise = torch.randn(x0.shape, generator=self.generator, device=self.device)
         timesteps = torch.randint(
@@ -305,7 +363,6 @@ class DiffusersRun:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.step(self.unet.parameters())
-        self.steps += 1
 
     def _target(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         prediction_type = self.noise_scheduler.config.prediction_type
@@ -321,14 +378,13 @@ class DiffusersRun:
 
 
 class Scorer:
-    """Scores sets of images with the hidden features and predictions of a classifier of the real data."""
+    """Scores sets of images with the features and predictions of a classifier of the real data, against
+    all the real images; `floor` holds each distance between two disjoint halves of the real images."""
 
-    def __init__(self, config: Config, *, n: int) -> None:
+    def __init__(self, config: Config, *, splits: int = 100, size: int | None = None) -> None:
         data = dataclasses.replace(config.data, hflip=False)
         dataset = build_dataset(data)
         self.images, self.labels = next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(dataset))))
-        self.n = n
-        self.image_shape = tuple(self.images.shape[1:])
         self.classifier, self.accuracy = digit_classifier.train_classifier(self.images, self.labels)
         if self.accuracy < digit_classifier.MIN_ACCURACY:
             raise RuntimeError(
@@ -336,22 +392,34 @@ class Scorer:
                 f"(< {digit_classifier.MIN_ACCURACY}): its features cannot be trusted to score samples"
             )
         self.num_classes = self.classifier.head.out_features
-        self.reference = self._statistics(self.images)
-        real = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(0))[:n]
-        self.real = self.score(self.images[real], self.labels[real])
+        with torch.no_grad():
+            real = self._features(self.images)
+        self.standardize = {kind: (f.mean(0), f.std(0).clamp(min=1e-6)) for kind, f in real.items()}
+        self.real = {kind: self._standardized(kind, f) for kind, f in real.items()}
+        self.reference = _gaussian(real["hidden"])
+        size = min(size or len(self.images) // 2, len(self.images) // 2)
+        self.floor = {
+            f"kid_{kind}": kernel_distance.split_floor(f, size=size, splits=splits)
+            for kind, f in self.real.items()
+        }
+        self.floor["frechet_distance"] = _frechet_floor(real["hidden"], size=size, splits=splits)
 
     @torch.no_grad()
     def score(self, images: Tensor, labels: Tensor | None) -> dict:
-        """Frechet distance to the real digits, mean confidence, label agreement and class coverage of images
-        (N, C, S, S) in [-1, 1] sampled with `labels` (N,) (None: unconditional)."""
+        """KID (conv and hidden features) and Frechet distance to the real digits, mean confidence, label
+        agreement and class coverage of images (N, C, S, S) in [-1, 1] sampled with `labels` (N,)."""
         logits = self.classifier(images)
         predicted = logits.argmax(1)
         counts = torch.bincount(predicted, minlength=self.num_classes).tolist()
-        stats = self._statistics(images)
+        features = self._features(images)
+        kids = {
+            f"kid_{kind}": kernel_distance.kernel_distance(self._standardized(kind, features[kind]), real)
+            for kind, real in self.real.items()
+        }
+        stats, reference = _gaussian(features["hidden"]), self.reference
         return {
-            "frechet_distance": frechet_distance(
-                self.reference.mu, self.reference.sigma, stats.mu, stats.sigma
-            ),
+            **kids,
+            "frechet_distance": frechet_distance(reference.mu, reference.sigma, stats.mu, stats.sigma),
             "confidence": logits.softmax(1).amax(1).mean().item(),
             "agreement": (predicted == labels).float().mean().item() if labels is not None else None,
             "coverage": sum(c > 0 for c in counts),
@@ -359,25 +427,10 @@ class Scorer:
         }
 
     def score_model(
-        self, model: nn.Module, scheduler: NoiseScheduler, *, sample, n: int | None = None
+        self, model: nn.Module, scheduler: NoiseScheduler, *, sample, n: int, seed: int = 0
     ) -> dict:
-        """Score `n` (default: the scorer's) images of `model` sampled with the settings `sample`."""
-        n = n or self.n
-        model.eval()
-        images = generate(
-            model,
-            scheduler,
-            n,
-            image_shape=self.image_shape,
-            sampler=sample.sampler,
-            steps=sample.steps,
-            eta=sample.eta,
-            guidance_scale=sample.guidance_scale,
-            seed=0,
-            device=next(model.parameters()).device,
-        )
-        labels = torch.arange(n) % model.num_classes if model.num_classes else None
-        return self.score(images, labels)
+        """Score `n` images of `model` sampled with the settings `sample` from noise seeded seed + i."""
+        return self.score(*sample_images(model, scheduler, sample, n, seed))
 
     def timed_score(self, model: nn.Module, scheduler: NoiseScheduler, sample, n: int) -> dict:
         start = time.perf_counter()
@@ -389,103 +442,55 @@ class Scorer:
             **scores,
         }
 
-    def _statistics(self, images: Tensor):
-        # ddpm.fid.statistics warns below 2,048 images, Inception's feature count; these features have 64.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return statistics(self.classifier.features(images).double().numpy())
+    def _features(self, images: Tensor) -> dict[str, Tensor]:
+        conv = self.classifier.conv_features(images)
+        hidden = F.relu(self.classifier.hidden(conv))
+        return {"conv": conv.double(), "hidden": hidden.double()}
+
+    def _standardized(self, kind: str, features: Tensor) -> Tensor:
+        mean, std = self.standardize[kind]
+        return (features - mean) / std
 
 
-def report(args, config, scorer, snapshots, scores, tradeoff, n_tradeoff) -> None:
-    """Print the tables and write --json."""
-    final = {name: runs[-1] for name, runs in snapshots.items()}
-    final_scores = {name: scores[name][-1] for name in common.MODELS}
-    sample = config.sample
-    how = f"{sample.sampler} {sample.steps}, guidance {sample.guidance_scale:g} (diffusers: 1)"
-    row = common.comparison_row
-    rows = [
-        row("training time (s)", {n: final[n].seconds for n in common.MODELS}),
-        row("optimizer steps", {n: final[n].steps for n in common.MODELS}),
-        row("steps / s", {n: final[n].steps / final[n].seconds for n in common.MODELS}),
-        row(f"Frechet distance, {how}", {n: final_scores[n]["frechet_distance"] for n in common.MODELS}),
-        row("mean confidence", {n: final_scores[n]["confidence"] for n in common.MODELS}),
-        row("classes covered", {n: final_scores[n]["coverage"] for n in common.MODELS}),
+def _gaussian(features: Tensor):
+    # ddpm.fid.statistics warns below 2,048 images, Inception's feature count; these features have 64.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return gaussian_statistics(features.numpy())
+
+
+def _frechet_floor(features: Tensor, *, size: int | None, splits: int, seed: int = 0) -> dict:
+    """The Frechet distance between `size` (default: half) random rows of `features` and the other rows,
+    over `splits` seeded splits."""
+    generator = torch.Generator().manual_seed(seed)
+    half = size or len(features) // 2
+    values = []
+    for _ in range(splits):
+        order = torch.randperm(len(features), generator=generator)
+        a, b = _gaussian(features[order[:half]]), _gaussian(features[order[half:]])
+        values.append(frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+    absolute = sorted(values)
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values),
+        "abs_p95": absolute[round(0.95 * (len(absolute) - 1))],
+        "values": values,
+    }
+
+
+def write_report(args, scorer: Scorer, results: list[dict], tradeoff: list[dict], *, final: bool) -> None:
+    """Write --json (after every run, so that an interrupted benchmark keeps what it measured); when `final`,
+    print the tables too."""
+    runs = [name for name in args.runs if any(r["run"] == name for r in results)]
+    summary = {name: summarize([r for r in results if r["run"] == name]) for name in runs}
+    pairs = [
+        compare(summary[a], summary[b], scorer.floor, label=label, runs=(a, b))
+        for a, b, label in PAIRS
+        if a in summary and b in summary
     ]
-    if final_scores["ours"]["agreement"] is not None:
-        rows.append(row("label agreement", {n: final_scores[n]["agreement"] for n in common.MODELS}))
+    speed = speed_ratios(results)
     env = common.environment(torch.device(common.default_device()))
-    print(
-        f"Sample quality per training minute, {Path(args.config).name} {' '.join(args.override)}, "
-        f"{args.minutes:g} min each, {args.n_samples} samples; {common.describe(env)}; classifier held-out "
-        f"accuracy {scorer.accuracy:.3f}\n"
-    )
-    print(common.markdown_table(common.COMPARISON_HEADER, rows))
-
-    curve = [["real digits", "", "", "", *_score_cells(scorer.real)]]
-    for name in common.MODELS:
-        for fraction, snapshot, score in zip(args.fractions, snapshots[name], scores[name], strict=True):
-            curve.append(
-                [name, f"{fraction:g}", f"{snapshot.seconds:.0f}", snapshot.steps, *_score_cells(score)]
-            )
-    if "ours, no guidance" in scores:
-        curve.append(
-            [
-                "ours, no guidance",
-                "1",
-                f"{final['ours'].seconds:.0f}",
-                final["ours"].steps,
-                *_score_cells(scores["ours, no guidance"][0]),
-            ]
-        )
-    header = [
-        "model",
-        "budget",
-        "trained (s)",
-        "steps",
-        "Frechet distance",
-        "confidence",
-        "agreement",
-        "coverage",
-        "predicted class counts",
-    ]
-    print("\n" + common.markdown_table(header, curve))
-
-    target = final_scores["diffusers"]["frechet_distance"]
-    reached = next(
-        (
-            s
-            for s, score in zip(snapshots["ours"], scores["ours"], strict=True)
-            if score["frechet_distance"] <= target
-        ),
-        None,
-    )
-    print(
-        f"\nOurs reaches the baseline's full-budget distance ({target:.3g}) "
-        + (
-            f"by {reached.seconds:.0f} s ({reached.steps} steps)."
-            if reached
-            else "at none of the budgets scored."
-        )
-    )
-
-    rows = [
-        [t["sampler"], t["steps"], n_tradeoff, t["seconds"], t["seconds"] / n_tradeoff, *_score_cells(t)]
-        for t in tradeoff
-    ]
-    header = [
-        "sampler",
-        "steps",
-        "samples",
-        "seconds",
-        "s / sample",
-        "Frechet distance",
-        "confidence",
-        "agreement",
-        "coverage",
-        "predicted class counts",
-    ]
-    print(f"\nSamplers on our final model, guidance {sample.guidance_scale:g}:\n")
-    print(common.markdown_table(header, rows))
+    floor = {metric: {k: v for k, v in f.items() if k != "values"} for metric, f in scorer.floor.items()}
     common.write_json(
         args.json,
         {
@@ -493,29 +498,121 @@ def report(args, config, scorer, snapshots, scores, tradeoff, n_tradeoff) -> Non
             "environment": env,
             "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "classifier_accuracy": scorer.accuracy,
-            "real": scorer.real,
-            "runs": {
-                name: [
-                    {"fraction": f, "seconds": s.seconds, "steps": s.steps, **score}
-                    for f, s, score in zip(args.fractions, snapshots[name], scores[name], strict=True)
-                ]
-                for name in common.MODELS
-            },
-            "ours_no_guidance": scores.get("ours, no guidance", [None])[0],
-            "ours_reaches_baseline_at_seconds": reached.seconds if reached else None,
+            "floor": floor,
+            "results": results,
+            "summary": summary,
+            "pairs": pairs,
+            "speed_ratios_ours_over_diffusers": speed,
             "samplers": tradeoff,
         },
     )
+    if not final:
+        return
+    print(
+        f"\nSample quality at {args.steps} steps, {Path(args.config).name} {' '.join(args.override)}, "
+        f"{args.n_samples} samples per run, seeds {args.seeds}; {common.describe(env)}; classifier held-out "
+        f"accuracy {scorer.accuracy:.3f}\n"
+    )
+    header = [
+        "run",
+        "seed",
+        "steps / s",
+        "KID conv",
+        "KID hidden",
+        "Frechet distance",
+        "confidence",
+        "agreement",
+    ]
+    rows = [
+        [r["run"], r["seed"], r["steps"] / r["seconds"], *(r[m] for m in METRICS)]
+        for r in sorted(results, key=lambda r: (runs.index(r["run"]), r["seed"]))
+    ]
+    print(common.markdown_table(header, rows))
+    print(
+        "\nMean +- standard deviation over the seeds; the floor: real digits against the other real digits:\n"
+    )
+    rows = [
+        [name, len(s["seeds"]), *(f"{s[m]['mean']:.4g} +- {s[m]['std']:.2g}" for m in METRICS)]
+        for name, s in summary.items()
+    ]
+    rows.append(
+        [
+            "real vs real",
+            args.floor_splits,
+            *(f"{f['mean']:.4g} +- {f['std']:.2g}" for f in floor.values()),
+        ]
+    )
+    print(common.markdown_table(["run", "seeds", *header[3:]], rows))
+    percentiles = ", ".join(f"{metric} {f['abs_p95']:.3g}" for metric, f in floor.items())
+    print(f"\nFloor, 95th percentile of |distance|: {percentiles}")
+    print("\nDifferences of the means (first run minus second):\n")
+    rows = [
+        [p["label"], p["a"], p["b"], m, p[m]["difference"], p[m]["se"], p[m]["verdict"]]
+        for p in pairs
+        for m in ("kid_conv", "kid_hidden")
+    ]
+    print(common.markdown_table(["what", "run", "against", "measure", "difference", "s.e.", "verdict"], rows))
+    if speed:
+        print(f"\nsteps / s, ours / diffusers, per seed (not interleaved; indicative): {speed}")
+    if tradeoff:
+        header = ["sampler", "steps", "seconds", "KID conv", "KID hidden", "Frechet distance", "agreement"]
+        rows = [
+            [
+                t["sampler"],
+                t["steps"],
+                t["seconds"],
+                t["kid_conv"],
+                t["kid_hidden"],
+                t["frechet_distance"],
+                t["agreement"],
+            ]
+            for t in tradeoff
+        ]
+        print(f"\nSamplers on our seed-{args.seeds[0]} model, {args.tradeoff_samples} samples each:\n")
+        print(common.markdown_table(header, rows))
 
 
-def _score_cells(score: dict) -> list:
-    agreement = score["agreement"]
+def summarize(results: list[dict]) -> dict:
+    """{"seeds": [...], metric: {"mean", "std", "n"}} over the results of one run (std 0 for one seed)."""
+    summary = {"seeds": [r["seed"] for r in results]}
+    for metric in (*METRICS, "steps_per_s"):
+        values = [r["steps"] / r["seconds"] if metric == "steps_per_s" else r[metric] for r in results]
+        values = [v for v in values if v is not None]
+        summary[metric] = {
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values),
+        }
+    return summary
+
+
+def compare(a: dict, b: dict, floor: dict, *, label: str, runs: tuple[str, str]) -> dict:
+    """The difference of the means of two runs per KID and Frechet distance, its standard error, and the
+    verdict: "a difference" when it exceeds 3 standard errors and the floor's 95th percentile."""
+    out = {"label": label, "a": runs[0], "b": runs[1]}
+    for metric in ("kid_conv", "kid_hidden", "frechet_distance"):
+        difference = a[metric]["mean"] - b[metric]["mean"]
+        se = (a[metric]["std"] ** 2 / a[metric]["n"] + b[metric]["std"] ** 2 / b[metric]["n"]) ** 0.5
+        resolved = (
+            abs(difference) > max(3 * se, floor[metric]["abs_p95"])
+            and min(a[metric]["n"], b[metric]["n"]) > 1
+        )
+        out[metric] = {
+            "difference": difference,
+            "se": se,
+            "floor_p95": floor[metric]["abs_p95"],
+            "verdict": ("lower" if difference < 0 else "higher") if resolved else "no difference",
+        }
+    return out
+
+
+def speed_ratios(results: list[dict]) -> list[float]:
+    """Per seed with both: steps / s of "ours" over that of "diffusers"."""
+    rate = {(r["run"], r["seed"]): r["steps"] / r["seconds"] for r in results}
     return [
-        score["frechet_distance"],
-        score["confidence"],
-        "" if agreement is None else agreement,
-        score["coverage"],
-        " ".join(map(str, score["class_counts"])),
+        rate["ours", seed] / rate["diffusers", seed]
+        for run, seed in rate
+        if run == "ours" and ("diffusers", seed) in rate
     ]
 
 

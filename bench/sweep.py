@@ -46,7 +46,7 @@ def main() -> None:
             config = quality.bench_config(
                 args.config, overrides, Path(tmp) / "run", steps=args.steps, checkpoint_every=args.steps
             )
-            scorer = scorer or quality.Scorer(config, n=args.n_samples)
+            scorer = scorer or quality.Scorer(config)
             start = time.perf_counter()
             checkpoint = Trainer(config).train()
             seconds = time.perf_counter() - start
@@ -54,20 +54,30 @@ def main() -> None:
             model, scheduler, _ = load_for_sampling(checkpoint, use_ema=True)
             for guidance in args.guidance:
                 sample = dataclasses.replace(config.sample, guidance_scale=guidance)
-                score = scorer.score_model(model, scheduler, sample=sample)
+                score = scorer.score_model(model, scheduler, sample=sample, n=args.n_samples)
                 rows.append(
                     [
                         name,
                         guidance,
                         args.steps,
                         seconds,
+                        score["kid_conv"],
                         score["frechet_distance"],
                         score["confidence"],
                         score["agreement"],
                         score["coverage"],
                     ]
                 )
-    header = ["variant", "guidance", "steps", "trained (s)", "Frechet distance", "confidence", "agreement"]
+    header = [
+        "variant",
+        "guidance",
+        "steps",
+        "trained (s)",
+        "KID conv",
+        "Frechet distance",
+        "confidence",
+        "agreement",
+    ]
     print(
         f"\n{Path(args.config).name}, {args.n_samples} samples; classifier accuracy {scorer.accuracy:.3f}\n"
     )
