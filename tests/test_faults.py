@@ -267,8 +267,14 @@ def test_ctrl_c_before_training_starts_exits_130_naming_the_last_checkpoint(
     tmp_path, reference, capsys, monkeypatch
 ):
     run = run_at_step_3(reference, tmp_path / "run")
+    # Python raises KeyboardInterrupt only if SIGINT was not ignored when it started (as it is for a
+    # background job of a non-interactive shell): install that handler here, as an interactive start would.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     monkeypatch.setattr(Trainer, "_resume", lambda self, resume: os.kill(os.getpid(), signal.SIGINT))
-    code, _, err = call_main(train_script, ["--resume", *tiny_args(run)], capsys)
+    try:
+        code, _, err = call_main(train_script, ["--resume", *tiny_args(run)], capsys)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert code == 128 + signal.SIGINT
     assert (
         f"interrupted before training started; last checkpoint: {run / 'checkpoints' / 'step-0000003'}" in err
