@@ -14,9 +14,9 @@ import sys
 from typing import NoReturn
 
 from ddpm.checkpoint import CheckpointError
+from ddpm.config import DEFAULT_CONFIG
 from ddpm.generate import sample_checkpoint
 from ddpm.samplers import SAMPLERS
-from train import DEFAULT_CONFIG
 
 
 class _Parser(argparse.ArgumentParser):

@@ -21,11 +21,10 @@ import sys
 from pathlib import Path
 
 from ddpm.checkpoint import CheckpointError, latest_checkpoint
-from ddpm.config import ConfigError, load_config
+from ddpm.config import DEFAULT_CONFIG, ConfigError, load_config
 from ddpm.data import DataError
 from ddpm.trainer import DistributedTimeoutError, NonFiniteLossError, Trainer
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "digits.yaml"
 # Errors whose message says all a user needs: printed as one line, without a traceback.
 USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, DistributedTimeoutError, OSError)
 

@@ -23,6 +23,9 @@ from typing import Any
 
 import yaml
 
+# The default job of train.py and sample.py without --config or --checkpoint (the source tree's configs/).
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+
 
 class ConfigError(ValueError):
     """A config file or override with an unknown key, or a value of the wrong type or out of range."""

@@ -34,11 +34,7 @@ def load_script(name: str):
     """train.py or sample.py as a module, to call its main() in this process."""
     spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT))  # sample.py imports train
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT))
+    spec.loader.exec_module(module)
     return module
 
 
