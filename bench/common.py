@@ -2,8 +2,9 @@
 the device's matmul peak, and the report (a markdown table on stdout, optionally JSON).
 
 The twin: `UNet2DModel(**diffusers_unet_kwargs(config.model))` has the layers of `UNet(**config.model)`.
-`diffusers_unet_kwargs` is the inverse of `ddpm.unet.unet_kwargs_from_diffusers` and checks the round trip
-through it; `check_parameter_counts` compares the built networks, so the two cannot silently differ.
+`diffusers_unet_kwargs` is the inverse of `ddpm.interop.diffusers.unet_kwargs_from_diffusers` and checks
+the round trip through it; `check_parameter_counts` compares the built networks, so the two cannot silently
+differ.
 `DiffusersDenoiser` lets the twin be called as ours is, `model(x, t, y)`, so that the same training step and
 `ddpm.sample` run on both.
 """
@@ -26,8 +27,9 @@ import torch.utils.flop_counter as flop_counter
 from diffusers import UNet2DModel
 from torch import Tensor, nn
 
+from ddpm.interop.diffusers import unet_kwargs_from_diffusers
 from ddpm.scheduler import NoiseScheduler
-from ddpm.unet import UNet, unet_kwargs_from_diffusers
+from ddpm.unet import UNet
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -42,8 +42,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from ddpm.config import SampleConfig, load_config
+from ddpm.interop.diffusers import diffusers_unet_folder
 from ddpm.scheduler import NoiseScheduler
-from ddpm.unet import UNet, diffusers_unet_folder, weight_mismatches
+from ddpm.unet import UNet, weight_mismatches
 from ddpm.version import ddpm_version
 
 CHECKPOINTS = "checkpoints"

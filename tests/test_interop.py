@@ -15,14 +15,10 @@ import torch
 from test_unet import TINY, perturb  # pytest puts tests/ on sys.path
 
 from ddpm.checkpoint import load_for_sampling, save_pretrained
+from ddpm.interop.diffusers import DIFFUSERS_DEFAULTS, DIFFUSERS_RENAMES, unet_kwargs_from_diffusers
 from ddpm.samplers import sample
 from ddpm.scheduler import NoiseScheduler
-from ddpm.unet import (
-    DIFFUSERS_DEFAULTS,
-    DIFFUSERS_RENAMES,
-    UNet,
-    unet_kwargs_from_diffusers,
-)
+from ddpm.unet import UNet
 
 diffusers = pytest.importorskip("diffusers")
 README = Path(__file__).resolve().parents[1] / "README.md"
