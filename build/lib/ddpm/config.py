@@ -1,0 +1,445 @@
+"""Run configuration: one YAML file with the sections model, diffusion, data, train, sample and output_dir.
+
+`model` holds the `UNet` constructor's keyword arguments and `diffusion` the `NoiseScheduler`'s, passed as
+given (a missing key takes the constructor's default); only their names are checked here, the constructors
+check the values. `data`, `train` and `sample` are dataclasses below: a missing key takes the default written
+there, and every value is checked for its type and range when the file is read, so that a typo stops the run
+before it starts rather than after an hour. Settings of different sections that cannot work together
+(`conflicts`) are then reported all at once, in one error. `model.image_size`, when left out, is
+`data.image_size`: one value decides the image size. Overrides are dotted `key=value` strings read as YAML
+scalars: `train.steps=200 data.batch_size=32 model.channel_mult=[1,2] output_dir=runs/try`.
+"""
+
+import copy
+import dataclasses
+import inspect
+import os
+import re
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# The default job of train.py and sample.py without --config or --checkpoint (the source tree's configs/).
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override with an unknown key, or a value of the wrong type or out of range."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"  # digits | folder | cifar10 | mnist | fashion_mnist | celeba
+    root: str | None = None  # folder of images, or torchvision root (required for all but digits)
+    image_size: int = 16  # square side in pixels after resize (+ centre crop for folders/celeba)
+    channels: int = 1  # 1 or 3: images converted to L or RGB
+    labels: bool = True  # return class labels (folder: from sub-folder names); False -> label -1
+    hflip: bool = False  # random horizontal flip
+    download: bool = False  # torchvision datasets only
+    batch_size: int = 64  # per process
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000  # optimizer steps
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100  # linear LR warm-up, in optimizer steps
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    grad_accum: int = 1  # micro-batches per optimizer step
+    mixed_precision: str = "auto"  # auto | no | fp16 | bf16
+    ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay = min(ema_decay, (1 + n) / (10 + n))
+    label_dropout: float = 0.1  # p of replacing y by the null label (classifier-free guidance)
+    loss_weighting: str = "uniform"  # uniform | min_snr (ddpm.scheduler.LOSS_WEIGHTINGS)
+    min_snr_gamma: float = 5.0
+    channels_last: bool = False
+    compile: bool = False
+    checkpoint_every: int = 500  # optimizer steps
+    keep_checkpoints: int = 3
+    sample_every: int = 500  # optimizer steps; 0 disables in-training grids
+    log_every: int = 10  # optimizer steps
+    seed: int = 0
+    nan_policy: str = "stop"  # stop | skip
+    dist_timeout_s: float = 600.0  # seconds a process waits for the others before it stops with an error
+    fid_every: int = 0  # optimizer steps between FIDs of the EMA weights against the data (0: never)
+    fid_n: int = 2000  # images sampled for each in-training FID (papers report 50,000: use ddpm.fid)
+    fid_weights: str | None = None  # Inception weights file (default: $DDPM_FID_WEIGHTS, ~/.cache/ddpm)
+    cpu_threads: int = 0  # CPU threads per process; 0: OMP_NUM_THREADS if > 1, else cores / processes
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ddim"  # a name in ddpm.samplers.SAMPLERS
+    steps: int = 50  # model evaluations per sample (network calls)
+    eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
+    n: int = 16  # images in the in-training grid
+    guidance_scale: float = 1.0  # classifier-free guidance weight; 1 = conditional model alone
+
+
+@dataclass
+class Config:
+    model: dict[str, Any] = field(default_factory=dict)  # UNet(**model)
+    diffusion: dict[str, Any] = field(default_factory=dict)  # NoiseScheduler(**diffusion)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    output_dir: str = "runs/default"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dicts, lists and scalars (YAML- and JSON-able), in the layout of a config file."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Config":
+        """The inverse of `to_dict`, with every key and value checked as in `load_config`."""
+        return _build(d, lambda key: "the config dict")
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read the YAML file at `path` (None: no file, only the defaults) and apply dotted `key=value` overrides.
+
+    Raises ConfigError naming the key, where it came from (file or override) and what is valid.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        loaded = _read_yaml(Path(path))
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
+        raw = copy.deepcopy(loaded or {})
+    file_source = str(path) if path is not None else "the defaults"
+    sources: dict[str, str] = {}  # dotted key -> the override that set it
+    for text in overrides:
+        key, value = _parse_override(text)
+        sources[key] = f"override '{text}'"
+        section, _, name = key.partition(".")
+        if not name:
+            raw[section] = value
+        elif not isinstance(raw.get(section), dict):  # absent or null in the file: start an empty section
+            raw[section] = {name: value}
+        else:
+            raw[section][name] = value
+    return _build(raw, lambda key: sources.get(key, file_source))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write `config` as YAML (what `load_config` reads back into an equal Config).
+
+    Written to a temporary file and renamed, so that a crash never leaves a truncated file at `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[str]:
+    """The settings of different sections of `config` that cannot work together, each with its fix.
+
+    `model` is the UNet's whole config (every constructor argument, as `UNet.config`); by default
+    config.model over UNet's defaults. Only what is known without loading the data is checked here; the
+    Trainer adds what the data set itself says (its number of classes).
+    """
+    model_keys = config.model if model is None else model
+    model = {**_defaults(_constructor("model")), **config.model} if model is None else model
+    data, sample = config.data, config.sample
+
+    def key(name: str) -> str:
+        note = "" if name in model_keys else " (UNet's default)"
+        return f"model.{name}={_yaml(model[name])}{note}"
+
+    problems = []
+    for name in ("in_channels", "out_channels"):
+        if model[name] != data.channels:
+            problems.append(
+                f"{key(name)} but data.channels={data.channels}: set model.{name}={data.channels} "
+                "or change data.channels"
+            )
+    if model["image_size"] != data.image_size:
+        problems.append(
+            f"{key('image_size')} but data.image_size={data.image_size}: make them equal (model.image_size "
+            "is the side the model samples at and that attention_resolutions refer to; left out, it is "
+            "data.image_size)"
+        )
+    levels = len(model["channel_mult"]) if isinstance(model["channel_mult"], list | tuple) else 1
+    factor = 2 ** (levels - 1)  # a channel_mult of the wrong type is left to UNet's own error
+    if data.image_size % factor:
+        problems.append(
+            f"data.image_size={data.image_size} is not divisible by {factor} (2^(levels-1) for "
+            f"{key('channel_mult')}): use a multiple of {factor} or fewer levels"
+        )
+    if model["num_classes"] is not None and not data.labels:
+        problems.append(
+            f"{key('num_classes')} but data.labels=false: set model.num_classes=null or data.labels=true"
+        )
+    if model["num_classes"] is None and sample.guidance_scale != 1:
+        problems.append(
+            f"sample.guidance_scale={_yaml(sample.guidance_scale)} needs a class-conditional model: set "
+            "sample.guidance_scale=1 or model.num_classes"
+        )
+    return problems
+
+
+def raise_problems(problems: Sequence[str]) -> None:
+    """Raise one ConfigError, on one line, listing every problem (none: return)."""
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        listed = "; ".join(f"({i}) {problem}" for i, problem in enumerate(problems, 1))
+        raise ConfigError(f"{len(problems)} problems in the config: {listed}")
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "sample": SampleConfig}
+TOP_LEVEL_KEYS = ("model", "diffusion", "data", "train", "sample", "output_dir")
+
+# Values accepted by the options whose names no other module owns.
+_CHOICES: dict[str, tuple] = {
+    "data.channels": (1, 3),
+    "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
+    "train.nan_policy": ("stop", "skip"),
+}
+
+# Ranges, checked after the types: key -> (predicate, what is expected).
+_AT_LEAST_1 = (lambda v: v >= 1, "an integer >= 1")
+_AT_LEAST_0 = (lambda v: v >= 0, "a number >= 0")
+_POSITIVE = (lambda v: v > 0, "a number > 0")
+_UNIT = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data.image_size": _AT_LEAST_1,
+    "data.batch_size": _AT_LEAST_1,
+    "data.num_workers": _AT_LEAST_0,
+    "train.steps": _AT_LEAST_1,
+    "train.lr": _POSITIVE,
+    "train.weight_decay": _AT_LEAST_0,
+    "train.adam_betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "train.warmup_steps": _AT_LEAST_0,
+    "train.grad_clip": _AT_LEAST_0,
+    "train.grad_accum": _AT_LEAST_1,
+    "train.ema_decay": _UNIT,
+    "train.label_dropout": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "train.min_snr_gamma": _POSITIVE,
+    "train.checkpoint_every": _AT_LEAST_1,
+    "train.keep_checkpoints": _AT_LEAST_1,
+    "train.sample_every": _AT_LEAST_0,
+    "train.log_every": _AT_LEAST_1,
+    "train.seed": _AT_LEAST_0,
+    "train.dist_timeout_s": _POSITIVE,
+    "train.fid_every": _AT_LEAST_0,
+    "train.fid_n": _AT_LEAST_1,
+    "train.cpu_threads": _AT_LEAST_0,
+    "sample.n": _AT_LEAST_1,  # sampler, steps, eta, guidance_scale: ddpm.samplers.check_sample_options
+}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# Field annotation -> (does the value have this type, how to describe the type in an error).
+_TYPES: dict[Any, tuple[Callable[[Any], bool], str]] = {
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (_is_number, "a number"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    str | None: (lambda v: v is None or isinstance(v, str), "a string or null"),
+    tuple[float, float]: (
+        lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(map(_is_number, v)),
+        "a list of two numbers",
+    ),
+}
+
+
+def _build(raw: Mapping[str, Any], where: Callable[[str], str]) -> Config:
+    """Check `raw` (a config file's layout) and turn it into a Config; `where(key)` says where key was set."""
+    for name in raw:
+        if name not in TOP_LEVEL_KEYS:
+            raise ConfigError(
+                f"unknown key '{name}' in {where(name)}; valid top-level keys: {', '.join(TOP_LEVEL_KEYS)}"
+            )
+    sections = {}
+    for name in TOP_LEVEL_KEYS[:-1]:
+        section = raw.get(name)
+        if section is None:
+            section = {}
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"'{name}' in {where(name)} must be a mapping of keys, got {section!r}")
+        sections[name] = dict(section)
+    output_dir = raw.get("output_dir", Config.output_dir)
+    if not isinstance(output_dir, str) or not output_dir:
+        raise ConfigError(_invalid("output_dir", output_dir, where, "a non-empty string (a directory path)"))
+
+    for name in ("model", "diffusion"):
+        if sections[name]:
+            constructor = _constructor(name)
+            _check_names(
+                name, sections[name], _keyword_arguments(constructor), where, f" ({constructor.__name__})"
+            )
+    built = {name: _build_section(name, sections[name], where) for name in SECTIONS}
+    _check_sample(built["sample"], sections["diffusion"], where)
+    model, data = sections["model"], built["data"]
+    if model:
+        model.setdefault("image_size", data.image_size)  # one value decides: the side of the data
+    config = Config(model=model, diffusion=sections["diffusion"], output_dir=output_dir, **built)
+    problems = conflicts(config) if model else []  # no model section: a file for the data alone
+    if data.dataset != "digits" and data.root is None:
+        problems.append(
+            f"data.root is required for data.dataset '{data.dataset}' (in {where('data.dataset')}): "
+            "the folder of images or the torchvision root, e.g. data.root=data/cifar10"
+        )
+    raise_problems(problems)
+    return config
+
+
+def _build_section(section: str, values: dict[str, Any], where: Callable[[str], str]) -> Any:
+    """The dataclass of `section` from the keys given (checked here); the others take their defaults."""
+    cls = SECTIONS[section]
+    types = typing.get_type_hints(cls)
+    _check_names(section, values, list(types), where)
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{section}.{name}"
+        has_type, type_name = _TYPES[types[name]]
+        if not has_type(value):
+            raise ConfigError(_invalid(key, value, where, type_name))
+        choices = _choices(key)
+        if choices is not None and value not in choices:
+            raise ConfigError(_invalid(key, value, where, f"one of {', '.join(map(str, choices))}"))
+        if key in _RANGES and not _RANGES[key][0](value):  # before the conversion: errors show the input
+            raise ConfigError(_invalid(key, value, where, _RANGES[key][1]))
+        if types[name] is float:
+            value = float(value)
+        elif types[name] == tuple[float, float]:
+            value = tuple(float(v) for v in value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _check_sample(sample: SampleConfig, diffusion: Mapping[str, Any], where: Callable[[str], str]) -> None:
+    """The sampling settings, by the check `ddpm.sample` itself makes (steps up to the diffusion's T)."""
+    from ddpm.samplers import SampleOptionError, check_sample_options
+    from ddpm.scheduler import NoiseScheduler
+
+    T = diffusion.get(
+        "num_train_timesteps", inspect.signature(NoiseScheduler).parameters["num_train_timesteps"].default
+    )
+    options = {k: getattr(sample, k) for k in ("sampler", "steps", "eta", "guidance_scale")}
+    try:  # a T of the wrong type is NoiseScheduler's to report
+        check_sample_options(**options, num_train_timesteps=T if isinstance(T, int) else None)
+    except SampleOptionError as error:
+        key = f"sample.{error.option}"
+        raise ConfigError(_invalid(key, error.value, where, error.expected)) from None
+
+
+def _choices(key: str) -> tuple | None:
+    """Valid values of `key`, read from the registry that owns them where there is one."""
+    if key == "data.dataset":
+        from ddpm.data import DATASETS
+
+        return tuple(DATASETS)
+    if key == "train.loss_weighting":
+        from ddpm.scheduler import LOSS_WEIGHTINGS
+
+        return LOSS_WEIGHTINGS
+    return _CHOICES.get(key)
+
+
+def _check_names(
+    section: str, values: Mapping[str, Any], valid: Sequence[str], where: Callable[[str], str], note: str = ""
+) -> None:
+    for name in values:
+        if name not in valid:
+            key = f"{section}.{name}"
+            raise ConfigError(
+                f"unknown key '{key}' in {where(key)}; valid keys of {section}{note}: {', '.join(valid)}"
+            )
+
+
+def _constructor(section: str) -> type:
+    """The class a model/diffusion section is passed to (imported here: those modules import torch)."""
+    if section == "model":
+        from ddpm.unet import UNet
+
+        return UNet
+    from ddpm.scheduler import NoiseScheduler
+
+    return NoiseScheduler
+
+
+def _defaults(constructor: type) -> dict[str, Any]:
+    parameters = inspect.signature(constructor).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not p.empty}
+
+
+def _yaml(value: Any) -> str:
+    """A value as it would be written in a config file or an override (null, false, [1, 2])."""
+    return yaml.safe_dump(_plain(value), default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+def _keyword_arguments(constructor: type) -> list[str]:
+    parameters = inspect.signature(constructor).parameters.values()
+    return [p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _invalid(key: str, value: Any, where: Callable[[str], str], expected: str) -> str:
+    return f"invalid value {value!r} for '{key}' in {where(key)}: expected {expected}"
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML document at `path`; a missing file or a syntax error is a ConfigError saying where."""
+    try:
+        with open(path) as f:
+            return yaml.load(f, Loader=_Loader)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found; pass an existing file with --config") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    """'train.steps=200' -> ('train.steps', 200): the value is read as a YAML scalar or flow list."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override '{text}' must look like key=value, e.g. train.steps=200")
+    section, _, name = key.partition(".")
+    if name and section not in TOP_LEVEL_KEYS[:-1]:
+        raise ConfigError(
+            f"unknown key '{key}' in override '{text}'; valid sections: {', '.join(TOP_LEVEL_KEYS[:-1])}"
+        )
+    if section in TOP_LEVEL_KEYS[:-1] and (not name or "." in name):
+        raise ConfigError(f"override '{text}' must name one key of {section}, e.g. {section}.KEY=VALUE")
+    try:
+        return key, yaml.load(value, Loader=_Loader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({error.problem})") from None
+
+
+def _plain(value: Any) -> Any:
+    """Tuples -> lists, recursively, so that yaml.safe_dump and json accept the result."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent floats without a dot (1e-3, 5E4) as floats, as YAML 1.2 does;
+    PyYAML follows YAML 1.1 and would hand `lr: 1e-3` over as the string '1e-3'."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)

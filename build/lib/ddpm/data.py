@@ -1,0 +1,292 @@
+"""Datasets: each yields `(image, label)`, image a float tensor (C, S, S) in [-1, 1], label a 0-d long tensor
+(-1 when labels are off or the data set has none).
+
+- digits: the 1,797 8x8 handwritten digits that scikit-learn ships (values 0..16), resized once, one tensor.
+- folder: any folder of images, searched recursively; labels from the first-level sub-folder names.
+- cifar10, mnist, fashion_mnist, celeba: torchvision's classes, read from data.root (downloaded there when
+  data.download is true).
+"""
+
+import os
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset, Subset, get_worker_info
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+from ddpm.config import DataConfig
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+
+
+class DataError(ValueError):
+    """The data named by the config cannot be used (missing, empty, unreadable); the message says the fix."""
+
+
+def build_dataset(data: DataConfig) -> Dataset:
+    """The training set described by `data` (see DATASETS for the names)."""
+    if data.dataset not in DATASETS:
+        raise DataError(f"unknown dataset '{data.dataset}'; valid: {', '.join(DATASETS)}")
+    return DATASETS[data.dataset](data)
+
+
+def num_classes_of(dataset: Dataset) -> int | None:
+    """Number of classes of a dataset built here (None when it yields no labels), looking through Subsets."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return getattr(dataset, "num_classes", None)
+
+
+class TensorImageDataset(Dataset):
+    """A data set held as one tensor: `images` (N, C, S, S) float in [-1, 1], `labels` (N,) long (-1: none).
+
+    Indexing it costs a tensor slice (and a flip), so the DataLoader needs no worker processes for it.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, *, num_classes: int | None, hflip: bool = False):
+        self.images = images
+        self.labels = labels
+        self.num_classes = num_classes
+        self.flip = v2.RandomHorizontalFlip() if hflip else None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image = self.images[index]
+        if self.flip is not None:
+            image = self.flip(image)
+        return image, self.labels[index]
+
+
+class ImageFolderDataset(Dataset):
+    """Every image under `root` (recursive, hidden files and folders skipped, sorted paths).
+
+    With `labels`, images must sit in first-level sub-folders, one per class (class_to_idx: the sorted names
+    of the sub-folders that hold images); without, every image has label -1. Images are converted to L
+    (channels=1) or RGB (3), transparent pixels composited over white; the shorter side is resized to
+    `image_size` (bilinear, antialiased) and the centre cropped square.
+
+    Corrupt or truncated files are found lazily, when loaded: each is skipped with a warning naming it and
+    replaced by the next readable file, because stopping a multi-hour run for one bad file loses more than
+    a substitute sample costs (and checking every file up front would delay the start of large data sets).
+    If no file can be read, DataError.
+    """
+
+    def __init__(
+        self, root: str | Path, *, image_size: int, channels: int, labels: bool, hflip: bool = False
+    ):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(
+                f"data.root '{self.root}' is not a folder; expected a folder of images "
+                f"({', '.join(IMAGE_EXTENSIONS)}), with one sub-folder per class when data.labels is true"
+            )
+        files = _image_files(self.root)
+        if not files:
+            raise DataError(
+                f"no images found under data.root '{self.root}'; expected files ending in "
+                f"{', '.join(IMAGE_EXTENSIONS)} (searched recursively)"
+            )
+        if labels:
+            loose = [f for f in files if f.parent == self.root]
+            if loose:
+                raise DataError(
+                    f"{len(loose)} images sit directly in data.root '{self.root}' (e.g. {loose[0].name}), "
+                    "but data.labels=true reads each label from the first-level sub-folder name: move them "
+                    "into a sub-folder per class, or set data.labels=false (and model.num_classes=null: an "
+                    "unconditional model)"
+                )
+            class_names = [f.relative_to(self.root).parts[0] for f in files]
+            self.classes = sorted(set(class_names))
+            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+            targets = [self.class_to_idx[name] for name in class_names]
+            self.num_classes: int | None = len(self.classes)
+        else:
+            targets = [-1] * len(files)
+            self.num_classes = None
+        self.files = files
+        self.targets = torch.tensor(targets, dtype=torch.long)
+        self.transform = _image_transform(image_size, channels, hflip)
+        self._unreadable: set[int] = set()  # per process: each DataLoader worker learns on its own
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        for i in (j % len(self.files) for j in range(index, index + len(self.files))):
+            if i in self._unreadable:
+                continue
+            try:
+                with Image.open(self.files[i]) as image:
+                    image.load()  # decode now, so that a truncated file fails here and not in a transform
+                    image = image.copy()
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+                self._unreadable.add(i)
+                _warn(f"skipping unreadable image {self.files[i]}: {error}")
+                continue
+            return self.transform(image), self.targets[i]
+        raise DataError(
+            f"none of the {len(self.files)} images under data.root '{self.root}' can be read (see the "
+            "warnings above); replace them with image files (Git LFS pointers, for one, are not images)"
+        )
+
+
+class TorchvisionDataset(Dataset):
+    """A torchvision data set with our transform, and labels as 0-d long tensors (-1 when `labels` is off)."""
+
+    def __init__(self, base: Dataset, *, labels: bool, num_classes: int | None):
+        self.base = base
+        self.labels = labels
+        self.num_classes = num_classes
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image, target = self.base[index]
+        return image, torch.tensor(target if self.labels else -1, dtype=torch.long)
+
+
+def _digits(data: DataConfig) -> TensorImageDataset:
+    from sklearn.datasets import load_digits  # imported here: scikit-learn takes a second to import
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).float().div(16.0).unsqueeze(1)  # (1797, 1, 8, 8) in [0, 1]
+    size = [data.image_size, data.image_size]
+    images = v2.functional.resize(images, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    images = images.clamp(0.0, 1.0).mul(2.0).sub(1.0).expand(-1, data.channels, -1, -1).contiguous()
+    labels = torch.from_numpy(digits.target).long() if data.labels else torch.full((len(images),), -1)
+    return TensorImageDataset(images, labels, num_classes=10 if data.labels else None, hflip=data.hflip)
+
+
+def _folder(data: DataConfig) -> ImageFolderDataset:
+    return ImageFolderDataset(
+        _root(data), image_size=data.image_size, channels=data.channels, labels=data.labels, hflip=data.hflip
+    )
+
+
+def _cifar10(data: DataConfig) -> TorchvisionDataset:
+    from torchvision.datasets import CIFAR10
+
+    expected = "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta)"
+    return _torchvision(CIFAR10, data, expected, labels=data.labels, train=True)
+
+
+def _mnist(data: DataConfig) -> TorchvisionDataset:
+    from torchvision.datasets import MNIST
+
+    expected = "MNIST/raw/ (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, ...)"
+    return _torchvision(MNIST, data, expected, labels=data.labels, train=True)
+
+
+def _fashion_mnist(data: DataConfig) -> TorchvisionDataset:
+    from torchvision.datasets import FashionMNIST
+
+    expected = "FashionMNIST/raw/ (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-..., ...)"
+    return _torchvision(FashionMNIST, data, expected, labels=data.labels, train=True)
+
+
+def _celeba(data: DataConfig) -> TorchvisionDataset:
+    """The aligned 178x218 faces, centre-cropped to 178x178 then resized (the usual recipe). CelebA has 40
+    binary attributes rather than classes, so labels are always -1."""
+    from torchvision.datasets import CelebA
+
+    expected = "celeba/img_align_celeba/ and celeba/list_eval_partition.txt, list_attr_celeba.txt, ..."
+    return _torchvision(CelebA, data, expected, labels=False, crop=178, split="train", target_type=[])
+
+
+def _torchvision(
+    cls: type, data: DataConfig, expected: str, *, labels: bool, crop: int | None = None, **split
+) -> TorchvisionDataset:
+    """Open torchvision's `cls` under data.root with our transform; `split` holds the arguments of `cls` that
+    select its training split, `expected` the files it needs (for the error when they are missing)."""
+    root = _root(data)
+    transform = _image_transform(data.image_size, data.channels, data.hflip, crop=crop)
+    try:
+        base = cls(str(root), download=data.download, transform=transform, **split)
+    except RuntimeError as error:  # torchvision's "Dataset not found or corrupted"
+        if data.download:
+            raise
+        raise DataError(
+            f"{cls.__name__} not found (or corrupted) under data.root '{root}': expected {root}/{expected}. "
+            "Set data.download=true on a machine with internet access, or put the files there"
+        ) from error
+    return TorchvisionDataset(base, labels=labels, num_classes=len(base.classes) if labels else None)
+
+
+def _root(data: DataConfig) -> Path:
+    if data.root is None:
+        raise DataError(f"data.root is required for data.dataset '{data.dataset}'")
+    return Path(data.root).expanduser()
+
+
+def _image_transform(image_size: int, channels: int, hflip: bool, *, crop: int | None = None) -> Callable:
+    """PIL image -> float tensor (channels, image_size, image_size) in [-1, 1]."""
+    steps = [partial(_convert, mode="L" if channels == 1 else "RGB")]
+    if crop is not None:
+        steps.append(v2.CenterCrop(crop))
+    steps += [
+        v2.Resize(image_size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),  # shorter side
+        v2.CenterCrop(image_size),
+    ]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),  # uint8 -> [0, 1]
+        v2.Normalize([0.5] * channels, [0.5] * channels),  # [0, 1] -> [-1, 1]
+        v2.ToPureTensor(),
+    ]
+    return v2.Compose(steps)
+
+
+def _convert(image: Image.Image, mode: str) -> Image.Image:
+    """Any PIL mode (L, RGB, RGBA, LA, P with or without transparency, ...) -> `mode` (L or RGB).
+
+    Transparent pixels are composited over white rather than dropped: dropping alpha shows whatever colour
+    the transparent pixels happen to store, often black.
+    """
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+    return image.convert(mode)
+
+
+def _image_files(root: Path) -> list[Path]:
+    """The image files under `root`, following symbolic links but reading each real folder once (the first
+    name in sorted order), so that a link cycle ends and an aliased folder is not counted twice."""
+    files, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(s for s in subfolders if not s.startswith("."))  # top-down, in sorted order
+        names = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+        files += [Path(folder, n) for n in names]
+    return sorted(files)
+
+
+def _warn(message: str) -> None:
+    """Print `warning: message` on a line of its own on stderr, clear of the training progress bar."""
+    if get_worker_info() is None:
+        tqdm.write(f"warning: {message}", file=sys.stderr)  # clears the bar, prints, draws the bar again
+    else:  # a DataLoader worker cannot clear the main process's bar: start a new line instead
+        print(f"\nwarning: {message}", file=sys.stderr, flush=True)
+
+
+DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
+    "digits": _digits,
+    "folder": _folder,
+    "cifar10": _cifar10,
+    "mnist": _mnist,
+    "fashion_mnist": _fashion_mnist,
+    "celeba": _celeba,
+}

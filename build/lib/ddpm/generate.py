@@ -1,0 +1,249 @@
+"""Many images from a trained model: batching, per-sample seeds, class labels, and writing PNGs.
+
+`generate` is what the trainer's sample grids call, `sample_checkpoint` what sample.py calls; `ddpm.sample`
+does the diffusion maths.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+from ddpm.checkpoint import (
+    checkpoint_of,
+    load_for_sampling,
+    resolve_checkpoint,
+    run_directory,
+    sample_defaults,
+)
+from ddpm.config import load_config
+from ddpm.samplers import SampleOptionError, check_sample_options, sample
+from ddpm.scheduler import NoiseScheduler
+
+_SAMPLER_NOISE = 1  # the SeedSequence purpose key of the samplers' noise streams
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    scheduler: NoiseScheduler,
+    n: int,
+    *,
+    image_shape: Sequence[int],
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    class_label: int | None = None,
+    guidance_scale: float = 1.0,
+    seed: int = 0,
+    batch_size: int | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Draw `n` images of shape `image_shape` (C, H, W); returns (n, C, H, W) float32 on the CPU in [-1, 1].
+
+    Every random draw is independent of every other. The starting noise x_T of image i comes from its own
+    CPU generator seeded with `seed + i`, so image i starts the same whatever the batch size (and with a
+    deterministic sampler, DDIM at eta 0 or DPM-Solver++, ends the same). The stochastic samplers' noise
+    (ddpm; ddim with eta > 0) for the batch that starts at image s comes from a generator on `device` seeded
+    with a hash of (seed + s, 1) by numpy's SeedSequence, a stream unrelated to any x_T's (so those images
+    change with the batch size). For a class-conditional model, images get `class_label` when given, else
+    labels 0, 1, ... cycling over the classes; `guidance_scale` applies classifier-free guidance against the
+    null label.
+    """
+    if n <= 0:
+        raise ValueError(f"the number of images must be positive, got {n}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    batch_size = batch_size or n
+    num_classes = getattr(model, "num_classes", None)
+    if class_label is not None and not num_classes:
+        raise ValueError("class_label given, but the model has no classes; drop --class-label")
+    if class_label is not None and not 0 <= class_label < num_classes:
+        raise ValueError(
+            f"class label {class_label} is out of range: the model has {num_classes} classes, so pass a "
+            f"label in 0..{num_classes - 1}"
+        )
+    batches = []
+    for start in tqdm(range(0, n, batch_size), desc="sample", disable=not progress or n <= batch_size):
+        indices = range(start, min(start + batch_size, n))
+        noise = torch.stack(
+            [
+                torch.randn(tuple(image_shape), generator=torch.Generator().manual_seed(seed + i))
+                for i in indices
+            ]
+        ).to(device)
+        y = None
+        if num_classes:
+            labels = [class_label if class_label is not None else i % num_classes for i in indices]
+            y = torch.tensor(labels, device=device)
+        generator = _noise_generator(seed + start, device)
+        images = sample(
+            model,
+            scheduler,
+            noise=noise,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            y=y,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            progress=progress and n <= batch_size,
+        )
+        batches.append(images.float().clamp(-1, 1).cpu())
+    return torch.cat(batches)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None) -> Path:
+    """Write images in [-1, 1] of shape (N, C, H, W) as one PNG grid (atomically: temp file, then rename).
+
+    A failed write raises OSError naming `path`; a crash leaves at most a hidden .tmp- file beside it.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # one per process: sample.py may run alongside
+    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(images, tmp, nrow=nrow, normalize=True, value_range=(-1, 1), padding=1)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
+    return path
+
+
+def save_images_to(images: torch.Tensor, folder: str | Path, *, start: int = 0) -> list[Path]:
+    """Write each image in [-1, 1] as its own PNG, named 000000.png, 000001.png, ... (for FID tools)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for offset, image in enumerate(images):
+        path = folder / f"{start + offset:06d}.png"
+        save_image(image, path, normalize=True, value_range=(-1, 1), padding=0)
+        paths.append(path)
+    return paths
+
+
+def sample_checkpoint(
+    checkpoint: str | Path | None,
+    n: int,
+    *,
+    default_config: str | Path,
+    out: str | Path | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    eta: float | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    class_label: int | None = None,
+    guidance_scale: float | None = None,
+    save_images: bool = False,
+    use_ema: bool = True,
+    schedule: str | Path | None = None,
+) -> Path:
+    """Sample `n` images from a run, a checkpoint (or its ema/), a model folder or a diffusers folder and
+    write a grid; returns the grid's path.
+
+    `checkpoint` None means the run directory named by `default_config`'s output_dir. Sampler options left
+    None come from the run's saved config (its `sample:` section), else from `SampleConfig`'s defaults; the
+    run's eta applies only when sampling with ddim. The noise schedule is the one saved with the weights, or
+    the file `schedule` names (see `load_for_sampling`). `out` None writes RUN/samples/ (the current folder
+    for a loose folder) sample-CHECKPOINT-WEIGHTS-SAMPLERSTEPS[-etaE][-classC][-guidanceG]-seedS-nN.png, a
+    name that differs whenever the images would; `save_images` also writes one PNG per image in the folder
+    of the grid's name without .png. The device is CUDA when available (with bf16 or fp16 autocast), else the
+    CPU. Raises ValueError, naming the sample.py option, for a bad option and CheckpointError for weights
+    that are missing, damaged or do not fit their config.
+    """
+    _check_options(n=n, batch_size=batch_size, seed=seed)
+    if schedule is not None and not Path(schedule).is_file():
+        raise ValueError(f"--schedule {schedule}: no such file; name a noise_scheduler.json")
+    if checkpoint is None:
+        checkpoint = load_config(default_config).output_dir
+    folder = resolve_checkpoint(checkpoint)
+    defaults = sample_defaults(folder)
+    sampler = sampler or defaults.sampler
+    steps = defaults.steps if steps is None else steps
+    if eta is None:
+        eta = defaults.eta if sampler == "ddim" else 0.0  # the run's eta is a DDIM setting
+    guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, scheduler, weights = load_for_sampling(folder, use_ema=use_ema, schedule=schedule, device=device)
+    options = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale}
+    try:
+        check_sample_options(**options, num_train_timesteps=scheduler.num_train_timesteps)
+    except SampleOptionError as error:
+        flag = "--" + error.option.replace("_", "-")
+        raise ValueError(f"{flag} {error.value}: expected {error.expected}") from None
+    _check_labels(model, class_label=class_label, guidance_scale=guidance_scale)
+    config = model.config
+    shape = (config["in_channels"], config["image_size"], config["image_size"])
+    autocast_dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+    with torch.autocast(device, dtype=autocast_dtype, enabled=device == "cuda"):
+        images = generate(
+            model,
+            scheduler,
+            n,
+            image_shape=shape,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            class_label=class_label,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            batch_size=batch_size,
+            device=device,
+            progress=True,
+        )
+    if out is None:
+        run = run_directory(folder)
+        name = [checkpoint_of(folder).name, weights, f"{sampler}{steps}"]
+        name += [f"eta{eta:g}"] if eta else []
+        name += [f"class{class_label}"] if class_label is not None else []
+        name += [f"guidance{guidance_scale:g}"] if guidance_scale != 1 else []
+        name += [f"seed{seed}", f"n{n}"]
+        out = (run / "samples" if run is not None else Path.cwd()) / f"sample-{'-'.join(name)}.png"
+    out = save_grid(images, out)
+    if save_images:
+        save_images_to(images, out.with_suffix(""))
+    return out
+
+
+def _check_options(**options: int) -> None:
+    """Raise ValueError naming the sample.py option for a count or seed out of range; the sampling settings
+    are `ddpm.samplers.check_sample_options`'s to check."""
+    for name, value in options.items():
+        valid, expected = (value >= 0, ">= 0") if name == "seed" else (value > 0, "a positive integer")
+        if not valid:
+            raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value}")
+
+
+def _check_labels(model: torch.nn.Module, *, class_label: int | None, guidance_scale: float) -> None:
+    """Raise ValueError naming the sample.py option for a label or guidance the loaded model cannot take."""
+    num_classes = getattr(model, "num_classes", None)
+    if class_label is not None and not num_classes:
+        raise ValueError(f"--class-label {class_label}: the model has no classes; drop --class-label")
+    if class_label is not None and not 0 <= class_label < num_classes:
+        raise ValueError(
+            f"--class-label {class_label} is out of range: the model has {num_classes} classes, so pass a "
+            f"label in 0..{num_classes - 1}"
+        )
+    if guidance_scale != 1 and getattr(model, "null_class", None) is None:
+        raise ValueError(
+            f"--guidance-scale {guidance_scale:g} needs a class-conditional model; this one has no classes: "
+            "pass --guidance-scale 1"
+        )
+
+
+def _noise_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """The generator of a batch's sampler noise: seeded with a SeedSequence hash of (seed, 1), never with a
+    plain `seed + i` of an x_T generator, whose stream it would repeat (same seed, same engine on the CPU)."""
+    entropy = np.random.SeedSequence([seed, _SAMPLER_NOISE]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device).manual_seed(int(entropy))

@@ -1,0 +1,1 @@
+"""Conversion between our models and other libraries' (diffusers' UNet2DModel: `ddpm.interop.diffusers`)."""

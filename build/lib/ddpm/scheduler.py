@@ -1,0 +1,353 @@
+"""The noise schedule of a diffusion model and the arithmetic on it: forward noising, training targets,
+the conversions between the model's output and (x0, epsilon), SNR loss weights and inference timesteps.
+
+Notation (Ho et al. 2020): beta_t is the variance of the noise added at step t, alpha_t = 1 - beta_t and
+alpha_bar_t = prod_{s <= t} alpha_s, so that x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps.
+Timesteps are integers 0 .. T-1 (T = num_train_timesteps), 0 being the least noisy.
+
+Zero terminal SNR (Lin et al. 2024, `rescale_betas_zero_snr=True`) makes alpha_bar_{T-1} exactly 0, so x_{T-1}
+is pure noise. Then epsilon prediction cannot be turned into an x0 estimate at t = T-1
+(x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) divides by zero, and x_t = eps carries no information
+about x0). We therefore refuse that combination at construction, as the paper advises, and accept
+`v_prediction` and `sample`, for which every conversion below divides only by
+sqrt(1 - alpha_bar) >= sqrt(beta_0) > 0. `snr(t)` is then exactly 0 at the last step, and the min-SNR weights
+use forms with no division by it.
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
+# Our beta_schedule names that diffusers spells otherwise (Nichol & Dhariwal's cosine, capped at 0.999).
+DIFFUSERS_SCHEDULE_NAMES = {"cosine": "squaredcos_cap_v2"}
+# The diffusers schedulers `diffusers_config` writes for, each with the settings that make it compute what our
+# sampler of the same maths computes ("ddpm", "ddim" with alpha_bar = 1 after the last step, "dpm++").
+DIFFUSERS_SAMPLER_SETTINGS = {
+    "DDPMScheduler": {},
+    "DDIMScheduler": {"set_alpha_to_one": True},
+    "DPMSolverMultistepScheduler": {
+        "algorithm_type": "dpmsolver++",
+        "solver_order": 2,
+        "solver_type": "midpoint",
+        "final_sigmas_type": "zero",
+    },
+}
+
+
+class NoiseScheduler:
+    """A discrete-time variance-preserving noise schedule; pure tensor maths, no state beyond its config.
+
+    The keyword arguments are exactly a config's `diffusion:` section; `config` records them.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_train_timesteps: int = 1000,  # T, the number of training noise levels
+        beta_schedule: str = "linear",  # one of BETA_SCHEDULES
+        beta_start: float = 1e-4,  # beta_0 of linear, scaled_linear and sigmoid (unused by cosine)
+        beta_end: float = 0.02,  # beta_{T-1} of linear, scaled_linear and sigmoid (unused by cosine)
+        prediction_type: str = "epsilon",  # what the model predicts: one of PREDICTION_TYPES
+        rescale_betas_zero_snr: bool = False,  # rescale so that alpha_bar_{T-1} = 0 (Lin et al. 2024, Alg. 1)
+        clip_sample: bool = False,  # clamp the x0 estimate to [-clip_sample_range, clip_sample_range]
+        clip_sample_range: float = 1.0,
+        timestep_spacing: str = "trailing",  # inference timesteps: one of TIMESTEP_SPACINGS (as in diffusers)
+        steps_offset: int = 0,  # added to "leading" timesteps (as in diffusers)
+    ):
+        _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+        _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be an integer >= 2, got {num_train_timesteps!r}")
+        if beta_schedule != "cosine" and not 0 < beta_start <= beta_end < 1:
+            raise ValueError(
+                f"beta_start and beta_end must satisfy 0 < beta_start <= beta_end < 1, "
+                f"got beta_start={beta_start}, beta_end={beta_end}"
+            )
+        if clip_sample_range <= 0:
+            raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range}")
+        if not isinstance(steps_offset, int) or steps_offset < 0:
+            raise ValueError(f"steps_offset must be an integer >= 0, got {steps_offset!r}")
+        if rescale_betas_zero_snr and prediction_type == "epsilon":
+            raise ValueError(
+                "rescale_betas_zero_snr=True needs prediction_type 'v_prediction' (or 'sample'): at zero "
+                "terminal SNR x_T is pure noise, so an epsilon prediction gives no estimate of x0 there "
+                "(Lin et al. 2024)"
+            )
+        self.config = {
+            "num_train_timesteps": num_train_timesteps,
+            "beta_schedule": beta_schedule,
+            "beta_start": beta_start,
+            "beta_end": beta_end,
+            "prediction_type": prediction_type,
+            "rescale_betas_zero_snr": rescale_betas_zero_snr,
+            "clip_sample": clip_sample,
+            "clip_sample_range": clip_sample_range,
+            "timestep_spacing": timestep_spacing,
+            "steps_offset": steps_offset,
+        }
+        self.num_train_timesteps = num_train_timesteps
+        self.prediction_type = prediction_type
+        self.clip_sample = clip_sample
+        self.clip_sample_range = clip_sample_range
+        self.timestep_spacing = timestep_spacing
+        self.steps_offset = steps_offset
+
+        betas = _make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
+        if rescale_betas_zero_snr:
+            betas = _rescale_zero_terminal_snr(betas)
+        self.betas = betas  # (T,) float64
+        self.alphas = 1.0 - betas  # (T,) float64
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (T,) float64, alpha_bar_t
+
+    @classmethod
+    def from_diffusers_config(cls, config: dict) -> "NoiseScheduler":
+        """The NoiseScheduler equal to a diffusers DDPMScheduler, DDIMScheduler or DPMSolverMultistepScheduler
+        config (`scheduler_config.json`, `scheduler.config` or what `diffusers_config` returns).
+
+        Keys the dict lacks take DDPMScheduler's defaults, notably clip_sample=True (which the published DDPM
+        checkpoints also set), but a DPMSolverMultistepScheduler config (its `_class_name`) has no clipping.
+        Their `squaredcos_cap_v2` is our `cosine`. `thresholding` with sample_max_value = 1 clamps x0 to
+        [-1, 1] (diffusers clamps the dynamic threshold to [1, sample_max_value]): it is read as clip_sample.
+        Dynamic thresholding (sample_max_value > 1) and trained_betas raise. `variance_type` is a sampler
+        option here (`ddpm.sample(variance=...)`); sampler settings (set_alpha_to_one, solver_order, ...) are
+        not part of a schedule and are ignored.
+        """
+        if config.get("trained_betas") is not None:
+            raise ValueError("the diffusers option trained_betas is not supported")
+        clip_sample = config.get("clip_sample", config.get("_class_name") != "DPMSolverMultistepScheduler")
+        clip_sample_range = config.get("clip_sample_range", 1.0) if clip_sample else 1.0
+        if config.get("thresholding", False):
+            if config.get("sample_max_value", 1.0) != 1.0:
+                raise ValueError(
+                    f"diffusers' dynamic thresholding with sample_max_value={config['sample_max_value']} is "
+                    "not supported; with sample_max_value=1.0 it is clip_sample=True (a clamp to [-1, 1])"
+                )
+            clip_sample, clip_sample_range = True, min(clip_sample_range, 1.0)
+        schedule = config.get("beta_schedule", "linear")
+        schedule = {theirs: ours for ours, theirs in DIFFUSERS_SCHEDULE_NAMES.items()}.get(schedule, schedule)
+        return cls(
+            num_train_timesteps=config.get("num_train_timesteps", 1000),
+            beta_schedule=schedule,
+            beta_start=config.get("beta_start", 1e-4),
+            beta_end=config.get("beta_end", 0.02),
+            prediction_type=config.get("prediction_type", "epsilon"),
+            rescale_betas_zero_snr=config.get("rescale_betas_zero_snr", False),
+            clip_sample=clip_sample,
+            clip_sample_range=clip_sample_range,
+            timestep_spacing=config.get("timestep_spacing", "leading"),
+            steps_offset=config.get("steps_offset", 0),
+        )
+
+    def diffusers_config(self, scheduler: str | type = "DDPMScheduler") -> dict:
+        """This schedule as keyword arguments of the diffusers scheduler `scheduler` (the class or its name,
+        one of DIFFUSERS_SAMPLER_SETTINGS: DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler), with
+        the sampler settings there, so that it computes what `ddpm.sample` computes with sampler "ddpm",
+        "ddim" or "dpm++" (and the same spacing). `from_config` takes it too; `from_diffusers_config` inverts
+        it.
+
+        DPMSolverMultistepScheduler has no clip_sample: clip_sample=True becomes its thresholding with
+        sample_max_value=1.0, exactly a clamp of x0 to [-1, 1]; a clip_sample_range other than 1 raises
+        ValueError, having no equivalent there.
+        """
+        name = scheduler if isinstance(scheduler, str) else scheduler.__name__
+        _check_choice("diffusers scheduler", name, tuple(DIFFUSERS_SAMPLER_SETTINGS))
+        schedule = self.config["beta_schedule"]
+        config = {
+            "_class_name": name,  # as in diffusers' own configs: whose keys these are (from_diffusers_config)
+            **self.config,
+            "beta_schedule": DIFFUSERS_SCHEDULE_NAMES.get(schedule, schedule),
+            **DIFFUSERS_SAMPLER_SETTINGS[name],
+        }
+        if name == "DPMSolverMultistepScheduler":
+            clip_sample, clip_sample_range = config.pop("clip_sample"), config.pop("clip_sample_range")
+            if clip_sample and clip_sample_range != 1.0:
+                raise ValueError(
+                    f"clip_sample=True with clip_sample_range={clip_sample_range} has no equivalent in "
+                    "DPMSolverMultistepScheduler (its thresholding clamps x0 to [-1, 1] at most); use "
+                    "clip_sample_range=1.0 or sample with ddpm.sample(..., sampler='dpm++')"
+                )
+            config.update(thresholding=clip_sample, sample_max_value=1.0)
+        return config
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+        return f"NoiseScheduler({args})"
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """Sample q(x_t | x0) (Ho et al. Eq. 4): x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps.
+
+        x0, noise: (N, ...); t: (N,) long. Returns (N, ...) in x0's dtype, at least float32.
+        """
+        alpha_bar = self._gather(self.alphas_cumprod, t, x0)
+        return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+
+    def velocity(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0 (Salimans & Ho 2022, Sec. 4).
+
+        x0, noise: (N, ...); t: (N,) long. Returns (N, ...).
+        """
+        alpha_bar = self._gather(self.alphas_cumprod, t, x0)
+        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+
+    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """The regression target for `prediction_type`: eps, x0 or v. Shapes as in `add_noise`."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "sample":
+            return x0
+        return self.velocity(x0, noise, t)
+
+    def predict_x0_and_eps(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Turn a model output into the estimates (x0, eps) at x_t; the one conversion every sampler uses.
+
+        model_output, x_t: (N, ...); t: (N,) long. With `clip_sample`, x0 is clamped and eps re-derived from
+        the clamped x0 so that the pair stays consistent with x_t (as in GLIDE / improved-diffusion's DDIM).
+        Divides only by sqrt(alpha_bar_t) for epsilon prediction (alpha_bar_t > 0 there, see the module
+        docstring) and by sqrt(1 - alpha_bar_t) >= sqrt(beta_0) otherwise.
+        """
+        alpha_bar = self._gather(self.alphas_cumprod, t, x_t)
+        a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()  # signal and noise scales of x_t = a x0 + s eps
+        if self.prediction_type == "epsilon":
+            eps = model_output
+            x0 = (x_t - s * eps) / a
+        elif self.prediction_type == "sample":
+            x0 = model_output
+            eps = (x_t - a * x0) / s
+        else:  # v = a eps - s x0 and x_t = a x0 + s eps, with a^2 + s^2 = 1
+            x0 = a * x_t - s * model_output
+            eps = a * model_output + s * x_t
+        if self.clip_sample:
+            x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+            eps = (x_t - a * x0) / s
+        return x0, eps
+
+    def snr(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t); t: (N,) long -> (N,) float64.
+
+        Exactly 0 at the last step under zero terminal SNR; finite everywhere since 1 - alpha_bar_t >= beta_0.
+        """
+        alpha_bar = self._table(self.alphas_cumprod, t)[t]
+        return alpha_bar / (1 - alpha_bar)
+
+    def loss_weight(self, t: Tensor, *, weighting: str = "uniform", min_snr_gamma: float = 5.0) -> Tensor:
+        """Per-sample weights of the MSE loss for `prediction_type`; t: (N,) long -> (N,) float32.
+
+        "uniform": all ones. "min_snr": Min-SNR-gamma (Hang et al. 2023) written for each target, i.e. the
+        weight that makes the loss equal to min(snr, gamma) * ||x0_hat - x0||^2:
+        epsilon: min(snr, gamma) / snr; sample: min(snr, gamma); v_prediction: min(snr, gamma) / (snr + 1).
+        The epsilon weight is computed as min(1, gamma / snr), its limit 1 at snr = 0.
+        """
+        _check_choice("weighting", weighting, LOSS_WEIGHTINGS)
+        if weighting == "uniform":
+            return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+        if min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
+        snr = self.snr(t)
+        if self.prediction_type == "epsilon":
+            weight = (min_snr_gamma / snr).clamp(max=1.0)
+        elif self.prediction_type == "sample":
+            weight = snr.clamp(max=min_snr_gamma)
+        else:
+            weight = snr.clamp(max=min_snr_gamma) / (snr + 1)
+        return weight.float()
+
+    def inference_timesteps(self, steps: int, *, drop_last: bool = False) -> Tensor:
+        """The `steps` timesteps a sampler visits, descending; (steps,) long on the CPU.
+
+        Same meaning as diffusers' `timestep_spacing` (Lin et al. 2024, Table 2); with
+        T = num_train_timesteps, n = steps, i = 0 .. n-1 and round-half-to-even in float64 (as numpy does):
+        "leading": i * (T // n) + steps_offset (never reaches T-1 unless n = T);
+        "trailing": round(T - i * T / n) - 1 (always starts at T-1; the default: Lin et al. 2024, Sec. 3.3);
+        "linspace": round(i * (T - 1) / (n - 1)).
+        Unlike diffusers' "trailing" (whose float arange returns steps + 1 values, the last -1, for some step
+        counts such as 61 of 1000), this always returns exactly `steps` timesteps.
+
+        drop_last: lay out n = steps + 1 timesteps and return all but the last, as diffusers'
+        DPMSolverMultistepScheduler does for "leading" and "linspace". Their last timestep is then about
+        T / (steps + 1) rather than 0 (or steps_offset), where a step to alpha_bar = 1 would spend a network
+        call on almost nothing. "trailing" ends at T / steps - 1 already and ignores it, as does steps = T.
+        """
+        T = self.num_train_timesteps
+        if not isinstance(steps, int) or not 1 <= steps <= T:
+            raise ValueError(f"steps must be an integer in 1..num_train_timesteps={T}, got {steps!r}")
+        n = steps + 1 if drop_last and self.timestep_spacing != "trailing" and steps < T else steps
+        i = torch.arange(n, dtype=torch.float64)
+        if self.timestep_spacing == "leading":
+            timesteps = (i * (T // n) + self.steps_offset).flip(0)
+        elif self.timestep_spacing == "trailing":
+            delta = (T - T / n) - T  # numpy's float arange steps by its first difference, not by -T/n
+            timesteps = torch.round(T + i * delta) - 1
+        else:
+            timesteps = torch.round(i * ((T - 1) / max(n - 1, 1))).flip(0)
+        timesteps = timesteps[:steps].long()
+        if timesteps[0] >= T:
+            raise ValueError(
+                f"steps_offset={self.steps_offset} with steps={steps} and 'leading' spacing gives timestep "
+                f"{int(timesteps[0])} >= num_train_timesteps={T}; use fewer steps or a smaller steps_offset"
+            )
+        return timesteps
+
+    def sample_timesteps(self, n: int, *, generator: torch.Generator | None = None, device=None) -> Tensor:
+        """n training timesteps drawn uniformly from 0..T-1; (n,) long on `device`.
+
+        Drawn on the generator's device (so a CPU generator gives the same t on every device), then moved.
+        """
+        draw_device = generator.device if generator is not None else device
+        t = torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=draw_device)
+        return t.to(device) if device is not None else t
+
+    @staticmethod
+    def _table(values: Tensor, t: Tensor) -> Tensor:
+        """The (T,) schedule table on t's device, float64 (float32 on MPS, which has no float64)."""
+        dtype = torch.float32 if t.device.type == "mps" else torch.float64
+        return values.to(device=t.device, dtype=dtype)
+
+    def _gather(self, values: Tensor, t: Tensor | int, x: Tensor) -> Tensor:
+        """values[t] reshaped to broadcast over x: (N,) -> (N, 1, ..., 1), in x's dtype (at least float32)."""
+        t = torch.as_tensor(t, device=x.device)
+        coeff = self._table(values, t)[t]
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return coeff.to(dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _make_betas(schedule: str, T: int, beta_start: float, beta_end: float) -> Tensor:
+    """(T,) float64 betas of the named schedule."""
+    if schedule == "linear":  # Ho et al. 2020, Sec. 4: 1e-4 to 0.02
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    if schedule == "scaled_linear":  # linear in sqrt(beta), as Stable Diffusion
+        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+    if schedule == "sigmoid":  # GeoDiff (Xu et al. 2022)
+        return (
+            torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (beta_end - beta_start)
+            + beta_start
+        )
+
+    # cosine: Nichol & Dhariwal 2021, Eq. 17: alpha_bar(t) = f(t)/f(0), f(t) = cos^2((t/T + s)/(1 + s) pi/2),
+    # s = 0.008; beta_t = 1 - alpha_bar(t+1) / alpha_bar(t) clipped at 0.999 against the singularity at t = T.
+    def f(u: float) -> float:
+        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)]
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+def _rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Lin et al. 2024, Algorithm 1: shift and scale sqrt(alpha_bar) so that it ends at exactly 0 and keeps
+    its first value, then recover the betas. (T,) float64 -> (T,) float64 with alpha_bar_{T-1} == 0."""
+    sqrt_ab = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    alpha_bar = sqrt_ab**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")

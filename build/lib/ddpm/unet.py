@@ -1,0 +1,537 @@
+"""The denoising U-Net of DDPM (Ho et al. 2020, appendix B) with the improvements of improved-diffusion.
+
+Block structure (the same as diffusers' `UNet2DModel`, so that its DDPM weights load by renaming tensors,
+see `ddpm.interop.diffusers`):
+
+    conv_in 3x3
+    down path, per level: num_res_blocks x (ResBlock [+ AttentionBlock]), then a stride-2 downsample
+        (not on the last level); every block's output is kept as a skip
+    middle: ResBlock, AttentionBlock, ResBlock
+    up path, per level: (num_res_blocks + 1) x (ResBlock on [h, skip] [+ AttentionBlock]), then a
+        nearest-x2 upsample + 3x3 conv (not on the last level)
+    head: GroupNorm, SiLU, conv
+
+Conditioning: emb = MLP(sinusoid(t)) + label_embedding(y), handed to every ResBlock. With
+`time_conditioning=False` there is no embedding at all and the network is a classic segmentation U-Net.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ddpm.version import ddpm_version
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TIME_INJECTIONS = ("scale_shift", "add")
+DOWNSAMPLES = ("conv", "conv_asymmetric", "maxpool")
+
+
+class UNet(nn.Module):
+    """Predicts noise (or x0, or v) from a noisy image x_t, a timestep t and an optional class label y.
+
+    `config` holds the constructor's keyword arguments (JSON-able) and is saved beside the weights by
+    `save_pretrained`. With `num_classes`, the label embedding has num_classes + 1 rows: id `null_class`
+    (= num_classes) is the "no label" used for classifier-free guidance (Ho & Salimans 2022).
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 3,  # channels of x
+        out_channels: int = 3,  # channels of the prediction
+        base_channels: int = 128,  # channels of the first level; the time embedding has 4x as many
+        channel_mult: Sequence[int] = (1, 2, 2, 2),  # level i has base_channels * channel_mult[i] channels
+        num_res_blocks: int = 2,  # residual blocks per level on the down path (one more on the up path)
+        attention_resolutions: Sequence[int] = (16,),  # feature-map sides that get attention (see image_size)
+        image_size: int = 32,  # input side that attention_resolutions refer to; other sizes are accepted
+        num_heads: int = 1,  # attention heads, unless head_channels is given
+        head_channels: int | None = None,  # channels per attention head (heads = channels // head_channels)
+        mid_attention: bool = True,  # attention between the two residual blocks of the middle
+        dropout: float = 0.0,  # dropout probability inside each residual block
+        norm_groups: int = 32,  # GroupNorm groups; every channel count must be divisible by it
+        norm_eps: float = 1e-5,  # GroupNorm epsilon
+        time_conditioning: bool = True,  # False: no t, no embedding (a plain segmentation U-Net)
+        time_injection: str = "scale_shift",  # "scale_shift": norm(h) * (1 + s) + b; "add": h + proj(emb)
+        time_flip_sin_to_cos: bool = False,  # sinusoid order [cos, sin] instead of [sin, cos]
+        time_freq_shift: float = 0.0,  # frequency denominator is (half - shift); see sinusoidal_embedding
+        num_classes: int | None = None,  # class-conditional with labels 0..num_classes-1 (+ the null label)
+        downsample: str = "conv",  # "conv": stride-2 3x3 conv; "conv_asymmetric": PadAfterConv2d; "maxpool"
+        head_kernel_size: int = 3,  # kernel side of the output conv (odd)
+        gradient_checkpointing: bool = False,  # recompute each block in the backward pass to save memory
+    ) -> None:
+        # The config is exactly the constructor's keyword arguments, so it is read from the frame once.
+        config = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
+        super().__init__()
+        self.config = {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in config.items()}
+        _check_config(self.config)
+        levels = len(channel_mult)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.num_classes = num_classes
+        # Label id num_classes means "no label": training drops labels to it, guidance samples with it.
+        self.null_class = num_classes
+        self.time_conditioning = time_conditioning
+        self.gradient_checkpointing = gradient_checkpointing
+        self.size_multiple = 2 ** (levels - 1)
+
+        emb_channels = 4 * base_channels if time_conditioning else None
+        self.time_embedding = (
+            TimestepEmbedding(base_channels, emb_channels, time_flip_sin_to_cos, time_freq_shift)
+            if time_conditioning
+            else None
+        )
+        self.class_embedding = (
+            nn.Embedding(num_classes + 1, emb_channels) if num_classes is not None else None
+        )
+
+        def res(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, cout, emb_channels, time_injection, dropout, norm_groups, norm_eps)
+
+        def attn(channels: int) -> AttentionBlock:
+            heads = channels // head_channels if head_channels is not None else num_heads
+            return AttentionBlock(channels, heads, norm_groups, norm_eps)
+
+        channels = base_channels * channel_mult[0]
+        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+        skip_channels = [channels]
+        self.down_blocks = nn.ModuleList()
+        for level, mult in enumerate(channel_mult):
+            out = base_channels * mult
+            with_attention = image_size // 2**level in attention_resolutions
+            block = Level()
+            for _ in range(num_res_blocks):
+                block.resnets.append(res(channels, out))
+                channels = out
+                if with_attention:
+                    block.attentions.append(attn(channels))
+                skip_channels.append(channels)
+            if level < levels - 1:
+                block.resample = _downsampler(downsample, channels)
+                skip_channels.append(channels)
+            self.down_blocks.append(block)
+
+        self.mid_block = Level()
+        self.mid_block.resnets.extend([res(channels, channels), res(channels, channels)])
+        if mid_attention:
+            self.mid_block.attentions.append(attn(channels))
+
+        self.up_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            out = base_channels * mult
+            with_attention = image_size // 2**level in attention_resolutions
+            block = Level()
+            for _ in range(num_res_blocks + 1):
+                block.resnets.append(res(channels + skip_channels.pop(), out))
+                channels = out
+                if with_attention:
+                    block.attentions.append(attn(channels))
+            if level > 0:
+                block.resample = Upsample(channels)
+            self.up_blocks.append(block)
+
+        self.conv_norm_out = nn.GroupNorm(norm_groups, channels, norm_eps)
+        self.conv_out = nn.Conv2d(channels, out_channels, head_kernel_size, padding=head_kernel_size // 2)
+
+        # Zero-init: every residual branch starts as the identity and the network outputs zero
+        # (improved-diffusion; DiT does the same for its modulation and output layers).
+        for module in self.modules():
+            if isinstance(module, ResBlock):
+                _zero(module.conv2)
+            elif isinstance(module, AttentionBlock):
+                _zero(module.to_out)
+        _zero(self.conv_out)
+
+    def forward(self, x: Tensor, t: Tensor | float | int | None = None, y: Tensor | None = None) -> Tensor:
+        """x: (N, in_channels, H, W); t: (N,) or scalar timestep, int or float; y: (N,) long labels in
+        [0, num_classes] (num_classes = `null_class`, no label). Returns (N, out_channels, H, W)."""
+        emb = self._embedding(x, t, y)  # (N, 4 * base_channels) or None
+        if emb is not None:
+            emb = F.silu(emb)  # every block's time projection starts with SiLU: apply it once here
+
+        h = self.conv_in(x)  # (N, C0, H, W)
+        skips = [h]
+        for block in self.down_blocks:
+            for i, resnet in enumerate(block.resnets):
+                h = self._run(resnet, h, emb)
+                if block.attentions:
+                    h = self._run(block.attentions[i], h)
+                skips.append(h)
+            if block.resample is not None:
+                h = block.resample(h)  # (N, C, H, W) -> (N, C, H/2, W/2)
+                skips.append(h)
+
+        h = self._run(self.mid_block.resnets[0], h, emb)
+        if self.mid_block.attentions:
+            h = self._run(self.mid_block.attentions[0], h)
+        h = self._run(self.mid_block.resnets[1], h, emb)
+
+        for block in self.up_blocks:
+            for i, resnet in enumerate(block.resnets):
+                h = self._run(resnet, torch.cat([h, skips.pop()], dim=1), emb)  # (N, C + C_skip, H, W)
+                if block.attentions:
+                    h = self._run(block.attentions[i], h)
+            if block.resample is not None:
+                h = block.resample(h)  # (N, C, H, W) -> (N, C, 2H, 2W)
+
+        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (N, out_channels, H, W)
+
+    def _run(self, block: nn.Module, *args: Tensor | None) -> Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def _embedding(self, x: Tensor, t: Tensor | float | int | None, y: Tensor | None) -> Tensor | None:
+        """Checks the inputs and returns emb = MLP(sinusoid(t)) + label_embedding(y), (N, 4 * base)."""
+        if x.ndim != 4:
+            raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got shape {tuple(x.shape)}")
+        n, c, height, width = x.shape
+        if c != self.in_channels:
+            raise ValueError(
+                f"x must have in_channels={self.in_channels} channels, got {c} (shape {tuple(x.shape)})"
+            )
+        if height % self.size_multiple or width % self.size_multiple:
+            raise ValueError(
+                f"height and width must be divisible by 2**(levels - 1) = {self.size_multiple}, "
+                f"got {height}x{width}; resize or pad the input"
+            )
+        if not self.time_conditioning:
+            if t is not None:
+                raise ValueError(
+                    "this UNet is unconditioned (time_conditioning=False): call model(x) without t"
+                )
+            if y is not None:
+                raise ValueError("this UNet has no class embedding (num_classes=None): call it without y")
+            return None
+
+        if t is None:
+            raise ValueError("this UNet is time-conditioned: pass the timestep t, a scalar or an (N,) tensor")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(n)
+        if t.shape != (n,):
+            raise ValueError(f"t must be a scalar or have shape (N,) = ({n},), got shape {tuple(t.shape)}")
+        emb = self.time_embedding(t)
+
+        if self.class_embedding is None:
+            if y is not None:
+                raise ValueError("this UNet has no class embedding (num_classes=None): call it without y")
+            return emb
+        if y is None:
+            raise ValueError(
+                f"this UNet is class-conditional (num_classes={self.num_classes}): pass y; for unconditional "
+                f"outputs pass y = torch.full((N,), model.null_class) (null_class = {self.null_class})"
+            )
+        if y.shape != (n,) or y.dtype not in (torch.long, torch.int):
+            raise ValueError(
+                f"y must be a long tensor of shape ({n},), got {y.dtype} of shape {tuple(y.shape)}"
+            )
+        # The range of y is not checked here: that would read a device value (a host sync) on every call.
+        # It is checked where labels enter: the data set against num_classes, and the sampling entry.
+        return emb + self.class_embedding(y)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Writes `config.json` (constructor kwargs + class and package version) and `model.safetensors`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {
+            "class": type(self).__name__,
+            "ddpm_version": ddpm_version(),
+            **self.config,
+        }
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> UNet:
+        """Builds the UNet saved by `save_pretrained` in `directory` and loads its weights."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(
+                f"{directory} is not a directory; pass the folder written by UNet.save_pretrained(folder)"
+            )
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(
+                    f"{directory / name} not found; a pretrained folder holds {CONFIG_NAME} and "
+                    f"{WEIGHTS_NAME} as written by UNet.save_pretrained(folder)"
+                )
+        config = json.loads((directory / CONFIG_NAME).read_text())
+        saved_class = config.pop("class", cls.__name__)
+        config.pop("ddpm_version", None)
+        if saved_class != cls.__name__:
+            raise ValueError(f"{directory / CONFIG_NAME} describes a {saved_class}, not a {cls.__name__}")
+        valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        unknown = sorted(set(config) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown config key(s) {unknown} in {directory / CONFIG_NAME}; valid keys: {valid}. "
+                "Remove them, or upgrade ddpm if the folder was written by a newer version"
+            )
+        model = cls(**config)
+        load_checked(
+            model,
+            load_file(str(directory / WEIGHTS_NAME)),
+            f"the weights in {directory / WEIGHTS_NAME} do not fit the config in {directory / CONFIG_NAME}",
+            "save the weights and the config together with save_pretrained",
+        )
+        return model.to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_diffusers(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> UNet:
+        """The UNet equal to a diffusers `UNet2DModel` saved in `directory`: see
+        `ddpm.interop.diffusers.unet_from_diffusers`, which this calls."""
+        # Imported here, not at the top: ddpm.interop.diffusers imports this module, and the network must
+        # not depend on the conversion.
+        from ddpm.interop.diffusers import unet_from_diffusers
+
+        return unet_from_diffusers(directory, device=device, dtype=dtype)
+
+
+def sinusoidal_embedding(
+    t: Tensor, dim: int, *, flip_sin_to_cos: bool = False, freq_shift: float = 0.0
+) -> Tensor:
+    """Transformer position encoding of timesteps (Vaswani et al. 2017, section 3.5; DDPM appendix B).
+
+    t: (N,) int or float timesteps (continuous time works). With half = dim // 2 and i = 0..half-1,
+        freq_i = exp(-ln(10000) * i / (half - freq_shift)),
+        embedding = [sin(t * freq), cos(t * freq)]   ([cos, sin] when flip_sin_to_cos).
+    freq_shift = 1 and flip_sin_to_cos = False reproduce the original DDPM code. Returns (N, dim) float32,
+    computed in float32 whatever the autocast state.
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - freq_shift)
+    )
+    angles = t.float()[:, None] * freqs[None]  # (N, half)
+    sin, cos = torch.sin(angles), torch.cos(angles)
+    return torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=1)
+
+
+class TimestepEmbedding(nn.Module):
+    """t (N,) -> Linear(SiLU(Linear(sinusoid(t)))) (N, emb_channels)."""
+
+    def __init__(self, channels: int, emb_channels: int, flip_sin_to_cos: bool, freq_shift: float) -> None:
+        super().__init__()
+        self.channels, self.flip_sin_to_cos, self.freq_shift = channels, flip_sin_to_cos, freq_shift
+        self.linear_1 = nn.Linear(channels, emb_channels)
+        self.linear_2 = nn.Linear(emb_channels, emb_channels)
+
+    def forward(self, t: Tensor) -> Tensor:
+        emb = sinusoidal_embedding(
+            t, self.channels, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
+        )
+        return self.linear_2(F.silu(self.linear_1(emb.to(self.linear_1.weight.dtype))))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm, SiLU, conv3x3, time injection, GroupNorm, SiLU, dropout, conv3x3, plus the shortcut.
+
+    time_injection "add" (DDPM): h = norm2(h + proj(emb)); "scale_shift" (AdaGN, Dhariwal & Nichol 2021,
+    section 3, as in improved-diffusion): h = norm2(h) * (1 + scale) + shift, [scale, shift] = proj(emb).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int | None,
+        time_injection: str,
+        dropout: float,
+        groups: int,
+        eps: float,
+    ) -> None:
+        super().__init__()
+        self.scale_shift = time_injection == "scale_shift"
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = (
+            nn.Linear(emb_channels, out_channels * (2 if self.scale_shift else 1)) if emb_channels else None
+        )
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = (
+            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        )
+
+    def forward(self, x: Tensor, emb: Tensor | None) -> Tensor:
+        """x: (N, C_in, H, W); emb: (N, E), already through SiLU, or None. Returns (N, C_out, H, W)."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is None:
+            h = self.norm2(h)
+        elif self.scale_shift:
+            scale, shift = self.time_emb_proj(emb)[:, :, None, None].chunk(2, dim=1)  # 2 x (N, C_out, 1, 1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + self.time_emb_proj(emb)[:, :, None, None])
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.conv_shortcut(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions, with a residual connection."""
+
+    def __init__(self, channels: int, heads: int, groups: int, eps: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.group_norm = nn.GroupNorm(groups, channels, eps)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.Linear(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (N, C, H, W) -> (N, C, H, W)."""
+        height = x.shape[2]
+        tokens = rearrange(self.group_norm(x), "n c h w -> n (h w) c")  # a view for channels_last inputs
+        q, k, v = (
+            rearrange(proj(tokens), "n l (heads d) -> n heads l d", heads=self.heads)
+            for proj in (self.to_q, self.to_k, self.to_v)
+        )
+        out = rearrange(F.scaled_dot_product_attention(q, k, v), "n heads l d -> n l (heads d)")
+        return x + rearrange(self.to_out(out), "n (h w) c -> n c h w", h=height)
+
+
+class PadAfterConv2d(nn.Conv2d):
+    """Stride-2 3x3 conv after zero-padding the right and bottom edges by one pixel: (N, C, H, W) ->
+    (N, C, H/2, W/2). This is TensorFlow's 'SAME' padding on even sides, used by the original DDPM code and
+    hence by its published weights (diffusers' downsample_padding=0). The "conv" downsample pads every edge
+    instead, which shifts the sampling grid by one pixel: weights trained with one do not fit the other."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, 3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(F.pad(x, (0, 1, 0, 1)))  # (N, C, H + 1, W + 1) -> (N, C, H/2, W/2)
+
+
+class Level(nn.Module):
+    """One resolution of the U-Net: residual blocks, their attention blocks (none, or one per residual
+    block) and the resampler that leaves it (None on the last level). UNet.forward runs it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList()
+        self.attentions = nn.ModuleList()
+        self.resample: nn.Module | None = None
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv: (N, C, H, W) -> (N, C, 2H, 2W)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _zero(layer: nn.Conv2d | nn.Linear) -> None:
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+
+
+def _downsampler(kind: str, channels: int) -> nn.Module:
+    """The layer that leaves a level, `kind` one of DOWNSAMPLES: (N, C, H, W) -> (N, C, H/2, W/2)."""
+    if kind == "maxpool":
+        return nn.MaxPool2d(2)
+    if kind == "conv_asymmetric":
+        return PadAfterConv2d(channels)
+    return nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+
+def weight_mismatches(model: nn.Module, shapes: dict[str, Sequence[int]]) -> list[str]:
+    """What keeps tensors with these names and shapes (name -> shape) from loading into `model`: the missing,
+    unexpected and mis-shaped names, each as a short phrase; empty when they fit exactly."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = [f"missing {k}" for k in expected if k not in shapes]
+    problems += [f"unexpected {k}" for k in shapes if k not in expected]
+    problems += [
+        f"{k}: file {tuple(shape)} vs model {expected[k]}"
+        for k, shape in shapes.items()
+        if k in expected and tuple(shape) != expected[k]
+    ]
+    return problems
+
+
+def load_checked(model: nn.Module, state: dict[str, Tensor], mismatch: str, fix: str) -> None:
+    """Loads `state` into `model`, or raises ValueError "<mismatch> (<problems>); <fix>" listing the missing,
+    unexpected and mis-shaped tensors."""
+    problems = weight_mismatches(model, {k: v.shape for k, v in state.items()})
+    if problems:
+        raise ValueError(f"{mismatch} ({len(problems)} problems, e.g. {problems[:5]}); {fix}")
+    model.load_state_dict(state)
+
+
+def _check_config(config: dict) -> None:
+    """Raises ValueError for a UNet configuration that cannot be built, saying what is expected."""
+    mult, groups = config["channel_mult"], config["norm_groups"]
+    if not mult or any(m <= 0 for m in mult):
+        raise ValueError(f"channel_mult must be a non-empty list of positive ints, got {mult}")
+    if config["time_injection"] not in TIME_INJECTIONS:
+        raise ValueError(f"time_injection must be one of {TIME_INJECTIONS}, got {config['time_injection']!r}")
+    if config["downsample"] not in DOWNSAMPLES:
+        raise ValueError(f"downsample must be one of {DOWNSAMPLES}, got {config['downsample']!r}")
+    if config["num_classes"] is not None and not config["time_conditioning"]:
+        raise ValueError(
+            "num_classes needs time_conditioning=True: the label embedding is added to the time one"
+        )
+    if config["num_classes"] is not None and config["num_classes"] < 1:
+        raise ValueError(f"num_classes must be a positive int or None, got {config['num_classes']}")
+    if config["head_kernel_size"] % 2 != 1:
+        raise ValueError(f"head_kernel_size must be odd, got {config['head_kernel_size']}")
+    if config["time_conditioning"] and config["base_channels"] % 2:
+        raise ValueError(f"base_channels must be even (sin/cos halves), got {config['base_channels']}")
+    channels = sorted({config["base_channels"] * m for m in mult})
+    bad = [c for c in channels if c % groups]
+    if bad:
+        raise ValueError(
+            f"channel counts {bad} (base_channels * channel_mult) are not divisible by norm_groups={groups}"
+        )
+    size, levels = config["image_size"], len(mult)
+    if size % 2 ** (levels - 1):
+        raise ValueError(f"image_size={size} must be divisible by 2**(levels - 1) = {2 ** (levels - 1)}")
+    sizes = [size // 2**level for level in range(levels)]
+    unmatched = [r for r in config["attention_resolutions"] if r not in sizes]
+    if unmatched:
+        raise ValueError(
+            f"attention_resolutions {unmatched} match no level: with image_size={size} "
+            f"the levels have sides {sizes}"
+        )
+    attention_channels = {
+        config["base_channels"] * m
+        for m, s in zip(mult, sizes, strict=True)
+        if s in config["attention_resolutions"]
+    }
+    if config["mid_attention"]:
+        attention_channels.add(config["base_channels"] * mult[-1])
+    heads, head_channels = config["num_heads"], config["head_channels"]
+    bad = sorted(c for c in attention_channels if c % (head_channels or heads))
+    if bad:
+        what = f"head_channels={head_channels}" if head_channels is not None else f"num_heads={heads}"
+        raise ValueError(f"attention channel counts {bad} are not divisible by {what}")
