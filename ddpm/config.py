@@ -13,7 +13,6 @@ scalars: `train.steps=200 data.batch_size=32 model.channel_mult=[1,2] output_dir
 import copy
 import dataclasses
 import inspect
-import os
 import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ddpm.io import atomic_write
 
 # The default job of train.py and sample.py without --config or --checkpoint (the source tree's configs/).
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
@@ -131,13 +132,10 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
 def save_config(config: Config, path: str | Path) -> None:
     """Write `config` as YAML (what `load_config` reads back into an equal Config).
 
-    Written to a temporary file and renamed, so that a crash never leaves a truncated file at `path`.
+    Written atomically (`atomic_write`), so that a crash never leaves a truncated file at `path`.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[str]:

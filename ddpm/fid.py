@@ -59,6 +59,7 @@ from ddpm.checkpoint import (
 from ddpm.config import DataConfig, SampleConfig, load_config
 from ddpm.data import _convert, _image_files, build_dataset
 from ddpm.generate import generate
+from ddpm.io import atomic_write
 from ddpm.scheduler import NoiseScheduler
 
 if TYPE_CHECKING:
@@ -421,11 +422,8 @@ def resolve_weights(weights: str | Path | None = None) -> Path:
 def save_statistics(stats: Statistics, path: str | Path, *, key: str = "") -> Path:
     """Write statistics as an .npz (mu, sigma, n, and `key` describing what they are of), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, mu=stats.mu, sigma=stats.sigma, n=stats.n, key=key)
-    os.replace(tmp, path)
     return path
 
 

@@ -7,7 +7,6 @@ does the diffusion maths.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from ddpm.checkpoint import (
     sample_defaults,
 )
 from ddpm.config import load_config
+from ddpm.io import atomic_write
 from ddpm.samplers import SampleOptionError, check_sample_options, sample
 from ddpm.scheduler import NoiseScheduler
 
@@ -104,18 +104,13 @@ def generate(
 def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None) -> Path:
     """Write images in [-1, 1] of shape (N, C, H, W) as one PNG grid (atomically: temp file, then rename).
 
-    A failed write raises OSError naming `path`; a crash leaves at most a hidden .tmp- file beside it.
+    A failed write raises OSError naming `path`; a crash leaves at most a hidden .tmp- file beside it
+    (`atomic_write`).
     """
     path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # one per process: sample.py may run alongside
     nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
         save_image(images, tmp, nrow=nrow, normalize=True, value_range=(-1, 1), padding=1)
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
     return path
 
 

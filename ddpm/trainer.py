@@ -40,6 +40,7 @@ from ddpm.config import Config, ConfigError, conflicts, raise_problems, save_con
 from ddpm.data import build_dataset, num_classes_of
 from ddpm.ema import EMA
 from ddpm.generate import generate, save_grid
+from ddpm.io import atomic_write
 from ddpm.scheduler import NoiseScheduler
 from ddpm.unet import UNet
 
@@ -369,14 +370,13 @@ class Trainer:
 
     def _trim_log(self, step: int) -> None:
         """Drop the log records after `step`, which the resumed run logs again, and any line cut short by a
-        crash (the file is rewritten whole: a temporary file, then a rename)."""
+        crash (the file is rewritten whole, atomically)."""
         log = self.run_dir / "log.jsonl"
         if not self.accelerator.is_main_process or not log.is_file():
             return
         kept = [line for line in log.read_text().splitlines() if 0 <= _logged_step(line) <= step]
-        tmp = log.with_name(f".tmp-{log.name}")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, log)
+        with atomic_write(log) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
 
     def _save(self) -> Path:
         self._check_replicas_identical()
