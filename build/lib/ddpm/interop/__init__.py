@@ -1,1 +1,0 @@
-"""Conversion between our models and other libraries' (diffusers' UNet2DModel: `ddpm.interop.diffusers`)."""
