@@ -324,9 +324,7 @@ def _check_sample(sample: SampleConfig, diffusion: Mapping[str, Any], where: Cal
     from ddpm.samplers import SampleOptionError, check_sample_options
     from ddpm.scheduler import NoiseScheduler
 
-    T = diffusion.get(
-        "num_train_timesteps", inspect.signature(NoiseScheduler).parameters["num_train_timesteps"].default
-    )
+    T = diffusion.get("num_train_timesteps", _defaults(NoiseScheduler)["num_train_timesteps"])
     options = {k: getattr(sample, k) for k in ("sampler", "steps", "eta", "guidance_scale")}
     try:  # a T of the wrong type is NoiseScheduler's to report
         check_sample_options(**options, num_train_timesteps=T if isinstance(T, int) else None)

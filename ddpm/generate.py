@@ -58,19 +58,10 @@ def generate(
     labels 0, 1, ... cycling over the classes; `guidance_scale` applies classifier-free guidance against the
     null label.
     """
-    if n <= 0:
-        raise ValueError(f"the number of images must be positive, got {n}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
     batch_size = batch_size or n
+    _check_options(n=n, batch_size=batch_size, seed=seed)
+    _check_labels(model, class_label=class_label, guidance_scale=guidance_scale)
     num_classes = getattr(model, "num_classes", None)
-    if class_label is not None and not num_classes:
-        raise ValueError("class_label given, but the model has no classes; drop --class-label")
-    if class_label is not None and not 0 <= class_label < num_classes:
-        raise ValueError(
-            f"class label {class_label} is out of range: the model has {num_classes} classes, so pass a "
-            f"label in 0..{num_classes - 1}"
-        )
     batches = []
     for start in tqdm(range(0, n, batch_size), desc="sample", disable=not progress or n <= batch_size):
         indices = range(start, min(start + batch_size, n))
@@ -156,7 +147,6 @@ def sample_checkpoint(
     CPU. Raises ValueError, naming the sample.py option, for a bad option and CheckpointError for weights
     that are missing, damaged or do not fit their config.
     """
-    _check_options(n=n, batch_size=batch_size, seed=seed)
     if schedule is not None and not Path(schedule).is_file():
         raise ValueError(f"--schedule {schedule}: no such file; name a noise_scheduler.json")
     if checkpoint is None:
@@ -177,7 +167,6 @@ def sample_checkpoint(
     except SampleOptionError as error:
         flag = "--" + error.option.replace("_", "-")
         raise ValueError(f"{flag} {error.value}: expected {error.expected}") from None
-    _check_labels(model, class_label=class_label, guidance_scale=guidance_scale)
     config = model.config
     shape = (config["in_channels"], config["image_size"], config["image_size"])
     autocast_dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
@@ -212,8 +201,8 @@ def sample_checkpoint(
 
 
 def _check_options(**options: int) -> None:
-    """Raise ValueError naming the sample.py option for a count or seed out of range; the sampling settings
-    are `ddpm.samplers.check_sample_options`'s to check."""
+    """Raise ValueError naming the option (as sample.py spells it) for a count or seed out of range; the
+    sampling settings are `ddpm.samplers.check_sample_options`'s to check."""
     for name, value in options.items():
         valid, expected = (value >= 0, ">= 0") if name == "seed" else (value > 0, "a positive integer")
         if not valid:
@@ -221,7 +210,8 @@ def _check_options(**options: int) -> None:
 
 
 def _check_labels(model: torch.nn.Module, *, class_label: int | None, guidance_scale: float) -> None:
-    """Raise ValueError naming the sample.py option for a label or guidance the loaded model cannot take."""
+    """Raise ValueError naming the option (as sample.py spells it) for a label or guidance the model cannot
+    take."""
     num_classes = getattr(model, "num_classes", None)
     if class_label is not None and not num_classes:
         raise ValueError(f"--class-label {class_label}: the model has no classes; drop --class-label")
