@@ -23,7 +23,14 @@ import torch
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.state import AcceleratorState
 from PIL import Image
-from test_train import ROOT, TINY, fresh_accelerator_state, tiny_config, weights  # noqa: F401 (a fixture)
+from test_train import (  # noqa: F401 (fresh_accelerator_state: a fixture)
+    ROOT,
+    TINY,
+    fresh_accelerator_state,
+    poison_step,
+    tiny_config,
+    weights,
+)
 
 from ddpm.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_for_sampling
 from ddpm.trainer import NonFiniteLossError, Trainer
@@ -322,13 +329,7 @@ def test_fp16_nan_policy_skip_lowers_the_loss_scale_and_goes_on(tmp_path):
     dtypes = []  # of the last layer's output, inside the autocast region (Accelerate returns float32)
     conv_out = trainer.accelerator.unwrap_model(trainer.model).conv_out
     conv_out.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
-    original, calls = trainer._loss, []
-
-    def poisoned(x0, labels):
-        calls.append(1)
-        return original(x0, labels) * (float("nan") if len(calls) == 2 else 1.0)
-
-    trainer._loss = poisoned
+    calls = poison_step(trainer, 2)
     last = trainer.train()
     assert set(dtypes) == {torch.float16}  # the fp16 path ran, not a float32 stand-in
     assert len(calls) == 4 and json.loads((last / "trainer_state.json").read_text())["step"] == 3
@@ -336,18 +337,6 @@ def test_fp16_nan_policy_skip_lowers_the_loss_scale_and_goes_on(tmp_path):
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert log[-1]["skipped_steps"] == 1
     assert all(torch.isfinite(w).all() for w in weights(last).values())
-
-
-def poison_step(trainer: Trainer, step: int) -> None:
-    """Make the first loss of optimizer step `step` NaN (nan_policy=skip retries it on the next batch)."""
-    original, poisoned = trainer._loss, []
-
-    def loss(x0, labels):
-        bad = trainer.state.step + 1 == step and not poisoned
-        poisoned.extend([1] if bad else [])
-        return original(x0, labels) * (float("nan") if bad else 1.0)
-
-    trainer._loss = loss
 
 
 def test_a_resumed_run_with_a_skipped_step_continues_at_the_right_batch(tmp_path):

@@ -456,14 +456,13 @@ def test_sharded_reference_statistics_equal_the_single_process_ones(tmp_path, ra
     np.testing.assert_array_equal(results[0].mu, single.mu)
 
 
-def test_training_logs_the_fid_of_its_ema_weights(tmp_path, random_weights):
-    from accelerate.state import AcceleratorState
+def fid_run_overrides(tmp_path: Path, random_weights: Path) -> list[str]:
+    """Overrides of configs/digits.yaml for a 2-step run with its FID at step 2, on 6 random 8x8 grayscale
+    PNGs written to tmp_path/data (run directory: tmp_path/run)."""
     from test_train import TINY
 
-    from ddpm.trainer import Trainer
-
     write_pngs(tmp_path / "data", random_uint8(6, channels=1, size=8), mode="L")
-    overrides = [
+    return [
         *TINY,
         "data.dataset=folder",
         f"data.root={tmp_path / 'data'}",
@@ -473,11 +472,17 @@ def test_training_logs_the_fid_of_its_ema_weights(tmp_path, random_weights):
         "train.steps=2",
         "train.sample_every=0",
         "train.fid_every=2",
-        "train.fid_n=4",
-        "sample.guidance_scale=1",
         f"train.fid_weights={random_weights}",
         f"output_dir={tmp_path / 'run'}",
     ]
+
+
+def test_training_logs_the_fid_of_its_ema_weights(tmp_path, random_weights):
+    from accelerate.state import AcceleratorState
+
+    from ddpm.trainer import Trainer
+
+    overrides = [*fid_run_overrides(tmp_path, random_weights), "train.fid_n=4", "sample.guidance_scale=1"]
     try:
         Trainer(load_config(Path(__file__).parents[1] / "configs" / "digits.yaml", overrides)).train()
     finally:
@@ -489,29 +494,14 @@ def test_training_logs_the_fid_of_its_ema_weights(tmp_path, random_weights):
 
 
 def test_two_processes_over_gloo_share_the_fid_and_log_what_one_process_computes(tmp_path, random_weights):
-    from test_train import TINY, run_script
+    from test_train import run_script
 
     from ddpm.checkpoint import latest_checkpoint, load_for_sampling
 
-    write_pngs(tmp_path / "data", random_uint8(6, channels=1, size=8), mode="L")
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     run = tmp_path / "run"
-    overrides = [
-        *TINY,
-        "data.dataset=folder",
-        f"data.root={tmp_path / 'data'}",
-        "data.labels=false",
-        "data.batch_size=3",
-        "model.num_classes=null",
-        "train.steps=2",
-        "train.checkpoint_every=2",
-        "train.sample_every=0",
-        "train.fid_every=2",
-        "train.fid_n=5",
-        f"train.fid_weights={random_weights}",
-        f"output_dir={run}",
-    ]
+    overrides = [*fid_run_overrides(tmp_path, random_weights), "train.checkpoint_every=2", "train.fid_n=5"]
     config = Path(__file__).parents[1] / "configs" / "digits.yaml"
     result = run_script(
         str(Path(__file__).parents[1] / "train.py"), "--config", str(config), *overrides, cwd=tmp_path,

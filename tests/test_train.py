@@ -55,6 +55,21 @@ def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     }
 
 
+def poison_step(trainer: Trainer, step: int) -> list[int]:
+    """Make the first loss of optimizer step `step` NaN (nan_policy=skip retries it on the next batch);
+    returns a list that grows by one at every loss computed."""
+    original, calls, poisoned = trainer._loss, [], []
+
+    def loss(x0, labels):
+        calls.append(1)
+        bad = trainer.state.step + 1 == step and not poisoned
+        poisoned.extend([1] if bad else [])
+        return original(x0, labels) * (float("nan") if bad else 1.0)
+
+    trainer._loss = loss
+    return calls
+
+
 def test_train_writes_a_complete_run_directory(tmp_path):
     run = tmp_path / "run"
     last = Trainer(tiny_config(run)).train()
@@ -186,13 +201,7 @@ def test_nan_loss_stops_naming_the_step_and_saves_nothing_after_it(tmp_path):
 def test_nan_policy_skip_counts_and_skips_bad_steps(tmp_path):
     run = tmp_path / "run"
     trainer = Trainer(tiny_config(run, "train.steps=3", "train.nan_policy=skip"))
-    original, calls = trainer._loss, []
-
-    def poisoned(x0, labels):
-        calls.append(1)
-        return original(x0, labels) * (float("nan") if len(calls) == 2 else 1.0)
-
-    trainer._loss = poisoned
+    calls = poison_step(trainer, 2)
     last = trainer.train()
     assert json.loads((last / "trainer_state.json").read_text())["step"] == 3
     assert len(calls) == 4
