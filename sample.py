@@ -13,9 +13,9 @@ import argparse
 import sys
 from typing import NoReturn
 
-from ddpm.checkpoint import CheckpointError
 from ddpm.config import DEFAULT_CONFIG
-from ddpm.generate import sample_checkpoint
+from ddpm.inference import sample_checkpoint
+from ddpm.io import CheckpointError
 from ddpm.samplers import SAMPLERS
 
 

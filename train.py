@@ -20,10 +20,11 @@ import signal
 import sys
 from pathlib import Path
 
-from ddpm.checkpoint import CheckpointError, latest_checkpoint
 from ddpm.config import DEFAULT_CONFIG, ConfigError, load_config
 from ddpm.data import DataError
-from ddpm.trainer import DistributedTimeoutError, NonFiniteLossError, Trainer
+from ddpm.io import CheckpointError
+from ddpm.run_dir import latest_checkpoint
+from ddpm.training.trainer import DistributedTimeoutError, NonFiniteLossError, Trainer
 
 # Errors whose message says all a user needs: printed as one line, without a traceback.
 USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, DistributedTimeoutError, OSError)

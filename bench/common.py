@@ -28,8 +28,8 @@ from diffusers import UNet2DModel
 from torch import Tensor, nn
 
 from ddpm.interop.diffusers import unet_kwargs_from_diffusers
-from ddpm.scheduler import NoiseScheduler
-from ddpm.unet import UNet
+from ddpm.models.unet import UNet
+from ddpm.schedule import NoiseScheduler
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ def check_parameter_counts(ours: UNet, twin: UNet2DModel) -> None:
 
 
 class DiffusersDenoiser(nn.Module):
-    """A UNet2DModel called as a ddpm UNet is, `model(x, t, y)`: for `ddpm.sample`, `ddpm.generate.generate`
+    """A UNet2DModel called as a ddpm UNet is, `model(x, t, y)`: for `ddpm.sample`, `ddpm.inference.generate`
     and the shared training step. `num_classes` is read by `generate` to cycle the labels."""
 
     def __init__(self, unet: UNet2DModel) -> None:

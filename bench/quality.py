@@ -8,7 +8,7 @@ over several seeds, scored by a kernel distance whose real-vs-real noise floor i
 For each seed s (--seeds), each run (--runs) trains from scratch for --steps optimizer steps with training
 seed s, and its EMA weights sample --n-samples images, image i from noise seeded 1,000,000 s + i with label
 i mod 10, with the config's sampler and steps and no guidance (the baseline has no null label). The runs:
-- "ours": `ddpm.trainer.Trainer` on configs/digits.yaml (+ --override), float32, no in-training grids.
+- "ours": `ddpm.training.Trainer` on configs/digits.yaml (+ --override), float32, no in-training grids.
 - "ours-baseline-recipe": the same with the baseline's recipe: uniform loss weights and no label dropout
   (`train.loss_weighting=uniform train.label_dropout=0`).
 - "diffusers": `UNet2DModel` with the same layers (`common.diffusers_unet_kwargs`), `DDPMScheduler` with the
@@ -62,11 +62,10 @@ from diffusers.training_utils import EMAModel
 from torch import Tensor, nn
 
 from ddpm import Config, NoiseScheduler, build_dataset, load_config, num_classes_of
-from ddpm.checkpoint import load_for_sampling
 from ddpm.fid import frechet_distance
 from ddpm.fid import statistics as gaussian_statistics
-from ddpm.generate import generate
-from ddpm.trainer import Trainer
+from ddpm.inference import generate, load_for_sampling
+from ddpm.training.trainer import Trainer
 
 RUNS = {
     "ours": [],

@@ -57,7 +57,7 @@ def main() -> None:
     evaluations = {n: autocast(args, device, lambda net=net: net(x, t, y)) for n, net in networks.items()}
     step_times = common.interleaved_times(evaluations, repeats=args.repeats, warmup=2, device=device)
 
-    noise = x  # any standard normal x_T will do; labels, if any, cycle over the classes as ddpm.generate's do
+    noise = x  # any standard normal x_T will do; labels, if any, cycle over the classes as generate's do
     labels = torch.arange(args.batch, device=device) % models["ours"].num_classes if y is not None else None
     runs = {
         "ours": lambda: sample(

@@ -3,7 +3,7 @@
     python bench/sweep.py [--steps 650] [--n-samples 900] [--guidance 1] [--config configs/digits.yaml]
         [--variant NAME KEY=VALUE ...] ...
 
-Each variant is our config plus its dotted overrides, trained from scratch by `ddpm.trainer.Trainer` for
+Each variant is our config plus its dotted overrides, trained from scratch by `ddpm.training.Trainer` for
 --steps optimizer steps in float32 (same seed, so variants differ only by their overrides) and scored on
 --n-samples images from its EMA weights, sampled with the config's `sample:` settings at each --guidance
 weight, by `quality.Scorer` (the classifier features of bench/quality.py). Without --variant it runs the ones
@@ -22,8 +22,8 @@ import common
 import quality
 from accelerate.state import AcceleratorState
 
-from ddpm.checkpoint import load_for_sampling
-from ddpm.trainer import Trainer
+from ddpm.inference import load_for_sampling
+from ddpm.training.trainer import Trainer
 
 DEFAULT_VARIANTS = {
     "epsilon, uniform weights": ["diffusion.prediction_type=epsilon", "train.loss_weighting=uniform"],

@@ -1,11 +1,11 @@
 """ddpm: denoising diffusion models, trained and sampled on Accelerate."""
 
-from ddpm.checkpoint import load_pretrained, save_pretrained
 from ddpm.config import Config, ConfigError, DataConfig, SampleConfig, TrainConfig, load_config, save_config
 from ddpm.data import build_dataset, num_classes_of
+from ddpm.io import load_pretrained, save_pretrained
+from ddpm.models.unet import UNet
 from ddpm.samplers import SAMPLERS, sample
-from ddpm.scheduler import NoiseScheduler
-from ddpm.unet import UNet
+from ddpm.schedule import NoiseScheduler
 
 __all__ = [
     "SAMPLERS",

@@ -58,7 +58,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_warmup: bool = True  # decay = min(ema_decay, (1 + n) / (10 + n))
     label_dropout: float = 0.1  # p of replacing y by the null label (classifier-free guidance)
-    loss_weighting: str = "uniform"  # uniform | min_snr (ddpm.scheduler.LOSS_WEIGHTINGS)
+    loss_weighting: str = "uniform"  # uniform | min_snr (ddpm.schedule.LOSS_WEIGHTINGS)
     min_snr_gamma: float = 5.0
     channels_last: bool = False
     compile: bool = False
@@ -322,7 +322,7 @@ def _build_section(section: str, values: dict[str, Any], where: Callable[[str], 
 def _check_sample(sample: SampleConfig, diffusion: Mapping[str, Any], where: Callable[[str], str]) -> None:
     """The sampling settings, by the check `ddpm.sample` itself makes (steps up to the diffusion's T)."""
     from ddpm.samplers import SampleOptionError, check_sample_options
-    from ddpm.scheduler import NoiseScheduler
+    from ddpm.schedule import NoiseScheduler
 
     T = diffusion.get("num_train_timesteps", _defaults(NoiseScheduler)["num_train_timesteps"])
     options = {k: getattr(sample, k) for k in ("sampler", "steps", "eta", "guidance_scale")}
@@ -340,7 +340,7 @@ def _choices(key: str) -> tuple | None:
 
         return tuple(DATASETS)
     if key == "train.loss_weighting":
-        from ddpm.scheduler import LOSS_WEIGHTINGS
+        from ddpm.schedule import LOSS_WEIGHTINGS
 
         return LOSS_WEIGHTINGS
     return _CHOICES.get(key)
@@ -360,10 +360,10 @@ def _check_names(
 def _constructor(section: str) -> type:
     """The class a model/diffusion section is passed to (imported here: those modules import torch)."""
     if section == "model":
-        from ddpm.unet import UNet
+        from ddpm.models.unet import UNet
 
         return UNet
-    from ddpm.scheduler import NoiseScheduler
+    from ddpm.schedule import NoiseScheduler
 
     return NoiseScheduler
 

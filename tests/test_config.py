@@ -38,9 +38,9 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_digits_config_loads_and_builds():
-    requires("ddpm.unet", "ddpm.scheduler", "ddpm.samplers")
-    from ddpm.scheduler import NoiseScheduler
-    from ddpm.unet import UNet
+    requires("ddpm.models.unet", "ddpm.schedule", "ddpm.samplers")
+    from ddpm.models.unet import UNet
+    from ddpm.schedule import NoiseScheduler
 
     config = load_config(DIGITS_YAML)
     file = yaml.safe_load(DIGITS_YAML.read_text())
@@ -90,7 +90,7 @@ def test_overrides_of_each_type(tmp_path):
 
 
 def test_overrides_of_model_and_diffusion_keys(tmp_path):
-    requires("ddpm.unet", "ddpm.scheduler")
+    requires("ddpm.models.unet", "ddpm.schedule")
     config = load_config(
         None,
         ["model.channel_mult=[1,2]", "model.num_classes=null", "diffusion.beta_end=0.01", "data.channels=3"],
@@ -128,14 +128,14 @@ ERRORS = [
     (
         "model:\n  base_chanels: 8\n",
         [],
-        ("ddpm.unet",),
+        ("ddpm.models.unet",),
         r"unknown key 'model\.base_chanels' in \S+; valid keys of model \(UNet\): in_channels, out_channels, "
         "base_channels",
     ),
     (
         "",
         ["diffusion.beta_schedul=linear"],
-        ("ddpm.scheduler",),
+        ("ddpm.schedule",),
         r"unknown key 'diffusion\.beta_schedul' in override .*; valid keys of diffusion \(NoiseScheduler\): "
         "num_train_timesteps, beta_schedule",
     ),
@@ -180,7 +180,7 @@ ERRORS = [
     (
         "",
         ["train.loss_weighting=snr"],
-        ("ddpm.scheduler",),
+        ("ddpm.schedule",),
         r"invalid value 'snr' for 'train\.loss_weighting' .*: expected one of uniform, min_snr",
     ),
     (
@@ -230,7 +230,7 @@ def test_to_dict_from_dict_round_trip(tmp_path):
 
 
 def test_save_load_round_trip(tmp_path):
-    requires("ddpm.unet", "ddpm.scheduler", "ddpm.samplers")
+    requires("ddpm.models.unet", "ddpm.schedule", "ddpm.samplers")
     config = load_config(DIGITS_YAML, ["train.lr=1e-5", "data.hflip=true", "model.channel_mult=[1,2]"])
     path = tmp_path / "run" / "config.yaml"
     save_config(config, path)
@@ -293,7 +293,7 @@ def test_folder_config_loads_and_fits_its_model(tmp_path):
     from PIL import Image
 
     from ddpm.data import build_dataset
-    from ddpm.unet import UNet
+    from ddpm.models.unet import UNet
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -312,8 +312,8 @@ def test_folder_config_loads_and_fits_its_model(tmp_path):
 
 def test_trainer_checks_a_config_built_in_code_and_the_classes_of_the_data():
     from ddpm.data import TensorImageDataset
-    from ddpm.trainer import _check_compatible
-    from ddpm.unet import UNet
+    from ddpm.models.unet import UNet
+    from ddpm.training.trainer import _check_compatible
 
     tiny = dict(base_channels=8, channel_mult=[1, 2], attention_resolutions=[], image_size=8, norm_groups=4)
     model = UNet(in_channels=1, out_channels=1, num_classes=3, **tiny)

@@ -8,7 +8,7 @@ from diffusers import DPMSolverMultistepScheduler
 from exact_score import MIXTURE, GaussianMixture, exact_predictor, wasserstein1
 
 from ddpm.samplers import sample
-from ddpm.scheduler import NoiseScheduler
+from ddpm.schedule import NoiseScheduler
 
 PIXELS = (8, 1, 32, 32)  # 8,192 independent draws: W1 sampling noise ~5e-3, below the solver errors here
 SPACINGS = ("leading", "trailing", "linspace")

@@ -32,9 +32,11 @@ from test_train import (  # noqa: F401 (fresh_accelerator_state: a fixture)
     weights,
 )
 
-from ddpm.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_for_sampling
-from ddpm.trainer import NonFiniteLossError, Trainer
-from ddpm.unet import UNet
+from ddpm.inference import load_for_sampling
+from ddpm.io import CheckpointError
+from ddpm.models.unet import UNet
+from ddpm.run_dir import latest_checkpoint, list_checkpoints
+from ddpm.training.trainer import NonFiniteLossError, Trainer
 
 
 def load_script(name: str):
@@ -133,9 +135,9 @@ def train_until_killed(run: str, point: str, ready: str) -> None:
 
         UNet.save_pretrained = save_and_hang
     elif point == "sample grid":
-        import ddpm.generate
+        import ddpm.inference
 
-        save_image = ddpm.generate.save_image
+        save_image = ddpm.inference.save_image
 
         def save_half_and_hang(images, path, **kwargs):
             save_image(images, path, **kwargs)
@@ -143,7 +145,7 @@ def train_until_killed(run: str, point: str, ready: str) -> None:
             Path(path).write_bytes(data[: len(data) // 2])
             hang()
 
-        ddpm.generate.save_image = save_half_and_hang
+        ddpm.inference.save_image = save_half_and_hang
     else:
         loss = Trainer._loss
 
@@ -161,7 +163,7 @@ def train_until_killed(run: str, point: str, ready: str) -> None:
 def forkserver():
     """Children forked from a server that has imported torch and ddpm already: a second each, not five."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["ddpm.trainer", "sklearn.datasets", "test_faults"])
+    context.set_forkserver_preload(["ddpm.training.trainer", "sklearn.datasets", "test_faults"])
     return context
 
 
@@ -389,13 +391,13 @@ def test_a_failed_checkpoint_write_names_the_path_and_keeps_the_earlier_ones(
 
 
 def test_a_failed_grid_write_names_the_file(tmp_path, monkeypatch):
-    from ddpm.generate import save_grid
+    from ddpm.inference import save_grid
 
     def disk_full(images, path, **kwargs):
         Path(path).write_bytes(b"\x89PNG")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("ddpm.generate.save_image", disk_full)
+    monkeypatch.setattr("ddpm.inference.save_image", disk_full)
     target = tmp_path / "samples" / "grid.png"
     with pytest.raises(OSError, match=rf"\[Errno 28\] cannot write {target}: No space left on device"):
         save_grid(torch.zeros(4, 1, 8, 8), target)
@@ -637,7 +639,7 @@ FAIL_ON_RANK_1 = """
 import signal
 import time
 
-from ddpm.trainer import Trainer
+from ddpm.training.trainer import Trainer
 
 loss = Trainer._loss
 

@@ -21,11 +21,12 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from ddpm import fid
-from ddpm.checkpoint import EMA, NOISE_SCHEDULER, TRAINER_STATE, checkpoint_path
 from ddpm.config import Config, DataConfig, SampleConfig, load_config, save_config
-from ddpm.generate import generate, save_images_to
-from ddpm.scheduler import NoiseScheduler
-from ddpm.unet import UNet
+from ddpm.inference import generate, save_images_to
+from ddpm.io import EMA, NOISE_SCHEDULER
+from ddpm.models.unet import UNet
+from ddpm.run_dir import TRAINER_STATE, checkpoint_path
+from ddpm.schedule import NoiseScheduler
 
 pytestmark = pytest.mark.filterwarnings("ignore:FID statistics of only")  # tests use a handful of images
 
@@ -480,7 +481,7 @@ def fid_run_overrides(tmp_path: Path, random_weights: Path) -> list[str]:
 def test_training_logs_the_fid_of_its_ema_weights(tmp_path, random_weights):
     from accelerate.state import AcceleratorState
 
-    from ddpm.trainer import Trainer
+    from ddpm.training.trainer import Trainer
 
     overrides = [*fid_run_overrides(tmp_path, random_weights), "train.fid_n=4", "sample.guidance_scale=1"]
     try:
@@ -496,7 +497,8 @@ def test_training_logs_the_fid_of_its_ema_weights(tmp_path, random_weights):
 def test_two_processes_over_gloo_share_the_fid_and_log_what_one_process_computes(tmp_path, random_weights):
     from test_train import run_script
 
-    from ddpm.checkpoint import latest_checkpoint, load_for_sampling
+    from ddpm.inference import load_for_sampling
+    from ddpm.run_dir import latest_checkpoint
 
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]

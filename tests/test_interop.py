@@ -14,11 +14,12 @@ import pytest
 import torch
 from test_unet import TINY, perturb  # pytest puts tests/ on sys.path
 
-from ddpm.checkpoint import load_for_sampling, save_pretrained
+from ddpm.inference import load_for_sampling
 from ddpm.interop.diffusers import DIFFUSERS_DEFAULTS, DIFFUSERS_RENAMES, unet_kwargs_from_diffusers
+from ddpm.io import save_pretrained
+from ddpm.models.unet import UNet
 from ddpm.samplers import sample
-from ddpm.scheduler import NoiseScheduler
-from ddpm.unet import UNet
+from ddpm.schedule import NoiseScheduler
 
 diffusers = pytest.importorskip("diffusers")
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -11,7 +11,7 @@ from torch import nn
 
 from ddpm.config import ConfigError, load_config
 from ddpm.samplers import SAMPLERS, SampleOptionError, check_sample_options, posterior, sample
-from ddpm.scheduler import NoiseScheduler
+from ddpm.schedule import NoiseScheduler
 
 SHAPE = (2, 3, 4, 4)
 

@@ -10,13 +10,15 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 import ddpm
-import ddpm.generate
+import ddpm.inference
 from ddpm import samplers
-from ddpm.checkpoint import CheckpointError, TrainerState, load_for_sampling, save_checkpoint
 from ddpm.config import Config, DataConfig, SampleConfig, save_config
-from ddpm.generate import generate, sample_checkpoint
-from ddpm.scheduler import NoiseScheduler
-from ddpm.unet import UNet
+from ddpm.inference import generate, load_for_sampling, sample_checkpoint
+from ddpm.io import CheckpointError
+from ddpm.models.unet import UNet
+from ddpm.run_dir import TrainerState
+from ddpm.schedule import NoiseScheduler
+from ddpm.training.checkpoints import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
@@ -179,7 +181,7 @@ def test_every_random_draw_of_generate_is_independent(monkeypatch):
     """x_T of every image and each ancestral noise draw of the ddpm sampler, per image: no two are alike (on
     today's main the first noise of the first image of each batch was its x_T)."""
     draws: list[torch.Tensor] = []
-    real_sample, real_randn = ddpm.generate.sample, samplers._randn
+    real_sample, real_randn = ddpm.inference.sample, samplers._randn
 
     def recording_sample(*args, noise, **kwargs):
         draws.extend(noise)
@@ -190,7 +192,7 @@ def test_every_random_draw_of_generate_is_independent(monkeypatch):
         draws.extend(out)
         return out
 
-    monkeypatch.setattr(ddpm.generate, "sample", recording_sample)
+    monkeypatch.setattr(ddpm.inference, "sample", recording_sample)
     monkeypatch.setattr(samplers, "_randn", recording_randn)
     model = lambda x, t, y: torch.zeros_like(x)  # noqa: E731
     generate(model, NoiseScheduler(), 4, image_shape=(1, 16, 16), sampler="ddpm", steps=3, batch_size=2)

@@ -11,10 +11,12 @@ import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from ddpm.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_for_sampling
 from ddpm.config import ConfigError, load_config
-from ddpm.trainer import NonFiniteLossError, Trainer
-from ddpm.unet import UNet
+from ddpm.inference import load_for_sampling
+from ddpm.io import CheckpointError
+from ddpm.models.unet import UNet
+from ddpm.run_dir import latest_checkpoint, list_checkpoints
+from ddpm.training.trainer import NonFiniteLossError, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -169,8 +171,8 @@ def test_the_package_imports_without_being_installed(tmp_path):
         "        raise metadata.PackageNotFoundError(name)\n"
         "    return installed(name)\n"
         "metadata.version = version\n"
-        "import ddpm, ddpm.checkpoint\n"
-        "print(ddpm.checkpoint.TrainerState(step=0, ema_updates=0).ddpm_version)\n"
+        "import ddpm, ddpm.run_dir\n"
+        "print(ddpm.run_dir.TrainerState(step=0, ema_updates=0).ddpm_version)\n"
         "model = ddpm.UNet(base_channels=8, channel_mult=(1,), attention_resolutions=(), norm_groups=4)\n"
         f"model.save_pretrained({str(tmp_path / 'unet')!r})\n"
     )

@@ -9,9 +9,9 @@ import torch
 from accelerate.state import AcceleratorState
 from test_train import fresh_accelerator_state, tiny_config, weights  # noqa: F401 (a fixture)
 
-from ddpm.checkpoint import list_checkpoints
 from ddpm.ema import EMA
-from ddpm.trainer import Trainer
+from ddpm.run_dir import list_checkpoints
+from ddpm.training.trainer import Trainer
 
 
 class Scalar(torch.nn.Module):

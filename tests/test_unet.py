@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from ddpm.unet import UNet, sinusoidal_embedding
+from ddpm.models.unet import UNet, sinusoidal_embedding
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = dict(

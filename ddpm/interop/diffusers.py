@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ddpm.unet import CONFIG_NAME, UNet, load_checked
+from ddpm.models.unet import CONFIG_NAME, UNet, load_checked
 
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 

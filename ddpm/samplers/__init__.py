@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ddpm.scheduler import NoiseScheduler
+from ddpm.schedule import NoiseScheduler
 
 Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x_t (N, ...), t 0-d long) -> (x0, eps)
 VARIANCES = ("fixed_small", "fixed_large")

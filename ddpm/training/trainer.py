@@ -3,7 +3,7 @@
 `Trainer(config).train()` builds the UNet, the NoiseScheduler and the dataset from a `Config`, then runs
 AdamW with learning-rate warm-up, gradient clipping and accumulation, mixed precision, an EMA of the weights,
 label dropout for classifier-free guidance and the scheduler's loss weighting. It writes the run directory
-described in `ddpm.checkpoint` and can resume it exactly.
+described in `ddpm.run_dir` and can resume it exactly.
 """
 
 from __future__ import annotations
@@ -27,22 +27,15 @@ from accelerate.utils import (
 )
 from tqdm.auto import tqdm
 
-from ddpm.checkpoint import (
-    CHECKPOINTS,
-    CheckpointError,
-    TrainerState,
-    abandon_newer_checkpoints,
-    latest_checkpoint,
-    load_training_state,
-    save_checkpoint,
-)
 from ddpm.config import Config, ConfigError, conflicts, raise_problems, save_config
 from ddpm.data import build_dataset, num_classes_of
 from ddpm.ema import EMA
-from ddpm.generate import generate, save_grid
-from ddpm.io import atomic_write
-from ddpm.scheduler import NoiseScheduler
-from ddpm.unet import UNet
+from ddpm.inference import generate, save_grid
+from ddpm.io import CheckpointError, atomic_write
+from ddpm.models.unet import UNet
+from ddpm.run_dir import CHECKPOINTS, TrainerState, latest_checkpoint
+from ddpm.schedule import NoiseScheduler
+from ddpm.training.checkpoints import abandon_newer_checkpoints, load_training_state, save_checkpoint
 
 # Below this the fp16 loss scale means gradients overflow even unscaled: stop (DeepSpeed's min_loss_scale).
 MIN_LOSS_SCALE = 1.0

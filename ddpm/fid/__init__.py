@@ -49,18 +49,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ddpm.checkpoint import (
-    CHECKPOINTS,
-    CheckpointError,
-    load_for_sampling,
-    resolve_checkpoint,
-    sample_defaults,
-)
 from ddpm.config import DataConfig, SampleConfig, load_config
 from ddpm.data import _convert, _image_files, build_dataset
-from ddpm.generate import generate
-from ddpm.io import atomic_write
-from ddpm.scheduler import NoiseScheduler
+from ddpm.inference import generate, load_for_sampling, sample_defaults
+from ddpm.io import CheckpointError, atomic_write
+from ddpm.run_dir import CHECKPOINTS, resolve_checkpoint
+from ddpm.schedule import NoiseScheduler
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -149,7 +143,7 @@ def model_statistics(
     progress: bool = True,
     accelerator: Accelerator | None = None,
 ) -> Statistics | None:
-    """Inception statistics of `n` images drawn with `ddpm.generate.generate` and the sampler settings of
+    """Inception statistics of `n` images drawn with `ddpm.inference.generate` and the sampler settings of
     `sample` (default: SampleConfig()), on the model's device.
 
     Image i starts from noise seeded `seed + i`, so repeated evaluations during training see the same noise.
@@ -610,7 +604,3 @@ def _device(device: torch.device | str | None) -> torch.device:
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

@@ -12,20 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from ddpm.checkpoint import (
-    checkpoint_of,
-    load_for_sampling,
-    resolve_checkpoint,
-    run_directory,
-    sample_defaults,
-)
-from ddpm.config import load_config
-from ddpm.io import atomic_write
+from ddpm.config import SampleConfig, load_config
+from ddpm.interop.diffusers import diffusers_unet_folder
+from ddpm.io import EMA, CheckpointError, atomic_write, load_pretrained, one_line
+from ddpm.models.unet import UNet
+from ddpm.run_dir import checkpoint_of, resolve_checkpoint, run_directory
 from ddpm.samplers import SampleOptionError, check_sample_options, sample
-from ddpm.scheduler import NoiseScheduler
+from ddpm.schedule import NoiseScheduler
 
 _SAMPLER_NOISE = 1  # the SeedSequence purpose key of the samplers' noise streams
 
@@ -198,6 +195,56 @@ def sample_checkpoint(
     if save_images:
         save_images_to(images, out.with_suffix(""))
     return out
+
+
+def load_for_sampling(
+    path: str | Path,
+    *,
+    use_ema: bool = True,
+    schedule: str | Path | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[UNet, NoiseScheduler, str]:
+    """Load the network and noise scheduler that sampling needs from a run, a checkpoint (or its ema/ folder),
+    a model folder, or a diffusers UNet2DModel or pipeline folder.
+
+    Returns (model in eval mode on `device`, scheduler, a label naming the weights: "ema", "raw" or
+    "diffusers"). A run or checkpoint gives its EMA weights unless `use_ema` is False; a checkpoint's ema/
+    named directly gives the EMA weights (and refuses `use_ema=False`). The schedule is the one saved with
+    the weights (see `load_pretrained`; a diffusers folder ignores `use_ema`, as published EMA weights, such
+    as google/ddpm-ema-church-256, are the only weights there), or the file `schedule` names. A ddpm folder
+    without a schedule is refused, never sampled with a guessed one. Raises CheckpointError, naming the file
+    and the fix, when something cannot be read.
+    """
+    folder = resolve_checkpoint(path)
+    checkpoint = checkpoint_of(folder)
+    if folder != checkpoint and not use_ema:
+        raise CheckpointError(
+            f"{folder} holds the EMA weights, but the raw ones were asked for (--raw); pass the checkpoint "
+            f"{checkpoint} for its raw weights, or drop --raw"
+        )
+    if diffusers_unet_folder(folder) is not None:
+        weights, label = folder, "diffusers"
+    elif folder != checkpoint:
+        weights, label = folder, "ema"
+    elif use_ema and (folder / EMA).is_dir():
+        weights, label = folder / EMA, "ema"
+    else:
+        weights, label = folder, "raw"
+    try:
+        model, scheduler = load_pretrained(weights, schedule=schedule, device=device)
+    except (OSError, ValueError, SafetensorError) as error:  # JSONDecodeError is a ValueError
+        raise CheckpointError(
+            f"cannot load the model in {checkpoint}: {one_line(error)}; it is incomplete, damaged or not a "
+            "ddpm checkpoint: pass another one with --checkpoint"
+        ) from None
+    return model, scheduler, label
+
+
+def sample_defaults(folder: Path) -> SampleConfig:
+    """The `sample:` section of the run a checkpoint folder (or its ema/) belongs to; SampleConfig() for a
+    loose folder."""
+    run = run_directory(folder)
+    return load_config(run / "config.yaml").sample if run is not None else SampleConfig()
 
 
 def _check_options(**options: int) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from ddpm.scheduler import NoiseScheduler
+from ddpm.schedule import NoiseScheduler
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 # our schedule name -> diffusers' name

@@ -1,0 +1,3 @@
+from ddpm.fid import main
+
+main()
