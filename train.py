@@ -24,7 +24,7 @@ from ddpm.config import DEFAULT_CONFIG, ConfigError, load_config
 from ddpm.data import DataError
 from ddpm.io import CheckpointError
 from ddpm.run_dir import latest_checkpoint
-from ddpm.training.trainer import DistributedTimeoutError, NonFiniteLossError, Trainer
+from ddpm.training import DistributedTimeoutError, NonFiniteLossError, Trainer
 
 # Errors whose message says all a user needs: printed as one line, without a traceback.
 USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, DistributedTimeoutError, OSError)

@@ -16,7 +16,7 @@ from ddpm.inference import load_for_sampling
 from ddpm.io import CheckpointError
 from ddpm.models.unet import UNet
 from ddpm.run_dir import latest_checkpoint, list_checkpoints
-from ddpm.training.trainer import NonFiniteLossError, Trainer
+from ddpm.training import NonFiniteLossError, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

@@ -1,5 +1,6 @@
 """The numbers of training: the EMA against its closed form, gradient accumulation against one large batch,
-the Trainer's loss against a hand computation, the logged loss, and mixed precision end to end."""
+the loss (ddpm.losses) against closed forms and the Trainer's loss against a hand computation, the logged
+loss, and mixed precision end to end."""
 
 import json
 import math
@@ -10,8 +11,10 @@ from accelerate.state import AcceleratorState
 from test_train import fresh_accelerator_state, tiny_config, weights  # noqa: F401 (a fixture)
 
 from ddpm.ema import EMA
+from ddpm.losses import diffusion_loss, drop_labels
 from ddpm.run_dir import list_checkpoints
-from ddpm.training.trainer import Trainer
+from ddpm.schedule import NoiseScheduler
+from ddpm.training import Trainer
 
 
 class Scalar(torch.nn.Module):
@@ -94,7 +97,7 @@ def fixed_batch(trainer: Trainer, n: int):
     labels = torch.tensor([int(trainer.dataset[i][1]) for i in range(n)])
     generator = torch.Generator().manual_seed(1)
     noise = torch.randn(x0.shape, generator=generator)
-    t = trainer.noise_scheduler.sample_timesteps(n, generator=generator)
+    t = trainer.scheduler.sample_timesteps(n, generator=generator)
     return x0, labels, noise, t
 
 
@@ -108,7 +111,17 @@ def gradients_and_update(grad_accum: int, batch: int, run) -> tuple[list[torch.T
 
     def fixed_loss(x0_micro, labels_micro):
         rows = slice(start := next(starts), start + batch)
-        return trainer._denoising_loss(x0_micro, noise[rows], t[rows], labels_micro)
+        train = trainer.config.train
+        return diffusion_loss(
+            trainer._predict,
+            trainer.scheduler,
+            x0_micro,
+            noise[rows],
+            t[rows],
+            labels_micro,
+            weighting=train.loss_weighting,
+            min_snr_gamma=train.min_snr_gamma,
+        )
 
     trainer._loss = fixed_loss
     seen = []
@@ -139,22 +152,31 @@ def test_two_accumulated_micro_batches_give_the_gradients_of_one_large_batch(tmp
         torch.testing.assert_close(after_accumulated[key], after_large[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_loss_applies_min_snr_weights_to_the_v_prediction_target(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path / "run", "model.dropout=0", "train.min_snr_gamma=2"))
-    assert trainer.noise_scheduler.prediction_type == "v_prediction"
-    x0, labels, noise, t = fixed_batch(trainer, 16)
-    loss = trainer._denoising_loss(x0, noise, t, labels)
+def test_trainer_loss_draws_noise_then_timesteps_then_label_dropout_and_applies_min_snr_weights(tmp_path):
+    trainer = Trainer(
+        tiny_config(tmp_path / "run", "model.dropout=0", "train.min_snr_gamma=2", "train.label_dropout=0.5")
+    )
+    assert trainer.scheduler.prediction_type == "v_prediction"
+    x0, labels, _, _ = fixed_batch(trainer, 16)
+    torch.manual_seed(3)
+    loss = trainer._loss(x0, labels)
 
+    # The draws of a step, in the order that checkpoints replay: eps, then t, then the label dropout.
+    torch.manual_seed(3)
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, trainer.scheduler.num_train_timesteps, (16,))
+    y = drop_labels(labels, 0.5, trainer.null_class)
+    assert (y == trainer.null_class).any() and (y == labels).any()
     # By hand: x_t = sqrt(ab) x0 + sqrt(1 - ab) eps; v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022);
     # w = min(snr, gamma) / (snr + 1) with snr = ab / (1 - ab) (Hang et al. 2023).
-    ab = trainer.noise_scheduler.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    ab = trainer.scheduler.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
     x_t = (ab.sqrt() * x0 + (1 - ab).sqrt() * noise).float()
     v = ab.sqrt() * noise - (1 - ab).sqrt() * x0
     snr = (ab / (1 - ab)).flatten()
     w = snr.clamp(max=2.0) / (snr + 1)
     assert (snr > 2).any() and (snr < 2).any()  # both sides of the cap are exercised
     with torch.no_grad():
-        prediction = trainer.accelerator.unwrap_model(trainer.model)(x_t, t, labels).double()
+        prediction = trainer.accelerator.unwrap_model(trainer.model)(x_t, t, y).double()
     per_sample = ((prediction - v) ** 2).mean(dim=(1, 2, 3))
     expected = (w * per_sample).mean()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
@@ -162,12 +184,60 @@ def test_loss_applies_min_snr_weights_to_the_v_prediction_target(tmp_path):
     assert not torch.isclose(expected, unweighted, rtol=1e-2)  # the weights matter for this batch
 
 
+def loss_inputs(prediction_type: str) -> tuple[NoiseScheduler, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A schedule and x0, eps, t for 6 images of 2x4x4, t on both sides of snr = 5."""
+    scheduler = NoiseScheduler(prediction_type=prediction_type)
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 2, 4, 4, generator=generator) * 2 - 1
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.tensor([0, 10, 100, 400, 700, 999])
+    return scheduler, x0, noise, t
+
+
+def target_by_hand(prediction_type: str, scheduler, x0, noise, t) -> torch.Tensor:
+    ab = scheduler.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    v = ab.sqrt() * noise - (1 - ab).sqrt() * x0
+    return {"epsilon": noise, "sample": x0, "v_prediction": v.float()}[prediction_type]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_diffusion_loss_of_the_exact_target_is_zero_and_of_zeros_the_mean_square_target(prediction_type):
+    scheduler, x0, noise, t = loss_inputs(prediction_type)
+    labels = torch.arange(6)
+    target = target_by_hand(prediction_type, scheduler, x0, noise, t)
+    ab = scheduler.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    seen = []
+
+    def exact(x_t, t_, y):
+        seen.append((x_t, t_, y))
+        return target
+
+    assert diffusion_loss(exact, scheduler, x0, noise, t, labels).item() == pytest.approx(0.0, abs=1e-12)
+    x_t, t_seen, y_seen = seen[0]
+    torch.testing.assert_close(x_t, (ab.sqrt() * x0 + (1 - ab).sqrt() * noise).float())  # Ho et al. Eq. 4
+    assert torch.equal(t_seen, t) and torch.equal(y_seen, labels)
+    loss = diffusion_loss(lambda x_t, t_, y: torch.zeros_like(x_t), scheduler, x0, noise, t)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, (target.float() ** 2).mean())
+
+
+def test_min_snr_diffusion_loss_of_an_epsilon_model_weights_each_image_by_min_snr_gamma_over_snr():
+    scheduler, x0, noise, t = loss_inputs("epsilon")
+    ab = scheduler.alphas_cumprod.double()[t]
+    snr = ab / (1 - ab)
+    assert (snr > 5).any() and (snr < 5).any()
+    zeros = lambda x_t, t_, y: torch.zeros_like(x_t)  # noqa: E731
+    loss = diffusion_loss(zeros, scheduler, x0, noise, t, weighting="min_snr", min_snr_gamma=5.0)
+    expected = (snr.clamp(max=5.0) / snr * (noise.double() ** 2).mean(dim=(1, 2, 3))).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
+
+
 def test_labels_reach_the_model_and_are_dropped_at_the_configured_rate(tmp_path):
     trainer = Trainer(tiny_config(tmp_path / "run", "train.label_dropout=0.2"))
     null = trainer.ema.module.null_class
     labels = torch.arange(20_000) % 10
     torch.manual_seed(0)
-    dropped = trainer._drop_labels(labels)
+    dropped = drop_labels(labels, 0.2, null)
     is_null = dropped == null
     assert torch.equal(dropped[~is_null], labels[~is_null])  # the others pass unchanged
     rate, sigma = is_null.float().mean().item(), math.sqrt(0.2 * 0.8 / labels.numel())

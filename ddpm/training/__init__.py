@@ -1,5 +1,7 @@
-"""Training on Accelerate: `Trainer`, its checkpoints and resume."""
+"""Training on Accelerate: `Trainer` (the loop), checkpoints and resume, run log, stop signals, NaN policy."""
 
-from ddpm.training.trainer import DistributedTimeoutError, NonFiniteLossError, Trainer
+from ddpm.training.interruption import DistributedTimeoutError
+from ddpm.training.nan_policy import NonFiniteLossError
+from ddpm.training.trainer import Trainer
 
 __all__ = ["DistributedTimeoutError", "NonFiniteLossError", "Trainer"]

@@ -1,4 +1,4 @@
-"""Checkpoints of a training run: written whole or not at all, and resumed exactly.
+"""Checkpoints of a training run: which one --resume means, written whole or not at all, resumed exactly.
 
 A checkpoint (see `ddpm.run_dir` for the layout) is first written under a temporary name in the same folder,
 flushed to disk and then renamed, so a crash at any moment leaves either the previous checkpoints or a
@@ -55,15 +55,17 @@ def save_checkpoint(
     *,
     model: UNet,
     ema_model: UNet,
-    noise_scheduler: NoiseScheduler,
+    scheduler: NoiseScheduler,
     keep: int,
 ) -> Path:
     """Write a checkpoint of the prepared training objects atomically; every process must call this.
 
     `model` and `ema_model` are the unwrapped networks. Returns the checkpoint folder. Older checkpoints
     beyond the last `keep` are deleted once the new one is in place. Raises CheckpointError, leaving the
-    earlier checkpoints as they were, when the weights are not finite or the files cannot be written.
+    earlier checkpoints as they were, when the weights are not finite or the files cannot be written, and
+    RuntimeError when data-parallel replicas hold different weights.
     """
+    _check_replicas_identical(accelerator, model)
     final = checkpoint_path(run_dir, state.step)
     tmp = final.with_name(TMP_PREFIX + final.name)
     _check_finite(state.step, run_dir, raw=model, ema=ema_model)  # the same answer on every process
@@ -74,8 +76,8 @@ def save_checkpoint(
     try:
         accelerator.save_state(str(tmp))  # model, optimizer, gradient scaler, per-process RNG states
         if accelerator.is_main_process:
-            save_pretrained(tmp, model, noise_scheduler)  # beside Accelerate's model.safetensors
-            save_pretrained(tmp / EMA, ema_model, noise_scheduler)
+            save_pretrained(tmp, model, scheduler)  # beside Accelerate's model.safetensors
+            save_pretrained(tmp / EMA, ema_model, scheduler)
             (tmp / TRAINER_STATE).write_text(json.dumps(vars(state), indent=2))
             _flush_to_disk(tmp)
     except _WRITE_ERRORS as error:
@@ -98,11 +100,11 @@ def save_checkpoint(
 
 
 def load_training_state(
-    accelerator, checkpoint: Path, *, model: UNet, ema_model: UNet, noise_scheduler: NoiseScheduler
+    accelerator, checkpoint: Path, *, model: UNet, ema_model: UNet, scheduler: NoiseScheduler
 ) -> TrainerState:
     """Restore model, optimizer and RNG states (through Accelerate) and the EMA weights from `checkpoint`.
 
-    `model` and `ema_model` are the unwrapped networks, `noise_scheduler` the one the run continues with.
+    `model` and `ema_model` are the unwrapped networks, `scheduler` the noise schedule the run continues with.
     Everything is checked before anything is loaded: the noise schedule must be the one the checkpoint was
     trained with, the weights must fit the networks (names and shapes, read from the safetensors headers) and
     every pickled file must unpickle with `weights_only`. Raises CheckpointError, with the fix, otherwise.
@@ -117,7 +119,7 @@ def load_training_state(
         accelerator.print(
             f"note: {checkpoint} was written by ddpm {state.ddpm_version}, this is {ddpm_version()}"
         )
-    _check_same_schedule(checkpoint, noise_scheduler)
+    _check_same_schedule(checkpoint, scheduler)
     _check_weights_fit(checkpoint / WEIGHTS, model)
     _check_weights_fit(checkpoint / EMA / WEIGHTS, ema_model)
     for file in sorted(checkpoint.iterdir()):
@@ -141,23 +143,75 @@ def load_training_state(
     return state
 
 
-def abandon_newer_checkpoints(run_dir: str | Path, step: int) -> list[Path]:
+def checkpoint_to_resume(run_dir: str | Path, resume: str | None) -> Path | None:
+    """The checkpoint that `--resume` names for a run writing to `run_dir`, or None to start fresh.
+
+    resume: None to start fresh, "latest" for the newest checkpoint of `run_dir`, or the path of a
+    checkpoint folder or of a run directory (then its newest checkpoint). Raises CheckpointError when a fresh
+    start would write over the checkpoints `run_dir` holds, or when the run named holds none.
+    """
+    run_dir = Path(run_dir)
+    if resume is None:
+        existing = latest_checkpoint(run_dir)
+        if existing is not None:
+            raise CheckpointError(
+                f"{run_dir} already holds checkpoints (latest {existing.name}); continue it with "
+                "--resume, or choose a new output_dir=..."
+            )
+        return None
+    source = run_dir if resume == "latest" else Path(resume)
+    is_run = resume == "latest" or (source / CHECKPOINTS).is_dir()
+    checkpoint = latest_checkpoint(source) if is_run else source
+    if checkpoint is None:
+        raise CheckpointError(
+            f"--resume: no checkpoint in {source / CHECKPOINTS}; start without --resume "
+            "or set output_dir to the run you want to continue"
+        )
+    return checkpoint
+
+
+def abandon_newer_checkpoints(accelerator, run_dir: str | Path, step: int) -> list[Path]:
     """Move the checkpoints of `run_dir` later than `step` into checkpoints/abandoned-after-step-NNNNNNN/,
-    where neither --resume nor sampling looks; returns their new paths (oldest first; [] when none).
+    where neither --resume nor sampling looks, saying where; returns their new paths on the main process
+    (oldest first; [] when none, and on the other processes). Every process must call this.
 
     A run resumed from an older checkpoint continues another branch: its own checkpoints will replace the
     abandoned ones step by step, and a later --resume must never jump back to them. They are kept, not
-    deleted, since they may be the better weights. Call it on the main process only.
+    deleted, since they may be the better weights.
     """
+    moved = _move_newer_checkpoints(Path(run_dir), step) if accelerator.is_main_process else []
+    if moved:
+        accelerator.print(
+            f"moved {', '.join(p.name for p in moved)} (newer than step {step}) to {moved[0].parent}: "
+            "--resume no longer picks them; move them back to use them again"
+        )
+    accelerator.wait_for_everyone()
+    return moved
+
+
+def _move_newer_checkpoints(run_dir: Path, step: int) -> list[Path]:
     newer = [p for p in list_checkpoints(run_dir) if read_trainer_state(p).step > step]
     if not newer:
         return []
-    aside = _unused_name(Path(run_dir) / CHECKPOINTS / f"{_ABANDONED_PREFIX}{STEP_PREFIX}{step:07d}")
+    aside = _unused_name(run_dir / CHECKPOINTS / f"{_ABANDONED_PREFIX}{STEP_PREFIX}{step:07d}")
     aside.mkdir()
     for checkpoint in newer:
         os.replace(checkpoint, aside / checkpoint.name)
     _flush_to_disk(aside.parent, recursive=False)
     return [aside / checkpoint.name for checkpoint in newer]
+
+
+def _check_replicas_identical(accelerator, model: torch.nn.Module) -> None:
+    """Guard against silently diverged data-parallel replicas (one collective per checkpoint)."""
+    if accelerator.num_processes == 1:
+        return
+    sums = torch.stack([p.detach().float().sum() for p in model.parameters()])
+    gathered = accelerator.gather(sums[None])
+    if not torch.equal(gathered.amin(0), gathered.amax(0)):
+        raise RuntimeError(
+            "data-parallel replicas hold different weights; gradients were not synchronised. "
+            "Launch with `accelerate launch` and do not mix processes of different configs"
+        )
 
 
 def _check_finite(step: int, run_dir: str | Path, **networks: torch.nn.Module) -> None:
@@ -174,8 +228,8 @@ def _check_finite(step: int, run_dir: str | Path, **networks: torch.nn.Module) -
             )
 
 
-def _check_same_schedule(checkpoint: Path, noise_scheduler: NoiseScheduler) -> None:
-    """Raise CheckpointError, naming the keys, when `noise_scheduler` differs from the one `checkpoint` was
+def _check_same_schedule(checkpoint: Path, scheduler: NoiseScheduler) -> None:
+    """Raise CheckpointError, naming the keys, when `scheduler` differs from the one `checkpoint` was
     trained with (its noise_scheduler.json, with today's defaults for keys it lacks)."""
     try:
         saved = json.loads((checkpoint / NOISE_SCHEDULER).read_text())
@@ -186,7 +240,7 @@ def _check_same_schedule(checkpoint: Path, noise_scheduler: NoiseScheduler) -> N
         ) from None
     with contextlib.suppress(TypeError, ValueError):  # else written by another version: compared as it is
         saved = NoiseScheduler(**saved).config
-    saved, current = (json.loads(json.dumps(config)) for config in (saved, noise_scheduler.config))
+    saved, current = (json.loads(json.dumps(config)) for config in (saved, scheduler.config))
     differing = [key for key in sorted(saved.keys() | current.keys()) if saved.get(key) != current.get(key)]
     if differing:
         run = run_directory(checkpoint) or checkpoint.parent.parent

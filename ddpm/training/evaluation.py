@@ -1,0 +1,79 @@
+"""How the EMA weights do during training: sample grids in the run directory and FID against the data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from ddpm.config import Config
+from ddpm.inference import generate, save_grid
+from ddpm.schedule import NoiseScheduler
+
+
+class Evaluation:
+    """Sample grids (samples/step-NNNNNNN-ema.png) and FID of a run's EMA weights, under its autocast.
+
+    With train.fid_every, the Inception statistics of the training data are computed at construction, once
+    per run directory (cached in fid_reference.npz) and shared among the processes; a missing
+    train.fid_weights file stops here, before training.
+    """
+
+    def __init__(self, config: Config, run_dir: Path, accelerator: Accelerator):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.accelerator = accelerator
+        self.fid_reference = None  # the main process's statistics; None on the others
+        if config.train.fid_every:
+            from ddpm import fid  # torch-fidelity loads only when FID is asked for
+
+            self.fid_reference = fid.reference_statistics(
+                config.data,
+                cache=self.run_dir / "fid_reference.npz",
+                weights=config.train.fid_weights,
+                device=accelerator.device,
+                accelerator=accelerator,
+            )
+
+    def sample_grid(self, step: int, ema_model: torch.nn.Module, scheduler: NoiseScheduler) -> None:
+        """Write samples/step-NNNNNNN-ema.png of sample.n images (main process only, its own seeded RNG)."""
+        if not self.accelerator.is_main_process:
+            return
+        sample, data = self.config.sample, self.config.data
+        with self.accelerator.autocast():
+            images = generate(
+                ema_model,
+                scheduler,
+                sample.n,
+                image_shape=(data.channels, data.image_size, data.image_size),
+                sampler=sample.sampler,
+                steps=sample.steps,
+                eta=sample.eta,
+                guidance_scale=sample.guidance_scale,
+                seed=self.config.train.seed,
+                device=self.accelerator.device,
+            )
+        save_grid(images, self.run_dir / "samples" / f"step-{step:07d}-ema.png")
+
+    def fid(self, ema_model: torch.nn.Module, scheduler: NoiseScheduler) -> float | None:
+        """FID of train.fid_n samples against the data: the value on the main process, None on the others.
+
+        Every process samples and embeds its share of the images (`fid.model_statistics`), so FID takes
+        1 / num_processes of the time and no process waits idle in a collective for the whole of it.
+        """
+        from ddpm import fid
+
+        train = self.config.train
+        with self.accelerator.autocast():
+            return fid.fid_of_model(
+                ema_model,
+                scheduler,
+                self.fid_reference,
+                train.fid_n,
+                sample=self.config.sample,
+                weights=train.fid_weights,
+                seed=train.seed,
+                progress=False,
+                accelerator=self.accelerator,
+            )
