@@ -8,6 +8,7 @@ import torch
 from accelerate import Accelerator
 
 from ddpm.config import Config
+from ddpm.fid import fid_of_model, reference_statistics
 from ddpm.inference import generate, save_grid
 from ddpm.schedule import NoiseScheduler
 
@@ -26,9 +27,7 @@ class Evaluation:
         self.accelerator = accelerator
         self.fid_reference = None  # the main process's statistics; None on the others
         if config.train.fid_every:
-            from ddpm import fid  # torch-fidelity loads only when FID is asked for
-
-            self.fid_reference = fid.reference_statistics(
+            self.fid_reference = reference_statistics(
                 config.data,
                 cache=self.run_dir / "fid_reference.npz",
                 weights=config.train.fid_weights,
@@ -59,14 +58,12 @@ class Evaluation:
     def fid(self, ema_model: torch.nn.Module, scheduler: NoiseScheduler) -> float | None:
         """FID of train.fid_n samples against the data: the value on the main process, None on the others.
 
-        Every process samples and embeds its share of the images (`fid.model_statistics`), so FID takes
+        Every process samples and embeds its share of the images (`ddpm.fid.model_statistics`), so FID takes
         1 / num_processes of the time and no process waits idle in a collective for the whole of it.
         """
-        from ddpm import fid
-
         train = self.config.train
         with self.accelerator.autocast():
-            return fid.fid_of_model(
+            return fid_of_model(
                 ema_model,
                 scheduler,
                 self.fid_reference,
