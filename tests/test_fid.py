@@ -312,18 +312,10 @@ def test_a_config_file_gives_the_statistics_of_its_whole_data_set_unflipped(tmp_
 
 def tiny_run(run: Path) -> tuple[UNet, NoiseScheduler, SampleConfig]:
     """A run directory as the trainer leaves it, holding one checkpoint of a tiny class-conditional UNet."""
+    from test_sampling_paths import TINY
+
     torch.manual_seed(0)
-    model = UNet(
-        in_channels=1,
-        out_channels=1,
-        base_channels=8,
-        channel_mult=(1,),
-        num_res_blocks=1,
-        attention_resolutions=(),
-        image_size=8,
-        norm_groups=4,
-        num_classes=2,
-    )
+    model = UNet(**{**TINY, "num_classes": 2})
     scheduler = NoiseScheduler(num_train_timesteps=50)
     sample = SampleConfig(sampler="ddim", steps=2, guidance_scale=1.5)
     save_config(
