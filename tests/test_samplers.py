@@ -560,6 +560,18 @@ def test_each_solver_gets_only_the_options_it_declares():
     }
 
 
+def test_sample_passes_a_solver_its_declared_options_and_no_other(monkeypatch):
+    received = {}
+
+    def eta_only(denoise, x, timesteps, scheduler, *, eta, disable):
+        received.update(eta=eta, disable=disable, steps=len(timesteps))
+        return x
+
+    monkeypatch.setitem(SAMPLERS, "ddim", eta_only)
+    x = sample(LinearToy(), NoiseScheduler(), noise=x_T(), steps=4, eta=0.5, progress=False)
+    assert received == {"eta": 0.5, "disable": True, "steps": 4} and torch.equal(x, x_T())
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
