@@ -88,7 +88,7 @@ class ImageFolderDataset(Dataset):
                 f"data.root '{self.root}' is not a folder; expected a folder of images "
                 f"({', '.join(IMAGE_EXTENSIONS)}), with one sub-folder per class when data.labels is true"
             )
-        files = _image_files(self.root)
+        files = image_files(self.root)
         if not files:
             raise DataError(
                 f"no images found under data.root '{self.root}'; expected files ending in "
@@ -229,7 +229,7 @@ def _root(data: DataConfig) -> Path:
 
 def _image_transform(image_size: int, channels: int, hflip: bool, *, crop: int | None = None) -> Callable:
     """PIL image -> float tensor (channels, image_size, image_size) in [-1, 1]."""
-    steps = [partial(_convert, mode="L" if channels == 1 else "RGB")]
+    steps = [partial(convert_image, mode="L" if channels == 1 else "RGB")]
     if crop is not None:
         steps.append(v2.CenterCrop(crop))
     steps += [
@@ -247,8 +247,9 @@ def _image_transform(image_size: int, channels: int, hflip: bool, *, crop: int |
     return v2.Compose(steps)
 
 
-def _convert(image: Image.Image, mode: str) -> Image.Image:
-    """Any PIL mode (L, RGB, RGBA, LA, P with or without transparency, ...) -> `mode` (L or RGB).
+def convert_image(image: Image.Image, mode: str) -> Image.Image:
+    """A PIL image of any mode (L, RGB, RGBA, LA, P with or without transparency, ...) in `mode` (L or RGB),
+    size kept: how the training data and `ddpm.fid`'s folders of images are read.
 
     Transparent pixels are composited over white rather than dropped: dropping alpha shows whatever colour
     the transparent pixels happen to store, often black.
@@ -258,9 +259,11 @@ def _convert(image: Image.Image, mode: str) -> Image.Image:
     return image.convert(mode)
 
 
-def _image_files(root: Path) -> list[Path]:
-    """The image files under `root`, following symbolic links but reading each real folder once (the first
-    name in sorted order), so that a link cycle ends and an aliased folder is not counted twice."""
+def image_files(root: Path) -> list[Path]:
+    """The image files under `root` (names ending in IMAGE_EXTENSIONS, any case; hidden files and folders
+    skipped), as a sorted list: the "folder" data set's files and `ddpm.fid`'s folders of images. Symbolic
+    links are followed but each real folder is read once (the first name in sorted order), so that a link
+    cycle ends and an aliased folder is not counted twice."""
     files, seen = [], set()
     for folder, subfolders, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)

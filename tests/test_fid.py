@@ -22,6 +22,8 @@ from threadpoolctl import threadpool_limits
 
 from ddpm import fid
 from ddpm.config import Config, DataConfig, SampleConfig, load_config, save_config
+from ddpm.fid import metric, sources
+from ddpm.fid.__main__ import main as fid_main
 from ddpm.inference import generate, save_images_to
 from ddpm.io import EMA, NOISE_SCHEDULER
 from ddpm.models.unet import UNet
@@ -186,7 +188,7 @@ def test_inception_features_are_2048_wide_in_eval_mode_and_independent_of_the_ba
     features = features_of(images, random_weights, batch_size=3)
     assert features.shape == (3, 2048) and features.dtype == np.float64
     assert np.isfinite(features).all() and features.std() > 1e-2
-    network = fid._inception(random_weights, torch.device("cpu"))
+    network = metric._inception(random_weights, torch.device("cpu"))
     assert not any(module.training for module in network.modules())
     # Batch norm from running statistics and no dropout: an image alone gives what it gave among others.
     np.testing.assert_allclose(features_of(images[:1], random_weights), features[:1], rtol=1e-4, atol=1e-5)
@@ -237,7 +239,7 @@ def test_cli_on_two_folders_prints_the_fid_of_their_images(tmp_path, random_weig
     stats_file = tmp_path / "real.npz"
     with warnings.catch_warnings():
         warnings.simplefilter("always")  # the module-wide filter above would hide the CLI's warning
-        fid.main(
+        fid_main(
             [str(tmp_path / "real"), str(tmp_path / "fake"), "--weights", str(random_weights)]
             + ["--batch-size", "2", "--device", "cpu", "--save-stats", str(stats_file)]
         )
@@ -258,7 +260,7 @@ def test_cli_on_two_folders_prints_the_fid_of_their_images(tmp_path, random_weig
 def test_missing_weights_stop_the_cli_with_one_line_naming_the_file_and_its_url(tmp_path):
     missing = tmp_path / "nowhere.pth"
     with pytest.raises(SystemExit) as stop:
-        fid.main([str(tmp_path), str(tmp_path), "--weights", str(missing)])
+        fid_main([str(tmp_path), str(tmp_path), "--weights", str(missing)])
     message = str(stop.value.code)
     assert "\n" not in message and str(missing) in message and fid.WEIGHTS_URL in message
 
@@ -301,7 +303,7 @@ def test_a_config_file_gives_the_statistics_of_its_whole_data_set_unflipped(tmp_
     cache = tmp_path / "cache" / "reference.npz"
     options = dict(weights=random_weights, device="cpu", progress=False)
     fid.reference_statistics(data, cache=cache, **options)
-    with mock.patch("ddpm.fid.build_dataset", side_effect=AssertionError("recomputed")):
+    with mock.patch("ddpm.fid.sources.build_dataset", side_effect=AssertionError("recomputed")):
         np.testing.assert_array_equal(fid.reference_statistics(data, cache=cache, **options).mu, stats.mu)
     with pytest.warns(UserWarning, match="other data or weights"):
         fid.reference_statistics(replace(data, image_size=4), cache=cache, **options)
@@ -310,18 +312,10 @@ def test_a_config_file_gives_the_statistics_of_its_whole_data_set_unflipped(tmp_
 
 def tiny_run(run: Path) -> tuple[UNet, NoiseScheduler, SampleConfig]:
     """A run directory as the trainer leaves it, holding one checkpoint of a tiny class-conditional UNet."""
+    from test_sampling_paths import TINY
+
     torch.manual_seed(0)
-    model = UNet(
-        in_channels=1,
-        out_channels=1,
-        base_channels=8,
-        channel_mult=(1,),
-        num_res_blocks=1,
-        attention_resolutions=(),
-        image_size=8,
-        norm_groups=4,
-        num_classes=2,
-    )
+    model = UNet(**{**TINY, "num_classes": 2})
     scheduler = NoiseScheduler(num_train_timesteps=50)
     sample = SampleConfig(sampler="ddim", steps=2, guidance_scale=1.5)
     save_config(
@@ -357,7 +351,7 @@ def test_a_run_directory_is_sampled_with_its_settings_and_fid_of_model_matches(t
 
     model.train()
     value = fid.fid_of_model(
-        model, scheduler, expected, 4, sample=sample, weights=random_weights, seed=3, progress=False
+        model, scheduler, expected, 4, sampling=sample, weights=random_weights, seed=3, progress=False
     )
     assert abs(value) < 1e-6 * np.trace(expected.sigma)  # the same images: FID 0
     assert model.training  # handed back in the mode it came in
@@ -410,17 +404,17 @@ class ThreadedProcesses:
 def test_sharded_model_statistics_equal_the_single_process_ones(tmp_path, random_weights):
     model, scheduler, sample = tiny_run(tmp_path / "run")
     # 2 classes, batch_size 1: chunks of 2 images; n=7 gives 4 chunks (the last one partial) for 3 processes.
-    options = dict(sample=sample, weights=random_weights, batch_size=1, seed=3, progress=False)
+    options = dict(sampling=sample, weights=random_weights, batch_size=1, seed=3, progress=False)
     single = fid.model_statistics(model, scheduler, 7, **options)
     processes = ThreadedProcesses(3)
     sampled = []
-    original = fid.generate
+    original = sources.generate
 
     def recording(model, scheduler, n, **kwargs):
         sampled.append((processes.process_index, kwargs["seed"], n))
         return original(model, scheduler, n, **kwargs)
 
-    with mock.patch("ddpm.fid.generate", recording):
+    with mock.patch("ddpm.fid.sources.generate", recording):
         results = processes.run(
             lambda: fid.model_statistics(model, scheduler, 7, accelerator=processes, **options)
         )
@@ -439,7 +433,7 @@ def test_sharded_reference_statistics_equal_the_single_process_ones(tmp_path, ra
     single = fid.reference_statistics(data, **options)
     processes = ThreadedProcesses(3)
     cache = tmp_path / "reference.npz"
-    with mock.patch("ddpm.fid.inception_features", wraps=fid.inception_features) as embed:
+    with mock.patch("ddpm.fid.sources.inception_features", wraps=fid.inception_features) as embed:
         results = processes.run(
             lambda: fid.reference_statistics(data, cache=cache, accelerator=processes, **options)
         )
@@ -450,7 +444,7 @@ def test_sharded_reference_statistics_equal_the_single_process_ones(tmp_path, ra
     np.testing.assert_array_equal(
         fid.load_statistics(cache).mu, single.mu
     )  # written once, by the main process
-    with mock.patch("ddpm.fid.build_dataset", side_effect=AssertionError("recomputed")):
+    with mock.patch("ddpm.fid.sources.build_dataset", side_effect=AssertionError("recomputed")):
         results = processes.run(
             lambda: fid.reference_statistics(data, cache=cache, accelerator=processes, **options)
         )
@@ -516,5 +510,5 @@ def test_two_processes_over_gloo_share_the_fid_and_log_what_one_process_computes
     reference = fid.load_statistics(run / "fid_reference.npz")
     assert reference.n == 6
     sample = load_config(run / "config.yaml").sample
-    expected = fid.fid_of_model(model, scheduler, reference, 5, sample=sample, weights=random_weights)
+    expected = fid.fid_of_model(model, scheduler, reference, 5, sampling=sample, weights=random_weights)
     assert record["step"] == 2 and record["fid"] == pytest.approx(expected, rel=1e-4)

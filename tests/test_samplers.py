@@ -10,7 +10,14 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import nn
 
 from ddpm.config import ConfigError, load_config
-from ddpm.samplers import SAMPLERS, SampleOptionError, check_sample_options, posterior, sample
+from ddpm.samplers import (
+    SAMPLERS,
+    SampleOptionError,
+    check_sample_options,
+    posterior,
+    sample,
+    solver_options,
+)
 from ddpm.schedule import NoiseScheduler
 
 SHAPE = (2, 3, 4, 4)
@@ -482,8 +489,13 @@ def test_unknown_sampler_lists_the_valid_names():
         ({"shape": None}, "exactly one of shape"),
         ({"y": torch.tensor([1, 2, 3])}, r"y must have shape \(2,\)"),
         (
-            {"variance": "fixed_large_log"},
-            "unknown variance 'fixed_large_log'; valid: fixed_small, fixed_large",
+            {"sampler": "ddpm", "variance": "fixed_large_log"},
+            "invalid variance='fixed_large_log': expected one of fixed_small, fixed_large",
+        ),
+        (
+            {"variance": "fixed_large"},
+            r"invalid variance='fixed_large': expected 'fixed_small' with sampler 'ddim' \(variance applies "
+            "only to sampler 'ddpm'",
         ),
         ({"eta": 1.5}, r"invalid eta=1.5: expected a number in \[0, 1\]"),
         (
@@ -511,6 +523,15 @@ def test_invalid_arguments(kwargs, message):
         ({"eta": 1.5}, r"invalid eta=1\.5: expected a number in \[0, 1\]"),
         ({"eta": float("nan")}, r"invalid eta=nan: expected a number in \[0, 1\]"),
         ({"sampler": "dpm++", "eta": 0.5}, r"invalid eta=0\.5: expected 0 with sampler 'dpm\+\+'"),
+        (
+            {"sampler": "ddpm", "variance": "fixed"},
+            r"invalid variance='fixed': expected one of fixed_small, ",
+        ),
+        (
+            {"sampler": "dpm++", "variance": "fixed_large"},
+            r"invalid variance='fixed_large': expected 'fixed_small' with sampler 'dpm\+\+' "
+            r"\(variance applies only to sampler 'ddpm'\)$",
+        ),
         ({"guidance_scale": -0.5}, r"invalid guidance_scale=-0\.5: expected a finite number >= 0"),
         ({"guidance_scale": float("inf")}, r"invalid guidance_scale=inf: expected a finite number >= 0"),
     ],
@@ -526,6 +547,29 @@ def test_check_sample_options_accepts_the_bounds():
     check_sample_options(sampler="ddim", steps=100, eta=1, guidance_scale=0, num_train_timesteps=100)
     check_sample_options(sampler="dpm++", steps=1, eta=0.0, guidance_scale=7.5, num_train_timesteps=100)
     check_sample_options(sampler="ddpm", steps=5000, eta=0, guidance_scale=1.0)  # no T: steps >= 1 only
+    check_sample_options(sampler="ddpm", steps=5, eta=0, guidance_scale=1.0, variance="fixed_large")
+    check_sample_options(sampler="dpm++", steps=5, eta=0, guidance_scale=1.0, variance="fixed_small")
+
+
+def test_each_solver_gets_only_the_options_it_declares():
+    """sample() hands a solver those of eta, variance and generator its signature declares, and no other."""
+    assert {name: solver_options(solver) for name, solver in SAMPLERS.items()} == {
+        "ddpm": ("variance", "generator"),
+        "ddim": ("eta", "generator"),
+        "dpm++": (),
+    }
+
+
+def test_sample_passes_a_solver_its_declared_options_and_no_other(monkeypatch):
+    received = {}
+
+    def eta_only(denoise, x, timesteps, scheduler, *, eta, disable):
+        received.update(eta=eta, disable=disable, steps=len(timesteps))
+        return x
+
+    monkeypatch.setitem(SAMPLERS, "ddim", eta_only)
+    x = sample(LinearToy(), NoiseScheduler(), noise=x_T(), steps=4, eta=0.5, progress=False)
+    assert received == {"eta": 0.5, "disable": True, "steps": 4} and torch.equal(x, x_T())
 
 
 @pytest.mark.parametrize(

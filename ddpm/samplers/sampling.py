@@ -1,0 +1,219 @@
+"""`sample(model, scheduler, ...)`: x_T, the denoiser around the model (with classifier-free guidance) and
+the solver of `ddpm.samplers.solvers` that the registry SAMPLERS names; `check_sample_options`, the one
+check of the sampling settings."""
+
+import functools
+import inspect
+import math
+import numbers
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ddpm.samplers.solvers import VARIANCES, Denoiser, ddim, ddpm_ancestral, dpmpp_2m, gaussian_noise
+from ddpm.schedule import NoiseScheduler
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": ddpm_ancestral,
+    "ddim": ddim,
+    "dpm++": dpmpp_2m,
+}
+
+
+@torch.no_grad()
+def sample(
+    model: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    scheduler: NoiseScheduler,
+    shape: Sequence[int] | None = None,
+    *,
+    noise: Tensor | None = None,
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    variance: str = "fixed_small",
+    y: Tensor | None = None,
+    guidance_scale: float = 1.0,
+    null_class: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+) -> Tensor:
+    """Draw images by running `sampler` for `steps` steps from x_T to x0.
+
+    model: any callable `model(x, t, y)` returning the prediction `scheduler.prediction_type` names, with x
+        (N, C, H, W), t an (N,) long tensor on x's device and y (N,) long labels or None. An nn.Module whose
+        parameters are half precision gets x in that dtype; its output is cast back.
+    shape: (N, C, H, W) of x_T drawn from `generator`, or `noise`: x_T itself; exactly one of the two.
+        Drawn noise is float32 on the generator's device (so a CPU generator gives the same images on any
+        device), then moved to the model's device (the device of its first parameter; else the generator's).
+    sampler: a key of SAMPLERS. steps: network calls (without guidance), 1..num_train_timesteps, spaced by
+        `scheduler.timestep_spacing` as diffusers' scheduler of the same sampler spaces them.
+    eta: DDIM stochasticity in [0, 1] (Song et al. 2021, Eq. 16); only the "ddim" sampler takes a nonzero eta.
+    variance: "fixed_small" (posterior variance beta-tilde) or "fixed_large" (beta); only the "ddpm" sampler
+        takes another than "fixed_small". sampler, steps, eta, variance and guidance_scale are checked by
+        `check_sample_options`; the solver gets those of eta, variance and generator it declares.
+    y: (N,) class labels or None; with a `model.num_classes` (not None) they, and the null label, must lie in
+        [0, num_classes] (checked once here, not at every network call). guidance_scale: classifier-free
+        guidance weight s >= 0 (Ho & Salimans 2022); with s != 1 each step makes one batched call on [x, x]
+        with labels [y, null] and uses uncond + s * (cond - uncond). The null label is `null_class`, else
+        `model.null_class`.
+    Returns x0, (N, C, H, W), float32 (float64 when `noise` is float64).
+    """
+    check_sample_options(
+        sampler=sampler,
+        steps=steps,
+        eta=eta,
+        guidance_scale=guidance_scale,
+        variance=variance,
+        num_train_timesteps=scheduler.num_train_timesteps,
+    )
+    # DPM-Solver++ ends with a first-order step to alpha_bar = 1 and needs no network call at t = 0: it takes
+    # diffusers' DPMSolverMultistepScheduler grid. DDPM and DDIM keep DDPMScheduler's and DDIMScheduler's.
+    timesteps = scheduler.inference_timesteps(steps, drop_last=sampler == "dpm++")
+    x = _initial_noise(model, shape, noise, generator)
+    if guidance_scale != 1.0:
+        null_class = null_class if null_class is not None else getattr(model, "null_class", None)
+        if null_class is None:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs a null label: the model has no `null_class` "
+                "(or it is None); pass null_class=<label id> or use guidance_scale=1.0"
+            )
+    y = _check_labels(y, x, guidance_scale, null_class, getattr(model, "num_classes", None))
+    denoise = _denoiser(model, scheduler, y, guidance_scale, null_class, x.dtype)
+    solver = SAMPLERS[sampler]
+    given = {"eta": eta, "variance": variance, "generator": generator}
+    options = {name: given[name] for name in solver_options(solver)}
+    return solver(denoise, x, timesteps, scheduler, **options, disable=not progress)
+
+
+class SampleOptionError(ValueError):
+    """A sampling option outside its valid values: `option` is its keyword in `sample()` (e.g. "eta"),
+    `value` what was given and `expected` what is valid, all three in the message."""
+
+    def __init__(self, option: str, value, expected: str):
+        super().__init__(f"invalid {option}={value!r}: expected {expected}")
+        self.option, self.value, self.expected = option, value, expected
+
+
+def check_sample_options(
+    *,
+    sampler: str,
+    steps: int,
+    eta: float,
+    guidance_scale: float,
+    variance: str = "fixed_small",
+    num_train_timesteps: int | None = None,
+) -> None:
+    """The one check of the sampling settings, for `sample()`, a config's `sample:` section and the CLI.
+
+    sampler: a key of SAMPLERS. steps: an integer in 1..num_train_timesteps (>= 1 when that is None).
+    eta: a number in [0, 1] (Song et al. 2021, Eq. 16), nonzero only for sampler "ddim". guidance_scale: a
+    finite number >= 0 (Ho & Salimans 2022; 1 is the conditional model alone). variance: one of VARIANCES,
+    other than "fixed_small" only for sampler "ddpm". eta and variance are refused away from their defaults
+    with a sampler whose solver does not take them, rather than ignored. Raises SampleOptionError (a
+    ValueError) naming the first option out of range and its valid values.
+    """
+    if sampler not in SAMPLERS:
+        raise SampleOptionError("sampler", sampler, f"one of {', '.join(SAMPLERS)}")
+    top = num_train_timesteps if num_train_timesteps is not None else math.inf
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= top:
+        valid = f"in 1..num_train_timesteps={top}" if num_train_timesteps is not None else ">= 1"
+        raise SampleOptionError("steps", steps, f"an integer {valid}")
+    if not _is_real(eta) or not 0 <= eta <= 1:
+        raise SampleOptionError("eta", eta, "a number in [0, 1] (DDIM stochasticity)")
+    _refuse_if_unused("eta", eta, 0, sampler)
+    if not _is_real(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise SampleOptionError("guidance_scale", guidance_scale, "a finite number >= 0 (1: no guidance)")
+    if variance not in VARIANCES:
+        raise SampleOptionError("variance", variance, f"one of {', '.join(VARIANCES)}")
+    _refuse_if_unused("variance", variance, "fixed_small", sampler)
+
+
+@functools.cache
+def solver_options(solver: Callable[..., Tensor]) -> tuple[str, ...]:
+    """The options of `sample()` that `solver` takes: its keyword-only parameters other than `disable`,
+    read from its signature once."""
+    parameters = inspect.signature(solver).parameters.values()
+    return tuple(p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.name != "disable")
+
+
+def _refuse_if_unused(option: str, value, default, sampler: str) -> None:
+    """SampleOptionError for `option` away from its `default` with a sampler whose solver ignores it."""
+    if value != default and option not in solver_options(SAMPLERS[sampler]):
+        users = ", ".join(repr(name) for name, solver in SAMPLERS.items() if option in solver_options(solver))
+        raise SampleOptionError(
+            option, value, f"{default!r} with sampler {sampler!r} ({option} applies only to sampler {users})"
+        )
+
+
+def _denoiser(
+    model: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    scheduler: NoiseScheduler,
+    y: Tensor | None,
+    guidance_scale: float,
+    null_class: int | None,
+    dtype: torch.dtype,
+) -> Denoiser:
+    """denoise(x_t, t) -> (x0, eps) in x_t's dtype: the model call, with classifier-free guidance when
+    guidance_scale != 1, then the scheduler's conversion of its prediction. The model gets x_t in the dtype of
+    its first parameter when that is floating point, else in `dtype` (x_T's)."""
+    param = _first_parameter(model)
+    model_dtype = param.dtype if param is not None and param.is_floating_point() else dtype
+
+    def denoise(x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        t_batch = t.to(x_t.device).repeat(x_t.shape[0])  # (N,) long
+        if guidance_scale == 1.0:
+            out = model(x_t.to(model_dtype), t_batch, y)
+        else:  # one batched call: first half conditional, second half with the null label
+            null = torch.full_like(y, null_class)
+            x_in = x_t.to(model_dtype)
+            both = model(torch.cat([x_in, x_in]), torch.cat([t_batch, t_batch]), torch.cat([y, null]))
+            cond, uncond = both.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
+        return scheduler.predict_x0_and_eps(out.to(x_t.dtype), x_t, t_batch)
+
+    return denoise
+
+
+def _initial_noise(model, shape, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
+    """x_T: `noise` (as float32 at least) or standard normal of `shape`; exactly one must be given."""
+    if (shape is None) == (noise is None):
+        raise ValueError("pass exactly one of shape=(N, C, H, W) and noise=<x_T tensor>")
+    if noise is not None:
+        return noise.to(torch.promote_types(noise.dtype, torch.float32))
+    param = _first_parameter(model)
+    device = param.device if param is not None else generator.device if generator is not None else "cpu"
+    return gaussian_noise(shape, torch.float32, torch.device(device), generator)
+
+
+def _check_labels(
+    y, x: Tensor, guidance_scale: float, null_class: int | None, num_classes: int | None
+) -> Tensor | None:
+    """y as an (N,) long tensor on x's device, or None; guidance needs labels. With num_classes, y and the
+    null label must lie in [0, num_classes]: one host sync per sample() call, none per network call."""
+    if y is None:
+        if guidance_scale != 1.0:
+            raise ValueError(f"guidance_scale={guidance_scale} needs class labels y; pass y or use 1.0")
+        return None
+    y = torch.as_tensor(y, device=x.device).long()
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"y must have shape ({x.shape[0]},), one label per image, got {tuple(y.shape)}")
+    if num_classes is not None:
+        labels = y if guidance_scale == 1.0 else torch.cat([y, y.new_tensor([null_class])])
+        outside = (labels < 0) | (labels > num_classes)
+        if bool(outside.any()):
+            raise ValueError(
+                f"labels must lie in [0, num_classes] = [0, {num_classes}] ({num_classes}: the null label), "
+                f"got {labels[outside].unique().tolist()} (in y or null_class)"
+            )
+    return y
+
+
+def _is_real(value) -> bool:
+    """A real number (Python or numpy scalar), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _first_parameter(model) -> Tensor | None:
+    """The first parameter of an nn.Module (its dtype and device stand for the model's); None otherwise."""
+    return next(model.parameters(), None) if isinstance(model, nn.Module) else None
