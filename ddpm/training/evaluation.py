@@ -68,7 +68,7 @@ class Evaluation:
                 scheduler,
                 self.fid_reference,
                 train.fid_n,
-                sample=self.config.sample,
+                sampling=self.config.sample,
                 weights=train.fid_weights,
                 seed=train.seed,
                 progress=False,
