@@ -151,7 +151,8 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
 
     `model` is the UNet's whole config (every constructor argument, as `UNet.config`); by default
     config.model over UNet's defaults. Only what is known without loading the data is checked here; the
-    Trainer adds what the data set itself says (its number of classes).
+    Trainer adds what the data set itself says (its number of classes). What one section's own values cannot
+    be is its constructor's to say (`construct`): the image side's divisibility by 2^(levels-1), for one.
     """
     model_keys = config.model if model is None else model
     model = {**_defaults(UNet), **config.model} if model is None else model

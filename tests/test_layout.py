@@ -20,8 +20,8 @@ ABOVE_NETWORK = ("ddpm.io", "ddpm.inference", "ddpm.training", "ddpm.interop")
 
 @pytest.mark.xfail(
     strict=True,
-    reason="UNet.from_diffusers imports ddpm.interop.diffusers, which imports unet: helper B is moving it out "
-    "of unet.py; remove this mark once that branch is merged",
+    reason="UNet.from_diffusers imports ddpm.interop.diffusers, which imports unet: helper B is moving it "
+    "out of unet.py; remove this mark once that branch is merged",
 )
 def test_no_import_cycle():
     found = cycles(GRAPH)
