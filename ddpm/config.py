@@ -1,11 +1,12 @@
 """Run configuration: one YAML file with the sections model, diffusion, data, train, sample and output_dir.
 
 `model` holds the `UNet` constructor's keyword arguments and `diffusion` the `NoiseScheduler`'s, passed as
-given (a missing key takes the constructor's default); only their names are checked here, the constructors
-check the values. `data`, `train` and `sample` are dataclasses below: a missing key takes the default written
-there, and every value is checked for its type and range when the file is read, so that a typo stops the run
-before it starts rather than after an hour. Settings of different sections that cannot work together
-(`conflicts`) are then reported all at once, in one error. `model.image_size`, when left out, is
+given (a missing key takes the constructor's default); their values are checked by building both when the
+file is read, on the meta device (no memory, no time), so that each check exists once, in its constructor.
+`data`, `train` and `sample` are dataclasses below: a missing key takes the default written there, and every
+value is checked for its type and range when the file is read, so that a typo stops the run before it starts
+rather than after an hour. What the constructors refuse and the settings of different sections that cannot
+work together (`conflicts`) are then reported all at once, in one error. `model.image_size`, when left out, is
 `data.image_size`: one value decides the image size. Overrides are dotted `key=value` strings read as YAML
 scalars: `train.steps=200 data.batch_size=32 model.channel_mult=[1,2] output_dir=runs/try`.
 """
@@ -18,14 +19,21 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import torch
 import yaml
 
 from ddpm.io import atomic_write
+from ddpm.models.unet import UNet
+from ddpm.samplers import SampleOptionError, check_sample_options
+from ddpm.schedule import LOSS_WEIGHTINGS, NoiseScheduler
 
 # The default job of train.py and sample.py without --config or --checkpoint (the source tree's configs/).
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+# The values of data.dataset: ddpm.data keys its builders by these names.
+DATASETS = ("digits", "folder", "cifar10", "mnist", "fashion_mnist", "celeba")
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -34,7 +42,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"  # digits | folder | cifar10 | mnist | fashion_mnist | celeba
+    dataset: str = "digits"  # one of DATASETS: digits | folder | cifar10 | mnist | fashion_mnist | celeba
     root: str | None = None  # folder of images, or torchvision root (required for all but digits)
     image_size: int = 16  # square side in pixels after resize (+ centre crop for folders/celeba)
     channels: int = 1  # 1 or 3: images converted to L or RGB
@@ -143,10 +151,11 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
 
     `model` is the UNet's whole config (every constructor argument, as `UNet.config`); by default
     config.model over UNet's defaults. Only what is known without loading the data is checked here; the
-    Trainer adds what the data set itself says (its number of classes).
+    Trainer adds what the data set itself says (its number of classes). What one section's own values cannot
+    be is its constructor's to say (`construct`): the image side's divisibility by 2^(levels-1), for one.
     """
     model_keys = config.model if model is None else model
-    model = {**_defaults(_constructor("model")), **config.model} if model is None else model
+    model = {**_defaults(UNet), **config.model} if model is None else model
     data, sample = config.data, config.sample
 
     def key(name: str) -> str:
@@ -166,13 +175,6 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
             "is the side the model samples at and that attention_resolutions refer to; left out, it is "
             "data.image_size)"
         )
-    levels = len(model["channel_mult"]) if isinstance(model["channel_mult"], list | tuple) else 1
-    factor = 2 ** (levels - 1)  # a channel_mult of the wrong type is left to UNet's own error
-    if data.image_size % factor:
-        problems.append(
-            f"data.image_size={data.image_size} is not divisible by {factor} (2^(levels-1) for "
-            f"{key('channel_mult')}): use a multiple of {factor} or fewer levels"
-        )
     if model["num_classes"] is not None and not data.labels:
         problems.append(
             f"{key('num_classes')} but data.labels=false: set model.num_classes=null or data.labels=true"
@@ -185,6 +187,25 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
     return problems
 
 
+def construct(
+    cls: type[T], section: str, kwargs: Mapping[str, Any], aliases: Mapping[str, str] | None = None
+) -> T:
+    """`cls(**kwargs)` for a config's `section` (model: UNet, diffusion: NoiseScheduler); a value the
+    constructor refuses (its ValueError or TypeError) is a ConfigError naming the keys its message mentions.
+
+    `aliases` maps a key to the one that set it, where that is another (model.image_size, left out, is
+    data.image_size), so that the error names the key to change.
+    """
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as error:
+        keys = [f"{section}.{key}" for key in kwargs if re.search(rf"\b{key}\b", str(error))]
+        keys = [(aliases or {}).get(key, key) for key in keys]
+        raise ConfigError(
+            f"{', '.join(keys) or section}: {error} (the {section} section holds {cls.__name__}'s arguments)"
+        ) from None
+
+
 def raise_problems(problems: Sequence[str]) -> None:
     """Raise one ConfigError, on one line, listing every problem (none: return)."""
     if len(problems) == 1:
@@ -195,13 +216,17 @@ def raise_problems(problems: Sequence[str]) -> None:
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "sample": SampleConfig}
+# The class each of the sections model and diffusion is passed to, as keyword arguments.
+CONSTRUCTORS: dict[str, type] = {"model": UNet, "diffusion": NoiseScheduler}
 TOP_LEVEL_KEYS = ("model", "diffusion", "data", "train", "sample", "output_dir")
 
-# Values accepted by the options whose names no other module owns.
+# Values accepted by the options that take one of a list (read from the module that owns it where one does).
 _CHOICES: dict[str, tuple] = {
+    "data.dataset": DATASETS,
     "data.channels": (1, 3),
     "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "train.nan_policy": ("stop", "skip"),
+    "train.loss_weighting": LOSS_WEIGHTINGS,
 }
 
 # Ranges, checked after the types: key -> (predicate, what is expected).
@@ -273,19 +298,21 @@ def _build(raw: Mapping[str, Any], where: Callable[[str], str]) -> Config:
     if not isinstance(output_dir, str) or not output_dir:
         raise ConfigError(_invalid("output_dir", output_dir, where, "a non-empty string (a directory path)"))
 
-    for name in ("model", "diffusion"):
+    for name, constructor in CONSTRUCTORS.items():
         if sections[name]:
-            constructor = _constructor(name)
             _check_names(
                 name, sections[name], _keyword_arguments(constructor), where, f" ({constructor.__name__})"
             )
     built = {name: _build_section(name, sections[name], where) for name in SECTIONS}
     _check_sample(built["sample"], sections["diffusion"], where)
     model, data = sections["model"], built["data"]
-    if model:
-        model.setdefault("image_size", data.image_size)  # one value decides: the side of the data
+    aliases = {}
+    if model and "image_size" not in model:  # one value decides: the side of the data
+        model["image_size"] = data.image_size
+        aliases["model.image_size"] = "data.image_size"
     config = Config(model=model, diffusion=sections["diffusion"], output_dir=output_dir, **built)
-    problems = conflicts(config) if model else []  # no model section: a file for the data alone
+    problems = _refused(sections, aliases)
+    problems += conflicts(config) if model else []  # no model section: a file for the data alone
     if data.dataset != "digits" and data.root is None:
         problems.append(
             f"data.root is required for data.dataset '{data.dataset}' (in {where('data.dataset')}): "
@@ -306,7 +333,7 @@ def _build_section(section: str, values: dict[str, Any], where: Callable[[str], 
         has_type, type_name = _TYPES[types[name]]
         if not has_type(value):
             raise ConfigError(_invalid(key, value, where, type_name))
-        choices = _choices(key)
+        choices = _CHOICES.get(key)
         if choices is not None and value not in choices:
             raise ConfigError(_invalid(key, value, where, f"one of {', '.join(map(str, choices))}"))
         if key in _RANGES and not _RANGES[key][0](value):  # before the conversion: errors show the input
@@ -321,9 +348,6 @@ def _build_section(section: str, values: dict[str, Any], where: Callable[[str], 
 
 def _check_sample(sample: SampleConfig, diffusion: Mapping[str, Any], where: Callable[[str], str]) -> None:
     """The sampling settings, by the check `ddpm.sample` itself makes (steps up to the diffusion's T)."""
-    from ddpm.samplers import SampleOptionError, check_sample_options
-    from ddpm.schedule import NoiseScheduler
-
     T = diffusion.get("num_train_timesteps", _defaults(NoiseScheduler)["num_train_timesteps"])
     options = {k: getattr(sample, k) for k in ("sampler", "steps", "eta", "guidance_scale")}
     try:  # a T of the wrong type is NoiseScheduler's to report
@@ -333,17 +357,20 @@ def _check_sample(sample: SampleConfig, diffusion: Mapping[str, Any], where: Cal
         raise ConfigError(_invalid(key, error.value, where, error.expected)) from None
 
 
-def _choices(key: str) -> tuple | None:
-    """Valid values of `key`, read from the registry that owns them where there is one."""
-    if key == "data.dataset":
-        from ddpm.data import DATASETS
+def _refused(sections: Mapping[str, dict[str, Any]], aliases: Mapping[str, str]) -> list[str]:
+    """What UNet and NoiseScheduler refuse of the model and diffusion sections given, each as a problem.
 
-        return tuple(DATASETS)
-    if key == "train.loss_weighting":
-        from ddpm.schedule import LOSS_WEIGHTINGS
-
-        return LOSS_WEIGHTINGS
-    return _CHOICES.get(key)
+    Both are built on the meta device: their checks run without allocating or initialising any weights.
+    """
+    problems = []
+    with torch.device("meta"):
+        for name, constructor in CONSTRUCTORS.items():
+            if sections[name]:
+                try:
+                    construct(constructor, name, sections[name], aliases)
+                except ConfigError as error:
+                    problems.append(str(error))
+    return problems
 
 
 def _check_names(
@@ -355,17 +382,6 @@ def _check_names(
             raise ConfigError(
                 f"unknown key '{key}' in {where(key)}; valid keys of {section}{note}: {', '.join(valid)}"
             )
-
-
-def _constructor(section: str) -> type:
-    """The class a model/diffusion section is passed to (imported here: those modules import torch)."""
-    if section == "model":
-        from ddpm.models.unet import UNet
-
-        return UNet
-    from ddpm.schedule import NoiseScheduler
-
-    return NoiseScheduler
 
 
 def _defaults(constructor: type) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Subset, get_worker_info
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from ddpm.config import DataConfig
+from ddpm.config import DATASETS, DataConfig
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 
@@ -30,10 +30,10 @@ class DataError(ValueError):
 
 
 def build_dataset(data: DataConfig) -> Dataset:
-    """The training set described by `data` (see DATASETS for the names)."""
-    if data.dataset not in DATASETS:
+    """The training set described by `data` (data.dataset: one of ddpm.config.DATASETS)."""
+    if data.dataset not in BUILDERS:
         raise DataError(f"unknown dataset '{data.dataset}'; valid: {', '.join(DATASETS)}")
-    return DATASETS[data.dataset](data)
+    return BUILDERS[data.dataset](data)
 
 
 def num_classes_of(dataset: Dataset) -> int | None:
@@ -285,7 +285,8 @@ def _warn(message: str) -> None:
         print(f"\nwarning: {message}", file=sys.stderr, flush=True)
 
 
-DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
+# The builder of each name in ddpm.config.DATASETS (the values config accepts for data.dataset).
+BUILDERS: dict[str, Callable[[DataConfig], Dataset]] = {
     "digits": _digits,
     "folder": _folder,
     "cifar10": _cifar10,

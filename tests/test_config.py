@@ -1,3 +1,4 @@
+import functools
 import importlib.util
 import os
 import re
@@ -11,14 +12,19 @@ import torch
 import yaml
 
 from ddpm.config import (
+    DATASETS,
     Config,
     ConfigError,
     DataConfig,
     SampleConfig,
     TrainConfig,
+    construct,
     load_config,
     save_config,
 )
+from ddpm.data import BUILDERS, DataError, build_dataset
+from ddpm.models.unet import UNet
+from ddpm.schedule import NoiseScheduler
 
 DIGITS_YAML = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
 FOLDER_YAML = DIGITS_YAML.with_name("folder.yaml")
@@ -231,7 +237,10 @@ def test_to_dict_from_dict_round_trip(tmp_path):
 
 def test_save_load_round_trip(tmp_path):
     requires("ddpm.models.unet", "ddpm.schedule", "ddpm.samplers")
-    config = load_config(DIGITS_YAML, ["train.lr=1e-5", "data.hflip=true", "model.channel_mult=[1,2]"])
+    config = load_config(
+        DIGITS_YAML,
+        ["train.lr=1e-5", "data.hflip=true", "model.channel_mult=[1,2]", "model.attention_resolutions=[8]"],
+    )
     path = tmp_path / "run" / "config.yaml"
     save_config(config, path)
     assert load_config(path) == config
@@ -253,7 +262,10 @@ def test_image_size_mismatch_is_refused_naming_both_keys():
 
 
 def test_model_image_size_is_taken_from_data_when_absent(tmp_path):
-    text = "model:\n  in_channels: 1\n  out_channels: 1\n  channel_mult: [1, 2]\ndata:\n  image_size: 8\n"
+    model = (
+        "model:\n  in_channels: 1\n  out_channels: 1\n  channel_mult: [1, 2]\n  attention_resolutions: []\n"
+    )
+    text = model + "data:\n  image_size: 8\n"
     config = load_config(write(tmp_path, text))
     assert config.model["image_size"] == 8
     assert load_config(write(tmp_path, text), ["data.image_size=12"]).model["image_size"] == 12
@@ -263,15 +275,15 @@ def test_model_image_size_is_taken_from_data_when_absent(tmp_path):
 def test_every_conflict_is_reported_at_once():
     overrides = ["data.channels=3", "data.image_size=10", "data.labels=false", "data.dataset=folder"]
     with pytest.raises(ConfigError) as error:
-        load_config(DIGITS_YAML, [*overrides, "sample.guidance_scale=2"])
+        load_config(DIGITS_YAML, [*overrides, "sample.guidance_scale=2", "diffusion.clip_sample_range=0"])
     message = str(error.value)
     assert "\n" not in message
     for pattern in [
         r"^6 problems in the config: ",
+        r"diffusion\.clip_sample_range: clip_sample_range must be > 0, got 0 \(the diffusion section holds ",
         r"model\.in_channels=1 but data\.channels=3: set model\.in_channels=3",
         r"model\.out_channels=1 but data\.channels=3: set model\.out_channels=3",
         r"model\.image_size=16 but data\.image_size=10: make them equal",
-        r"data\.image_size=10 is not divisible by 4 \(2\^\(levels-1\) for model\.channel_mult=\[1, 2, 2\]\)",
         r"model\.num_classes=10 but data\.labels=false: set model\.num_classes=null or data\.labels=true",
         r"data\.root is required for data\.dataset 'folder'",
     ]:
@@ -280,6 +292,86 @@ def test_every_conflict_is_reported_at_once():
         ConfigError, match=r"sample\.guidance_scale=2\.0 needs a class-conditional model: set sample\."
     ):
         load_config(DIGITS_YAML, ["model.num_classes=null", "data.labels=false", "sample.guidance_scale=2"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        (
+            ["model.norm_groups=7"],
+            r"model\.norm_groups: channel counts \[32, 64\] \(base_channels \* channel_mult\) are not "
+            r"divisible by norm_groups=7 \(the model section holds UNet's arguments\)$",
+        ),
+        (["model.channel_mult=3"], r"^model: 'int' object is not iterable \(the model section holds UNet's"),
+        (
+            ["diffusion.beta_schedule=linear", "diffusion.beta_end=2"],
+            r"^diffusion\.beta_end: beta_start and beta_end must satisfy 0 < beta_start <= beta_end < 1, got "
+            r"beta_start=0\.0001, beta_end=2 \(the diffusion section holds NoiseScheduler's arguments\)$",
+        ),
+        (
+            ["model.image_size=10", "data.image_size=10"],
+            r"^model\.channel_mult, model\.image_size: image_size=10 must be divisible by "
+            r"2\*\*\(levels - 1\) = 4, for channel_mult=\[1, 2, 2\]: use another image_size or fewer levels",
+        ),
+    ],
+    ids=lambda x: " ".join(x) if isinstance(x, list) else None,
+)
+def test_what_the_constructors_refuse_is_refused_when_the_config_is_read(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern) as error:
+        load_config(DIGITS_YAML, overrides)
+    assert "\n" not in str(error.value)
+
+
+def test_an_image_size_taken_from_data_is_named_as_data_image_size(tmp_path):
+    model = (
+        "model:\n  in_channels: 1\n  out_channels: 1\n  channel_mult: [1, 2, 2]\n  attention_resolutions: []"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^model\.channel_mult, data\.image_size: image_size=10 must be divisible by "
+        r"2\*\*\(levels - 1\) = 4, for channel_mult=\[1, 2, 2\]: use another image_size or fewer levels "
+        r"\(the model section holds UNet's arguments\)$",
+    ):
+        load_config(write(tmp_path, model + "\ndata:\n  image_size: 10\n"))
+
+
+def test_a_diffusion_section_alone_is_checked_by_its_constructor():
+    with pytest.raises(ConfigError, match=r"^diffusion\.prediction_type: .*'x0'"):
+        Config.from_dict({"diffusion": {"prediction_type": "x0"}})
+
+
+def test_the_constructors_run_on_the_meta_device(monkeypatch):
+    devices = []
+    build = UNet.__init__
+
+    @functools.wraps(build)  # keeps the signature: config reads the valid keys and defaults from it
+    def spy(self, **kwargs):
+        build(self, **kwargs)
+        devices.append(self.conv_in.weight.device)
+
+    monkeypatch.setattr(UNet, "__init__", spy)
+    load_config(DIGITS_YAML)
+    assert devices == [torch.device("meta")]
+
+
+def test_construct_names_the_keys_of_the_error_and_their_aliases():
+    assert isinstance(construct(NoiseScheduler, "diffusion", {"beta_schedule": "cosine"}), NoiseScheduler)
+    with pytest.raises(
+        ConfigError, match=r"^diffusion\.beta_schedule: unknown beta_schedule 'cosin'; valid: "
+    ):
+        construct(NoiseScheduler, "diffusion", {"beta_schedule": "cosin"})
+    kwargs = {"image_size": 7, "channel_mult": [1, 2]}
+    with pytest.raises(ConfigError, match=r"^data\.image_size, model\.channel_mult: image_size=7 must be "):
+        construct(UNet, "model", kwargs, aliases={"model.image_size": "data.image_size"})
+
+
+def test_the_data_sets_are_the_ones_config_accepts():
+    assert tuple(BUILDERS) == DATASETS
+    with pytest.raises(
+        DataError,
+        match=r"^unknown dataset 'cifar100'; valid: digits, folder, cifar10, mnist, fashion_mnist, celeba$",
+    ):
+        build_dataset(DataConfig(dataset="cifar100"))
 
 
 def test_unet_defaults_count_for_an_absent_model_key():

@@ -84,7 +84,6 @@ class UNet(nn.Module):
         self.null_class = num_classes
         self.time_conditioning = time_conditioning
         self.gradient_checkpointing = gradient_checkpointing
-        self.size_multiple = 2 ** (levels - 1)
 
         emb_channels = 4 * base_channels if time_conditioning else None
         self.time_embedding = (
@@ -201,11 +200,8 @@ class UNet(nn.Module):
             raise ValueError(
                 f"x must have in_channels={self.in_channels} channels, got {c} (shape {tuple(x.shape)})"
             )
-        if height % self.size_multiple or width % self.size_multiple:
-            raise ValueError(
-                f"height and width must be divisible by 2**(levels - 1) = {self.size_multiple}, "
-                f"got {height}x{width}; resize or pad the input"
-            )
+        fix = f"got {height}x{width}; resize or pad the input"
+        _check_divisible("height and width", (height, width), len(self.down_blocks), fix)
         if not self.time_conditioning:
             if t is not None:
                 raise ValueError(
@@ -514,8 +510,8 @@ def _check_config(config: dict) -> None:
             f"channel counts {bad} (base_channels * channel_mult) are not divisible by norm_groups={groups}"
         )
     size, levels = config["image_size"], len(mult)
-    if size % 2 ** (levels - 1):
-        raise ValueError(f"image_size={size} must be divisible by 2**(levels - 1) = {2 ** (levels - 1)}")
+    fix = f"for channel_mult={mult}: use another image_size or fewer levels"
+    _check_divisible(f"image_size={size}", (size,), levels, fix)
     sizes = [size // 2**level for level in range(levels)]
     unmatched = [r for r in config["attention_resolutions"] if r not in sizes]
     if unmatched:
@@ -535,3 +531,12 @@ def _check_config(config: dict) -> None:
     if bad:
         what = f"head_channels={head_channels}" if head_channels is not None else f"num_heads={heads}"
         raise ValueError(f"attention channel counts {bad} are not divisible by {what}")
+
+
+def _check_divisible(what: str, sides: Sequence[int], levels: int, fix: str) -> None:
+    """Raises ValueError "`what` must be divisible by 2**(levels - 1) = m, `fix`" unless each of `sides`
+    (pixels) is: the down path halves the side levels - 1 times, and the up path must meet each skip at the
+    side it left it (the constructor checks image_size with it, forward the input's height and width)."""
+    multiple = 2 ** (levels - 1)
+    if any(side % multiple for side in sides):
+        raise ValueError(f"{what} must be divisible by 2**(levels - 1) = {multiple}, {fix}")
