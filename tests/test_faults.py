@@ -520,8 +520,8 @@ def test_a_damaged_or_foreign_checkpoint_is_a_one_line_error(
         ),
         (["model.image_size=7"], r"model\.image_size=7 but data\.image_size=8: make them equal"),
         (
-            ["data.image_size=12", "model.channel_mult=[1,1,2,2]"],
-            r"data\.image_size=12 is not divisible by 8",
+            ["data.image_size=12", "model.image_size=12", "model.channel_mult=[1,1,2,2]"],
+            r"model\.image_size: image_size=12 must be divisible by 2\*\*\(levels - 1\) = 8",
         ),
         (["data.dataset=folder", "data.root=EMPTY"], r"no images found under data\.root '\S+'"),
         (["data.dataset=folder", "data.root=MISSING"], r"data\.root '\S+' is not a folder"),

@@ -221,8 +221,14 @@ def test_incompatible_data_and_model_stop_before_training(tmp_path):
                 tmp_path / "run", "model.num_classes=null", "data.labels=false", "sample.guidance_scale=2"
             )
         )
-    with pytest.raises(ConfigError, match="data.image_size=12 is not divisible by 8"):
-        Trainer(tiny_config(tmp_path / "run", "data.image_size=12", "model.channel_mult=[1,1,2,2]"))
+    with pytest.raises(
+        ConfigError, match=r"model\.image_size: image_size=12 must be divisible by 2\*\*\(levels - 1\) = 8"
+    ):
+        Trainer(
+            tiny_config(
+                tmp_path / "run", "data.image_size=12", "model.image_size=12", "model.channel_mult=[1,1,2,2]"
+            )
+        )
 
 
 def run_script(*args: str, cwd: Path, launcher: list[str] | None = None) -> subprocess.CompletedProcess:

@@ -12,14 +12,13 @@ NaN and inf losses (`.nan_policy`), and sample grids and FID (`.evaluation`).
 
 from __future__ import annotations
 
-import re
 import signal
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 
-from ddpm.config import Config, ConfigError, TrainConfig, conflicts, raise_problems, save_config
+from ddpm.config import Config, ConfigError, TrainConfig, conflicts, construct, raise_problems, save_config
 from ddpm.data import build_dataset, num_classes_of
 from ddpm.ema import EMA
 from ddpm.losses import diffusion_loss, drop_labels
@@ -58,8 +57,8 @@ class Trainer:
         # noise on each; the seedable sampler shares one data permutation that Accelerate then shards.
         set_seed(train.seed)
         self.dataset = build_dataset(config.data)
-        self.scheduler = _construct(NoiseScheduler, "diffusion", config.diffusion)
-        model = _construct(UNet, "model", config.model)
+        self.scheduler = construct(NoiseScheduler, "diffusion", config.diffusion)
+        model = construct(UNet, "model", config.model)
         _check_compatible(model, self.dataset, config)
         if train.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -279,17 +278,6 @@ def _loader(dataset, config: Config, num_processes: int) -> torch.utils.data.Dat
         # RNG (that would shift the noise after a resume, which creates the iterator at another moment).
         generator=torch.Generator().manual_seed(config.train.seed),
     )
-
-
-def _construct(cls: type, section: str, kwargs: dict):
-    """`cls(**kwargs)` for a config section, with a bad value reported as a ConfigError naming the key."""
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as error:
-        keys = [f"{section}.{key}" for key in kwargs if re.search(rf"\b{key}\b", str(error))]
-        raise ConfigError(
-            f"{', '.join(keys) or section}: {error} (the {section} section holds {cls.__name__}'s arguments)"
-        ) from None
 
 
 def _check_compatible(model: UNet, dataset, config: Config) -> None:
