@@ -14,7 +14,7 @@ import sys
 from typing import NoReturn
 
 from ddpm.config import DEFAULT_CONFIG
-from ddpm.inference import sample_checkpoint
+from ddpm.inference import grid_from_checkpoint
 from ddpm.io import CheckpointError
 from ddpm.samplers import SAMPLERS
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     try:
-        grid = sample_checkpoint(
+        grid = grid_from_checkpoint(
             args.checkpoint,
             args.n,
             default_config=DEFAULT_CONFIG,

@@ -65,6 +65,7 @@ from ddpm import Config, NoiseScheduler, build_dataset, load_config, num_classes
 from ddpm.fid import frechet_distance
 from ddpm.fid import statistics as gaussian_statistics
 from ddpm.inference import generate, load_for_sampling
+from ddpm.interop.diffusers import diffusers_scheduler_config
 from ddpm.training.trainer import Trainer
 
 RUNS = {
@@ -266,8 +267,8 @@ def train(name: str, config: Config) -> tuple[nn.Module, NoiseScheduler, float]:
     checkpoint = trainer.train()
     seconds = time.perf_counter() - start
     AcceleratorState._reset_state(reset_partial_state=True)  # the next Trainer builds its own
-    model, scheduler, _ = load_for_sampling(checkpoint, use_ema=True)
-    return model, scheduler, seconds
+    loaded = load_for_sampling(checkpoint, use_ema=True)
+    return loaded.model, loaded.scheduler, seconds
 
 
 @torch.no_grad()
@@ -311,7 +312,7 @@ class DiffusersRun:
         self.device = torch.device(common.default_device())
         torch.manual_seed(train.seed)
         self.unet = UNet2DModel(**common.diffusers_unet_kwargs(config.model)).to(self.device).train()
-        self.noise_scheduler = DDPMScheduler(**NoiseScheduler(**config.diffusion).diffusers_config())
+        self.noise_scheduler = DDPMScheduler(**diffusers_scheduler_config(NoiseScheduler(**config.diffusion)))
         common.check_same_schedule(NoiseScheduler(**config.diffusion), self.noise_scheduler)
         self.optimizer = torch.optim.AdamW(
             self.unet.parameters(), lr=train.lr, betas=train.adam_betas, weight_decay=train.weight_decay

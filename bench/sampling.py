@@ -33,6 +33,7 @@ from common import MODELS
 from diffusers import DDIMScheduler
 
 from ddpm import NoiseScheduler, load_config, sample
+from ddpm.interop.diffusers import diffusers_scheduler_config
 
 
 def main() -> None:
@@ -47,7 +48,7 @@ def main() -> None:
     # diffusers' own loop calls the UNet2DModel itself, which must then be compiled too.
     diffusers_unet = torch.compile(models["diffusers"].unet) if args.compile else models["diffusers"].unet
     scheduler = NoiseScheduler(**config.diffusion)
-    ddim = DDIMScheduler(**scheduler.diffusers_config())
+    ddim = DDIMScheduler(**diffusers_scheduler_config(scheduler))
     common.check_same_schedule(scheduler, ddim)
 
     x, t, y = (

@@ -51,10 +51,10 @@ def main() -> None:
             checkpoint = Trainer(config).train()
             seconds = time.perf_counter() - start
             AcceleratorState._reset_state(reset_partial_state=True)  # the next Trainer builds its own
-            model, scheduler, _ = load_for_sampling(checkpoint, use_ema=True)
+            loaded = load_for_sampling(checkpoint, use_ema=True)
             for guidance in args.guidance:
                 sample = dataclasses.replace(config.sample, guidance_scale=guidance)
-                score = scorer.score_model(model, scheduler, sample=sample, n=args.n_samples)
+                score = scorer.score_model(loaded.model, loaded.scheduler, sample=sample, n=args.n_samples)
                 rows.append(
                     [
                         name,

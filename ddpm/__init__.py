@@ -1,7 +1,15 @@
-"""ddpm: denoising diffusion models, trained and sampled on Accelerate."""
+"""ddpm: denoising diffusion models, trained and sampled on Accelerate.
+
+The public API: the network (`UNet`), the noise schedule (`NoiseScheduler`), the samplers (`sample`,
+`SAMPLERS`), model folders (`save_pretrained`, `load_pretrained`), sampling a trained model
+(`load_for_sampling`, `generate`), the config (`Config` and its sections, `load_config`, `save_config`) and
+the data sets (`build_dataset`). Training is `ddpm.training`, FID `ddpm.fid`, diffusers interop
+`ddpm.interop.diffusers`.
+"""
 
 from ddpm.config import Config, ConfigError, DataConfig, SampleConfig, TrainConfig, load_config, save_config
 from ddpm.data import build_dataset, num_classes_of
+from ddpm.inference import generate, load_for_sampling
 from ddpm.io import load_pretrained, save_pretrained
 from ddpm.models.unet import UNet
 from ddpm.samplers import SAMPLERS, sample
@@ -17,7 +25,9 @@ __all__ = [
     "TrainConfig",
     "UNet",
     "build_dataset",
+    "generate",
     "load_config",
+    "load_for_sampling",
     "load_pretrained",
     "num_classes_of",
     "sample",

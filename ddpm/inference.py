@@ -1,6 +1,8 @@
-"""Many images from a trained model: batching, per-sample seeds, class labels, and writing PNGs.
+"""Images from a trained model: finding and loading it with its schedule and sampling settings
+(`load_for_sampling`), drawing many images with per-image seeds and class labels (`generate`), and writing
+them as PNGs (`save_grid`, `save_images_to`).
 
-`generate` is what the trainer's sample grids call, `sample_checkpoint` what sample.py calls; `ddpm.sample`
+`generate` is what the trainer's sample grids call, `grid_from_checkpoint` what sample.py calls; `ddpm.sample`
 does the diffusion maths.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,14 +20,64 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from ddpm.config import SampleConfig, load_config
-from ddpm.interop.diffusers import diffusers_unet_folder
-from ddpm.io import EMA, CheckpointError, atomic_write, load_pretrained, one_line
+from ddpm.io import EMA, CheckpointError, atomic_write, load_model_folder, one_line
 from ddpm.models.unet import UNet
 from ddpm.run_dir import checkpoint_of, resolve_checkpoint, run_directory
 from ddpm.samplers import SampleOptionError, check_sample_options, sample
 from ddpm.schedule import NoiseScheduler
 
 _SAMPLER_NOISE = 1  # the SeedSequence purpose key of the samplers' noise streams
+
+
+class Loaded(NamedTuple):
+    """What sampling needs from a run, a checkpoint or a model folder, loaded together by `load_for_sampling`:
+    the network, its schedule and the run's sampling settings."""
+
+    model: UNet  # in eval mode, on the device asked for
+    scheduler: NoiseScheduler  # the schedule the weights were trained with, or the one `schedule` named
+    weights: str  # which weights: "ema", "raw" or "diffusers"
+    sampling: SampleConfig  # the run's `sample:` settings; SampleConfig() for a folder outside a run
+    folder: Path  # the checkpoint (also for its ema/) or the model folder the weights belong to
+    run_dir: Path | None  # the run directory holding the checkpoint; None for a folder outside a run
+
+
+def load_for_sampling(
+    path: str | Path,
+    *,
+    use_ema: bool = True,
+    schedule: str | Path | None = None,
+    device: torch.device | str = "cpu",
+) -> Loaded:
+    """Load what sampling needs from a run, a checkpoint (or its ema/ folder), a model folder, or a diffusers
+    UNet2DModel or pipeline folder: the network, its noise scheduler and the run's sampling settings.
+
+    A run directory means its latest checkpoint. A run or checkpoint gives its EMA weights unless `use_ema`
+    is False; a checkpoint's ema/ named directly gives the EMA weights (and refuses `use_ema=False`). The
+    schedule is the one saved with the weights (see `ddpm.load_pretrained`; a diffusers folder ignores
+    `use_ema`, as published EMA weights, such as google/ddpm-ema-church-256, are the only weights there), or
+    the file `schedule` names. A ddpm folder without a schedule is refused, never sampled with a guessed one.
+    Raises CheckpointError, naming the file and the fix, when something cannot be found or read.
+    """
+    folder = resolve_checkpoint(path)
+    checkpoint = checkpoint_of(folder)
+    if folder != checkpoint and not use_ema:
+        raise CheckpointError(
+            f"{folder} holds the EMA weights, but the raw ones were asked for (--raw); pass the checkpoint "
+            f"{checkpoint} for its raw weights, or drop --raw"
+        )
+    if use_ema and folder == checkpoint and (folder / EMA).is_dir():
+        folder = folder / EMA
+    try:
+        model, scheduler, from_diffusers = load_model_folder(folder, schedule=schedule, device=device)
+    except (OSError, ValueError, SafetensorError) as error:  # JSONDecodeError is a ValueError
+        raise CheckpointError(
+            f"cannot load the model in {checkpoint}: {one_line(error)}; it is incomplete, damaged or not a "
+            "ddpm checkpoint: pass another one with --checkpoint"
+        ) from None
+    weights = "diffusers" if from_diffusers else "raw" if folder == checkpoint else "ema"
+    run = run_directory(checkpoint)
+    sampling = load_config(run / "config.yaml").sample if run is not None else SampleConfig()
+    return Loaded(model, scheduler, weights, sampling, checkpoint, run)
 
 
 @torch.no_grad()
@@ -114,7 +167,7 @@ def save_images_to(images: torch.Tensor, folder: str | Path, *, start: int = 0) 
     return paths
 
 
-def sample_checkpoint(
+def grid_from_checkpoint(
     checkpoint: str | Path | None,
     n: int,
     *,
@@ -131,8 +184,8 @@ def sample_checkpoint(
     use_ema: bool = True,
     schedule: str | Path | None = None,
 ) -> Path:
-    """Sample `n` images from a run, a checkpoint (or its ema/), a model folder or a diffusers folder and
-    write a grid; returns the grid's path.
+    """Draw `n` images from a run, a checkpoint (or its ema/), a model folder or a diffusers folder and write
+    them as a grid; returns the grid's path. What sample.py does.
 
     `checkpoint` None means the run directory named by `default_config`'s output_dir. Sampler options left
     None come from the run's saved config (its `sample:` section), else from `SampleConfig`'s defaults; the
@@ -148,103 +201,48 @@ def sample_checkpoint(
         raise ValueError(f"--schedule {schedule}: no such file; name a noise_scheduler.json")
     if checkpoint is None:
         checkpoint = load_config(default_config).output_dir
-    folder = resolve_checkpoint(checkpoint)
-    defaults = sample_defaults(folder)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    loaded = load_for_sampling(checkpoint, use_ema=use_ema, schedule=schedule, device=device)
+    defaults = loaded.sampling
     sampler = sampler or defaults.sampler
     steps = defaults.steps if steps is None else steps
     if eta is None:
         eta = defaults.eta if sampler == "ddim" else 0.0  # the run's eta is a DDIM setting
     guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, scheduler, weights = load_for_sampling(folder, use_ema=use_ema, schedule=schedule, device=device)
     options = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale}
     try:
-        check_sample_options(**options, num_train_timesteps=scheduler.num_train_timesteps)
+        check_sample_options(**options, num_train_timesteps=loaded.scheduler.num_train_timesteps)
     except SampleOptionError as error:
         flag = "--" + error.option.replace("_", "-")
         raise ValueError(f"{flag} {error.value}: expected {error.expected}") from None
-    config = model.config
+    config = loaded.model.config
     shape = (config["in_channels"], config["image_size"], config["image_size"])
     autocast_dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
     with torch.autocast(device, dtype=autocast_dtype, enabled=device == "cuda"):
         images = generate(
-            model,
-            scheduler,
+            loaded.model,
+            loaded.scheduler,
             n,
             image_shape=shape,
-            sampler=sampler,
-            steps=steps,
-            eta=eta,
+            **options,  # the sampler settings just checked
             class_label=class_label,
-            guidance_scale=guidance_scale,
             seed=seed,
             batch_size=batch_size,
             device=device,
             progress=True,
         )
     if out is None:
-        run = run_directory(folder)
-        name = [checkpoint_of(folder).name, weights, f"{sampler}{steps}"]
+        name = [loaded.folder.name, loaded.weights, f"{sampler}{steps}"]
         name += [f"eta{eta:g}"] if eta else []
         name += [f"class{class_label}"] if class_label is not None else []
         name += [f"guidance{guidance_scale:g}"] if guidance_scale != 1 else []
         name += [f"seed{seed}", f"n{n}"]
+        run = loaded.run_dir
         out = (run / "samples" if run is not None else Path.cwd()) / f"sample-{'-'.join(name)}.png"
     out = save_grid(images, out)
     if save_images:
         save_images_to(images, out.with_suffix(""))
     return out
-
-
-def load_for_sampling(
-    path: str | Path,
-    *,
-    use_ema: bool = True,
-    schedule: str | Path | None = None,
-    device: torch.device | str = "cpu",
-) -> tuple[UNet, NoiseScheduler, str]:
-    """Load the network and noise scheduler that sampling needs from a run, a checkpoint (or its ema/ folder),
-    a model folder, or a diffusers UNet2DModel or pipeline folder.
-
-    Returns (model in eval mode on `device`, scheduler, a label naming the weights: "ema", "raw" or
-    "diffusers"). A run or checkpoint gives its EMA weights unless `use_ema` is False; a checkpoint's ema/
-    named directly gives the EMA weights (and refuses `use_ema=False`). The schedule is the one saved with
-    the weights (see `load_pretrained`; a diffusers folder ignores `use_ema`, as published EMA weights, such
-    as google/ddpm-ema-church-256, are the only weights there), or the file `schedule` names. A ddpm folder
-    without a schedule is refused, never sampled with a guessed one. Raises CheckpointError, naming the file
-    and the fix, when something cannot be read.
-    """
-    folder = resolve_checkpoint(path)
-    checkpoint = checkpoint_of(folder)
-    if folder != checkpoint and not use_ema:
-        raise CheckpointError(
-            f"{folder} holds the EMA weights, but the raw ones were asked for (--raw); pass the checkpoint "
-            f"{checkpoint} for its raw weights, or drop --raw"
-        )
-    if diffusers_unet_folder(folder) is not None:
-        weights, label = folder, "diffusers"
-    elif folder != checkpoint:
-        weights, label = folder, "ema"
-    elif use_ema and (folder / EMA).is_dir():
-        weights, label = folder / EMA, "ema"
-    else:
-        weights, label = folder, "raw"
-    try:
-        model, scheduler = load_pretrained(weights, schedule=schedule, device=device)
-    except (OSError, ValueError, SafetensorError) as error:  # JSONDecodeError is a ValueError
-        raise CheckpointError(
-            f"cannot load the model in {checkpoint}: {one_line(error)}; it is incomplete, damaged or not a "
-            "ddpm checkpoint: pass another one with --checkpoint"
-        ) from None
-    return model, scheduler, label
-
-
-def sample_defaults(folder: Path) -> SampleConfig:
-    """The `sample:` section of the run a checkpoint folder (or its ema/) belongs to; SampleConfig() for a
-    loose folder."""
-    run = run_directory(folder)
-    return load_config(run / "config.yaml").sample if run is not None else SampleConfig()
 
 
 def _check_options(**options: int) -> None:

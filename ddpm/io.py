@@ -2,13 +2,14 @@
 with) written and read whole.
 
 A model folder holds config.json and model.safetensors (the UNet: its constructor's keyword arguments and its
-weights) and noise_scheduler.json (NoiseScheduler's keyword arguments). `save_pretrained` writes one and
-`load_pretrained` reads one back, or a diffusers UNet2DModel or pipeline folder with the scheduler_config.json
-beside it.
+weights; `save_unet` and `load_unet`) and noise_scheduler.json (NoiseScheduler's keyword arguments).
+`save_pretrained` writes one and `load_pretrained` reads one back, or a diffusers UNet2DModel or pipeline
+folder with the scheduler_config.json beside it.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Iterator
@@ -16,11 +17,21 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from ddpm.interop.diffusers import diffusers_unet_folder
+from ddpm.interop.diffusers import (
+    diffusers_folder_scheduler,
+    diffusers_unet_folder,
+    scheduler_from_diffusers,
+    unet_from_diffusers,
+)
 from ddpm.models.unet import UNet
+from ddpm.models.weights import load_checked
 from ddpm.schedule import NoiseScheduler
+from ddpm.version import ddpm_version
 
+CONFIG_NAME = "config.json"  # the UNet's constructor keyword arguments (diffusers names its config the same)
+WEIGHTS_NAME = "model.safetensors"
 NOISE_SCHEDULER = "noise_scheduler.json"
 EMA = "ema"  # the model folder inside a checkpoint that holds its EMA weights
 
@@ -58,9 +69,9 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
 
 
 def save_pretrained(folder: str | Path, model: UNet, scheduler: NoiseScheduler) -> None:
-    """Write a model folder: config.json and model.safetensors (`UNet.save_pretrained`) and the noise schedule
-    the weights were trained with, noise_scheduler.json (`scheduler.config`). `load_pretrained` reads it."""
-    model.save_pretrained(folder)
+    """Write a model folder: config.json and model.safetensors (`save_unet`) and the noise schedule the
+    weights were trained with, noise_scheduler.json (`scheduler.config`). `load_pretrained` reads it."""
+    save_unet(folder, model)
     (Path(folder) / NOISE_SCHEDULER).write_text(json.dumps(scheduler.config, indent=2) + "\n")
 
 
@@ -77,14 +88,76 @@ def load_pretrained(
     schedule than the one the weights were trained with gives noise, so none is guessed) or a schedule file
     that cannot be read, and OSError or ValueError for weights that cannot be read.
     """
+    model, scheduler, _ = load_model_folder(folder, schedule=schedule, device=device)
+    return model, scheduler
+
+
+def load_model_folder(
+    folder: str | Path, *, schedule: str | Path | None = None, device: torch.device | str = "cpu"
+) -> tuple[UNet, NoiseScheduler, bool]:
+    """`load_pretrained`, also saying whether `folder` is a diffusers one: (UNet in eval mode on `device`,
+    NoiseScheduler, from_diffusers). The one place that tells a diffusers folder from ours."""
     folder = Path(folder)
-    if diffusers_unet_folder(folder) is not None:
-        model = UNet.from_diffusers(folder, device=device)
-        if schedule is None:
-            return model.eval(), NoiseScheduler.from_diffusers_config(_diffusers_scheduler_config(folder))
+    from_diffusers = diffusers_unet_folder(folder) is not None
+    model = unet_from_diffusers(folder, device=device) if from_diffusers else load_unet(folder, device=device)
+    if schedule is not None:
+        scheduler = read_schedule(schedule)
+    elif from_diffusers:
+        scheduler = diffusers_folder_scheduler(folder)
     else:
-        model = UNet.from_pretrained(folder, device=device)
-    return model.eval(), read_schedule(schedule if schedule is not None else _schedule_file(folder))
+        scheduler = read_schedule(_schedule_file(folder))
+    return model.eval(), scheduler, from_diffusers
+
+
+def save_unet(folder: str | Path, model: UNet) -> None:
+    """Write the network alone: config.json (its constructor's keyword arguments, its class and the package
+    version) and model.safetensors (its weights). `load_unet` reads them; `save_pretrained` adds the
+    schedule."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"class": type(model).__name__, "ddpm_version": ddpm_version(), **model.config}
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_NAME))
+
+
+def load_unet(
+    folder: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> UNet:
+    """The UNet that `save_unet` (or `save_pretrained`) wrote in `folder`, with its weights, on `device` in
+    `dtype`. Raises FileNotFoundError for a missing folder or file and ValueError for a config that is not a
+    UNet's or weights that do not fit it, each saying what to do."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{folder} is not a directory; pass the folder written by ddpm.save_pretrained(folder, model, "
+            "scheduler)"
+        )
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(
+                f"{folder / name} not found; a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME} as "
+                "written by ddpm.save_pretrained(folder, model, scheduler)"
+            )
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    saved_class = config.pop("class", UNet.__name__)
+    config.pop("ddpm_version", None)
+    if saved_class != UNet.__name__:
+        raise ValueError(f"{folder / CONFIG_NAME} describes a {saved_class}, not a {UNet.__name__}")
+    valid = [p for p in inspect.signature(UNet.__init__).parameters if p != "self"]
+    unknown = sorted(set(config) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {unknown} in {folder / CONFIG_NAME}; valid keys: {valid}. "
+            "Remove them, or upgrade ddpm if the folder was written by a newer version"
+        )
+    model = UNet(**config)
+    load_checked(
+        model,
+        load_file(str(folder / WEIGHTS_NAME)),
+        f"the weights in {folder / WEIGHTS_NAME} do not fit the config in {folder / CONFIG_NAME}",
+        "save the weights and the config together with ddpm.save_pretrained",
+    )
+    return model.to(device=device, dtype=dtype)
 
 
 def read_schedule(file: str | Path) -> NoiseScheduler:
@@ -93,7 +166,7 @@ def read_schedule(file: str | Path) -> NoiseScheduler:
     try:
         config = json.loads(Path(file).read_text())
         if isinstance(config, dict) and "_class_name" in config:
-            return NoiseScheduler.from_diffusers_config(config)
+            return scheduler_from_diffusers(config)
         return NoiseScheduler(**config)
     except (OSError, ValueError, TypeError) as error:  # TypeError: not a dict, or an unknown keyword
         raise CheckpointError(
@@ -120,12 +193,3 @@ def _schedule_file(folder: Path) -> Path:
         f"the {NOISE_SCHEDULER} of the checkpoint they came from into it, write NoiseScheduler(...).config "
         "there as JSON (ddpm.save_pretrained does), or pass sample.py --schedule FILE"
     )
-
-
-def _diffusers_scheduler_config(folder: Path) -> dict:
-    """The scheduler_config.json beside a diffusers model: in `folder`, in its scheduler/ (a pipeline folder)
-    or in its parent's scheduler/ (`folder` is a pipeline's unet/); {} (DDPMScheduler's defaults) if none."""
-    for candidate in (folder, folder / "scheduler", folder.parent / "scheduler"):
-        if (candidate / "scheduler_config.json").is_file():
-            return json.loads((candidate / "scheduler_config.json").read_text())
-    return {}

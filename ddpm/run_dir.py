@@ -30,8 +30,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ddpm.interop.diffusers import diffusers_unet_folder
-from ddpm.io import EMA, CheckpointError
+from ddpm.interop.diffusers import PIPELINE_UNET
+from ddpm.io import CONFIG_NAME, EMA, CheckpointError
 from ddpm.version import ddpm_version
 
 CHECKPOINTS = "checkpoints"
@@ -105,7 +105,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if latest is None:
             raise CheckpointError(f"no checkpoint in {path}; train one first: accelerate launch train.py")
         return latest
-    if (path / "config.json").is_file() or diffusers_unet_folder(path) is not None:
+    # A model folder or a diffusers pipeline folder; which, and whether ours, is load_pretrained's to tell.
+    if (path / CONFIG_NAME).is_file() or (path / PIPELINE_UNET / CONFIG_NAME).is_file():
         return path
     raise CheckpointError(
         f"{path} is neither a run directory nor a checkpoint folder; train one with `accelerate launch "

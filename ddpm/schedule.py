@@ -23,20 +23,6 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
-# Our beta_schedule names that diffusers spells otherwise (Nichol & Dhariwal's cosine, capped at 0.999).
-DIFFUSERS_SCHEDULE_NAMES = {"cosine": "squaredcos_cap_v2"}
-# The diffusers schedulers `diffusers_config` writes for, each with the settings that make it compute what our
-# sampler of the same maths computes ("ddpm", "ddim" with alpha_bar = 1 after the last step, "dpm++").
-DIFFUSERS_SAMPLER_SETTINGS = {
-    "DDPMScheduler": {},
-    "DDIMScheduler": {"set_alpha_to_one": True},
-    "DPMSolverMultistepScheduler": {
-        "algorithm_type": "dpmsolver++",
-        "solver_order": 2,
-        "solver_type": "midpoint",
-        "final_sigmas_type": "zero",
-    },
-}
 
 
 class NoiseScheduler:
@@ -104,76 +90,6 @@ class NoiseScheduler:
         self.betas = betas  # (T,) float64
         self.alphas = 1.0 - betas  # (T,) float64
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (T,) float64, alpha_bar_t
-
-    @classmethod
-    def from_diffusers_config(cls, config: dict) -> "NoiseScheduler":
-        """The NoiseScheduler equal to a diffusers DDPMScheduler, DDIMScheduler or DPMSolverMultistepScheduler
-        config (`scheduler_config.json`, `scheduler.config` or what `diffusers_config` returns).
-
-        Keys the dict lacks take DDPMScheduler's defaults, notably clip_sample=True (which the published DDPM
-        checkpoints also set), but a DPMSolverMultistepScheduler config (its `_class_name`) has no clipping.
-        Their `squaredcos_cap_v2` is our `cosine`. `thresholding` with sample_max_value = 1 clamps x0 to
-        [-1, 1] (diffusers clamps the dynamic threshold to [1, sample_max_value]): it is read as clip_sample.
-        Dynamic thresholding (sample_max_value > 1) and trained_betas raise. `variance_type` is a sampler
-        option here (`ddpm.sample(variance=...)`); sampler settings (set_alpha_to_one, solver_order, ...) are
-        not part of a schedule and are ignored.
-        """
-        if config.get("trained_betas") is not None:
-            raise ValueError("the diffusers option trained_betas is not supported")
-        clip_sample = config.get("clip_sample", config.get("_class_name") != "DPMSolverMultistepScheduler")
-        clip_sample_range = config.get("clip_sample_range", 1.0) if clip_sample else 1.0
-        if config.get("thresholding", False):
-            if config.get("sample_max_value", 1.0) != 1.0:
-                raise ValueError(
-                    f"diffusers' dynamic thresholding with sample_max_value={config['sample_max_value']} is "
-                    "not supported; with sample_max_value=1.0 it is clip_sample=True (a clamp to [-1, 1])"
-                )
-            clip_sample, clip_sample_range = True, min(clip_sample_range, 1.0)
-        schedule = config.get("beta_schedule", "linear")
-        schedule = {theirs: ours for ours, theirs in DIFFUSERS_SCHEDULE_NAMES.items()}.get(schedule, schedule)
-        return cls(
-            num_train_timesteps=config.get("num_train_timesteps", 1000),
-            beta_schedule=schedule,
-            beta_start=config.get("beta_start", 1e-4),
-            beta_end=config.get("beta_end", 0.02),
-            prediction_type=config.get("prediction_type", "epsilon"),
-            rescale_betas_zero_snr=config.get("rescale_betas_zero_snr", False),
-            clip_sample=clip_sample,
-            clip_sample_range=clip_sample_range,
-            timestep_spacing=config.get("timestep_spacing", "leading"),
-            steps_offset=config.get("steps_offset", 0),
-        )
-
-    def diffusers_config(self, scheduler: str | type = "DDPMScheduler") -> dict:
-        """This schedule as keyword arguments of the diffusers scheduler `scheduler` (the class or its name,
-        one of DIFFUSERS_SAMPLER_SETTINGS: DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler), with
-        the sampler settings there, so that it computes what `ddpm.sample` computes with sampler "ddpm",
-        "ddim" or "dpm++" (and the same spacing). `from_config` takes it too; `from_diffusers_config` inverts
-        it.
-
-        DPMSolverMultistepScheduler has no clip_sample: clip_sample=True becomes its thresholding with
-        sample_max_value=1.0, exactly a clamp of x0 to [-1, 1]; a clip_sample_range other than 1 raises
-        ValueError, having no equivalent there.
-        """
-        name = scheduler if isinstance(scheduler, str) else scheduler.__name__
-        _check_choice("diffusers scheduler", name, tuple(DIFFUSERS_SAMPLER_SETTINGS))
-        schedule = self.config["beta_schedule"]
-        config = {
-            "_class_name": name,  # as in diffusers' own configs: whose keys these are (from_diffusers_config)
-            **self.config,
-            "beta_schedule": DIFFUSERS_SCHEDULE_NAMES.get(schedule, schedule),
-            **DIFFUSERS_SAMPLER_SETTINGS[name],
-        }
-        if name == "DPMSolverMultistepScheduler":
-            clip_sample, clip_sample_range = config.pop("clip_sample"), config.pop("clip_sample_range")
-            if clip_sample and clip_sample_range != 1.0:
-                raise ValueError(
-                    f"clip_sample=True with clip_sample_range={clip_sample_range} has no equivalent in "
-                    "DPMSolverMultistepScheduler (its thresholding clamps x0 to [-1, 1] at most); use "
-                    "clip_sample_range=1.0 or sample with ddpm.sample(..., sampler='dpm++')"
-                )
-            config.update(thresholding=clip_sample, sample_max_value=1.0)
-        return config
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())

@@ -25,7 +25,7 @@ from ddpm.config import Config, DataConfig, SampleConfig, load_config, save_conf
 from ddpm.fid import metric, sources
 from ddpm.fid.__main__ import main as fid_main
 from ddpm.inference import generate, save_images_to
-from ddpm.io import EMA, NOISE_SCHEDULER
+from ddpm.io import EMA, NOISE_SCHEDULER, save_unet
 from ddpm.models.unet import UNet
 from ddpm.run_dir import TRAINER_STATE, checkpoint_path
 from ddpm.schedule import NoiseScheduler
@@ -329,8 +329,8 @@ def tiny_run(run: Path) -> tuple[UNet, NoiseScheduler, SampleConfig]:
         run / "config.yaml",
     )
     checkpoint = checkpoint_path(run, 5)
-    model.save_pretrained(checkpoint)
-    model.save_pretrained(checkpoint / EMA)
+    save_unet(checkpoint, model)
+    save_unet(checkpoint / EMA, model)
     (checkpoint / NOISE_SCHEDULER).write_text(json.dumps(scheduler.config))
     (checkpoint / TRAINER_STATE).write_text(json.dumps({"step": 5, "ema_updates": 5}))
     return model, scheduler, sample
@@ -506,7 +506,8 @@ def test_two_processes_over_gloo_share_the_fid_and_log_what_one_process_computes
     assert result.returncode == 0, result.stderr[-3000:]
     (record,) = [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "fid" in r]
     # The EMA weights of the step-2 checkpoint made the logged FID: one process gets the same number.
-    model, scheduler, _ = load_for_sampling(latest_checkpoint(run))
+    loaded = load_for_sampling(latest_checkpoint(run))
+    model, scheduler = loaded.model, loaded.scheduler
     reference = fid.load_statistics(run / "fid_reference.npz")
     assert reference.n == 6
     sample = load_config(run / "config.yaml").sample

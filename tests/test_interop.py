@@ -1,5 +1,6 @@
-"""Interop with diffusers and torch.export: UNet.from_diffusers against UNet2DModel, each library's samplers
-driving the other's network, and the exported UNet against eager.
+"""Interop with diffusers and torch.export: unet_from_diffusers against UNet2DModel, our schedule as each
+diffusers scheduler's config and back, each library's samplers driving the other's network, and the exported
+UNet against eager.
 
 Models are tiny versions of the published layouts (4-16 channels, 8x8 or 16x16 inputs); every parameter is
 perturbed so that zero-initialised layers cannot hide a wrong mapping.
@@ -15,8 +16,15 @@ import torch
 from test_unet import TINY, perturb  # pytest puts tests/ on sys.path
 
 from ddpm.inference import load_for_sampling
-from ddpm.interop.diffusers import DIFFUSERS_DEFAULTS, DIFFUSERS_RENAMES, unet_kwargs_from_diffusers
-from ddpm.io import save_pretrained
+from ddpm.interop.diffusers import (
+    DIFFUSERS_DEFAULTS,
+    DIFFUSERS_RENAMES,
+    diffusers_scheduler_config,
+    scheduler_from_diffusers,
+    unet_from_diffusers,
+    unet_kwargs_from_diffusers,
+)
+from ddpm.io import save_pretrained, save_unet
 from ddpm.models.unet import UNet
 from ddpm.samplers import sample
 from ddpm.schedule import NoiseScheduler
@@ -135,7 +143,7 @@ def cifar10_folder(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     return folder, save_diffusers(folder, *VARIANTS["ddpm_cifar10"])
 
 
-# --- UNet.from_diffusers ------------------------------------------------------------------------------------
+# --- unet_from_diffusers ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -145,7 +153,7 @@ def test_from_diffusers_computes_the_same_function(name, tmp_path, cifar10_folde
         folder, reference = cifar10_folder
     else:
         folder, reference = tmp_path, save_diffusers(tmp_path, config, form)
-    model = UNet.from_diffusers(folder).eval()
+    model = unet_from_diffusers(folder).eval()
     x, t = inputs(config, n=4), torch.tensor([0, 1, 500, 999])
     y = torch.tensor([0, 2, 1, 0]) if "num_class_embeds" in config else None
     with torch.no_grad():
@@ -157,7 +165,7 @@ def test_from_diffusers_computes_the_same_function(name, tmp_path, cifar10_folde
 def test_ddpm_padding_is_needed(cifar10_folder):
     """The same tensors in the symmetric-padding UNet compute something else: the option is not cosmetic."""
     folder, reference = cifar10_folder
-    loaded = UNet.from_diffusers(folder).eval()
+    loaded = unet_from_diffusers(folder).eval()
     assert loaded.config["downsample"] == "conv_asymmetric"
     symmetric = UNet(**{**loaded.config, "downsample": "conv"}).eval()
     symmetric.load_state_dict(loaded.state_dict())
@@ -223,25 +231,25 @@ def test_unsupported_options_are_named(overrides, message):
 
 
 def test_from_diffusers_folder_errors(tmp_path, cifar10_folder):
-    with pytest.raises(FileNotFoundError, match="no diffusers model.*UNet.from_pretrained"):
-        UNet.from_diffusers(tmp_path)
-    UNet(**unet_kwargs_from_diffusers(TINY_CIFAR10)).save_pretrained(tmp_path / "ours")
+    with pytest.raises(FileNotFoundError, match="no diffusers model.*ddpm.load_pretrained"):
+        unet_from_diffusers(tmp_path)
+    save_unet(tmp_path / "ours", UNet(**unet_kwargs_from_diffusers(TINY_CIFAR10)))
     with pytest.raises(FileNotFoundError, match="no diffusers model"):
-        UNet.from_diffusers(tmp_path / "ours")
+        unet_from_diffusers(tmp_path / "ours")
 
     pipeline = tmp_path / "pipeline"  # a pipeline folder: the UNet in unet/
     (pipeline / "unet").mkdir(parents=True)
     (pipeline / "unet" / "config.json").write_text(json.dumps({**DDPM_CIFAR10, "_class_name": "UNet2DCond"}))
     with pytest.raises(FileNotFoundError, match="no weights in .*unet"):
-        UNet.from_diffusers(pipeline)
+        unet_from_diffusers(pipeline)
     folder, _ = cifar10_folder
     weights = (folder / "diffusion_pytorch_model.bin").read_bytes()
     (pipeline / "unet" / "diffusion_pytorch_model.bin").write_bytes(weights)
     with pytest.raises(ValueError, match="describes a UNet2DCond; .* UNet2DModel"):
-        UNet.from_diffusers(pipeline)
+        unet_from_diffusers(pipeline)
     (pipeline / "unet" / "config.json").write_text(json.dumps({**TINY_CIFAR10, "layers_per_block": 1}))
     with pytest.raises(ValueError, match="do not fit the UNet2DModel.*unexpected down_blocks.0.resnets.1"):
-        UNet.from_diffusers(pipeline)
+        unet_from_diffusers(pipeline)
 
 
 # --- each library's samplers with the other's network -------------------------------------------------------
@@ -259,7 +267,7 @@ def test_diffusers_schedulers_drive_our_unet():
         (diffusers.DPMSolverMultistepScheduler, "dpm++", "trailing"),
     ]:
         scheduler = NoiseScheduler(beta_schedule="cosine", timestep_spacing=spacing)
-        ref = diffusers_scheduler.from_config(scheduler.diffusers_config())
+        ref = diffusers_scheduler.from_config(diffusers_scheduler_config(scheduler))
         ref.set_timesteps(10)
         x = noise
         with torch.no_grad():
@@ -279,7 +287,7 @@ def test_our_sampler_drives_a_diffusers_unet(cifar10_folder):
             lambda x, t, y: reference(x, t).sample, scheduler, noise=noise, steps=5, progress=False
         )
     assert torch.isfinite(images).all()
-    converted = UNet.from_diffusers(folder).eval()
+    converted = unet_from_diffusers(folder).eval()
     expected = sample(converted, scheduler, noise=noise, steps=5, progress=False)
     torch.testing.assert_close(images, expected, rtol=1e-4, atol=1e-4)
 
@@ -305,8 +313,9 @@ def test_load_for_sampling_takes_a_diffusers_pipeline_folder(tmp_path):
     diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path / "pipe")
     x, t = inputs(TINY_CIFAR10), torch.tensor([3, 700])
     for folder in (tmp_path / "pipe", tmp_path / "pipe" / "unet"):
-        model, ours, label = load_for_sampling(folder)
-        assert label == "diffusers"
+        loaded = load_for_sampling(folder)
+        model, ours = loaded.model, loaded.scheduler
+        assert loaded.weights == "diffusers" and loaded.folder == folder and loaded.run_dir is None
         assert ours.config["beta_schedule"] == "cosine" and ours.config["prediction_type"] == "v_prediction"
         assert ours.config["clip_sample"] is True  # DDPMScheduler's default, kept
         torch.testing.assert_close(ours.alphas_cumprod.float(), scheduler.alphas_cumprod, rtol=0, atol=1e-6)
@@ -315,18 +324,88 @@ def test_load_for_sampling_takes_a_diffusers_pipeline_folder(tmp_path):
 
 
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])  # DDIM has no sigmoid
-def test_noise_scheduler_from_diffusers_config(schedule):
+def test_scheduler_from_diffusers_and_back(schedule):
     theirs = diffusers.DDIMScheduler(beta_schedule=schedule, timestep_spacing="trailing", clip_sample=False)
-    ours = NoiseScheduler.from_diffusers_config(dict(theirs.config))
+    ours = scheduler_from_diffusers(dict(theirs.config))
     assert ours.config["timestep_spacing"] == "trailing" and ours.config["clip_sample"] is False
     torch.testing.assert_close(ours.alphas_cumprod.float(), theirs.alphas_cumprod, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="thresholding"):
-        NoiseScheduler.from_diffusers_config({**theirs.config, "thresholding": True, "sample_max_value": 2.0})
+        scheduler_from_diffusers({**theirs.config, "thresholding": True, "sample_max_value": 2.0})
     # and back: our config as diffusers kwargs builds their scheduler with our alpha_bar
-    again = diffusers.DDIMScheduler(**ours.diffusers_config())
+    again = diffusers.DDIMScheduler(**diffusers_scheduler_config(ours))
     assert again.config.beta_schedule == schedule
     torch.testing.assert_close(ours.alphas_cumprod.float(), again.alphas_cumprod, rtol=0, atol=1e-6)
-    assert NoiseScheduler.from_diffusers_config(ours.diffusers_config()).config == ours.config
+    assert scheduler_from_diffusers(diffusers_scheduler_config(ours)).config == ours.config
+
+
+# --- diffusers scheduler configs ----------------------------------------------------------------------------
+
+DIFFUSERS_SCHEDULERS = [
+    diffusers.DDPMScheduler,
+    diffusers.DDIMScheduler,
+    diffusers.DPMSolverMultistepScheduler,
+]
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+@pytest.mark.parametrize("by_name", [False, True])
+@pytest.mark.parametrize("cls", DIFFUSERS_SCHEDULERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("clip_sample", [False, True])
+def test_diffusers_scheduler_config_builds_each_diffusers_scheduler_and_round_trips(
+    cls, by_name, clip_sample
+):
+    ours = NoiseScheduler(
+        beta_schedule="cosine",
+        prediction_type="v_prediction",
+        timestep_spacing="linspace",
+        steps_offset=1,
+        clip_sample=clip_sample,
+    )
+    kwargs = diffusers_scheduler_config(ours, cls.__name__ if by_name else cls)
+    for theirs in (cls(**kwargs), cls.from_config(kwargs)):
+        assert type(theirs) is cls and theirs.config.beta_schedule == "squaredcos_cap_v2"
+        assert (
+            theirs.config.prediction_type == "v_prediction" and theirs.config.timestep_spacing == "linspace"
+        )
+        torch.testing.assert_close(ours.alphas_cumprod.float(), theirs.alphas_cumprod, rtol=0, atol=1e-6)
+        assert scheduler_from_diffusers(dict(theirs.config)).config == ours.config
+    assert scheduler_from_diffusers(kwargs).config == ours.config
+
+
+def test_diffusers_scheduler_config_sets_the_samplers_maths():
+    """DDIM steps to alpha_bar = 1 at the end; DPM-Solver is DPM-Solver++(2M) ending at sigma = 0; clipping
+    to [-1, 1] is DPM-Solver's thresholding with sample_max_value = 1 (its clamp is then exactly [-1, 1])."""
+    scheduler = NoiseScheduler(clip_sample=True)
+    assert diffusers_scheduler_config(scheduler, "DDIMScheduler")["set_alpha_to_one"] is True
+    dpm = diffusers_scheduler_config(scheduler, "DPMSolverMultistepScheduler")
+    assert "clip_sample" not in dpm and "clip_sample_range" not in dpm
+    assert dpm["thresholding"] is True and dpm["sample_max_value"] == 1.0
+    assert (dpm["algorithm_type"], dpm["solver_order"], dpm["final_sigmas_type"]) == (
+        "dpmsolver++",
+        2,
+        "zero",
+    )
+    assert diffusers_scheduler_config(scheduler) == diffusers_scheduler_config(scheduler, "DDPMScheduler")
+
+
+def test_diffusers_scheduler_config_refuses_what_the_target_cannot_express():
+    with pytest.raises(ValueError, match="clip_sample_range=0.5 .*DPMSolverMultistepScheduler"):
+        diffusers_scheduler_config(
+            NoiseScheduler(clip_sample=True, clip_sample_range=0.5), diffusers.DPMSolverMultistepScheduler
+        )
+    with pytest.raises(ValueError, match="unknown diffusers scheduler 'EulerDiscreteScheduler'; valid: DDPM"):
+        diffusers_scheduler_config(NoiseScheduler(), "EulerDiscreteScheduler")
+
+
+def test_scheduler_from_diffusers_reads_thresholding_at_one_as_clipping():
+    """_threshold_sample clamps its percentile s to [1, sample_max_value]: at 1 that is x0.clamp(-1, 1)."""
+    base = dict(diffusers.DDPMScheduler(clip_sample=False).config)
+    clipped = scheduler_from_diffusers({**base, "thresholding": True, "sample_max_value": 1.0})
+    assert clipped.config["clip_sample"] is True and clipped.config["clip_sample_range"] == 1.0
+    both = {**base, "thresholding": True, "clip_sample": True, "clip_sample_range": 0.5}
+    assert scheduler_from_diffusers(both).config["clip_sample_range"] == 0.5
+    with pytest.raises(ValueError, match="thresholding with sample_max_value=2.0"):
+        scheduler_from_diffusers({**base, "thresholding": True, "sample_max_value": 2.0})
 
 
 # --- the README's code blocks -------------------------------------------------------------------------------

@@ -1,11 +1,15 @@
-"""The atomic write: a temporary file beside the target, renamed over it only once written whole."""
+"""Files: the atomic write (a temporary file beside the target, renamed over it only once written whole) and
+the network's files in a model folder (save_unet, load_unet)."""
 
 import errno
+import json
 import os
 
 import pytest
+import torch
+from test_unet import inputs, perturb, tiny  # pytest puts tests/ on sys.path
 
-from ddpm.io import atomic_write
+from ddpm.io import atomic_write, load_unet, save_unet
 
 
 def test_the_content_lands_at_the_path_and_no_temporary_file_is_left(tmp_path):
@@ -55,3 +59,50 @@ def test_any_other_error_passes_unchanged_and_removes_the_temporary_file(tmp_pat
         tmp.write_text("half")
         raise ValueError("bad data")
     assert os.listdir(tmp_path) == []
+
+
+# --- the network's files -----------------------------------------------------------------------------------
+
+
+def test_save_unet_and_load_unet_round_trip(tmp_path):
+    model = perturb(tiny(num_classes=3, channel_mult=[1, 2]))
+    save_unet(tmp_path / "unet", model)
+    assert (tmp_path / "unet" / "config.json").is_file()
+    assert (tmp_path / "unet" / "model.safetensors").is_file()
+    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    assert config["class"] == "UNet" and "ddpm_version" in config
+    assert config["channel_mult"] == [1, 2] and config["num_classes"] == 3
+    loaded = load_unet(tmp_path / "unet")
+    assert loaded.config == model.config
+    x, t = inputs()
+    y = torch.tensor([2, 3])
+    assert torch.equal(model.eval()(x, t, y), loaded.eval()(x, t, y))
+    as_bf16 = load_unet(tmp_path / "unet", dtype=torch.bfloat16)
+    assert as_bf16.conv_in.weight.dtype == torch.bfloat16
+    assert torch.isfinite(as_bf16(x.bfloat16(), t, y)).all()
+
+
+def test_load_unet_errors_say_what_is_wrong(tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match=r"is not a directory; pass the folder written by ddpm\.save_pretrained"
+    ):
+        load_unet(tmp_path / "nothing")
+    folder = tmp_path / "unet"
+    save_unet(folder, tiny())
+    (folder / "model.safetensors").rename(tmp_path / "weights")
+    with pytest.raises(FileNotFoundError, match="model.safetensors not found"):
+        load_unet(folder)
+    (tmp_path / "weights").rename(folder / "model.safetensors")
+
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "widht": 3}))
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['widht'\].*valid keys"):
+        load_unet(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "base_channels": 16, "norm_groups": 8}))
+    with pytest.raises(
+        ValueError, match=r"do not fit the config.*conv_in.weight: file \(8, 3, 3, 3\) vs model"
+    ):
+        load_unet(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "num_classes": 3}))
+    with pytest.raises(ValueError, match="missing class_embedding.weight"):
+        load_unet(folder)

@@ -8,8 +8,6 @@ bottom, data and model folders above them, training and the CLI scripts (train.p
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("train", "sample")  # the CLIs, at the top of the layout: nothing in ddpm may reach them
 # Modules above config: config is what they read, so config importing one of them closes a cycle.
@@ -18,11 +16,6 @@ ABOVE_CONFIG = ("ddpm.data", "ddpm.inference", "ddpm.training", "ddpm.fid", "ddp
 ABOVE_NETWORK = ("ddpm.io", "ddpm.inference", "ddpm.training", "ddpm.interop")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="UNet.from_diffusers imports ddpm.interop.diffusers, which imports unet: helper B is moving it "
-    "out of unet.py; remove this mark once that branch is merged",
-)
 def test_no_import_cycle():
     found = cycles(GRAPH)
     assert not found, "import cycles: " + "; ".join(" -> ".join(cycle) for cycle in found)
@@ -46,11 +39,6 @@ def test_config_imports_nothing_above_it():
     assert not above, f"ddpm.config imports {above}: move what it needs from them into config (or below)"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="helper B is moving from_diffusers (an import of ddpm.interop.diffusers) and save/load out of "
-    "unet.py: remove this mark once that branch is merged",
-)
 def test_the_network_holds_only_the_network():
     name = "ddpm.models.unet"
     above = sorted(m for m in GRAPH[name] if within(m, ABOVE_NETWORK))

@@ -10,6 +10,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import nn
 
 from ddpm.config import ConfigError, load_config
+from ddpm.interop.diffusers import diffusers_scheduler_config
 from ddpm.samplers import (
     SAMPLERS,
     SampleOptionError,
@@ -146,12 +147,12 @@ def test_dpmpp_2m_matches_diffusers(prediction_type, steps, spacing):
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
 def test_diffusers_schedulers_from_our_config_with_clipping_match_our_samplers(sampler):
-    """NoiseScheduler.diffusers_config(cls) builds each diffusers scheduler so that it computes what our
+    """diffusers_scheduler_config(scheduler, cls) builds each diffusers scheduler so that it computes what our
     sampler does, clip_sample included (DPM-Solver's thresholding at sample_max_value=1). The toy's x0 leaves
     [-1, 1], so the clamp is active."""
     cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}[sampler]
     ours = NoiseScheduler(clip_sample=True, timestep_spacing="leading")
-    ref = cls(**ours.diffusers_config(cls))
+    ref = cls(**diffusers_scheduler_config(ours, cls))
     ref.set_timesteps(10)
     kwargs = {
         "ddpm": {"generator": torch.Generator().manual_seed(3)},

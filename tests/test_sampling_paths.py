@@ -11,12 +11,13 @@ from accelerate.state import AcceleratorState
 
 import ddpm
 import ddpm.inference
-from ddpm import samplers
 from ddpm.config import Config, DataConfig, SampleConfig, save_config
-from ddpm.inference import generate, load_for_sampling, sample_checkpoint
-from ddpm.io import CheckpointError
+from ddpm.inference import generate, grid_from_checkpoint, load_for_sampling
+from ddpm.interop.diffusers import diffusers_scheduler_config
+from ddpm.io import CheckpointError, save_unet
 from ddpm.models.unet import UNet
 from ddpm.run_dir import TrainerState
+from ddpm.samplers import solvers
 from ddpm.schedule import NoiseScheduler
 from ddpm.training.checkpoints import save_checkpoint
 
@@ -63,7 +64,7 @@ def run(tmp_path) -> Path:
             TrainerState(step=5, ema_updates=5),
             model=tiny_unet(0),
             ema_model=tiny_unet(1),
-            noise_scheduler=scheduler,
+            scheduler=scheduler,
             keep=2,
         )
     finally:
@@ -86,10 +87,25 @@ def run(tmp_path) -> Path:
 def test_every_path_to_the_weights_samples_with_the_trained_schedule(run, where, use_ema, label, seed):
     checkpoint = run / "checkpoints" / "step-0000005"
     path = {"run": run, "checkpoint": checkpoint, "ema folder": checkpoint / "ema"}[where]
-    model, scheduler, got = load_for_sampling(path, use_ema=use_ema)
-    assert got == label
-    assert scheduler.config == NoiseScheduler(**TRAINED).config
-    torch.testing.assert_close(model.state_dict(), tiny_unet(seed).state_dict(), rtol=0, atol=0)
+    loaded = load_for_sampling(path, use_ema=use_ema)
+    assert loaded.weights == label and not loaded.model.training
+    assert loaded.scheduler.config == NoiseScheduler(**TRAINED).config
+    torch.testing.assert_close(loaded.model.state_dict(), tiny_unet(seed).state_dict(), rtol=0, atol=0)
+    # the run's sample: settings come with them, and where they belong
+    assert loaded.sampling == SampleConfig(sampler="ddim", steps=2, n=3)
+    assert (loaded.folder, loaded.run_dir) == (checkpoint, run)
+
+
+def test_a_damaged_config_json_stops_only_the_weights_it_describes(run):
+    """A damaged raw config.json is a CheckpointError naming the checkpoint when the raw weights are asked
+    for, and does not stand in the way of the EMA weights beside it."""
+    checkpoint = run / "checkpoints" / "step-0000005"
+    (checkpoint / "config.json").write_text("{not json")
+    with pytest.raises(
+        CheckpointError, match=r"cannot load the model in \S+step-0000005: Expecting property"
+    ):
+        load_for_sampling(run, use_ema=False)
+    assert load_for_sampling(run).weights == "ema"
 
 
 def test_every_weights_folder_written_holds_its_schedule(run):
@@ -117,7 +133,7 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
 
 def test_a_folder_without_a_schedule_is_refused_saying_how_to_name_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    tiny_unet(0).save_pretrained(tmp_path / "bare")
+    save_unet(tmp_path / "bare", tiny_unet(0))
     fix = (
         r"bare has no noise_scheduler\.json, so the schedule its weights were trained with is unknown: copy "
         r"the noise_scheduler\.json of the checkpoint they came from into it, write NoiseScheduler\(\.\.\.\)"
@@ -130,12 +146,14 @@ def test_a_folder_without_a_schedule_is_refused_saying_how_to_name_one(tmp_path,
     # --schedule names it: our noise_scheduler.json or a diffusers scheduler_config.json
     (tmp_path / "ours.json").write_text(json.dumps(NoiseScheduler(**TRAINED).config))
     diffusers = pytest.importorskip("diffusers")
-    diffusers.DDPMScheduler(**NoiseScheduler(**TRAINED).diffusers_config()).save_config(tmp_path)
+    diffusers.DDPMScheduler(**diffusers_scheduler_config(NoiseScheduler(**TRAINED))).save_config(tmp_path)
     for file in ("ours.json", "scheduler_config.json"):
-        _, scheduler, label = load_for_sampling(tmp_path / "bare", schedule=tmp_path / file)
-        assert scheduler.config == NoiseScheduler(**TRAINED).config and label == "raw"
+        loaded = load_for_sampling(tmp_path / "bare", schedule=tmp_path / file)
+        assert loaded.scheduler.config == NoiseScheduler(**TRAINED).config and loaded.weights == "raw"
+        # a folder outside a run: SampleConfig's defaults
+        assert (loaded.sampling, loaded.folder, loaded.run_dir) == (SampleConfig(), tmp_path / "bare", None)
     ours = tmp_path / "ours.json"
-    grid = sample_checkpoint(
+    grid = grid_from_checkpoint(
         tmp_path / "bare", 1, default_config=ROOT / "configs" / "digits.yaml", steps=2, schedule=ours
     )
     assert grid == tmp_path / "sample-bare-raw-ddim2-seed0-n1.png" and grid.is_file()
@@ -144,11 +162,11 @@ def test_a_folder_without_a_schedule_is_refused_saying_how_to_name_one(tmp_path,
 def test_sampling_an_ema_folder_writes_an_ema_grid_into_its_run(run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ema = run / "checkpoints" / "step-0000005" / "ema"
-    grid = sample_checkpoint(ema, 2, default_config=ROOT / "configs" / "digits.yaml")
+    grid = grid_from_checkpoint(ema, 2, default_config=ROOT / "configs" / "digits.yaml")
     # the run's sample: settings (ddim, 2 steps), not SampleConfig's defaults
     assert grid == run / "samples" / "sample-step-0000005-ema-ddim2-seed0-n2.png" and grid.is_file()
     with pytest.raises(CheckpointError, match=r"ema holds the EMA weights, but the raw ones were asked for"):
-        sample_checkpoint(ema, 2, default_config=ROOT / "configs" / "digits.yaml", use_ema=False)
+        grid_from_checkpoint(ema, 2, default_config=ROOT / "configs" / "digits.yaml", use_ema=False)
 
 
 # --- grid file names ----------------------------------------------------------------------------------------
@@ -165,7 +183,7 @@ def test_a_grid_is_named_after_what_made_it_and_never_replaces_another(run):
     grids = []
     for kwargs, name in options:
         kwargs = {"n": 2, **kwargs}
-        grid = sample_checkpoint(run, default_config=ROOT / "configs" / "digits.yaml", **kwargs)
+        grid = grid_from_checkpoint(run, default_config=ROOT / "configs" / "digits.yaml", **kwargs)
         assert grid == run / "samples" / f"sample-step-0000005-ema-{name}.png" and grid.is_file()
         grids.append(grid)
     assert sorted(p.name for p in (run / "samples").iterdir()) == sorted(
@@ -181,7 +199,7 @@ def test_every_random_draw_of_generate_is_independent(monkeypatch):
     """x_T of every image and each ancestral noise draw of the ddpm sampler, per image: no two are alike (on
     today's main the first noise of the first image of each batch was its x_T)."""
     draws: list[torch.Tensor] = []
-    real_sample, real_randn = ddpm.inference.sample, samplers._randn
+    real_sample, real_randn = ddpm.inference.sample, solvers.gaussian_noise
 
     def recording_sample(*args, noise, **kwargs):
         draws.extend(noise)
@@ -193,7 +211,7 @@ def test_every_random_draw_of_generate_is_independent(monkeypatch):
         return out
 
     monkeypatch.setattr(ddpm.inference, "sample", recording_sample)
-    monkeypatch.setattr(samplers, "_randn", recording_randn)
+    monkeypatch.setattr(solvers, "gaussian_noise", recording_randn)
     model = lambda x, t, y: torch.zeros_like(x)  # noqa: E731
     generate(model, NoiseScheduler(), 4, image_shape=(1, 16, 16), sampler="ddpm", steps=3, batch_size=2)
     assert len(draws) == 4 + 2 * 2 * 2  # x_T of 4 images; 2 batches x 2 noisy steps x 2 images

@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 
 from ddpm.config import ConfigError, load_config
 from ddpm.inference import load_for_sampling
-from ddpm.io import CheckpointError
-from ddpm.models.unet import UNet
+from ddpm.io import CheckpointError, load_unet
 from ddpm.run_dir import latest_checkpoint, list_checkpoints
 from ddpm.training import NonFiniteLossError, Trainer
 
@@ -101,7 +100,7 @@ def test_train_writes_a_complete_run_directory(tmp_path):
     ]:
         assert (last / file).is_file(), file
     # Both weight folders load as plain UNets, and EMA differs from the raw weights.
-    raw, ema = UNet.from_pretrained(last), UNet.from_pretrained(last / "ema")
+    raw, ema = load_unet(last), load_unet(last / "ema")
     assert any(
         not torch.equal(a, b)
         for a, b in zip(raw.state_dict().values(), ema.state_dict().values(), strict=True)
@@ -171,10 +170,10 @@ def test_the_package_imports_without_being_installed(tmp_path):
         "        raise metadata.PackageNotFoundError(name)\n"
         "    return installed(name)\n"
         "metadata.version = version\n"
-        "import ddpm, ddpm.run_dir\n"
+        "import ddpm, ddpm.io, ddpm.run_dir\n"
         "print(ddpm.run_dir.TrainerState(step=0, ema_updates=0).ddpm_version)\n"
         "model = ddpm.UNet(base_channels=8, channel_mult=(1,), attention_resolutions=(), norm_groups=4)\n"
-        f"model.save_pretrained({str(tmp_path / 'unet')!r})\n"
+        f"ddpm.io.save_unet({str(tmp_path / 'unet')!r}, model)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
@@ -304,8 +303,8 @@ def test_two_processes_over_gloo_keep_replicas_identical(tmp_path):
     assert (last / "random_states_0.pkl").is_file() and (last / "random_states_1.pkl").is_file()
     # Only the main process writes logs: one line per step, not two.
     assert len((run / "log.jsonl").read_text().splitlines()) == 4
-    model, _, label = load_for_sampling(run)
-    assert label == "ema" and all(torch.isfinite(p).all() for p in model.parameters())
+    loaded = load_for_sampling(run)
+    assert loaded.weights == "ema" and all(torch.isfinite(p).all() for p in loaded.model.parameters())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the thread count is set for CPU training only")

@@ -1,4 +1,3 @@
-import json
 from pathlib import Path
 
 import pytest
@@ -147,48 +146,6 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     )  # the checkpointed block ran again in the backward pass
     for name, g in plain.items():
         assert torch.allclose(g, checkpointed[name], atol=1e-6), name
-
-
-def test_save_load_round_trip(tmp_path):
-    model = perturb(tiny(num_classes=3, channel_mult=[1, 2]))
-    model.save_pretrained(tmp_path / "unet")
-    assert (tmp_path / "unet" / "config.json").is_file()
-    assert (tmp_path / "unet" / "model.safetensors").is_file()
-    config = json.loads((tmp_path / "unet" / "config.json").read_text())
-    assert config["class"] == "UNet" and "ddpm_version" in config
-    assert config["channel_mult"] == [1, 2] and config["num_classes"] == 3
-    loaded = UNet.from_pretrained(tmp_path / "unet")
-    assert loaded.config == model.config
-    x, t = inputs()
-    y = torch.tensor([2, 3])
-    assert torch.equal(model.eval()(x, t, y), loaded.eval()(x, t, y))
-    as_bf16 = UNet.from_pretrained(tmp_path / "unet", dtype=torch.bfloat16)
-    assert as_bf16.conv_in.weight.dtype == torch.bfloat16
-    assert torch.isfinite(as_bf16(x.bfloat16(), t, y)).all()
-
-
-def test_from_pretrained_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="is not a directory.*save_pretrained"):
-        UNet.from_pretrained(tmp_path / "nothing")
-    folder = tmp_path / "unet"
-    tiny().save_pretrained(folder)
-    (folder / "model.safetensors").rename(tmp_path / "weights")
-    with pytest.raises(FileNotFoundError, match="model.safetensors not found"):
-        UNet.from_pretrained(folder)
-    (tmp_path / "weights").rename(folder / "model.safetensors")
-
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "widht": 3}))
-    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['widht'\].*valid keys"):
-        UNet.from_pretrained(folder)
-    (folder / "config.json").write_text(json.dumps({**config, "base_channels": 16, "norm_groups": 8}))
-    with pytest.raises(
-        ValueError, match=r"do not fit the config.*conv_in.weight: file \(8, 3, 3, 3\) vs model"
-    ):
-        UNet.from_pretrained(folder)
-    (folder / "config.json").write_text(json.dumps({**config, "num_classes": 3}))
-    with pytest.raises(ValueError, match="missing class_embedding.weight"):
-        UNet.from_pretrained(folder)
 
 
 @pytest.mark.parametrize(

@@ -31,8 +31,8 @@ from ddpm.fid.metric import (
     statistics,
     to_uint8,
 )
-from ddpm.inference import generate, load_for_sampling, sample_defaults
-from ddpm.run_dir import CHECKPOINTS, resolve_checkpoint
+from ddpm.inference import generate, load_for_sampling
+from ddpm.run_dir import CHECKPOINTS
 from ddpm.schedule import NoiseScheduler
 
 if TYPE_CHECKING:
@@ -232,16 +232,14 @@ def source_statistics(
             data, weights=weights, batch_size=batch_size, device=device, progress=progress
         )
     if (path / CHECKPOINTS).is_dir() or (path / "config.yaml").is_file() or (path / "config.json").is_file():
-        checkpoint = resolve_checkpoint(path)
-        sampling = sample_defaults(checkpoint)
-        model, scheduler, which = load_for_sampling(checkpoint, use_ema=True, device=resolve_device(device))
-        if which != "ema":
-            warnings.warn(f"{checkpoint} holds no EMA weights; sampling its raw weights", stacklevel=2)
+        loaded = load_for_sampling(path, use_ema=True, device=resolve_device(device))
+        if loaded.weights != "ema":
+            warnings.warn(f"{loaded.folder} holds no EMA weights; sampling its raw weights", stacklevel=2)
         return model_statistics(
-            model,
-            scheduler,
+            loaded.model,
+            loaded.scheduler,
             n,
-            sampling=sampling,
+            sampling=loaded.sampling,
             weights=weights,
             batch_size=batch_size,
             seed=seed,

@@ -1,1 +1,2 @@
-"""Conversion between our models and other libraries' (diffusers' UNet2DModel: `ddpm.interop.diffusers`)."""
+"""Conversion between our models and other libraries' (diffusers' UNet2DModel and schedulers:
+`ddpm.interop.diffusers`)."""

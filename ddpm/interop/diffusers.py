@@ -1,8 +1,12 @@
-"""Conversion of diffusers models into ours: a `UNet2DModel` of the DDPM family becomes our `UNet`.
+"""Conversion between diffusers and ddpm: a `UNet2DModel` of the DDPM family becomes our `UNet`, and our
+`NoiseScheduler` goes to and from the configs of diffusers' DDPM, DDIM and DPM-Solver schedulers.
 
-`unet_from_diffusers(folder)` loads one (config.json + weights, or a pipeline folder with `unet/`);
+`unet_from_diffusers(folder)` loads a UNet2DModel (config.json + weights, or a pipeline folder with `unet/`);
 `unet_kwargs_from_diffusers(config)` maps its config.json onto our constructor; `diffusers_unet_folder(path)`
-tells a diffusers folder from ours. Nothing here imports diffusers: the published files are read directly.
+tells a diffusers folder from ours; `diffusers_folder_scheduler(folder)` reads the scheduler_config.json
+beside it. `scheduler_from_diffusers(config)` and `diffusers_scheduler_config(scheduler, cls)` convert
+schedules.
+Nothing here imports diffusers: the published files are read directly.
 """
 
 from __future__ import annotations
@@ -15,9 +19,16 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ddpm.models.unet import CONFIG_NAME, UNet, load_checked
+from ddpm.models.unet import UNet
+from ddpm.models.weights import load_checked
+from ddpm.schedule import NoiseScheduler
 
+DIFFUSERS_CONFIG = (
+    "config.json"  # ours has the same name: the content ('_class_name' or 'class') tells them apart
+)
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+DIFFUSERS_SCHEDULER_CONFIG = "scheduler_config.json"
+PIPELINE_UNET, PIPELINE_SCHEDULER = "unet", "scheduler"  # the subfolders of a pipeline folder
 
 # UNet2DModel's constructor defaults (diffusers 0.42), for the keys an older config.json lacks: the DDPM
 # checkpoints' configs were written by diffusers 0.0.4 and have no dropout, add_attention, etc.
@@ -65,6 +76,21 @@ DIFFUSERS_RENAMES = {
     ".value.": ".to_v.",
     ".proj_attn.": ".to_out.",
 }
+# Our beta_schedule names that diffusers spells otherwise (Nichol & Dhariwal's cosine, capped at 0.999).
+DIFFUSERS_SCHEDULE_NAMES = {"cosine": "squaredcos_cap_v2"}
+# The diffusers schedulers `diffusers_scheduler_config` writes for, each with the settings that make it
+# compute what our sampler of the same maths computes ("ddpm", "ddim" with alpha_bar = 1 after the last step,
+# "dpm++").
+DIFFUSERS_SAMPLER_SETTINGS = {
+    "DDPMScheduler": {},
+    "DDIMScheduler": {"set_alpha_to_one": True},
+    "DPMSolverMultistepScheduler": {
+        "algorithm_type": "dpmsolver++",
+        "solver_order": 2,
+        "solver_type": "midpoint",
+        "final_sigmas_type": "zero",
+    },
+}
 
 
 def unet_from_diffusers(
@@ -88,16 +114,16 @@ def unet_from_diffusers(
     if folder is None:
         raise FileNotFoundError(
             f"no diffusers model in {directory}: expected config.json (or unet/config.json) with a "
-            "'_class_name' key, as UNet2DModel.save_pretrained writes; folders written by our "
-            "UNet.save_pretrained load with UNet.from_pretrained"
+            "'_class_name' key, as UNet2DModel.save_pretrained writes; ddpm model folders (written by "
+            "ddpm.save_pretrained) load with ddpm.load_pretrained"
         )
-    config = json.loads((folder / CONFIG_NAME).read_text())
+    config = json.loads((folder / DIFFUSERS_CONFIG).read_text())
     weights = next((folder / name for name in DIFFUSERS_WEIGHTS if (folder / name).is_file()), None)
     if weights is None:
         raise FileNotFoundError(f"no weights in {folder}: expected one of {list(DIFFUSERS_WEIGHTS)}")
     if config["_class_name"] != "UNet2DModel":
         raise ValueError(
-            f"{folder / CONFIG_NAME} describes a {config['_class_name']}; UNet.from_diffusers loads "
+            f"{folder / DIFFUSERS_CONFIG} describes a {config['_class_name']}; unet_from_diffusers loads "
             "UNet2DModel (the DDPM family) only"
         )
     model = UNet(**unet_kwargs_from_diffusers(config))
@@ -108,8 +134,8 @@ def unet_from_diffusers(
     load_checked(
         model,
         _rename_diffusers_tensors(state),
-        f"the tensors in {weights} do not fit the UNet2DModel that {folder / CONFIG_NAME} describes",
-        "the file may hold a modified UNet2DModel, which from_diffusers cannot map",
+        f"the tensors in {weights} do not fit the UNet2DModel that {folder / DIFFUSERS_CONFIG} describes",
+        "the file may hold a modified UNet2DModel, which unet_from_diffusers cannot map",
     )
     return model.to(device=device, dtype=dtype)
 
@@ -117,8 +143,8 @@ def unet_from_diffusers(
 def diffusers_unet_folder(directory: str | os.PathLike) -> Path | None:
     """The folder of a diffusers model in `directory`: itself, or its `unet/` (a pipeline folder); None when
     neither holds a diffusers config.json (one with a '_class_name' key; ours have 'class')."""
-    for folder in (Path(directory), Path(directory) / "unet"):
-        config = folder / CONFIG_NAME
+    for folder in (Path(directory), Path(directory) / PIPELINE_UNET):
+        config = folder / DIFFUSERS_CONFIG
         if config.is_file() and "_class_name" in json.loads(config.read_text()):
             return folder
     return None
@@ -136,7 +162,7 @@ def unet_kwargs_from_diffusers(config: dict) -> dict:
         attention_head_dim None -> num_heads = 1;  an int -> head_channels
         resnet_time_scale_shift "default" -> time_injection "add";  "scale_shift" -> "scale_shift"
         flip_sin_to_cos, freq_shift -> time_flip_sin_to_cos, time_freq_shift
-        num_class_embeds -> num_classes (see UNet.from_diffusers for the null label)
+        num_class_embeds -> num_classes (see unet_from_diffusers for the null label)
         downsample_padding 1 -> downsample "conv";  0 -> "conv_asymmetric"
     Anything else raises ValueError naming the option and what is supported: other block types
     (cross-attention, skip, ...), attention on one path only, time_embedding_type other than positional,
@@ -147,7 +173,7 @@ def unet_kwargs_from_diffusers(config: dict) -> dict:
     unknown = sorted(set(c) - set(DIFFUSERS_DEFAULTS))
     if unknown:
         raise ValueError(
-            f"unknown UNet2DModel option(s) {unknown}; UNet.from_diffusers knows those of diffusers 0.42: "
+            f"unknown UNet2DModel option(s) {unknown}; unet_from_diffusers knows those of diffusers 0.42: "
             f"{sorted(DIFFUSERS_DEFAULTS)}"
         )
     channels = list(c["block_out_channels"])
@@ -223,6 +249,90 @@ def unet_kwargs_from_diffusers(config: dict) -> dict:
         "num_classes": c["num_class_embeds"],
         "downsample": "conv" if c["downsample_padding"] == 1 else "conv_asymmetric",
     }
+
+
+def diffusers_folder_scheduler(directory: str | os.PathLike) -> NoiseScheduler:
+    """The NoiseScheduler of the scheduler_config.json beside a diffusers model: in `directory`, in its
+    scheduler/ (a pipeline folder) or in its parent's scheduler/ (`directory` is a pipeline's unet/);
+    DDPMScheduler's defaults (`scheduler_from_diffusers({})`) when there is none."""
+    folder = Path(directory)
+    for candidate in (folder, folder / PIPELINE_SCHEDULER, folder.parent / PIPELINE_SCHEDULER):
+        if (candidate / DIFFUSERS_SCHEDULER_CONFIG).is_file():
+            return scheduler_from_diffusers(json.loads((candidate / DIFFUSERS_SCHEDULER_CONFIG).read_text()))
+    return scheduler_from_diffusers({})
+
+
+def scheduler_from_diffusers(config: dict) -> NoiseScheduler:
+    """The NoiseScheduler equal to a diffusers DDPMScheduler, DDIMScheduler or DPMSolverMultistepScheduler
+    config (`scheduler_config.json`, `scheduler.config` or what `diffusers_scheduler_config` returns).
+
+    Keys the dict lacks take DDPMScheduler's defaults, notably clip_sample=True (which the published DDPM
+    checkpoints also set), but a DPMSolverMultistepScheduler config (its `_class_name`) has no clipping.
+    Their `squaredcos_cap_v2` is our `cosine`. `thresholding` with sample_max_value = 1 clamps x0 to
+    [-1, 1] (diffusers clamps the dynamic threshold to [1, sample_max_value]): it is read as clip_sample.
+    Dynamic thresholding (sample_max_value > 1) and trained_betas raise ValueError. `variance_type` is a
+    sampler option here (`ddpm.sample(variance=...)`); sampler settings (set_alpha_to_one, solver_order, ...)
+    are not part of a schedule and are ignored.
+    """
+    if config.get("trained_betas") is not None:
+        raise ValueError("the diffusers option trained_betas is not supported")
+    clip_sample = config.get("clip_sample", config.get("_class_name") != "DPMSolverMultistepScheduler")
+    clip_sample_range = config.get("clip_sample_range", 1.0) if clip_sample else 1.0
+    if config.get("thresholding", False):
+        if config.get("sample_max_value", 1.0) != 1.0:
+            raise ValueError(
+                f"diffusers' dynamic thresholding with sample_max_value={config['sample_max_value']} is "
+                "not supported; with sample_max_value=1.0 it is clip_sample=True (a clamp to [-1, 1])"
+            )
+        clip_sample, clip_sample_range = True, min(clip_sample_range, 1.0)
+    beta_schedule = config.get("beta_schedule", "linear")
+    ours_of = {theirs: ours for ours, theirs in DIFFUSERS_SCHEDULE_NAMES.items()}
+    return NoiseScheduler(
+        num_train_timesteps=config.get("num_train_timesteps", 1000),
+        beta_schedule=ours_of.get(beta_schedule, beta_schedule),
+        beta_start=config.get("beta_start", 1e-4),
+        beta_end=config.get("beta_end", 0.02),
+        prediction_type=config.get("prediction_type", "epsilon"),
+        rescale_betas_zero_snr=config.get("rescale_betas_zero_snr", False),
+        clip_sample=clip_sample,
+        clip_sample_range=clip_sample_range,
+        timestep_spacing=config.get("timestep_spacing", "leading"),
+        steps_offset=config.get("steps_offset", 0),
+    )
+
+
+def diffusers_scheduler_config(scheduler: NoiseScheduler, cls: str | type = "DDPMScheduler") -> dict:
+    """`scheduler` as keyword arguments of the diffusers scheduler `cls` (the class or its name, one of
+    DIFFUSERS_SAMPLER_SETTINGS: DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler), with the sampler
+    settings there, so that it computes what `ddpm.sample` computes with sampler "ddpm", "ddim" or "dpm++"
+    (and the same spacing). diffusers' `from_config` takes it too; `scheduler_from_diffusers` inverts it.
+
+    DPMSolverMultistepScheduler has no clip_sample: clip_sample=True becomes its thresholding with
+    sample_max_value=1.0, exactly a clamp of x0 to [-1, 1]; a clip_sample_range other than 1 raises
+    ValueError, having no equivalent there. An unknown scheduler raises ValueError listing the valid ones.
+    """
+    name = cls if isinstance(cls, str) else cls.__name__
+    if name not in DIFFUSERS_SAMPLER_SETTINGS:
+        raise ValueError(
+            f"unknown diffusers scheduler {name!r}; valid: {', '.join(DIFFUSERS_SAMPLER_SETTINGS)}"
+        )
+    beta_schedule = scheduler.config["beta_schedule"]
+    config = {
+        "_class_name": name,  # as in diffusers' own configs: whose keys these are (scheduler_from_diffusers)
+        **scheduler.config,
+        "beta_schedule": DIFFUSERS_SCHEDULE_NAMES.get(beta_schedule, beta_schedule),
+        **DIFFUSERS_SAMPLER_SETTINGS[name],
+    }
+    if name == "DPMSolverMultistepScheduler":
+        clip_sample, clip_sample_range = config.pop("clip_sample"), config.pop("clip_sample_range")
+        if clip_sample and clip_sample_range != 1.0:
+            raise ValueError(
+                f"clip_sample=True with clip_sample_range={clip_sample_range} has no equivalent in "
+                "DPMSolverMultistepScheduler (its thresholding clamps x0 to [-1, 1] at most); use "
+                "clip_sample_range=1.0 or sample with ddpm.sample(..., sampler='dpm++')"
+            )
+        config.update(thresholding=clip_sample, sample_max_value=1.0)
+    return config
 
 
 def _rename_diffusers_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:

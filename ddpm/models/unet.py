@@ -17,24 +17,15 @@ Conditioning: emb = MLP(sinusoid(t)) + label_embedding(y), handed to every ResBl
 
 from __future__ import annotations
 
-import inspect
-import json
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ddpm.version import ddpm_version
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 TIME_INJECTIONS = ("scale_shift", "add")
 DOWNSAMPLES = ("conv", "conv_asymmetric", "maxpool")
 
@@ -43,7 +34,7 @@ class UNet(nn.Module):
     """Predicts noise (or x0, or v) from a noisy image x_t, a timestep t and an optional class label y.
 
     `config` holds the constructor's keyword arguments (JSON-able) and is saved beside the weights by
-    `save_pretrained`. With `num_classes`, the label embedding has num_classes + 1 rows: id `null_class`
+    `ddpm.io.save_unet`. With `num_classes`, the label embedding has num_classes + 1 rows: id `null_class`
     (= num_classes) is the "no label" used for classifier-free guidance (Ho & Salimans 2022).
     """
 
@@ -237,75 +228,6 @@ class UNet(nn.Module):
         # It is checked where labels enter: the data set against num_classes, and the sampling entry.
         return emb + self.class_embedding(y)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Writes `config.json` (constructor kwargs + class and package version) and `model.safetensors`."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = {
-            "class": type(self).__name__,
-            "ddpm_version": ddpm_version(),
-            **self.config,
-        }
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_NAME))
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        directory: str | os.PathLike,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> UNet:
-        """Builds the UNet saved by `save_pretrained` in `directory` and loads its weights."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(
-                f"{directory} is not a directory; pass the folder written by UNet.save_pretrained(folder)"
-            )
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(
-                    f"{directory / name} not found; a pretrained folder holds {CONFIG_NAME} and "
-                    f"{WEIGHTS_NAME} as written by UNet.save_pretrained(folder)"
-                )
-        config = json.loads((directory / CONFIG_NAME).read_text())
-        saved_class = config.pop("class", cls.__name__)
-        config.pop("ddpm_version", None)
-        if saved_class != cls.__name__:
-            raise ValueError(f"{directory / CONFIG_NAME} describes a {saved_class}, not a {cls.__name__}")
-        valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-        unknown = sorted(set(config) - set(valid))
-        if unknown:
-            raise ValueError(
-                f"unknown config key(s) {unknown} in {directory / CONFIG_NAME}; valid keys: {valid}. "
-                "Remove them, or upgrade ddpm if the folder was written by a newer version"
-            )
-        model = cls(**config)
-        load_checked(
-            model,
-            load_file(str(directory / WEIGHTS_NAME)),
-            f"the weights in {directory / WEIGHTS_NAME} do not fit the config in {directory / CONFIG_NAME}",
-            "save the weights and the config together with save_pretrained",
-        )
-        return model.to(device=device, dtype=dtype)
-
-    @classmethod
-    def from_diffusers(
-        cls,
-        directory: str | os.PathLike,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> UNet:
-        """The UNet equal to a diffusers `UNet2DModel` saved in `directory`: see
-        `ddpm.interop.diffusers.unet_from_diffusers`, which this calls."""
-        # Imported here, not at the top: ddpm.interop.diffusers imports this module, and the network must
-        # not depend on the conversion.
-        from ddpm.interop.diffusers import unet_from_diffusers
-
-        return unet_from_diffusers(directory, device=device, dtype=dtype)
-
 
 def sinusoidal_embedding(
     t: Tensor, dim: int, *, flip_sin_to_cos: bool = False, freq_shift: float = 0.0
@@ -459,29 +381,6 @@ def _downsampler(kind: str, channels: int) -> nn.Module:
     if kind == "conv_asymmetric":
         return PadAfterConv2d(channels)
     return nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-
-def weight_mismatches(model: nn.Module, shapes: dict[str, Sequence[int]]) -> list[str]:
-    """What keeps tensors with these names and shapes (name -> shape) from loading into `model`: the missing,
-    unexpected and mis-shaped names, each as a short phrase; empty when they fit exactly."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = [f"missing {k}" for k in expected if k not in shapes]
-    problems += [f"unexpected {k}" for k in shapes if k not in expected]
-    problems += [
-        f"{k}: file {tuple(shape)} vs model {expected[k]}"
-        for k, shape in shapes.items()
-        if k in expected and tuple(shape) != expected[k]
-    ]
-    return problems
-
-
-def load_checked(model: nn.Module, state: dict[str, Tensor], mismatch: str, fix: str) -> None:
-    """Loads `state` into `model`, or raises ValueError "<mismatch> (<problems>); <fix>" listing the missing,
-    unexpected and mis-shaped tensors."""
-    problems = weight_mismatches(model, {k: v.shape for k, v in state.items()})
-    if problems:
-        raise ValueError(f"{mismatch} ({len(problems)} problems, e.g. {problems[:5]}); {fix}")
-    model.load_state_dict(state)
 
 
 def _check_config(config: dict) -> None:

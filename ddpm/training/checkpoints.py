@@ -25,7 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from ddpm.io import EMA, NOISE_SCHEDULER, CheckpointError, one_line, save_pretrained
-from ddpm.models.unet import UNet, weight_mismatches
+from ddpm.models.unet import UNet
+from ddpm.models.weights import weight_mismatches
 from ddpm.run_dir import (
     CHECKPOINTS,
     STEP_PREFIX,
