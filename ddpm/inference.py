@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ddpm.config import SampleConfig, load_config
 from ddpm.io import EMA, CheckpointError, atomic_write, load_model_folder, one_line
 from ddpm.models.unet import UNet
-from ddpm.run_dir import checkpoint_of, resolve_checkpoint, run_directory
+from ddpm.run_dir import RUN_CONFIG, SAMPLES, checkpoint_of, resolve_checkpoint, run_directory
 from ddpm.samplers import SampleOptionError, check_sample_options, sample
 from ddpm.schedule import NoiseScheduler
 
@@ -76,7 +76,7 @@ def load_for_sampling(
         ) from None
     weights = "diffusers" if from_diffusers else "raw" if folder == checkpoint else "ema"
     run = run_directory(checkpoint)
-    sampling = load_config(run / "config.yaml").sample if run is not None else SampleConfig()
+    sampling = load_config(run / RUN_CONFIG).sample if run is not None else SampleConfig()
     return Loaded(model, scheduler, weights, sampling, checkpoint, run)
 
 
@@ -238,7 +238,7 @@ def grid_from_checkpoint(
         name += [f"guidance{guidance_scale:g}"] if guidance_scale != 1 else []
         name += [f"seed{seed}", f"n{n}"]
         run = loaded.run_dir
-        out = (run / "samples" if run is not None else Path.cwd()) / f"sample-{'-'.join(name)}.png"
+        out = (run / SAMPLES if run is not None else Path.cwd()) / f"sample-{'-'.join(name)}.png"
     out = save_grid(images, out)
     if save_images:
         save_images_to(images, out.with_suffix(""))

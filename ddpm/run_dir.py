@@ -34,7 +34,9 @@ from ddpm.interop.diffusers import PIPELINE_UNET
 from ddpm.io import CONFIG_NAME, EMA, CheckpointError
 from ddpm.version import ddpm_version
 
+RUN_CONFIG = "config.yaml"  # the resolved config of the run
 CHECKPOINTS = "checkpoints"
+SAMPLES = "samples"  # sample grids
 TRAINER_STATE = "trainer_state.json"
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -100,7 +102,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if path.name.startswith(TMP_PREFIX) or path.parent.name.startswith(TMP_PREFIX):
         raise CheckpointError(f"{path} is a checkpoint that was never finished; name a step-NNNNNNN folder")
-    if (path / CHECKPOINTS).is_dir() or (path / "config.yaml").is_file():
+    if (path / CHECKPOINTS).is_dir() or (path / RUN_CONFIG).is_file():
         latest = latest_checkpoint(path)
         if latest is None:
             raise CheckpointError(f"no checkpoint in {path}; train one first: accelerate launch train.py")
@@ -125,4 +127,4 @@ def run_directory(folder: Path) -> Path | None:
     """The run directory a checkpoint folder (or its ema/) belongs to (it holds config.yaml), or None for a
     loose folder."""
     run = checkpoint_of(folder).parent.parent
-    return run if (run / "config.yaml").is_file() else None
+    return run if (run / RUN_CONFIG).is_file() else None

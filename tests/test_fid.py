@@ -336,7 +336,7 @@ def tiny_run(run: Path) -> tuple[UNet, NoiseScheduler, SampleConfig]:
     return model, scheduler, sample
 
 
-def test_a_run_directory_is_sampled_with_its_settings_and_fid_of_model_matches(tmp_path, random_weights):
+def test_a_run_directory_is_sampled_with_its_settings_and_model_statistics_match(tmp_path, random_weights):
     model, scheduler, sample = tiny_run(tmp_path / "run")
     # batch_size 1 with 2 classes: chunks of 2 images, which must add up to one call of generate.
     stats = fid.source_statistics(
@@ -350,9 +350,10 @@ def test_a_run_directory_is_sampled_with_its_settings_and_fid_of_model_matches(t
     np.testing.assert_allclose(stats.mu, expected.mu, rtol=1e-4, atol=1e-6)
 
     model.train()
-    value = fid.fid_of_model(
-        model, scheduler, expected, 4, sampling=sample, weights=random_weights, seed=3, progress=False
+    again = fid.model_statistics(
+        model, scheduler, 4, sampling=sample, weights=random_weights, seed=3, progress=False
     )
+    value = fid.frechet_distance(expected.mu, expected.sigma, again.mu, again.sigma)
     assert abs(value) < 1e-6 * np.trace(expected.sigma)  # the same images: FID 0
     assert model.training  # handed back in the mode it came in
 
@@ -511,5 +512,6 @@ def test_two_processes_over_gloo_share_the_fid_and_log_what_one_process_computes
     reference = fid.load_statistics(run / "fid_reference.npz")
     assert reference.n == 6
     sample = load_config(run / "config.yaml").sample
-    expected = fid.fid_of_model(model, scheduler, reference, 5, sampling=sample, weights=random_weights)
+    stats = fid.model_statistics(model, scheduler, 5, sampling=sample, weights=random_weights)
+    expected = fid.frechet_distance(reference.mu, reference.sigma, stats.mu, stats.sigma)
     assert record["step"] == 2 and record["fid"] == pytest.approx(expected, rel=1e-4)

@@ -48,7 +48,6 @@ from ddpm.fid.metric import (
 from ddpm.fid.sources import (
     SOURCES,
     fid,
-    fid_of_model,
     model_statistics,
     pair_statistics,
     reference_statistics,
@@ -64,7 +63,6 @@ __all__ = [
     "Statistics",
     "WeightsNotFoundError",
     "fid",
-    "fid_of_model",
     "frechet_distance",
     "inception_features",
     "load_statistics",

@@ -1,5 +1,5 @@
 """Where FID's images come from: a folder of images, a data set (a config's `data:` section), a model (its
-samples) or an .npz file of statistics; `fid` and `fid_of_model` on top. With an `accelerate.Accelerator`,
+samples) or an .npz file of statistics; `fid` on top. With an `accelerate.Accelerator`,
 the images are dealt out to the processes in chunks and their features gathered to the main process."""
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from ddpm.fid.metric import (
     to_uint8,
 )
 from ddpm.inference import generate, load_for_sampling
-from ddpm.run_dir import CHECKPOINTS
+from ddpm.io import CONFIG_NAME
+from ddpm.run_dir import CHECKPOINTS, RUN_CONFIG
 from ddpm.schedule import NoiseScheduler
 
 if TYPE_CHECKING:
@@ -58,38 +59,6 @@ def fid(
         real, fake, n=n, weights=weights, batch_size=batch_size, device=device, seed=seed, progress=progress
     )
     return frechet_distance(real_stats.mu, real_stats.sigma, fake_stats.mu, fake_stats.sigma)
-
-
-def fid_of_model(
-    model: torch.nn.Module,
-    scheduler: NoiseScheduler,
-    reference: Statistics,
-    n: int,
-    *,
-    sampling: SampleConfig | None = None,
-    weights: str | Path | None = None,
-    batch_size: int = 64,
-    seed: int = 0,
-    progress: bool = True,
-    accelerator: Accelerator | None = None,
-) -> float | None:
-    """FID of `n` images sampled from `model` (e.g. the EMA weights, during training) against `reference`
-    (from `reference_statistics`). See `model_statistics` for how the images are drawn and shared among the
-    processes of `accelerator`; the FID is returned on the main process, None on the others."""
-    stats = model_statistics(
-        model,
-        scheduler,
-        n,
-        sampling=sampling,
-        weights=weights,
-        batch_size=batch_size,
-        seed=seed,
-        progress=progress,
-        accelerator=accelerator,
-    )
-    if stats is None:
-        return None
-    return frechet_distance(reference.mu, reference.sigma, stats.mu, stats.sigma)
 
 
 @torch.no_grad()
@@ -231,7 +200,7 @@ def source_statistics(
         return reference_statistics(
             data, weights=weights, batch_size=batch_size, device=device, progress=progress
         )
-    if (path / CHECKPOINTS).is_dir() or (path / "config.yaml").is_file() or (path / "config.json").is_file():
+    if (path / CHECKPOINTS).is_dir() or (path / RUN_CONFIG).is_file() or (path / CONFIG_NAME).is_file():
         loaded = load_for_sampling(path, use_ema=True, device=resolve_device(device))
         if loaded.weights != "ema":
             warnings.warn(f"{loaded.folder} holds no EMA weights; sampling its raw weights", stacklevel=2)

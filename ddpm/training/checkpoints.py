@@ -24,7 +24,7 @@ from accelerate.utils import load as load_weights_only
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from ddpm.io import EMA, NOISE_SCHEDULER, CheckpointError, one_line, save_pretrained
+from ddpm.io import EMA, NOISE_SCHEDULER, WEIGHTS_NAME, CheckpointError, one_line, save_pretrained
 from ddpm.models.unet import UNet
 from ddpm.models.weights import weight_mismatches
 from ddpm.run_dir import (
@@ -42,7 +42,6 @@ from ddpm.run_dir import (
 from ddpm.schedule import NoiseScheduler
 from ddpm.version import ddpm_version
 
-WEIGHTS = "model.safetensors"
 _ABANDONED_PREFIX = "abandoned-after-"
 _PICKLED = (".bin", ".pkl", ".pt")  # the suffixes of the files Accelerate writes with torch.save
 # What a failed write raises: OSError (Python), RuntimeError (torch.save), SafetensorError (safetensors).
@@ -121,8 +120,8 @@ def load_training_state(
             f"note: {checkpoint} was written by ddpm {state.ddpm_version}, this is {ddpm_version()}"
         )
     _check_same_schedule(checkpoint, scheduler)
-    _check_weights_fit(checkpoint / WEIGHTS, model)
-    _check_weights_fit(checkpoint / EMA / WEIGHTS, ema_model)
+    _check_weights_fit(checkpoint / WEIGHTS_NAME, model)
+    _check_weights_fit(checkpoint / EMA / WEIGHTS_NAME, ema_model)
     for file in sorted(checkpoint.iterdir()):
         if file.suffix in _PICKLED:
             _check_unpickles_safely(file)
@@ -135,7 +134,7 @@ def load_training_state(
         )
     try:
         accelerator.load_state(str(checkpoint))
-        ema_model.load_state_dict(load_file(checkpoint / EMA / WEIGHTS))
+        ema_model.load_state_dict(load_file(checkpoint / EMA / WEIGHTS_NAME))
     except (OSError, RuntimeError, KeyError, ValueError, SafetensorError) as error:
         raise CheckpointError(
             f"cannot resume from {checkpoint}: {one_line(error)}; it is damaged: name an earlier checkpoint "

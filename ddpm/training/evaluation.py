@@ -8,8 +8,9 @@ import torch
 from accelerate import Accelerator
 
 from ddpm.config import Config
-from ddpm.fid import fid_of_model, reference_statistics
+from ddpm.fid import frechet_distance, model_statistics, reference_statistics
 from ddpm.inference import generate, save_grid
+from ddpm.run_dir import SAMPLES
 from ddpm.schedule import NoiseScheduler
 
 
@@ -53,7 +54,7 @@ class Evaluation:
                 seed=self.config.train.seed,
                 device=self.accelerator.device,
             )
-        save_grid(images, self.run_dir / "samples" / f"step-{step:07d}-ema.png")
+        save_grid(images, self.run_dir / SAMPLES / f"step-{step:07d}-ema.png")
 
     def fid(self, ema_model: torch.nn.Module, scheduler: NoiseScheduler) -> float | None:
         """FID of train.fid_n samples against the data: the value on the main process, None on the others.
@@ -63,10 +64,9 @@ class Evaluation:
         """
         train = self.config.train
         with self.accelerator.autocast():
-            return fid_of_model(
+            stats = model_statistics(
                 ema_model,
                 scheduler,
-                self.fid_reference,
                 train.fid_n,
                 sampling=self.config.sample,
                 weights=train.fid_weights,
@@ -74,3 +74,7 @@ class Evaluation:
                 progress=False,
                 accelerator=self.accelerator,
             )
+        if stats is None:
+            return None
+        reference = self.fid_reference
+        return frechet_distance(reference.mu, reference.sigma, stats.mu, stats.sigma)

@@ -23,7 +23,7 @@ from ddpm.data import build_dataset, num_classes_of
 from ddpm.ema import EMA
 from ddpm.losses import diffusion_loss, drop_labels
 from ddpm.models.unet import UNet
-from ddpm.run_dir import TrainerState, latest_checkpoint
+from ddpm.run_dir import RUN_CONFIG, TrainerState, latest_checkpoint
 from ddpm.schedule import NoiseScheduler
 from ddpm.training.accelerator import build_accelerator
 from ddpm.training.checkpoints import (
@@ -97,7 +97,7 @@ class Trainer:
             return latest_checkpoint(self.run_dir)
         if accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.config, self.run_dir / "config.yaml")
+            save_config(self.config, self.run_dir / RUN_CONFIG)
         last_saved = latest_checkpoint(self.run_dir)
         try:
             with self.log.open(self.config, step=self.state.step), self.signals:
