@@ -1,12 +1,12 @@
-"""Sample quality with an exact denoiser (tests/exact_score.py): the distance of the samples to the data
+"""Sample quality with an exact denoiser (ddpm/exact_score.py): the distance of the samples to the data
 distribution, for our samplers and diffusers' with the same network calls. Only discretisation error remains,
 so these compare the solvers themselves."""
 
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler
-from exact_score import MIXTURE, GaussianMixture, exact_predictor, wasserstein1
+from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
+from ddpm.exact_score import MIXTURE, GaussianMixture, exact_predictor, wasserstein1
 from ddpm.samplers import sample
 from ddpm.schedule import NoiseScheduler
 
@@ -74,6 +74,34 @@ def test_exact_predictor_is_the_posterior_mean():
         in_bin = (x_t - centre).abs() < 0.01
         predicted = model(torch.tensor([[centre]], dtype=torch.float64), torch.tensor([t]))
         assert eps[in_bin].mean().item() == pytest.approx(predicted.item(), abs=0.03)
+
+
+def test_fractional_timesteps_interpolate_log_sigma():
+    """Sigma-space solvers (diffusers' with Karras sigmas, k-diffusion's) call the model at fractional t: the
+    noise level there is log sigma interpolated linearly between the two integer timesteps."""
+    ab = NoiseScheduler().alphas_cumprod
+    model = exact_predictor(MIXTURE, ab, "epsilon")
+    x = torch.linspace(-1.5, 1.5, 7, dtype=torch.float64).reshape(7, 1)
+    sigma = ((1 - ab) / ab).sqrt()
+    sigma_t = sigma[400] ** 0.75 * sigma[401] ** 0.25  # t = 400.25: a quarter of the way in log sigma
+    _, eps = MIXTURE.posterior_means(x, 1 / (1 + sigma_t**2))
+    torch.testing.assert_close(model(x, torch.tensor(400.25)), eps, rtol=1e-12, atol=0)
+    torch.testing.assert_close(model(x, torch.tensor(400.0)), model(x, torch.tensor(400)), rtol=1e-12, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+def test_diffusers_karras_euler_driven_by_the_exact_predictor_reaches_the_sampling_floor():
+    """The premise of bench/samplers.py for sigma-space schedulers: with many steps, diffusers' Euler on
+    Karras sigmas (fractional t, inputs scaled by scale_model_input) samples the mixture."""
+    shape = (4, 1, 32, 32)
+    floor = wasserstein1(MIXTURE.sample(shape, torch.Generator().manual_seed(1)), MIXTURE)
+    ref = EulerDiscreteScheduler(use_karras_sigmas=True)
+    ref.set_timesteps(200)
+    model = exact_predictor(MIXTURE, NoiseScheduler().alphas_cumprod, "epsilon")
+    x = x_T(shape) * ref.init_noise_sigma
+    for t in ref.timesteps:
+        x = ref.step(model(ref.scale_model_input(x, t), t), t, x).prev_sample
+    assert wasserstein1(x, MIXTURE) < 2 * floor
 
 
 def test_many_steps_reach_the_sampling_floor():
