@@ -36,14 +36,14 @@ class GaussianMixture:
 
     def cdf(self, x: Tensor) -> Tensor:
         """F(x) = P(X <= x) = sum_k w_k Phi((x - mu_k) / sd_k), elementwise; float64, shape of x."""
-        w, mu, sd = self._params(x.device)
-        return (w * torch.special.ndtr((x.double().unsqueeze(-1) - mu) / sd)).sum(-1)
+        x = x.double()
+        return sum(w * torch.special.ndtr((x - mu) / sd) for w, mu, sd in self._components())
 
     def sample(self, shape, generator: torch.Generator) -> Tensor:
         """Independent draws of `shape` (component k with probability w_k, then N(mu_k, sd_k^2)), float64 on
         the CPU."""
         n = math.prod(shape)
-        w, mu, sd = self._params("cpu")
+        w, mu, sd = (torch.tensor(p, dtype=torch.float64) for p in (self.weights, self.means, self.stds))
         k = torch.multinomial(w, n, replacement=True, generator=generator)
         z = torch.randn(n, generator=generator, dtype=torch.float64)
         return (mu[k] + sd[k] * z).reshape(shape)
@@ -54,22 +54,22 @@ class GaussianMixture:
 
         x_t: any shape; alpha_bar broadcastable to it. Returns float64 tensors of x_t's shape.
         """
-        w, mu, sd = self._params(x_t.device)
-        x, ab = x_t.double().unsqueeze(-1), alpha_bar.double().unsqueeze(-1)
+        x, ab = x_t.double(), alpha_bar.double().to(x_t.device)
         a, s2 = ab.sqrt(), 1 - ab
-        var = ab * sd**2 + s2  # v_k, >= min(sd_k^2, 1) > 0
-        resid = x - a * mu
-        log_r = w.log() - 0.5 * var.log() - 0.5 * resid**2 / var
-        r = torch.softmax(log_r, dim=-1)
-        x0 = (r * (mu + a * sd**2 * resid / var)).sum(-1)
-        eps = (r * (s2.sqrt() * resid / var)).sum(-1)
-        return x0, eps
+        log_r, x0_k, eps_k = [], [], []
+        # One full-size tensor per component (K small): broadcasting a trailing K dim is ~10x slower on CPU.
+        for w, mu, sd in self._components():
+            var = ab * sd**2 + s2  # v_k, >= min(sd_k^2, 1) > 0
+            resid = x - a * mu
+            log_r.append(math.log(w) - 0.5 * var.log() - 0.5 * resid**2 / var)
+            x0_k.append(mu + a * sd**2 * resid / var)
+            eps_k.append(s2.sqrt() * resid / var)
+        r = torch.softmax(torch.stack(log_r), dim=0)  # (K, ...) P(k | x_t)
+        return (r * torch.stack(x0_k)).sum(0), (r * torch.stack(eps_k)).sum(0)
 
-    def _params(self, device) -> tuple[Tensor, Tensor, Tensor]:
-        """(K,) float64 tensors of the weights, means and stds on `device`."""
-        return tuple(
-            torch.tensor(p, dtype=torch.float64, device=device) for p in (self.weights, self.means, self.stds)
-        )
+    def _components(self) -> list[tuple[float, float, float]]:
+        """[(w_k, mu_k, sd_k)] for each component k."""
+        return list(zip(self.weights, self.means, self.stds, strict=True))
 
 
 # Three well separated modes of different widths inside [-1, 1]: few-step samplers visibly miss them.
