@@ -123,10 +123,10 @@ class Result:
 
 def main() -> None:
     args = parse_args()
+    torch.set_num_threads(args.threads)
     if args.overhead:
         overhead(args)
         return
-    torch.set_num_threads(args.threads)
     shape = (args.pixels // 1024, 1, 32, 32)
     floor = [
         wasserstein1(MIXTURE.sample(shape, torch.Generator().manual_seed(s)), MIXTURE) for s in seeds(args)
@@ -150,7 +150,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pixels", type=int, default=None, help="pixels per run (default: 16,384)")
     parser.add_argument("--schedules", default=",".join(SCHEDULES), help="beta schedules (linear,cosine)")
     # One thread: the predictor's elementwise work on 16k pixels is too small to split, and on a loaded
-    # machine two threads wait on each other (100x slower per operation, measured).
+    # machine two threads wait on each other (100x slower per operation, measured). --overhead times the
+    # solvers and the UNet with the same threads.
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--out", default=None, help="output prefix (default: bench/results/samplers[-quick])")
     parser.add_argument("--overhead", action="store_true", help="time the solvers against a UNet forward")
