@@ -852,6 +852,20 @@ def test_sample_passes_a_solver_its_declared_options_and_no_other(monkeypatch):
         (["sample.steps=0"], r"'sample\.steps' .*: expected an integer in 1\.\.num_train_timesteps=1000"),
         (["sample.guidance_scale=.inf"], r"'sample\.guidance_scale' .*: expected a finite number >= 0"),
         (["sample.sampler=dmp"], r"invalid value 'dmp' for 'sample\.sampler' .*: expected one of ddpm, ddim"),
+        (["sample.calls=0"], r"'sample\.calls' .*: expected an integer in 1\.\.1000 \(network calls of "),
+        (
+            ["sample.sampler=heun", "sample.calls=2001"],
+            r"'sample\.calls' .*: expected an integer in 1\.\.1999 \(network calls of sampler 'heun'\)",
+        ),
+        (["sample.calls=1.5"], r"'sample\.calls' .*: expected an integer or null"),
+        (
+            ["sample.options={s_churn: 1}"],
+            r"invalid value 's_churn' for 'sample\.options' in override .*: expected an option of sampler ",
+        ),
+        (
+            ["sample.sampler=heun", "sample.options={s_noise: -1}"],
+            r"invalid value -1 for 'sample\.options\.s_noise' in override 'sample\.options=.*: expected a ",
+        ),
     ],
 )
 def test_config_refuses_sampling_settings_sample_would_refuse(overrides, message):
@@ -863,6 +877,9 @@ def test_config_refuses_sampling_settings_sample_would_refuse(overrides, message
 def test_config_sampling_settings_at_the_bounds_load():
     config = load_config(None, ["diffusion.num_train_timesteps=100", "sample.steps=100", "sample.eta=1"])
     assert config.sample.steps == 100 and config.sample.eta == 1.0
+    overrides = ["sample.sampler=heun", "sample.calls=199", "sample.options={s_churn: 40, s_tmax: .inf}"]
+    config = load_config(None, ["diffusion.num_train_timesteps=100", *overrides])
+    assert config.sample.calls == 199 and config.sample.options == {"s_churn": 40, "s_tmax": math.inf}
 
 
 class ClassToy(nn.Module):

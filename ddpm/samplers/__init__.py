@@ -6,6 +6,7 @@ signature, `solver(denoise, x, timesteps, scheduler, *, <its own options>, disab
 
 from ddpm.samplers.sampling import (
     DROP_LAST,
+    SAMPLE_KEYWORDS,
     SAMPLERS,
     Budget,
     SampleOptionError,
@@ -30,6 +31,7 @@ from ddpm.samplers.solvers import (
 
 __all__ = [
     "DROP_LAST",
+    "SAMPLE_KEYWORDS",
     "SAMPLERS",
     "VARIANCES",
     "Budget",
