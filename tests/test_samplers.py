@@ -290,6 +290,7 @@ def test_sigma_space_samplers_match_diffusers(name, prediction_type, spacing):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
 @pytest.mark.parametrize("spacing", ["karras", "exponential"])
 def test_sigma_spacings_give_continuous_timesteps_at_their_noise_levels(spacing):
     """diffusers' karras/exponential sigmas (its DPMSolverMultistepScheduler lays them out between the
@@ -530,6 +531,24 @@ def test_model_sees_every_timestep_of_the_list_as_a_long_batch(name):
     if name == "heun":
         expected = torch.cat([expected[:1], expected[1:].repeat_interleave(2)])
     assert torch.equal(seen[:, 0], expected) and torch.equal(seen[:, 0], seen[:, 1])
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_takes_the_continuous_timesteps_of_the_sigma_spacings(name):
+    """ "karras": float timesteps reach the model as they are (no rounding), and every sampler, DDPM and DDIM
+    included, steps between their noise levels and returns the predicted x0 on its last step."""
+    scheduler = NoiseScheduler(prediction_type="sample", timestep_spacing="karras")
+    seen, c = [], torch.full(SHAPE, 0.25, dtype=torch.float64)
+
+    def model(x, t, y):
+        seen.append(t[0].item())
+        return c
+
+    generator = torch.Generator().manual_seed(0)
+    got = sample(model, scheduler, noise=x_T(), sampler=name, steps=5, generator=generator, progress=False)
+    torch.testing.assert_close(got, c, rtol=0, atol=1e-12)
+    assert sorted(set(seen), reverse=True) == scheduler.inference_timesteps(5).tolist()
+    assert any(t != round(t) for t in seen)
 
 
 def test_ddpm_with_all_training_steps_visits_every_timestep():
