@@ -87,8 +87,9 @@ def sample(
     to x0.
 
     model: any callable `model(x, t, y)` returning the prediction `scheduler.prediction_type` names, with x
-        (N, C, H, W), t an (N,) long tensor on x's device and y (N,) long labels or None. An nn.Module whose
-        parameters are half precision gets x in that dtype; its output is cast back.
+        (N, C, H, W), t an (N,) tensor on x's device (long; float64, continuous, for the spacings "karras" and
+        "exponential") and y (N,) long labels or None. An nn.Module whose parameters are half precision gets
+        x in that dtype; its output is cast back.
     shape: (N, C, H, W) of x_T drawn from `generator`, or `noise`: x_T itself; exactly one of the two.
         Drawn noise is float32 on the generator's device (so a CPU generator gives the same images on any
         device), then moved to the model's device (the device of its first parameter; else the generator's).
@@ -264,7 +265,7 @@ def _denoiser(
     model_dtype = param.dtype if param is not None and param.is_floating_point() else dtype
 
     def denoise(x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        t_batch = t.to(x_t.device).repeat(x_t.shape[0])  # (N,) long
+        t_batch = t.to(x_t.device).repeat(x_t.shape[0])  # (N,) long, or float64 (continuous timesteps)
         if guidance_scale == 1.0:
             out = model(x_t.to(model_dtype), t_batch, y)
         else:  # one batched call: first half conditional, second half with the null label

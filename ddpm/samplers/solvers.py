@@ -165,10 +165,8 @@ def heun(
         if sigma_hat > sigma * (1 + 1e-9):  # EDM Alg. 2, lines 5-6, in x_t = x_sigma / sqrt(1 + sigma^2)
             noise = gaussian_noise(x.shape, x.dtype, x.device, generator)
             x_hat = x / ab**0.5 + (sigma_hat**2 - sigma**2) ** 0.5 * s_noise * noise
-            x, t = (
-                x_hat / (1 + sigma_hat**2) ** 0.5,
-                scheduler.sigma_to_t(sigma_hat),
-            )
+            x = x_hat / (1 + sigma_hat**2) ** 0.5
+            t = scheduler.sigma_to_t(sigma_hat)  # continuous: the model sees x_hat at its own level
         else:  # no churn here, or none left below sigma_max (up to rounding)
             sigma_hat = sigma
         x0, eps = denoise(x, t)
