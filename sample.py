@@ -1,22 +1,27 @@
 """Sample images from a trained model and write them as a PNG grid.
 
-    python sample.py --n 16 [--checkpoint RUN_OR_CHECKPOINT] [--sampler ddim] [--steps 50] [--out FILE]
+    python sample.py --n 16 [--checkpoint RUN_OR_CHECKPOINT] [--sampler ddim] [--steps 50 | --calls 50]
+        [--option NAME=VALUE ...] [--out FILE]
 
 Sampler settings default to the `sample:` section of the run's config, and the noise schedule is the one saved
-with the weights, so nothing from training is re-typed.
+with the weights, so nothing from training is re-typed. The cost of a sampler is its network calls: --calls
+takes as many steps as fit in that many (a Heun step costs two); the steps and calls used go to stderr.
 
 Exit status: 0 with the grid's path on stdout; 1 with a one-line `error: ...` on stderr for a bad option or
 checkpoint.
 """
 
 import argparse
+import functools
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
+
+import yaml
 
 from ddpm.config import DEFAULT_CONFIG
 from ddpm.inference import grid_from_checkpoint
 from ddpm.io import CheckpointError
-from ddpm.samplers import SAMPLERS
+from ddpm.samplers import SAMPLE_KEYWORDS, SAMPLERS, solver_options
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,9 +44,29 @@ def main(argv: list[str] | None = None) -> None:
         help="grid PNG path (default: RUN/samples/sample-STEP-WEIGHTS-SAMPLERSTEPS-...-seedS-nN.png, "
         "named after every setting that changes the images)",
     )
-    parser.add_argument("--sampler", choices=sorted(SAMPLERS), help="default: the run's sample.sampler")
-    parser.add_argument("--steps", type=int, help="sampler steps (default: the run's sample.steps)")
+    parser.add_argument(
+        "--sampler",
+        choices=list(SAMPLERS),
+        metavar="SAMPLER",
+        help=f"one of {', '.join(SAMPLERS)} (default: the run's sample.sampler)",
+    )
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="sampler steps (default: the run's sample.steps)")
+    budget.add_argument(
+        "--calls",
+        type=int,
+        help="network calls instead of steps: the most steps that cost at most this many (default: the "
+        "run's sample.calls when set)",
+    )
     parser.add_argument("--eta", type=float, help="DDIM eta (default: the run's sample.eta)")
+    parser.add_argument(
+        "--option",
+        action="append",
+        type=_option,
+        metavar="NAME=VALUE",
+        help=f"a solver option, repeatable ({_solver_options_help()}); default: the run's sample.options "
+        "when sampling with its sampler",
+    )
     parser.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded seed+i (>= 0)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--class-label", type=int, help="class of every image (default: cycle over classes)")
@@ -63,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
             out=args.out,
             sampler=args.sampler,
             steps=args.steps,
+            calls=args.calls,
             eta=args.eta,
+            options=dict(args.option) if args.option else None,
             seed=args.seed,
             batch_size=args.batch_size,
             class_label=args.class_label,
@@ -71,10 +98,28 @@ def main(argv: list[str] | None = None) -> None:
             save_images=args.save_images,
             use_ema=not args.raw,
             schedule=args.schedule,
+            say=functools.partial(print, file=sys.stderr),
         )
     except (CheckpointError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     print(grid)
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """NAME=VALUE, the value read as a YAML scalar (as config overrides are): s_churn=40 gives 40."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, e.g. s_churn=40, got {text!r}")
+    return name, yaml.safe_load(value)
+
+
+def _solver_options_help() -> str:
+    """The solver options of each sampler that has some, for --help: "heun: s_churn, s_tmin, ..."."""
+    listed = []
+    for name, solver in SAMPLERS.items():
+        own = [option for option in solver_options(solver) if option not in SAMPLE_KEYWORDS]
+        listed += [f"{name}: {', '.join(own)}"] if own else []
+    return "; ".join(listed) or "none"
 
 
 if __name__ == "__main__":

@@ -86,10 +86,12 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     sampler: str = "ddim"  # a name in ddpm.samplers.SAMPLERS
-    steps: int = 50  # model evaluations per sample (network calls)
+    steps: int = 50  # solver steps per sample (a Heun step costs two network calls)
     eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
     n: int = 16  # images in the in-training grid
     guidance_scale: float = 1.0  # classifier-free guidance weight; 1 = conditional model alone
+    calls: int | None = None  # instead of steps: network calls per sample, the most steps that fit in them
+    options: dict[str, Any] = field(default_factory=dict)  # the solver's own options, e.g. {s_churn: 40}
 
 
 @dataclass
@@ -257,7 +259,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.fid_every": _AT_LEAST_0,
     "train.fid_n": _AT_LEAST_1,
     "train.cpu_threads": _AT_LEAST_0,
-    "sample.n": _AT_LEAST_1,  # sampler, steps, eta, guidance_scale: ddpm.samplers.check_sample_options
+    "sample.n": _AT_LEAST_1,  # the others: ddpm.samplers.check_sample_options
 }
 
 
@@ -272,6 +274,8 @@ _TYPES: dict[Any, tuple[Callable[[Any], bool], str]] = {
     bool: (lambda v: isinstance(v, bool), "true or false"),
     str: (lambda v: isinstance(v, str), "a string"),
     str | None: (lambda v: v is None or isinstance(v, str), "a string or null"),
+    int | None: (lambda v: v is None or isinstance(v, int) and not isinstance(v, bool), "an integer or null"),
+    dict[str, Any]: (lambda v: isinstance(v, Mapping) and all(isinstance(k, str) for k in v), "a mapping"),
     tuple[float, float]: (
         lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(map(_is_number, v)),
         "a list of two numbers",
@@ -347,14 +351,19 @@ def _build_section(section: str, values: dict[str, Any], where: Callable[[str], 
 
 
 def _check_sample(sample: SampleConfig, diffusion: Mapping[str, Any], where: Callable[[str], str]) -> None:
-    """The sampling settings, by the check `ddpm.sample` itself makes (steps up to the diffusion's T)."""
+    """The sampling settings, by the check `ddpm.sample` itself makes (steps up to the diffusion's T); calls,
+    when set, replace steps."""
     T = diffusion.get("num_train_timesteps", _defaults(NoiseScheduler)["num_train_timesteps"])
-    options = {k: getattr(sample, k) for k in ("sampler", "steps", "eta", "guidance_scale")}
+    names = ("sampler", "steps", "calls", "eta", "guidance_scale", "options")
+    options = {k: getattr(sample, k) for k in names}
+    if sample.calls is not None:
+        options["steps"] = None
     try:  # a T of the wrong type is NoiseScheduler's to report
         check_sample_options(**options, num_train_timesteps=T if isinstance(T, int) else None)
     except SampleOptionError as error:
-        key = f"sample.{error.option}"
-        raise ConfigError(_invalid(key, error.value, where, error.expected)) from None
+        key = f"sample.{error.option}"  # an entry of the options mapping: sample.options.NAME
+        message = _invalid(key, error.value, lambda _: where(".".join(key.split(".")[:2])), error.expected)
+        raise ConfigError(message) from None
 
 
 def _refused(sections: Mapping[str, dict[str, Any]], aliases: Mapping[str, str]) -> list[str]:

@@ -9,9 +9,9 @@ does the diffusion maths.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from ddpm.config import SampleConfig, load_config
 from ddpm.io import EMA, CheckpointError, atomic_write, load_model_folder, one_line
 from ddpm.models.unet import UNet
 from ddpm.run_dir import RUN_CONFIG, SAMPLES, checkpoint_of, resolve_checkpoint, run_directory
-from ddpm.samplers import SampleOptionError, check_sample_options, sample
+from ddpm.samplers import SampleOptionError, check_sample_options, sample, sampling_budget
 from ddpm.schedule import NoiseScheduler
 
 _SAMPLER_NOISE = 1  # the SeedSequence purpose key of the samplers' noise streams
@@ -88,8 +88,10 @@ def generate(
     *,
     image_shape: Sequence[int],
     sampler: str = "ddim",
-    steps: int = 50,
+    steps: int | None = 50,
+    calls: int | None = None,
     eta: float = 0.0,
+    options: Mapping[str, Any] | None = None,
     class_label: int | None = None,
     guidance_scale: float = 1.0,
     seed: int = 0,
@@ -106,9 +108,10 @@ def generate(
     with a hash of (seed + s, 1) by numpy's SeedSequence, a stream unrelated to any x_T's (so those images
     change with the batch size). For a class-conditional model, images get `class_label` when given, else
     labels 0, 1, ... cycling over the classes; `guidance_scale` applies classifier-free guidance against the
-    null label.
+    null label. `calls`, when given, replaces `steps` (see `ddpm.sample`); `options` are the solver's own.
     """
     batch_size = batch_size or n
+    steps = None if calls is not None else steps
     _check_options(n=n, batch_size=batch_size, seed=seed)
     _check_labels(model, class_label=class_label, guidance_scale=guidance_scale)
     num_classes = getattr(model, "num_classes", None)
@@ -132,7 +135,9 @@ def generate(
             noise=noise,
             sampler=sampler,
             steps=steps,
+            calls=calls,
             eta=eta,
+            options=options,
             y=y,
             guidance_scale=guidance_scale,
             generator=generator,
@@ -175,7 +180,9 @@ def grid_from_checkpoint(
     out: str | Path | None = None,
     sampler: str | None = None,
     steps: int | None = None,
+    calls: int | None = None,
     eta: float | None = None,
+    options: Mapping[str, Any] | None = None,
     seed: int = 0,
     batch_size: int = 64,
     class_label: int | None = None,
@@ -183,17 +190,23 @@ def grid_from_checkpoint(
     save_images: bool = False,
     use_ema: bool = True,
     schedule: str | Path | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> Path:
     """Draw `n` images from a run, a checkpoint (or its ema/), a model folder or a diffusers folder and write
     them as a grid; returns the grid's path. What sample.py does.
 
     `checkpoint` None means the run directory named by `default_config`'s output_dir. Sampler options left
     None come from the run's saved config (its `sample:` section), else from `SampleConfig`'s defaults; the
-    run's eta applies only when sampling with ddim. The noise schedule is the one saved with the weights, or
-    the file `schedule` names (see `load_for_sampling`). `out` None writes RUN/samples/ (the current folder
-    for a loose folder) sample-CHECKPOINT-WEIGHTS-SAMPLERSTEPS[-etaE][-classC][-guidanceG]-seedS-nN.png, a
-    name that differs whenever the images would; `save_images` also writes one PNG per image in the folder
-    of the grid's name without .png. The device is CUDA when available (with bf16 or fp16 autocast), else the
+    run's eta applies only when sampling with ddim, and its solver options only with its own sampler. `steps`
+    or `calls` (a network-call budget) given replace both of the run's; else the run's calls, when set,
+    replace its steps. `say`, when given, is told the steps and network calls used
+    ("heun: 10 steps, 19 network calls (from the calls asked for)"). The noise schedule is the one saved with
+    the weights, or the file `schedule` names (see `load_for_sampling`). `out` None writes RUN/samples/ (the
+    current folder for a loose folder)
+    sample-CHECKPOINT-WEIGHTS-SAMPLERSTEPS[-callsC][-NAMEVALUE...][-etaE][-classC][-guidanceG]-seedS-nN.png
+    (callsC where the calls differ from the steps, NAMEVALUE for each solver option), a name that differs
+    whenever the images would; `save_images` also writes one PNG per image in the folder of the grid's name
+    without .png. The device is CUDA when available (with bf16 or fp16 autocast), else the
     CPU. Raises ValueError, naming the sample.py option, for a bad option and CheckpointError for weights
     that are missing, damaged or do not fit their config.
     """
@@ -205,16 +218,34 @@ def grid_from_checkpoint(
     loaded = load_for_sampling(checkpoint, use_ema=use_ema, schedule=schedule, device=device)
     defaults = loaded.sampling
     sampler = sampler or defaults.sampler
-    steps = defaults.steps if steps is None else steps
+    if steps is None and calls is None:
+        steps, calls = (defaults.steps, None) if defaults.calls is None else (None, defaults.calls)
     if eta is None:
         eta = defaults.eta if sampler == "ddim" else 0.0  # the run's eta is a DDIM setting
+    if options is None:  # the run's solver options are settings of its own sampler
+        options = defaults.options if sampler == defaults.sampler else {}
     guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
-    options = {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale}
+    settings = {
+        "sampler": sampler,
+        "steps": steps,
+        "calls": calls,
+        "eta": eta,
+        "options": dict(options),
+        "guidance_scale": guidance_scale,
+    }
     try:
-        check_sample_options(**options, num_train_timesteps=loaded.scheduler.num_train_timesteps)
+        check_sample_options(**settings, num_train_timesteps=loaded.scheduler.num_train_timesteps)
     except SampleOptionError as error:
+        if error.option == "options":
+            raise ValueError(f"--option {error.value}=...: expected {error.expected}") from None
+        if error.option.startswith("options."):
+            name = error.option.removeprefix("options.")
+            raise ValueError(f"--option {name}={error.value}: expected {error.expected}") from None
         flag = "--" + error.option.replace("_", "-")
         raise ValueError(f"{flag} {error.value}: expected {error.expected}") from None
+    budget = sampling_budget(sampler, steps=steps, calls=calls)
+    if say is not None:
+        say(f"{sampler}: {budget}")
     config = loaded.model.config
     shape = (config["in_channels"], config["image_size"], config["image_size"])
     autocast_dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
@@ -224,7 +255,7 @@ def grid_from_checkpoint(
             loaded.scheduler,
             n,
             image_shape=shape,
-            **options,  # the sampler settings just checked
+            **settings,  # the sampler settings just checked
             class_label=class_label,
             seed=seed,
             batch_size=batch_size,
@@ -232,7 +263,9 @@ def grid_from_checkpoint(
             progress=True,
         )
     if out is None:
-        name = [loaded.folder.name, loaded.weights, f"{sampler}{steps}"]
+        name = [loaded.folder.name, loaded.weights, f"{sampler}{budget.steps}"]
+        name += [f"calls{budget.calls}"] if budget.calls != budget.steps else []
+        name += [f"{key}{_name_value(value)}" for key, value in sorted(settings["options"].items())]
         name += [f"eta{eta:g}"] if eta else []
         name += [f"class{class_label}"] if class_label is not None else []
         name += [f"guidance{guidance_scale:g}"] if guidance_scale != 1 else []
@@ -243,6 +276,11 @@ def grid_from_checkpoint(
     if save_images:
         save_images_to(images, out.with_suffix(""))
     return out
+
+
+def _name_value(value: Any) -> str:
+    """A solver option's value as a file name part: numbers as %g (inf: "inf"), others as str."""
+    return f"{value:g}" if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
 
 
 def _check_options(**options: int) -> None:

@@ -3,7 +3,12 @@ the conversions between the model's output and (x0, epsilon), SNR loss weights a
 
 Notation (Ho et al. 2020): beta_t is the variance of the noise added at step t, alpha_t = 1 - beta_t and
 alpha_bar_t = prod_{s <= t} alpha_s, so that x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps.
-Timesteps are integers 0 .. T-1 (T = num_train_timesteps), 0 being the least noisy.
+Timesteps are integers 0 .. T-1 (T = num_train_timesteps), 0 being the least noisy. The noise level of x_t in
+the variance-exploding view x_t / sqrt(alpha_bar_t) = x0 + sigma_t eps is sigma_t = sqrt((1 - alpha_bar_t) /
+alpha_bar_t) (Karras et al. 2022); a continuous sigma maps to a continuous t in [0, T-1] by linear
+interpolation of log sigma between the integer timesteps (k-diffusion's and diffusers' `sigma_to_t`), and
+back by the same interpolation (`alpha_bar` at a float t), so sigma-space spacings ("karras", "exponential")
+drive any discrete-time model.
 
 Zero terminal SNR (Lin et al. 2024, `rescale_betas_zero_snr=True`) makes alpha_bar_{T-1} exactly 0, so x_{T-1}
 is pure noise. Then epsilon prediction cannot be turned into an x0 estimate at t = T-1
@@ -21,7 +26,9 @@ from torch import Tensor
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential")
+SIGMA_SPACINGS = ("karras", "exponential")  # spaced in sigma between the schedule's ends: float timesteps
+KARRAS_RHO = 7.0  # Karras et al. 2022, Eq. 5: the rho of their experiments
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 
@@ -42,7 +49,7 @@ class NoiseScheduler:
         rescale_betas_zero_snr: bool = False,  # rescale so that alpha_bar_{T-1} = 0 (Lin et al. 2024, Alg. 1)
         clip_sample: bool = False,  # clamp the x0 estimate to [-clip_sample_range, clip_sample_range]
         clip_sample_range: float = 1.0,
-        timestep_spacing: str = "trailing",  # inference timesteps: one of TIMESTEP_SPACINGS (as in diffusers)
+        timestep_spacing: str = "trailing",  # one of TIMESTEP_SPACINGS: see inference_timesteps
         steps_offset: int = 0,  # added to "leading" timesteps (as in diffusers)
     ):
         _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
@@ -64,6 +71,12 @@ class NoiseScheduler:
                 "rescale_betas_zero_snr=True needs prediction_type 'v_prediction' (or 'sample'): at zero "
                 "terminal SNR x_T is pure noise, so an epsilon prediction gives no estimate of x0 there "
                 "(Lin et al. 2024)"
+            )
+        if rescale_betas_zero_snr and timestep_spacing in SIGMA_SPACINGS:
+            raise ValueError(
+                f"timestep_spacing={timestep_spacing!r} spaces the noise levels between sigma_max and "
+                "sigma_min, but rescale_betas_zero_snr=True makes sigma_max infinite (alpha_bar_{T-1} = 0): "
+                "use timestep_spacing 'trailing' (Lin et al. 2024) or rescale_betas_zero_snr=False"
             )
         self.config = {
             "num_train_timesteps": num_train_timesteps,
@@ -90,6 +103,8 @@ class NoiseScheduler:
         self.betas = betas  # (T,) float64
         self.alphas = 1.0 - betas  # (T,) float64
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (T,) float64, alpha_bar_t
+        # (T,) float64, increasing; +inf at zero terminal SNR
+        self.log_sigmas = 0.5 * ((1 - self.alphas_cumprod).log() - self.alphas_cumprod.log())
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
@@ -98,9 +113,10 @@ class NoiseScheduler:
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """Sample q(x_t | x0) (Ho et al. Eq. 4): x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps.
 
-        x0, noise: (N, ...); t: (N,) long. Returns (N, ...) in x0's dtype, at least float32.
+        x0, noise: (N, ...); t: (N,) long or float (see `alpha_bar`). Returns (N, ...) in x0's dtype, at
+        least float32.
         """
-        alpha_bar = self._gather(self.alphas_cumprod, t, x0)
+        alpha_bar = self._gather(t, x0)
         return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
     def velocity(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -108,7 +124,7 @@ class NoiseScheduler:
 
         x0, noise: (N, ...); t: (N,) long. Returns (N, ...).
         """
-        alpha_bar = self._gather(self.alphas_cumprod, t, x0)
+        alpha_bar = self._gather(t, x0)
         return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
 
     def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -122,12 +138,13 @@ class NoiseScheduler:
     def predict_x0_and_eps(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Turn a model output into the estimates (x0, eps) at x_t; the one conversion every sampler uses.
 
-        model_output, x_t: (N, ...); t: (N,) long. With `clip_sample`, x0 is clamped and eps re-derived from
-        the clamped x0 so that the pair stays consistent with x_t (as in GLIDE / improved-diffusion's DDIM).
-        Divides only by sqrt(alpha_bar_t) for epsilon prediction (alpha_bar_t > 0 there, see the module
-        docstring) and by sqrt(1 - alpha_bar_t) >= sqrt(beta_0) otherwise.
+        model_output, x_t: (N, ...); t: (N,) long or float (see `alpha_bar`). With `clip_sample`, x0 is
+        clamped and eps re-derived from the clamped x0 so that the pair stays consistent with x_t (as in
+        GLIDE / improved-diffusion's DDIM). Divides only by sqrt(alpha_bar_t) for epsilon prediction
+        (alpha_bar_t > 0 there, see the module docstring) and by sqrt(1 - alpha_bar_t) >= sqrt(beta_0)
+        otherwise.
         """
-        alpha_bar = self._gather(self.alphas_cumprod, t, x_t)
+        alpha_bar = self._gather(t, x_t)
         a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()  # signal and noise scales of x_t = a x0 + s eps
         if self.prediction_type == "epsilon":
             eps = model_output
@@ -143,12 +160,45 @@ class NoiseScheduler:
             eps = (x_t - a * x0) / s
         return x0, eps
 
+    def alpha_bar(self, t: Tensor) -> Tensor:
+        """alpha_bar at timesteps t, float64 (float32 on MPS), t's shape and device.
+
+        Integer t: the table, alphas_cumprod[t]. Float t, continuous time in [0, T-1]: 1 / (1 + sigma^2) with
+        log sigma interpolated linearly between the integer timesteps around t (the inverse of `sigma_to_t`,
+        so a timestep made from a noise level gives back that noise level); t outside [0, T-1] takes the
+        nearest end's sigma, as diffusers' and k-diffusion's `sigma_to_t` clip.
+        """
+        if not t.is_floating_point():
+            return self._table(self.alphas_cumprod, t)[t]
+        log_sigmas = self._table(self.log_sigmas, t)
+        low = t.detach().floor().clamp(0, self.num_train_timesteps - 2)
+        w = (t - low).clamp(0, 1).to(log_sigmas.dtype)
+        lo, hi = log_sigmas[low.long()], log_sigmas[low.long() + 1]
+        # lo + w (hi - lo), written so that w = 0 gives lo even where hi = +inf (zero terminal SNR)
+        log_sigma = torch.where(w == 0, lo, torch.lerp(lo, hi, w))
+        return torch.sigmoid(-2 * log_sigma)  # 1 / (1 + sigma^2), 0 at sigma = inf
+
+    def sigma_to_t(self, sigma: Tensor | float) -> Tensor:
+        """The continuous timestep of noise level sigma: t = i + w where log sigma = (1 - w) log sigma_i +
+        w log sigma_{i+1} between the integer timesteps i, i + 1 around it (diffusers' `_sigma_to_t`,
+        k-diffusion's `sigma_to_t`). sigma: > 0, a float or a tensor of any shape (read in float64); returns
+        float64 of its shape, clipped to [0, T-1].
+        """
+        log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log()
+        log_sigmas = self.log_sigmas
+        low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(
+            0, self.num_train_timesteps - 2
+        )
+        lo, hi = log_sigmas[low], log_sigmas[low + 1]
+        w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
+        return low + w
+
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t); t: (N,) long -> (N,) float64.
 
         Exactly 0 at the last step under zero terminal SNR; finite everywhere since 1 - alpha_bar_t >= beta_0.
         """
-        alpha_bar = self._table(self.alphas_cumprod, t)[t]
+        alpha_bar = self.alpha_bar(t)
         return alpha_bar / (1 - alpha_bar)
 
     def loss_weight(self, t: Tensor, *, weighting: str = "uniform", min_snr_gamma: float = 5.0) -> Tensor:
@@ -174,7 +224,8 @@ class NoiseScheduler:
         return weight.float()
 
     def inference_timesteps(self, steps: int, *, drop_last: bool = False) -> Tensor:
-        """The `steps` timesteps a sampler visits, descending; (steps,) long on the CPU.
+        """The `steps` timesteps a sampler visits, descending; (steps,) on the CPU, long for the schedule's
+        own timesteps and float64 (continuous t, see `alpha_bar`) for "karras" and "exponential".
 
         Same meaning as diffusers' `timestep_spacing` (Lin et al. 2024, Table 2); with
         T = num_train_timesteps, n = steps, i = 0 .. n-1 and round-half-to-even in float64 (as numpy does):
@@ -183,15 +234,25 @@ class NoiseScheduler:
         "linspace": round(i * (T - 1) / (n - 1)).
         Unlike diffusers' "trailing" (whose float arange returns steps + 1 values, the last -1, for some step
         counts such as 61 of 1000), this always returns exactly `steps` timesteps.
+        "karras" and "exponential" space the noise levels sigma from the schedule's sigma_max (t = T-1) to its
+        sigma_min (t = 0), then map each to its continuous t (`sigma_to_t`), as diffusers'
+        use_karras_sigmas and use_exponential_sigmas do (with timestep_spacing "linspace" in
+        EulerDiscreteScheduler, whose ends those are; its DPMSolverMultistepScheduler rounds t to integers):
+        "karras": sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
+        rho = 7 (Karras et al. 2022, Eq. 5); "exponential": log sigma uniform from log sigma_max to
+        log sigma_min.
 
         drop_last: lay out n = steps + 1 timesteps and return all but the last, as diffusers'
         DPMSolverMultistepScheduler does for "leading" and "linspace". Their last timestep is then about
         T / (steps + 1) rather than 0 (or steps_offset), where a step to alpha_bar = 1 would spend a network
-        call on almost nothing. "trailing" ends at T / steps - 1 already and ignores it, as does steps = T.
+        call on almost nothing. "trailing" ends at T / steps - 1 already and ignores it, as do steps = T and
+        the sigma spacings (DPMSolverMultistepScheduler does not drop their last either).
         """
         T = self.num_train_timesteps
         if not isinstance(steps, int) or not 1 <= steps <= T:
             raise ValueError(f"steps must be an integer in 1..num_train_timesteps={T}, got {steps!r}")
+        if self.timestep_spacing in SIGMA_SPACINGS:
+            return self.sigma_to_t(self._sigma_spacing(steps))
         n = steps + 1 if drop_last and self.timestep_spacing != "trailing" and steps < T else steps
         i = torch.arange(n, dtype=torch.float64)
         if self.timestep_spacing == "leading":
@@ -218,16 +279,33 @@ class NoiseScheduler:
         t = torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=draw_device)
         return t.to(device) if device is not None else t
 
+    def _sigma_spacing(self, steps: int) -> Tensor:
+        """(steps,) float64 noise levels from sigma_max down to sigma_min, by `timestep_spacing`; the ends are
+        exactly the schedule's (t = T-1 and 0), not their round trip through the spacing's formula."""
+        sigma_min, sigma_max = self.log_sigmas[[0, -1]].exp().tolist()
+        if self.timestep_spacing == "karras":
+            ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+            lo, hi = sigma_min ** (1 / KARRAS_RHO), sigma_max ** (1 / KARRAS_RHO)
+            sigmas = (hi + ramp * (lo - hi)) ** KARRAS_RHO
+        else:
+            sigmas = torch.linspace(
+                math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64
+            ).exp()
+        sigmas[0] = sigma_max
+        if steps > 1:
+            sigmas[-1] = sigma_min
+        return sigmas
+
     @staticmethod
     def _table(values: Tensor, t: Tensor) -> Tensor:
         """The (T,) schedule table on t's device, float64 (float32 on MPS, which has no float64)."""
         dtype = torch.float32 if t.device.type == "mps" else torch.float64
         return values.to(device=t.device, dtype=dtype)
 
-    def _gather(self, values: Tensor, t: Tensor | int, x: Tensor) -> Tensor:
-        """values[t] reshaped to broadcast over x: (N,) -> (N, 1, ..., 1), in x's dtype (at least float32)."""
-        t = torch.as_tensor(t, device=x.device)
-        coeff = self._table(values, t)[t]
+    def _gather(self, t: Tensor | int | float, x: Tensor) -> Tensor:
+        """alpha_bar at t reshaped to broadcast over x: (N,) -> (N, 1, ..., 1), in x's dtype (at least
+        float32)."""
+        coeff = self.alpha_bar(torch.as_tensor(t, device=x.device))
         dtype = torch.promote_types(x.dtype, torch.float32)
         return coeff.to(dtype).reshape(-1, *([1] * (x.ndim - 1)))
 

@@ -4,19 +4,32 @@ The models are toy callables: a fixed random linear map of x plus a function of 
 libraries see exactly the same deterministic network.
 """
 
+import math
+
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+)
+from exact_score import MIXTURE
 from torch import nn
 
 from ddpm.config import ConfigError, load_config
 from ddpm.interop.diffusers import diffusers_scheduler_config
 from ddpm.samplers import (
+    DROP_LAST,
     SAMPLERS,
     SampleOptionError,
     check_sample_options,
+    network_calls,
     posterior,
     sample,
+    sampling_budget,
     solver_options,
 )
 from ddpm.schedule import NoiseScheduler
@@ -196,6 +209,238 @@ def test_dpmpp_2m_matches_diffusers_update_rules_in_float64(prediction_type, spa
     torch.testing.assert_close(got, x, rtol=0, atol=1e-10)
 
 
+# Our sigma-space samplers and the diffusers scheduler of the same maths; diffusers' "karras" and
+# "exponential" are its use_*_sigmas on the "linspace" grid, whose ends are the schedule's sigma_max and
+# sigma_min.
+SIGMA_SAMPLERS = {
+    "euler": EulerDiscreteScheduler,
+    "heun": HeunDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+}
+
+
+def diffusers_sigma_scheduler(name: str, scheduler: NoiseScheduler):
+    """The diffusers scheduler of sampler `name` with our schedule and spacing, on our float64 alpha_bar."""
+    spacing = scheduler.timestep_spacing
+    schedule = diffusers_scheduler_config(scheduler)  # our schedule under diffusers' names
+    keys = (
+        "num_train_timesteps",
+        "beta_schedule",
+        "beta_start",
+        "beta_end",
+        "prediction_type",
+        "steps_offset",
+    )
+    config = {key: schedule[key] for key in keys}
+    config.update(
+        timestep_spacing="linspace" if spacing in ("karras", "exponential") else spacing,
+        use_karras_sigmas=spacing == "karras",
+        use_exponential_sigmas=spacing == "exponential",
+    )
+    if name == "euler_a":  # EulerAncestralDiscreteScheduler has no use_*_sigmas: given ours below
+        del config["use_karras_sigmas"], config["use_exponential_sigmas"]
+    ref = SIGMA_SAMPLERS[name](**config)
+    ref.alphas_cumprod = scheduler.alphas_cumprod.clone()
+    return ref
+
+
+def run_diffusers_sigma_space(ref, model, x, generator=None) -> torch.Tensor:
+    """diffusers' k-diffusion-style loop: x / sqrt(alpha_bar) = x0 + sigma eps, scaled back for the model.
+    x_T enters as x_T * sqrt(1 + sigma_0^2) (exactly our x_T, where diffusers' init_noise_sigma is
+    approximate)."""
+    x = x * (1 + ref.sigmas[0].double() ** 2) ** 0.5
+    for t in ref.timesteps:
+        kwargs = {"generator": generator} if generator is not None else {}
+        out = model(ref.scale_model_input(x, t), t.repeat(x.shape[0]))
+        x = ref.step(out, t, x, **kwargs).prev_sample
+    return x
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace", "karras", "exponential"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name", list(SIGMA_SAMPLERS))
+def test_sigma_space_samplers_match_diffusers(name, prediction_type, spacing):
+    """Euler, Heun and Euler ancestral against diffusers' EulerDiscrete-, HeunDiscrete- and
+    EulerAncestralDiscreteScheduler on the same timesteps, network calls and noise (diffusers steps in
+    float32). 10 steps: diffusers' Euler "linspace" does not round its timesteps, ours (as DDIM's and
+    DPM-Solver's) does; 999 / 9 is whole."""
+    ours = NoiseScheduler(prediction_type=prediction_type, timestep_spacing=spacing)
+    ref = diffusers_sigma_scheduler(name, ours)
+    ref.set_timesteps(10)
+    if name == "euler_a" and spacing in ("karras", "exponential"):
+        timesteps = ours.inference_timesteps(10)
+        ab = ours.alpha_bar(timesteps)
+        ref.sigmas = torch.cat([((1 - ab) / ab).sqrt(), torch.zeros(1, dtype=torch.float64)]).float()
+        ref.timesteps = timesteps.float()
+    generator = torch.Generator().manual_seed(3) if name == "euler_a" else None
+    expected = run_diffusers_sigma_space(ref, LinearToy(), x_T(), generator)
+    model = LinearToy()
+    got = sample(
+        model,
+        ours,
+        noise=x_T(),
+        sampler=name,
+        steps=10,
+        generator=torch.Generator().manual_seed(3),
+        progress=False,
+    )
+    seen = torch.stack([t[0] for _, t, _ in model.calls]).double()
+    torch.testing.assert_close(seen, ref.timesteps.double(), rtol=1e-6, atol=0)  # diffusers': float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+@pytest.mark.parametrize("spacing", ["karras", "exponential"])
+def test_sigma_spacings_give_continuous_timesteps_at_their_noise_levels(spacing):
+    """diffusers' karras/exponential sigmas (its DPMSolverMultistepScheduler lays them out between the
+    schedule's ends too, then makes the timesteps integers); alpha_bar at each of our float timesteps is
+    1 / (1 + sigma^2) of its level."""
+    ours = NoiseScheduler(timestep_spacing=spacing)
+    ref = DPMSolverMultistepScheduler(**{f"use_{spacing}_sigmas": True})
+    ref.alphas_cumprod = ours.alphas_cumprod.clone()
+    ref.set_timesteps(12)
+    timesteps = ours.inference_timesteps(12)
+    assert timesteps.dtype == torch.float64 and timesteps[0] == 999 and timesteps[-1] == 0
+    sigmas = (1 / ours.alpha_bar(timesteps) - 1).sqrt()
+    torch.testing.assert_close(sigmas, ref.sigmas[:-1].double(), rtol=1e-6, atol=0)  # theirs: float32
+    assert (timesteps - ref.timesteps).abs().max() <= 1  # theirs: made integers
+
+
+def test_heun_makes_two_calls_per_step_but_the_last():
+    model = LinearToy()
+    sample(model, NoiseScheduler(), SHAPE, sampler="heun", steps=6, progress=False)
+    assert len(model.calls) == 11 == network_calls(SAMPLERS["heun"], 6)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "steps", "calls", "used"),
+    [("heun", None, 20, (10, 19)), ("heun", 10, None, (10, 19)), ("heun", None, 1, (1, 1))]
+    + [("euler", None, 20, (20, 20)), ("dpm++", 7, None, (7, 7)), ("ddim", None, None, (50, 50))],
+)
+def test_sampling_budget_in_steps_or_network_calls(sampler, steps, calls, used):
+    """A call budget buys the most steps that fit; sample() then makes exactly those calls."""
+    budget = sampling_budget(sampler, steps=steps, calls=calls)
+    assert (budget.steps, budget.calls) == used
+    assert budget.asked == ("calls" if calls is not None else "steps")
+    model = LinearToy()
+    sample(model, NoiseScheduler(), SHAPE, sampler=sampler, steps=steps, calls=calls, progress=False)
+    assert len(model.calls) == used[1]
+
+
+def test_heun_churn_adds_seeded_noise_and_zero_churn_is_deterministic():
+    def run(seed, **options):
+        return sample(
+            LinearToy(),
+            NoiseScheduler(timestep_spacing="karras"),
+            noise=x_T(),
+            sampler="heun",
+            steps=6,
+            options=options,
+            generator=torch.Generator().manual_seed(seed),
+            progress=False,
+        )
+
+    plain = run(0)
+    assert torch.equal(plain, run(1)) and torch.equal(plain, run(0, s_churn=0.0))
+    churned = run(0, s_churn=10.0, s_tmin=0.05, s_tmax=50.0)
+    assert torch.equal(churned, run(0, s_churn=10.0, s_tmin=0.05, s_tmax=50.0))
+    assert not torch.allclose(churned, run(1, s_churn=10.0, s_tmin=0.05, s_tmax=50.0))
+    assert not torch.allclose(churned, plain)
+    # a window that no noise level of the grid falls in adds no noise
+    assert torch.equal(run(0, s_churn=10.0, s_tmin=1000.0, s_tmax=2000.0), plain)
+
+
+def test_heun_churn_is_edm_algorithm_2():
+    """Two Karras levels, sigma_max then sigma_min, and a model predicting x0 = c. At sigma_max the churned
+    level is capped at sigma_max: no noise. At sigma_min, gamma = s_churn / 2: sigma_hat = 1.2 sigma_min and
+    x_hat = x / sqrt(alpha_bar) + sqrt(sigma_hat^2 - sigma_min^2) s_noise z in sigma space, which the model
+    sees as x_hat / sqrt(1 + sigma_hat^2) at the continuous t of sigma_hat; the Euler step to 0 returns c."""
+    scheduler = NoiseScheduler(prediction_type="sample", timestep_spacing="karras")
+    c, seen = 0.25, []
+
+    def model(x, t, y):
+        seen.append((x.clone(), t[0].clone()))
+        return torch.full_like(x, c)
+
+    got = sample(
+        model,
+        scheduler,
+        noise=x_T(),
+        sampler="heun",
+        steps=2,
+        options={"s_churn": 0.4, "s_noise": 1.5},
+        generator=torch.Generator().manual_seed(4),
+        progress=False,
+    )
+    torch.testing.assert_close(got, torch.full(SHAPE, c, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert [t.item() for _, t in seen[:2]] == [999, 0] and torch.equal(seen[0][0], x_T())
+    x, ab = seen[1][0], scheduler.alphas_cumprod[0].item()
+    sigma = ((1 - ab) / ab) ** 0.5
+    sigma_hat = 1.2 * sigma
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x_hat = (x / ab**0.5 + (sigma_hat**2 - sigma**2) ** 0.5 * 1.5 * z) / (1 + sigma_hat**2) ** 0.5
+    torch.testing.assert_close(seen[2][0], x_hat, rtol=0, atol=1e-12)
+    t_hat = seen[2][1]
+    assert t_hat.is_floating_point() and 0 < t_hat.item() < 1
+    assert scheduler.alpha_bar(t_hat).item() == pytest.approx(1 / (1 + sigma_hat**2), rel=1e-12)
+
+
+def test_solver_options_errors():
+    kwargs = {"shape": SHAPE, "progress": False}
+    with pytest.raises(
+        SampleOptionError, match=r"invalid options='s_churn': expected an option of sampler 'ddim' "
+    ):
+        sample(LinearToy(), NoiseScheduler(), options={"s_churn": 1.0}, **kwargs)
+    with pytest.raises(SampleOptionError, match=r"invalid options='eta': .*pass eta to sample\(\) itself"):
+        sample(LinearToy(), NoiseScheduler(), sampler="ddim", options={"eta": 0.5}, **kwargs)
+    with pytest.raises(SampleOptionError, match=r"invalid options.s_churn=-1\.0: expected a number >= 0"):
+        sample(LinearToy(), NoiseScheduler(), sampler="heun", options={"s_churn": -1.0}, **kwargs)
+    with pytest.raises(SampleOptionError, match=r"invalid options.s_noise='1': expected a number"):
+        sample(LinearToy(), NoiseScheduler(), sampler="heun", options={"s_noise": "1"}, **kwargs)
+    with pytest.raises(
+        SampleOptionError, match=r"invalid options.s_tmin=2\.0: expected at most options.s_tmax"
+    ):
+        sample(
+            LinearToy(), NoiseScheduler(), sampler="heun", options={"s_tmin": 2.0, "s_tmax": 1.0}, **kwargs
+        )
+    with pytest.raises(SampleOptionError, match=r"invalid calls=5: expected None when steps are given"):
+        sample(LinearToy(), NoiseScheduler(), steps=5, calls=5, **kwargs)
+    with pytest.raises(
+        SampleOptionError, match=r"invalid calls=0: expected an integer in 1\.\.1999 \(network "
+    ):
+        sample(LinearToy(), NoiseScheduler(), sampler="heun", calls=0, **kwargs)
+
+
+def exact_eps(scheduler: NoiseScheduler):
+    """The exact noise predictor of exact_score.MIXTURE, at continuous timesteps too (alpha_bar(t))."""
+
+    def model(x, t, y=None):
+        alpha_bar = scheduler.alpha_bar(t.cpu()).reshape(-1, *([1] * (x.ndim - 1)))
+        return MIXTURE.posterior_means(x, alpha_bar)[1].to(x.dtype)
+
+    return model
+
+
+def test_convergence_order_with_the_exact_score():
+    """Error against network calls on a log-log scale, Karras spacing: slope about 1 for Euler, 2 for Heun.
+    The error is the Wasserstein-1 distance between the pixels of a run and of a 600-call Heun reference from
+    the same x_T (sorted values; the sampling noise of the data cancels), so only discretisation is left."""
+    scheduler = NoiseScheduler(timestep_spacing="karras")
+    model, noise = exact_eps(scheduler), x_T(shape=(2, 1, 32, 32))
+
+    def pixels(name, calls):
+        out = sample(model, scheduler, noise=noise, sampler=name, calls=calls, progress=False)
+        return out.flatten().sort().values
+
+    reference = pixels("heun", 600)
+    for name, order in (("euler", 1), ("heun", 2)):
+        calls = [32, 64, 128]
+        errors = [(pixels(name, c) - reference).abs().mean().item() for c in calls]
+        slope = -math.log(errors[-1] / errors[0]) / math.log(calls[-1] / calls[0])
+        assert order - 0.3 < slope < order + 0.5, (name, errors)
+
+
 # --- closed forms -------------------------------------------------------------------------------------------
 
 
@@ -274,13 +519,36 @@ def test_final_step_returns_the_predicted_x0(name):
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_model_sees_every_timestep_of_the_list_as_a_long_batch(name):
+    """One call per timestep; Heun's correction calls the next timestep again (as HeunDiscreteScheduler's
+    repeated timesteps), none after the last."""
     scheduler = NoiseScheduler(timestep_spacing="linspace")
     model = LinearToy()
     sample(model, scheduler, SHAPE, sampler=name, steps=7, progress=False)
-    seen = torch.stack([t for _, t, _ in model.calls])  # (steps, N)
-    assert seen.dtype == torch.long and seen.shape == (7, SHAPE[0])
-    expected = scheduler.inference_timesteps(7, drop_last=name == "dpm++")
+    seen = torch.stack([t for _, t, _ in model.calls])  # (calls, N)
+    calls = network_calls(SAMPLERS[name], 7)
+    assert seen.dtype == torch.long and seen.shape == (calls, SHAPE[0])
+    expected = scheduler.inference_timesteps(7, drop_last=SAMPLERS[name] in DROP_LAST)
+    if name == "heun":
+        expected = torch.cat([expected[:1], expected[1:].repeat_interleave(2)])
     assert torch.equal(seen[:, 0], expected) and torch.equal(seen[:, 0], seen[:, 1])
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_takes_the_continuous_timesteps_of_the_sigma_spacings(name):
+    """ "karras": float timesteps reach the model as they are (no rounding), and every sampler, DDPM and DDIM
+    included, steps between their noise levels and returns the predicted x0 on its last step."""
+    scheduler = NoiseScheduler(prediction_type="sample", timestep_spacing="karras")
+    seen, c = [], torch.full(SHAPE, 0.25, dtype=torch.float64)
+
+    def model(x, t, y):
+        seen.append(t[0].item())
+        return c
+
+    generator = torch.Generator().manual_seed(0)
+    got = sample(model, scheduler, noise=x_T(), sampler=name, steps=5, generator=generator, progress=False)
+    torch.testing.assert_close(got, c, rtol=0, atol=1e-12)
+    assert sorted(set(seen), reverse=True) == scheduler.inference_timesteps(5).tolist()
+    assert any(t != round(t) for t in seen)
 
 
 def test_ddpm_with_all_training_steps_visits_every_timestep():
@@ -295,7 +563,8 @@ def test_ddpm_with_all_training_steps_visits_every_timestep():
 @pytest.mark.parametrize(
     ("name", "variance", "eta"),
     [("ddpm", "fixed_small", 0.0), ("ddpm", "fixed_large", 0.0), ("ddim", "fixed_small", 0.0)]
-    + [("ddim", "fixed_small", 1.0), ("dpm++", "fixed_small", 0.0)],
+    + [("ddim", "fixed_small", 1.0), ("dpm++", "fixed_small", 0.0)]
+    + [(name, "fixed_small", 0.0) for name in ("euler", "heun", "euler_a")],
 )
 @pytest.mark.parametrize(
     "diffusion",
@@ -328,9 +597,9 @@ def test_sampling_stays_finite(diffusion, name, variance, eta):
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_zero_terminal_snr_first_step_closed_form(name):
     """At alpha_bar_T = 0, x_T is pure noise and v = -x0: a model predicting v = -c gives x0 = c, eps = x_T,
-    so the first step lands on sqrt(ab_s) c + sqrt(1 - ab_s) x_T (DDIM, DPM-Solver++ first order), or on
-    sqrt(ab_s) c + sqrt(1 - ab_s) z for the ancestral sampler (posterior mean sqrt(ab_s) x0, variance
-    1 - ab_s).
+    so the first step lands on sqrt(ab_s) c + sqrt(1 - ab_s) x_T (DDIM, DPM-Solver++ first order, Euler, and
+    Heun, which cannot correct a step from sigma = inf), or on sqrt(ab_s) c + sqrt(1 - ab_s) z for the
+    ancestral samplers (posterior mean sqrt(ab_s) x0, variance 1 - ab_s; Euler ancestral's sigma_up = sigma').
     """
     scheduler = NoiseScheduler(
         rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"
@@ -353,13 +622,18 @@ def test_zero_terminal_snr_first_step_closed_form(name):
     )
     ab_s = scheduler.alphas_cumprod[scheduler.inference_timesteps(4)[1]].item()
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    torch.testing.assert_close(calls[1], ab_s**0.5 * c + (1 - ab_s) ** 0.5 * (z if name == "ddpm" else noise))
+    torch.testing.assert_close(
+        calls[1], ab_s**0.5 * c + (1 - ab_s) ** 0.5 * (z if name in ("ddpm", "euler_a") else noise)
+    )
 
 
 # --- determinism, guidance, precision -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "eta"), [("ddpm", 0.0), ("ddim", 0.5), ("dpm++", 0.0)])
+@pytest.mark.parametrize(
+    ("name", "eta"),
+    [("ddpm", 0.0), ("ddim", 0.5), ("dpm++", 0.0), ("euler", 0.0), ("heun", 0.0), ("euler_a", 0.0)],
+)
 def test_deterministic_under_a_fixed_generator(name, eta):
     def run(seed):
         return sample(
@@ -406,7 +680,7 @@ def test_classifier_free_guidance_one_batched_call_per_step(name):
         guidance_scale=3.0,
         progress=False,
     )
-    assert [n for n, _ in model.batches] == [2 * SHAPE[0]] * 5
+    assert [n for n, _ in model.batches] == [2 * SHAPE[0]] * network_calls(SAMPLERS[name], 5)
     assert all(labels == [2, 7, 10, 10] for _, labels in model.batches)
     # out = uncond + s (cond - uncond), and the final step returns that x0
     expected = (10 + 3.0 * (y - 10)).float().view(-1, 1, 1, 1).expand(SHAPE)
@@ -451,7 +725,7 @@ def test_bf16_model_gets_bf16_inputs_and_sampling_stays_float32(name):
         progress=False,
         generator=torch.Generator().manual_seed(0),
     )
-    assert model.input_dtypes == [torch.bfloat16] * 3
+    assert model.input_dtypes == [torch.bfloat16] * network_calls(SAMPLERS[name], 3)
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
 
 
@@ -477,8 +751,8 @@ def test_progress_bar_can_be_turned_off(capsys):
 
 
 def test_unknown_sampler_lists_the_valid_names():
-    with pytest.raises(ValueError, match=r"invalid sampler='euler': expected one of ddpm, ddim, dpm\+\+"):
-        sample(LinearToy(), NoiseScheduler(), SHAPE, sampler="euler")
+    with pytest.raises(ValueError, match=r"invalid sampler='plms': expected one of ddpm, ddim, dpm\+\+, "):
+        sample(LinearToy(), NoiseScheduler(), SHAPE, sampler="plms")
 
 
 @pytest.mark.parametrize(
@@ -558,6 +832,10 @@ def test_each_solver_gets_only_the_options_it_declares():
         "ddpm": ("variance", "generator"),
         "ddim": ("eta", "generator"),
         "dpm++": (),
+        "dpm++2m": (),
+        "euler": (),
+        "euler_a": ("generator",),
+        "heun": ("s_churn", "s_tmin", "s_tmax", "s_noise", "generator"),
     }
 
 
@@ -593,6 +871,20 @@ def test_sample_passes_a_solver_its_declared_options_and_no_other(monkeypatch):
         (["sample.steps=0"], r"'sample\.steps' .*: expected an integer in 1\.\.num_train_timesteps=1000"),
         (["sample.guidance_scale=.inf"], r"'sample\.guidance_scale' .*: expected a finite number >= 0"),
         (["sample.sampler=dmp"], r"invalid value 'dmp' for 'sample\.sampler' .*: expected one of ddpm, ddim"),
+        (["sample.calls=0"], r"'sample\.calls' .*: expected an integer in 1\.\.1000 \(network calls of "),
+        (
+            ["sample.sampler=heun", "sample.calls=2001"],
+            r"'sample\.calls' .*: expected an integer in 1\.\.1999 \(network calls of sampler 'heun'\)",
+        ),
+        (["sample.calls=1.5"], r"'sample\.calls' .*: expected an integer or null"),
+        (
+            ["sample.options={s_churn: 1}"],
+            r"invalid value 's_churn' for 'sample\.options' in override .*: expected an option of sampler ",
+        ),
+        (
+            ["sample.sampler=heun", "sample.options={s_noise: -1}"],
+            r"invalid value -1 for 'sample\.options\.s_noise' in override 'sample\.options=.*: expected a ",
+        ),
     ],
 )
 def test_config_refuses_sampling_settings_sample_would_refuse(overrides, message):
@@ -604,6 +896,9 @@ def test_config_refuses_sampling_settings_sample_would_refuse(overrides, message
 def test_config_sampling_settings_at_the_bounds_load():
     config = load_config(None, ["diffusion.num_train_timesteps=100", "sample.steps=100", "sample.eta=1"])
     assert config.sample.steps == 100 and config.sample.eta == 1.0
+    overrides = ["sample.sampler=heun", "sample.calls=199", "sample.options={s_churn: 40, s_tmax: .inf}"]
+    config = load_config(None, ["diffusion.num_train_timesteps=100", *overrides])
+    assert config.sample.calls == 199 and config.sample.options == {"s_churn": 40, "s_tmax": math.inf}
 
 
 class ClassToy(nn.Module):

@@ -11,7 +11,7 @@ from accelerate.state import AcceleratorState
 
 import ddpm
 import ddpm.inference
-from ddpm.config import Config, DataConfig, SampleConfig, save_config
+from ddpm.config import Config, DataConfig, SampleConfig, load_config, save_config
 from ddpm.inference import generate, grid_from_checkpoint, load_for_sampling
 from ddpm.interop.diffusers import diffusers_scheduler_config
 from ddpm.io import CheckpointError, save_unet
@@ -179,6 +179,9 @@ def test_a_grid_is_named_after_what_made_it_and_never_replaces_another(run):
         ({"class_label": 1, "guidance_scale": 3.0}, "ddim2-class1-guidance3-seed0-n2"),
         ({"sampler": "ddim", "eta": 0.5, "seed": 7}, "ddim2-eta0.5-seed7-n2"),
         ({"sampler": "ddpm", "steps": 3}, "ddpm3-seed0-n2"),
+        ({"sampler": "heun", "calls": 6}, "heun3-calls5-seed0-n2"),  # a Heun step costs 2 calls, the last 1
+        ({"sampler": "euler", "calls": 3}, "euler3-seed0-n2"),
+        ({"sampler": "heun", "steps": 2, "options": {"s_churn": 1.5}}, "heun2-calls3-s_churn1.5-seed0-n2"),
     ]
     grids = []
     for kwargs, name in options:
@@ -190,6 +193,24 @@ def test_a_grid_is_named_after_what_made_it_and_never_replaces_another(run):
         [*(g.name for g in grids), grids[1].stem]
     )
     assert len(list((run / "samples" / grids[1].stem).glob("*.png"))) == 3  # --save-images
+
+
+def test_grid_says_the_steps_and_network_calls_used_and_takes_the_runs_calls_and_options(run):
+    """sample.py prints what `say` is told; the run's sample.calls replaces its steps, and its solver options
+    apply with its own sampler only."""
+    said = []
+    grid = grid_from_checkpoint(
+        run, 1, default_config=ROOT / "configs" / "digits.yaml", sampler="heun", calls=4, say=said.append
+    )
+    assert said == ["heun: 2 steps, 3 network calls (from the calls asked for)"]
+    assert grid.name == "sample-step-0000005-ema-heun2-calls3-seed0-n1.png"
+    config = load_config(run / "config.yaml")
+    config.sample = SampleConfig(sampler="heun", calls=5, options={"s_churn": 2.0}, n=3)
+    save_config(config, run / "config.yaml")
+    grid = grid_from_checkpoint(run, 1, default_config=ROOT / "configs" / "digits.yaml")
+    assert grid.name == "sample-step-0000005-ema-heun3-calls5-s_churn2-seed0-n1.png"
+    grid = grid_from_checkpoint(run, 1, default_config=ROOT / "configs" / "digits.yaml", sampler="euler")
+    assert grid.name == "sample-step-0000005-ema-euler5-seed0-n1.png"
 
 
 # --- independent noise --------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import inspect
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from ddpm.schedule import NoiseScheduler
 
@@ -193,6 +193,81 @@ def test_drop_last_timesteps_are_dpm_solvers(spacing, steps_offset, steps):
 def test_drop_last_with_every_timestep_visits_every_timestep(spacing):
     timesteps = NoiseScheduler(timestep_spacing=spacing).inference_timesteps(1000, drop_last=True)
     assert timesteps.tolist() == list(range(999, -1, -1))
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+@pytest.mark.parametrize("spacing", ["karras", "exponential"])
+@pytest.mark.parametrize("steps", [2, 10, 30])
+def test_sigma_spacings_match_diffusers_euler(spacing, steps):
+    """EulerDiscreteScheduler's use_karras_sigmas / use_exponential_sigmas on its "linspace" grid (whose ends
+    are the schedule's sigma_max and sigma_min): the same noise levels and continuous timesteps, float64
+    here, ends exact; drop_last changes nothing (DPMSolverMultistepScheduler drops none there either). One
+    step is sigma_max alone (diffusers' linspace of one point is t = 0 instead)."""
+    assert NoiseScheduler(timestep_spacing=spacing).inference_timesteps(1).tolist() == [999.0]
+    ours = NoiseScheduler(timestep_spacing=spacing)
+    ref = EulerDiscreteScheduler(timestep_spacing="linspace", **{f"use_{spacing}_sigmas": True})
+    ref.alphas_cumprod = ours.alphas_cumprod.clone()
+    ref.set_timesteps(steps)
+    timesteps = ours.inference_timesteps(steps)
+    assert timesteps.dtype == torch.float64 and timesteps.shape == (steps,)
+    assert timesteps[0] == 999 and timesteps[-1] == 0
+    torch.testing.assert_close(timesteps, ref.timesteps.double(), rtol=1e-6, atol=1e-4)  # theirs: float32
+    sigmas = (1 / ours.alpha_bar(timesteps) - 1).sqrt()
+    torch.testing.assert_close(sigmas, ref.sigmas[:-1].double(), rtol=1e-6, atol=0)
+    assert torch.equal(ours.inference_timesteps(steps, drop_last=True), timesteps)
+
+
+def test_karras_levels_are_edm_equation_5():
+    s = NoiseScheduler(timestep_spacing="karras")
+    sigma_min, sigma_max = ((1 - s.alphas_cumprod[[0, -1]]) / s.alphas_cumprod[[0, -1]]).sqrt().tolist()
+    i = torch.arange(5, dtype=torch.float64)
+    rho = 7
+    expected = (sigma_max ** (1 / rho) + i / 4 * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    sigmas = (1 / s.alpha_bar(s.inference_timesteps(5)) - 1).sqrt()
+    torch.testing.assert_close(sigmas, expected, rtol=1e-12, atol=0)
+    exponential = NoiseScheduler(timestep_spacing="exponential")
+    log_sigmas = (1 / exponential.alpha_bar(exponential.inference_timesteps(5)) - 1).log() / 2
+    torch.testing.assert_close(log_sigmas.diff(), log_sigmas.diff()[:1].expand(4), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_continuous_timesteps_interpolate_log_sigma_and_round_trip(schedule):
+    """alpha_bar at a float t: the table at whole t, log sigma linear in between (diffusers' _sigma_to_t
+    inverted), and sigma -> sigma_to_t -> alpha_bar gives back 1 / (1 + sigma^2)."""
+    s = NoiseScheduler(beta_schedule=schedule)
+    whole = torch.tensor([0, 1, 500, 998, 999])
+    torch.testing.assert_close(s.alpha_bar(whole.double()), s.alpha_bar(whole), rtol=1e-12, atol=0)
+    mid = s.alpha_bar(torch.tensor([500.25], dtype=torch.float64))
+    log_sigma = 0.75 * s.log_sigmas[500] + 0.25 * s.log_sigmas[501]
+    assert mid.item() == pytest.approx(1 / (1 + log_sigma.exp().item() ** 2), rel=1e-12)
+    sigmas = torch.logspace(-1.9, 2, 50, dtype=torch.float64).clamp(
+        s.log_sigmas[0].exp(), s.log_sigmas[-1].exp()
+    )
+    t = s.sigma_to_t(sigmas)
+    assert t.dtype == torch.float64 and (t >= 0).all() and (t <= 999).all()
+    torch.testing.assert_close(s.alpha_bar(t), 1 / (1 + sigmas**2), rtol=1e-12, atol=0)
+    assert s.sigma_to_t(1e-6).item() == 0 and s.sigma_to_t(1e6).item() == 999  # clipped to [0, T-1]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_conversions_take_continuous_timesteps(prediction_type):
+    """predict_x0_and_eps and add_noise at a float t use alpha_bar(t): the pair round-trips."""
+    s = NoiseScheduler(prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    t = torch.tensor([12.5, 400.3, 998.9], dtype=torch.float64)
+    x_t = s.add_noise(x0, noise, t)
+    ab = s.alpha_bar(t).float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, ab.sqrt() * x0 + (1 - ab).sqrt() * noise)
+    got_x0, got_eps = s.predict_x0_and_eps(s.training_target(x0, noise, t), x_t, t)
+    torch.testing.assert_close(got_x0, x0, rtol=0, atol=2e-3)
+    torch.testing.assert_close(got_eps, noise, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("spacing", ["karras", "exponential"])
+def test_sigma_spacings_with_zero_terminal_snr_are_refused(spacing):
+    with pytest.raises(ValueError, match=f"timestep_spacing='{spacing}' .*sigma_max infinite"):
+        NoiseScheduler(timestep_spacing=spacing, rescale_betas_zero_snr=True, prediction_type="v_prediction")
 
 
 def test_default_spacing_is_trailing():

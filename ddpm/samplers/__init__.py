@@ -1,21 +1,53 @@
 """Sampling: `sample(model, scheduler, ...)` (in `sampling`) runs one of the solvers (in `solvers`), chosen by
-name from SAMPLERS: "ddpm" (`ddpm_ancestral`), "ddim" (`ddim`) and "dpm++" (`dpmpp_2m`). Every solver has
-one signature, `solver(denoise, x, timesteps, scheduler, *, <its own options>, disable) -> x0`; see
+name from SAMPLERS: "ddpm" (`ddpm_ancestral`), "ddim" (`ddim`), "dpm++2m" and its alias "dpm++"
+(`dpmpp_2m`), "euler" (`euler`), "euler_a" (`euler_ancestral`) and "heun" (`heun`). Every solver has one
+signature, `solver(denoise, x, timesteps, scheduler, *, <its own options>, disable) -> x0`; see
 `ddpm.samplers.solvers`."""
 
-from ddpm.samplers.sampling import SAMPLERS, SampleOptionError, check_sample_options, sample, solver_options
-from ddpm.samplers.solvers import VARIANCES, Denoiser, ddim, ddpm_ancestral, dpmpp_2m, posterior
+from ddpm.samplers.sampling import (
+    DROP_LAST,
+    SAMPLE_KEYWORDS,
+    SAMPLERS,
+    Budget,
+    SampleOptionError,
+    check_sample_options,
+    sample,
+    sampling_budget,
+    solver_options,
+)
+from ddpm.samplers.solvers import (
+    VARIANCES,
+    Denoiser,
+    alpha_bars,
+    ddim,
+    ddpm_ancestral,
+    dpmpp_2m,
+    euler,
+    euler_ancestral,
+    heun,
+    network_calls,
+    posterior,
+)
 
 __all__ = [
+    "DROP_LAST",
+    "SAMPLE_KEYWORDS",
     "SAMPLERS",
     "VARIANCES",
+    "Budget",
     "Denoiser",
     "SampleOptionError",
+    "alpha_bars",
     "check_sample_options",
     "ddim",
     "ddpm_ancestral",
     "dpmpp_2m",
+    "euler",
+    "euler_ancestral",
+    "heun",
+    "network_calls",
     "posterior",
     "sample",
+    "sampling_budget",
     "solver_options",
 ]

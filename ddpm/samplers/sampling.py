@@ -1,24 +1,67 @@
 """`sample(model, scheduler, ...)`: x_T, the denoiser around the model (with classifier-free guidance) and
-the solver of `ddpm.samplers.solvers` that the registry SAMPLERS names; `check_sample_options`, the one
-check of the sampling settings."""
+the solver of `ddpm.samplers.solvers` that the registry SAMPLERS names, for a number of steps or of network
+calls (`sampling_budget`); `check_sample_options`, the one check of the sampling settings."""
 
 import functools
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from ddpm.samplers.solvers import VARIANCES, Denoiser, ddim, ddpm_ancestral, dpmpp_2m, gaussian_noise
+from ddpm.samplers.solvers import (
+    VARIANCES,
+    Denoiser,
+    ddim,
+    ddpm_ancestral,
+    dpmpp_2m,
+    euler,
+    euler_ancestral,
+    gaussian_noise,
+    heun,
+    network_calls,
+    steps_for_calls,
+)
 from ddpm.schedule import NoiseScheduler
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": ddpm_ancestral,
     "ddim": ddim,
-    "dpm++": dpmpp_2m,
+    "dpm++": dpmpp_2m,  # the name before there were several DPM-Solver++ variants
+    "dpm++2m": dpmpp_2m,
+    "euler": euler,
+    "euler_a": euler_ancestral,
+    "heun": heun,
 }
+# Solvers on diffusers' DPMSolverMultistepScheduler grid: steps + 1 timesteps laid out, the last dropped
+# (`NoiseScheduler.inference_timesteps(drop_last=True)`); the others take DDPM/DDIM/Euler's grid.
+DROP_LAST: frozenset[Callable[..., Tensor]] = frozenset({dpmpp_2m})
+DEFAULT_STEPS = 50  # when neither steps nor calls is given
+# The options of sample() itself that a solver may declare; any other keyword-only parameter of a solver (but
+# `disable`) is a solver option, given in sample()'s `options` mapping.
+SAMPLE_KEYWORDS = ("eta", "variance", "generator")
+# Ranges of solver options, checked by check_sample_options: name -> (is it valid, what is expected).
+OPTION_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "s_churn": (lambda v: v >= 0, "a number >= 0 (EDM's S_churn; 0: deterministic)"),
+    "s_tmin": (lambda v: v >= 0, "a noise level sigma >= 0"),
+    "s_tmax": (lambda v: v >= 0, "a noise level sigma >= 0"),
+    "s_noise": (lambda v: v >= 0, "a number >= 0 (EDM's S_noise)"),
+}
+
+
+class Budget(NamedTuple):
+    """What a sampling run costs: `steps` of the solver and the `calls` to the network they make (without
+    guidance, which batches each call), and which of the two was asked for (`asked`: "steps" or "calls")."""
+
+    steps: int
+    calls: int
+    asked: str
+
+    def __str__(self) -> str:
+        return f"{self.steps} steps, {self.calls} network calls (from the {self.asked} asked for)"
 
 
 @torch.no_grad()
@@ -29,29 +72,38 @@ def sample(
     *,
     noise: Tensor | None = None,
     sampler: str = "ddim",
-    steps: int = 50,
+    steps: int | None = None,
+    calls: int | None = None,
     eta: float = 0.0,
     variance: str = "fixed_small",
+    options: Mapping[str, Any] | None = None,
     y: Tensor | None = None,
     guidance_scale: float = 1.0,
     null_class: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
 ) -> Tensor:
-    """Draw images by running `sampler` for `steps` steps from x_T to x0.
+    """Draw images by running `sampler` for `steps` steps, or as many as `calls` network calls allow, from x_T
+    to x0.
 
     model: any callable `model(x, t, y)` returning the prediction `scheduler.prediction_type` names, with x
-        (N, C, H, W), t an (N,) long tensor on x's device and y (N,) long labels or None. An nn.Module whose
-        parameters are half precision gets x in that dtype; its output is cast back.
+        (N, C, H, W), t an (N,) tensor on x's device (long; float64, continuous, for the spacings "karras" and
+        "exponential") and y (N,) long labels or None. An nn.Module whose parameters are half precision gets
+        x in that dtype; its output is cast back.
     shape: (N, C, H, W) of x_T drawn from `generator`, or `noise`: x_T itself; exactly one of the two.
         Drawn noise is float32 on the generator's device (so a CPU generator gives the same images on any
         device), then moved to the model's device (the device of its first parameter; else the generator's).
-    sampler: a key of SAMPLERS. steps: network calls (without guidance), 1..num_train_timesteps, spaced by
-        `scheduler.timestep_spacing` as diffusers' scheduler of the same sampler spaces them.
+    sampler: a key of SAMPLERS. steps: solver steps, 1..num_train_timesteps, spaced by
+        `scheduler.timestep_spacing` as diffusers' scheduler of the same sampler spaces them (the DPM-Solver
+        grid, `DROP_LAST`, for those solvers). calls: instead of steps, a budget of network calls (without
+        guidance): the most steps that cost at most that many (`sampling_budget`; a Heun step costs two
+        calls, its last one). Neither: DEFAULT_STEPS steps. `sampling_budget` says the steps and calls used.
     eta: DDIM stochasticity in [0, 1] (Song et al. 2021, Eq. 16); only the "ddim" sampler takes a nonzero eta.
     variance: "fixed_small" (posterior variance beta-tilde) or "fixed_large" (beta); only the "ddpm" sampler
-        takes another than "fixed_small". sampler, steps, eta, variance and guidance_scale are checked by
-        `check_sample_options`; the solver gets those of eta, variance and generator it declares.
+        takes another than "fixed_small". options: the solver's own options by name, e.g. {"s_churn": 40} for
+        "heun"; a name the solver does not declare is refused. sampler, steps, calls, eta, variance, options
+        and guidance_scale are checked by `check_sample_options`; the solver gets those of eta, variance and
+        generator it declares, and `options`.
     y: (N,) class labels or None; with a `model.num_classes` (not None) they, and the null label, must lie in
         [0, num_classes] (checked once here, not at every network call). guidance_scale: classifier-free
         guidance weight s >= 0 (Ho & Salimans 2022); with s != 1 each step makes one batched call on [x, x]
@@ -59,17 +111,22 @@ def sample(
         `model.null_class`.
     Returns x0, (N, C, H, W), float32 (float64 when `noise` is float64).
     """
+    options = dict(options or {})
     check_sample_options(
         sampler=sampler,
         steps=steps,
+        calls=calls,
         eta=eta,
         guidance_scale=guidance_scale,
         variance=variance,
+        options=options,
         num_train_timesteps=scheduler.num_train_timesteps,
     )
+    solver = SAMPLERS[sampler]
+    budget = sampling_budget(sampler, steps=steps, calls=calls)
     # DPM-Solver++ ends with a first-order step to alpha_bar = 1 and needs no network call at t = 0: it takes
-    # diffusers' DPMSolverMultistepScheduler grid. DDPM and DDIM keep DDPMScheduler's and DDIMScheduler's.
-    timesteps = scheduler.inference_timesteps(steps, drop_last=sampler == "dpm++")
+    # diffusers' DPMSolverMultistepScheduler grid. DDPM, DDIM and the Euler family keep their schedulers'.
+    timesteps = scheduler.inference_timesteps(budget.steps, drop_last=solver in DROP_LAST)
     x = _initial_noise(model, shape, noise, generator)
     if guidance_scale != 1.0:
         null_class = null_class if null_class is not None else getattr(model, "null_class", None)
@@ -80,10 +137,21 @@ def sample(
             )
     y = _check_labels(y, x, guidance_scale, null_class, getattr(model, "num_classes", None))
     denoise = _denoiser(model, scheduler, y, guidance_scale, null_class, x.dtype)
+    given = {"eta": eta, "variance": variance, "generator": generator, **options}
+    kwargs = {name: given[name] for name in solver_options(solver) if name in given}
+    return solver(denoise, x, timesteps, scheduler, **kwargs, disable=not progress)
+
+
+def sampling_budget(sampler: str, *, steps: int | None = None, calls: int | None = None) -> Budget:
+    """The steps and network calls of `sampler` for `steps` steps or, instead, a budget of `calls` network
+    calls (the most steps whose calls fit in it); neither: DEFAULT_STEPS steps. Unchecked: see
+    `check_sample_options`."""
     solver = SAMPLERS[sampler]
-    given = {"eta": eta, "variance": variance, "generator": generator}
-    options = {name: given[name] for name in solver_options(solver)}
-    return solver(denoise, x, timesteps, scheduler, **options, disable=not progress)
+    if calls is not None:
+        steps = steps_for_calls(solver, calls)
+        return Budget(steps, network_calls(solver, steps), "calls")
+    steps = DEFAULT_STEPS if steps is None else steps
+    return Budget(steps, network_calls(solver, steps), "steps")
 
 
 class SampleOptionError(ValueError):
@@ -98,27 +166,40 @@ class SampleOptionError(ValueError):
 def check_sample_options(
     *,
     sampler: str,
-    steps: int,
+    steps: int | None,
     eta: float,
     guidance_scale: float,
     variance: str = "fixed_small",
     num_train_timesteps: int | None = None,
+    calls: int | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> None:
     """The one check of the sampling settings, for `sample()`, a config's `sample:` section and the CLI.
 
-    sampler: a key of SAMPLERS. steps: an integer in 1..num_train_timesteps (>= 1 when that is None).
+    sampler: a key of SAMPLERS. steps: an integer in 1..num_train_timesteps (>= 1 when that is None), or None.
+    calls: None, or instead of steps a network-call budget that buys 1..num_train_timesteps steps; not both.
     eta: a number in [0, 1] (Song et al. 2021, Eq. 16), nonzero only for sampler "ddim". guidance_scale: a
     finite number >= 0 (Ho & Salimans 2022; 1 is the conditional model alone). variance: one of VARIANCES,
     other than "fixed_small" only for sampler "ddpm". eta and variance are refused away from their defaults
-    with a sampler whose solver does not take them, rather than ignored. Raises SampleOptionError (a
-    ValueError) naming the first option out of range and its valid values.
+    with a sampler whose solver does not take them, rather than ignored. options: names of the solver's own
+    options (its keyword-only parameters but `disable` and SAMPLE_KEYWORDS), each of the type of its default
+    and in OPTION_RANGES' range. Raises SampleOptionError (a ValueError) naming the first option out of range
+    (an entry of options as "options.NAME") and its valid values.
     """
     if sampler not in SAMPLERS:
         raise SampleOptionError("sampler", sampler, f"one of {', '.join(SAMPLERS)}")
     top = num_train_timesteps if num_train_timesteps is not None else math.inf
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= top:
+    if steps is not None and calls is not None:
+        raise SampleOptionError("calls", calls, "None when steps are given (pass steps or calls, not both)")
+    if steps is not None and not (_is_int(steps) and 1 <= steps <= top):
         valid = f"in 1..num_train_timesteps={top}" if num_train_timesteps is not None else ">= 1"
         raise SampleOptionError("steps", steps, f"an integer {valid}")
+    solver = SAMPLERS[sampler]
+    if calls is not None and not (_is_int(calls) and 1 <= steps_for_calls(solver, calls) <= top):
+        fewest = network_calls(solver, 1)
+        most = network_calls(solver, num_train_timesteps) if num_train_timesteps is not None else None
+        valid = f"an integer in {fewest}..{most}" if most is not None else f"an integer >= {fewest}"
+        raise SampleOptionError("calls", calls, f"{valid} (network calls of sampler {sampler!r})")
     if not _is_real(eta) or not 0 <= eta <= 1:
         raise SampleOptionError("eta", eta, "a number in [0, 1] (DDIM stochasticity)")
     _refuse_if_unused("eta", eta, 0, sampler)
@@ -127,6 +208,7 @@ def check_sample_options(
     if variance not in VARIANCES:
         raise SampleOptionError("variance", variance, f"one of {', '.join(VARIANCES)}")
     _refuse_if_unused("variance", variance, "fixed_small", sampler)
+    _check_solver_options(sampler, options or {})
 
 
 @functools.cache
@@ -135,6 +217,28 @@ def solver_options(solver: Callable[..., Tensor]) -> tuple[str, ...]:
     read from its signature once."""
     parameters = inspect.signature(solver).parameters.values()
     return tuple(p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.name != "disable")
+
+
+def _check_solver_options(sampler: str, options: Mapping[str, Any]) -> None:
+    """SampleOptionError for an entry of `options` that the sampler's solver does not declare, or whose value
+    is not of its default's type (a real number for a float) or outside OPTION_RANGES."""
+    parameters = inspect.signature(SAMPLERS[sampler]).parameters
+    own = [name for name in solver_options(SAMPLERS[sampler]) if name not in SAMPLE_KEYWORDS]
+    for name, value in options.items():
+        if name not in own:
+            listed = ", ".join(own) if own else "none"
+            hint = f"; pass {name} to sample() itself" if name in SAMPLE_KEYWORDS else ""
+            raise SampleOptionError(
+                "options", name, f"an option of sampler {sampler!r} (its options: {listed}){hint}"
+            )
+        default = parameters[name].default
+        kind = (bool, "true or false") if isinstance(default, bool) else (_is_real, "a number")
+        if isinstance(default, bool) and not isinstance(value, bool) or not kind[0](value):
+            raise SampleOptionError(f"options.{name}", value, kind[1])
+        if name in OPTION_RANGES and not (value == value and OPTION_RANGES[name][0](value)):
+            raise SampleOptionError(f"options.{name}", value, OPTION_RANGES[name][1])
+    if options.get("s_tmin", 0.0) > options.get("s_tmax", math.inf):
+        raise SampleOptionError("options.s_tmin", options["s_tmin"], "at most options.s_tmax")
 
 
 def _refuse_if_unused(option: str, value, default, sampler: str) -> None:
@@ -161,7 +265,7 @@ def _denoiser(
     model_dtype = param.dtype if param is not None and param.is_floating_point() else dtype
 
     def denoise(x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        t_batch = t.to(x_t.device).repeat(x_t.shape[0])  # (N,) long
+        t_batch = t.to(x_t.device).repeat(x_t.shape[0])  # (N,) long, or float64 (continuous timesteps)
         if guidance_scale == 1.0:
             out = model(x_t.to(model_dtype), t_batch, y)
         else:  # one batched call: first half conditional, second half with the null label
@@ -207,6 +311,11 @@ def _check_labels(
                 f"got {labels[outside].unique().tolist()} (in y or null_class)"
             )
     return y
+
+
+def _is_int(value) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_real(value) -> bool:

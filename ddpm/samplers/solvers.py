@@ -4,12 +4,21 @@
 
 where `denoise(x_t, t) -> (x0, eps)` is the model call followed by the scheduler's one conversion
 (`NoiseScheduler.predict_x0_and_eps`), x is x_T, and `timesteps` (steps,) is the descending list of the
-scheduler's `inference_timesteps`. The next timestep is always read from that list; after its last entry comes
-alpha_bar = 1 (diffusers' set_alpha_to_one), so the final step returns the predicted x0. Each solver declares
-only the options it uses, keyword-only (`generator` for the stochastic ones), and works in x's dtype whatever
-precision the model runs in. `ddpm.samplers.sample` builds `denoise` and calls them by their registry name.
+scheduler's `inference_timesteps` (long, or float64 continuous timesteps for the sigma spacings). The next
+timestep is always read from that list; after its last entry comes alpha_bar = 1 (sigma = 0, diffusers'
+set_alpha_to_one), so the final step returns the predicted x0; `alpha_bars` gives those steps + 1 values.
+Each solver declares only the options it uses, keyword-only (`generator` for the stochastic ones), and works
+in x's dtype whatever precision the model runs in. A solver makes one network call per step unless
+`CALLS_PER_STEP` says otherwise (`network_calls`). `ddpm.samplers.sample` builds `denoise` and calls them by
+their registry name.
+
+The sigma-space solvers (Karras et al. 2022) work on x_t / sqrt(alpha_bar) = x0 + sigma eps with
+sigma = sqrt((1 - alpha_bar) / alpha_bar), whose probability-flow ODE is dx/dsigma = eps; they are written
+back in x_t = sqrt(alpha_bar) (x0 + sigma eps) so that alpha_bar = 0 (sigma = inf, zero terminal SNR) stays
+finite.
 """
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -18,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ddpm.schedule import NoiseScheduler
 
-Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x_t (N, ...), t 0-d long) -> (x0, eps)
+Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x_t (N, ...), t 0-d) -> (x0, eps)
 VARIANCES = ("fixed_small", "fixed_large")
 
 
@@ -35,9 +44,9 @@ def ddpm_ancestral(
     """Ancestral sampling from the posterior q(x_s | x_t, x0) (Ho et al. 2020, Eq. 6-7 and Algorithm 2), with
     s the next timestep of the list, generalised to skipped steps as diffusers' DDPMScheduler does
     (beta_t := 1 - alpha_bar_t / alpha_bar_s). variance: one of VARIANCES, the std of the noise added."""
-    alpha_bars = _alpha_bars(scheduler, timesteps)
+    abars = alpha_bars(scheduler, timesteps)
     for i in tqdm(range(len(timesteps)), disable=disable):
-        ab_t, ab_s = alpha_bars[i], alpha_bars[i + 1]
+        ab_t, ab_s = abars[i], abars[i + 1]
         x0, _ = denoise(x, timesteps[i])
         mean, var_small, beta = posterior(x0, x, ab_t, ab_s)
         if i == len(timesteps) - 1:  # alpha_bar_s = 1: the mean is x0 and no noise is added (z = 0 at t = 1)
@@ -60,9 +69,9 @@ def ddim(
 ) -> Tensor:
     """DDIM (Song et al. 2021, Eq. 12) with sigma_t = eta * sqrt(beta-tilde) (Eq. 16): eta = 0 is the
     deterministic DDIM, eta = 1 the DDPM posterior with fixed_small variance."""
-    alpha_bars = _alpha_bars(scheduler, timesteps)
+    abars = alpha_bars(scheduler, timesteps)
     for i in tqdm(range(len(timesteps)), disable=disable):
-        ab_t, ab_s = alpha_bars[i], alpha_bars[i + 1]
+        ab_t, ab_s = abars[i], abars[i + 1]
         x0, eps = denoise(x, timesteps[i])
         sigma2 = eta**2 * (1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)
         # x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - sigma^2) eps + sigma z. At eta = 1 the root's argument is
@@ -88,12 +97,12 @@ def dpmpp_2m(
     alpha_bar = 0 (zero terminal SNR, lambda = -inf) and at alpha_bar = 1 (lambda = +inf); there r = +inf
     makes D_i = x0_{i-1}. Takes the timesteps of diffusers' DPMSolverMultistepScheduler (drop_last=True).
     """
-    alpha_bars = _alpha_bars(scheduler, timesteps)
-    ab = torch.tensor(alpha_bars, dtype=torch.float64)
+    abars = alpha_bars(scheduler, timesteps)
+    ab = torch.tensor(abars, dtype=torch.float64)
     lambdas = (0.5 * (ab.log() - (1 - ab).log())).tolist()  # lambda_t, -inf at alpha_bar = 0, +inf at 1
     x0_prev = None
     for i in tqdm(range(len(timesteps)), disable=disable):
-        (a_t, s_t), (a_s, s_s) = _scales(alpha_bars[i]), _scales(alpha_bars[i + 1])
+        (a_t, s_t), (a_s, s_s) = _scales(abars[i]), _scales(abars[i + 1])
         x0, _ = denoise(x, timesteps[i])
         if x0_prev is None or i == len(timesteps) - 1:
             d = x0
@@ -103,6 +112,103 @@ def dpmpp_2m(
         x = (s_s / s_t) * x + (a_s - s_s * a_t / s_t) * d
         x0_prev = x0
     return x
+
+
+def euler(
+    denoise: Denoiser, x: Tensor, timesteps: Tensor, scheduler: NoiseScheduler, *, disable: bool = False
+) -> Tensor:
+    """Euler's method on the probability-flow ODE dx/dsigma = eps in sigma (Karras et al. 2022, Eq. 4 and
+    Alg. 1 without its correction; diffusers' EulerDiscreteScheduler). Deterministic.
+
+    x_sigma' = x_sigma + (sigma' - sigma) eps = x0 + sigma' eps, i.e. x_s = sqrt(alpha_bar_s) x0 +
+    sqrt(1 - alpha_bar_s) eps: the same update as DDIM at eta = 0 (Karras et al. 2022, Sec. 3), on the
+    timesteps of EulerDiscreteScheduler (no drop_last), which for "karras" and "exponential" are continuous.
+    """
+    abars = alpha_bars(scheduler, timesteps)
+    for i in tqdm(range(len(timesteps)), disable=disable):
+        x0, eps = denoise(x, timesteps[i])
+        x = _to_level(x0, eps, abars[i + 1])
+    return x
+
+
+def heun(
+    denoise: Denoiser,
+    x: Tensor,
+    timesteps: Tensor,
+    scheduler: NoiseScheduler,
+    *,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+    generator: torch.Generator | None = None,
+    disable: bool = False,
+) -> Tensor:
+    """Heun's 2nd-order method on the probability-flow ODE in sigma (Karras et al. 2022, Alg. 1; diffusers'
+    HeunDiscreteScheduler), with Alg. 2's churn: s_churn = 0 (the default) is deterministic.
+
+    Step i from sigma to sigma': with churn, gamma = min(s_churn / steps, sqrt(2) - 1) where s_tmin <= sigma
+    <= s_tmax (else 0), sigma_hat = sigma (1 + gamma), and x_sigma gets noise of std
+    sqrt(sigma_hat^2 - sigma^2) * s_noise (sigma_hat capped at the schedule's sigma_max, the highest level
+    the network knows; its continuous t is `sigma_to_t`). Then the Euler step x~ = x0 + sigma' eps and, unless
+    sigma' = 0 (the last step, Euler alone), the correction with eps' evaluated at (x~, sigma'):
+    x_sigma' = x~ + (sigma' - sigma_hat) (eps' - eps) / 2. Two network calls per step, one on the last
+    (`network_calls`: 2 steps - 1); at an infinite sigma (zero terminal SNR) the step is Euler's alone.
+    """
+    abars = alpha_bars(scheduler, timesteps)
+    sigma_max = math.exp(scheduler.log_sigmas[-1].item())
+    gamma = min(s_churn / len(timesteps), 2**0.5 - 1)
+    for i in tqdm(range(len(timesteps)), disable=disable):
+        t, ab, ab_next = timesteps[i], abars[i], abars[i + 1]
+        sigma, sigma_next = _sigma(ab), _sigma(ab_next)
+        sigma_hat = min(sigma * (1 + gamma), sigma_max) if s_tmin <= sigma <= s_tmax else sigma
+        if sigma_hat > sigma * (1 + 1e-9):  # EDM Alg. 2, lines 5-6, in x_t = x_sigma / sqrt(1 + sigma^2)
+            noise = gaussian_noise(x.shape, x.dtype, x.device, generator)
+            x_hat = x / ab**0.5 + (sigma_hat**2 - sigma**2) ** 0.5 * s_noise * noise
+            x = x_hat / (1 + sigma_hat**2) ** 0.5
+            t = scheduler.sigma_to_t(sigma_hat)  # continuous: the model sees x_hat at its own level
+        else:  # no churn here, or none left below sigma_max (up to rounding)
+            sigma_hat = sigma
+        x0, eps = denoise(x, t)
+        x_next = _to_level(x0, eps, ab_next)
+        if sigma_next > 0 and math.isfinite(sigma_hat):
+            _, eps_next = denoise(x_next, timesteps[i + 1])
+            x_next = x_next + ab_next**0.5 * (sigma_next - sigma_hat) / 2 * (eps_next - eps)
+        x = x_next
+    return x
+
+
+def euler_ancestral(
+    denoise: Denoiser,
+    x: Tensor,
+    timesteps: Tensor,
+    scheduler: NoiseScheduler,
+    *,
+    generator: torch.Generator | None = None,
+    disable: bool = False,
+) -> Tensor:
+    """Euler ancestral (k-diffusion's sample_euler_ancestral at eta = 1; diffusers'
+    EulerAncestralDiscreteScheduler): each step from sigma to sigma' is an Euler step to sigma_down, then
+    fresh noise of std sigma_up, with sigma_up^2 = sigma'^2 (1 - sigma'^2 / sigma^2) and sigma_down^2 =
+    sigma'^2 - sigma_up^2, the DDPM posterior's split of sigma' (Ho et al. 2020): x_sigma' = x0 +
+    sigma_down eps + sigma_up z. No noise on the last step (sigma' = 0)."""
+    abars = alpha_bars(scheduler, timesteps)
+    for i in tqdm(range(len(timesteps)), disable=disable):
+        x0, eps = denoise(x, timesteps[i])
+        sigma, sigma_next = _sigma(abars[i]), _sigma(abars[i + 1])
+        if sigma_next == 0:
+            x = x0
+            continue
+        sigma_up = sigma_next * max(1 - (sigma_next / sigma) ** 2, 0.0) ** 0.5
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        noise = gaussian_noise(x.shape, x.dtype, x.device, generator)
+        x = abars[i + 1] ** 0.5 * (x0 + sigma_down * eps + sigma_up * noise)
+    return x
+
+
+# Solvers that cost other than one network call per step: solver -> (calls per step, calls saved), i.e.
+# network_calls = per_step * steps - saved. Heun's last step to sigma = 0 is Euler's alone.
+CALLS_PER_STEP: dict[Callable[..., Tensor], tuple[int, int]] = {heun: (2, 1)}
 
 
 def posterior(x0: Tensor, x_t: Tensor, ab_t: float, ab_s: float) -> tuple[Tensor, float, float]:
@@ -128,9 +234,33 @@ def gaussian_noise(
     return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
-def _alpha_bars(scheduler: NoiseScheduler, timesteps: Tensor) -> list[float]:
-    """alpha_bar (float64) at each timestep of the list, then 1 for the final x0: steps + 1 floats."""
-    return scheduler.alphas_cumprod[timesteps].tolist() + [1.0]
+def alpha_bars(scheduler: NoiseScheduler, timesteps: Tensor) -> list[float]:
+    """alpha_bar (float64) at each entry of the descending `timesteps` (long or float, see
+    `NoiseScheduler.alpha_bar`), then 1 for the final x0: steps + 1 floats."""
+    return scheduler.alpha_bar(timesteps.cpu()).tolist() + [1.0]
+
+
+def network_calls(solver: Callable[..., Tensor], steps: int) -> int:
+    """The network calls `solver` makes in `steps` steps (without guidance, which batches each call)."""
+    per_step, saved = CALLS_PER_STEP.get(solver, (1, 0))
+    return per_step * steps - saved
+
+
+def steps_for_calls(solver: Callable[..., Tensor], calls: int) -> int:
+    """The most steps whose `network_calls` are at most `calls` (0 when even one step costs more)."""
+    per_step, saved = CALLS_PER_STEP.get(solver, (1, 0))
+    return (calls + saved) // per_step
+
+
+def _sigma(alpha_bar: float) -> float:
+    """sigma = sqrt((1 - alpha_bar) / alpha_bar): inf at alpha_bar = 0, 0 at alpha_bar = 1."""
+    return math.inf if alpha_bar == 0 else ((1 - alpha_bar) / alpha_bar) ** 0.5
+
+
+def _to_level(x0: Tensor, eps: Tensor, alpha_bar: float) -> Tensor:
+    """sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps: the point at noise level alpha_bar on the line through
+    the estimates, where an Euler step in sigma (or a DDIM step at eta = 0) lands."""
+    return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * eps
 
 
 def _scales(alpha_bar: float) -> tuple[float, float]:
