@@ -1,5 +1,5 @@
 """Multistep solvers in log-SNR time, with the signature of `ddpm.samplers.solvers`:
-DPM-Solver++(2M), (3M) and (2M) SDE (Lu et al. 2022b) and UniPC (Zhao et al. 2023), each computing what
+DPM-Solver++(2M), (3M) and (2M) SDE (Lu et al. 2022a, 2022b) and UniPC (Zhao et al. 2023), each computing what
 diffusers' DPMSolverMultistepScheduler and UniPCMultistepScheduler compute on the same timesteps.
 
 Notation (Lu et al. 2022b): alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t) and lambda_t =
@@ -40,9 +40,10 @@ def dpmpp_2m(
 def dpmpp_3m(
     denoise: Denoiser, x: Tensor, timesteps: Tensor, scheduler: NoiseScheduler, *, disable: bool = False
 ) -> Tensor:
-    """DPM-Solver++(3M) (Lu et al. 2022b, Sec. 4.2 and App. B: the multistep third-order update),
-    deterministic: x (N, ...) x_T -> x0; orders 1, 2, 3, ... and lower again on the last steps
-    (`step_order`), as diffusers' DPMSolverMultistepScheduler(solver_order=3)."""
+    """DPM-Solver++(3M): the third-order multistep update of DPM-Solver (Lu et al. 2022a) in the data
+    prediction of DPM-Solver++ (Lu et al. 2022b), as diffusers' DPMSolverMultistepScheduler(solver_order=3)
+    computes it; deterministic: x (N, ...) x_T -> x0, orders 1, 2, 3, ..., lower on the last steps
+    (`step_order`)."""
     return _dpmpp(denoise, x, timesteps, scheduler, order=3, disable=disable)
 
 
@@ -55,16 +56,17 @@ def dpmpp_2m_sde(
     generator: torch.Generator | None = None,
     disable: bool = False,
 ) -> Tensor:
-    """DPM-Solver++(2M) SDE (Lu et al. 2022b, Sec. 5 and App. D; diffusers' algorithm_type="sde-dpmsolver++",
-    midpoint): x (N, ...) x_T -> x0, one standard normal draw from `generator` per step but the last."""
+    """DPM-Solver++(2M) SDE: DPM-Solver++(2M) (Lu et al. 2022b) for the reverse SDE, its linear part
+    integrated exactly (diffusers' algorithm_type="sde-dpmsolver++", midpoint): x (N, ...) x_T -> x0, one
+    standard normal draw (solvers.gaussian_noise, from `generator`) per step but the last."""
     return _dpmpp(denoise, x, timesteps, scheduler, order=2, generator=generator, sde=True, disable=disable)
 
 
 def unipc(
     denoise: Denoiser, x: Tensor, timesteps: Tensor, scheduler: NoiseScheduler, *, disable: bool = False
 ) -> Tensor:
-    """UniPC-2 (Zhao et al. 2023, Algorithms 2 and 3: UniP predictor, UniC corrector, B(h) = e^h - 1 "bh2",
-    data prediction), deterministic: x (N, ...) x_T -> x0. The corrector of each step reuses the network
+    """UniPC-2 (Zhao et al. 2023: the UniP-2 predictor and the UniC corrector, B(h) = e^h - 1 "bh2", data
+    prediction), deterministic: x (N, ...) x_T -> x0. The corrector of each step reuses the network
     call made at its end, so a step costs one call; there is none after the final step."""
     ab = alpha_bars(scheduler, timesteps)
     lambdas = _lambdas(ab)
@@ -82,7 +84,7 @@ def unipc(
         base = keep * x + c0 * x0  # the first-order (DDIM) step, shared by UniP and UniC
         h = lambdas[i + 1] - lambdas[i]
         r = (lambdas[i - 1] - lambdas[i]) / h if order == 2 else None  # r_1 < 0 of the point before s
-        # UniP-2 (Alg. 2) with diffusers' rho_p = 1/2 on D_1 = (m_{i-1} - m_i) / r_1; UniP-1 is DDIM
+        # UniP-2 with diffusers' rho_p = 1/2 on D_1 = (m_{i-1} - m_i) / r_1; UniP-1 is DDIM
         x = base + c0 * 0.5 * (x0s[1] - x0) / r if order == 2 else base
         previous = (base, c0, h, r, order)
     return x
@@ -124,14 +126,14 @@ def _dpmpp(
         h = lambdas[i + 1] - lambdas[i]  # finite on steps of order >= 2 (neither the first nor the final)
         # r_0 = h_0 / h, r_1 = h_1 / h with h_0 = lambda_s - lambda_{s-1}, h_1 = lambda_{s-1} - lambda_{s-2}
         r = [(lambdas[i - j] - lambdas[i - j - 1]) / h for j in range(k - 1)]
-        if k == 3:  # Lu et al. 2022b, App. B; D1 and D2 estimate h x0' and h^2 x0'' / 2 at s
+        if k == 3:  # D1 and D2 estimate h dx0/dlambda and h^2 d2x0/dlambda2 / 2 at s (Lu et al. 2022a)
             d1_0, d1_1 = (x0s[0] - x0s[1]) / r[0], (x0s[1] - x0s[2]) / r[1]
             d1 = d1_0 + r[0] / (r[0] + r[1]) * (d1_0 - d1_1)
             d2 = (d1_0 - d1_1) / (r[0] + r[1])
             em1 = math.expm1(-h)  # e^{-h} - 1
             a_t = ab[i + 1] ** 0.5
             x = keep * x + c0 * x0 + a_t * (em1 / h + 1) * d1 - a_t * ((em1 + h) / h**2 - 0.5) * d2
-        else:  # Algorithm 2: D = m_0 + (m_0 - m_1) / (2 r_0) on a second-order step, m_0 on a first
+        else:  # Lu et al. 2022b, Alg. 2: D = m_0 + (m_0 - m_1) / (2 r_0) at order 2, m_0 at order 1
             d = x0 + 0.5 * (x0 - x0s[1]) / r[0] if k == 2 else x0
             x = keep * x + c0 * d
         if sde and i < steps - 1:  # + sigma_t sqrt(1 - e^{-2h}) z; sigma_t = 0 on the final step
@@ -141,7 +143,7 @@ def _dpmpp(
 
 
 def _unic(m_t: Tensor, x0s: list[Tensor], h: float, r: float | None, order: int) -> Tensor:
-    """The UniC-`order` correction (Zhao et al. 2023, Alg. 3, bh2, data prediction) of a step s -> t over h,
+    """The UniC-`order` correction (Zhao et al. 2023, bh2, data prediction) of a step s -> t over h,
     in units of c0 = -alpha_t B(h): x_t^c = (first-order step) + c0 * this. m_t: the data prediction at the
     step's end; x0s = [m_s, m_{s-1}]; r = r_1 = (lambda_{s-1} - lambda_s) / h (order 2 only)."""
     d1_t = m_t - x0s[0]  # D_1 at t, whose r is 1
@@ -157,8 +159,8 @@ def _unic(m_t: Tensor, x0s: list[Tensor], h: float, r: float | None, order: int)
 
 
 def _first_order(ab_s: float, ab_t: float, *, sde: bool) -> tuple[float, float]:
-    """(keep, c0) of the first-order step x_t = keep x_s + c0 x0 from alpha_bar_s to alpha_bar_t (Lu et al.
-    2022b, Eq. 5 and, for the SDE, Eq. 18 without its noise): keep = sigma_t / sigma_s (ODE) or
+    """(keep, c0) of the first-order step x_t = keep x_s + c0 x0 from alpha_bar_s to alpha_bar_t (DPM-Solver++
+    first order, i.e. DDIM, and its SDE form without the noise): keep = sigma_t / sigma_s (ODE) or
     sigma_t e^{-h} / sigma_s (SDE), c0 = alpha_t (1 - e^{-h}) (ODE) or alpha_t (1 - e^{-2h}) (SDE)."""
     a_t, s_t, s_s = ab_t**0.5, (1 - ab_t) ** 0.5, (1 - ab_s) ** 0.5
     e = _exp_minus_h(ab_s, ab_t)
@@ -172,8 +174,8 @@ def _exp_minus_h(ab_s: float, ab_t: float) -> float:
     return ((1 - ab_t) * ab_s) ** 0.5 / (ab_t * (1 - ab_s)) ** 0.5
 
 
-def _lambdas(alpha_bars: list[float]) -> list[float]:
-    """lambda = log(alpha / sigma) = (log alpha_bar - log(1 - alpha_bar)) / 2 at each alpha_bar: +inf at 1,
-    -inf at 0."""
-    ab = torch.tensor(alpha_bars, dtype=torch.float64)
+def _lambdas(ab: list[float]) -> list[float]:
+    """lambda = log(alpha / sigma) = (log alpha_bar - log(1 - alpha_bar)) / 2 at each alpha_bar of `ab`: +inf
+    at 1, -inf at 0."""
+    ab = torch.tensor(ab, dtype=torch.float64)
     return (0.5 * (ab.log() - (1 - ab).log())).tolist()
