@@ -134,7 +134,7 @@ def main() -> None:
     results = []
     for schedule in args.schedules:
         ours = NoiseScheduler(beta_schedule=schedule)
-        model = exact_predictor(MIXTURE, ours.alphas_cumprod, ours.prediction_type)
+        model = exact_predictor(MIXTURE, ours)
         for method in [*our_methods(schedule), *diffusers_methods(ours)]:
             results += measure(method, schedule, model, shape, args)
     report(args, results, floor)

@@ -12,7 +12,7 @@ Both are finite at alpha_bar = 0 and 1.
 
 Used by tests/test_exact_score.py (and the sampler tests) and by bench/samplers.py:
 
-    model = exact_predictor(MIXTURE, scheduler.alphas_cumprod, scheduler.prediction_type)
+    model = exact_predictor(MIXTURE, scheduler)
     x0 = ddpm.sample(model, scheduler, noise=torch.randn(8, 1, 32, 32, dtype=torch.float64), steps=10)
     error = wasserstein1(x0, MIXTURE)  # compare with wasserstein1(MIXTURE.sample(x0.shape, g), MIXTURE)
 """
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from ddpm.schedule import NoiseScheduler
 
 
 @dataclass(frozen=True)
@@ -76,25 +78,21 @@ class GaussianMixture:
 MIXTURE = GaussianMixture(weights=(0.25, 0.45, 0.3), means=(-0.7, 0.05, 0.6), stds=(0.05, 0.12, 0.08))
 
 
-def exact_predictor(
-    mixture: GaussianMixture, alphas_cumprod: Tensor, prediction_type: str
-) -> Callable[..., Tensor]:
-    """The exact network for data drawn pixel by pixel from `mixture`: model(x, t, y=None) -> E[target | x_t].
+def exact_predictor(mixture: GaussianMixture, scheduler: NoiseScheduler) -> Callable[..., Tensor]:
+    """The exact network for data drawn pixel by pixel from `mixture` under `scheduler`'s schedule:
+    model(x, t, y=None) -> E[target | x_t], the target being `scheduler.prediction_type`'s ("epsilon",
+    "sample" for x0, or "v_prediction", v = a eps - s x0).
 
-    alphas_cumprod: (T,) the schedule's alpha_bar table (NoiseScheduler.alphas_cumprod). prediction_type:
-    "epsilon", "sample" (x0) or "v_prediction" (v = a eps - s x0). x: (N, ...) any float dtype; t: (N,) or 0-d
-    (diffusers' loops pass either), integer or float. A fractional t is a noise level between two training
-    timesteps, located by linear interpolation of log sigma, sigma = sqrt((1 - alpha_bar) / alpha_bar), as
-    k-diffusion and diffusers' sigma-space schedulers map sigma to t: there alpha_bar = 1 / (1 + sigma^2).
-    y is ignored. Returns x's shape and dtype.
+    x: (N, ...) any float dtype; t: (N,) or 0-d (diffusers' loops pass either), integer or float. A fractional
+    t is a noise level between two training timesteps, at `scheduler.alpha_bar(t)` (log sigma interpolated
+    linearly, as k-diffusion and diffusers' sigma-space schedulers map sigma to t). y is ignored. Returns x's
+    shape and dtype.
     """
-    if prediction_type not in ("epsilon", "sample", "v_prediction"):
-        raise ValueError(f"unknown prediction_type {prediction_type!r}")
-    table = alphas_cumprod.double()
+    prediction_type = scheduler.prediction_type
 
     def model(x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         t = torch.as_tensor(t).cpu().expand(x.shape[0])
-        ab = _alpha_bar_at(table, t).to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
+        ab = scheduler.alpha_bar(t).to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
         x0, eps = mixture.posterior_means(x, ab)
         if prediction_type == "epsilon":
             out = eps
@@ -121,18 +119,3 @@ def wasserstein1(samples: Tensor, mixture: GaussianMixture, grid_points: int = 5
     x = torch.linspace(lo, hi, grid_points, dtype=torch.float64)
     empirical = torch.searchsorted(values, x, right=True).double() / values.numel()
     return torch.trapezoid((empirical - mixture.cdf(x)).abs(), x).item()
-
-
-def _alpha_bar_at(table: Tensor, t: Tensor) -> Tensor:
-    """alpha_bar at timesteps t (N,), integer or fractional: table[t] at integers; in between, log sigma
-    interpolated linearly between the neighbouring integers (float64)."""
-    if not t.is_floating_point():
-        return table[t]
-    t = t.double().clamp(0, len(table) - 1)
-    low = t.floor().long()
-    high = (low + 1).clamp(max=len(table) - 1)
-    w = t - low
-    log_sigma = 0.5 * ((1 - table).log() - table.log())  # +inf where alpha_bar = 0 (zero terminal SNR)
-    mixed = (1 - w) * log_sigma[low] + w * log_sigma[high]
-    log_sigma_t = torch.where(w == 0, log_sigma[low], mixed)  # 0 * inf would be nan
-    return torch.sigmoid(-2 * log_sigma_t)  # 1 / (1 + sigma^2)

@@ -19,7 +19,7 @@ def x_T(shape=PIXELS) -> torch.Tensor:
 
 
 def ours_dpmpp(scheduler: NoiseScheduler, steps: int) -> float:
-    model = exact_predictor(MIXTURE, scheduler.alphas_cumprod, scheduler.prediction_type)
+    model = exact_predictor(MIXTURE, scheduler)
     return wasserstein1(
         sample(model, scheduler, noise=x_T(), sampler="dpm++", steps=steps, progress=False), MIXTURE
     )
@@ -30,7 +30,7 @@ def diffusers_dpmpp(spacing: str, steps: int) -> float:
     exact network (our float64 alpha_bar table) and the same x_T."""
     ref = DPMSolverMultistepScheduler(timestep_spacing=spacing)
     ref.set_timesteps(steps)
-    model = exact_predictor(MIXTURE, NoiseScheduler().alphas_cumprod, "epsilon")
+    model = exact_predictor(MIXTURE, NoiseScheduler())
     x = x_T()
     for t in ref.timesteps:
         x = ref.step(model(x, t), t, x).prev_sample
@@ -55,7 +55,7 @@ def test_exact_predictors_agree_across_prediction_types(prediction_type):
     runs = {}
     for kind in ("epsilon", prediction_type):
         scheduler = NoiseScheduler(prediction_type=kind, timestep_spacing="trailing")
-        model = exact_predictor(MIXTURE, scheduler.alphas_cumprod, kind)
+        model = exact_predictor(MIXTURE, scheduler)
         runs[kind] = sample(model, scheduler, noise=x_T((2, 1, 8, 8)), steps=8, progress=False)
     torch.testing.assert_close(runs[prediction_type], runs["epsilon"], rtol=0, atol=1e-10)
 
@@ -69,7 +69,7 @@ def test_exact_predictor_is_the_posterior_mean():
     x0 = MIXTURE.sample((400_000,), g)
     eps = torch.randn(400_000, generator=g, dtype=torch.float64)
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-    model = exact_predictor(MIXTURE, scheduler.alphas_cumprod, "epsilon")
+    model = exact_predictor(MIXTURE, scheduler)
     for centre in (-0.5, 0.0, 0.4):
         in_bin = (x_t - centre).abs() < 0.01
         predicted = model(torch.tensor([[centre]], dtype=torch.float64), torch.tensor([t]))
@@ -80,7 +80,7 @@ def test_fractional_timesteps_interpolate_log_sigma():
     """Sigma-space solvers (diffusers' with Karras sigmas, k-diffusion's) call the model at fractional t: the
     noise level there is log sigma interpolated linearly between the two integer timesteps."""
     ab = NoiseScheduler().alphas_cumprod
-    model = exact_predictor(MIXTURE, ab, "epsilon")
+    model = exact_predictor(MIXTURE, NoiseScheduler())
     x = torch.linspace(-1.5, 1.5, 7, dtype=torch.float64).reshape(7, 1)
     sigma = ((1 - ab) / ab).sqrt()
     sigma_t = sigma[400] ** 0.75 * sigma[401] ** 0.25  # t = 400.25: a quarter of the way in log sigma
@@ -97,7 +97,7 @@ def test_diffusers_karras_euler_driven_by_the_exact_predictor_reaches_the_sampli
     floor = wasserstein1(MIXTURE.sample(shape, torch.Generator().manual_seed(1)), MIXTURE)
     ref = EulerDiscreteScheduler(use_karras_sigmas=True)
     ref.set_timesteps(200)
-    model = exact_predictor(MIXTURE, NoiseScheduler().alphas_cumprod, "epsilon")
+    model = exact_predictor(MIXTURE, NoiseScheduler())
     x = x_T(shape) * ref.init_noise_sigma
     for t in ref.timesteps:
         x = ref.step(model(ref.scale_model_input(x, t), t), t, x).prev_sample
@@ -109,7 +109,7 @@ def test_many_steps_reach_the_sampling_floor():
     shape = (4, 1, 32, 32)
     floor = wasserstein1(MIXTURE.sample(shape, torch.Generator().manual_seed(1)), MIXTURE)
     scheduler = NoiseScheduler(timestep_spacing="trailing")
-    model = exact_predictor(MIXTURE, scheduler.alphas_cumprod, "epsilon")
+    model = exact_predictor(MIXTURE, scheduler)
     x = sample(model, scheduler, noise=x_T(shape), sampler="dpm++", steps=300, progress=False)
     assert wasserstein1(x, MIXTURE) < 2 * floor
 

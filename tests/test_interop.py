@@ -449,3 +449,21 @@ def test_each_checked_readme_block_runs_alone_as_written(name, tmp_path, monkeyp
 
 def test_the_readme_has_checked_blocks():
     assert len(READMES_BLOCKS) == 4, list(READMES_BLOCKS)  # the parser finds them all
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+@pytest.mark.parametrize("spacing", ["karras", "exponential"])
+def test_sigma_spacings_export_as_dpm_solver_sigma_flags_and_come_back(spacing):
+    """diffusers has no timestep_spacing "karras": DPMSolverMultistepScheduler takes use_karras_sigmas (or
+    use_exponential_sigmas), with sigmas between the same ends (to its float32 table's precision); reading
+    the config back gives our spacing."""
+    ours = NoiseScheduler(timestep_spacing=spacing)
+    kwargs = diffusers_scheduler_config(ours, "DPMSolverMultistepScheduler")
+    assert kwargs[f"use_{spacing}_sigmas"] is True and kwargs["timestep_spacing"] == "linspace"
+    theirs = diffusers.DPMSolverMultistepScheduler(**kwargs)
+    theirs.set_timesteps(10)
+    ab = ours.alpha_bar(ours.inference_timesteps(10))
+    torch.testing.assert_close(theirs.sigmas[:-1].double(), ((1 - ab) / ab).sqrt(), rtol=2e-4, atol=0)
+    assert scheduler_from_diffusers(dict(theirs.config)).config == ours.config
+    with pytest.raises(ValueError, match=f"timestep_spacing='{spacing}' has no equivalent in DDIMScheduler"):
+        diffusers_scheduler_config(ours, "DDIMScheduler")

@@ -9,9 +9,9 @@ is test_samplers' LinearToy (a fixed linear map of x plus a function of t, float
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
-from exact_score import MIXTURE, exact_predictor, wasserstein1
 from test_samplers import LinearToy, run_diffusers, x_T
 
+from ddpm.exact_score import MIXTURE, exact_predictor, wasserstein1
 from ddpm.samplers.multistep import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, step_order, unipc
 from ddpm.schedule import NoiseScheduler
 
@@ -196,7 +196,7 @@ def test_third_order_solvers_beat_dpmpp_2m_at_ten_calls(solver):
     """With the exact denoiser only discretisation error remains: on the linear schedule at 10 network calls
     DPM-Solver++(3M) and UniPC-2 (order 3 with its corrector) land closer to the mixture than 2M."""
     scheduler = NoiseScheduler(timestep_spacing="trailing")
-    model = exact_predictor(MIXTURE, scheduler.alphas_cumprod, "epsilon")
+    model = exact_predictor(MIXTURE, scheduler)
     noise = x_T(shape=(8, 1, 32, 32))
     error = {s: wasserstein1(run(s, model, scheduler, noise, 10), MIXTURE) for s in (solver, dpmpp_2m)}
     assert error[solver] < error[dpmpp_2m]

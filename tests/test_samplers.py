@@ -16,10 +16,10 @@ from diffusers import (
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
 )
-from exact_score import MIXTURE
 from torch import nn
 
 from ddpm.config import ConfigError, load_config
+from ddpm.exact_score import MIXTURE, exact_predictor
 from ddpm.interop.diffusers import diffusers_scheduler_config
 from ddpm.samplers import (
     DROP_LAST,
@@ -412,22 +412,12 @@ def test_solver_options_errors():
         sample(LinearToy(), NoiseScheduler(), sampler="heun", calls=0, **kwargs)
 
 
-def exact_eps(scheduler: NoiseScheduler):
-    """The exact noise predictor of exact_score.MIXTURE, at continuous timesteps too (alpha_bar(t))."""
-
-    def model(x, t, y=None):
-        alpha_bar = scheduler.alpha_bar(t.cpu()).reshape(-1, *([1] * (x.ndim - 1)))
-        return MIXTURE.posterior_means(x, alpha_bar)[1].to(x.dtype)
-
-    return model
-
-
 def test_convergence_order_with_the_exact_score():
     """Error against network calls on a log-log scale, Karras spacing: slope about 1 for Euler, 2 for Heun.
     The error is the Wasserstein-1 distance between the pixels of a run and of a 600-call Heun reference from
     the same x_T (sorted values; the sampling noise of the data cancels), so only discretisation is left."""
     scheduler = NoiseScheduler(timestep_spacing="karras")
-    model, noise = exact_eps(scheduler), x_T(shape=(2, 1, 32, 32))
+    model, noise = exact_predictor(MIXTURE, scheduler), x_T(shape=(2, 1, 32, 32))
 
     def pixels(name, calls):
         out = sample(model, scheduler, noise=noise, sampler=name, calls=calls, progress=False)
@@ -623,7 +613,8 @@ def test_zero_terminal_snr_first_step_closed_form(name):
     ab_s = scheduler.alphas_cumprod[scheduler.inference_timesteps(4)[1]].item()
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     torch.testing.assert_close(
-        calls[1], ab_s**0.5 * c + (1 - ab_s) ** 0.5 * (z if name in ("ddpm", "euler_a") else noise)
+        calls[1],
+        ab_s**0.5 * c + (1 - ab_s) ** 0.5 * (z if name in ("ddpm", "euler_a", "dpm++2m_sde") else noise),
     )
 
 
@@ -836,6 +827,9 @@ def test_each_solver_gets_only_the_options_it_declares():
         "euler": (),
         "euler_a": ("generator",),
         "heun": ("s_churn", "s_tmin", "s_tmax", "s_noise", "generator"),
+        "dpm++3m": (),
+        "dpm++2m_sde": ("generator",),
+        "unipc": (),
     }
 
 

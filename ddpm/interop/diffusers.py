@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ddpm.models.unet import UNet
 from ddpm.models.weights import load_checked
-from ddpm.schedule import NoiseScheduler
+from ddpm.schedule import SIGMA_SPACINGS, NoiseScheduler
 
 DIFFUSERS_CONFIG = (
     "config.json"  # ours has the same name: the content ('_class_name' or 'class') tells them apart
@@ -296,7 +296,7 @@ def scheduler_from_diffusers(config: dict) -> NoiseScheduler:
         rescale_betas_zero_snr=config.get("rescale_betas_zero_snr", False),
         clip_sample=clip_sample,
         clip_sample_range=clip_sample_range,
-        timestep_spacing=config.get("timestep_spacing", "leading"),
+        timestep_spacing=_spacing_from_diffusers(config),
         steps_offset=config.get("steps_offset", 0),
     )
 
@@ -309,7 +309,9 @@ def diffusers_scheduler_config(scheduler: NoiseScheduler, cls: str | type = "DDP
 
     DPMSolverMultistepScheduler has no clip_sample: clip_sample=True becomes its thresholding with
     sample_max_value=1.0, exactly a clamp of x0 to [-1, 1]; a clip_sample_range other than 1 raises
-    ValueError, having no equivalent there. An unknown scheduler raises ValueError listing the valid ones.
+    ValueError, having no equivalent there. The sigma spacings "karras" and "exponential" become its
+    use_karras_sigmas / use_exponential_sigmas (DDPMScheduler and DDIMScheduler have neither: ValueError). An
+    unknown scheduler raises ValueError listing the valid ones.
     """
     name = cls if isinstance(cls, str) else cls.__name__
     if name not in DIFFUSERS_SAMPLER_SETTINGS:
@@ -332,7 +334,25 @@ def diffusers_scheduler_config(scheduler: NoiseScheduler, cls: str | type = "DDP
                 "clip_sample_range=1.0 or sample with ddpm.sample(..., sampler='dpm++')"
             )
         config.update(thresholding=clip_sample, sample_max_value=1.0)
+    spacing = config["timestep_spacing"]
+    if spacing in SIGMA_SPACINGS:
+        if name != "DPMSolverMultistepScheduler":
+            raise ValueError(
+                f"timestep_spacing={spacing!r} has no equivalent in {name}; export to "
+                "DPMSolverMultistepScheduler, or sample with ddpm.sample"
+            )
+        # diffusers spaces these sigmas over the whole table whatever its timestep_spacing says
+        config.update(timestep_spacing="linspace", **{f"use_{spacing}_sigmas": True})
     return config
+
+
+def _spacing_from_diffusers(config: dict) -> str:
+    """Our timestep_spacing for a diffusers scheduler config: its use_karras_sigmas or use_exponential_sigmas
+    when set, else its timestep_spacing (DDPMScheduler's default "leading" when absent)."""
+    for spacing in SIGMA_SPACINGS:
+        if config.get(f"use_{spacing}_sigmas", False):
+            return spacing
+    return config.get("timestep_spacing", "leading")
 
 
 def _rename_diffusers_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:

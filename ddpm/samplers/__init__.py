@@ -1,9 +1,11 @@
 """Sampling: `sample(model, scheduler, ...)` (in `sampling`) runs one of the solvers (in `solvers`), chosen by
-name from SAMPLERS: "ddpm" (`ddpm_ancestral`), "ddim" (`ddim`), "dpm++2m" and its alias "dpm++"
-(`dpmpp_2m`), "euler" (`euler`), "euler_a" (`euler_ancestral`) and "heun" (`heun`). Every solver has one
+name from SAMPLERS: "ddpm" (`ddpm_ancestral`), "ddim" (`ddim`), "euler" (`euler`), "euler_a"
+(`euler_ancestral`) and "heun" (`heun`) in `solvers`; "dpm++2m" and its alias "dpm++" (`dpmpp_2m`), "dpm++3m"
+(`dpmpp_3m`), "dpm++2m_sde" (`dpmpp_2m_sde`) and "unipc" (`unipc`) in `multistep`. Every solver has one
 signature, `solver(denoise, x, timesteps, scheduler, *, <its own options>, disable) -> x0`; see
 `ddpm.samplers.solvers`."""
 
+from ddpm.samplers.multistep import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, step_order, unipc
 from ddpm.samplers.sampling import (
     DROP_LAST,
     SAMPLE_KEYWORDS,
@@ -21,7 +23,6 @@ from ddpm.samplers.solvers import (
     alpha_bars,
     ddim,
     ddpm_ancestral,
-    dpmpp_2m,
     euler,
     euler_ancestral,
     heun,
@@ -42,6 +43,8 @@ __all__ = [
     "ddim",
     "ddpm_ancestral",
     "dpmpp_2m",
+    "dpmpp_2m_sde",
+    "dpmpp_3m",
     "euler",
     "euler_ancestral",
     "heun",
@@ -50,4 +53,6 @@ __all__ = [
     "sample",
     "sampling_budget",
     "solver_options",
+    "step_order",
+    "unipc",
 ]

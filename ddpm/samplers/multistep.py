@@ -20,8 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ddpm.samplers.solvers import Denoiser, gaussian_noise
-from ddpm.samplers.solvers import _alpha_bars as alpha_bars
+from ddpm.samplers.solvers import Denoiser, alpha_bars, gaussian_noise
 from ddpm.schedule import NoiseScheduler
 
 # diffusers' DPMSolverMultistepScheduler lowers the order of the last steps below this many steps

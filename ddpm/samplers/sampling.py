@@ -12,12 +12,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ddpm.samplers.multistep import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, unipc
 from ddpm.samplers.solvers import (
     VARIANCES,
     Denoiser,
     ddim,
     ddpm_ancestral,
-    dpmpp_2m,
     euler,
     euler_ancestral,
     gaussian_noise,
@@ -32,13 +32,17 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddim": ddim,
     "dpm++": dpmpp_2m,  # the name before there were several DPM-Solver++ variants
     "dpm++2m": dpmpp_2m,
+    "dpm++3m": dpmpp_3m,
+    "dpm++2m_sde": dpmpp_2m_sde,
+    "unipc": unipc,
     "euler": euler,
     "euler_a": euler_ancestral,
     "heun": heun,
 }
-# Solvers on diffusers' DPMSolverMultistepScheduler grid: steps + 1 timesteps laid out, the last dropped
-# (`NoiseScheduler.inference_timesteps(drop_last=True)`); the others take DDPM/DDIM/Euler's grid.
-DROP_LAST: frozenset[Callable[..., Tensor]] = frozenset({dpmpp_2m})
+# Solvers on diffusers' DPMSolverMultistepScheduler and UniPCMultistepScheduler grid: steps + 1 timesteps
+# laid out, the last dropped (`NoiseScheduler.inference_timesteps(drop_last=True)`); the others take
+# DDPM/DDIM/Euler's grid.
+DROP_LAST: frozenset[Callable[..., Tensor]] = frozenset({dpmpp_2m, dpmpp_3m, dpmpp_2m_sde, unipc})
 DEFAULT_STEPS = 50  # when neither steps nor calls is given
 # The options of sample() itself that a solver may declare; any other keyword-only parameter of a solver (but
 # `disable`) is a solver option, given in sample()'s `options` mapping.

@@ -82,38 +82,6 @@ def ddim(
     return x
 
 
-def dpmpp_2m(
-    denoise: Denoiser, x: Tensor, timesteps: Tensor, scheduler: NoiseScheduler, *, disable: bool = False
-) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): multistep second order in the data prediction x0,
-    first order on the first step and on the final step to alpha_bar = 1. Deterministic.
-
-    With alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t), lambda_t = log(alpha_t / sigma_t) and
-    h_i = lambda_{t_i} - lambda_{t_{i-1}}, a step is
-        x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i,
-        D_i = (1 + 1/(2 r_i)) x0_{i-1} - 1/(2 r_i) x0_{i-2},  r_i = h_{i-1} / h_i,
-    and D_i = x0_{i-1} for a first-order step.
-    alpha_t (e^{-h} - 1) is computed as sigma_{t_i} alpha_{t_{i-1}} / sigma_{t_{i-1}} - alpha_{t_i}, finite at
-    alpha_bar = 0 (zero terminal SNR, lambda = -inf) and at alpha_bar = 1 (lambda = +inf); there r = +inf
-    makes D_i = x0_{i-1}. Takes the timesteps of diffusers' DPMSolverMultistepScheduler (drop_last=True).
-    """
-    abars = alpha_bars(scheduler, timesteps)
-    ab = torch.tensor(abars, dtype=torch.float64)
-    lambdas = (0.5 * (ab.log() - (1 - ab).log())).tolist()  # lambda_t, -inf at alpha_bar = 0, +inf at 1
-    x0_prev = None
-    for i in tqdm(range(len(timesteps)), disable=disable):
-        (a_t, s_t), (a_s, s_s) = _scales(abars[i]), _scales(abars[i + 1])
-        x0, _ = denoise(x, timesteps[i])
-        if x0_prev is None or i == len(timesteps) - 1:
-            d = x0
-        else:
-            r = (lambdas[i] - lambdas[i - 1]) / (lambdas[i + 1] - lambdas[i])
-            d = (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
-        x = (s_s / s_t) * x + (a_s - s_s * a_t / s_t) * d
-        x0_prev = x0
-    return x
-
-
 def euler(
     denoise: Denoiser, x: Tensor, timesteps: Tensor, scheduler: NoiseScheduler, *, disable: bool = False
 ) -> Tensor:
@@ -261,8 +229,3 @@ def _to_level(x0: Tensor, eps: Tensor, alpha_bar: float) -> Tensor:
     """sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps: the point at noise level alpha_bar on the line through
     the estimates, where an Euler step in sigma (or a DDIM step at eta = 0) lands."""
     return alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * eps
-
-
-def _scales(alpha_bar: float) -> tuple[float, float]:
-    """(alpha, sigma) = (sqrt(alpha_bar), sqrt(1 - alpha_bar))."""
-    return alpha_bar**0.5, (1 - alpha_bar) ** 0.5
