@@ -222,7 +222,8 @@ SIGMA_SAMPLERS = {
 def diffusers_sigma_scheduler(name: str, scheduler: NoiseScheduler):
     """The diffusers scheduler of sampler `name` with our schedule and spacing, on our float64 alpha_bar."""
     spacing = scheduler.timestep_spacing
-    schedule = diffusers_scheduler_config(scheduler)  # our schedule under diffusers' names
+    # our schedule under diffusers' names (DPMSolverMultistepScheduler takes the sigma spacings too)
+    schedule = diffusers_scheduler_config(scheduler, "DPMSolverMultistepScheduler")
     keys = (
         "num_train_timesteps",
         "beta_schedule",
