@@ -85,8 +85,8 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddim"  # a name in ddpm.samplers.SAMPLERS
-    steps: int = 50  # solver steps per sample (a Heun step costs two network calls)
+    sampler: str = "unipc"  # a name in ddpm.samplers.SAMPLERS; the default: BENCHMARKS.md section 5
+    steps: int = 20  # solver steps per sample (a Heun step costs two network calls)
     eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
     n: int = 16  # images in the in-training grid
     guidance_scale: float = 1.0  # classifier-free guidance weight; 1 = conditional model alone

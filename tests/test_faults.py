@@ -560,7 +560,7 @@ def test_bad_input_to_train_is_a_one_line_error(tmp_path, capsys, extra, pattern
         (["--steps", "5", "--calls", "5"], r"argument --calls: not allowed with argument --steps"),
         (["--calls", "0"], r"--calls 0: expected an integer in 1\.\.1000 \(network calls of sampler "),
         (["--option", "s_churn"], r"argument --option: expected NAME=VALUE, e\.g\. s_churn=40, got "),
-        (["--option", "s_churn=1"], r"--option s_churn=\.\.\.: expected an option of sampler 'ddim' \(its "),
+        (["--option", "s_churn=1"], r"--option s_churn=\.\.\.: expected an option of sampler 'unipc' \(its "),
         (["--sampler", "heun", "--option", "s_churn=-1"], r"--option s_churn=-1: expected a number >= 0"),
         (["--unknown"], r"unrecognized arguments: --unknown"),
         (["--eta", "1.5"], r"--eta 1\.5: expected a number in \[0, 1\]"),

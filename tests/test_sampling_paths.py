@@ -156,7 +156,7 @@ def test_a_folder_without_a_schedule_is_refused_saying_how_to_name_one(tmp_path,
     grid = grid_from_checkpoint(
         tmp_path / "bare", 1, default_config=ROOT / "configs" / "digits.yaml", steps=2, schedule=ours
     )
-    assert grid == tmp_path / "sample-bare-raw-ddim2-seed0-n1.png" and grid.is_file()
+    assert grid == tmp_path / "sample-bare-raw-unipc2-seed0-n1.png" and grid.is_file()
 
 
 def test_sampling_an_ema_folder_writes_an_ema_grid_into_its_run(run, tmp_path, monkeypatch):

@@ -251,7 +251,7 @@ def test_scripts_train_sample_and_resume(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     grid = Path(result.stdout.strip().splitlines()[-1])
-    assert grid == run / "samples" / "sample-step-0000006-ema-ddim2-seed0-n5.png" and grid.is_file()
+    assert grid == run / "samples" / "sample-step-0000006-ema-unipc2-seed0-n5.png" and grid.is_file()
     assert len(list(grid.with_suffix("").glob("*.png"))) == 5
 
     from PIL import Image
