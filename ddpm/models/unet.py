@@ -12,7 +12,8 @@ see `ddpm.interop.diffusers`):
     head: GroupNorm, SiLU, conv
 
 Conditioning: emb = MLP(sinusoid(t)) + label_embedding(y), handed to every ResBlock. With
-`time_conditioning=False` there is no embedding at all and the network is a classic segmentation U-Net.
+`time_conditioning=False` there is no embedding at all and the network is a segmentation U-Net (the seed
+write-up's plain one, exactly, is `ddpm.models.classic.ClassicUNet`).
 """
 
 from __future__ import annotations
