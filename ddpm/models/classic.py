@@ -47,16 +47,9 @@ class ClassicUNet(nn.Module):
         in_channels: int = 3,  # channels of x
         out_channels: int = 1,  # channels of the output (segmentation logits, or the diffusion prediction)
         base_channels: int = 32,  # channels of the first level; the time embedding has 4x as many
-        channel_mult: Sequence[int] = (
-            1,
-            2,
-            4,
-            8,
-            16,
-        ),  # level i: base_channels * channel_mult[i]; last: bottleneck
+        channel_mult: Sequence[int] = (1, 2, 4, 8, 16),  # level i: base_channels * mult[i]; last: bottleneck
         image_size: int = 256,  # the input side it is built for (checked against the poolings); others work
-        norm_groups: int
-        | None = None,  # None: no normalisation (the classic network); G: GroupNorm(G) per conv
+        norm_groups: int | None = None,  # None: no normalisation (the write-up's); G: GroupNorm(G) per conv
         time_conditioning: bool = False,  # True: a diffusion backbone, model(x, t, y)
         num_classes: int | None = None,  # class-conditional with labels 0..num_classes-1 (+ the null label)
     ) -> None:
