@@ -207,7 +207,7 @@ def conditioning(
     check_divisible("height and width", (height, width), levels, fix)
     if not net.time_conditioning:
         if t is not None:
-            raise ValueError(f"this {name} {TIME_FREE}: call model(x) without t")
+            raise ValueError(f"this {name} {TIME_FREE}")
         if y is not None:
             raise ValueError(f"this {name} has no class embedding (num_classes=None): call it without y")
         return None
