@@ -4,6 +4,7 @@ over several seeds, scored by a kernel distance whose real-vs-real noise floor i
     python bench/quality.py [--steps 500] [--seeds 0,1,2] [--n-samples 900]
         [--runs ours,ours-baseline-recipe,diffusers] [--config configs/digits.yaml] [--override KEY=VALUE ...]
         [--samplers ddpm:1000,dpm++:20 --tradeoff-samples N] [--samples-dir DIR] [--json OUT]
+    python bench/quality.py --score RUN [RUN ...] [--n-samples 900] [--json OUT]   # trained runs, as they are
 
 For each seed s (--seeds), each run (--runs) trains from scratch for --steps optimizer steps with training
 seed s, and its EMA weights sample --n-samples images, image i from noise seeded 1,000,000 s + i with label
@@ -37,6 +38,9 @@ Speed: each run's steps / s over its whole training (timed from the first step; 
 saving one checkpoint at the end); the run order alternates from seed to seed. Runs share the machine with
 whatever else runs on it, so the ratio is indicative only; bench/train_step.py measures the step interleaved.
 --samplers additionally scores our first seed's model with other samplers on --tradeoff-samples images.
+--score trains nothing: it scores the EMA weights of runs already trained (run directories or checkpoints,
+e.g. of configs/digits.yaml and configs/seed_digits.yaml) in the same way, each with its run's sampler and
+steps, no guidance, noise seeded i, against the same floor.
 """
 
 from __future__ import annotations
@@ -89,6 +93,9 @@ def main() -> None:
         return
     if args.floor_only:
         floor_only(args)
+        return
+    if args.score:
+        score_runs(args)
         return
     results: list[dict] = []
     tradeoff: list[dict] = []
@@ -176,6 +183,12 @@ def parse_args() -> argparse.Namespace:
         help="train nothing: the real-vs-real floor of every measure at --n-samples samples",
     )
     parser.add_argument(
+        "--score",
+        nargs="+",
+        metavar="RUN",
+        help="train nothing: score the EMA weights of these trained runs (or checkpoints) against the floor",
+    )
+    parser.add_argument(
         "--merge",
         nargs="+",
         metavar="JSON",
@@ -205,6 +218,35 @@ def floor_only(args: argparse.Namespace) -> None:
     )
     print(common.markdown_table(["measure", "mean", "std", "95th percentile of |value|"], rows))
     common.write_json(args.json, {"benchmark": "floor", "n_samples": args.n_samples, "floor": floor})
+
+
+def score_runs(args: argparse.Namespace) -> None:
+    """Print (and write to --json) the scores of the EMA weights of the trained runs --score, each sampled
+    with its run's `sample:` settings but no guidance, and the floor at --n-samples."""
+    with tempfile.TemporaryDirectory(prefix="ddpm-bench-") as tmp:
+        config = bench_config(args.config, args.override, Path(tmp) / "run", steps=1, checkpoint_every=1)
+    scorer = Scorer(config, splits=args.floor_splits, size=args.n_samples)
+    results = []
+    for run in args.score:
+        loaded = load_for_sampling(run, use_ema=True)
+        sample = dataclasses.replace(loaded.sampling, guidance_scale=1.0)
+        scores = scorer.score_model(loaded.model, loaded.scheduler, sample=sample, n=args.n_samples)
+        parameters = sum(p.numel() for p in loaded.model.parameters())
+        results.append({"run": str(loaded.folder), "network": type(loaded.model).__name__, **scores})
+        results[-1]["parameters"] = parameters
+        print(f"{loaded.folder}: {scores}", flush=True)
+    columns = ["kid_conv", "kid_hidden", "frechet_distance", "confidence", "agreement"]
+    rows = [[r["run"], r["network"], r["parameters"], *(r[c] for c in columns)] for r in results]
+    print(
+        f"\n{args.n_samples} samples per run; classifier held-out accuracy {scorer.accuracy:.3f}\n\n"
+        + common.markdown_table(["run", "network", "parameters", *columns], rows)
+    )
+    floor = {metric: {k: v for k, v in f.items() if k != "values"} for metric, f in scorer.floor.items()}
+    rows = [[metric, f["mean"], f["std"], f["abs_p95"]] for metric, f in floor.items()]
+    print("\n" + common.markdown_table(["floor", "mean", "std", "95th percentile of |value|"], rows))
+    common.write_json(
+        args.json, {"benchmark": "score", "n_samples": args.n_samples, "results": results, "floor": floor}
+    )
 
 
 def merge(paths: list[str], out: str | None) -> None:

@@ -1,8 +1,9 @@
 """Run configuration: one YAML file with the sections model, diffusion, data, train, sample and output_dir.
 
-`model` holds the `UNet` constructor's keyword arguments and `diffusion` the `NoiseScheduler`'s, passed as
-given (a missing key takes the constructor's default); their values are checked by building both when the
-file is read, on the meta device (no memory, no time), so that each check exists once, in its constructor.
+`model` holds the network's constructor's keyword arguments (`UNet`'s, or with `architecture: classic`
+`ClassicUNet`'s: `build_model`) and `diffusion` the `NoiseScheduler`'s, passed as given (a missing key takes
+the constructor's default); their values are checked by building both when the file is read, on the meta
+device (no memory, no time), so that each check exists once, in its constructor.
 `data`, `train` and `sample` are dataclasses below: a missing key takes the default written there, and every
 value is checked for its type and range when the file is read, so that a typo stops the run before it starts
 rather than after an hour. What the constructors refuse and the settings of different sections that cannot
@@ -25,7 +26,7 @@ import torch
 import yaml
 
 from ddpm.io import atomic_write
-from ddpm.models.unet import UNet
+from ddpm.models import ARCHITECTURES
 from ddpm.samplers import SampleOptionError, check_sample_options
 from ddpm.schedule import LOSS_WEIGHTINGS, NoiseScheduler
 
@@ -96,7 +97,7 @@ class SampleConfig:
 
 @dataclass
 class Config:
-    model: dict[str, Any] = field(default_factory=dict)  # UNet(**model)
+    model: dict[str, Any] = field(default_factory=dict)  # build_model(model): UNet(**model) by default
     diffusion: dict[str, Any] = field(default_factory=dict)  # NoiseScheduler(**diffusion)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -151,17 +152,18 @@ def save_config(config: Config, path: str | Path) -> None:
 def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[str]:
     """The settings of different sections of `config` that cannot work together, each with its fix.
 
-    `model` is the UNet's whole config (every constructor argument, as `UNet.config`); by default
-    config.model over UNet's defaults. Only what is known without loading the data is checked here; the
+    `model` is the network's whole config (every constructor argument, as `UNet.config`); by default
+    config.model over its class's defaults. Only what is known without loading the data is checked here; the
     Trainer adds what the data set itself says (its number of classes). What one section's own values cannot
     be is its constructor's to say (`construct`): the image side's divisibility by 2^(levels-1), for one.
     """
     model_keys = config.model if model is None else model
-    model = {**_defaults(UNet), **config.model} if model is None else model
+    cls, kwargs = model_class(config.model)
+    model = {**_defaults(cls), **kwargs} if model is None else model
     data, sample = config.data, config.sample
 
     def key(name: str) -> str:
-        note = "" if name in model_keys else " (UNet's default)"
+        note = "" if name in model_keys else f" ({cls.__name__}'s default)"
         return f"model.{name}={_yaml(model[name])}{note}"
 
     problems = []
@@ -187,6 +189,39 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
             "sample.guidance_scale=1 or model.num_classes"
         )
     return problems
+
+
+def model_class(model: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+    """The class a config's `model` section builds, ARCHITECTURES[model["architecture"]] (`UNet` when the key
+    is left out, "classic" for `ClassicUNet`), and its keyword arguments (the section without the key).
+    Raises ConfigError for an unknown architecture, listing the known ones."""
+    kwargs = dict(model)
+    name = kwargs.pop(ARCHITECTURE, DEFAULT_ARCHITECTURE)
+    if not isinstance(name, str) or name not in ARCHITECTURES:
+        raise ConfigError(
+            f"invalid value {name!r} for 'model.{ARCHITECTURE}': expected one of {', '.join(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[name], kwargs
+
+
+def build_model(model: Mapping[str, Any]) -> torch.nn.Module:
+    """The network of a config's `model` section (`model_class`); a refused value is a ConfigError
+    (`construct`)."""
+    cls, kwargs = model_class(model)
+    return construct(cls, "model", kwargs)
+
+
+def check_diffusion_model(model: Mapping[str, Any]) -> None:
+    """Raise ConfigError unless a config's `model` section builds a time-conditioned network: one built
+    with time_conditioning=False is a segmentation network, `model(x)`, that no diffusion loss or sampler
+    can call."""
+    cls, kwargs = model_class(model)
+    if not {**_defaults(cls), **kwargs}["time_conditioning"]:
+        note = "" if "time_conditioning" in kwargs else f" ({cls.__name__}'s default)"
+        raise ConfigError(
+            f"model.time_conditioning=false{note} builds a segmentation network, called as model(x) with no "
+            "timestep, not a diffusion model: set model.time_conditioning=true to train or sample it"
+        )
 
 
 def construct(
@@ -218,8 +253,9 @@ def raise_problems(problems: Sequence[str]) -> None:
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "sample": SampleConfig}
-# The class each of the sections model and diffusion is passed to, as keyword arguments.
-CONSTRUCTORS: dict[str, type] = {"model": UNet, "diffusion": NoiseScheduler}
+# The model section's key naming its network (a key of ddpm.models.ARCHITECTURES), and the network without it.
+ARCHITECTURE = "architecture"
+DEFAULT_ARCHITECTURE = "unet"
 TOP_LEVEL_KEYS = ("model", "diffusion", "data", "train", "sample", "output_dir")
 
 # Values accepted by the options that take one of a list (read from the module that owns it where one does).
@@ -302,11 +338,10 @@ def _build(raw: Mapping[str, Any], where: Callable[[str], str]) -> Config:
     if not isinstance(output_dir, str) or not output_dir:
         raise ConfigError(_invalid("output_dir", output_dir, where, "a non-empty string (a directory path)"))
 
-    for name, constructor in CONSTRUCTORS.items():
+    for name, (constructor, kwargs) in _constructors(sections).items():
         if sections[name]:
-            _check_names(
-                name, sections[name], _keyword_arguments(constructor), where, f" ({constructor.__name__})"
-            )
+            valid = _keyword_arguments(constructor) + ([ARCHITECTURE] if name == "model" else [])
+            _check_names(name, kwargs, valid, where, f" ({constructor.__name__})")
     built = {name: _build_section(name, sections[name], where) for name in SECTIONS}
     _check_sample(built["sample"], sections["diffusion"], where)
     model, data = sections["model"], built["data"]
@@ -367,19 +402,24 @@ def _check_sample(sample: SampleConfig, diffusion: Mapping[str, Any], where: Cal
 
 
 def _refused(sections: Mapping[str, dict[str, Any]], aliases: Mapping[str, str]) -> list[str]:
-    """What UNet and NoiseScheduler refuse of the model and diffusion sections given, each as a problem.
+    """What the network and NoiseScheduler refuse of the model and diffusion sections given, one problem each.
 
     Both are built on the meta device: their checks run without allocating or initialising any weights.
     """
     problems = []
     with torch.device("meta"):
-        for name, constructor in CONSTRUCTORS.items():
+        for name, (constructor, kwargs) in _constructors(sections).items():
             if sections[name]:
                 try:
-                    construct(constructor, name, sections[name], aliases)
+                    construct(constructor, name, kwargs, aliases)
                 except ConfigError as error:
                     problems.append(str(error))
     return problems
+
+
+def _constructors(sections: Mapping[str, dict[str, Any]]) -> dict[str, tuple[type, dict[str, Any]]]:
+    """Section name -> (the class it is passed to, its keyword arguments), for model and diffusion."""
+    return {"model": model_class(sections["model"]), "diffusion": (NoiseScheduler, sections["diffusion"])}
 
 
 def _check_names(

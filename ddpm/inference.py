@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ddpm.config import SampleConfig, load_config
 from ddpm.io import EMA, CheckpointError, atomic_write, load_model_folder, one_line
+from ddpm.models.classic import ClassicUNet
 from ddpm.models.unet import UNet
 from ddpm.run_dir import RUN_CONFIG, SAMPLES, checkpoint_of, resolve_checkpoint, run_directory
 from ddpm.samplers import SampleOptionError, check_sample_options, sample, sampling_budget
@@ -33,7 +34,7 @@ class Loaded(NamedTuple):
     """What sampling needs from a run, a checkpoint or a model folder, loaded together by `load_for_sampling`:
     the network, its schedule and the run's sampling settings."""
 
-    model: UNet  # in eval mode, on the device asked for
+    model: UNet | ClassicUNet  # in eval mode, on the device asked for
     scheduler: NoiseScheduler  # the schedule the weights were trained with, or the one `schedule` named
     weights: str  # which weights: "ema", "raw" or "diffusers"
     sampling: SampleConfig  # the run's `sample:` settings; SampleConfig() for a folder outside a run

@@ -25,6 +25,7 @@ from ddpm.interop.diffusers import (
     scheduler_from_diffusers,
     unet_from_diffusers,
 )
+from ddpm.models import ARCHITECTURES, ClassicUNet
 from ddpm.models.unet import UNet
 from ddpm.models.weights import load_checked
 from ddpm.schedule import NoiseScheduler
@@ -109,7 +110,7 @@ def load_model_folder(
     return model.eval(), scheduler, from_diffusers
 
 
-def save_unet(folder: str | Path, model: UNet) -> None:
+def save_unet(folder: str | Path, model: UNet | ClassicUNet) -> None:
     """Write the network alone: config.json (its constructor's keyword arguments, its class and the package
     version) and model.safetensors (its weights). `load_unet` reads them; `save_pretrained` adds the
     schedule."""
@@ -122,10 +123,11 @@ def save_unet(folder: str | Path, model: UNet) -> None:
 
 def load_unet(
     folder: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-) -> UNet:
-    """The UNet that `save_unet` (or `save_pretrained`) wrote in `folder`, with its weights, on `device` in
-    `dtype`. Raises FileNotFoundError for a missing folder or file and ValueError for a config that is not a
-    UNet's or weights that do not fit it, each saying what to do."""
+) -> UNet | ClassicUNet:
+    """The network that `save_unet` (or `save_pretrained`) wrote in `folder` (the class its config.json names,
+    UNet or ClassicUNet), with its weights, on `device` in `dtype`. Raises FileNotFoundError for a missing
+    folder or file and ValueError for a config that is not one of ours or weights that do not fit it, each
+    saying what to do."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(
@@ -141,16 +143,21 @@ def load_unet(
     config = json.loads((folder / CONFIG_NAME).read_text())
     saved_class = config.pop("class", UNet.__name__)
     config.pop("ddpm_version", None)
-    if saved_class != UNet.__name__:
-        raise ValueError(f"{folder / CONFIG_NAME} describes a {saved_class}, not a {UNet.__name__}")
-    valid = [p for p in inspect.signature(UNet.__init__).parameters if p != "self"]
+    classes = {cls.__name__: cls for cls in ARCHITECTURES.values()}
+    if saved_class not in classes:
+        raise ValueError(
+            f"{folder / CONFIG_NAME} describes a {saved_class}, not one of ddpm's networks "
+            f"({', '.join(classes)})"
+        )
+    cls = classes[saved_class]
+    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(config) - set(valid))
     if unknown:
         raise ValueError(
             f"unknown config key(s) {unknown} in {folder / CONFIG_NAME}; valid keys: {valid}. "
             "Remove them, or upgrade ddpm if the folder was written by a newer version"
         )
-    model = UNet(**config)
+    model = cls(**config)
     load_checked(
         model,
         load_file(str(folder / WEIGHTS_NAME)),

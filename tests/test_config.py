@@ -18,11 +18,14 @@ from ddpm.config import (
     DataConfig,
     SampleConfig,
     TrainConfig,
+    build_model,
+    check_diffusion_model,
     construct,
     load_config,
     save_config,
 )
 from ddpm.data import BUILDERS, DataError, build_dataset
+from ddpm.models import ClassicUNet
 from ddpm.models.unet import UNet
 from ddpm.schedule import NoiseScheduler
 
@@ -378,6 +381,44 @@ def test_unet_defaults_count_for_an_absent_model_key():
     # model.in_channels is not in the file: UNet's default, 3, does not fit 1-channel data.
     with pytest.raises(ConfigError, match=r"model\.in_channels=3 \(UNet's default\) but data\.channels=1"):
         Config.from_dict({"model": {"out_channels": 1, "channel_mult": [1, 2]}, "data": {"image_size": 8}})
+
+
+SEED_DIGITS_YAML = DIGITS_YAML.with_name("seed_digits.yaml")
+
+
+def test_the_architecture_key_chooses_the_network_and_its_keys():
+    config = load_config(SEED_DIGITS_YAML)
+    assert config.model["architecture"] == "classic"
+    model = build_model(config.model)
+    assert type(model) is ClassicUNet and model.time_conditioning and model.num_classes == 10
+    assert type(build_model(load_config(DIGITS_YAML).model)) is UNet  # no key: UNet
+    with pytest.raises(ConfigError, match=r"'model\.architecture': expected one of unet, classic"):
+        load_config(SEED_DIGITS_YAML, ["model.architecture=resnet"])
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'model\.num_res_blocks'.*\(ClassicUNet\): in_channels"
+    ):
+        load_config(SEED_DIGITS_YAML, ["model.num_res_blocks=2"])
+    with pytest.raises(
+        ConfigError, match=r"model\.norm_groups: channel counts \[32, 64, 128\].*ClassicUNet's"
+    ):
+        load_config(SEED_DIGITS_YAML, ["model.norm_groups=5"])
+    with pytest.raises(
+        ConfigError, match=r"model\.in_channels=3 \(ClassicUNet's default\) but data\.channels=1"
+    ):
+        Config.from_dict({"model": {"architecture": "classic", "image_size": 16}})
+
+
+def test_a_time_free_network_is_no_diffusion_model():
+    check_diffusion_model(load_config(SEED_DIGITS_YAML).model)
+    check_diffusion_model({})  # UNet's default is time-conditioned
+    with pytest.raises(
+        ConfigError,
+        match=r"^model\.time_conditioning=false \(ClassicUNet's default\) builds a segmentation network, "
+        r"called as model\(x\)",
+    ):
+        check_diffusion_model({"architecture": "classic"})
+    with pytest.raises(ConfigError, match=r"^model\.time_conditioning=false builds a segmentation network"):
+        check_diffusion_model({"time_conditioning": False})
 
 
 def test_folder_config_loads_and_fits_its_model(tmp_path):

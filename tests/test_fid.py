@@ -452,14 +452,15 @@ def test_sharded_reference_statistics_equal_the_single_process_ones(tmp_path, ra
     np.testing.assert_array_equal(results[0].mu, single.mu)
 
 
-def fid_run_overrides(tmp_path: Path, random_weights: Path) -> list[str]:
-    """Overrides of configs/digits.yaml for a 2-step run with its FID at step 2, on 6 random 8x8 grayscale
-    PNGs written to tmp_path/data (run directory: tmp_path/run)."""
-    from test_train import TINY
+def fid_run_overrides(tmp_path: Path, random_weights: Path, tiny: str = "TINY") -> list[str]:
+    """Overrides of configs/digits.yaml (with tiny="TINY_RUN": of configs/seed_digits.yaml) for a 2-step run
+    with its FID at step 2, on 6 random 8x8 grayscale PNGs written to tmp_path/data (run directory:
+    tmp_path/run)."""
+    import test_train
 
     write_pngs(tmp_path / "data", random_uint8(6, channels=1, size=8), mode="L")
     return [
-        *TINY,
+        *getattr(test_train, tiny),
         "data.dataset=folder",
         f"data.root={tmp_path / 'data'}",
         "data.labels=false",
@@ -473,14 +474,19 @@ def fid_run_overrides(tmp_path: Path, random_weights: Path) -> list[str]:
     ]
 
 
-def test_training_logs_the_fid_of_its_ema_weights(tmp_path, random_weights):
+@pytest.mark.parametrize(("config", "tiny"), [("digits.yaml", "TINY"), ("seed_digits.yaml", "TINY_RUN")])
+def test_training_logs_the_fid_of_its_ema_weights(tmp_path, random_weights, config, tiny):
     from accelerate.state import AcceleratorState
 
     from ddpm.training.trainer import Trainer
 
-    overrides = [*fid_run_overrides(tmp_path, random_weights), "train.fid_n=4", "sample.guidance_scale=1"]
+    overrides = [
+        *fid_run_overrides(tmp_path, random_weights, tiny),
+        "train.fid_n=4",
+        "sample.guidance_scale=1",
+    ]
     try:
-        Trainer(load_config(Path(__file__).parents[1] / "configs" / "digits.yaml", overrides)).train()
+        Trainer(load_config(Path(__file__).parents[1] / "configs" / config, overrides)).train()
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

@@ -10,6 +10,7 @@ import torch
 from test_unet import inputs, perturb, tiny  # pytest puts tests/ on sys.path
 
 from ddpm.io import atomic_write, load_unet, save_unet
+from ddpm.models import ClassicUNet
 
 
 def test_the_content_lands_at_the_path_and_no_temporary_file_is_left(tmp_path):
@@ -82,6 +83,17 @@ def test_save_unet_and_load_unet_round_trip(tmp_path):
     assert torch.isfinite(as_bf16(x.bfloat16(), t, y)).all()
 
 
+def test_a_saved_classic_unet_loads_as_one(tmp_path):
+    model = perturb(ClassicUNet(base_channels=8, channel_mult=[1, 2], time_conditioning=True, num_classes=3))
+    save_unet(tmp_path / "classic", model)
+    config = json.loads((tmp_path / "classic" / "config.json").read_text())
+    assert config["class"] == "ClassicUNet" and config["time_conditioning"] is True
+    loaded = load_unet(tmp_path / "classic")
+    assert type(loaded) is ClassicUNet and loaded.config == model.config
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([0, 3])
+    assert torch.equal(model.eval()(x, t, y), loaded.eval()(x, t, y))
+
+
 def test_load_unet_errors_say_what_is_wrong(tmp_path):
     with pytest.raises(
         FileNotFoundError, match=r"is not a directory; pass the folder written by ddpm\.save_pretrained"
@@ -105,4 +117,9 @@ def test_load_unet_errors_say_what_is_wrong(tmp_path):
         load_unet(folder)
     (folder / "config.json").write_text(json.dumps({**config, "num_classes": 3}))
     with pytest.raises(ValueError, match="missing class_embedding.weight"):
+        load_unet(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "class": "ResNet"}))
+    with pytest.raises(
+        ValueError, match=r"describes a ResNet, not one of ddpm's networks \(UNet, ClassicUNet\)"
+    ):
         load_unet(folder)

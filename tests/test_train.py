@@ -11,6 +11,7 @@ import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
+from ddpm import sample
 from ddpm.config import ConfigError, load_config
 from ddpm.inference import load_for_sampling
 from ddpm.io import CheckpointError, load_unet
@@ -18,16 +19,13 @@ from ddpm.run_dir import latest_checkpoint, list_checkpoints
 from ddpm.training import NonFiniteLossError, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
+TINY_RUN = [
     "data.image_size=8",
     "data.batch_size=16",
     "model.image_size=8",
     "model.base_channels=8",
     "model.channel_mult=[1,2]",
-    "model.num_res_blocks=1",
-    "model.attention_resolutions=[4]",
     "model.norm_groups=4",
-    "model.dropout=0.1",  # dropout draws from the global RNG: resume must restore it
     "train.steps=6",
     "train.warmup_steps=4",
     "train.checkpoint_every=3",
@@ -36,6 +34,12 @@ TINY = [
     "train.log_every=1",
     "sample.steps=2",
     "sample.n=4",
+]
+TINY = [
+    *TINY_RUN,
+    "model.num_res_blocks=1",
+    "model.attention_resolutions=[4]",
+    "model.dropout=0.1",  # dropout draws from the global RNG: resume must restore it
 ]
 
 
@@ -48,6 +52,11 @@ def fresh_accelerator_state():
 
 def tiny_config(run_dir: Path, *extra: str):
     return load_config(ROOT / "configs" / "digits.yaml", [*TINY, f"output_dir={run_dir}", *extra])
+
+
+def tiny_classic_config(run_dir: Path, *extra: str):
+    """configs/seed_digits.yaml (ClassicUNet as a diffusion backbone), tiny."""
+    return load_config(ROOT / "configs" / "seed_digits.yaml", [*TINY_RUN, f"output_dir={run_dir}", *extra])
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -107,13 +116,14 @@ def test_train_writes_a_complete_run_directory(tmp_path):
     )
 
 
-def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
-    straight = Trainer(tiny_config(tmp_path / "a")).train()
+@pytest.mark.parametrize("config", [tiny_config, tiny_classic_config], ids=["UNet", "ClassicUNet"])
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path, config):
+    straight = Trainer(config(tmp_path / "a")).train()
     AcceleratorState._reset_state(reset_partial_state=True)
 
-    Trainer(tiny_config(tmp_path / "b", "train.steps=3")).train()
+    Trainer(config(tmp_path / "b", "train.steps=3")).train()
     AcceleratorState._reset_state(reset_partial_state=True)
-    resumed = Trainer(tiny_config(tmp_path / "b"), resume="latest").train()
+    resumed = Trainer(config(tmp_path / "b"), resume="latest").train()
 
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys()
@@ -209,6 +219,35 @@ def test_nan_policy_skip_counts_and_skips_bad_steps(tmp_path):
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert log[-1]["skipped_steps"] == 1
     assert all(torch.isfinite(w).all() for w in weights(last).values())
+
+
+def test_the_classic_backbone_samples_with_guidance_and_through_sample_py(tmp_path):
+    Trainer(tiny_classic_config(tmp_path / "b", "train.steps=3")).train()
+    loaded = load_for_sampling(tmp_path / "b")
+    assert type(loaded.model).__name__ == "ClassicUNet" and loaded.weights == "ema"
+    y = torch.tensor([0, 9])
+    images = sample(
+        loaded.model, loaded.scheduler, (2, 1, 8, 8), sampler="dpm++", steps=2, y=y, guidance_scale=2
+    )
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+    result = run_script(
+        str(ROOT / "sample.py"), "--n", "3", "--checkpoint", str(tmp_path / "b"), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip().splitlines()[-1]).is_file()
+
+
+def test_a_time_free_network_is_refused_before_any_work(tmp_path, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the Trainer started working on a network it cannot train")
+
+    monkeypatch.setattr("ddpm.training.trainer.build_accelerator", no_work)
+    overrides = ["model.time_conditioning=false", "model.num_classes=null"]
+    with pytest.raises(ConfigError, match=r"model\.time_conditioning=false builds a segmentation network"):
+        Trainer(tiny_classic_config(tmp_path / "run", *overrides))
+    with pytest.raises(ConfigError, match=r"model\.time_conditioning=false builds a segmentation network"):
+        Trainer(tiny_config(tmp_path / "run", *overrides))
+    assert not (tmp_path / "run").exists()
 
 
 def test_incompatible_data_and_model_stop_before_training(tmp_path):

@@ -12,7 +12,8 @@ see `ddpm.interop.diffusers`):
     head: GroupNorm, SiLU, conv
 
 Conditioning: emb = MLP(sinusoid(t)) + label_embedding(y), handed to every ResBlock. With
-`time_conditioning=False` there is no embedding at all and the network is a classic segmentation U-Net.
+`time_conditioning=False` there is no embedding at all and the network is a segmentation U-Net (the seed
+write-up's plain one, exactly, is `ddpm.models.classic.ClassicUNet`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ from torch.utils.checkpoint import checkpoint
 
 TIME_INJECTIONS = ("scale_shift", "add")
 DOWNSAMPLES = ("conv", "conv_asymmetric", "maxpool")
+# What a network built with time_conditioning=False is, for the errors of everything that needs a timestep.
+TIME_FREE = (
+    "has time_conditioning=False: it is a segmentation network, called as model(x) with no timestep, "
+    "not a diffusion model (build it with time_conditioning=True for that)"
+)
 
 
 class UNet(nn.Module):
@@ -146,7 +152,7 @@ class UNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor | float | int | None = None, y: Tensor | None = None) -> Tensor:
         """x: (N, in_channels, H, W); t: (N,) or scalar timestep, int or float; y: (N,) long labels in
         [0, num_classes] (num_classes = `null_class`, no label). Returns (N, out_channels, H, W)."""
-        emb = self._embedding(x, t, y)  # (N, 4 * base_channels) or None
+        emb = conditioning(self, x, t, y, len(self.down_blocks))  # (N, 4 * base_channels) or None
         if emb is not None:
             emb = F.silu(emb)  # every block's time projection starts with SiLU: apply it once here
 
@@ -182,51 +188,53 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _embedding(self, x: Tensor, t: Tensor | float | int | None, y: Tensor | None) -> Tensor | None:
-        """Checks the inputs and returns emb = MLP(sinusoid(t)) + label_embedding(y), (N, 4 * base)."""
-        if x.ndim != 4:
-            raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got shape {tuple(x.shape)}")
-        n, c, height, width = x.shape
-        if c != self.in_channels:
-            raise ValueError(
-                f"x must have in_channels={self.in_channels} channels, got {c} (shape {tuple(x.shape)})"
-            )
-        fix = f"got {height}x{width}; resize or pad the input"
-        _check_divisible("height and width", (height, width), len(self.down_blocks), fix)
-        if not self.time_conditioning:
-            if t is not None:
-                raise ValueError(
-                    "this UNet is unconditioned (time_conditioning=False): call model(x) without t"
-                )
-            if y is not None:
-                raise ValueError("this UNet has no class embedding (num_classes=None): call it without y")
-            return None
 
-        if t is None:
-            raise ValueError("this UNet is time-conditioned: pass the timestep t, a scalar or an (N,) tensor")
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(n)
-        if t.shape != (n,):
-            raise ValueError(f"t must be a scalar or have shape (N,) = ({n},), got shape {tuple(t.shape)}")
-        emb = self.time_embedding(t)
+def conditioning(
+    net: nn.Module, x: Tensor, t: Tensor | float | int | None, y: Tensor | None, levels: int
+) -> Tensor | None:
+    """Checks a U-Net's inputs and returns emb = MLP(sinusoid(t)) + label_embedding(y), (N, E), or None for a
+    time-free network. `net` (UNet or ClassicUNet) has in_channels, time_conditioning, time_embedding,
+    class_embedding, num_classes and null_class; `levels` is its number of resolutions."""
+    name = type(net).__name__
+    if x.ndim != 4:
+        raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got shape {tuple(x.shape)}")
+    n, c, height, width = x.shape
+    if c != net.in_channels:
+        raise ValueError(
+            f"x must have in_channels={net.in_channels} channels, got {c} (shape {tuple(x.shape)})"
+        )
+    fix = f"got {height}x{width}; resize or pad the input"
+    check_divisible("height and width", (height, width), levels, fix)
+    if not net.time_conditioning:
+        if t is not None:
+            raise ValueError(f"this {name} {TIME_FREE}")
+        if y is not None:
+            raise ValueError(f"this {name} has no class embedding (num_classes=None): call it without y")
+        return None
 
-        if self.class_embedding is None:
-            if y is not None:
-                raise ValueError("this UNet has no class embedding (num_classes=None): call it without y")
-            return emb
-        if y is None:
-            raise ValueError(
-                f"this UNet is class-conditional (num_classes={self.num_classes}): pass y; for unconditional "
-                f"outputs pass y = torch.full((N,), model.null_class) (null_class = {self.null_class})"
-            )
-        if y.shape != (n,) or y.dtype not in (torch.long, torch.int):
-            raise ValueError(
-                f"y must be a long tensor of shape ({n},), got {y.dtype} of shape {tuple(y.shape)}"
-            )
-        # The range of y is not checked here: that would read a device value (a host sync) on every call.
-        # It is checked where labels enter: the data set against num_classes, and the sampling entry.
-        return emb + self.class_embedding(y)
+    if t is None:
+        raise ValueError(f"this {name} is time-conditioned: pass the timestep t, a scalar or an (N,) tensor")
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim == 0:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise ValueError(f"t must be a scalar or have shape (N,) = ({n},), got shape {tuple(t.shape)}")
+    emb = net.time_embedding(t)
+
+    if net.class_embedding is None:
+        if y is not None:
+            raise ValueError(f"this {name} has no class embedding (num_classes=None): call it without y")
+        return emb
+    if y is None:
+        raise ValueError(
+            f"this {name} is class-conditional (num_classes={net.num_classes}): pass y; for unconditional "
+            f"outputs pass y = torch.full((N,), model.null_class) (null_class = {net.null_class})"
+        )
+    if y.shape != (n,) or y.dtype not in (torch.long, torch.int):
+        raise ValueError(f"y must be a long tensor of shape ({n},), got {y.dtype} of shape {tuple(y.shape)}")
+    # The range of y is not checked here: that would read a device value (a host sync) on every call.
+    # It is checked where labels enter: the data set against num_classes, and the sampling entry.
+    return emb + net.class_embedding(y)
 
 
 def sinusoidal_embedding(
@@ -410,7 +418,7 @@ def _check_config(config: dict) -> None:
         )
     size, levels = config["image_size"], len(mult)
     fix = f"for channel_mult={mult}: use another image_size or fewer levels"
-    _check_divisible(f"image_size={size}", (size,), levels, fix)
+    check_divisible(f"image_size={size}", (size,), levels, fix)
     sizes = [size // 2**level for level in range(levels)]
     unmatched = [r for r in config["attention_resolutions"] if r not in sizes]
     if unmatched:
@@ -432,7 +440,7 @@ def _check_config(config: dict) -> None:
         raise ValueError(f"attention channel counts {bad} are not divisible by {what}")
 
 
-def _check_divisible(what: str, sides: Sequence[int], levels: int, fix: str) -> None:
+def check_divisible(what: str, sides: Sequence[int], levels: int, fix: str) -> None:
     """Raises ValueError "`what` must be divisible by 2**(levels - 1) = m, `fix`" unless each of `sides`
     (pixels) is: the down path halves the side levels - 1 times, and the up path must meet each skip at the
     side it left it (the constructor checks image_size with it, forward the input's height and width)."""

@@ -115,6 +115,11 @@ def sample(
         `model.null_class`.
     Returns x0, (N, C, H, W), float32 (float64 when `noise` is float64).
     """
+    if getattr(model, "time_conditioning", True) is False:  # before any noise is drawn or any call made
+        raise ValueError(
+            f"this {type(model).__name__} has time_conditioning=False: it is a segmentation network, called "
+            "as model(x); sampling needs a diffusion model, built with time_conditioning=True and trained"
+        )
     options = dict(options or {})
     check_sample_options(
         sampler=sampler,

@@ -1,6 +1,6 @@
 """The training loop on Hugging Face Accelerate: one process or many, CPU or GPU, with the same code.
 
-`Trainer(config).train()` builds the UNet, the NoiseScheduler and the dataset from a `Config`, then runs
+`Trainer(config).train()` builds the network, the NoiseScheduler and the dataset from a `Config`, then runs
 AdamW with learning-rate warm-up, gradient clipping and accumulation, mixed precision, an EMA of the weights,
 label dropout for classifier-free guidance and the scheduler's loss weighting. It writes the run directory
 described in `ddpm.run_dir` and can resume it exactly.
@@ -18,11 +18,20 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from ddpm.config import Config, ConfigError, TrainConfig, conflicts, construct, raise_problems, save_config
+from ddpm.config import (
+    Config,
+    ConfigError,
+    TrainConfig,
+    build_model,
+    check_diffusion_model,
+    conflicts,
+    construct,
+    raise_problems,
+    save_config,
+)
 from ddpm.data import build_dataset, num_classes_of
 from ddpm.ema import EMA
 from ddpm.losses import diffusion_loss, drop_labels
-from ddpm.models.unet import UNet
 from ddpm.run_dir import RUN_CONFIG, TrainerState, latest_checkpoint
 from ddpm.schedule import NoiseScheduler
 from ddpm.training.accelerator import build_accelerator
@@ -39,7 +48,8 @@ from ddpm.training.run_log import RunLog, RunningLoss
 
 
 class Trainer:
-    """Train a UNet as a denoising diffusion model under Accelerate.
+    """Train a network (`ddpm.config.build_model`: a UNet, or a time-conditioned ClassicUNet) as a denoising
+    diffusion model under Accelerate; a time-free network is refused before anything is built.
 
     Args:
         config: the resolved run configuration (see `ddpm.config`).
@@ -51,6 +61,7 @@ class Trainer:
     """
 
     def __init__(self, config: Config, *, resume: str | None = None):
+        check_diffusion_model(config.model)
         self.config, self.run_dir, train = config, Path(config.output_dir), config.train
         self.accelerator = accelerator = build_accelerator(train, self.run_dir)
         # The same initial weights on every process (so the EMA starts from what DDP trains), then different
@@ -58,7 +69,7 @@ class Trainer:
         set_seed(train.seed)
         self.dataset = build_dataset(config.data)
         self.scheduler = construct(NoiseScheduler, "diffusion", config.diffusion)
-        model = construct(UNet, "model", config.model)
+        model = build_model(config.model)
         _check_compatible(model, self.dataset, config)
         if train.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -254,7 +265,7 @@ def _learning_rate(step: int, train: TrainConfig) -> float:
     return train.lr * scale
 
 
-def _optimizer(model: UNet, train: TrainConfig) -> torch.optim.AdamW:
+def _optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         model.parameters(),
         lr=train.lr,
@@ -280,7 +291,7 @@ def _loader(dataset, config: Config, num_processes: int) -> torch.utils.data.Dat
     )
 
 
-def _check_compatible(model: UNet, dataset, config: Config) -> None:
+def _check_compatible(model: torch.nn.Module, dataset, config: Config) -> None:
     """Stop before training when the data cannot go through the network, naming the keys to change: the
     config's conflicts (`ddpm.config.conflicts`, for a Config built in code) and what only the loaded data
     set says, its number of classes. Checked once here, so that the model's forward need not check labels."""
