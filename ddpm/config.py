@@ -94,6 +94,18 @@ class SampleConfig:
     calls: int | None = None  # instead of steps: network calls per sample, the most steps that fit in them
     options: dict[str, Any] = field(default_factory=dict)  # the solver's own options, e.g. {s_churn: 40}
 
+    def sampler_settings(self) -> dict[str, Any]:
+        """This section as the keyword arguments of `ddpm.sample` (and `ddpm.inference.generate`) that it
+        sets, everything but n; calls, when set, replace steps."""
+        return {
+            "sampler": self.sampler,
+            "steps": None if self.calls is not None else self.steps,
+            "calls": self.calls,
+            "eta": self.eta,
+            "options": dict(self.options),
+            "guidance_scale": self.guidance_scale,
+        }
+
 
 @dataclass
 class Config:
@@ -389,12 +401,10 @@ def _check_sample(sample: SampleConfig, diffusion: Mapping[str, Any], where: Cal
     """The sampling settings, by the check `ddpm.sample` itself makes (steps up to the diffusion's T); calls,
     when set, replace steps."""
     T = diffusion.get("num_train_timesteps", _defaults(NoiseScheduler)["num_train_timesteps"])
-    names = ("sampler", "steps", "calls", "eta", "guidance_scale", "options")
-    options = {k: getattr(sample, k) for k in names}
-    if sample.calls is not None:
-        options["steps"] = None
     try:  # a T of the wrong type is NoiseScheduler's to report
-        check_sample_options(**options, num_train_timesteps=T if isinstance(T, int) else None)
+        check_sample_options(
+            **sample.sampler_settings(), num_train_timesteps=T if isinstance(T, int) else None
+        )
     except SampleOptionError as error:
         key = f"sample.{error.option}"  # an entry of the options mapping: sample.options.NAME
         message = _invalid(key, error.value, lambda _: where(".".join(key.split(".")[:2])), error.expected)

@@ -220,7 +220,7 @@ def grid_from_checkpoint(
     defaults = loaded.sampling
     sampler = sampler or defaults.sampler
     if steps is None and calls is None:
-        steps, calls = (defaults.steps, None) if defaults.calls is None else (None, defaults.calls)
+        steps, calls = defaults.sampler_settings()["steps"], defaults.calls
     if eta is None:
         eta = defaults.eta if sampler == "ddim" else 0.0  # the run's eta is a DDIM setting
     if options is None:  # the run's solver options are settings of its own sampler

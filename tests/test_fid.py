@@ -521,3 +521,17 @@ def test_two_processes_over_gloo_share_the_fid_and_log_what_one_process_computes
     stats = fid.model_statistics(model, scheduler, 5, sampling=sample, weights=random_weights)
     expected = fid.frechet_distance(reference.mu, reference.sigma, stats.mu, stats.sigma)
     assert record["step"] == 2 and record["fid"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_model_statistics_sample_with_the_network_call_budget_of_the_section(tmp_path, random_weights):
+    """A sample: section with calls set (which replace its steps) is sampled with those calls."""
+    model, scheduler, _ = tiny_run(tmp_path / "run")
+    sampling = SampleConfig(sampler="heun", steps=40, calls=5, guidance_scale=1.5)
+    stats = fid.model_statistics(
+        model, scheduler, 4, sampling=sampling, weights=random_weights, progress=False
+    )
+    images = generate(
+        model, scheduler, 4, image_shape=(1, 8, 8), sampler="heun", calls=5, guidance_scale=1.5, seed=0
+    )
+    expected = fid.statistics(features_of(fid.to_uint8(images), random_weights))
+    np.testing.assert_allclose(stats.mu, expected.mu, rtol=1e-4, atol=1e-6)

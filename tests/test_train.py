@@ -5,12 +5,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
+import ddpm.inference
 from ddpm import sample
 from ddpm.config import ConfigError, load_config
 from ddpm.inference import load_for_sampling
@@ -367,3 +369,23 @@ def test_cpu_training_uses_every_core_whatever_accelerate_launch_set(tmp_path, m
         assert torch.get_num_threads() == 5
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_network_call_budget_in_the_sample_section_drives_the_in_training_grids(tmp_path):
+    """sample.calls, when set, replaces sample.steps everywhere the section is used: the config check and the
+    grids written during training, which sample with the calls' steps (heun: 5 calls buy 3 steps)."""
+    config = tiny_config(
+        tmp_path / "run", "train.steps=3", "sample.sampler=heun", "sample.calls=5", "sample.steps=40"
+    )
+    trainer = Trainer(config)
+    seen = []
+    original = ddpm.inference.sample
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["steps"], kwargs["calls"]))
+        return original(*args, **kwargs)
+
+    with mock.patch("ddpm.inference.sample", recording):
+        trainer.train()
+    assert seen == [(None, 5)]
+    assert (tmp_path / "run" / "samples" / "step-0000003-ema.png").is_file()

@@ -47,12 +47,7 @@ class Evaluation:
                 scheduler,
                 sample.n,
                 image_shape=(data.channels, data.image_size, data.image_size),
-                sampler=sample.sampler,
-                steps=sample.steps,
-                calls=sample.calls,
-                eta=sample.eta,
-                options=sample.options,
-                guidance_scale=sample.guidance_scale,
+                **sample.sampler_settings(),
                 seed=self.config.train.seed,
                 device=self.accelerator.device,
             )
