@@ -20,7 +20,12 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from ddpm.config import SampleConfig, load_config
-from ddpm.interop.openai import load_openai
+from ddpm.interop.openai import (
+    parse_openai_flags,
+    scheduler_from_openai,
+    unet_from_openai,
+    unet_kwargs_from_openai,
+)
 from ddpm.io import EMA, CheckpointError, atomic_write, load_model_folder, one_line, read_schedule
 from ddpm.models.classic import ClassicUNet
 from ddpm.models.unet import UNet
@@ -91,8 +96,8 @@ def load_for_sampling(
 def _load_openai(
     path: Path, flags: str | None, *, schedule: str | Path | None, device: torch.device | str
 ) -> Loaded:
-    """`load_for_sampling` of an OpenAI .pt file: flag errors stay ValueErrors (a bad --openai-flags), the
-    file's become CheckpointErrors."""
+    """`load_for_sampling` of an OpenAI .pt file (what `ddpm.interop.openai.load_openai` does), with flag
+    errors as ValueErrors (a bad --openai-flags) and the file's as CheckpointErrors."""
     if flags is None:
         raise CheckpointError(
             f"{path} is an OpenAI checkpoint file: pass --openai-flags with the MODEL_FLAGS (and "
@@ -102,11 +107,15 @@ def _load_openai(
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file; pass the .pt file with --checkpoint")
     try:
-        model, scheduler = load_openai(path, flags, device=device)
-    except (OSError, RuntimeError) as error:
-        raise CheckpointError(f"cannot read {path}: {one_line(error)}") from None
+        model_flags, diffusion_flags = parse_openai_flags(flags)
+        unet_kwargs_from_openai(**model_flags)
+        scheduler = scheduler_from_openai(**diffusion_flags)
     except ValueError as error:
         raise ValueError(f"--openai-flags: {one_line(error)}") from None
+    try:
+        model = unet_from_openai(path, device=device, **model_flags).eval()
+    except (OSError, RuntimeError, ValueError) as error:  # ValueError: the tensors do not fit the flags
+        raise CheckpointError(f"cannot load {path}: {one_line(error)}") from None
     if schedule is not None:
         scheduler = read_schedule(schedule)
     return Loaded(model, scheduler, "openai", SampleConfig(), path, None)

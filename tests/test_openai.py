@@ -26,6 +26,7 @@ from ddpm.interop.openai import (
     unet_from_openai,
     unet_kwargs_from_openai,
 )
+from ddpm.io import CheckpointError
 from ddpm.models.unet import AttentionBlock, ResBlock, sinusoidal_embedding
 from ddpm.samplers import sample
 from ddpm.schedule import NoiseScheduler
@@ -696,8 +697,12 @@ def test_a_pickle_that_is_not_a_plain_state_dict_is_refused(tmp_path):
 
 def test_sampling_an_openai_file_needs_its_flags(tmp_path):
     torch.save(random_state_dict(flags(TINY_ADD)), tmp_path / "tiny.pt")
-    with pytest.raises(Exception, match=r"tiny\.pt is an OpenAI checkpoint file: pass --openai-flags"):
+    with pytest.raises(CheckpointError, match=r"tiny\.pt is an OpenAI checkpoint file: pass --openai-flags"):
         load_for_sampling(tmp_path / "tiny.pt")
+    with pytest.raises(ValueError, match=r"^--openai-flags: unknown OpenAI flag --bogus"):
+        load_for_sampling(tmp_path / "tiny.pt", openai_flags=TINY_ADD + " --bogus 1")
+    with pytest.raises(CheckpointError, match=r"missing\.pt: no such file"):
+        load_for_sampling(tmp_path / "missing.pt", openai_flags=TINY_ADD)
 
 
 @needs_variance_type
@@ -706,6 +711,8 @@ def test_sample_py_samples_an_openai_checkpoint(tmp_path, monkeypatch, capsys):
     torch.save(random_state_dict(flags(TINY_ADD)), tmp_path / "tiny.pt")
     loaded = load_for_sampling(tmp_path / "tiny.pt", openai_flags=TINY_ADD)
     assert loaded.weights == "openai" and loaded.scheduler.config["variance_type"] == "fixed_large"
+    with pytest.raises(CheckpointError, match=r"cannot load \S+tiny\.pt: \S+tiny\.pt does not fit the model"):
+        load_for_sampling(tmp_path / "tiny.pt", openai_flags=TINY_ADD.replace("--num_res_blocks 1", ""))
     spec = importlib.util.spec_from_file_location("sample_script", ROOT / "sample.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
