@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from ddpm.io import atomic_write
+from ddpm.lr_schedule import LR_SCHEDULES
 from ddpm.models import ARCHITECTURES
 from ddpm.samplers import SampleOptionError, check_sample_options
 from ddpm.schedule import LOSS_WEIGHTINGS, NoiseScheduler
@@ -61,6 +62,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 100  # linear LR warm-up, in optimizer steps
+    lr_schedule: str = "constant"  # after the warm-up: constant | cosine | linear (ddpm.lr_schedule)
+    lr_min: float = 0.0  # the learning rate cosine and linear decay towards
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     grad_accum: int = 1  # micro-batches per optimizer step
     mixed_precision: str = "auto"  # auto | no | fp16 | bf16
@@ -277,6 +280,7 @@ _CHOICES: dict[str, tuple] = {
     "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "train.nan_policy": ("stop", "skip"),
     "train.loss_weighting": LOSS_WEIGHTINGS,
+    "train.lr_schedule": LR_SCHEDULES,
 }
 
 # Ranges, checked after the types: key -> (predicate, what is expected).
@@ -293,6 +297,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.weight_decay": _AT_LEAST_0,
     "train.adam_betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     "train.warmup_steps": _AT_LEAST_0,
+    "train.lr_min": _AT_LEAST_0,
     "train.grad_clip": _AT_LEAST_0,
     "train.grad_accum": _AT_LEAST_1,
     "train.ema_decay": _UNIT,
@@ -364,6 +369,7 @@ def _build(raw: Mapping[str, Any], where: Callable[[str], str]) -> Config:
     config = Config(model=model, diffusion=sections["diffusion"], output_dir=output_dir, **built)
     problems = _refused(sections, aliases)
     problems += conflicts(config) if model else []  # no model section: a file for the data alone
+    problems += _lr_problems(built["train"])
     if data.dataset != "digits" and data.root is None:
         problems.append(
             f"data.root is required for data.dataset '{data.dataset}' (in {where('data.dataset')}): "
@@ -371,6 +377,21 @@ def _build(raw: Mapping[str, Any], where: Callable[[str], str]) -> Config:
         )
     raise_problems(problems)
     return config
+
+
+def _lr_problems(train: TrainConfig) -> list[str]:
+    """train.lr_min that cannot work: above train.lr, or set for the constant schedule that never uses it."""
+    if train.lr_schedule == "constant" and train.lr_min != 0:
+        return [
+            f"train.lr_min={_yaml(train.lr_min)} is only used by a decaying schedule: set "
+            "train.lr_schedule=cosine or linear, or leave train.lr_min out"
+        ]
+    if train.lr_min > train.lr:
+        return [
+            f"train.lr_min={_yaml(train.lr_min)} is above train.lr={_yaml(train.lr)}: the schedule decays "
+            "from train.lr to train.lr_min; lower train.lr_min"
+        ]
+    return []
 
 
 def _build_section(section: str, values: dict[str, Any], where: Callable[[str], str]) -> Any:
