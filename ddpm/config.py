@@ -30,6 +30,7 @@ from ddpm.lr_schedule import LR_SCHEDULES
 from ddpm.models import ARCHITECTURES
 from ddpm.samplers import SampleOptionError, check_sample_options
 from ddpm.schedule import LOSS_WEIGHTINGS, NoiseScheduler
+from ddpm.trackers import LOG_WITH, trackers
 
 # The default job of train.py and sample.py without --config or --checkpoint (the source tree's configs/).
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
@@ -85,6 +86,8 @@ class TrainConfig:
     fid_n: int = 2000  # images sampled for each in-training FID (papers report 50,000: use ddpm.fid)
     fid_weights: str | None = None  # Inception weights file (default: $DDPM_FID_WEIGHTS, ~/.cache/ddpm)
     cpu_threads: int = 0  # CPU threads per process; 0: OMP_NUM_THREADS if > 1, else cores / processes
+    log_with: str = "auto"  # auto | tensorboard | wandb | all | none (ddpm.trackers)
+    tracker_project: str = "ddpm"  # the trackers' project: TensorBoard's folder in the run, wandb's project
 
 
 @dataclass
@@ -206,6 +209,19 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
     return problems
 
 
+def tracker_names(train: TrainConfig) -> list[str]:
+    """The trackers train.log_with means (`ddpm.trackers.trackers`: "auto" is those installed); a tracker
+    named but not installed is a ConfigError with the pip command.
+
+    Checked when training starts rather than when the file is read: a run's config is also read to sample
+    from it, on machines that need not have its trackers.
+    """
+    try:
+        return trackers(train.log_with)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def model_class(model: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
     """The class a config's `model` section builds, ARCHITECTURES[model["architecture"]] (`UNet` when the key
     is left out, "classic" for `ClassicUNet`), and its keyword arguments (the section without the key).
@@ -281,6 +297,7 @@ _CHOICES: dict[str, tuple] = {
     "train.nan_policy": ("stop", "skip"),
     "train.loss_weighting": LOSS_WEIGHTINGS,
     "train.lr_schedule": LR_SCHEDULES,
+    "train.log_with": LOG_WITH,
 }
 
 # Ranges, checked after the types: key -> (predicate, what is expected).
@@ -312,6 +329,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.fid_every": _AT_LEAST_0,
     "train.fid_n": _AT_LEAST_1,
     "train.cpu_threads": _AT_LEAST_0,
+    "train.tracker_project": (lambda v: bool(v.strip()), "a non-empty name"),
     "sample.n": _AT_LEAST_1,  # the others: ddpm.samplers.check_sample_options
 }
 

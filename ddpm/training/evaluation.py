@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
 from ddpm.config import Config
 from ddpm.fid import frechet_distance, model_statistics, reference_statistics
-from ddpm.inference import generate, save_grid
+from ddpm.inference import generate, grid_image, save_grid
 from ddpm.run_dir import SAMPLES
 from ddpm.schedule import NoiseScheduler
 
@@ -36,10 +37,13 @@ class Evaluation:
                 accelerator=accelerator,
             )
 
-    def sample_grid(self, step: int, ema_model: torch.nn.Module, scheduler: NoiseScheduler) -> None:
-        """Write samples/step-NNNNNNN-ema.png of sample.n images (main process only, its own seeded RNG)."""
+    def sample_grid(
+        self, step: int, ema_model: torch.nn.Module, scheduler: NoiseScheduler
+    ) -> np.ndarray | None:
+        """Write samples/step-NNNNNNN-ema.png of sample.n images (main process only, its own seeded RNG) and
+        return it, (H, W, 3) uint8 (`ddpm.inference.grid_image`); None on the other processes."""
         if not self.accelerator.is_main_process:
-            return
+            return None
         sample, data = self.config.sample, self.config.data
         with self.accelerator.autocast():
             images = generate(
@@ -52,6 +56,7 @@ class Evaluation:
                 device=self.accelerator.device,
             )
         save_grid(images, self.run_dir / SAMPLES / f"step-{step:07d}-ema.png")
+        return grid_image(images)
 
     def fid(self, ema_model: torch.nn.Module, scheduler: NoiseScheduler) -> float | None:
         """FID of train.fid_n samples against the data: the value on the main process, None on the others.

@@ -139,7 +139,8 @@ class Trainer:
                         last_saved = self._save()
                     evaluate = not self.stopped_by  # nothing delays a pre-empted job
                     if evaluate and train.sample_every and (step % train.sample_every == 0 or done):
-                        self.evaluation.sample_grid(step, self.ema.module, self.scheduler)
+                        grid = self.evaluation.sample_grid(step, self.ema.module, self.scheduler)
+                        self.log.write_image("samples/ema", grid, step=step)
                     if evaluate and train.fid_every and (step % train.fid_every == 0 or done):
                         fid = self.evaluation.fid(self.ema.module, self.scheduler)
                         self.log.write({"step": step, "fid": fid})
