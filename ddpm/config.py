@@ -32,8 +32,18 @@ from ddpm.samplers import SampleOptionError, check_sample_options
 from ddpm.schedule import LOSS_WEIGHTINGS, NoiseScheduler
 from ddpm.trackers import LOG_WITH, trackers
 
-# The default job of train.py and sample.py without --config or --checkpoint (the source tree's configs/).
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+
+def _bundled_configs() -> Path:
+    """The folder of the configs that ship with ddpm: package data (ddpm/configs/) in an installed wheel, the
+    source tree's configs/ in a clone or an editable install (pyproject.toml maps one onto the other)."""
+    package = Path(__file__).resolve().parent
+    return package / "configs" if (package / "configs").is_dir() else package.parent / "configs"
+
+
+# The configs `--config NAME` finds by name (`resolve_config`).
+BUNDLED_CONFIGS = _bundled_configs()
+# The default job of ddpm-train and ddpm-sample (train.py, sample.py) without --config or --checkpoint.
+DEFAULT_CONFIG = BUNDLED_CONFIGS / "digits.yaml"
 # The values of data.dataset: ddpm.data keys its builders by these names.
 DATASETS = ("digits", "folder", "cifar10", "mnist", "fashion_mnist", "celeba")
 T = TypeVar("T")
@@ -132,13 +142,35 @@ class Config:
         return _build(d, lambda key: "the config dict")
 
 
+def resolve_config(name_or_path: str | Path) -> Path:
+    """The config file `name_or_path` means: a file that exists at that path, else the bundled config of that
+    name (`digits` or `digits.yaml`: BUNDLED_CONFIGS/digits.yaml). A file wins over a bundled config of the
+    same name, so that a user's own `digits.yaml` in the working directory is the one read.
+
+    Raises ConfigError, listing the bundled configs, when neither exists.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = BUNDLED_CONFIGS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if path.parent == Path(".") and bundled.is_file():
+        return bundled
+    names = ", ".join(sorted(p.stem for p in BUNDLED_CONFIGS.glob("*.yaml")))
+    raise ConfigError(
+        f"config file {name_or_path} not found; pass an existing file with --config, or the name of a "
+        f"bundled config: {names}"
+    )
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
-    """Read the YAML file at `path` (None: no file, only the defaults) and apply dotted `key=value` overrides.
+    """Read the YAML config `path` (a file, or the name of a bundled config: `resolve_config`; None: no file,
+    only the defaults) and apply dotted `key=value` overrides.
 
     Raises ConfigError naming the key, where it came from (file or override) and what is valid.
     """
     raw: dict[str, Any] = {}
     if path is not None:
+        path = resolve_config(path)
         loaded = _read_yaml(Path(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")

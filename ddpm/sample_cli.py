@@ -1,11 +1,13 @@
 """Sample images from a trained model and write them as a PNG grid.
 
-    python sample.py --n 16 [--checkpoint RUN_OR_CHECKPOINT] [--sampler ddim] [--steps 50 | --calls 50]
+    ddpm-sample --n 16 [--checkpoint RUN_OR_CHECKPOINT] [--sampler ddim] [--steps 50 | --calls 50]
         [--option NAME=VALUE ...] [--out FILE]
 
 Sampler settings default to the `sample:` section of the run's config, and the noise schedule is the one saved
 with the weights, so nothing from training is re-typed. The cost of a sampler is its network calls: --calls
 takes as many steps as fit in that many (a Heun step costs two); the steps and calls used go to stderr.
+
+(`python -m ddpm.sample_cli` and, in a clone, `python sample.py` are the same.)
 
 Exit status: 0 with the grid's path on stdout; 1 with a one-line `error: ...` on stderr for a bad option or
 checkpoint.

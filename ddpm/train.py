@@ -1,7 +1,11 @@
 """Train a diffusion model.
 
-    python train.py [--config configs/NAME.yaml] [key=value ...] [--resume [CHECKPOINT]]
-    accelerate launch --multi_gpu --num_processes N train.py [...]       # several processes
+    ddpm-train [--config NAME_OR_FILE] [key=value ...] [--resume [CHECKPOINT]]
+    accelerate launch --multi_gpu --num_processes N -m ddpm.train [...]     # several processes
+
+(`python -m ddpm.train` and, in a clone, `python train.py` and `accelerate launch train.py` are the same.)
+--config takes a YAML file or the name of a config that ships with ddpm (digits, cifar10, folder, ...); when
+both exist, the file at the path given wins (`--config digits.yaml` reads ./digits.yaml if there is one).
 
 Overrides are dotted config keys, e.g. `train.steps=200 data.batch_size=32 output_dir=runs/try`.
 `--resume` alone continues the latest checkpoint of output_dir; `--resume PATH` continues that checkpoint, or
@@ -20,7 +24,7 @@ import signal
 import sys
 from pathlib import Path
 
-from ddpm.config import DEFAULT_CONFIG, ConfigError, load_config
+from ddpm.config import BUNDLED_CONFIGS, DEFAULT_CONFIG, ConfigError, load_config
 from ddpm.data import DataError
 from ddpm.io import CheckpointError
 from ddpm.run_dir import latest_checkpoint
@@ -34,7 +38,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+    parser.add_argument(
+        "--config",
+        help=f"YAML config file, or the name of a bundled one: {', '.join(_bundled())} (an existing file at "
+        f"the path given wins) (default: {DEFAULT_CONFIG.stem})",
+    )
     parser.add_argument(
         "--resume",
         nargs="?",
@@ -50,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         args.resume = "latest"
     config = None
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config or DEFAULT_CONFIG, args.overrides)
         trainer = Trainer(config, resume=args.resume)
         trainer.train()
     except USER_ERRORS as error:
@@ -61,6 +69,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(128 + signal.SIGINT)
     if trainer.stopped_by is not None:
         sys.exit(128 + trainer.stopped_by)
+
+
+def _bundled() -> list[str]:
+    """The names of the bundled configs, for --help."""
+    return sorted(path.stem for path in BUNDLED_CONFIGS.glob("*.yaml"))
 
 
 if __name__ == "__main__":
