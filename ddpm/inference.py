@@ -15,9 +15,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors import SafetensorError
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from ddpm.config import SampleConfig, load_config
@@ -149,25 +148,16 @@ def generate(
     return torch.cat(batches)
 
 
-def grid_image(images: torch.Tensor, *, nrow: int | None = None) -> np.ndarray:
-    """Images in [-1, 1] of shape (N, C, H, W) as one grid, (H', W', 3) uint8: nrow images a row (default:
-    ceil(sqrt(N))), 1 pixel of padding; gray images repeated over 3 channels. What `save_grid` writes."""
-    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
-    grid = make_grid(images.detach().float().cpu(), nrow=nrow, normalize=True, value_range=(-1, 1), padding=1)
-    # (3, H', W') in [0, 1] -> (H', W', 3), rounded to uint8 as torchvision's save_image does
-    return grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
-
-
 def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None) -> Path:
-    """Write images in [-1, 1] of shape (N, C, H, W) as one PNG grid (`grid_image`; atomically: temp file,
-    then rename).
+    """Write images in [-1, 1] of shape (N, C, H, W) as one PNG grid (atomically: temp file, then rename).
 
     A failed write raises OSError naming `path`; a crash leaves at most a hidden .tmp- file beside it
     (`atomic_write`).
     """
     path = Path(path)
+    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
     with atomic_write(path) as tmp:
-        Image.fromarray(grid_image(images, nrow=nrow)).save(tmp, format="PNG")
+        save_image(images, tmp, nrow=nrow, normalize=True, value_range=(-1, 1), padding=1)
     return path
 
 

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from PIL import Image
 
 from ddpm.config import Config
 from ddpm.fid import frechet_distance, model_statistics, reference_statistics
-from ddpm.inference import generate, grid_image, save_grid
+from ddpm.inference import generate, save_grid
 from ddpm.run_dir import SAMPLES
 from ddpm.schedule import NoiseScheduler
 
@@ -41,7 +42,8 @@ class Evaluation:
         self, step: int, ema_model: torch.nn.Module, scheduler: NoiseScheduler
     ) -> np.ndarray | None:
         """Write samples/step-NNNNNNN-ema.png of sample.n images (main process only, its own seeded RNG) and
-        return it, (H, W, 3) uint8 (`ddpm.inference.grid_image`); None on the other processes."""
+        return it as the trackers take it, (H, W, 3) uint8 read back from the file; None on the other
+        processes."""
         if not self.accelerator.is_main_process:
             return None
         sample, data = self.config.sample, self.config.data
@@ -55,8 +57,9 @@ class Evaluation:
                 seed=self.config.train.seed,
                 device=self.accelerator.device,
             )
-        save_grid(images, self.run_dir / SAMPLES / f"step-{step:07d}-ema.png")
-        return grid_image(images)
+        path = save_grid(images, self.run_dir / SAMPLES / f"step-{step:07d}-ema.png")
+        with Image.open(path) as grid:
+            return np.asarray(grid.convert("RGB"))
 
     def fid(self, ema_model: torch.nn.Module, scheduler: NoiseScheduler) -> float | None:
         """FID of train.fid_n samples against the data: the value on the main process, None on the others.
