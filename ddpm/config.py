@@ -26,12 +26,24 @@ import torch
 import yaml
 
 from ddpm.io import atomic_write
+from ddpm.lr_schedule import LR_SCHEDULES
 from ddpm.models import ARCHITECTURES
 from ddpm.samplers import SampleOptionError, check_sample_options
 from ddpm.schedule import LOSS_WEIGHTINGS, NoiseScheduler
+from ddpm.trackers import LOG_WITH, trackers
 
-# The default job of train.py and sample.py without --config or --checkpoint (the source tree's configs/).
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+
+def _bundled_configs() -> Path:
+    """The folder of the configs that ship with ddpm: package data (ddpm/configs/) in an installed wheel, the
+    source tree's configs/ in a clone or an editable install (pyproject.toml maps one onto the other)."""
+    package = Path(__file__).resolve().parent
+    return package / "configs" if (package / "configs").is_dir() else package.parent / "configs"
+
+
+# The configs `--config NAME` finds by name (`resolve_config`).
+BUNDLED_CONFIGS = _bundled_configs()
+# The default job of ddpm-train and ddpm-sample (train.py, sample.py) without --config or --checkpoint.
+DEFAULT_CONFIG = BUNDLED_CONFIGS / "digits.yaml"
 # The values of data.dataset: ddpm.data keys its builders by these names.
 DATASETS = ("digits", "folder", "cifar10", "mnist", "fashion_mnist", "celeba")
 T = TypeVar("T")
@@ -61,6 +73,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 100  # linear LR warm-up, in optimizer steps
+    lr_schedule: str = "constant"  # after the warm-up: constant | cosine | linear (ddpm.lr_schedule)
+    lr_min: float = 0.0  # the learning rate cosine and linear decay towards
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     grad_accum: int = 1  # micro-batches per optimizer step
     mixed_precision: str = "auto"  # auto | no | fp16 | bf16
@@ -82,6 +96,8 @@ class TrainConfig:
     fid_n: int = 2000  # images sampled for each in-training FID (papers report 50,000: use ddpm.fid)
     fid_weights: str | None = None  # Inception weights file (default: $DDPM_FID_WEIGHTS, ~/.cache/ddpm)
     cpu_threads: int = 0  # CPU threads per process; 0: OMP_NUM_THREADS if > 1, else cores / processes
+    log_with: str = "auto"  # auto | tensorboard | wandb | all | none (ddpm.trackers)
+    tracker_project: str = "ddpm"  # the trackers' project: TensorBoard's folder in the run, wandb's project
 
 
 @dataclass
@@ -126,13 +142,35 @@ class Config:
         return _build(d, lambda key: "the config dict")
 
 
+def resolve_config(name_or_path: str | Path) -> Path:
+    """The config file `name_or_path` means: a file that exists at that path, else the bundled config of that
+    name (`digits` or `digits.yaml`: BUNDLED_CONFIGS/digits.yaml). A file wins over a bundled config of the
+    same name, so that a user's own `digits.yaml` in the working directory is the one read.
+
+    Raises ConfigError, listing the bundled configs, when neither exists.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = BUNDLED_CONFIGS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if path.parent == Path(".") and bundled.is_file():
+        return bundled
+    names = ", ".join(sorted(p.stem for p in BUNDLED_CONFIGS.glob("*.yaml")))
+    raise ConfigError(
+        f"config file {name_or_path} not found; pass an existing file with --config, or the name of a "
+        f"bundled config: {names}"
+    )
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
-    """Read the YAML file at `path` (None: no file, only the defaults) and apply dotted `key=value` overrides.
+    """Read the YAML config `path` (a file, or the name of a bundled config: `resolve_config`; None: no file,
+    only the defaults) and apply dotted `key=value` overrides.
 
     Raises ConfigError naming the key, where it came from (file or override) and what is valid.
     """
     raw: dict[str, Any] = {}
     if path is not None:
+        path = resolve_config(path)
         loaded = _read_yaml(Path(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
@@ -201,6 +239,19 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
             "sample.guidance_scale=1 or model.num_classes"
         )
     return problems
+
+
+def tracker_names(train: TrainConfig) -> list[str]:
+    """The trackers train.log_with means (`ddpm.trackers.trackers`: "auto" is those installed); a tracker
+    named but not installed is a ConfigError with the pip command.
+
+    Checked when training starts rather than when the file is read: a run's config is also read to sample
+    from it, on machines that need not have its trackers.
+    """
+    try:
+        return trackers(train.log_with)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def model_class(model: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
@@ -277,6 +328,8 @@ _CHOICES: dict[str, tuple] = {
     "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "train.nan_policy": ("stop", "skip"),
     "train.loss_weighting": LOSS_WEIGHTINGS,
+    "train.lr_schedule": LR_SCHEDULES,
+    "train.log_with": LOG_WITH,
 }
 
 # Ranges, checked after the types: key -> (predicate, what is expected).
@@ -293,6 +346,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.weight_decay": _AT_LEAST_0,
     "train.adam_betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     "train.warmup_steps": _AT_LEAST_0,
+    "train.lr_min": _AT_LEAST_0,
     "train.grad_clip": _AT_LEAST_0,
     "train.grad_accum": _AT_LEAST_1,
     "train.ema_decay": _UNIT,
@@ -307,6 +361,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.fid_every": _AT_LEAST_0,
     "train.fid_n": _AT_LEAST_1,
     "train.cpu_threads": _AT_LEAST_0,
+    "train.tracker_project": (lambda v: bool(v.strip()), "a non-empty name"),
     "sample.n": _AT_LEAST_1,  # the others: ddpm.samplers.check_sample_options
 }
 
@@ -364,6 +419,7 @@ def _build(raw: Mapping[str, Any], where: Callable[[str], str]) -> Config:
     config = Config(model=model, diffusion=sections["diffusion"], output_dir=output_dir, **built)
     problems = _refused(sections, aliases)
     problems += conflicts(config) if model else []  # no model section: a file for the data alone
+    problems += _lr_problems(built["train"])
     if data.dataset != "digits" and data.root is None:
         problems.append(
             f"data.root is required for data.dataset '{data.dataset}' (in {where('data.dataset')}): "
@@ -371,6 +427,21 @@ def _build(raw: Mapping[str, Any], where: Callable[[str], str]) -> Config:
         )
     raise_problems(problems)
     return config
+
+
+def _lr_problems(train: TrainConfig) -> list[str]:
+    """train.lr_min that cannot work: above train.lr, or set for the constant schedule that never uses it."""
+    if train.lr_schedule == "constant" and train.lr_min != 0:
+        return [
+            f"train.lr_min={_yaml(train.lr_min)} is only used by a decaying schedule: set "
+            "train.lr_schedule=cosine or linear, or leave train.lr_min out"
+        ]
+    if train.lr_min > train.lr:
+        return [
+            f"train.lr_min={_yaml(train.lr_min)} is above train.lr={_yaml(train.lr)}: the schedule decays "
+            "from train.lr to train.lr_min; lower train.lr_min"
+        ]
+    return []
 
 
 def _build_section(section: str, values: dict[str, Any], where: Callable[[str], str]) -> Any:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
+from PIL import Image
 
 from ddpm.config import Config
 from ddpm.fid import frechet_distance, model_statistics, reference_statistics
@@ -36,10 +38,14 @@ class Evaluation:
                 accelerator=accelerator,
             )
 
-    def sample_grid(self, step: int, ema_model: torch.nn.Module, scheduler: NoiseScheduler) -> None:
-        """Write samples/step-NNNNNNN-ema.png of sample.n images (main process only, its own seeded RNG)."""
+    def sample_grid(
+        self, step: int, ema_model: torch.nn.Module, scheduler: NoiseScheduler
+    ) -> np.ndarray | None:
+        """Write samples/step-NNNNNNN-ema.png of sample.n images (main process only, its own seeded RNG) and
+        return it as the trackers take it, (H, W, 3) uint8 read back from the file; None on the other
+        processes."""
         if not self.accelerator.is_main_process:
-            return
+            return None
         sample, data = self.config.sample, self.config.data
         with self.accelerator.autocast():
             images = generate(
@@ -51,7 +57,9 @@ class Evaluation:
                 seed=self.config.train.seed,
                 device=self.accelerator.device,
             )
-        save_grid(images, self.run_dir / SAMPLES / f"step-{step:07d}-ema.png")
+        path = save_grid(images, self.run_dir / SAMPLES / f"step-{step:07d}-ema.png")
+        with Image.open(path) as grid:
+            return np.asarray(grid.convert("RGB"))
 
     def fid(self, ema_model: torch.nn.Module, scheduler: NoiseScheduler) -> float | None:
         """FID of train.fid_n samples against the data: the value on the main process, None on the others.

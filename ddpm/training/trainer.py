@@ -1,8 +1,9 @@
 """The training loop on Hugging Face Accelerate: one process or many, CPU or GPU, with the same code.
 
 `Trainer(config).train()` builds the network, the NoiseScheduler and the dataset from a `Config`, then runs
-AdamW with learning-rate warm-up, gradient clipping and accumulation, mixed precision, an EMA of the weights,
-label dropout for classifier-free guidance and the scheduler's loss weighting. It writes the run directory
+AdamW with learning-rate warm-up and decay (`ddpm.lr_schedule`), gradient clipping and accumulation, mixed
+precision, an EMA of the weights, label dropout for classifier-free guidance and the scheduler's loss
+weighting. It writes the run directory
 described in `ddpm.run_dir` and can resume it exactly.
 
 The loop puts together: the loss (`ddpm.losses`), the Accelerator (`.accelerator`), checkpoints and what
@@ -32,6 +33,7 @@ from ddpm.config import (
 from ddpm.data import build_dataset, num_classes_of
 from ddpm.ema import EMA
 from ddpm.losses import diffusion_loss, drop_labels
+from ddpm.lr_schedule import learning_rate
 from ddpm.run_dir import RUN_CONFIG, TrainerState, latest_checkpoint
 from ddpm.schedule import NoiseScheduler
 from ddpm.training.accelerator import build_accelerator
@@ -137,7 +139,8 @@ class Trainer:
                         last_saved = self._save()
                     evaluate = not self.stopped_by  # nothing delays a pre-empted job
                     if evaluate and train.sample_every and (step % train.sample_every == 0 or done):
-                        self.evaluation.sample_grid(step, self.ema.module, self.scheduler)
+                        grid = self.evaluation.sample_grid(step, self.ema.module, self.scheduler)
+                        self.log.write_image("samples/ema", grid, step=step)
                     if evaluate and train.fid_every and (step % train.fid_every == 0 or done):
                         fid = self.evaluation.fid(self.ema.module, self.scheduler)
                         self.log.write({"step": step, "fid": fid})
@@ -168,7 +171,14 @@ class Trainer:
         accelerator, train = self.accelerator, self.config.train
         with accelerator.accumulate(self.model):
             for group in self.optimizer.param_groups:
-                group["lr"] = _learning_rate(self.state.step, train)
+                group["lr"] = learning_rate(
+                    self.state.step,
+                    lr=train.lr,
+                    steps=train.steps,
+                    warmup_steps=train.warmup_steps,
+                    schedule=train.lr_schedule,
+                    lr_min=train.lr_min,
+                )
             loss = self._loss(x0, labels)
             self.losses.add_micro_batch(loss)
             accelerator.backward(loss)
@@ -257,12 +267,6 @@ class Trainer:
             scheduler=self.scheduler,
             keep=self.config.train.keep_checkpoints,
         )
-
-
-def _learning_rate(step: int, train: TrainConfig) -> float:
-    """Linear warm-up over `warmup_steps`, then constant: a function of the step, so resume is exact."""
-    scale = min(1.0, (step + 1) / train.warmup_steps) if train.warmup_steps > 0 else 1.0
-    return train.lr * scale
 
 
 def _optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
