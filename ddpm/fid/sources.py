@@ -31,6 +31,7 @@ from ddpm.fid.metric import (
     statistics,
     to_uint8,
 )
+from ddpm.hub import model_folder
 from ddpm.inference import generate, load_for_sampling
 from ddpm.io import CONFIG_NAME
 from ddpm.run_dir import CHECKPOINTS, RUN_CONFIG
@@ -39,7 +40,10 @@ from ddpm.schedule import NoiseScheduler
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-SOURCES = "a folder of images, a YAML config file, a run directory or checkpoint folder, or an .npz file"
+SOURCES = (
+    "a folder of images, a YAML config file, a run directory or checkpoint folder, a model on the Hugging "
+    "Face Hub (namespace/name), or an .npz file"
+)
 
 
 def fid(
@@ -189,7 +193,7 @@ def source_statistics(
 ) -> Statistics:
     """Inception statistics of one source: a folder of images, a YAML config (its data set), a run directory
     or checkpoint folder (`n` images from its EMA weights and `sample:` settings) or an .npz file."""
-    path = Path(source)
+    path = model_folder(source)  # a Hub repo id becomes its snapshot's folder
     if path.suffix == ".npz":
         return load_statistics(path)
     if not path.exists():
