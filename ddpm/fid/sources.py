@@ -25,6 +25,7 @@ from ddpm.fid.metric import (
     frechet_distance,
     inception_features,
     load_statistics,
+    require_fidelity,
     resolve_device,
     resolve_weights,
     save_statistics,
@@ -58,7 +59,8 @@ def fid(
     progress: bool = True,
 ) -> float:
     """FID between two sources (each one of `SOURCES`, see `ddpm.fid`'s docstring); `n` images are sampled
-    from a run directory, folders and data sets are used whole."""
+    from a run directory, folders and data sets are used whole. `compare` of `pair_statistics` gives KID and
+    precision/recall too."""
     real_stats, fake_stats = pair_statistics(
         real, fake, n=n, weights=weights, batch_size=batch_size, device=device, seed=seed, progress=progress
     )
@@ -148,6 +150,7 @@ def reference_statistics(
             "image_size": data.image_size,
             "channels": data.channels,
             "weights": weights.name,
+            "features": True,  # older caches hold no features (FID only): recomputed once
         }
     )
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
@@ -247,8 +250,9 @@ def pair_statistics(
     seed: int,
     progress: bool,
 ) -> tuple[Statistics, Statistics]:
-    """`source_statistics` of `real` and of `fake`, with the same options; n and the weights file are checked
-    before the first source's (maybe long) work."""
+    """`source_statistics` of `real` and of `fake`, with the same options; torch-fidelity, n and the weights
+    file are checked (and the weights downloaded on first use) before the first source's (maybe long) work."""
+    require_fidelity()
     if n <= 0:
         raise ValueError(f"the number of images to sample must be positive, got {n}")
     if any(Path(s).suffix != ".npz" for s in (real, fake)):
