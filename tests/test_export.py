@@ -11,7 +11,12 @@ import torch
 from test_unet import perturb  # pytest puts tests/ on sys.path
 
 from ddpm.export import export_pipeline, main
-from ddpm.interop.diffusers import diffusers_unet_config, unet_from_diffusers, unet_kwargs_from_diffusers
+from ddpm.interop.diffusers import (
+    EXPORTED_UNET_OPTIONS,
+    diffusers_unet_config,
+    unet_from_diffusers,
+    unet_kwargs_from_diffusers,
+)
 from ddpm.io import EMA, save_pretrained
 from ddpm.models.classic import ClassicUNet
 from ddpm.models.unet import UNet
@@ -167,6 +172,14 @@ def test_an_existing_out_folder_and_a_classic_unet_are_refused(tmp_path):
     save_pretrained(tmp_path / "classic", classic, NoiseScheduler())
     with pytest.raises(ValueError, match="model.architecture=ClassicUNet cannot be exported"):
         export_pipeline(tmp_path / "classic", tmp_path / "out2")
+
+
+def test_an_option_the_export_does_not_map_exports_only_at_its_default():
+    """Options added to UNet later (or unknown here) are refused unless at their default, never dropped."""
+    config = tiny().config
+    assert set(config) == EXPORTED_UNET_OPTIONS  # every option of today's UNet is mapped
+    with pytest.raises(ValueError, match="model.future_option=3 cannot be exported to diffusers"):
+        diffusers_unet_config({**config, "future_option": 3})
 
 
 def test_the_null_class_survives_the_round_trip_and_plain_diffusers_classes_get_a_zero_row():

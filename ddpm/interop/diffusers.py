@@ -12,6 +12,7 @@ Nothing here imports diffusers: the published files are read and written directl
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -36,6 +37,14 @@ DIFFUSERS_VERSION = "0.42.0"  # the version whose UNet2DModel options this modul
 # Written by diffusers_unet_config for a class-conditional UNet: the label of our null class (the last row of
 # num_class_embeds), which diffusers ignores (a private key) and unet_kwargs_from_diffusers reads back.
 NULL_CLASS_KEY = "_ddpm_null_class"
+# The UNet options diffusers_unet_config maps (gradient_checkpointing changes no output); any other option
+# exports only at its default.
+EXPORTED_UNET_OPTIONS = {
+    "in_channels", "out_channels", "base_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
+    "image_size", "num_heads", "head_channels", "mid_attention", "dropout", "norm_groups", "norm_eps",
+    "time_conditioning", "time_injection", "time_flip_sin_to_cos", "time_freq_shift", "num_classes",
+    "downsample", "head_kernel_size", "gradient_checkpointing",
+}  # fmt: skip
 
 # UNet2DModel's constructor defaults (diffusers 0.42), for the keys an older config.json lacks: the DDPM
 # checkpoints' configs were written by diffusers 0.0.4 and have no dropout, add_attention, etc.
@@ -387,10 +396,20 @@ def diffusers_unet_config(config: dict) -> dict:
     num_classes + 1, the last label being "no label" (classifier-free guidance), recorded as NULL_CLASS_KEY.
     What UNet2DModel cannot express raises ValueError naming the option: time_conditioning=False,
     downsample="maxpool", head_kernel_size other than 3, channel_mult[0] other than 1 (UNet2DModel sizes its
-    timestep sinusoid by its first block's channels, ours by base_channels) and num_heads > 1 where the
-    attention blocks differ in width (UNet2DModel fixes the channels per head, not the heads).
+    timestep sinusoid by its first block's channels, ours by base_channels), num_heads > 1 where the
+    attention blocks differ in width (UNet2DModel fixes the channels per head, not the heads), and any other
+    option of UNet set away from its default (EXPORTED_UNET_OPTIONS lists those mapped here).
     """
     c = config
+    defaults = {
+        name: p.default for name, p in inspect.signature(UNet.__init__).parameters.items() if name != "self"
+    }
+    for option in sorted(set(c) - EXPORTED_UNET_OPTIONS):
+        if option not in defaults or c[option] != defaults[option]:
+            raise ValueError(
+                f"model.{option}={c[option]!r} cannot be exported to diffusers (UNet2DModel has no such "
+                f"option); it exports at its default, {defaults.get(option)!r}"
+            )
     refusals = [
         ("time_conditioning", c["time_conditioning"], True, "a UNet2DModel always takes a timestep"),
         ("downsample", c["downsample"], ("conv", "conv_asymmetric"), "UNet2DModel downsamples by conv"),
