@@ -79,6 +79,12 @@ def main(argv: list[str] | None = None) -> None:
         help="noise schedule JSON (a noise_scheduler.json or a diffusers scheduler_config.json) in place of "
         "the one saved with the weights; needed for a folder that has none",
     )
+    parser.add_argument(
+        "--openai-flags",
+        metavar="FLAGS",
+        help="for an OpenAI .pt checkpoint (guided-diffusion, improved-diffusion): the MODEL_FLAGS and "
+        "DIFFUSION_FLAGS published with it, as one string (README, Interoperability)",
+    )
     args = parser.parse_args(argv)
     try:
         grid = grid_from_checkpoint(
@@ -99,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
             use_ema=not args.raw,
             schedule=args.schedule,
             say=functools.partial(print, file=sys.stderr),
+            openai_flags=args.openai_flags,
         )
     except (CheckpointError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")

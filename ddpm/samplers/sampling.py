@@ -142,9 +142,12 @@ def sample(
         if null_class is None:
             raise ValueError(
                 f"guidance_scale={guidance_scale} needs a null label: the model has no `null_class` "
-                "(or it is None); pass null_class=<label id> or use guidance_scale=1.0"
+                "(or it is None), as a class-conditional model loaded from OpenAI's or diffusers' weights; "
+                "fine-tune it with label dropout to a null label first, pass null_class=<label id>, or use "
+                "guidance_scale=1.0"
             )
-    y = _check_labels(y, x, guidance_scale, null_class, getattr(model, "num_classes", None))
+    has_null = getattr(model, "null_class", None) is not None
+    y = _check_labels(y, x, guidance_scale, null_class, getattr(model, "num_classes", None), has_null)
     denoise = _denoiser(model, scheduler, y, guidance_scale, null_class, x.dtype)
     given = {"eta": eta, "variance": variance, "generator": generator, **options}
     kwargs = {name: given[name] for name in solver_options(solver) if name in given}
@@ -300,10 +303,11 @@ def _initial_noise(model, shape, noise: Tensor | None, generator: torch.Generato
 
 
 def _check_labels(
-    y, x: Tensor, guidance_scale: float, null_class: int | None, num_classes: int | None
+    y, x: Tensor, guidance_scale: float, null_class: int | None, num_classes: int | None, has_null: bool
 ) -> Tensor | None:
     """y as an (N,) long tensor on x's device, or None; guidance needs labels. With num_classes, y and the
-    null label must lie in [0, num_classes]: one host sync per sample() call, none per network call."""
+    null label must lie in [0, num_classes] ([0, num_classes - 1] for a model without a null label,
+    `has_null` False): one host sync per sample() call, none per network call."""
     if y is None:
         if guidance_scale != 1.0:
             raise ValueError(f"guidance_scale={guidance_scale} needs class labels y; pass y or use 1.0")
@@ -313,11 +317,16 @@ def _check_labels(
         raise ValueError(f"y must have shape ({x.shape[0]},), one label per image, got {tuple(y.shape)}")
     if num_classes is not None:
         labels = y if guidance_scale == 1.0 else torch.cat([y, y.new_tensor([null_class])])
-        outside = (labels < 0) | (labels > num_classes)
+        top = num_classes if has_null else num_classes - 1
+        outside = (labels < 0) | (labels > top)
         if bool(outside.any()):
+            bound = (
+                f"[0, num_classes] = [0, {top}] ({top}: the null label)"
+                if has_null
+                else f"[0, num_classes - 1] = [0, {top}] (the model has no null label)"
+            )
             raise ValueError(
-                f"labels must lie in [0, num_classes] = [0, {num_classes}] ({num_classes}: the null label), "
-                f"got {labels[outside].unique().tolist()} (in y or null_class)"
+                f"labels must lie in {bound}, got {labels[outside].unique().tolist()} (in y or null_class)"
             )
     return y
 
