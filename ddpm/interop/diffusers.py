@@ -42,8 +42,8 @@ NULL_CLASS_KEY = "_ddpm_null_class"
 EXPORTED_UNET_OPTIONS = {
     "in_channels", "out_channels", "base_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
     "image_size", "num_heads", "head_channels", "mid_attention", "dropout", "norm_groups", "norm_eps",
-    "time_conditioning", "time_injection", "time_flip_sin_to_cos", "time_freq_shift", "num_classes",
-    "downsample", "head_kernel_size", "gradient_checkpointing",
+    "time_conditioning", "time_injection", "time_flip_sin_to_cos", "time_freq_shift", "time_channels",
+    "num_classes", "null_label", "downsample", "head_kernel_size", "gradient_checkpointing",
 }  # fmt: skip
 
 # UNet2DModel's constructor defaults (diffusers 0.42), for the keys an older config.json lacks: the DDPM
@@ -393,12 +393,13 @@ def diffusers_unet_config(config: dict) -> dict:
 
     The mapping of `unet_kwargs_from_diffusers` read backwards, with every option written out (no defaults
     of either library assumed). A class-conditional UNet keeps its null label: num_class_embeds =
-    num_classes + 1, the last label being "no label" (classifier-free guidance), recorded as NULL_CLASS_KEY.
-    What UNet2DModel cannot express raises ValueError naming the option: time_conditioning=False,
-    downsample="maxpool", head_kernel_size other than 3, channel_mult[0] other than 1 (UNet2DModel sizes its
-    timestep sinusoid by its first block's channels, ours by base_channels), num_heads > 1 where the
-    attention blocks differ in width (UNet2DModel fixes the channels per head, not the heads), and any other
-    option of UNet set away from its default (EXPORTED_UNET_OPTIONS lists those mapped here).
+    num_classes + 1, the last label being "no label" (classifier-free guidance), recorded as NULL_CLASS_KEY
+    (with null_label=False, num_class_embeds = num_classes). What UNet2DModel cannot express raises
+    ValueError naming the option: time_conditioning=False, downsample="maxpool", head_kernel_size other than
+    3, a timestep sinusoid (time_channels, else base_channels) narrower or wider than the first level
+    (channel_mult[0] other than 1: UNet2DModel sizes it by its first block's channels), num_heads > 1 where
+    the attention blocks differ in width (UNet2DModel fixes the channels per head, not the heads), and any
+    other option of UNet set away from its default (EXPORTED_UNET_OPTIONS lists those mapped here).
     """
     c = config
     defaults = {
@@ -414,7 +415,6 @@ def diffusers_unet_config(config: dict) -> dict:
         ("time_conditioning", c["time_conditioning"], True, "a UNet2DModel always takes a timestep"),
         ("downsample", c["downsample"], ("conv", "conv_asymmetric"), "UNet2DModel downsamples by conv"),
         ("head_kernel_size", c["head_kernel_size"], 3, "UNet2DModel's output conv is 3x3"),
-        ("channel_mult[0]", c["channel_mult"][0], 1, "UNet2DModel's sinusoid is as wide as its first level"),
     ]
     for option, value, supported, why in refusals:
         if value not in (supported if isinstance(supported, tuple) else (supported,)):
@@ -423,6 +423,13 @@ def diffusers_unet_config(config: dict) -> dict:
             )
     base, levels = c["base_channels"], len(c["channel_mult"])
     channels = [base * mult for mult in c["channel_mult"]]
+    if (c["time_channels"] or base) != channels[0]:
+        raise ValueError(
+            f"model.channel_mult[0]={c['channel_mult'][0]} with time_channels={c['time_channels']} cannot be "
+            f"exported to diffusers (UNet2DModel's timestep sinusoid is as wide as its first level, "
+            f"{channels[0]} channels, ours {c['time_channels'] or base}); supported: channel_mult[0]=1 and "
+            "time_channels null or base_channels"
+        )
     attention = [c["image_size"] // 2**level in c["attention_resolutions"] for level in range(levels)]
     widths = [ch for ch, attn in zip(channels, attention, strict=True) if attn]
     widths += [channels[-1]] if c["mid_attention"] else []
@@ -437,10 +444,11 @@ def diffusers_unet_config(config: dict) -> dict:
             )
         head_dim = dims.pop()
     classes = c["num_classes"]
+    null = classes is not None and c["null_label"]
     return {
         "_class_name": "UNet2DModel",
         "_diffusers_version": DIFFUSERS_VERSION,
-        **({NULL_CLASS_KEY: classes} if classes is not None else {}),
+        **({NULL_CLASS_KEY: classes} if null else {}),
         "sample_size": c["image_size"],
         "in_channels": c["in_channels"],
         "out_channels": c["out_channels"],
@@ -468,7 +476,7 @@ def diffusers_unet_config(config: dict) -> dict:
         "resnet_time_scale_shift": "default" if c["time_injection"] == "add" else "scale_shift",
         "add_attention": c["mid_attention"],
         "class_embed_type": None,
-        "num_class_embeds": classes + 1 if classes is not None else None,
+        "num_class_embeds": None if classes is None else classes + int(null),
         "num_train_timesteps": None,
     }
 
