@@ -94,7 +94,7 @@ class TrainConfig:
     dist_timeout_s: float = 600.0  # seconds a process waits for the others before it stops with an error
     fid_every: int = 0  # optimizer steps between FIDs of the EMA weights against the data (0: never)
     fid_n: int = 2000  # images sampled for each in-training FID (papers report 50,000: use ddpm.fid)
-    fid_weights: str | None = None  # Inception weights file (default: $DDPM_FID_WEIGHTS, ~/.cache/ddpm)
+    fid_weights: str | None = None  # Inception weights (default: $DDPM_FID_WEIGHTS, else downloaded)
     cpu_threads: int = 0  # CPU threads per process; 0: OMP_NUM_THREADS if > 1, else cores / processes
     log_with: str = "auto"  # auto | tensorboard | wandb | all | none (ddpm.trackers)
     tracker_project: str = "ddpm"  # the trackers' project: TensorBoard's folder in the run, wandb's project

@@ -256,7 +256,7 @@ def grid_from_checkpoint(
     if schedule is not None and not Path(schedule).is_file():
         raise ValueError(f"--schedule {schedule}: no such file; name a noise_scheduler.json")
     if checkpoint is None:
-        checkpoint = load_config(default_config).output_dir
+        checkpoint = Path(load_config(default_config).output_dir)  # a Path: local, never a Hub repo id
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_for_sampling(
         checkpoint, use_ema=use_ema, schedule=schedule, device=device, openai_flags=openai_flags

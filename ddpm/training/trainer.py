@@ -142,8 +142,8 @@ class Trainer:
                         grid = self.evaluation.sample_grid(step, self.ema.module, self.scheduler)
                         self.log.write_image("samples/ema", grid, step=step)
                     if evaluate and train.fid_every and (step % train.fid_every == 0 or done):
-                        fid = self.evaluation.fid(self.ema.module, self.scheduler)
-                        self.log.write({"step": step, "fid": fid})
+                        metrics = self.evaluation.metrics(self.ema.module, self.scheduler)
+                        self.log.write({"step": step, **metrics})
                     if done:
                         break
         except RuntimeError as error:
