@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import torch
 import yaml
 
+from ddpm.ema.power import DEFAULT_SIGMA_RELS, SIGMA_REL_MAX
 from ddpm.io import atomic_write
 from ddpm.models import ARCHITECTURES
 from ddpm.samplers import SampleOptionError, check_sample_options
@@ -66,6 +67,10 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto | no | fp16 | bf16
     ema_decay: float = 0.999
     ema_warmup: bool = True  # decay = min(ema_decay, (1 + n) / (10 + n))
+    posthoc_ema_every: int = 0  # optimizer steps between post-hoc EMA snapshots (0: none); see ddpm.ema
+    posthoc_ema_sigma_rels: tuple[float, ...] = (
+        DEFAULT_SIGMA_RELS  # widths of the power-function EMAs tracked
+    )
     label_dropout: float = 0.1  # p of replacing y by the null label (classifier-free guidance)
     loss_weighting: str = "uniform"  # uniform | min_snr (ddpm.schedule.LOSS_WEIGHTINGS)
     min_snr_gamma: float = 5.0
@@ -296,6 +301,11 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.grad_clip": _AT_LEAST_0,
     "train.grad_accum": _AT_LEAST_1,
     "train.ema_decay": _UNIT,
+    "train.posthoc_ema_every": _AT_LEAST_0,
+    "train.posthoc_ema_sigma_rels": (
+        lambda v: 0 < len(v) == len(set(v)) and all(0 < s < SIGMA_REL_MAX for s in v),
+        f"a list of distinct numbers in (0, {SIGMA_REL_MAX:.4f}) (the widths of power-function EMA profiles)",
+    ),
     "train.label_dropout": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "train.min_snr_gamma": _POSITIVE,
     "train.checkpoint_every": _AT_LEAST_1,
@@ -327,6 +337,10 @@ _TYPES: dict[Any, tuple[Callable[[Any], bool], str]] = {
     tuple[float, float]: (
         lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(map(_is_number, v)),
         "a list of two numbers",
+    ),
+    tuple[float, ...]: (
+        lambda v: isinstance(v, list | tuple) and all(map(_is_number, v)),
+        "a list of numbers",
     ),
 }
 
@@ -391,7 +405,7 @@ def _build_section(section: str, values: dict[str, Any], where: Callable[[str], 
             raise ConfigError(_invalid(key, value, where, _RANGES[key][1]))
         if types[name] is float:
             value = float(value)
-        elif types[name] == tuple[float, float]:
+        elif types[name] in (tuple[float, float], tuple[float, ...]):
             value = tuple(float(v) for v in value)
         kwargs[name] = value
     return cls(**kwargs)
