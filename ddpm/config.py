@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import torch
 import yaml
 
+from ddpm.edm import FORMULATION, FORMULATIONS, EDMScheduler, schedule_class
 from ddpm.ema.power import DEFAULT_SIGMA_RELS, SIGMA_REL_MAX
 from ddpm.io import atomic_write
 from ddpm.models import ARCHITECTURES
@@ -115,7 +116,9 @@ class SampleConfig:
 @dataclass
 class Config:
     model: dict[str, Any] = field(default_factory=dict)  # build_model(model): UNet(**model) by default
-    diffusion: dict[str, Any] = field(default_factory=dict)  # NoiseScheduler(**diffusion)
+    diffusion: dict[str, Any] = field(
+        default_factory=dict
+    )  # build_schedule(diffusion): NoiseScheduler(**...)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -200,6 +203,11 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
         problems.append(
             f"{key('num_classes')} but data.labels=false: set model.num_classes=null or data.labels=true"
         )
+    if diffusion_class(config.diffusion)[0] is EDMScheduler and config.train.loss_weighting != "uniform":
+        problems.append(
+            f"train.loss_weighting={config.train.loss_weighting} but diffusion.{FORMULATION}=edm, whose loss "
+            "weight lambda(sigma) is its own (Karras et al. 2022): set train.loss_weighting=uniform"
+        )
     if model["num_classes"] is None and sample.guidance_scale != 1:
         problems.append(
             f"sample.guidance_scale={_yaml(sample.guidance_scale)} needs a class-conditional model: set "
@@ -219,6 +227,26 @@ def model_class(model: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
             f"invalid value {name!r} for 'model.{ARCHITECTURE}': expected one of {', '.join(ARCHITECTURES)}"
         )
     return ARCHITECTURES[name], kwargs
+
+
+def diffusion_class(diffusion: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+    """The class a config's `diffusion` section builds, `ddpm.edm.FORMULATIONS[diffusion["formulation"]]`
+    (`NoiseScheduler` when the key is left out, "edm" for `EDMScheduler`), and its keyword arguments. Raises
+    ConfigError for an unknown formulation, listing the known ones."""
+    try:
+        return schedule_class(diffusion)
+    except ValueError:
+        raise ConfigError(
+            f"invalid value {diffusion[FORMULATION]!r} for 'diffusion.{FORMULATION}': expected one of "
+            f"{', '.join(FORMULATIONS)}"
+        ) from None
+
+
+def build_schedule(diffusion: Mapping[str, Any]) -> Any:
+    """The noise schedule of a config's `diffusion` section (`diffusion_class`: a NoiseScheduler or an
+    EDMScheduler); a refused value is a ConfigError (`construct`)."""
+    cls, kwargs = diffusion_class(diffusion)
+    return construct(cls, "diffusion", kwargs)
 
 
 def build_model(model: Mapping[str, Any]) -> torch.nn.Module:
@@ -366,7 +394,9 @@ def _build(raw: Mapping[str, Any], where: Callable[[str], str]) -> Config:
 
     for name, (constructor, kwargs) in _constructors(sections).items():
         if sections[name]:
-            valid = _keyword_arguments(constructor) + ([ARCHITECTURE] if name == "model" else [])
+            valid = _keyword_arguments(constructor) + [
+                {"model": ARCHITECTURE, "diffusion": FORMULATION}[name]
+            ]
             _check_names(name, kwargs, valid, where, f" ({constructor.__name__})")
     built = {name: _build_section(name, sections[name], where) for name in SECTIONS}
     _check_sample(built["sample"], sections["diffusion"], where)
@@ -443,7 +473,7 @@ def _refused(sections: Mapping[str, dict[str, Any]], aliases: Mapping[str, str])
 
 def _constructors(sections: Mapping[str, dict[str, Any]]) -> dict[str, tuple[type, dict[str, Any]]]:
     """Section name -> (the class it is passed to, its keyword arguments), for model and diffusion."""
-    return {"model": model_class(sections["model"]), "diffusion": (NoiseScheduler, sections["diffusion"])}
+    return {"model": model_class(sections["model"]), "diffusion": diffusion_class(sections["diffusion"])}
 
 
 def _check_names(

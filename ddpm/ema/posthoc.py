@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ddpm.config import Config, build_model, construct, load_config
+from ddpm.config import Config, build_model, build_schedule, load_config
 from ddpm.data import build_dataset
 from ddpm.ema.power import PowerFunctionEMA, posthoc_coefficients
 from ddpm.io import CheckpointError, atomic_write
@@ -183,7 +183,7 @@ def load_run(run_dir: str | Path) -> tuple[Config, NoiseScheduler]:
             f"{run_dir} is not a run directory (it has no {RUN_CONFIG}); pass the output_dir of a run"
         )
     config = load_config(file)
-    return config, construct(NoiseScheduler, "diffusion", config.diffusion)
+    return config, build_schedule(config.diffusion)
 
 
 def posthoc_model(config: Config, state: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:

@@ -24,6 +24,7 @@ from accelerate.utils import load as load_weights_only
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from ddpm.edm import schedule_from_config
 from ddpm.ema.posthoc import CHECKPOINT_FILE as POSTHOC_EMA_FILE
 from ddpm.ema.posthoc import load_snapshot, save_snapshot
 from ddpm.ema.power import PowerFunctionEMA
@@ -261,7 +262,7 @@ def _check_same_schedule(checkpoint: Path, scheduler: NoiseScheduler) -> None:
             "or damaged: name an earlier one with --resume PATH"
         ) from None
     with contextlib.suppress(TypeError, ValueError):  # else written by another version: compared as it is
-        saved = NoiseScheduler(**saved).config
+        saved = schedule_from_config(saved).config
     saved, current = (json.loads(json.dumps(config)) for config in (saved, scheduler.config))
     differing = [key for key in sorted(saved.keys() | current.keys()) if saved.get(key) != current.get(key)]
     if differing:

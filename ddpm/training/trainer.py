@@ -23,9 +23,9 @@ from ddpm.config import (
     ConfigError,
     TrainConfig,
     build_model,
+    build_schedule,
     check_diffusion_model,
     conflicts,
-    construct,
     raise_problems,
     save_config,
 )
@@ -34,7 +34,6 @@ from ddpm.ema import EMA, PowerFunctionEMA
 from ddpm.ema.posthoc import abandon_newer_snapshots, save_snapshot, snapshot_path
 from ddpm.losses import diffusion_loss, drop_labels
 from ddpm.run_dir import RUN_CONFIG, TrainerState, latest_checkpoint
-from ddpm.schedule import NoiseScheduler
 from ddpm.training.accelerator import build_accelerator
 from ddpm.training.checkpoints import (
     abandon_newer_checkpoints,
@@ -69,7 +68,7 @@ class Trainer:
         # noise on each; the seedable sampler shares one data permutation that Accelerate then shards.
         set_seed(train.seed)
         self.dataset = build_dataset(config.data)
-        self.scheduler = construct(NoiseScheduler, "diffusion", config.diffusion)
+        self.scheduler = build_schedule(config.diffusion)
         model = build_model(config.model)
         _check_compatible(model, self.dataset, config)
         if train.channels_last:
