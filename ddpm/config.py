@@ -69,9 +69,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_warmup: bool = True  # decay = min(ema_decay, (1 + n) / (10 + n))
     posthoc_ema_every: int = 0  # optimizer steps between post-hoc EMA snapshots (0: none); see ddpm.ema
-    posthoc_ema_sigma_rels: tuple[float, ...] = (
-        DEFAULT_SIGMA_RELS  # widths of the power-function EMAs tracked
-    )
+    posthoc_ema_sigma_rels: tuple[float, ...] = DEFAULT_SIGMA_RELS  # their profiles' relative widths
     label_dropout: float = 0.1  # p of replacing y by the null label (classifier-free guidance)
     loss_weighting: str = "uniform"  # uniform | min_snr (ddpm.schedule.LOSS_WEIGHTINGS)
     min_snr_gamma: float = 5.0
@@ -116,9 +114,7 @@ class SampleConfig:
 @dataclass
 class Config:
     model: dict[str, Any] = field(default_factory=dict)  # build_model(model): UNet(**model) by default
-    diffusion: dict[str, Any] = field(
-        default_factory=dict
-    )  # build_schedule(diffusion): NoiseScheduler(**...)
+    diffusion: dict[str, Any] = field(default_factory=dict)  # build_schedule(diffusion)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)

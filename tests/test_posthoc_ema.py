@@ -159,7 +159,14 @@ def test_a_resumed_run_writes_the_same_snapshots_as_an_uninterrupted_one(tmp_pat
     assert (
         tmp_path / "b" / "posthoc_ema" / "abandoned-after-step-0000003" / "step-0000004.safetensors"
     ).is_file()
-    # The checkpoint holds the trackers: resuming one without them is refused
+    # The checkpoint holds the trackers: resuming with other widths, or one without them, is refused
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(
+        CheckpointError, match=r"sigma_rel=\[0.05, 0.1\].*posthoc_ema_sigma_rels=\[0.05, 0.2\]"
+    ):
+        Trainer(
+            tiny_config(tmp_path / "b", *POSTHOC, "train.posthoc_ema_sigma_rels=[0.05,0.2]"), resume="latest"
+        )
     AcceleratorState._reset_state(reset_partial_state=True)
     checkpoint = tmp_path / "a" / "checkpoints" / "step-0000003"
     (checkpoint / "posthoc_ema.safetensors").unlink()

@@ -83,16 +83,23 @@ def read_snapshot_header(path: str | Path) -> Snapshot:
         ) from None
 
 
-def load_snapshot(path: str | Path, ema: PowerFunctionEMA) -> int:
-    """Load a snapshot (or a checkpoint's `CHECKPOINT_FILE`) into `ema`; returns its step. Raises
-    CheckpointError when its profiles are not `ema`'s, saying which setting to change."""
+def check_snapshot_fits(path: str | Path, ema: PowerFunctionEMA) -> Snapshot:
+    """The header of a snapshot (or of a checkpoint's `CHECKPOINT_FILE`); raises CheckpointError when its
+    profiles are not `ema`'s, saying which setting to change."""
     header = read_snapshot_header(path)
     if not _same_widths(header.sigma_rels, ema.sigma_rels):
         raise CheckpointError(
-            f"{path} tracks the post-hoc EMA profiles sigma_rel={list(header.sigma_rels)}, but this run "
+            f"{path} tracks the post-hoc EMA profiles sigma_rel={list(header.sigma_rels)}, but this run has "
             f"train.posthoc_ema_sigma_rels={list(ema.sigma_rels)}: resume with the run's own config "
             "(its config.yaml), or train the new profiles in a new output_dir"
         )
+    return header
+
+
+def load_snapshot(path: str | Path, ema: PowerFunctionEMA) -> int:
+    """Load a snapshot (or a checkpoint's `CHECKPOINT_FILE`) into `ema`, checked by `check_snapshot_fits`;
+    returns its step."""
+    header = check_snapshot_fits(path, ema)
     tensors = load_file(str(path))
     for k, module in enumerate(ema.modules):
         module.load_state_dict(

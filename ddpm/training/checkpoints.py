@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from ddpm.edm import schedule_from_config
 from ddpm.ema.posthoc import CHECKPOINT_FILE as POSTHOC_EMA_FILE
-from ddpm.ema.posthoc import load_snapshot, save_snapshot
+from ddpm.ema.posthoc import check_snapshot_fits, load_snapshot, save_snapshot
 from ddpm.ema.power import PowerFunctionEMA
 from ddpm.io import EMA, NOISE_SCHEDULER, WEIGHTS_NAME, CheckpointError, one_line, save_pretrained
 from ddpm.models.unet import UNet
@@ -143,6 +143,8 @@ def load_training_state(
             "train.posthoc_ema_every=0; resume with train.posthoc_ema_every=0, or start a new run to track "
             "post-hoc EMA from step 0"
         )
+    if posthoc_ema is not None:
+        check_snapshot_fits(checkpoint / POSTHOC_EMA_FILE, posthoc_ema)
     for file in sorted(checkpoint.iterdir()):
         if file.suffix in _PICKLED:
             _check_unpickles_safely(file)
