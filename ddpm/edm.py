@@ -108,27 +108,29 @@ class EDMScheduler:
         return f"EDMScheduler({args})"
 
     def precondition(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(c_skip, c_out, c_in, c_noise) of Table 1 at noise levels sigma (any shape, > 0), float64."""
-        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        """(c_skip, c_out, c_in, c_noise) of Table 1 at noise levels sigma (any shape, > 0), float64 (float32
+        on MPS) on sigma's device."""
+        sigma = _high_precision(sigma)
         sd2 = self.sigma_data**2
         root = (sigma**2 + sd2).sqrt()
         return sd2 / (sigma**2 + sd2), sigma * self.sigma_data / root, 1 / root, sigma.log() / 4
 
     def sigma(self, t: Tensor) -> Tensor:
-        """The noise level sigma = exp(4 t) of timesteps t = c_noise; float64 of t's shape."""
-        return (4 * torch.as_tensor(t, dtype=torch.float64)).exp()
+        """The noise level sigma = exp(4 t) of timesteps t = c_noise; float64 (float32 on MPS), t's shape and
+        device."""
+        return (4 * _high_precision(t)).exp()
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """The network's input c_in (x0 + sigma eps) at t = c_noise; x0, noise: (N, ...), t: (N,). Returns
         (N, ...) in x0's dtype (at least float32)."""
-        sigma = self.sigma(t.cpu())
+        sigma = self.sigma(t)  # on t's device: no host sync per training step
         _, _, c_in, _ = self.precondition(sigma)
         return self._bcast(c_in, x0) * (x0 + self._bcast(sigma, x0) * noise)
 
     def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """F's target (x0 - c_skip x) / c_out with x = x0 + sigma eps (Eq. 8), of unit variance for data of
         standard deviation sigma_data. Shapes as in `add_noise`."""
-        sigma = self.sigma(t.cpu())
+        sigma = self.sigma(t)
         c_skip, c_out, _, _ = self.precondition(sigma)
         x = x0 + self._bcast(sigma, x0) * noise
         return (x0 - self._bcast(c_skip, x0) * x) / self._bcast(c_out, x0)
@@ -153,8 +155,8 @@ class EDMScheduler:
 
     def alpha_bar(self, t: Tensor) -> Tensor:
         """alpha_bar = 1 / (1 + sigma'^2), sigma' = sigma / sigma_data, of the samplers' frame at t = c_noise;
-        float64 of t's shape and device."""
-        log_sigma = 4 * t.to(torch.float64) - math.log(self.sigma_data)
+        float64 (float32 on MPS) of t's shape and device."""
+        log_sigma = 4 * _high_precision(t) - math.log(self.sigma_data)
         return torch.sigmoid(-2 * log_sigma)
 
     def sigma_to_t(self, sigma: Tensor | float) -> Tensor:
@@ -174,7 +176,7 @@ class EDMScheduler:
         """(x0 / sigma_data, eps) at the samplers' x_t from F = model_output: with a = sqrt(alpha_bar) and
         s = sqrt(1 - alpha_bar), x0 / sigma_data = a x_t + s F (Eq. 7 over sigma_data) and eps = s x_t - a F.
         With `clip_sample`, x0 is clamped to the range (over sigma_data) and eps re-derived from it."""
-        alpha_bar = self._bcast(self.alpha_bar(torch.as_tensor(t).cpu()), x_t)
+        alpha_bar = self._bcast(self.alpha_bar(torch.as_tensor(t, device=x_t.device)), x_t)
         a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
         x0 = a * x_t + s * model_output
         eps = s * x_t - a * model_output
@@ -189,6 +191,12 @@ class EDMScheduler:
         """(N,) float64 -> (N, 1, ..., 1) on x's device in x's dtype (at least float32)."""
         dtype = torch.promote_types(x.dtype, torch.float32)
         return coefficient.to(device=x.device, dtype=dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _high_precision(values: Tensor | float) -> Tensor:
+    """`values` as a tensor in float64 on its device (float32 on MPS, which has no float64)."""
+    values = torch.as_tensor(values)
+    return values.to(torch.float32 if values.device.type == "mps" else torch.float64)
 
 
 FORMULATIONS: dict[str, type] = {"ddpm": NoiseScheduler, "edm": EDMScheduler}
