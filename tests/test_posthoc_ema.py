@@ -1,6 +1,7 @@
 """Post-hoc EMA (Karras et al. 2024): the power-function profile maths against closed forms, the least-squares
 reconstruction against EMAs tracked directly, and the snapshots of a training run (exact resume, the CLI)."""
 
+import json
 import math
 
 import numpy as np
@@ -185,6 +186,10 @@ def test_cli_reconstructs_a_model_folder_and_sweeps(tmp_path, capsys):
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, last[f"1/{name}"], rtol=0, atol=2e-6, msg=name)
     assert scheduler.config == load_run(run)[1].config
+    made_from = json.loads((out / "posthoc_ema.json").read_text())
+    assert (
+        made_from["sigma_rel"] == 0.1 and made_from["step"] == 6 and made_from["snapshot_steps"] == [2, 4, 6]
+    )
 
     ema_main([str(run), "--sweep", "0.05,0.15", "--n", "32", "--out", str(tmp_path / "best")])
     lines = capsys.readouterr().out.splitlines()

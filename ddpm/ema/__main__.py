@@ -4,18 +4,23 @@ any profile width after training, or score several and keep the best.
     python -m ddpm.ema RUN --sigma-rel 0.08 --out DIR          # a model folder: sample.py --checkpoint DIR
     python -m ddpm.ema RUN --sweep 0.05,0.08,0.12 [--out DIR]  # score each; --out writes the best
 
-sigma_rel is the width of the averaging profile relative to the training time (0.05: the last ~5% of
-training weigh most; 1/sqrt(12) = 0.289 would be a uniform average). The score of --sweep is the run's
+sigma_rel is the standard deviation of the averaging profile relative to the training time (the profile
+peaks at the end of training; 1/sqrt(12) = 0.289 would be a uniform average). The model folder also holds
+posthoc_ema.json: the width, the step and the snapshots it was made from. The score of --sweep is the run's
 training loss on fixed draws of its data (`ddpm.ema.posthoc.denoising_score`): lower is better. --step
 reconstructs at an earlier snapshot. Exit status 0, or 1 with one line `error: ...` on stderr.
 """
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import NoReturn
 
-from ddpm.ema.posthoc import denoising_score, load_run, posthoc_model, reconstruct
+from ddpm.ema.posthoc import denoising_score, list_snapshots, load_run, posthoc_model, reconstruct
 from ddpm.io import CheckpointError, save_pretrained
+
+PROVENANCE = "posthoc_ema.json"  # in the model folder written: what it was reconstructed from
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,6 +65,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.out is not None:
             model.load_state_dict(states[best])
             save_pretrained(args.out, model, scheduler)
+            steps = [s.step for s in list_snapshots(args.run)]
+            step = args.step if args.step is not None else steps[-1]
+            made_from = {"sigma_rel": widths[best], "step": step, "run": str(Path(args.run).resolve())}
+            made_from["snapshot_steps"] = [s for s in steps if s <= step]
+            (Path(args.out) / PROVENANCE).write_text(json.dumps(made_from, indent=2) + "\n")
             print(f"wrote {args.out} (post-hoc EMA, sigma_rel {widths[best]:.4f})", file=sys.stderr)
     except (CheckpointError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")
