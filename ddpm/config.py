@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 import torch
 import yaml
 
+from ddpm.edm import FORMULATION, FORMULATIONS, EDMScheduler, schedule_class
+from ddpm.ema.power import DEFAULT_SIGMA_RELS, SIGMA_REL_MAX
 from ddpm.io import atomic_write
 from ddpm.lr_schedule import LR_SCHEDULES
 from ddpm.models import ARCHITECTURES
@@ -80,6 +82,8 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto | no | fp16 | bf16
     ema_decay: float = 0.999
     ema_warmup: bool = True  # decay = min(ema_decay, (1 + n) / (10 + n))
+    posthoc_ema_every: int = 0  # optimizer steps between post-hoc EMA snapshots (0: none); see ddpm.ema
+    posthoc_ema_sigma_rels: tuple[float, ...] = DEFAULT_SIGMA_RELS  # their profiles' relative widths
     label_dropout: float = 0.1  # p of replacing y by the null label (classifier-free guidance)
     loss_weighting: str = "uniform"  # uniform | min_snr (ddpm.schedule.LOSS_WEIGHTINGS)
     min_snr_gamma: float = 5.0
@@ -126,7 +130,7 @@ class SampleConfig:
 @dataclass
 class Config:
     model: dict[str, Any] = field(default_factory=dict)  # build_model(model): UNet(**model) by default
-    diffusion: dict[str, Any] = field(default_factory=dict)  # NoiseScheduler(**diffusion)
+    diffusion: dict[str, Any] = field(default_factory=dict)  # build_schedule(diffusion)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -233,6 +237,11 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
         problems.append(
             f"{key('num_classes')} but data.labels=false: set model.num_classes=null or data.labels=true"
         )
+    if diffusion_class(config.diffusion)[0] is EDMScheduler and config.train.loss_weighting != "uniform":
+        problems.append(
+            f"train.loss_weighting={config.train.loss_weighting} but diffusion.{FORMULATION}=edm, whose loss "
+            "weight lambda(sigma) is its own (Karras et al. 2022): set train.loss_weighting=uniform"
+        )
     if model["num_classes"] is None and sample.guidance_scale != 1:
         problems.append(
             f"sample.guidance_scale={_yaml(sample.guidance_scale)} needs a class-conditional model: set "
@@ -265,6 +274,26 @@ def model_class(model: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
             f"invalid value {name!r} for 'model.{ARCHITECTURE}': expected one of {', '.join(ARCHITECTURES)}"
         )
     return ARCHITECTURES[name], kwargs
+
+
+def diffusion_class(diffusion: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+    """The class a config's `diffusion` section builds, `ddpm.edm.FORMULATIONS[diffusion["formulation"]]`
+    (`NoiseScheduler` when the key is left out, "edm" for `EDMScheduler`), and its keyword arguments. Raises
+    ConfigError for an unknown formulation, listing the known ones."""
+    try:
+        return schedule_class(diffusion)
+    except ValueError:
+        raise ConfigError(
+            f"invalid value {diffusion[FORMULATION]!r} for 'diffusion.{FORMULATION}': expected one of "
+            f"{', '.join(FORMULATIONS)}"
+        ) from None
+
+
+def build_schedule(diffusion: Mapping[str, Any]) -> Any:
+    """The noise schedule of a config's `diffusion` section (`diffusion_class`: a NoiseScheduler or an
+    EDMScheduler); a refused value is a ConfigError (`construct`)."""
+    cls, kwargs = diffusion_class(diffusion)
+    return construct(cls, "diffusion", kwargs)
 
 
 def build_model(model: Mapping[str, Any]) -> torch.nn.Module:
@@ -350,6 +379,11 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.grad_clip": _AT_LEAST_0,
     "train.grad_accum": _AT_LEAST_1,
     "train.ema_decay": _UNIT,
+    "train.posthoc_ema_every": _AT_LEAST_0,
+    "train.posthoc_ema_sigma_rels": (
+        lambda v: 0 < len(v) == len(set(v)) and all(0 < s < SIGMA_REL_MAX for s in v),
+        f"a list of distinct numbers in (0, {SIGMA_REL_MAX:.4f}) (the widths of power-function EMA profiles)",
+    ),
     "train.label_dropout": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "train.min_snr_gamma": _POSITIVE,
     "train.checkpoint_every": _AT_LEAST_1,
@@ -383,6 +417,10 @@ _TYPES: dict[Any, tuple[Callable[[Any], bool], str]] = {
         lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(map(_is_number, v)),
         "a list of two numbers",
     ),
+    tuple[float, ...]: (
+        lambda v: isinstance(v, list | tuple) and all(map(_is_number, v)),
+        "a list of numbers",
+    ),
 }
 
 
@@ -407,7 +445,9 @@ def _build(raw: Mapping[str, Any], where: Callable[[str], str]) -> Config:
 
     for name, (constructor, kwargs) in _constructors(sections).items():
         if sections[name]:
-            valid = _keyword_arguments(constructor) + ([ARCHITECTURE] if name == "model" else [])
+            valid = _keyword_arguments(constructor) + [
+                {"model": ARCHITECTURE, "diffusion": FORMULATION}[name]
+            ]
             _check_names(name, kwargs, valid, where, f" ({constructor.__name__})")
     built = {name: _build_section(name, sections[name], where) for name in SECTIONS}
     _check_sample(built["sample"], sections["diffusion"], where)
@@ -462,7 +502,7 @@ def _build_section(section: str, values: dict[str, Any], where: Callable[[str], 
             raise ConfigError(_invalid(key, value, where, _RANGES[key][1]))
         if types[name] is float:
             value = float(value)
-        elif types[name] == tuple[float, float]:
+        elif types[name] in (tuple[float, float], tuple[float, ...]):
             value = tuple(float(v) for v in value)
         kwargs[name] = value
     return cls(**kwargs)
@@ -500,7 +540,7 @@ def _refused(sections: Mapping[str, dict[str, Any]], aliases: Mapping[str, str])
 
 def _constructors(sections: Mapping[str, dict[str, Any]]) -> dict[str, tuple[type, dict[str, Any]]]:
     """Section name -> (the class it is passed to, its keyword arguments), for model and diffusion."""
-    return {"model": model_class(sections["model"]), "diffusion": (NoiseScheduler, sections["diffusion"])}
+    return {"model": model_class(sections["model"]), "diffusion": diffusion_class(sections["diffusion"])}
 
 
 def _check_names(

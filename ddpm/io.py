@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ddpm.edm import schedule_from_config
 from ddpm.hub import model_folder
 from ddpm.interop.diffusers import (
     diffusers_folder_scheduler,
@@ -177,7 +178,7 @@ def read_schedule(file: str | Path) -> NoiseScheduler:
         config = json.loads(Path(file).read_text())
         if isinstance(config, dict) and "_class_name" in config:
             return scheduler_from_diffusers(config)
-        return NoiseScheduler(**config)
+        return schedule_from_config(config)
     except (OSError, ValueError, TypeError) as error:  # TypeError: not a dict, or an unknown keyword
         raise CheckpointError(
             f"cannot read the noise schedule {file}: {one_line(error)}; it must hold NoiseScheduler's "

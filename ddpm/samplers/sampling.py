@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ddpm.edm import EDMScheduler
 from ddpm.samplers.multistep import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, unipc
 from ddpm.samplers.solvers import (
     VARIANCES,
@@ -151,7 +152,9 @@ def sample(
     denoise = _denoiser(model, scheduler, y, guidance_scale, null_class, x.dtype)
     given = {"eta": eta, "variance": variance, "generator": generator, **options}
     kwargs = {name: given[name] for name in solver_options(solver) if name in given}
-    return solver(denoise, x, timesteps, scheduler, **kwargs, disable=not progress)
+    x0 = solver(denoise, x, timesteps, scheduler, **kwargs, disable=not progress)
+    # The EDM formulation's samplers work on the data over sigma_data (ddpm.edm): back to the data's scale
+    return x0 * scheduler.data_scale if isinstance(scheduler, EDMScheduler) else x0
 
 
 def sampling_budget(sampler: str, *, steps: int | None = None, calls: int | None = None) -> Budget:
