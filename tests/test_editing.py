@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import ddpm
+from ddpm.edm import EDMScheduler
 from ddpm.exact_score import MIXTURE, exact_predictor, wasserstein1
 from ddpm.inference import edit_from_checkpoint
 from ddpm.models.unet import UNet
@@ -479,3 +480,21 @@ def test_img2img_of_one_image_with_a_class_label(model_folder):
         strength=0.5, sampler="dpm++2m", steps=4, class_label=2, out=tmp / "edit.png",
     )  # fmt: skip
     assert out == tmp / "edit.png" and Image.open(out).size == (1 + 9, 1 + 2 * 9)
+
+
+def test_editing_works_in_the_edm_formulation_s_frame():
+    """EDMScheduler's samplers work on the data over sigma_data: inpainting keeps the known pixels bit for
+    bit, and with the exact denoiser of a single image the unknown ones come back at the data's scale."""
+    scheduler = EDMScheduler(sigma_data=0.5)
+    image = torch.full((2, 1, 4, 4), 0.8)
+
+    def model(x, t, y=None):  # F whose x0 / sigma_data = a x_t + s F is the image over sigma_data
+        ab = scheduler.alpha_bar(torch.as_tensor(t)).reshape(-1, 1, 1, 1).to(x.dtype)
+        return (image / 0.5 - ab.sqrt() * x) / (1 - ab).sqrt()
+
+    out = ddpm.inpaint(model, scheduler, image, half_mask(4), steps=10, jump_n_sample=1, progress=False)
+    assert torch.equal(out[..., :2], image[..., :2])
+    torch.testing.assert_close(out[..., 2:], image[..., 2:], atol=1e-4, rtol=0)
+    x_T = ddpm.invert(model, scheduler, image, steps=10, progress=False)
+    back = ddpm.sample(model, scheduler, noise=x_T, sampler="ddim", steps=10, progress=False)
+    torch.testing.assert_close(back, image, atol=1e-4, rtol=0)

@@ -8,8 +8,10 @@ classifier-free guidance) and steps:
 - `invert`: deterministic DDIM inversion to x_T (Song et al. 2021, Sec. 4.3).
 - `interpolate`: spherical interpolation of two noises x_T (Shoemake 1985), for latent walks.
 
-Images go in and come out as (N, C, H, W) tensors in [-1, 1]; a mask is (N, 1, H, W) or (H, W) of 0 and 1,
-1 where the pixel is known (kept). What cannot be used is refused with a ValueError saying what was expected.
+Images go in and come out as (N, C, H, W) tensors in [-1, 1] (for the EDM formulation, whose samplers work
+on the data over sigma_data, they are scaled into that frame and back); a mask is (N, 1, H, W) or (H, W) of 0
+and 1, 1 where the pixel is known (kept). What cannot be used is refused with a ValueError saying what was
+expected.
 """
 
 import math
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ddpm.edm import EDMScheduler
 from ddpm.samplers.sampling import (
     SampleOptionError,
     check_sample_options,
@@ -89,6 +92,8 @@ def inpaint(
     )
     abars = alpha_bars(scheduler, timesteps)
     path = repaint_schedule(steps, jump_length, jump_n_sample)
+    scale = _data_scale(scheduler)
+    target = image / scale  # the known pixels in the samplers' frame
     x = gaussian_noise(image.shape, image.dtype, image.device, generator)
     for p, q in tqdm(list(zip(path[:-1], path[1:], strict=True)), disable=not progress):
         if q < p:  # a resampling jump up from level abars[p] to abars[q]
@@ -101,12 +106,12 @@ def inpaint(
         else:
             unknown = ddim_step(x0, eps, abars[p], abars[q], eta=eta, generator=generator)
         if q == steps:  # alpha_bar = 1: the known pixels are the image itself
-            noised = image
+            noised = target
         else:
             noise = gaussian_noise(x.shape, x.dtype, x.device, generator)
-            noised = abars[q] ** 0.5 * image + (1 - abars[q]) ** 0.5 * noise
+            noised = abars[q] ** 0.5 * target + (1 - abars[q]) ** 0.5 * noise
         x = torch.where(known, noised, unknown)
-    return x
+    return torch.where(known, image, x * scale)
 
 
 def repaint_schedule(steps: int, jump_length: int, jump_n_sample: int) -> list[int]:
@@ -222,7 +227,7 @@ def invert(
         model, scheduler, image, y=y, guidance_scale=guidance_scale, null_class=null_class
     )
     abars = alpha_bars(scheduler, timesteps)
-    x = image
+    x = image / _data_scale(scheduler)  # in the samplers' frame
     for i in tqdm(reversed(range(steps)), total=steps, disable=not progress):
         _, eps = denoise(x, timesteps[i])
         x0 = (x - (1 - abars[i + 1]) ** 0.5 * eps) / abars[i + 1] ** 0.5  # the x0 that eps implies at x_s
@@ -264,6 +269,11 @@ def interpolate(x_a: Tensor, x_b: Tensor, alphas: Sequence[float] | Tensor) -> T
     shape = (-1, *([1] * x_a.ndim))
     out = w_a.reshape(shape) * x_a.double() + w_b.reshape(shape) * x_b.double()
     return out.to(x_a.dtype)
+
+
+def _data_scale(scheduler: NoiseScheduler) -> float:
+    """What the samplers' x0 is the data over: sigma_data for the EDM formulation (ddpm.edm), else 1."""
+    return scheduler.data_scale if isinstance(scheduler, EDMScheduler) else 1.0
 
 
 def _check_image(image, model) -> Tensor:
