@@ -45,15 +45,20 @@ class DigitClassifier(nn.Module):
         return self.head(self.features(x))
 
 
+def split(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The classifier's split of n images: (training indices, the held-out 20%), from a generator seeded with
+    train_classifier's seed (which goes on to draw the batches from it)."""
+    order = torch.randperm(n, generator=generator)
+    return order[: int(0.8 * n)], order[int(0.8 * n) :]
+
+
 def train_classifier(
     images: Tensor, labels: Tensor, *, epochs: int = 20, seed: int = 0
 ) -> tuple[DigitClassifier, float]:
     """Train on a seeded 80% of `images` (N, C, S, S) with `labels` (N,); returns the classifier in eval
     mode and its accuracy on the held-out 20%."""
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(images), generator=generator)
-    split = int(0.8 * len(images))
-    train, held_out = order[:split], order[split:]
+    train, held_out = split(len(images), generator)
     torch.manual_seed(seed)
     classifier = DigitClassifier(
         channels=images.shape[1], image_size=images.shape[2], num_classes=int(labels.max()) + 1

@@ -1,10 +1,10 @@
 """ddpm: denoising diffusion models, trained and sampled on Accelerate.
 
 The public API: the network (`UNet`), the noise schedule (`NoiseScheduler`), the samplers (`sample`,
-`SAMPLERS`), model folders (`save_pretrained`, `load_pretrained`), sampling a trained model
-(`load_for_sampling`, `generate`), the config (`Config` and its sections, `load_config`, `save_config`) and
-the data sets (`build_dataset`). Training is `ddpm.training`, FID `ddpm.fid`, diffusers interop
-`ddpm.interop.diffusers`.
+`SAMPLERS`), editing (`inpaint`, `img2img`, `invert`, `interpolate`), model folders (`save_pretrained`,
+`load_pretrained`), sampling a trained model (`load_for_sampling`, `generate`), the config (`Config` and
+its sections, `load_config`, `save_config`) and the data sets (`build_dataset`). Training is
+`ddpm.training`, FID `ddpm.fid`, diffusers interop `ddpm.interop.diffusers`.
 """
 
 from ddpm.config import Config, ConfigError, DataConfig, SampleConfig, TrainConfig, load_config, save_config
@@ -12,7 +12,7 @@ from ddpm.data import build_dataset, num_classes_of
 from ddpm.inference import generate, load_for_sampling
 from ddpm.io import load_pretrained, save_pretrained
 from ddpm.models.unet import UNet
-from ddpm.samplers import SAMPLERS, sample
+from ddpm.samplers import SAMPLERS, img2img, inpaint, interpolate, invert, sample
 from ddpm.schedule import NoiseScheduler
 
 __all__ = [
@@ -26,6 +26,10 @@ __all__ = [
     "UNet",
     "build_dataset",
     "generate",
+    "img2img",
+    "inpaint",
+    "interpolate",
+    "invert",
     "load_config",
     "load_for_sampling",
     "load_pretrained",

@@ -247,6 +247,28 @@ def _image_transform(image_size: int, channels: int, hflip: bool, *, crop: int |
     return v2.Compose(steps)
 
 
+def read_images(path: str | Path, *, image_size: int, channels: int) -> tuple[Tensor, list[Path]]:
+    """The image file `path`, or every image in the folder `path` (`image_files`: recursive, sorted), as
+    training data are read (`convert_image` to L or RGB, the shorter side resized to `image_size`, the centre
+    cropped, no flip): (N, channels, image_size, image_size) float32 in [-1, 1], and the files in that order.
+    Raises DataError naming the path for a missing path, a folder without images or an unreadable file."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder; expected an image or a folder of images")
+    files = image_files(path) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"no images under {path}; expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
+    transform = _image_transform(image_size, channels, hflip=False)
+    images = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                images.append(transform(image))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            raise DataError(f"cannot read image {file}: {error}") from None
+    return torch.stack(images), files
+
+
 def convert_image(image: Image.Image, mode: str) -> Image.Image:
     """A PIL image of any mode (L, RGB, RGBA, LA, P with or without transparency, ...) in `mode` (L or RGB),
     size kept: how the training data and `ddpm.fid`'s folders of images are read.

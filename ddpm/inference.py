@@ -8,6 +8,7 @@ does the diffusion maths.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -16,10 +17,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import save_file
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from ddpm.config import SampleConfig, load_config
+from ddpm.data import read_images
 from ddpm.interop.openai import (
     parse_openai_flags,
     scheduler_from_openai,
@@ -30,7 +33,15 @@ from ddpm.io import EMA, CheckpointError, atomic_write, load_model_folder, one_l
 from ddpm.models.classic import ClassicUNet
 from ddpm.models.unet import UNet
 from ddpm.run_dir import RUN_CONFIG, SAMPLES, checkpoint_of, resolve_checkpoint, run_directory
-from ddpm.samplers import SampleOptionError, check_sample_options, sample, sampling_budget
+from ddpm.samplers import (
+    SampleOptionError,
+    check_sample_options,
+    img2img,
+    inpaint,
+    invert,
+    sample,
+    sampling_budget,
+)
 from ddpm.schedule import NoiseScheduler
 
 _SAMPLER_NOISE = 1  # the SeedSequence purpose key of the samplers' noise streams
@@ -281,13 +292,7 @@ def grid_from_checkpoint(
     try:
         check_sample_options(**settings, num_train_timesteps=loaded.scheduler.num_train_timesteps)
     except SampleOptionError as error:
-        if error.option == "options":
-            raise ValueError(f"--option {error.value}=...: expected {error.expected}") from None
-        if error.option.startswith("options."):
-            name = error.option.removeprefix("options.")
-            raise ValueError(f"--option {name}={error.value}: expected {error.expected}") from None
-        flag = "--" + error.option.replace("_", "-")
-        raise ValueError(f"{flag} {error.value}: expected {error.expected}") from None
+        raise _cli_error(error) from None
     budget = sampling_budget(sampler, steps=steps, calls=calls)
     if say is not None:
         say(f"{sampler}: {budget}")
@@ -321,6 +326,17 @@ def grid_from_checkpoint(
     if save_images:
         save_images_to(images, out.with_suffix(""))
     return out
+
+
+def _cli_error(error: SampleOptionError) -> ValueError:
+    """The sampling option's error, named as sample.py spells the option (`--eta 2: expected ...`)."""
+    if error.option == "options":
+        return ValueError(f"--option {error.value}=...: expected {error.expected}")
+    if error.option.startswith("options."):
+        name = error.option.removeprefix("options.")
+        return ValueError(f"--option {name}={error.value}: expected {error.expected}")
+    flag = "--" + error.option.replace("_", "-")
+    return ValueError(f"{flag} {error.value}: expected {error.expected}")
 
 
 def _name_value(value: Any) -> str:
@@ -366,3 +382,174 @@ def _noise_generator(seed: int, device: torch.device | str) -> torch.Generator:
     plain `seed + i` of an x_T generator, whose stream it would repeat (same seed, same engine on the CPU)."""
     entropy = np.random.SeedSequence([seed, _SAMPLER_NOISE]).generate_state(1, np.uint64)[0]
     return torch.Generator(device).manual_seed(int(entropy))
+
+
+def edit_from_checkpoint(
+    checkpoint: str | Path | None,
+    init_image: str | Path | None = None,
+    *,
+    default_config: str | Path,
+    strength: float | None = None,
+    mask: str | Path | None = None,
+    invert_images: str | Path | None = None,
+    out: str | Path | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    eta: float | None = None,
+    jump_length: int = 10,
+    jump_n_sample: int = 10,
+    seed: int = 0,
+    batch_size: int = 64,
+    class_label: int | None = None,
+    guidance_scale: float | None = None,
+    use_ema: bool = True,
+    schedule: str | Path | None = None,
+    say: Callable[[str], None] | None = None,
+    openai_flags: str | None = None,
+) -> Path:
+    """Edit the image file or folder of images `init_image` (or `invert_images`) with a run, checkpoint or
+    model folder (as `grid_from_checkpoint` loads them) and write the result; returns its path. What
+    sample.py does with --init-image or --invert.
+
+    The images are read as training data are (`ddpm.data.read_images`: resized on the shorter side to the
+    model's size and centre-cropped, in its channels). Exactly one of: `strength` (img2img, SDEdit), `mask`
+    (inpainting, RePaint: an image file for every image, or a folder of as many as there are images, read
+    the same way; white (> half grey) = keep), or `invert_images` in place of init_image (DDIM inversion:
+    writes the noises x_T,
+    (N, C, H, W) float32 under the key "noise", as .safetensors, with the image files in its metadata).
+    img2img takes the run's sampler and steps unless given; inpainting the "ddpm" sampler and the run's steps
+    unless given, and `jump_length`, `jump_n_sample`; inversion "ddim" and the run's steps. A class model
+    edits with `class_label` when given, else with its null label (unconditioned); guidance needs a
+    class_label. The noise of the batch starting at image s is drawn from a generator seeded from seed + s.
+    `out` None writes RUN/samples/ (the current folder for a loose folder)
+    KIND-CHECKPOINT-WEIGHTS-SAMPLERSTEPS[-strengthS | -jumpJxN][-classC][-guidanceG]-seedS-INPUT.png
+    (.safetensors for inversion, without the seed): a grid of the inputs (the pixels to fill in grey) over
+    the results, min(N, 16) to a row.
+    Raises ValueError (a DataError for unreadable images) naming the sample.py option, and CheckpointError.
+    """
+    if (init_image is None) == (invert_images is None):
+        raise ValueError(
+            "--strength and --mask edit the images of --init-image PATH: pass it"
+            if init_image is None
+            else "--invert PATH takes the images itself: drop --init-image"
+        )
+    if invert_images is not None and (strength is not None or mask is not None):
+        raise ValueError("--invert takes no --strength or --mask: they edit the images of --init-image")
+    if init_image is not None and (strength is None) == (mask is None):
+        raise ValueError(
+            "--init-image needs either --strength S (image-to-image) or --mask PATH (inpainting)"
+        )
+    kind = "invert" if invert_images is not None else "img2img" if strength is not None else "inpaint"
+    init_image = init_image if invert_images is None else invert_images
+    if checkpoint is None:
+        checkpoint = load_config(default_config).output_dir
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    loaded = load_for_sampling(
+        checkpoint, use_ema=use_ema, schedule=schedule, device=device, openai_flags=openai_flags
+    )
+    model, scheduler, config = loaded.model, loaded.scheduler, loaded.model.config
+    if kind == "invert" and sampler not in (None, "ddim"):
+        raise ValueError(f"--sampler {sampler}: --invert is DDIM inversion; drop --sampler")
+    default_sampler = {"invert": "ddim", "inpaint": "ddpm", "img2img": loaded.sampling.sampler}[kind]
+    sampler = sampler or default_sampler
+    steps = steps if steps is not None else loaded.sampling.steps
+    eta = (loaded.sampling.eta if sampler == "ddim" and kind != "invert" else 0.0) if eta is None else eta
+    guidance_scale = loaded.sampling.guidance_scale if guidance_scale is None else guidance_scale
+    _check_options(seed=seed, batch_size=batch_size)
+    _check_labels(model, class_label=class_label, guidance_scale=guidance_scale)
+    if guidance_scale != 1 and class_label is None:
+        raise ValueError(f"--guidance-scale {guidance_scale:g} needs --class-label when editing")
+    try:
+        check_sample_options(
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            guidance_scale=guidance_scale,
+            num_train_timesteps=scheduler.num_train_timesteps,
+        )
+    except SampleOptionError as error:
+        raise _cli_error(error) from None
+    size, channels = config["image_size"], config["in_channels"]
+    images, files = read_images(init_image, image_size=size, channels=channels)
+    masks = None
+    if mask is not None:
+        masks, mask_files = read_images(mask, image_size=size, channels=1)
+        if len(mask_files) not in (1, len(files)):
+            raise ValueError(
+                f"--mask {mask}: {len(mask_files)} masks for {len(files)} images; give one or as many"
+            )
+        masks = (masks > 0).float().expand(len(files), -1, -1, -1)  # white = keep
+    if say is not None:
+        say(f"{kind}: {len(files)} images, {sampler} {steps} steps")
+    results = []
+    autocast_dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+    for start in range(0, len(files), batch_size):
+        batch = images[start : start + batch_size].to(device)
+        y = None
+        if getattr(model, "num_classes", None):
+            y = torch.full(
+                (len(batch),), model.null_class if class_label is None else class_label, device=device
+            )
+        generator = _noise_generator(seed + start, device)
+        common = {"y": y, "guidance_scale": guidance_scale, "progress": True}
+        with torch.autocast(device, dtype=autocast_dtype, enabled=device == "cuda"):
+            if kind == "invert":
+                result = invert(model, scheduler, batch, steps=steps, **common)
+            elif kind == "img2img":
+                result = img2img(
+                    model,
+                    scheduler,
+                    batch,
+                    strength,
+                    sampler=sampler,
+                    steps=steps,
+                    eta=eta,
+                    generator=generator,
+                    **common,
+                )
+            else:
+                result = inpaint(
+                    model,
+                    scheduler,
+                    batch,
+                    masks[start : start + batch_size].to(device),
+                    steps=steps,
+                    jump_length=jump_length,
+                    jump_n_sample=jump_n_sample,
+                    sampler=sampler,
+                    eta=eta,
+                    generator=generator,
+                    **common,
+                )
+        results.append(result.float().cpu())
+    result = torch.cat(results)
+    if out is None:
+        name = [kind, loaded.folder.name, loaded.weights, f"{sampler}{steps}"]
+        name += [f"eta{eta:g}"] if eta else []
+        name += [f"strength{strength:g}"] if kind == "img2img" else []
+        name += [f"jump{jump_length}x{jump_n_sample}"] if kind == "inpaint" else []
+        name += [f"class{class_label}"] if class_label is not None else []
+        name += [f"guidance{guidance_scale:g}"] if guidance_scale != 1 else []
+        name += [f"seed{seed}"] if kind != "invert" else []
+        name += [Path(init_image).stem]
+        suffix = ".safetensors" if kind == "invert" else ".png"
+        run = loaded.run_dir
+        out = (run / SAMPLES if run is not None else Path.cwd()) / f"{'-'.join(name)}{suffix}"
+    out = Path(out)
+    if kind == "invert":
+        metadata = {"images": json.dumps([str(file) for file in files]), "steps": str(steps)}
+        with atomic_write(out) as tmp:
+            save_file({"noise": result.contiguous()}, tmp, metadata=metadata)
+        return out
+    shown = images if masks is None else images * masks  # the pixels to fill in, grey (0)
+    return save_grid(
+        torch.cat([*_full_rows(shown), *_full_rows(result.clamp(-1, 1))]), out, nrow=min(len(files), 16)
+    )
+
+
+def _full_rows(images: torch.Tensor, nrow: int = 16) -> list[torch.Tensor]:
+    """images (N, C, H, W), padded with grey images to whole rows of min(N, nrow) (so that a grid of
+    several such parts starts each on a row of its own)."""
+    row = min(len(images), nrow)
+    missing = -len(images) % row
+    return [images, images.new_zeros(missing, *images.shape[1:])]

@@ -2,10 +2,14 @@
 
     ddpm-sample --n 16 [--checkpoint RUN_OR_CHECKPOINT] [--sampler ddim] [--steps 50 | --calls 50]
         [--option NAME=VALUE ...] [--out FILE]
+    ddpm-sample --init-image PATH (--strength S | --mask PATH) [--sampler ...] [--steps N]
+    ddpm-sample --invert PATH [--steps N]
 
 Sampler settings default to the `sample:` section of the run's config, and the noise schedule is the one saved
 with the weights, so nothing from training is re-typed. The cost of a sampler is its network calls: --calls
 takes as many steps as fit in that many (a Heun step costs two); the steps and calls used go to stderr.
+Editing (an image, or a folder of images, resized and centre-cropped as training data are): --strength is
+image-to-image (SDEdit), --mask inpainting (RePaint, white = keep), --invert writes the DDIM noise of each.
 
 (`python -m ddpm.sample_cli` and, in a clone, `python sample.py` are the same.)
 
@@ -16,12 +20,13 @@ checkpoint.
 import argparse
 import functools
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 
 from ddpm.config import DEFAULT_CONFIG
-from ddpm.inference import grid_from_checkpoint
+from ddpm.inference import edit_from_checkpoint, grid_from_checkpoint
 from ddpm.io import CheckpointError
 from ddpm.samplers import SAMPLE_KEYWORDS, SAMPLERS, solver_options
 
@@ -87,7 +92,27 @@ def main(argv: list[str] | None = None) -> None:
         help="for an OpenAI .pt checkpoint (guided-diffusion, improved-diffusion): the MODEL_FLAGS and "
         "DIFFUSION_FLAGS published with it, as one string (README, Interoperability)",
     )
+    edit = parser.add_argument_group("editing (--n and --calls do not apply)")
+    edit.add_argument("--init-image", metavar="PATH", help="an image or a folder of images to edit")
+    edit.add_argument("--strength", type=float, help="image-to-image (SDEdit): noise level in [0, 1]")
+    edit.add_argument("--mask", metavar="PATH", help="inpainting (RePaint): mask image(s), white = keep")
+    edit.add_argument("--jump-length", type=int, default=10, help="RePaint jump length (default: 10)")
+    edit.add_argument(
+        "--jump-n-sample",
+        type=int,
+        default=10,
+        help="RePaint resamplings, 1 = plain replacement (default: 10)",
+    )
+    edit.add_argument(
+        "--invert", metavar="PATH", help="DDIM-invert image(s) to noise, written as .safetensors"
+    )
     args = parser.parse_args(argv)
+    if args.init_image or args.invert or args.strength is not None or args.mask:
+        try:
+            print(_edit(args))
+        except (CheckpointError, ValueError, OSError) as error:
+            sys.exit(f"error: {error}")
+        return
     try:
         grid = grid_from_checkpoint(
             args.checkpoint,
@@ -112,6 +137,34 @@ def main(argv: list[str] | None = None) -> None:
     except (CheckpointError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     print(grid)
+
+
+def _edit(args: argparse.Namespace) -> Path:
+    """--init-image with --strength or --mask, or --invert: `ddpm.inference.edit_from_checkpoint`."""
+    if args.calls is not None or args.option:
+        raise ValueError("editing takes --steps, not --calls or --option")
+    return edit_from_checkpoint(
+        args.checkpoint,
+        args.init_image,
+        default_config=DEFAULT_CONFIG,
+        strength=args.strength,
+        mask=args.mask,
+        invert_images=args.invert,
+        out=args.out,
+        sampler=args.sampler,
+        steps=args.steps,
+        eta=args.eta,
+        jump_length=args.jump_length,
+        jump_n_sample=args.jump_n_sample,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        class_label=args.class_label,
+        guidance_scale=args.guidance_scale,
+        use_ema=not args.raw,
+        schedule=args.schedule,
+        say=functools.partial(print, file=sys.stderr),
+        openai_flags=args.openai_flags,
+    )
 
 
 def _option(text: str) -> tuple[str, Any]:

@@ -3,8 +3,9 @@ name from SAMPLERS: "ddpm" (`ddpm_ancestral`), "ddim" (`ddim`), "euler" (`euler`
 (`euler_ancestral`) and "heun" (`heun`) in `solvers`; "dpm++2m" and its alias "dpm++" (`dpmpp_2m`), "dpm++3m"
 (`dpmpp_3m`), "dpm++2m_sde" (`dpmpp_2m_sde`) and "unipc" (`unipc`) in `multistep`. Every solver has one
 signature, `solver(denoise, x, timesteps, scheduler, *, <its own options>, disable) -> x0`; see
-`ddpm.samplers.solvers`."""
+`ddpm.samplers.solvers`. Editing images (`inpaint`, `img2img`, `invert`, `interpolate`) is in `editing`."""
 
+from ddpm.samplers.editing import img2img, inpaint, interpolate, invert
 from ddpm.samplers.multistep import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, step_order, unipc
 from ddpm.samplers.sampling import (
     DROP_LAST,
@@ -13,8 +14,10 @@ from ddpm.samplers.sampling import (
     Budget,
     SampleOptionError,
     check_sample_options,
+    model_denoiser,
     sample,
     sampling_budget,
+    sampling_timesteps,
     solver_options,
 )
 from ddpm.samplers.solvers import (
@@ -22,7 +25,9 @@ from ddpm.samplers.solvers import (
     Denoiser,
     alpha_bars,
     ddim,
+    ddim_step,
     ddpm_ancestral,
+    ddpm_step,
     euler,
     euler_ancestral,
     heun,
@@ -41,17 +46,25 @@ __all__ = [
     "alpha_bars",
     "check_sample_options",
     "ddim",
+    "ddim_step",
     "ddpm_ancestral",
+    "ddpm_step",
     "dpmpp_2m",
     "dpmpp_2m_sde",
     "dpmpp_3m",
     "euler",
     "euler_ancestral",
     "heun",
+    "img2img",
+    "inpaint",
+    "interpolate",
+    "invert",
+    "model_denoiser",
     "network_calls",
     "posterior",
     "sample",
     "sampling_budget",
+    "sampling_timesteps",
     "solver_options",
     "step_order",
     "unipc",

@@ -87,6 +87,7 @@ def sample(
     null_class: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
+    start_step: int = 0,
 ) -> Tensor:
     """Draw images by running `sampler` for `steps` steps, or as many as `calls` network calls allow, from x_T
     to x0.
@@ -114,13 +115,13 @@ def sample(
         guidance weight s >= 0 (Ho & Salimans 2022); with s != 1 each step makes one batched call on [x, x]
         with labels [y, null] and uses uncond + s * (cond - uncond). The null label is `null_class`, else
         `model.null_class`.
+    start_step: run only the grid's timesteps from index start_step on (0 <= start_step < steps), from
+        `noise` = x at the noise level of that timestep (`sampling_timesteps(...)[start_step]`): SDEdit's
+        start (Meng et al. 2022), used by `ddpm.samplers.editing.img2img`. The solver sees those
+        steps - start_step timesteps as its grid (a multistep solver warms up again from its first).
     Returns x0, (N, C, H, W), float32 (float64 when `noise` is float64).
     """
-    if getattr(model, "time_conditioning", True) is False:  # before any noise is drawn or any call made
-        raise ValueError(
-            f"this {type(model).__name__} has time_conditioning=False: it is a segmentation network, called "
-            "as model(x); sampling needs a diffusion model, built with time_conditioning=True and trained"
-        )
+    _refuse_time_free(model)  # before any noise is drawn or any call made
     options = dict(options or {})
     check_sample_options(
         sampler=sampler,
@@ -134,10 +135,46 @@ def sample(
     )
     solver = SAMPLERS[sampler]
     budget = sampling_budget(sampler, steps=steps, calls=calls)
-    # DPM-Solver++ ends with a first-order step to alpha_bar = 1 and needs no network call at t = 0: it takes
-    # diffusers' DPMSolverMultistepScheduler grid. DDPM, DDIM and the Euler family keep their schedulers'.
-    timesteps = scheduler.inference_timesteps(budget.steps, drop_last=solver in DROP_LAST)
+    if not (_is_int(start_step) and 0 <= start_step < budget.steps):
+        raise ValueError(
+            f"start_step must be an integer in 0..steps-1 = 0..{budget.steps - 1}, got {start_step!r}"
+        )
+    if start_step and noise is None:
+        raise ValueError(
+            f"start_step={start_step} needs noise=<x at the level of that timestep>, not a shape"
+        )
+    timesteps = sampling_timesteps(scheduler, sampler, budget.steps)[start_step:]
     x = _initial_noise(model, shape, noise, generator)
+    denoise = model_denoiser(model, scheduler, x, y=y, guidance_scale=guidance_scale, null_class=null_class)
+    given = {"eta": eta, "variance": variance, "generator": generator, **options}
+    kwargs = {name: given[name] for name in solver_options(solver) if name in given}
+    x0 = solver(denoise, x, timesteps, scheduler, **kwargs, disable=not progress)
+    # The EDM formulation's samplers work on the data over sigma_data (ddpm.edm): back to the data's scale
+    return x0 * scheduler.data_scale if isinstance(scheduler, EDMScheduler) else x0
+
+
+def sampling_timesteps(scheduler: NoiseScheduler, sampler: str, steps: int) -> Tensor:
+    """The (steps,) descending timesteps `sampler` (a key of SAMPLERS) visits in `steps` steps: the grid of
+    diffusers' scheduler of the same maths. DPM-Solver++ and UniPC end with a first-order step to
+    alpha_bar = 1 and need no network call at t = 0: they take DPMSolverMultistepScheduler's grid
+    (`DROP_LAST`); DDPM, DDIM and the Euler family keep their schedulers'."""
+    return scheduler.inference_timesteps(steps, drop_last=SAMPLERS[sampler] in DROP_LAST)
+
+
+def model_denoiser(
+    model: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    scheduler: NoiseScheduler,
+    x: Tensor,
+    *,
+    y: Tensor | None = None,
+    guidance_scale: float = 1.0,
+    null_class: int | None = None,
+) -> Denoiser:
+    """The `denoise(x_t, t) -> (x0, eps)` of `sample()` for images like x (N, C, H, W): the model call with
+    the labels y (N,) and classifier-free guidance (see `sample`), then the scheduler's conversion of its
+    prediction; what every sampler and `ddpm.samplers.editing` call the network through. Checks the labels
+    and the null label (ValueError), and refuses a time-free network, before any network call."""
+    _refuse_time_free(model)
     if guidance_scale != 1.0:
         null_class = null_class if null_class is not None else getattr(model, "null_class", None)
         if null_class is None:
@@ -149,12 +186,7 @@ def sample(
             )
     has_null = getattr(model, "null_class", None) is not None
     y = _check_labels(y, x, guidance_scale, null_class, getattr(model, "num_classes", None), has_null)
-    denoise = _denoiser(model, scheduler, y, guidance_scale, null_class, x.dtype)
-    given = {"eta": eta, "variance": variance, "generator": generator, **options}
-    kwargs = {name: given[name] for name in solver_options(solver) if name in given}
-    x0 = solver(denoise, x, timesteps, scheduler, **kwargs, disable=not progress)
-    # The EDM formulation's samplers work on the data over sigma_data (ddpm.edm): back to the data's scale
-    return x0 * scheduler.data_scale if isinstance(scheduler, EDMScheduler) else x0
+    return _denoiser(model, scheduler, y, guidance_scale, null_class, x.dtype)
 
 
 def sampling_budget(sampler: str, *, steps: int | None = None, calls: int | None = None) -> Budget:
@@ -332,6 +364,15 @@ def _check_labels(
                 f"labels must lie in {bound}, got {labels[outside].unique().tolist()} (in y or null_class)"
             )
     return y
+
+
+def _refuse_time_free(model) -> None:
+    """ValueError for a network built with time_conditioning=False (a segmentation network)."""
+    if getattr(model, "time_conditioning", True) is False:
+        raise ValueError(
+            f"this {type(model).__name__} has time_conditioning=False: it is a segmentation network, called "
+            "as model(x); sampling needs a diffusion model, built with time_conditioning=True and trained"
+        )
 
 
 def _is_int(value) -> bool:

@@ -46,15 +46,28 @@ def ddpm_ancestral(
     (beta_t := 1 - alpha_bar_t / alpha_bar_s). variance: one of VARIANCES, the std of the noise added."""
     abars = alpha_bars(scheduler, timesteps)
     for i in tqdm(range(len(timesteps)), disable=disable):
-        ab_t, ab_s = abars[i], abars[i + 1]
         x0, _ = denoise(x, timesteps[i])
-        mean, var_small, beta = posterior(x0, x, ab_t, ab_s)
-        if i == len(timesteps) - 1:  # alpha_bar_s = 1: the mean is x0 and no noise is added (z = 0 at t = 1)
-            x = mean
-        else:
-            std = (var_small if variance == "fixed_small" else beta) ** 0.5
-            x = mean + std * gaussian_noise(x.shape, x.dtype, x.device, generator)
+        x = ddpm_step(x, x0, abars[i], abars[i + 1], variance=variance, generator=generator)
     return x
+
+
+def ddpm_step(
+    x: Tensor,
+    x0: Tensor,
+    ab_t: float,
+    ab_s: float,
+    *,
+    variance: str = "fixed_small",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One step of `ddpm_ancestral`: x_s drawn from the posterior q(x_s | x_t, x0) (Ho et al. 2020, Eq. 6-7)
+    from x = x_t (N, ...) at alpha_bar ab_t to alpha_bar ab_s > ab_t, x0 the model's estimate. No noise is
+    added at ab_s = 1 (the final step, z = 0 at t = 1 in Algorithm 2): the mean is x0 there."""
+    mean, var_small, beta = posterior(x0, x, ab_t, ab_s)
+    if ab_s == 1:
+        return mean
+    std = (var_small if variance == "fixed_small" else beta) ** 0.5
+    return mean + std * gaussian_noise(x.shape, x.dtype, x.device, generator)
 
 
 def ddim(
@@ -71,14 +84,30 @@ def ddim(
     deterministic DDIM, eta = 1 the DDPM posterior with fixed_small variance."""
     abars = alpha_bars(scheduler, timesteps)
     for i in tqdm(range(len(timesteps)), disable=disable):
-        ab_t, ab_s = abars[i], abars[i + 1]
         x0, eps = denoise(x, timesteps[i])
-        sigma2 = eta**2 * (1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)
-        # x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - sigma^2) eps + sigma z. At eta = 1 the root's argument is
-        # (1 - ab_s)^2 ab_t / (ab_s (1 - ab_t)) >= 0, which rounding may push just below 0: hence the max().
-        x = ab_s**0.5 * x0 + max(1 - ab_s - sigma2, 0.0) ** 0.5 * eps
-        if sigma2 > 0:
-            x = x + sigma2**0.5 * gaussian_noise(x.shape, x.dtype, x.device, generator)
+        x = ddim_step(x0, eps, abars[i], abars[i + 1], eta=eta, generator=generator)
+    return x
+
+
+def ddim_step(
+    x0: Tensor,
+    eps: Tensor,
+    ab_t: float,
+    ab_s: float,
+    *,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One step of `ddim` (Song et al. 2021, Eq. 12 and 16) from alpha_bar ab_t to ab_s, given the estimates
+    (x0, eps) (N, ...) at x_t: x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - sigma^2) eps + sigma z with
+    sigma^2 = eta^2 beta-tilde. At eta = 0 it is deterministic and goes either way: ab_s < ab_t is the step
+    of DDIM inversion (Sec. 4.3)."""
+    sigma2 = eta**2 * (1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s) if eta else 0.0
+    # At eta = 1 the root's argument is (1 - ab_s)^2 ab_t / (ab_s (1 - ab_t)) >= 0, which rounding may push
+    # just below 0: hence the max().
+    x = ab_s**0.5 * x0 + max(1 - ab_s - sigma2, 0.0) ** 0.5 * eps
+    if sigma2 > 0:
+        x = x + sigma2**0.5 * gaussian_noise(x.shape, x.dtype, x.device, generator)
     return x
 
 
