@@ -27,8 +27,28 @@ from tqdm.auto import tqdm
 
 from ddpm.schedule import NoiseScheduler
 
-Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x_t (N, ...), t 0-d) -> (x0, eps)
-VARIANCES = ("fixed_small", "fixed_large")
+
+class Denoised(tuple):
+    """What `denoise(x_t, t)` returns: the pair (x0, eps), which every solver unpacks as
+    `x0, eps = denoise(x, t)`, carrying also `variance_values`, the model's variance channels v in [-1, 1]
+    ((N, C, H, W), from the conditional pass under guidance) when its schedule has variance_type
+    "learned_range", else None. Only the ancestral sampler reads them."""
+
+    def __new__(cls, x0: Tensor, eps: Tensor, variance_values: Tensor | None = None) -> "Denoised":
+        pair = super().__new__(cls, (x0, eps))
+        pair.variance_values = variance_values
+        return pair
+
+    @property
+    def x0(self) -> Tensor:
+        return self[0]
+
+    @property
+    def eps(self) -> Tensor:
+        return self[1]
+
+
+Denoiser = Callable[[Tensor, Tensor], Denoised]  # (x_t (N, ...), t 0-d) -> (x0, eps) and the variance values
 
 
 def ddpm_ancestral(
@@ -37,22 +57,28 @@ def ddpm_ancestral(
     timesteps: Tensor,
     scheduler: NoiseScheduler,
     *,
-    variance: str = "fixed_small",
     generator: torch.Generator | None = None,
     disable: bool = False,
 ) -> Tensor:
     """Ancestral sampling from the posterior q(x_s | x_t, x0) (Ho et al. 2020, Eq. 6-7 and Algorithm 2), with
-    s the next timestep of the list, generalised to skipped steps as diffusers' DDPMScheduler does
-    (beta_t := 1 - alpha_bar_t / alpha_bar_s). variance: one of VARIANCES, the std of the noise added."""
+    s the next timestep of the list, generalised to skipped steps as diffusers' DDPMScheduler and
+    improved-diffusion's respacing do (beta_t := 1 - alpha_bar_t / alpha_bar_s). The noise added has the
+    variance `scheduler.variance_type` names (`NoiseScheduler.log_variance`) for this step's beta and
+    beta-tilde: with "learned_range", the model's variance values interpolate between them."""
     abars = alpha_bars(scheduler, timesteps)
     for i in tqdm(range(len(timesteps)), disable=disable):
         ab_t, ab_s = abars[i], abars[i + 1]
-        x0, _ = denoise(x, timesteps[i])
-        mean, var_small, beta = posterior(x0, x, ab_t, ab_s)
+        denoised = denoise(x, timesteps[i])
+        mean, var_small, beta = posterior(denoised.x0, x, ab_t, ab_s)
         if i == len(timesteps) - 1:  # alpha_bar_s = 1: the mean is x0 and no noise is added (z = 0 at t = 1)
             x = mean
-        else:
-            std = (var_small if variance == "fixed_small" else beta) ** 0.5
+        else:  # var_small > 0 here, since alpha_bar_s < 1
+            log_var = scheduler.log_variance(
+                torch.tensor(math.log(beta), dtype=x.dtype),
+                torch.tensor(math.log(var_small), dtype=x.dtype),
+                denoised.variance_values,
+            )
+            std = (0.5 * log_var).exp().to(x.dtype)
             x = mean + std * gaussian_noise(x.shape, x.dtype, x.device, generator)
     return x
 
