@@ -175,6 +175,12 @@ class NoiseScheduler:
         frac = (v + 1) / 2
         return frac * log_beta.to(v.dtype) + (1 - frac) * log_beta_tilde.to(v.dtype)
 
+    def posterior_log_variance(self, t: Tensor, *, ndim: int = 4) -> Tensor:
+        """log beta-tilde_t, the variance of the posterior q(x_{t-1} | x_t, x0) (Ho et al. 2020, Eq. 7), at
+        training timesteps t, with t = 0 (where it is 0) clipped to beta-tilde_1 as improved-diffusion does.
+        t: (N,) long. Returns (N, 1, ..., 1) float64 (float32 on MPS) of `ndim` dimensions."""
+        return self._table(self.log_posterior_variance_clipped, t)[t].reshape(-1, *([1] * (ndim - 1)))
+
     def model_log_variance(self, t: Tensor, v: Tensor | None = None, *, ndim: int = 4) -> Tensor:
         """`log_variance` of the one-step reverse process p(x_{t-1} | x_t) at training timesteps t, with
         improved-diffusion's values at t = 0 (where beta-tilde_0 = 0): beta-tilde is clipped to beta-tilde_1,
@@ -183,7 +189,7 @@ class NoiseScheduler:
         `ndim` dimensions for the fixed types, v's shape and dtype for "learned_range".
         """
         shape = (-1, *([1] * (ndim - 1)))
-        log_beta_tilde = self._table(self.log_posterior_variance_clipped, t)[t].reshape(shape)
+        log_beta_tilde = self.posterior_log_variance(t, ndim=ndim)
         log_beta = self._table(self.betas, t)[t].log().reshape(shape)
         if self.variance_type == "fixed_large":
             log_beta = torch.where(t.reshape(shape) == 0, log_beta_tilde, log_beta)
@@ -218,14 +224,16 @@ class NoiseScheduler:
             return x0
         return self.velocity(x0, noise, t)
 
-    def predict_x0_and_eps(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def predict_x0_and_eps(
+        self, model_output: Tensor, x_t: Tensor, t: Tensor, *, clip: bool = True
+    ) -> tuple[Tensor, Tensor]:
         """Turn a model output into the estimates (x0, eps) at x_t; the one conversion every sampler uses.
 
-        model_output, x_t: (N, ...); t: (N,) long or float (see `alpha_bar`). With `clip_sample`, x0 is
-        clamped and eps re-derived from the clamped x0 so that the pair stays consistent with x_t (as in
-        GLIDE / improved-diffusion's DDIM). Divides only by sqrt(alpha_bar_t) for epsilon prediction
-        (alpha_bar_t > 0 there, see the module docstring) and by sqrt(1 - alpha_bar_t) >= sqrt(beta_0)
-        otherwise.
+        model_output, x_t: (N, ...); t: (N,) long or float (see `alpha_bar`). With `clip_sample` (and clip,
+        which the training loss turns off), x0 is clamped and eps re-derived from the clamped x0 so that the
+        pair stays consistent with x_t (as in GLIDE / improved-diffusion's DDIM). Divides only by
+        sqrt(alpha_bar_t) for epsilon prediction (alpha_bar_t > 0 there, see the module docstring) and by
+        sqrt(1 - alpha_bar_t) >= sqrt(beta_0) otherwise.
         """
         alpha_bar = self._gather(t, x_t)
         a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()  # signal and noise scales of x_t = a x0 + s eps
@@ -238,7 +246,7 @@ class NoiseScheduler:
         else:  # v = a eps - s x0 and x_t = a x0 + s eps, with a^2 + s^2 = 1
             x0 = a * x_t - s * model_output
             eps = a * model_output + s * x_t
-        if self.clip_sample:
+        if self.clip_sample and clip:
             x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
             eps = (x_t - a * x0) / s
         return x0, eps
