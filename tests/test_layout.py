@@ -34,6 +34,12 @@ def test_no_module_reaches_the_scripts():
     assert not problems, "; ".join(problems)
 
 
+def test_no_module_imports_the_likelihood_cli():
+    """ddpm.nll loads models (it sits above ddpm.inference): a module below importing it closes a cycle."""
+    importers = sorted(name for name, found in GRAPH.items() if "ddpm.nll" in found)
+    assert not importers, f"{importers} import ddpm.nll, the likelihood CLI at the top of the layout"
+
+
 def test_config_imports_nothing_above_it():
     above = sorted(m for m in GRAPH["ddpm.config"] if within(m, ABOVE_CONFIG))
     assert not above, f"ddpm.config imports {above}: move what it needs from them into config (or below)"
