@@ -45,7 +45,9 @@ RUNS = {
     "default": [],
     "learned": ["model.out_channels=2", "diffusion.variance_type=learned_range", "train.learn_sigma=true"],
 }
+# --quick: a check of the whole path in minutes on a CPU; T = 100 so that the NLL's T network calls are few
 QUICK = {"steps": 2, "seeds": [0], "n_samples": 8, "samplers": [("unipc", 2), ("ddpm", 3)], "nll_n": 2}
+QUICK_OVERRIDES = ["diffusion.num_train_timesteps=100"]
 
 
 def main() -> None:
@@ -134,7 +136,7 @@ def parse_args() -> argparse.Namespace:
     )
     args = parser.parse_args()
     if args.quick:
-        vars(args).update(QUICK, floor_splits=5)
+        vars(args).update(QUICK, floor_splits=5, override=[*args.override, *QUICK_OVERRIDES])
         if args.out == parser.get_default("out"):
             args.out = Path(tempfile.gettempdir()) / "learned_variance_quick"
     if args.steps < 1 or args.n_samples < 2 or args.nll_n < 1:
