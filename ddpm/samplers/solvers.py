@@ -2,7 +2,8 @@
 
     solver(denoise, x, timesteps, scheduler, *, <its own options>, disable) -> x0
 
-where `denoise(x_t, t) -> (x0, eps)` is the model call followed by the scheduler's one conversion
+where `denoise(x_t, t) -> (x0, eps)` (a `Denoised`, which also carries a learned variance's values) is
+`ddpm.samplers.denoiser`: the model call followed by the scheduler's one conversion
 (`NoiseScheduler.predict_x0_and_eps`), x is x_T, and `timesteps` (steps,) is the descending list of the
 scheduler's `inference_timesteps` (long, or float64 continuous timesteps for the sigma spacings). The next
 timestep is always read from that list; after its last entry comes alpha_bar = 1 (sigma = 0, diffusers'
@@ -67,20 +68,35 @@ def ddpm_ancestral(
     beta-tilde: with "learned_range", the model's variance values interpolate between them."""
     abars = alpha_bars(scheduler, timesteps)
     for i in tqdm(range(len(timesteps)), disable=disable):
-        ab_t, ab_s = abars[i], abars[i + 1]
-        denoised = denoise(x, timesteps[i])
-        mean, var_small, beta = posterior(denoised.x0, x, ab_t, ab_s)
-        if i == len(timesteps) - 1:  # alpha_bar_s = 1: the mean is x0 and no noise is added (z = 0 at t = 1)
-            x = mean
-        else:  # var_small > 0 here, since alpha_bar_s < 1
-            log_var = scheduler.log_variance(
-                torch.tensor(math.log(beta), dtype=x.dtype),
-                torch.tensor(math.log(var_small), dtype=x.dtype),
-                denoised.variance_values,
-            )
-            std = (0.5 * log_var).exp().to(x.dtype)
-            x = mean + std * gaussian_noise(x.shape, x.dtype, x.device, generator)
+        x = ancestral_step(x, denoise(x, timesteps[i]), abars[i], abars[i + 1], scheduler, generator)
     return x
+
+
+def ancestral_step(
+    x: Tensor,
+    denoised: Denoised,
+    ab_t: float,
+    ab_s: float,
+    scheduler: NoiseScheduler,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One step of `ddpm_ancestral` from x = x_t (N, C, H, W) at alpha_bar_t = ab_t to alpha_bar_s = ab_s
+    (> ab_t; 1 for the final x0), given the model's `denoise(x, t)` there: the posterior mean with the
+    predicted x0 (Ho et al. 2020, Eq. 7) plus noise of the variance `scheduler.log_variance` gives for this
+    step's beta = 1 - ab_t / ab_s and beta-tilde (with the model's variance values for "learned_range").
+    No noise is added where ab_s = 1 (Algorithm 2: z = 0 at the last step). For code that runs the reverse
+    process itself (inpainting, editing) with any variance type."""
+    mean, var_small, beta = posterior(denoised.x0, x, ab_t, ab_s)
+    if ab_s == 1.0:  # the mean is x0
+        return mean
+    # var_small > 0 here, since ab_s < 1
+    log_var = scheduler.log_variance(
+        torch.tensor(math.log(beta), dtype=x.dtype),
+        torch.tensor(math.log(var_small), dtype=x.dtype),
+        denoised.variance_values,
+    )
+    std = (0.5 * log_var).exp().to(x.dtype)
+    return mean + std * gaussian_noise(x.shape, x.dtype, x.device, generator)
 
 
 def ddim(
