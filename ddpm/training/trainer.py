@@ -7,7 +7,8 @@ described in `ddpm.run_dir` and can resume it exactly.
 
 The loop puts together: the loss (`ddpm.losses`), the Accelerator (`.accelerator`), checkpoints and what
 --resume means (`.checkpoints`), the log (`.run_log`), stop signals and failed processes (`.interruption`),
-NaN and inf losses (`.nan_policy`), and sample grids and FID (`.evaluation`).
+NaN and inf losses (`.nan_policy`), sample grids and FID (`.evaluation`), and importance sampling of t
+(`.timestep_sampler`, train.timestep_sampling).
 """
 
 from __future__ import annotations
