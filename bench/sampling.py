@@ -47,7 +47,9 @@ def main() -> None:
     networks = {n: torch.compile(m) if args.compile else m for n, m in models.items()}
     # diffusers' own loop calls the UNet2DModel itself, which must then be compiled too.
     diffusers_unet = torch.compile(models["diffusers"].unet) if args.compile else models["diffusers"].unet
-    scheduler = NoiseScheduler(**config.diffusion)
+    # DDIM on the schedule's own timesteps: the config's sigma spacings (exponential, karras) have no
+    # DDIMScheduler equivalent, and the comparison needs the same timesteps in both libraries.
+    scheduler = NoiseScheduler(**{**config.diffusion, "timestep_spacing": "trailing"})
     ddim = DDIMScheduler(**diffusers_scheduler_config(scheduler))
     common.check_same_schedule(scheduler, ddim)
 
@@ -62,11 +64,23 @@ def main() -> None:
     labels = torch.arange(args.batch, device=device) % models["ours"].num_classes if y is not None else None
     runs = {
         "ours": lambda: sample(
-            networks["ours"], scheduler, noise=noise, steps=args.steps, y=labels, progress=False
+            networks["ours"],
+            scheduler,
+            noise=noise,
+            sampler="ddim",
+            steps=args.steps,
+            y=labels,
+            progress=False,
         ),
         "diffusers": lambda: common.diffusers_ddim(diffusers_unet, ddim, noise, steps=args.steps, y=labels),
         "diffusers UNet, ddpm.sample": lambda: sample(
-            networks["diffusers"], scheduler, noise=noise, steps=args.steps, y=labels, progress=False
+            networks["diffusers"],
+            scheduler,
+            noise=noise,
+            sampler="ddim",
+            steps=args.steps,
+            y=labels,
+            progress=False,
         ),
     }
     images = {name: autocast(args, device, run)() for name, run in runs.items()}  # also the warm-up

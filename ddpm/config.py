@@ -25,16 +25,31 @@ from typing import Any, TypeVar
 import torch
 import yaml
 
+from ddpm.edm import FORMULATION, FORMULATIONS, EDMScheduler, schedule_class
+from ddpm.ema.power import DEFAULT_SIGMA_RELS, SIGMA_REL_MAX
 from ddpm.io import atomic_write
+from ddpm.lr_schedule import LR_SCHEDULES
 from ddpm.models import ARCHITECTURES
 from ddpm.samplers import SampleOptionError, check_sample_options
 from ddpm.schedule import LOSS_WEIGHTINGS, NoiseScheduler
+from ddpm.trackers import LOG_WITH, trackers
 
 # The values of train.timestep_sampling: uniform t, or Nichol & Dhariwal 2021's importance sampling of t by
 # the root mean square of its recent losses (ddpm.training.timestep_sampler).
 TIMESTEP_SAMPLINGS = ("uniform", "loss_second_moment")
-# The default job of train.py and sample.py without --config or --checkpoint (the source tree's configs/).
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+
+
+def _bundled_configs() -> Path:
+    """The folder of the configs that ship with ddpm: package data (ddpm/configs/) in an installed wheel, the
+    source tree's configs/ in a clone or an editable install (pyproject.toml maps one onto the other)."""
+    package = Path(__file__).resolve().parent
+    return package / "configs" if (package / "configs").is_dir() else package.parent / "configs"
+
+
+# The configs `--config NAME` finds by name (`resolve_config`).
+BUNDLED_CONFIGS = _bundled_configs()
+# The default job of ddpm-train and ddpm-sample (train.py, sample.py) without --config or --checkpoint.
+DEFAULT_CONFIG = BUNDLED_CONFIGS / "digits.yaml"
 # The values of data.dataset: ddpm.data keys its builders by these names.
 DATASETS = ("digits", "folder", "cifar10", "mnist", "fashion_mnist", "celeba")
 T = TypeVar("T")
@@ -64,11 +79,15 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 100  # linear LR warm-up, in optimizer steps
+    lr_schedule: str = "constant"  # after the warm-up: constant | cosine | linear (ddpm.lr_schedule)
+    lr_min: float = 0.0  # the learning rate cosine and linear decay towards
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     grad_accum: int = 1  # micro-batches per optimizer step
     mixed_precision: str = "auto"  # auto | no | fp16 | bf16
     ema_decay: float = 0.999
     ema_warmup: bool = True  # decay = min(ema_decay, (1 + n) / (10 + n))
+    posthoc_ema_every: int = 0  # optimizer steps between post-hoc EMA snapshots (0: none); see ddpm.ema
+    posthoc_ema_sigma_rels: tuple[float, ...] = DEFAULT_SIGMA_RELS  # their profiles' relative widths
     label_dropout: float = 0.1  # p of replacing y by the null label (classifier-free guidance)
     loss_weighting: str = "uniform"  # uniform | min_snr (ddpm.schedule.LOSS_WEIGHTINGS)
     min_snr_gamma: float = 5.0
@@ -87,8 +106,10 @@ class TrainConfig:
     dist_timeout_s: float = 600.0  # seconds a process waits for the others before it stops with an error
     fid_every: int = 0  # optimizer steps between FIDs of the EMA weights against the data (0: never)
     fid_n: int = 2000  # images sampled for each in-training FID (papers report 50,000: use ddpm.fid)
-    fid_weights: str | None = None  # Inception weights file (default: $DDPM_FID_WEIGHTS, ~/.cache/ddpm)
+    fid_weights: str | None = None  # Inception weights (default: $DDPM_FID_WEIGHTS, else downloaded)
     cpu_threads: int = 0  # CPU threads per process; 0: OMP_NUM_THREADS if > 1, else cores / processes
+    log_with: str = "auto"  # auto | tensorboard | wandb | all | none (ddpm.trackers)
+    tracker_project: str = "ddpm"  # the trackers' project: TensorBoard's folder in the run, wandb's project
 
 
 @dataclass
@@ -117,7 +138,7 @@ class SampleConfig:
 @dataclass
 class Config:
     model: dict[str, Any] = field(default_factory=dict)  # build_model(model): UNet(**model) by default
-    diffusion: dict[str, Any] = field(default_factory=dict)  # NoiseScheduler(**diffusion)
+    diffusion: dict[str, Any] = field(default_factory=dict)  # build_schedule(diffusion)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -133,13 +154,35 @@ class Config:
         return _build(d, lambda key: "the config dict")
 
 
+def resolve_config(name_or_path: str | Path) -> Path:
+    """The config file `name_or_path` means: a file that exists at that path, else the bundled config of that
+    name (`digits` or `digits.yaml`: BUNDLED_CONFIGS/digits.yaml). A file wins over a bundled config of the
+    same name, so that a user's own `digits.yaml` in the working directory is the one read.
+
+    Raises ConfigError, listing the bundled configs, when neither exists.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = BUNDLED_CONFIGS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if path.parent == Path(".") and bundled.is_file():
+        return bundled
+    names = ", ".join(sorted(p.stem for p in BUNDLED_CONFIGS.glob("*.yaml")))
+    raise ConfigError(
+        f"config file {name_or_path} not found; pass an existing file with --config, or the name of a "
+        f"bundled config: {names}"
+    )
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
-    """Read the YAML file at `path` (None: no file, only the defaults) and apply dotted `key=value` overrides.
+    """Read the YAML config `path` (a file, or the name of a bundled config: `resolve_config`; None: no file,
+    only the defaults) and apply dotted `key=value` overrides.
 
     Raises ConfigError naming the key, where it came from (file or override) and what is valid.
     """
     raw: dict[str, Any] = {}
     if path is not None:
+        path = resolve_config(path)
         loaded = _read_yaml(Path(path))
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
@@ -199,7 +242,7 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
                 f"{key(name)} but data.channels={data.channels}{why}: set model.{name}={expected} "
                 "or change data.channels"
             )
-    variance_type = {**_defaults(NoiseScheduler), **config.diffusion}["variance_type"]
+    variance_type = {"variance_type": "fixed_small", **config.diffusion}["variance_type"]
     if learn_sigma != (variance_type == "learned_range"):
         note = "" if "variance_type" in config.diffusion else " (NoiseScheduler's default)"
         if learn_sigma:
@@ -220,12 +263,36 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
         problems.append(
             f"{key('num_classes')} but data.labels=false: set model.num_classes=null or data.labels=true"
         )
+    if diffusion_class(config.diffusion)[0] is EDMScheduler and config.train.loss_weighting != "uniform":
+        problems.append(
+            f"train.loss_weighting={config.train.loss_weighting} but diffusion.{FORMULATION}=edm, whose loss "
+            "weight lambda(sigma) is its own (Karras et al. 2022): set train.loss_weighting=uniform"
+        )
+    if diffusion_class(config.diffusion)[0] is EDMScheduler and config.train.timestep_sampling != "uniform":
+        problems.append(
+            f"train.timestep_sampling={config.train.timestep_sampling} but diffusion.{FORMULATION}=edm, "
+            "whose noise levels are continuous (no per-timestep loss history): set "
+            "train.timestep_sampling=uniform"
+        )
     if model["num_classes"] is None and sample.guidance_scale != 1:
         problems.append(
             f"sample.guidance_scale={_yaml(sample.guidance_scale)} needs a class-conditional model: set "
             "sample.guidance_scale=1 or model.num_classes"
         )
     return problems
+
+
+def tracker_names(train: TrainConfig) -> list[str]:
+    """The trackers train.log_with means (`ddpm.trackers.trackers`: "auto" is those installed); a tracker
+    named but not installed is a ConfigError with the pip command.
+
+    Checked when training starts rather than when the file is read: a run's config is also read to sample
+    from it, on machines that need not have its trackers.
+    """
+    try:
+        return trackers(train.log_with)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def model_class(model: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
@@ -239,6 +306,26 @@ def model_class(model: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
             f"invalid value {name!r} for 'model.{ARCHITECTURE}': expected one of {', '.join(ARCHITECTURES)}"
         )
     return ARCHITECTURES[name], kwargs
+
+
+def diffusion_class(diffusion: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
+    """The class a config's `diffusion` section builds, `ddpm.edm.FORMULATIONS[diffusion["formulation"]]`
+    (`NoiseScheduler` when the key is left out, "edm" for `EDMScheduler`), and its keyword arguments. Raises
+    ConfigError for an unknown formulation, listing the known ones."""
+    try:
+        return schedule_class(diffusion)
+    except ValueError:
+        raise ConfigError(
+            f"invalid value {diffusion[FORMULATION]!r} for 'diffusion.{FORMULATION}': expected one of "
+            f"{', '.join(FORMULATIONS)}"
+        ) from None
+
+
+def build_schedule(diffusion: Mapping[str, Any]) -> Any:
+    """The noise schedule of a config's `diffusion` section (`diffusion_class`: a NoiseScheduler or an
+    EDMScheduler); a refused value is a ConfigError (`construct`)."""
+    cls, kwargs = diffusion_class(diffusion)
+    return construct(cls, "diffusion", kwargs)
 
 
 def build_model(model: Mapping[str, Any]) -> torch.nn.Module:
@@ -303,6 +390,8 @@ _CHOICES: dict[str, tuple] = {
     "train.nan_policy": ("stop", "skip"),
     "train.loss_weighting": LOSS_WEIGHTINGS,
     "train.timestep_sampling": TIMESTEP_SAMPLINGS,
+    "train.lr_schedule": LR_SCHEDULES,
+    "train.log_with": LOG_WITH,
 }
 
 # Ranges, checked after the types: key -> (predicate, what is expected).
@@ -319,9 +408,15 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.weight_decay": _AT_LEAST_0,
     "train.adam_betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     "train.warmup_steps": _AT_LEAST_0,
+    "train.lr_min": _AT_LEAST_0,
     "train.grad_clip": _AT_LEAST_0,
     "train.grad_accum": _AT_LEAST_1,
     "train.ema_decay": _UNIT,
+    "train.posthoc_ema_every": _AT_LEAST_0,
+    "train.posthoc_ema_sigma_rels": (
+        lambda v: 0 < len(v) == len(set(v)) and all(0 < s < SIGMA_REL_MAX for s in v),
+        f"a list of distinct numbers in (0, {SIGMA_REL_MAX:.4f}) (the widths of power-function EMA profiles)",
+    ),
     "train.label_dropout": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "train.min_snr_gamma": _POSITIVE,
     "train.checkpoint_every": _AT_LEAST_1,
@@ -333,6 +428,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.fid_every": _AT_LEAST_0,
     "train.fid_n": _AT_LEAST_1,
     "train.cpu_threads": _AT_LEAST_0,
+    "train.tracker_project": (lambda v: bool(v.strip()), "a non-empty name"),
     "sample.n": _AT_LEAST_1,  # the others: ddpm.samplers.check_sample_options
 }
 
@@ -353,6 +449,10 @@ _TYPES: dict[Any, tuple[Callable[[Any], bool], str]] = {
     tuple[float, float]: (
         lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(map(_is_number, v)),
         "a list of two numbers",
+    ),
+    tuple[float, ...]: (
+        lambda v: isinstance(v, list | tuple) and all(map(_is_number, v)),
+        "a list of numbers",
     ),
 }
 
@@ -378,7 +478,9 @@ def _build(raw: Mapping[str, Any], where: Callable[[str], str]) -> Config:
 
     for name, (constructor, kwargs) in _constructors(sections).items():
         if sections[name]:
-            valid = _keyword_arguments(constructor) + ([ARCHITECTURE] if name == "model" else [])
+            valid = _keyword_arguments(constructor) + [
+                {"model": ARCHITECTURE, "diffusion": FORMULATION}[name]
+            ]
             _check_names(name, kwargs, valid, where, f" ({constructor.__name__})")
     built = {name: _build_section(name, sections[name], where) for name in SECTIONS}
     _check_sample(built["sample"], sections["diffusion"], where)
@@ -390,6 +492,7 @@ def _build(raw: Mapping[str, Any], where: Callable[[str], str]) -> Config:
     config = Config(model=model, diffusion=sections["diffusion"], output_dir=output_dir, **built)
     problems = _refused(sections, aliases)
     problems += conflicts(config) if model else []  # no model section: a file for the data alone
+    problems += _lr_problems(built["train"])
     if data.dataset != "digits" and data.root is None:
         problems.append(
             f"data.root is required for data.dataset '{data.dataset}' (in {where('data.dataset')}): "
@@ -397,6 +500,21 @@ def _build(raw: Mapping[str, Any], where: Callable[[str], str]) -> Config:
         )
     raise_problems(problems)
     return config
+
+
+def _lr_problems(train: TrainConfig) -> list[str]:
+    """train.lr_min that cannot work: above train.lr, or set for the constant schedule that never uses it."""
+    if train.lr_schedule == "constant" and train.lr_min != 0:
+        return [
+            f"train.lr_min={_yaml(train.lr_min)} is only used by a decaying schedule: set "
+            "train.lr_schedule=cosine or linear, or leave train.lr_min out"
+        ]
+    if train.lr_min > train.lr:
+        return [
+            f"train.lr_min={_yaml(train.lr_min)} is above train.lr={_yaml(train.lr)}: the schedule decays "
+            "from train.lr to train.lr_min; lower train.lr_min"
+        ]
+    return []
 
 
 def _build_section(section: str, values: dict[str, Any], where: Callable[[str], str]) -> Any:
@@ -417,7 +535,7 @@ def _build_section(section: str, values: dict[str, Any], where: Callable[[str], 
             raise ConfigError(_invalid(key, value, where, _RANGES[key][1]))
         if types[name] is float:
             value = float(value)
-        elif types[name] == tuple[float, float]:
+        elif types[name] in (tuple[float, float], tuple[float, ...]):
             value = tuple(float(v) for v in value)
         kwargs[name] = value
     return cls(**kwargs)
@@ -455,7 +573,7 @@ def _refused(sections: Mapping[str, dict[str, Any]], aliases: Mapping[str, str])
 
 def _constructors(sections: Mapping[str, dict[str, Any]]) -> dict[str, tuple[type, dict[str, Any]]]:
     """Section name -> (the class it is passed to, its keyword arguments), for model and diffusion."""
-    return {"model": model_class(sections["model"]), "diffusion": (NoiseScheduler, sections["diffusion"])}
+    return {"model": model_class(sections["model"]), "diffusion": diffusion_class(sections["diffusion"])}
 
 
 def _check_names(

@@ -20,7 +20,13 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from ddpm.config import SampleConfig, load_config
-from ddpm.io import EMA, CheckpointError, atomic_write, load_model_folder, one_line
+from ddpm.interop.openai import (
+    parse_openai_flags,
+    scheduler_from_openai,
+    unet_from_openai,
+    unet_kwargs_from_openai,
+)
+from ddpm.io import EMA, CheckpointError, atomic_write, load_model_folder, one_line, read_schedule
 from ddpm.models.classic import ClassicUNet
 from ddpm.models.unet import UNet
 from ddpm.run_dir import RUN_CONFIG, SAMPLES, checkpoint_of, resolve_checkpoint, run_directory
@@ -36,7 +42,7 @@ class Loaded(NamedTuple):
 
     model: UNet | ClassicUNet  # in eval mode, on the device asked for
     scheduler: NoiseScheduler  # the schedule the weights were trained with, or the one `schedule` named
-    weights: str  # which weights: "ema", "raw" or "diffusers"
+    weights: str  # which weights: "ema", "raw", "diffusers" or "openai"
     sampling: SampleConfig  # the run's `sample:` settings; SampleConfig() for a folder outside a run
     folder: Path  # the checkpoint (also for its ema/) or the model folder the weights belong to
     run_dir: Path | None  # the run directory holding the checkpoint; None for a folder outside a run
@@ -48,17 +54,23 @@ def load_for_sampling(
     use_ema: bool = True,
     schedule: str | Path | None = None,
     device: torch.device | str = "cpu",
+    openai_flags: str | None = None,
 ) -> Loaded:
-    """Load what sampling needs from a run, a checkpoint (or its ema/ folder), a model folder, or a diffusers
-    UNet2DModel or pipeline folder: the network, its noise scheduler and the run's sampling settings.
+    """Load what sampling needs from a run, a checkpoint (or its ema/ folder), a model folder, a diffusers
+    UNet2DModel or pipeline folder, or an OpenAI .pt file with `openai_flags`: the network, its noise
+    scheduler and the run's sampling settings.
 
     A run directory means its latest checkpoint. A run or checkpoint gives its EMA weights unless `use_ema`
     is False; a checkpoint's ema/ named directly gives the EMA weights (and refuses `use_ema=False`). The
     schedule is the one saved with the weights (see `ddpm.load_pretrained`; a diffusers folder ignores
     `use_ema`, as published EMA weights, such as google/ddpm-ema-church-256, are the only weights there), or
     the file `schedule` names. A ddpm folder without a schedule is refused, never sampled with a guessed one.
+    An OpenAI checkpoint (guided-diffusion or improved-diffusion) needs `openai_flags`, the flag string
+    published with it (`ddpm.interop.openai.load_openai`), which gives its schedule too.
     Raises CheckpointError, naming the file and the fix, when something cannot be found or read.
     """
+    if openai_flags is not None or Path(path).suffix == ".pt":
+        return _load_openai(Path(path), openai_flags, schedule=schedule, device=device)
     folder = resolve_checkpoint(path)
     checkpoint = checkpoint_of(folder)
     if folder != checkpoint and not use_ema:
@@ -79,6 +91,34 @@ def load_for_sampling(
     run = run_directory(checkpoint)
     sampling = load_config(run / RUN_CONFIG).sample if run is not None else SampleConfig()
     return Loaded(model, scheduler, weights, sampling, checkpoint, run)
+
+
+def _load_openai(
+    path: Path, flags: str | None, *, schedule: str | Path | None, device: torch.device | str
+) -> Loaded:
+    """`load_for_sampling` of an OpenAI .pt file (what `ddpm.interop.openai.load_openai` does), with flag
+    errors as ValueErrors (a bad --openai-flags) and the file's as CheckpointErrors."""
+    if flags is None:
+        raise CheckpointError(
+            f"{path} is an OpenAI checkpoint file: pass --openai-flags with the MODEL_FLAGS (and "
+            'DIFFUSION_FLAGS) published with it, e.g. --openai-flags "--image_size 64 ..." (README, '
+            "Interoperability)"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file; pass the .pt file with --checkpoint")
+    try:
+        model_flags, diffusion_flags = parse_openai_flags(flags)
+        unet_kwargs_from_openai(**model_flags)
+        scheduler = scheduler_from_openai(**diffusion_flags)
+    except ValueError as error:
+        raise ValueError(f"--openai-flags: {one_line(error)}") from None
+    try:
+        model = unet_from_openai(path, device=device, **model_flags).eval()
+    except (OSError, RuntimeError, ValueError) as error:  # ValueError: the tensors do not fit the flags
+        raise CheckpointError(f"cannot load {path}: {one_line(error)}") from None
+    if schedule is not None:
+        scheduler = read_schedule(schedule)
+    return Loaded(model, scheduler, "openai", SampleConfig(), path, None)
 
 
 @torch.no_grad()
@@ -192,6 +232,7 @@ def grid_from_checkpoint(
     use_ema: bool = True,
     schedule: str | Path | None = None,
     say: Callable[[str], None] | None = None,
+    openai_flags: str | None = None,
 ) -> Path:
     """Draw `n` images from a run, a checkpoint (or its ema/), a model folder or a diffusers folder and write
     them as a grid; returns the grid's path. What sample.py does.
@@ -202,7 +243,8 @@ def grid_from_checkpoint(
     or `calls` (a network-call budget) given replace both of the run's; else the run's calls, when set,
     replace its steps. `say`, when given, is told the steps and network calls used
     ("heun: 10 steps, 19 network calls (from the calls asked for)"). The noise schedule is the one saved with
-    the weights, or the file `schedule` names (see `load_for_sampling`). `out` None writes RUN/samples/ (the
+    the weights, or the file `schedule` names, or for an OpenAI .pt file the one of its `openai_flags` (see
+    `load_for_sampling`). `out` None writes RUN/samples/ (the
     current folder for a loose folder)
     sample-CHECKPOINT-WEIGHTS-SAMPLERSTEPS[-callsC][-NAMEVALUE...][-etaE][-classC][-guidanceG]-seedS-nN.png
     (callsC where the calls differ from the steps, NAMEVALUE for each solver option), a name that differs
@@ -214,9 +256,11 @@ def grid_from_checkpoint(
     if schedule is not None and not Path(schedule).is_file():
         raise ValueError(f"--schedule {schedule}: no such file; name a noise_scheduler.json")
     if checkpoint is None:
-        checkpoint = load_config(default_config).output_dir
+        checkpoint = Path(load_config(default_config).output_dir)  # a Path: local, never a Hub repo id
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    loaded = load_for_sampling(checkpoint, use_ema=use_ema, schedule=schedule, device=device)
+    loaded = load_for_sampling(
+        checkpoint, use_ema=use_ema, schedule=schedule, device=device, openai_flags=openai_flags
+    )
     defaults = loaded.sampling
     sampler = sampler or defaults.sampler
     if steps is None and calls is None:
@@ -304,10 +348,16 @@ def _check_labels(model: torch.nn.Module, *, class_label: int | None, guidance_s
             f"--class-label {class_label} is out of range: the model has {num_classes} classes, so pass a "
             f"label in 0..{num_classes - 1}"
         )
-    if guidance_scale != 1 and getattr(model, "null_class", None) is None:
+    if guidance_scale != 1 and not num_classes:
         raise ValueError(
             f"--guidance-scale {guidance_scale:g} needs a class-conditional model; this one has no classes: "
             "pass --guidance-scale 1"
+        )
+    if guidance_scale != 1 and getattr(model, "null_class", None) is None:
+        raise ValueError(
+            f"--guidance-scale {guidance_scale:g} needs a null label (the unconditional output), which this "
+            "class-conditional model has not (as OpenAI's and diffusers' class-conditional weights): "
+            "fine-tune it with label dropout first, or pass --guidance-scale 1"
         )
 
 

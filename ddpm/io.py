@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ddpm.edm import schedule_from_config
+from ddpm.hub import model_folder
 from ddpm.interop.diffusers import (
     diffusers_folder_scheduler,
     diffusers_unet_folder,
@@ -79,7 +81,8 @@ def save_pretrained(folder: str | Path, model: UNet, scheduler: NoiseScheduler) 
 def load_pretrained(
     folder: str | Path, *, schedule: str | Path | None = None, device: torch.device | str = "cpu"
 ) -> tuple[UNet, NoiseScheduler]:
-    """Load a (UNet in eval mode on `device`, NoiseScheduler) pair from a model folder.
+    """Load a (UNet in eval mode on `device`, NoiseScheduler) pair from a model folder, local or on the
+    Hugging Face Hub (a repo id such as "google/ddpm-cifar10-32", fetched into the Hub cache: `ddpm.hub`).
 
     A ddpm folder (written by `save_pretrained`, or a checkpoint or its ema/) gets its noise_scheduler.json; a
     checkpoint's ema/ written before the schedule was saved beside the EMA weights gets the checkpoint's. A
@@ -97,8 +100,9 @@ def load_model_folder(
     folder: str | Path, *, schedule: str | Path | None = None, device: torch.device | str = "cpu"
 ) -> tuple[UNet, NoiseScheduler, bool]:
     """`load_pretrained`, also saying whether `folder` is a diffusers one: (UNet in eval mode on `device`,
-    NoiseScheduler, from_diffusers). The one place that tells a diffusers folder from ours."""
-    folder = Path(folder)
+    NoiseScheduler, from_diffusers). The one place that tells a diffusers folder from ours. `folder` may be a
+    Hub repo id (`ddpm.hub.model_folder`)."""
+    folder = model_folder(folder)
     from_diffusers = diffusers_unet_folder(folder) is not None
     model = unet_from_diffusers(folder, device=device) if from_diffusers else load_unet(folder, device=device)
     if schedule is not None:
@@ -174,7 +178,7 @@ def read_schedule(file: str | Path) -> NoiseScheduler:
         config = json.loads(Path(file).read_text())
         if isinstance(config, dict) and "_class_name" in config:
             return scheduler_from_diffusers(config)
-        return NoiseScheduler(**config)
+        return schedule_from_config(config)
     except (OSError, ValueError, TypeError) as error:  # TypeError: not a dict, or an unknown keyword
         raise CheckpointError(
             f"cannot read the noise schedule {file}: {one_line(error)}; it must hold NoiseScheduler's "

@@ -30,6 +30,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ddpm.hub import model_folder
 from ddpm.interop.diffusers import PIPELINE_UNET
 from ddpm.io import CONFIG_NAME, EMA, CheckpointError
 from ddpm.version import ddpm_version
@@ -96,12 +97,12 @@ def read_trainer_state(checkpoint: Path) -> TrainerState:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """Turn a run directory, a checkpoint folder (or its ema/), a model folder or a diffusers model or
-    pipeline folder into the folder that holds the weights.
+    pipeline folder, local or a Hub repo id (`ddpm.hub.model_folder`), into the folder that holds the weights.
 
     A run directory resolves to its latest checkpoint. Raises CheckpointError, with the fix, when nothing is
-    found.
+    found, and HubError for a Hub repo that cannot be had.
     """
-    path = Path(path)
+    path = model_folder(path)
     if path.name.startswith(TMP_PREFIX) or path.parent.name.startswith(TMP_PREFIX):
         raise CheckpointError(f"{path} is a checkpoint that was never finished; name a step-NNNNNNN folder")
     if (path / CHECKPOINTS).is_dir() or (path / RUN_CONFIG).is_file():
@@ -114,8 +115,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     raise CheckpointError(
         f"{path} is neither a run directory nor a checkpoint folder; train one with `accelerate launch "
-        "train.py`, or pass --checkpoint with a run directory, a folder holding config.json, or a diffusers "
-        "UNet2DModel or pipeline folder"
+        "train.py`, or pass --checkpoint with a run directory, a folder holding config.json, a diffusers "
+        "UNet2DModel or pipeline folder, or a Hub repo id such as google/ddpm-cifar10-32"
     )
 
 

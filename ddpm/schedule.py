@@ -372,20 +372,9 @@ class NoiseScheduler:
 
     def _sigma_spacing(self, steps: int) -> Tensor:
         """(steps,) float64 noise levels from sigma_max down to sigma_min, by `timestep_spacing`; the ends are
-        exactly the schedule's (t = T-1 and 0), not their round trip through the spacing's formula."""
+        exactly the schedule's (t = T-1 and 0)."""
         sigma_min, sigma_max = self.log_sigmas[[0, -1]].exp().tolist()
-        if self.timestep_spacing == "karras":
-            ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-            lo, hi = sigma_min ** (1 / KARRAS_RHO), sigma_max ** (1 / KARRAS_RHO)
-            sigmas = (hi + ramp * (lo - hi)) ** KARRAS_RHO
-        else:
-            sigmas = torch.linspace(
-                math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64
-            ).exp()
-        sigmas[0] = sigma_max
-        if steps > 1:
-            sigmas[-1] = sigma_min
-        return sigmas
+        return sigma_grid(self.timestep_spacing, steps, sigma_min, sigma_max)
 
     @staticmethod
     def _table(values: Tensor, t: Tensor) -> Tensor:
@@ -399,6 +388,26 @@ class NoiseScheduler:
         coeff = self.alpha_bar(torch.as_tensor(t, device=x.device))
         dtype = torch.promote_types(x.dtype, torch.float32)
         return coeff.to(dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def sigma_grid(
+    spacing: str, steps: int, sigma_min: float, sigma_max: float, rho: float = KARRAS_RHO
+) -> Tensor:
+    """(steps,) float64 noise levels from sigma_max down to sigma_min, spaced by one of SIGMA_SPACINGS:
+    "karras": sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+    (Karras et al. 2022, Eq. 5); "exponential": log sigma uniform. The ends are exactly sigma_max and
+    sigma_min, not their round trip through the formula; one step is sigma_max alone."""
+    _check_choice("timestep_spacing", spacing, SIGMA_SPACINGS)
+    if spacing == "karras":
+        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+        lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+        sigmas = (hi + ramp * (lo - hi)) ** rho
+    else:
+        sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp()
+    sigmas[0] = sigma_max
+    if steps > 1:
+        sigmas[-1] = sigma_min
+    return sigmas
 
 
 def _make_betas(schedule: str, T: int, beta_start: float, beta_end: float) -> Tensor:

@@ -5,7 +5,6 @@ uninterrupted, as the reference; interrupted runs must end with exactly its weig
 """
 
 import contextlib
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -32,22 +31,13 @@ from test_train import (  # noqa: F401 (fresh_accelerator_state: a fixture)
     weights,
 )
 
+import ddpm.sample_cli as sample_script
+import ddpm.train as train_script
 from ddpm.inference import load_for_sampling
 from ddpm.io import CheckpointError, load_unet, save_unet
 from ddpm.models.unet import UNet
 from ddpm.run_dir import latest_checkpoint, list_checkpoints
 from ddpm.training import NonFiniteLossError, Trainer
-
-
-def load_script(name: str):
-    """train.py or sample.py as a module, to call its main() in this process."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script, sample_script = load_script("train"), load_script("sample")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -2,6 +2,7 @@
 the real ones cannot be downloaded here), the uint8 path of samples, every kind of source, and the CLI."""
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import sys
 import threading
 import warnings
 from dataclasses import replace
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from unittest import mock
 
@@ -30,7 +32,10 @@ from ddpm.models.unet import UNet
 from ddpm.run_dir import TRAINER_STATE, checkpoint_path
 from ddpm.schedule import NoiseScheduler
 
-pytestmark = pytest.mark.filterwarnings("ignore:FID statistics of only")  # tests use a handful of images
+pytestmark = [  # tests use a handful of images
+    pytest.mark.filterwarnings("ignore:FID statistics of only"),
+    pytest.mark.filterwarnings("ignore:KID from subsets of"),
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -210,11 +215,58 @@ def test_a_weights_file_that_is_not_a_state_dict_is_refused_before_unpickling(tm
     assert "\n" not in str(error.value) and fid.WEIGHTS_URL in str(error.value)
 
 
-def test_weights_default_to_the_file_torch_fidelity_downloads():
+def test_weights_default_to_the_file_torch_fidelity_downloads_where_it_downloads_it(tmp_path, monkeypatch):
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
     assert fid.WEIGHTS_URL == URL_INCEPTION_V3
-    assert fid.DEFAULT_WEIGHTS.name == "weights-inception-2015-12-05-6726825d.pth"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    # torch.hub.load_state_dict_from_url, which torch-fidelity calls, keeps it in $TORCH_HOME/hub/checkpoints
+    expected = tmp_path / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+    assert fid.default_weights() == expected
+
+
+class FileServer:
+    """Serves the files of `folder` on 127.0.0.1 from a thread, as a release page would."""
+
+    def __init__(self, folder: Path):
+        handler = functools.partial(SimpleHTTPRequestHandler, directory=str(folder))
+        handler.log_message = lambda *args: None
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_default_weights_are_downloaded_on_first_use_and_offline_the_error_says_where_to_put_them(
+    tmp_path, random_weights, monkeypatch
+):
+    (tmp_path / "release").mkdir()
+    (tmp_path / "release" / fid.WEIGHTS_FILE).write_bytes(random_weights.read_bytes())
+    server = FileServer(tmp_path / "release")
+    monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(metric, "WEIGHTS_URL", f"{server.url}/{fid.WEIGHTS_FILE}")
+    try:
+        path = fid.resolve_weights()
+    finally:
+        server.stop()
+    assert path == tmp_path / "torch" / "hub" / "checkpoints" / fid.WEIGHTS_FILE
+    assert path.read_bytes() == random_weights.read_bytes()
+    assert fid.resolve_weights() == path  # cached: the server is gone
+    features = features_of(random_uint8(1), None)
+    np.testing.assert_allclose(features, features_of(random_uint8(1), random_weights), rtol=1e-5)
+
+    path.unlink()  # offline: the download fails, one line says where the file goes
+    with pytest.raises(SystemExit) as stop:
+        fid_main([str(tmp_path), str(tmp_path)])
+    message = str(stop.value.code)
+    assert (
+        "\n" not in message and f"not found at {path}, and downloading {metric.WEIGHTS_URL} failed" in message
+    )
+    assert "put it there" in message
 
 
 # --- sources --------------------------------------------------------------------------------------------
@@ -231,11 +283,13 @@ def write_pngs(folder: Path, images: torch.Tensor, mode: str = "RGB") -> list[Pa
     return paths
 
 
-def test_cli_on_two_folders_prints_the_fid_of_their_images(tmp_path, random_weights, capsys):
-    real_images, fake_images = random_uint8(3, seed=6), random_uint8(3, seed=7)
+def test_cli_on_two_folders_prints_fid_kid_precision_and_recall_of_their_images(
+    tmp_path, random_weights, capsys
+):
+    real_images, fake_images = random_uint8(6, seed=6), random_uint8(5, seed=7)
     write_pngs(tmp_path / "real" / "class_a", real_images)
-    fake_paths = write_pngs(tmp_path / "fake", fake_images[:2])
-    fake_paths += write_pngs(tmp_path / "fake" / "gray", fake_images[2:], mode="L")
+    fake_paths = write_pngs(tmp_path / "fake", fake_images[:4])
+    fake_paths += write_pngs(tmp_path / "fake" / "gray", fake_images[4:], mode="L")
     stats_file = tmp_path / "real.npz"
     with warnings.catch_warnings():
         warnings.simplefilter("always")  # the module-wide filter above would hide the CLI's warning
@@ -244,17 +298,27 @@ def test_cli_on_two_folders_prints_the_fid_of_their_images(tmp_path, random_weig
             + ["--batch-size", "2", "--device", "cpu", "--save-stats", str(stats_file)]
         )
     out, err = capsys.readouterr()
-    printed = float(out.strip())
-    assert math.isfinite(printed) and printed > 0
-    assert "real: 3 images" in err and "fake: 3 images" in err and "fewer than 2048" in err
+    printed = dict(line.split() for line in out.strip().splitlines())
+    assert list(printed) == ["fid", "kid", "kid_std", "precision", "recall"]
+    printed = {name: float(value) for name, value in printed.items()}
+    assert math.isfinite(printed["fid"]) and printed["fid"] > 0
+    assert "real: 6 images" in err and "fake: 5 images" in err and "fewer than 2048" in err
+    assert "KID from subsets of 5 images" in err
 
     read = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))) for p in fake_paths])
     real_features = features_of(real_images, random_weights)
-    expected = few_sample_frechet(real_features, features_of(read.permute(0, 3, 1, 2), random_weights))
-    assert printed == pytest.approx(expected, abs=1e-4)
+    fake_features = features_of(read.permute(0, 3, 1, 2), random_weights)
+    assert printed["fid"] == pytest.approx(few_sample_frechet(real_features, fake_features), abs=1e-4)
+    kid, kid_std = subset_kid(real_features.astype(np.float32), fake_features.astype(np.float32), size=5)
+    assert printed["kid"] == pytest.approx(kid, rel=1e-4) and printed["kid_std"] == pytest.approx(
+        kid_std, rel=1e-4
+    )
+    precision, recall = brute_force_precision_recall(real_features, fake_features)
+    assert (printed["precision"], printed["recall"]) == pytest.approx((precision, recall), abs=1e-4)
     saved = fid.load_statistics(stats_file)
-    assert saved.n == 3
+    assert saved.n == 6 and saved.features.shape == (6, 2048) and saved.features.dtype == np.float32
     np.testing.assert_allclose(saved.mu, real_features.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(saved.features, real_features, rtol=1e-6)
 
 
 def test_missing_weights_stop_the_cli_with_one_line_naming_the_file_and_its_url(tmp_path):
@@ -264,8 +328,8 @@ def test_missing_weights_stop_the_cli_with_one_line_naming_the_file_and_its_url(
     message = str(stop.value.code)
     assert "\n" not in message and str(missing) in message and fid.WEIGHTS_URL in message
 
-    # The default location, in a fresh process: exit status 1, one line on stderr, no traceback.
-    env = {k: v for k, v in os.environ.items() if k != fid.WEIGHTS_ENV} | {"HOME": str(tmp_path)}
+    # A file named by the variable is never downloaded; in a fresh process: status 1, one line, no traceback.
+    env = os.environ | {fid.WEIGHTS_ENV: str(missing)}
     done = subprocess.run(
         [sys.executable, "-m", "ddpm.fid", str(tmp_path), str(tmp_path)],
         capture_output=True,
@@ -274,8 +338,106 @@ def test_missing_weights_stop_the_cli_with_one_line_naming_the_file_and_its_url(
     )
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
-    assert str(tmp_path / ".cache" / "ddpm" / fid.DEFAULT_WEIGHTS.name) in done.stderr
-    assert fid.WEIGHTS_URL in done.stderr
+    assert str(missing) in done.stderr and fid.WEIGHTS_URL in done.stderr
+
+
+def test_without_torch_fidelity_ddpm_imports_and_the_fid_command_says_how_to_install_it(tmp_path):
+    code = (
+        "import sys\n"
+        "sys.modules['torch_fidelity'] = None  # as if not installed\n"
+        "import ddpm, ddpm.training, ddpm.fid\n"
+        "from ddpm.fid.__main__ import main\n"
+        "main(['a', 'b'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    needed = "FID, KID and precision/recall need torch-fidelity, which is not installed"
+    assert done.stderr == f"error: {needed}: {fid.FID_EXTRA}\n"
+    assert fid.FID_EXTRA == 'pip install "ddpm[fid]"'
+
+
+def test_training_with_fid_and_no_torch_fidelity_stops_before_training_naming_the_setting(monkeypatch):
+    from ddpm.config import ConfigError, TrainConfig
+    from ddpm.training.evaluation import Evaluation
+
+    monkeypatch.setattr(metric, "FeatureExtractorInceptionV3", None)
+    with pytest.raises(ConfigError, match=r'train.fid_every=5: .* pip install "ddpm\[fid\]"'):
+        Evaluation(Config(train=TrainConfig(fid_every=5)), Path("unused"), accelerator=mock.Mock())
+
+
+# --- KID and precision/recall, against independent computations ----------------------------------------
+
+
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """The unbiased MMD^2 of two equal-size samples with the cubic polynomial kernel (x.y / D + 1)^3
+    (Binkowski et al. 2018, Eq. 2 and the kernel of Sec. 4.1), written out with explicit off-diagonal sums."""
+    m, d = len(x), x.shape[1]
+    kernel = lambda a, b: (a @ b.T / d + 1.0) ** 3  # noqa: E731
+    kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
+    off = ~np.eye(m, dtype=bool)
+    return float(kxx[off].sum() / (m * (m - 1)) + kyy[off].sum() / (m * (m - 1)) - 2 * kxy.sum() / m**2)
+
+
+def subset_kid(real: np.ndarray, fake: np.ndarray, size: int, subsets: int = 100) -> tuple[float, float]:
+    """KID's mean and std over `subsets` draws of `size` images a side, drawn as torch-fidelity draws them
+    (numpy RandomState(2020), the generated set first); the MMD itself is `mmd2_unbiased`."""
+    rng = np.random.RandomState(2020)
+    values = []
+    for _ in range(subsets):
+        fake_rows = rng.choice(len(fake), size, replace=False)
+        real_rows = rng.choice(len(real), size, replace=False)
+        values.append(mmd2_unbiased(fake[fake_rows].astype(np.float64), real[real_rows].astype(np.float64)))
+    return float(np.mean(values)), float(np.std(values))
+
+
+def brute_force_precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Kynkaanniemi et al. 2019, Eq. 1-3, image by image: a sample is in a set's manifold when it lies within
+    the ball around some member reaching that member's k-th nearest other member."""
+
+    def radii(points):  # distance of each point to its k-th nearest other point
+        return np.array([sorted(np.linalg.norm(points - p, axis=1))[k] for p in points])
+
+    def inside(samples, points):
+        r = radii(points)
+        return np.mean([any(np.linalg.norm(points - s, axis=1) <= r) for s in samples])
+
+    return float(inside(fake, real)), float(inside(real, fake))
+
+
+def test_kid_and_precision_recall_are_the_closed_forms_of_their_papers():
+    rng = np.random.default_rng(9)
+    real = rng.normal(size=(12, 16))
+    fake = rng.normal(loc=0.4, scale=0.8, size=(9, 16))
+    real_stats, fake_stats = fid.statistics(real), fid.statistics(fake)
+    with pytest.warns(UserWarning, match="KID from subsets of 9 images"):
+        got = fid.compare(real_stats, fake_stats)
+    assert got["fid"] == pytest.approx(
+        fid.frechet_distance(real_stats.mu, real_stats.sigma, fake_stats.mu, fake_stats.sigma)
+    )
+    kid, kid_std = subset_kid(real_stats.features, fake_stats.features, size=9)
+    assert got["kid"] == pytest.approx(kid, rel=1e-9) and got["kid_std"] == pytest.approx(kid_std, rel=1e-9)
+    assert kid_std > 0  # 9 of the 12 real images change from subset to subset
+    precision, recall = brute_force_precision_recall(real_stats.features, fake_stats.features)
+    assert (got["precision"], got["recall"]) == pytest.approx((precision, recall), abs=1e-6)  # float32 means
+    assert 0 < precision < 1 and 0 < recall < 1  # the test can tell the two sets apart
+
+    # Equal sizes: every subset is all the images, so KID is the MMD of the two sets and its std 0.
+    same = fid.compare(fid.statistics(real[:9]), fake_stats)
+    assert same["kid"] == pytest.approx(
+        mmd2_unbiased(fake_stats.features.astype(np.float64), real[:9].astype(np.float32).astype(np.float64)),
+        rel=1e-9,
+    )
+    assert same["kid_std"] == pytest.approx(0, abs=1e-12)
+
+
+def test_statistics_without_features_give_fid_alone_and_too_few_images_no_precision_recall(tmp_path):
+    rng = np.random.default_rng(10)
+    real, fake = fid.statistics(rng.normal(size=(5, 4))), fid.statistics(rng.normal(size=(3, 4)))
+    assert set(fid.compare(real, fake)) == {"fid", "kid", "kid_std"}  # precision/recall need 4 a side
+    legacy = tmp_path / "legacy.npz"  # written before KID: no features
+    np.savez(legacy, mu=real.mu, sigma=real.sigma, n=real.n, key="")
+    assert fid.load_statistics(legacy).features is None
+    assert set(fid.compare(fid.load_statistics(legacy), fake)) == {"fid"}
 
 
 def test_weights_are_found_through_the_environment_variable(tmp_path, random_weights, monkeypatch):
@@ -492,6 +654,7 @@ def test_training_logs_the_fid_of_its_ema_weights(tmp_path, random_weights, conf
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     fids = [r for r in records if "fid" in r]
     assert [r["step"] for r in fids] == [2] and np.isfinite(fids[0]["fid"]) and fids[0]["fid"] > 0
+    assert set(fids[0]) == {"step", "fid", "kid", "kid_std", "precision", "recall"}
     assert fid.load_statistics(tmp_path / "run" / "fid_reference.npz").n == 6  # the whole data set
 
 
@@ -519,8 +682,10 @@ def test_two_processes_over_gloo_share_the_fid_and_log_what_one_process_computes
     assert reference.n == 6
     sample = load_config(run / "config.yaml").sample
     stats = fid.model_statistics(model, scheduler, 5, sampling=sample, weights=random_weights)
-    expected = fid.frechet_distance(reference.mu, reference.sigma, stats.mu, stats.sigma)
-    assert record["step"] == 2 and record["fid"] == pytest.approx(expected, rel=1e-4)
+    expected = fid.compare(reference, stats)
+    assert record["step"] == 2 and record["fid"] == pytest.approx(expected["fid"], rel=1e-4)
+    for name in ("kid", "kid_std", "precision", "recall"):  # from features gathered in the same order
+        assert record[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-9), name
 
 
 def test_model_statistics_sample_with_the_network_call_budget_of_the_section(tmp_path, random_weights):

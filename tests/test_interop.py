@@ -448,7 +448,7 @@ def test_each_checked_readme_block_runs_alone_as_written(name, tmp_path, monkeyp
 
 
 def test_the_readme_has_checked_blocks():
-    assert len(READMES_BLOCKS) == 4, list(READMES_BLOCKS)  # the parser finds them all
+    assert len(READMES_BLOCKS) == 5, list(READMES_BLOCKS)  # the parser finds them all
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers

@@ -2,14 +2,17 @@
 
 Every import statement counts, at the top of a module or inside a function, so that a "lazy" import made to
 dodge a cycle is still an edge of the graph. The direction wanted (issue 17): config and the maths at the
-bottom, data and model folders above them, training and the CLI scripts (train.py, sample.py) on top.
+bottom, data and model folders above them, training and the command-line modules (ddpm/train.py,
+ddpm/sample_cli.py, run by `ddpm-train`, `ddpm-sample` and the clone's train.py and sample.py) on top.
 """
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("train", "sample")  # the CLIs, at the top of the layout: nothing in ddpm may reach them
+SCRIPTS = ("train", "sample")  # the clone's wrappers of the CLIs: nothing in ddpm may reach them
+# The command-line modules, at the top of the layout: no ddpm module imports them.
+CLI_MODULES = ("ddpm.train", "ddpm.sample_cli")
 # Modules above config: config is what they read, so config importing one of them closes a cycle.
 ABOVE_CONFIG = ("ddpm.data", "ddpm.inference", "ddpm.training", "ddpm.fid", "ddpm.run_dir", "ddpm.interop")
 # What the network may not depend on: it is loaded, converted and trained by these, never the other way.
@@ -25,7 +28,7 @@ def test_no_module_reaches_the_scripts():
     problems = []
     for name, (path, tree) in MODULES.items():
         found = imports(name, tree, set(MODULES), package=path.name == "__init__.py")
-        scripts = sorted(m for m in found if m.split(".")[0] in SCRIPTS)
+        scripts = sorted(m for m in found if m.split(".")[0] in SCRIPTS or m in CLI_MODULES)
         problems += [f"{name} imports {script}" for script in scripts]
         problems += [f"{name}:{line} loads {file}" for line, file in script_loads(tree)]
     for path in [*(ROOT / "ddpm").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]:
@@ -38,6 +41,14 @@ def test_no_module_imports_the_likelihood_cli():
     """ddpm.nll loads models (it sits above ddpm.inference): a module below importing it closes a cycle."""
     importers = sorted(name for name, found in GRAPH.items() if "ddpm.nll" in found)
     assert not importers, f"{importers} import ddpm.nll, the likelihood CLI at the top of the layout"
+
+
+def test_the_clone_scripts_only_run_the_package_commands():
+    # The CLIs live in the package, so that an installed ddpm has them: the clone's scripts only call them.
+    for script, cli in zip(SCRIPTS, CLI_MODULES, strict=True):
+        tree = ast.parse((ROOT / f"{script}.py").read_text())
+        assert imports(script, tree, set(MODULES)) == {cli}, f"{script}.py imports more than {cli}"
+        assert len(tree.body) == 3, f"{script}.py: a docstring, the import of main and the call, nothing else"
 
 
 def test_config_imports_nothing_above_it():

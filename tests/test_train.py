@@ -36,6 +36,7 @@ TINY_RUN = [
     "train.log_every=1",
     "sample.steps=2",
     "sample.n=4",
+    "train.log_with=none",  # no tracker, whatever is installed or logged in here (test_trackers tests them)
 ]
 TINY = [
     *TINY_RUN,

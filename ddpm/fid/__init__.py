@@ -1,5 +1,7 @@
 """Frechet Inception Distance (FID; Heusel et al. 2017) between two sets of images, computed the way papers
-report it, so that our numbers can be compared with published ones.
+report it, so that our numbers can be compared with published ones; with the kernel Inception distance (KID;
+Binkowski et al. 2018) and precision and recall (Kynkaanniemi et al. 2019) of the same features. Needs the
+`fid` extra: pip install "ddpm[fid]" (torch-fidelity).
 
     python -m ddpm.fid REAL FAKE [--n 50000] [--weights FILE] [--batch-size 64] [--device cuda]
                                  [--seed 0] [--save-stats FILE]
@@ -9,7 +11,11 @@ REAL and FAKE are each one of:
   - a YAML config file: every image of the data set its `data:` section describes, without random flips;
   - a run directory or checkpoint folder: --n images sampled from the EMA weights of its latest checkpoint
     with the run's `sample:` settings (image i starts from noise seeded seed + i);
+  - a model on the Hugging Face Hub (namespace/name[@revision]), sampled as a checkpoint is;
   - an .npz file of statistics, written by --save-stats (REAL's) or `save_statistics`.
+
+It prints one `name value` line per metric: fid, kid, kid_std, precision, recall (the last four only where
+both sides have features: an .npz written before KID holds statistics alone).
 
 The recipe, step by step:
   1. Images enter as uint8 RGB, the values a saved PNG holds: samples in [-1, 1] are quantised exactly as
@@ -20,26 +26,35 @@ The recipe, step by step:
      (bilinear, align_corners=False, no antialiasing) and returns the 2048 pool3 features of each image.
   3. The mean and covariance of the features over the whole set (`statistics`), and the Frechet distance
      between the two Gaussians they define (`frechet_distance`).
+  4. From the same features, with torch-fidelity's functions and defaults (`compare`): KID, the mean and
+     standard deviation over 100 subsets of 1000 images a side of the unbiased MMD^2 with the kernel
+     (x.y / 2048 + 1)^3; precision, the fraction of generated images within the ball of some real image
+     reaching its 3rd nearest real neighbour, and recall, the same with the sets swapped.
 
 FID from fewer than 2,048 images (the feature dimension) is biased upwards, because the covariance is
 rank-deficient: it is allowed, for quick checks, with a warning. Papers report FID of 50,000 generated images
 against the training set.
 
-The weights cannot be downloaded on the fly: they are read from --weights FILE, else $DDPM_FID_WEIGHTS,
-else DEFAULT_WEIGHTS; `WEIGHTS_URL` is where to get them.
+The weights are read from --weights FILE, else $DDPM_FID_WEIGHTS, else torch-fidelity's own download place
+(`default_weights()`, in torch.hub's cache), where they are downloaded from `WEIGHTS_URL` on first use.
 """
 
 # The metric in metric.py, the sources of images in sources.py, the command line in __main__.py.
 from ddpm.fid.metric import (
-    DEFAULT_WEIGHTS,
     FEATURE_DIM,
+    FID_EXTRA,
     WEIGHTS_ENV,
+    WEIGHTS_FILE,
     WEIGHTS_URL,
+    MissingDependencyError,
     Statistics,
     WeightsNotFoundError,
+    compare,
+    default_weights,
     frechet_distance,
     inception_features,
     load_statistics,
+    require_fidelity,
     resolve_weights,
     save_statistics,
     statistics,
@@ -55,13 +70,17 @@ from ddpm.fid.sources import (
 )
 
 __all__ = [
-    "DEFAULT_WEIGHTS",
     "FEATURE_DIM",
+    "FID_EXTRA",
     "SOURCES",
     "WEIGHTS_ENV",
+    "WEIGHTS_FILE",
     "WEIGHTS_URL",
+    "MissingDependencyError",
     "Statistics",
     "WeightsNotFoundError",
+    "compare",
+    "default_weights",
     "fid",
     "frechet_distance",
     "inception_features",
@@ -69,6 +88,7 @@ __all__ = [
     "model_statistics",
     "pair_statistics",
     "reference_statistics",
+    "require_fidelity",
     "resolve_weights",
     "save_statistics",
     "source_statistics",

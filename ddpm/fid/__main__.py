@@ -1,18 +1,20 @@
-"""`python -m ddpm.fid REAL FAKE ...`: print the FID of two sources; its help is `ddpm.fid`'s docstring."""
+"""`python -m ddpm.fid REAL FAKE ...`: print FID, KID and precision/recall of two sources; its help is
+`ddpm.fid`'s docstring."""
 
 import argparse
 import sys
 import warnings
 
 import ddpm.fid
-from ddpm.fid.metric import DEFAULT_WEIGHTS, WEIGHTS_ENV, frechet_distance, save_statistics
+from ddpm.fid.metric import WEIGHTS_ENV, MissingDependencyError, compare, save_statistics
 from ddpm.fid.sources import SOURCES, pair_statistics
 from ddpm.io import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse the command line (`argv`, default sys.argv[1:]), print the FID on stdout and the image counts on
-    stderr; a missing file or a bad source exits with one line `error: ...`."""
+    """Parse the command line (`argv`, default sys.argv[1:]), print the metrics on stdout, one `name value`
+    line each (`compare`), and the image counts on stderr; a missing file, a bad source or a missing
+    torch-fidelity exits with one line `error: ...`."""
     parser = argparse.ArgumentParser(
         prog="python -m ddpm.fid",
         description=ddpm.fid.__doc__,
@@ -24,7 +26,8 @@ def main(argv: list[str] | None = None) -> None:
         "--n", type=int, default=50_000, help="images sampled from a run directory (default: %(default)s)"
     )
     parser.add_argument(
-        "--weights", help=f"Inception weights file (default: ${WEIGHTS_ENV}, else {DEFAULT_WEIGHTS})"
+        "--weights",
+        help=f"Inception weights file (default: ${WEIGHTS_ENV}, else torch-fidelity's, fetched on first use)",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: cuda when available)")
@@ -44,13 +47,14 @@ def main(argv: list[str] | None = None) -> None:
                 seed=args.seed,
                 progress=True,
             )
-        if args.save_stats:
-            save_statistics(real, args.save_stats, key=f"python -m ddpm.fid {args.real}")
-        distance = frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma)
-    except (FileNotFoundError, ValueError, CheckpointError) as error:
+            if args.save_stats:
+                save_statistics(real, args.save_stats, key=f"python -m ddpm.fid {args.real}")
+            metrics = compare(real, fake)
+    except (FileNotFoundError, ValueError, CheckpointError, MissingDependencyError) as error:
         sys.exit(f"error: {error}")
     print(f"real: {real.n} images ({args.real}); fake: {fake.n} images ({args.fake})", file=sys.stderr)
-    print(f"{distance:.4f}")
+    for name, value in metrics.items():
+        print(f"{name} {value:.6g}" if name.startswith("kid") else f"{name} {value:.4f}")
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -1,6 +1,8 @@
-"""The FID metric: Inception pool3 features of uint8 images, their Gaussian statistics and the Frechet
-distance between two such Gaussians, with the Inception weights file and .npz files of statistics. The
-recipe, step by step, is in `ddpm.fid`'s docstring."""
+"""The metrics: Inception pool3 features of uint8 images, their Gaussian statistics and the Frechet distance
+between two such Gaussians (FID), the kernel distance (KID) and precision and recall between two sets of
+features (`compare`), with the Inception weights file and .npz files of statistics. The recipe, step by step,
+is in `ddpm.fid`'s docstring. torch-fidelity (the `fid` extra) provides the network, KID and precision/recall;
+without it this module imports, and what needs it raises MissingDependencyError."""
 
 from __future__ import annotations
 
@@ -18,23 +20,42 @@ from tqdm.auto import tqdm
 
 from ddpm.io import atomic_write
 
+try:  # the fid extra (pip install "ddpm[fid]"): the core installs, imports and trains without it
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+except ImportError:
+    FeatureExtractorInceptionV3 = kid_features_to_metric = prc_features_to_metric = None
+
+FID_EXTRA = 'pip install "ddpm[fid]"'
 # The file torch-fidelity itself downloads (its URL_INCEPTION_V3); tests check that the two agree.
 WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+WEIGHTS_FILE = WEIGHTS_URL.rsplit("/", 1)[1]
 WEIGHTS_ENV = "DDPM_FID_WEIGHTS"
-DEFAULT_WEIGHTS = Path("~/.cache/ddpm") / WEIGHTS_URL.rsplit("/", 1)[1]
 FEATURE_DIM = 2048  # Inception pool3 features; fewer images than this give a singular covariance
+# torch-fidelity's defaults: KID (Binkowski et al. 2018) is the mean, over 100 random subsets of 1000 images
+# of each set, of the unbiased MMD^2 with the kernel k(x, y) = (x.y / D + 1)^3; precision and recall
+# (Kynkaanniemi et al. 2019) count the images inside the union of balls reaching each image's 3rd nearest
+# neighbour.
+KID_SUBSETS, KID_SUBSET_SIZE, PRC_NEIGHBORHOOD = 100, 1000, 3
+KID_SEED = 2020  # torch-fidelity's rng_seed: which subsets
 
 
 class WeightsNotFoundError(FileNotFoundError):
     """The Inception weights file is not where it was looked for; the message says where to get it."""
 
 
+class MissingDependencyError(ImportError):
+    """torch-fidelity (the `fid` extra) is not installed; the message is one line with the pip command."""
+
+
 class Statistics(NamedTuple):
-    """The Gaussian fitted to a set of Inception features."""
+    """The Gaussian fitted to a set of Inception features, and the features (for KID and precision/recall)."""
 
     mu: np.ndarray  # (D,) float64 mean feature
     sigma: np.ndarray  # (D, D) float64 covariance (unbiased: divided by n - 1)
     n: int  # number of images
+    features: np.ndarray | None = None  # (n, D) float32; None in .npz files written before KID (FID only)
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -68,7 +89,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def statistics(features: np.ndarray) -> Statistics:
-    """Mean (D,) and unbiased covariance (D, D), in float64, of features (N, D); warns when N < 2048."""
+    """Mean (D,) and unbiased covariance (D, D), in float64, of features (N, D), kept too (as float32);
+    warns when N < 2048."""
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or len(features) < 2:
         raise ValueError(f"need features of at least 2 images as an (N, D) array, got shape {features.shape}")
@@ -78,7 +100,62 @@ def statistics(features: np.ndarray) -> Statistics:
             "singular and FID is biased upwards; papers use 50,000 images",
             stacklevel=2,
         )
-    return Statistics(features.mean(axis=0), np.cov(features, rowvar=False), len(features))
+    return Statistics(
+        features.mean(axis=0), np.cov(features, rowvar=False), len(features), features.astype(np.float32)
+    )
+
+
+def compare(real: Statistics, fake: Statistics) -> dict[str, float]:
+    """The metrics of `fake` against `real`: "fid" (`frechet_distance`), and where both hold features,
+    "kid" and "kid_std" (the mean and standard deviation over subsets of KID) and "precision" and "recall"
+    (the fraction of fake images within the real images' 3-NN balls, and of real ones within the fakes'),
+    with torch-fidelity's own functions and defaults (KID_SUBSETS, KID_SUBSET_SIZE, PRC_NEIGHBORHOOD).
+
+    KID's subsets shrink to the smaller set when it has fewer than 1000 images (with a warning: such KID is
+    noisier, and is not comparable with published numbers); precision and recall need 4 images a side.
+    Precision and recall are computed on the Inception features, as guided-diffusion's evaluator does;
+    torch-fidelity's own default for them is VGG-16 features, so its numbers differ.
+    """
+    out = {"fid": frechet_distance(real.mu, real.sigma, fake.mu, fake.sigma)}
+    if real.features is None or fake.features is None:
+        return out
+    require_fidelity()
+    size = min(KID_SUBSET_SIZE, len(real.features), len(fake.features))
+    if size < KID_SUBSET_SIZE:
+        warnings.warn(
+            f"KID from subsets of {size} images (fewer than {KID_SUBSET_SIZE}): noisier than published KID",
+            stacklevel=2,
+        )
+    # torch-fidelity's convention: input 1 is generated, input 2 real.
+    fake_features, real_features = torch.from_numpy(fake.features), torch.from_numpy(real.features)
+    kid = kid_features_to_metric(
+        fake_features.double(),
+        real_features.double(),
+        kid_subsets=KID_SUBSETS,
+        kid_subset_size=size,
+        rng_seed=KID_SEED,
+        verbose=False,
+    )
+    out |= {"kid": kid["kernel_inception_distance_mean"], "kid_std": kid["kernel_inception_distance_std"]}
+    if min(len(real.features), len(fake.features)) > PRC_NEIGHBORHOOD:
+        device = resolve_device(None)
+        prc = prc_features_to_metric(
+            fake_features.to(device),
+            real_features.to(device),
+            prc_neighborhood=PRC_NEIGHBORHOOD,
+            save_cpu_ram=True,  # distances a batch of rows at a time, not an n x n matrix
+            verbose=False,
+        )
+        out |= {"precision": prc["precision"], "recall": prc["recall"]}
+    return out
+
+
+def require_fidelity() -> None:
+    """Raise MissingDependencyError, saying how to install it, when torch-fidelity is missing."""
+    if FeatureExtractorInceptionV3 is None:
+        raise MissingDependencyError(
+            f"FID, KID and precision/recall need torch-fidelity, which is not installed: {FID_EXTRA}"
+        )
 
 
 @torch.no_grad()
@@ -122,17 +199,38 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.float().clamp(-1, 1).add(1).div(2).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
 
 
-def resolve_weights(weights: str | Path | None = None) -> Path:
-    """The Inception weights file: `weights`, else $DDPM_FID_WEIGHTS, else DEFAULT_WEIGHTS.
+def default_weights() -> Path:
+    """Where torch-fidelity keeps the Inception weights it downloads, torch.hub's checkpoints folder
+    ($TORCH_HOME/hub/checkpoints, by default ~/.cache/torch/hub/checkpoints), so that either finds the other's
+    copy."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
 
-    Raises WeightsNotFoundError, a one-line message naming where the file was expected and its URL.
+
+def resolve_weights(weights: str | Path | None = None) -> Path:
+    """The Inception weights file: `weights`, else $DDPM_FID_WEIGHTS, else `default_weights()`, which is
+    downloaded from WEIGHTS_URL on first use (as torch-fidelity does) when it is not there.
+
+    Raises WeightsNotFoundError, a one-line message naming where the file was expected and its URL: for a
+    file named by `weights` or the variable that does not exist, and when the download fails (offline).
     """
-    path = Path(weights or os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS).expanduser()
-    if not path.is_file():
+    named = weights or os.environ.get(WEIGHTS_ENV)
+    path = Path(named).expanduser() if named else default_weights()
+    if path.is_file():
+        return path
+    fix = f"or pass --weights FILE, or set {WEIGHTS_ENV}=FILE"
+    if named:
         raise WeightsNotFoundError(
-            f"Inception weights for FID not found at {path}: download {WEIGHTS_URL} and put it there "
-            f"(or pass --weights FILE, or set {WEIGHTS_ENV}=FILE)"
+            f"Inception weights for FID not found at {path}: download {WEIGHTS_URL} and put it there ({fix})"
         )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(WEIGHTS_URL, str(path), progress=True)
+    except OSError as error:  # urllib's URLError and HTTPError are OSErrors
+        reason = str(getattr(error, "reason", None) or error).splitlines()[0]
+        raise WeightsNotFoundError(
+            f"Inception weights for FID not found at {path}, and downloading {WEIGHTS_URL} failed "
+            f"({reason}): download it on a machine with internet and put it there ({fix})"
+        ) from None
     return path
 
 
@@ -142,10 +240,12 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
 
 
 def save_statistics(stats: Statistics, path: str | Path, *, key: str = "") -> Path:
-    """Write statistics as an .npz (mu, sigma, n, and `key` describing what they are of), atomically."""
+    """Write statistics as an .npz (mu, sigma, n, the features when there are some, and `key` describing
+    what they are of), atomically. The features make it 4 bytes x 2048 per image (410 MB for 50,000)."""
     path = Path(path)
+    features = {} if stats.features is None else {"features": stats.features}
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, mu=stats.mu, sigma=stats.sigma, n=stats.n, key=key)
+        np.savez(f, mu=stats.mu, sigma=stats.sigma, n=stats.n, key=key, **features)
     return path
 
 
@@ -183,8 +283,7 @@ def _inception(weights: Path, device: torch.device) -> torch.nn.Module:
 
 @functools.lru_cache(maxsize=1)  # one network kept, so that FID during training does not reload it each time
 def _load_inception(path: str, mtime_ns: int, size: int, device: str) -> torch.nn.Module:
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3  # slow to import
-
+    require_fidelity()
     hint = f"expected torch-fidelity's Inception weights, {WEIGHTS_URL}"
     try:
         # torch-fidelity unpickles the file without restrictions: a tensors-only load first refuses code.
@@ -208,6 +307,7 @@ def _nonzero(eigenvalues: np.ndarray, dim: int) -> np.ndarray:
 def _read_statistics(path: Path) -> tuple[Statistics, str]:
     try:
         with np.load(path) as f:
-            return Statistics(f["mu"], f["sigma"], int(f["n"])), str(f["key"])
+            features = f["features"] if "features" in f.files else None
+            return Statistics(f["mu"], f["sigma"], int(f["n"]), features), str(f["key"])
     except (OSError, KeyError, ValueError) as error:
         raise ValueError(f"{path} is not a file of FID statistics written by ddpm.fid ({error})") from None

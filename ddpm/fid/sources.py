@@ -25,12 +25,14 @@ from ddpm.fid.metric import (
     frechet_distance,
     inception_features,
     load_statistics,
+    require_fidelity,
     resolve_device,
     resolve_weights,
     save_statistics,
     statistics,
     to_uint8,
 )
+from ddpm.hub import model_folder
 from ddpm.inference import generate, load_for_sampling
 from ddpm.io import CONFIG_NAME
 from ddpm.run_dir import CHECKPOINTS, RUN_CONFIG
@@ -39,7 +41,10 @@ from ddpm.schedule import NoiseScheduler
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-SOURCES = "a folder of images, a YAML config file, a run directory or checkpoint folder, or an .npz file"
+SOURCES = (
+    "a folder of images, a YAML config file, a run directory or checkpoint folder, a model on the Hugging "
+    "Face Hub (namespace/name), or an .npz file"
+)
 
 
 def fid(
@@ -54,7 +59,8 @@ def fid(
     progress: bool = True,
 ) -> float:
     """FID between two sources (each one of `SOURCES`, see `ddpm.fid`'s docstring); `n` images are sampled
-    from a run directory, folders and data sets are used whole."""
+    from a run directory, folders and data sets are used whole. `compare` of `pair_statistics` gives KID and
+    precision/recall too."""
     real_stats, fake_stats = pair_statistics(
         real, fake, n=n, weights=weights, batch_size=batch_size, device=device, seed=seed, progress=progress
     )
@@ -144,6 +150,7 @@ def reference_statistics(
             "image_size": data.image_size,
             "channels": data.channels,
             "weights": weights.name,
+            "features": True,  # older caches hold no features (FID only): recomputed once
         }
     )
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
@@ -189,7 +196,7 @@ def source_statistics(
 ) -> Statistics:
     """Inception statistics of one source: a folder of images, a YAML config (its data set), a run directory
     or checkpoint folder (`n` images from its EMA weights and `sample:` settings) or an .npz file."""
-    path = Path(source)
+    path = model_folder(source)  # a Hub repo id becomes its snapshot's folder
     if path.suffix == ".npz":
         return load_statistics(path)
     if not path.exists():
@@ -243,8 +250,9 @@ def pair_statistics(
     seed: int,
     progress: bool,
 ) -> tuple[Statistics, Statistics]:
-    """`source_statistics` of `real` and of `fake`, with the same options; n and the weights file are checked
-    before the first source's (maybe long) work."""
+    """`source_statistics` of `real` and of `fake`, with the same options; torch-fidelity, n and the weights
+    file are checked (and the weights downloaded on first use) before the first source's (maybe long) work."""
+    require_fidelity()
     if n <= 0:
         raise ValueError(f"the number of images to sample must be positive, got {n}")
     if any(Path(s).suffix != ".npz" for s in (real, fake)):

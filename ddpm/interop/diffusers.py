@@ -5,20 +5,23 @@
 `unet_kwargs_from_diffusers(config)` maps its config.json onto our constructor; `diffusers_unet_folder(path)`
 tells a diffusers folder from ours; `diffusers_folder_scheduler(folder)` reads the scheduler_config.json
 beside it. `scheduler_from_diffusers(config)` and `diffusers_scheduler_config(scheduler, cls)` convert
-schedules.
-Nothing here imports diffusers: the published files are read directly.
+schedules. The other way, `diffusers_unet_config(config)` and `diffusers_state_dict(model)` are our UNet as
+a UNet2DModel, and `save_diffusers_pipeline(folder, model, scheduler)` writes a DDPMPipeline folder.
+Nothing here imports diffusers: the published files are read and written directly.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ddpm.hub import model_folder
 from ddpm.models.unet import UNet
 from ddpm.models.weights import load_checked
 from ddpm.schedule import SIGMA_SPACINGS, VARIANCE_TYPES, NoiseScheduler
@@ -29,6 +32,19 @@ DIFFUSERS_CONFIG = (
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 DIFFUSERS_SCHEDULER_CONFIG = "scheduler_config.json"
 PIPELINE_UNET, PIPELINE_SCHEDULER = "unet", "scheduler"  # the subfolders of a pipeline folder
+PIPELINE_INDEX = "model_index.json"  # a pipeline folder's list of its parts and their classes
+DIFFUSERS_VERSION = "0.42.0"  # the version whose UNet2DModel options this module knows (written to configs)
+# Written by diffusers_unet_config for a class-conditional UNet: the label of our null class (the last row of
+# num_class_embeds), which diffusers ignores (a private key) and unet_kwargs_from_diffusers reads back.
+NULL_CLASS_KEY = "_ddpm_null_class"
+# The UNet options diffusers_unet_config maps (gradient_checkpointing changes no output); any other option
+# exports only at its default.
+EXPORTED_UNET_OPTIONS = {
+    "in_channels", "out_channels", "base_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
+    "image_size", "num_heads", "head_channels", "mid_attention", "dropout", "norm_groups", "norm_eps",
+    "time_conditioning", "time_injection", "time_flip_sin_to_cos", "time_freq_shift", "time_channels",
+    "num_classes", "null_label", "downsample", "head_kernel_size", "gradient_checkpointing",
+}  # fmt: skip
 
 # UNet2DModel's constructor defaults (diffusers 0.42), for the keys an older config.json lacks: the DDPM
 # checkpoints' configs were written by diffusers 0.0.4 and have no dropout, add_attention, etc.
@@ -103,14 +119,15 @@ def unet_from_diffusers(
 
     `directory` holds config.json and diffusion_pytorch_model.safetensors (or .bin), as written by
     `UNet2DModel.save_pretrained` and published for google/ddpm-cifar10-32, google/ddpm-celebahq-256,
-    google/ddpm-ema-church-256 etc.; a pipeline folder whose UNet is in `unet/` works too. The result
+    google/ddpm-ema-church-256 etc.; a pipeline folder whose UNet is in `unet/` works too, and so does a Hub
+    repo id such as "google/ddpm-cifar10-32" (fetched into the Hub cache, `ddpm.hub.model_folder`). The result
     computes the same function: `model(x, t, y) == unet(x, t, class_labels=y).sample`. The config is
     mapped by `unet_kwargs_from_diffusers`, which raises ValueError for unsupported options.
     A class-conditional UNet2DModel (num_class_embeds = K) becomes num_classes = K: labels 0..K-1 are the
     same, and the null label K, which diffusers does not have, gets a zero embedding (no class term), so
     classifier-free guidance needs fine-tuning with label dropout first.
     """
-    folder = diffusers_unet_folder(directory)
+    folder = diffusers_unet_folder(model_folder(directory))
     if folder is None:
         raise FileNotFoundError(
             f"no diffusers model in {directory}: expected config.json (or unet/config.json) with a "
@@ -133,7 +150,7 @@ def unet_from_diffusers(
         state = torch.load(weights, map_location="cpu", weights_only=True)
     load_checked(
         model,
-        _rename_diffusers_tensors(state),
+        _rename_diffusers_tensors(state, null_row=NULL_CLASS_KEY not in config),
         f"the tensors in {weights} do not fit the UNet2DModel that {folder / DIFFUSERS_CONFIG} describes",
         "the file may hold a modified UNet2DModel, which unet_from_diffusers cannot map",
     )
@@ -162,7 +179,8 @@ def unet_kwargs_from_diffusers(config: dict) -> dict:
         attention_head_dim None -> num_heads = 1;  an int -> head_channels
         resnet_time_scale_shift "default" -> time_injection "add";  "scale_shift" -> "scale_shift"
         flip_sin_to_cos, freq_shift -> time_flip_sin_to_cos, time_freq_shift
-        num_class_embeds -> num_classes (see unet_from_diffusers for the null label)
+        num_class_embeds -> num_classes (see unet_from_diffusers for the null label); with NULL_CLASS_KEY
+            (written by diffusers_unet_config) num_class_embeds - 1, the last row being our null label
         downsample_padding 1 -> downsample "conv";  0 -> "conv_asymmetric"
     Anything else raises ValueError naming the option and what is supported: other block types
     (cross-attention, skip, ...), attention on one path only, time_embedding_type other than positional,
@@ -246,7 +264,7 @@ def unet_kwargs_from_diffusers(config: dict) -> dict:
         "time_injection": "add" if c["resnet_time_scale_shift"] == "default" else "scale_shift",
         "time_flip_sin_to_cos": c["flip_sin_to_cos"],
         "time_freq_shift": float(c["freq_shift"]),
-        "num_classes": c["num_class_embeds"],
+        "num_classes": c["num_class_embeds"] - 1 if NULL_CLASS_KEY in config else c["num_class_embeds"],
         "downsample": "conv" if c["downsample_padding"] == 1 else "conv_asymmetric",
     }
 
@@ -371,15 +389,154 @@ def _spacing_from_diffusers(config: dict) -> str:
     return config.get("timestep_spacing", "leading")
 
 
-def _rename_diffusers_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A UNet2DModel state dict under our names (DIFFUSERS_RENAMES), with the null label's row appended to
-    the class embedding: zeros, so that label num_classes adds nothing to the time embedding."""
+def _rename_diffusers_tensors(state: dict[str, Tensor], *, null_row: bool = True) -> dict[str, Tensor]:
+    """A UNet2DModel state dict under our names (DIFFUSERS_RENAMES), with (`null_row`) the null label's row
+    appended to the class embedding: zeros, so that label num_classes adds nothing to the time embedding."""
     renamed = {}
     for key, value in state.items():
         for old, new in DIFFUSERS_RENAMES.items():
             key = key.replace(old, new)
         renamed[key] = value
-    if "class_embedding.weight" in renamed:
+    if null_row and "class_embedding.weight" in renamed:
         weight = renamed["class_embedding.weight"]  # (num_class_embeds, 4 * base)
         renamed["class_embedding.weight"] = torch.cat([weight, weight.new_zeros(1, weight.shape[1])])
     return renamed
+
+
+def diffusers_unet_config(config: dict) -> dict:
+    """Our UNet's config (its constructor's keyword arguments, `model.config`) as the config.json of the
+    diffusers UNet2DModel that computes the same function; `unet_kwargs_from_diffusers` inverts it.
+
+    The mapping of `unet_kwargs_from_diffusers` read backwards, with every option written out (no defaults
+    of either library assumed). A class-conditional UNet keeps its null label: num_class_embeds =
+    num_classes + 1, the last label being "no label" (classifier-free guidance), recorded as NULL_CLASS_KEY
+    (with null_label=False, num_class_embeds = num_classes). What UNet2DModel cannot express raises
+    ValueError naming the option: time_conditioning=False, downsample="maxpool", head_kernel_size other than
+    3, a timestep sinusoid (time_channels, else base_channels) narrower or wider than the first level
+    (channel_mult[0] other than 1: UNet2DModel sizes it by its first block's channels), num_heads > 1 where
+    the attention blocks differ in width (UNet2DModel fixes the channels per head, not the heads), and any
+    other option of UNet set away from its default (EXPORTED_UNET_OPTIONS lists those mapped here).
+    """
+    c = config
+    defaults = {
+        name: p.default for name, p in inspect.signature(UNet.__init__).parameters.items() if name != "self"
+    }
+    for option in sorted(set(c) - EXPORTED_UNET_OPTIONS):
+        if option not in defaults or c[option] != defaults[option]:
+            raise ValueError(
+                f"model.{option}={c[option]!r} cannot be exported to diffusers (UNet2DModel has no such "
+                f"option); it exports at its default, {defaults.get(option)!r}"
+            )
+    refusals = [
+        ("time_conditioning", c["time_conditioning"], True, "a UNet2DModel always takes a timestep"),
+        ("downsample", c["downsample"], ("conv", "conv_asymmetric"), "UNet2DModel downsamples by conv"),
+        ("head_kernel_size", c["head_kernel_size"], 3, "UNet2DModel's output conv is 3x3"),
+    ]
+    for option, value, supported, why in refusals:
+        if value not in (supported if isinstance(supported, tuple) else (supported,)):
+            raise ValueError(
+                f"model.{option}={value!r} cannot be exported to diffusers ({why}); supported: {supported}"
+            )
+    base, levels = c["base_channels"], len(c["channel_mult"])
+    channels = [base * mult for mult in c["channel_mult"]]
+    if (c["time_channels"] or base) != channels[0]:
+        raise ValueError(
+            f"model.channel_mult[0]={c['channel_mult'][0]} with time_channels={c['time_channels']} cannot be "
+            f"exported to diffusers (UNet2DModel's timestep sinusoid is as wide as its first level, "
+            f"{channels[0]} channels, ours {c['time_channels'] or base}); supported: channel_mult[0]=1 and "
+            "time_channels null or base_channels"
+        )
+    attention = [c["image_size"] // 2**level in c["attention_resolutions"] for level in range(levels)]
+    widths = [ch for ch, attn in zip(channels, attention, strict=True) if attn]
+    widths += [channels[-1]] if c["mid_attention"] else []
+    head_dim = c["head_channels"]
+    if head_dim is None and c["num_heads"] > 1 and widths:
+        dims = {width // c["num_heads"] for width in widths}
+        if len(dims) > 1 or any(width % c["num_heads"] for width in widths):
+            raise ValueError(
+                f"model.num_heads={c['num_heads']} cannot be exported to diffusers: its attention blocks "
+                f"are {sorted(set(widths))} channels wide and UNet2DModel has one width per head for all "
+                "of them; use head_channels instead"
+            )
+        head_dim = dims.pop()
+    classes = c["num_classes"]
+    null = classes is not None and c["null_label"]
+    return {
+        "_class_name": "UNet2DModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        **({NULL_CLASS_KEY: classes} if null else {}),
+        "sample_size": c["image_size"],
+        "in_channels": c["in_channels"],
+        "out_channels": c["out_channels"],
+        "center_input_sample": False,
+        "time_embedding_type": "positional",
+        "time_embedding_dim": None,
+        "freq_shift": int(shift) if (shift := c["time_freq_shift"]) == int(shift) else shift,
+        "flip_sin_to_cos": c["time_flip_sin_to_cos"],
+        "down_block_types": ["AttnDownBlock2D" if attn else "DownBlock2D" for attn in attention],
+        "mid_block_type": "UNetMidBlock2D",
+        "up_block_types": ["AttnUpBlock2D" if attn else "UpBlock2D" for attn in reversed(attention)],
+        "block_out_channels": channels,
+        "layers_per_block": c["num_res_blocks"],
+        "mid_block_scale_factor": 1,
+        "downsample_padding": 1 if c["downsample"] == "conv" else 0,
+        "downsample_type": "conv",
+        "upsample_type": "conv",
+        "dropout": c["dropout"],
+        "act_fn": "silu",
+        "attention_head_dim": head_dim,
+        "norm_num_groups": c["norm_groups"],
+        # explicit: with scale_shift and None, UNet2DModel would give its attention blocks no GroupNorm
+        "attn_norm_num_groups": c["norm_groups"],
+        "norm_eps": c["norm_eps"],
+        "resnet_time_scale_shift": "default" if c["time_injection"] == "add" else "scale_shift",
+        "add_attention": c["mid_attention"],
+        "class_embed_type": None,
+        "num_class_embeds": None if classes is None else classes + int(null),
+        "num_train_timesteps": None,
+    }
+
+
+def diffusers_state_dict(model: UNet) -> dict[str, Tensor]:
+    """Our UNet's weights under UNet2DModel's names (DIFFUSERS_RENAMES backwards, with the names of diffusers
+    0.14 and later), contiguous, for the config of `diffusers_unet_config(model.config)`."""
+    state = {}
+    for key, value in model.state_dict().items():
+        resample = ".downsamplers.0.conv." if key.startswith("down_blocks.") else ".upsamplers.0."
+        key = key.replace(".to_out.", ".to_out.0.").replace(".resample.", resample)
+        state[key] = value.contiguous()
+    return state
+
+
+def save_diffusers_pipeline(
+    folder: str | os.PathLike, model: UNet, scheduler: NoiseScheduler, *, scheduler_class: str | None = None
+) -> None:
+    """Write a diffusers DDPMPipeline folder: model_index.json, unet/ (config.json from
+    `diffusers_unet_config`, diffusion_pytorch_model.safetensors from `diffusers_state_dict`) and scheduler/
+    (scheduler_config.json from `diffusers_scheduler_config`), which `DDPMPipeline.from_pretrained(folder)`
+    loads. `scheduler_class` defaults to DDPMScheduler, or DPMSolverMultistepScheduler for the "karras" and
+    "exponential" spacings, which only it has. Raises ValueError naming what diffusers cannot express."""
+    if scheduler_class is None:
+        spacing = scheduler.config["timestep_spacing"]
+        scheduler_class = "DPMSolverMultistepScheduler" if spacing in SIGMA_SPACINGS else "DDPMScheduler"
+    unet_config = diffusers_unet_config(model.config)
+    scheduler_config = {**diffusers_scheduler_config(scheduler, scheduler_class)}
+    scheduler_config["_diffusers_version"] = DIFFUSERS_VERSION
+    index = {
+        "_class_name": "DDPMPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        PIPELINE_SCHEDULER: ["diffusers", scheduler_class],
+        PIPELINE_UNET: ["diffusers", "UNet2DModel"],
+    }
+    folder = Path(folder)
+    for sub in (PIPELINE_UNET, PIPELINE_SCHEDULER):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    (folder / PIPELINE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    (folder / PIPELINE_UNET / DIFFUSERS_CONFIG).write_text(json.dumps(unet_config, indent=2) + "\n")
+    save_file(
+        diffusers_state_dict(model),
+        str(folder / PIPELINE_UNET / DIFFUSERS_WEIGHTS[0]),
+        metadata={"format": "pt"},
+    )
+    scheduler_file = folder / PIPELINE_SCHEDULER / DIFFUSERS_SCHEDULER_CONFIG
+    scheduler_file.write_text(json.dumps(scheduler_config, indent=2) + "\n")

@@ -10,6 +10,8 @@ see `ddpm.interop.diffusers`):
     up path, per level: (num_res_blocks + 1) x (ResBlock on [h, skip] [+ AttentionBlock]), then a
         nearest-x2 upsample + 3x3 conv (not on the last level)
     head: GroupNorm, SiLU, conv
+With `resblock_updown` each resampler is a ResBlock that resamples inside (BigGAN's up/down blocks, as
+guided-diffusion's ADM uses them, Dhariwal & Nichol 2021, section 3), see `ddpm.interop.openai`.
 
 Conditioning: emb = MLP(sinusoid(t)) + label_embedding(y), handed to every ResBlock. With
 `time_conditioning=False` there is no embedding at all and the network is a segmentation U-Net (the seed
@@ -41,7 +43,9 @@ class UNet(nn.Module):
 
     `config` holds the constructor's keyword arguments (JSON-able) and is saved beside the weights by
     `ddpm.io.save_unet`. With `num_classes`, the label embedding has num_classes + 1 rows: id `null_class`
-    (= num_classes) is the "no label" used for classifier-free guidance (Ho & Salimans 2022).
+    (= num_classes) is the "no label" used for classifier-free guidance (Ho & Salimans 2022). With
+    `null_label=False` it has exactly num_classes rows and `null_class` is None (OpenAI's class-conditional
+    models): such a model has no unconditional output, so guidance needs fine-tuning with a null label first.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class UNet(nn.Module):
         image_size: int = 32,  # input side that attention_resolutions refer to; other sizes are accepted
         num_heads: int = 1,  # attention heads, unless head_channels is given
         head_channels: int | None = None,  # channels per attention head (heads = channels // head_channels)
+        num_heads_upsample: int | None = None,  # heads on the up path (None: num_heads), unless head_channels
         mid_attention: bool = True,  # attention between the two residual blocks of the middle
         dropout: float = 0.0,  # dropout probability inside each residual block
         norm_groups: int = 32,  # GroupNorm groups; every channel count must be divisible by it
@@ -64,8 +69,13 @@ class UNet(nn.Module):
         time_injection: str = "scale_shift",  # "scale_shift": norm(h) * (1 + s) + b; "add": h + proj(emb)
         time_flip_sin_to_cos: bool = False,  # sinusoid order [cos, sin] instead of [sin, cos]
         time_freq_shift: float = 0.0,  # frequency denominator is (half - shift); see sinusoidal_embedding
+        time_channels: int
+        | None = None,  # sinusoid width (None: base_channels); the embedding has 4x as many
+        time_scale: float = 1.0,  # the network embeds t * time_scale (improved-diffusion: 1000 / T)
         num_classes: int | None = None,  # class-conditional with labels 0..num_classes-1 (+ the null label)
+        null_label: bool = True,  # with num_classes: a label-embedding row for "no label" (for guidance)
         downsample: str = "conv",  # "conv": stride-2 3x3 conv; "conv_asymmetric": PadAfterConv2d; "maxpool"
+        resblock_updown: bool = False,  # resample with ResBlocks (avg-pool / nearest inside), not downsample
         head_kernel_size: int = 3,  # kernel side of the output conv (odd)
         gradient_checkpointing: bool = False,  # recompute each block in the backward pass to save memory
     ) -> None:
@@ -78,25 +88,30 @@ class UNet(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.num_classes = num_classes
         # Label id num_classes means "no label": training drops labels to it, guidance samples with it.
-        self.null_class = num_classes
+        self.null_class = num_classes if null_label else None
         self.time_conditioning = time_conditioning
         self.gradient_checkpointing = gradient_checkpointing
 
-        emb_channels = 4 * base_channels if time_conditioning else None
+        time_channels = time_channels or base_channels
+        emb_channels = 4 * time_channels if time_conditioning else None
         self.time_embedding = (
-            TimestepEmbedding(base_channels, emb_channels, time_flip_sin_to_cos, time_freq_shift)
+            TimestepEmbedding(
+                time_channels, emb_channels, time_flip_sin_to_cos, time_freq_shift, scale=time_scale
+            )
             if time_conditioning
             else None
         )
         self.class_embedding = (
-            nn.Embedding(num_classes + 1, emb_channels) if num_classes is not None else None
+            nn.Embedding(num_classes + int(null_label), emb_channels) if num_classes is not None else None
         )
 
-        def res(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, cout, emb_channels, time_injection, dropout, norm_groups, norm_eps)
+        def res(cin: int, cout: int, resample: str | None = None) -> ResBlock:
+            return ResBlock(
+                cin, cout, emb_channels, time_injection, dropout, norm_groups, norm_eps, resample=resample
+            )
 
-        def attn(channels: int) -> AttentionBlock:
-            heads = channels // head_channels if head_channels is not None else num_heads
+        def attn(channels: int, heads: int = num_heads) -> AttentionBlock:
+            heads = channels // head_channels if head_channels is not None else heads
             return AttentionBlock(channels, heads, norm_groups, norm_eps)
 
         channels = base_channels * channel_mult[0]
@@ -114,7 +129,9 @@ class UNet(nn.Module):
                     block.attentions.append(attn(channels))
                 skip_channels.append(channels)
             if level < levels - 1:
-                block.resample = _downsampler(downsample, channels)
+                block.resample = (
+                    res(channels, channels, "down") if resblock_updown else _downsampler(downsample, channels)
+                )
                 skip_channels.append(channels)
             self.down_blocks.append(block)
 
@@ -132,9 +149,9 @@ class UNet(nn.Module):
                 block.resnets.append(res(channels + skip_channels.pop(), out))
                 channels = out
                 if with_attention:
-                    block.attentions.append(attn(channels))
+                    block.attentions.append(attn(channels, num_heads_upsample or num_heads))
             if level > 0:
-                block.resample = Upsample(channels)
+                block.resample = res(channels, channels, "up") if resblock_updown else Upsample(channels)
             self.up_blocks.append(block)
 
         self.conv_norm_out = nn.GroupNorm(norm_groups, channels, norm_eps)
@@ -151,7 +168,8 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor | float | int | None = None, y: Tensor | None = None) -> Tensor:
         """x: (N, in_channels, H, W); t: (N,) or scalar timestep, int or float; y: (N,) long labels in
-        [0, num_classes] (num_classes = `null_class`, no label). Returns (N, out_channels, H, W)."""
+        [0, num_classes] (num_classes = `null_class`, no label; [0, num_classes - 1] with null_label=False).
+        Returns (N, out_channels, H, W)."""
         emb = conditioning(self, x, t, y, len(self.down_blocks))  # (N, 4 * base_channels) or None
         if emb is not None:
             emb = F.silu(emb)  # every block's time projection starts with SiLU: apply it once here
@@ -165,7 +183,7 @@ class UNet(nn.Module):
                     h = self._run(block.attentions[i], h)
                 skips.append(h)
             if block.resample is not None:
-                h = block.resample(h)  # (N, C, H, W) -> (N, C, H/2, W/2)
+                h = self._resample(block.resample, h, emb)  # (N, C, H, W) -> (N, C, H/2, W/2)
                 skips.append(h)
 
         h = self._run(self.mid_block.resnets[0], h, emb)
@@ -179,7 +197,7 @@ class UNet(nn.Module):
                 if block.attentions:
                     h = self._run(block.attentions[i], h)
             if block.resample is not None:
-                h = block.resample(h)  # (N, C, H, W) -> (N, C, 2H, 2W)
+                h = self._resample(block.resample, h, emb)  # (N, C, H, W) -> (N, C, 2H, 2W)
 
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (N, out_channels, H, W)
 
@@ -187,6 +205,10 @@ class UNet(nn.Module):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
+
+    def _resample(self, resample: nn.Module, h: Tensor, emb: Tensor | None) -> Tensor:
+        # A resampling ResBlock (resblock_updown) takes the embedding like every other ResBlock.
+        return self._run(resample, h, emb) if isinstance(resample, ResBlock) else resample(h)
 
 
 def conditioning(
@@ -226,9 +248,14 @@ def conditioning(
             raise ValueError(f"this {name} has no class embedding (num_classes=None): call it without y")
         return emb
     if y is None:
+        unconditional = (
+            f"for unconditional outputs pass y = torch.full((N,), model.null_class) (null_class = "
+            f"{net.null_class})"
+            if net.null_class is not None
+            else "it has no null label (null_label=False), so no unconditional output"
+        )
         raise ValueError(
-            f"this {name} is class-conditional (num_classes={net.num_classes}): pass y; for unconditional "
-            f"outputs pass y = torch.full((N,), model.null_class) (null_class = {net.null_class})"
+            f"this {name} is class-conditional (num_classes={net.num_classes}): pass y; {unconditional}"
         )
     if y.shape != (n,) or y.dtype not in (torch.long, torch.int):
         raise ValueError(f"y must be a long tensor of shape ({n},), got {y.dtype} of shape {tuple(y.shape)}")
@@ -258,15 +285,26 @@ def sinusoidal_embedding(
 
 
 class TimestepEmbedding(nn.Module):
-    """t (N,) -> Linear(SiLU(Linear(sinusoid(t)))) (N, emb_channels)."""
+    """t (N,) -> Linear(SiLU(Linear(sinusoid(t * scale)))) (N, emb_channels)."""
 
-    def __init__(self, channels: int, emb_channels: int, flip_sin_to_cos: bool, freq_shift: float) -> None:
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        flip_sin_to_cos: bool,
+        freq_shift: float,
+        *,
+        scale: float = 1.0,
+    ) -> None:
         super().__init__()
         self.channels, self.flip_sin_to_cos, self.freq_shift = channels, flip_sin_to_cos, freq_shift
+        self.scale = scale
         self.linear_1 = nn.Linear(channels, emb_channels)
         self.linear_2 = nn.Linear(emb_channels, emb_channels)
 
     def forward(self, t: Tensor) -> Tensor:
+        # scale 1 leaves t as it is (an int t stays exact); else t * scale in float32, as improved-diffusion
+        t = t if self.scale == 1.0 else t.float() * self.scale
         emb = sinusoidal_embedding(
             t, self.channels, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
         )
@@ -278,6 +316,8 @@ class ResBlock(nn.Module):
 
     time_injection "add" (DDPM): h = norm2(h + proj(emb)); "scale_shift" (AdaGN, Dhariwal & Nichol 2021,
     section 3, as in improved-diffusion): h = norm2(h) * (1 + scale) + shift, [scale, shift] = proj(emb).
+    resample "down" / "up" (BigGAN-style, guided-diffusion's resblock_updown): both the branch, after its
+    first SiLU and before conv1, and the shortcut x go through a 2x2 average pool / a nearest x2 upsample.
     """
 
     def __init__(
@@ -289,9 +329,12 @@ class ResBlock(nn.Module):
         dropout: float,
         groups: int,
         eps: float,
+        *,
+        resample: str | None = None,
     ) -> None:
         super().__init__()
         self.scale_shift = time_injection == "scale_shift"
+        self.resample = resample
         self.norm1 = nn.GroupNorm(groups, in_channels, eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = (
@@ -305,8 +348,12 @@ class ResBlock(nn.Module):
         )
 
     def forward(self, x: Tensor, emb: Tensor | None) -> Tensor:
-        """x: (N, C_in, H, W); emb: (N, E), already through SiLU, or None. Returns (N, C_out, H, W)."""
-        h = self.conv1(F.silu(self.norm1(x)))
+        """x: (N, C_in, H, W); emb: (N, E), already through SiLU, or None. Returns (N, C_out, H, W), or
+        (N, C_out, H/2, W/2) / (N, C_out, 2H, 2W) with resample "down" / "up"."""
+        h = F.silu(self.norm1(x))
+        if self.resample is not None:
+            h, x = _resample(h, self.resample), _resample(x, self.resample)
+        h = self.conv1(h)
         if self.time_emb_proj is None:
             h = self.norm2(h)
         elif self.scale_shift:
@@ -377,6 +424,14 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def _resample(x: Tensor, direction: str) -> Tensor:
+    """(N, C, H, W) -> (N, C, H/2, W/2) by 2x2 average pooling ("down") or (N, C, 2H, 2W) by nearest
+    neighbour ("up"): the parameter-free resamplers inside a resampling ResBlock."""
+    if direction == "down":
+        return F.avg_pool2d(x, 2)
+    return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
 def _zero(layer: nn.Conv2d | nn.Linear) -> None:
     nn.init.zeros_(layer.weight)
     nn.init.zeros_(layer.bias)
@@ -408,8 +463,13 @@ def _check_config(config: dict) -> None:
         raise ValueError(f"num_classes must be a positive int or None, got {config['num_classes']}")
     if config["head_kernel_size"] % 2 != 1:
         raise ValueError(f"head_kernel_size must be odd, got {config['head_kernel_size']}")
-    if config["time_conditioning"] and config["base_channels"] % 2:
-        raise ValueError(f"base_channels must be even (sin/cos halves), got {config['base_channels']}")
+    time_channels = config["time_channels"] or config["base_channels"]
+    if config["time_conditioning"] and time_channels % 2:
+        raise ValueError(
+            f"time_channels (default base_channels) must be even (sin/cos halves), got {time_channels}"
+        )
+    if not config["time_scale"] > 0:
+        raise ValueError(f"time_scale must be > 0, got {config['time_scale']}")
     channels = sorted({config["base_channels"] * m for m in mult})
     bad = [c for c in channels if c % groups]
     if bad:
@@ -431,13 +491,17 @@ def _check_config(config: dict) -> None:
         for m, s in zip(mult, sizes, strict=True)
         if s in config["attention_resolutions"]
     }
-    if config["mid_attention"]:
-        attention_channels.add(config["base_channels"] * mult[-1])
-    heads, head_channels = config["num_heads"], config["head_channels"]
-    bad = sorted(c for c in attention_channels if c % (head_channels or heads))
-    if bad:
-        what = f"head_channels={head_channels}" if head_channels is not None else f"num_heads={heads}"
-        raise ValueError(f"attention channel counts {bad} are not divisible by {what}")
+    middle = {config["base_channels"] * mult[-1]} if config["mid_attention"] else set()
+    head_channels = config["head_channels"]
+    up_heads = config["num_heads_upsample"] or config["num_heads"]
+    for name, heads, channels in [
+        ("num_heads", config["num_heads"], attention_channels | middle),
+        ("num_heads_upsample", up_heads, attention_channels),
+    ]:
+        bad = sorted(c for c in channels if c % (head_channels or heads))
+        if bad:
+            what = f"head_channels={head_channels}" if head_channels is not None else f"{name}={heads}"
+            raise ValueError(f"attention channel counts {bad} are not divisible by {what}")
 
 
 def check_divisible(what: str, sides: Sequence[int], levels: int, fix: str) -> None:

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ddpm.edm import EDMScheduler
 from ddpm.samplers.multistep import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, unipc
 from ddpm.samplers.solvers import (
     Denoised,
@@ -141,15 +142,20 @@ def sample(
         if null_class is None:
             raise ValueError(
                 f"guidance_scale={guidance_scale} needs a null label: the model has no `null_class` "
-                "(or it is None); pass null_class=<label id> or use guidance_scale=1.0"
+                "(or it is None), as a class-conditional model loaded from OpenAI's or diffusers' weights; "
+                "fine-tune it with label dropout to a null label first, pass null_class=<label id>, or use "
+                "guidance_scale=1.0"
             )
-    y = _check_labels(y, x, guidance_scale, null_class, getattr(model, "num_classes", None))
+    has_null = getattr(model, "null_class", None) is not None
+    y = _check_labels(y, x, guidance_scale, null_class, getattr(model, "num_classes", None), has_null)
     denoise = denoiser(
         model, scheduler, y=y, guidance_scale=guidance_scale, null_class=null_class, dtype=x.dtype
     )
     given = {"eta": eta, "generator": generator, **options}
     kwargs = {name: given[name] for name in solver_options(solver) if name in given}
-    return solver(denoise, x, timesteps, scheduler, **kwargs, disable=not progress)
+    x0 = solver(denoise, x, timesteps, scheduler, **kwargs, disable=not progress)
+    # The EDM formulation's samplers work on the data over sigma_data (ddpm.edm): back to the data's scale
+    return x0 * scheduler.data_scale if isinstance(scheduler, EDMScheduler) else x0
 
 
 def sampling_budget(sampler: str, *, steps: int | None = None, calls: int | None = None) -> Budget:
@@ -308,10 +314,11 @@ def _initial_noise(model, shape, noise: Tensor | None, generator: torch.Generato
 
 
 def _check_labels(
-    y, x: Tensor, guidance_scale: float, null_class: int | None, num_classes: int | None
+    y, x: Tensor, guidance_scale: float, null_class: int | None, num_classes: int | None, has_null: bool
 ) -> Tensor | None:
     """y as an (N,) long tensor on x's device, or None; guidance needs labels. With num_classes, y and the
-    null label must lie in [0, num_classes]: one host sync per sample() call, none per network call."""
+    null label must lie in [0, num_classes] ([0, num_classes - 1] for a model without a null label,
+    `has_null` False): one host sync per sample() call, none per network call."""
     if y is None:
         if guidance_scale != 1.0:
             raise ValueError(f"guidance_scale={guidance_scale} needs class labels y; pass y or use 1.0")
@@ -321,11 +328,16 @@ def _check_labels(
         raise ValueError(f"y must have shape ({x.shape[0]},), one label per image, got {tuple(y.shape)}")
     if num_classes is not None:
         labels = y if guidance_scale == 1.0 else torch.cat([y, y.new_tensor([null_class])])
-        outside = (labels < 0) | (labels > num_classes)
+        top = num_classes if has_null else num_classes - 1
+        outside = (labels < 0) | (labels > top)
         if bool(outside.any()):
+            bound = (
+                f"[0, num_classes] = [0, {top}] ({top}: the null label)"
+                if has_null
+                else f"[0, num_classes - 1] = [0, {top}] (the model has no null label)"
+            )
             raise ValueError(
-                f"labels must lie in [0, num_classes] = [0, {num_classes}] ({num_classes}: the null label), "
-                f"got {labels[outside].unique().tolist()} (in y or null_class)"
+                f"labels must lie in {bound}, got {labels[outside].unique().tolist()} (in y or null_class)"
             )
     return y
 

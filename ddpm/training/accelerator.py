@@ -10,11 +10,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, InitProcessGroupKwargs
 
-from ddpm.config import TrainConfig
+from ddpm.config import TrainConfig, tracker_names
 
 
 def build_accelerator(train: TrainConfig, run_dir: Path) -> Accelerator:
-    """The Accelerator for the `train` section, logging to trackers under `run_dir`.
+    """The Accelerator for the `train` section, logging to the trackers of train.log_with under `run_dir`
+    (a tracker named but not installed: ConfigError, before anything is built).
 
     On the CPU it also sets torch's thread count: train.cpu_threads, or the cores shared among the processes
     of this machine (`_cpu_threads_per_process`).
@@ -28,7 +29,7 @@ def build_accelerator(train: TrainConfig, run_dir: Path) -> Accelerator:
             num_steps=train.grad_accum, sync_with_dataloader=False
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train.seed),
-        log_with=_available_trackers() or None,
+        log_with=tracker_names(train) or None,
         project_dir=str(run_dir),
         # A process whose peer crashed or hangs stops with an error instead of waiting forever.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=train.dist_timeout_s))],
@@ -66,11 +67,3 @@ def _cpu_threads_per_process() -> int:
         return int(requested)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-
-
-def _available_trackers() -> list[str]:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return []
-    return ["tensorboard"]

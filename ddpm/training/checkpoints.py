@@ -24,6 +24,10 @@ from accelerate.utils import load as load_weights_only
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from ddpm.edm import schedule_from_config
+from ddpm.ema.posthoc import CHECKPOINT_FILE as POSTHOC_EMA_FILE
+from ddpm.ema.posthoc import check_snapshot_fits, load_snapshot, save_snapshot
+from ddpm.ema.power import PowerFunctionEMA
 from ddpm.io import EMA, NOISE_SCHEDULER, WEIGHTS_NAME, CheckpointError, one_line, save_pretrained
 from ddpm.models.unet import UNet
 from ddpm.models.weights import weight_mismatches
@@ -57,10 +61,12 @@ def save_checkpoint(
     ema_model: UNet,
     scheduler: NoiseScheduler,
     keep: int,
+    posthoc_ema: PowerFunctionEMA | None = None,
 ) -> Path:
     """Write a checkpoint of the prepared training objects atomically; every process must call this.
 
-    `model` and `ema_model` are the unwrapped networks. Returns the checkpoint folder. Older checkpoints
+    `model` and `ema_model` are the unwrapped networks; `posthoc_ema`, when the run tracks one, is saved as
+    posthoc_ema.safetensors (`ddpm.ema.posthoc`). Returns the checkpoint folder. Older checkpoints
     beyond the last `keep` are deleted once the new one is in place. Raises CheckpointError, leaving the
     earlier checkpoints as they were, when the weights are not finite or the files cannot be written, and
     RuntimeError when data-parallel replicas hold different weights.
@@ -78,6 +84,8 @@ def save_checkpoint(
         if accelerator.is_main_process:
             save_pretrained(tmp, model, scheduler)  # beside Accelerate's model.safetensors
             save_pretrained(tmp / EMA, ema_model, scheduler)
+            if posthoc_ema is not None:
+                save_snapshot(tmp / POSTHOC_EMA_FILE, posthoc_ema, state.step)
             (tmp / TRAINER_STATE).write_text(json.dumps(vars(state), indent=2))
             _flush_to_disk(tmp)
     except _WRITE_ERRORS as error:
@@ -100,9 +108,16 @@ def save_checkpoint(
 
 
 def load_training_state(
-    accelerator, checkpoint: Path, *, model: UNet, ema_model: UNet, scheduler: NoiseScheduler
+    accelerator,
+    checkpoint: Path,
+    *,
+    model: UNet,
+    ema_model: UNet,
+    scheduler: NoiseScheduler,
+    posthoc_ema: PowerFunctionEMA | None = None,
 ) -> TrainerState:
-    """Restore model, optimizer and RNG states (through Accelerate) and the EMA weights from `checkpoint`.
+    """Restore model, optimizer and RNG states (through Accelerate) and the EMA weights from `checkpoint`,
+    and the post-hoc EMA trackers when `posthoc_ema` is given (the checkpoint must then hold them).
 
     `model` and `ema_model` are the unwrapped networks, `scheduler` the noise schedule the run continues with.
     Everything is checked before anything is loaded: the noise schedule must be the one the checkpoint was
@@ -122,6 +137,14 @@ def load_training_state(
     _check_same_schedule(checkpoint, scheduler)
     _check_weights_fit(checkpoint / WEIGHTS_NAME, model)
     _check_weights_fit(checkpoint / EMA / WEIGHTS_NAME, ema_model)
+    if posthoc_ema is not None and not (checkpoint / POSTHOC_EMA_FILE).is_file():
+        raise CheckpointError(
+            f"{checkpoint} holds no post-hoc EMA state ({POSTHOC_EMA_FILE}): it was trained with "
+            "train.posthoc_ema_every=0; resume with train.posthoc_ema_every=0, or start a new run to track "
+            "post-hoc EMA from step 0"
+        )
+    if posthoc_ema is not None:
+        check_snapshot_fits(checkpoint / POSTHOC_EMA_FILE, posthoc_ema)
     for file in sorted(checkpoint.iterdir()):
         if file.suffix in _PICKLED:
             _check_unpickles_safely(file)
@@ -135,6 +158,8 @@ def load_training_state(
     try:
         accelerator.load_state(str(checkpoint))
         ema_model.load_state_dict(load_file(checkpoint / EMA / WEIGHTS_NAME))
+        if posthoc_ema is not None:
+            load_snapshot(checkpoint / POSTHOC_EMA_FILE, posthoc_ema)
     except (OSError, RuntimeError, KeyError, ValueError, SafetensorError) as error:
         raise CheckpointError(
             f"cannot resume from {checkpoint}: {one_line(error)}; it is damaged: name an earlier checkpoint "
@@ -239,7 +264,7 @@ def _check_same_schedule(checkpoint: Path, scheduler: NoiseScheduler) -> None:
             "or damaged: name an earlier one with --resume PATH"
         ) from None
     with contextlib.suppress(TypeError, ValueError):  # else written by another version: compared as it is
-        saved = NoiseScheduler(**saved).config
+        saved = schedule_from_config(saved).config
     saved, current = (json.loads(json.dumps(config)) for config in (saved, scheduler.config))
     differing = [key for key in sorted(saved.keys() | current.keys()) if saved.get(key) != current.get(key)]
     if differing:

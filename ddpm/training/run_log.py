@@ -1,12 +1,15 @@
-"""What a run reports as it goes: log.jsonl in the run directory, the trackers (TensorBoard when
-installed) and the progress bar; and the running loss that its records average."""
+"""What a run reports as it goes: log.jsonl in the run directory, the trackers of train.log_with
+(TensorBoard, Weights & Biases: scalars, sample grids and the config as hyperparameters) and the progress
+bar; and the running loss that its records average."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
@@ -23,7 +26,7 @@ class RunLog:
 
     `open` starts the trackers and the bar (use it in a `with` statement, which closes both);
     `log_steps` writes {"step", "loss", "lr", "images_per_s", "skipped_steps"} for the steps since the
-    previous record; `write` any record with a "step".
+    previous record; `write` any record with a "step"; `write_image` an image to the trackers alone.
 
     Args:
         accelerator: the run's Accelerator. run_dir: the run directory.
@@ -48,8 +51,18 @@ class RunLog:
             tmp.write_text("".join(line + "\n" for line in kept))
 
     def open(self, config: Config, *, step: int) -> RunLog:
-        """Start the trackers (given the flattened config) and a progress bar at `step` of train.steps."""
-        self.accelerator.init_trackers("ddpm", config=_flat(config.to_dict()))
+        """Start the trackers (project train.tracker_project; the config, flattened, as hyperparameters) and a
+        progress bar at `step` of train.steps.
+
+        TensorBoard writes to RUN/PROJECT/; wandb names its run after the run directory and keeps its files
+        in RUN/wandb/ (in $WANDB_DIR/wandb/ when that is set).
+        """
+        wandb = {"name": self.path.parent.name}
+        if not os.environ.get("WANDB_DIR"):
+            wandb["dir"] = str(self.path.parent)
+        self.accelerator.init_trackers(
+            config.train.tracker_project, config=_flat(config.to_dict()), init_kwargs={"wandb": wandb}
+        )
         self._bar = tqdm(
             total=config.train.steps,
             initial=step,
@@ -91,6 +104,17 @@ class RunLog:
             self._bar.set_postfix(self._postfix)
             with open(self.path, "a") as log:
                 log.write(json.dumps(record) + "\n")
+
+    def write_image(self, name: str, image: np.ndarray | None, *, step: int) -> None:
+        """Send `image`, (H, W, C) uint8, to the trackers as `name` at `step` (None: nothing to send)."""
+        if image is None:
+            return
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(name, image, global_step=step, dataformats="HWC")
+                tracker.writer.flush()
+            elif tracker.name == "wandb":
+                tracker.log_images({name: [image]}, step=step)  # each image as a wandb.Image
 
     def advance(self) -> None:
         """Move the progress bar on by one optimizer step."""
@@ -140,12 +164,13 @@ def _logged_step(line: str) -> int:
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
-    """Flatten a nested config for trackers (TensorBoard hparams take scalars only)."""
+    """A nested config as {"section.key": value} for the trackers, which take scalars and strings only
+    (TensorBoard's hparams): other values (lists, null) as their JSON text."""
     flat = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(_flat(value, f"{name}."))
         else:
-            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
     return flat

@@ -1,8 +1,9 @@
 """The training loop on Hugging Face Accelerate: one process or many, CPU or GPU, with the same code.
 
 `Trainer(config).train()` builds the network, the NoiseScheduler and the dataset from a `Config`, then runs
-AdamW with learning-rate warm-up, gradient clipping and accumulation, mixed precision, an EMA of the weights,
-label dropout for classifier-free guidance and the scheduler's loss weighting. It writes the run directory
+AdamW with learning-rate warm-up and decay (`ddpm.lr_schedule`), gradient clipping and accumulation, mixed
+precision, an EMA of the weights, label dropout for classifier-free guidance and the scheduler's loss
+weighting. It writes the run directory
 described in `ddpm.run_dir` and can resume it exactly.
 
 The loop puts together: the loss (`ddpm.losses`), the Accelerator (`.accelerator`), checkpoints and what
@@ -24,17 +25,18 @@ from ddpm.config import (
     ConfigError,
     TrainConfig,
     build_model,
+    build_schedule,
     check_diffusion_model,
     conflicts,
-    construct,
     raise_problems,
     save_config,
 )
 from ddpm.data import build_dataset, num_classes_of
-from ddpm.ema import EMA
+from ddpm.ema import EMA, PowerFunctionEMA
+from ddpm.ema.posthoc import abandon_newer_snapshots, save_snapshot, snapshot_path
 from ddpm.losses import diffusion_losses, drop_labels
+from ddpm.lr_schedule import learning_rate
 from ddpm.run_dir import RUN_CONFIG, TrainerState, latest_checkpoint
-from ddpm.schedule import NoiseScheduler
 from ddpm.training.accelerator import build_accelerator
 from ddpm.training.checkpoints import (
     abandon_newer_checkpoints,
@@ -70,18 +72,24 @@ class Trainer:
         # noise on each; the seedable sampler shares one data permutation that Accelerate then shards.
         set_seed(train.seed)
         self.dataset = build_dataset(config.data)
-        self.scheduler = construct(NoiseScheduler, "diffusion", config.diffusion)
+        self.scheduler = build_schedule(config.diffusion)
         model = build_model(config.model)
         _check_compatible(model, self.dataset, config)
         if train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.null_class = model.null_class
         self.ema = EMA(model, train.ema_decay, warmup=train.ema_warmup)
+        # Post-hoc EMA (ddpm.ema.posthoc): power-function EMAs, their snapshots combined after training.
+        self.posthoc_ema = (
+            PowerFunctionEMA(model, train.posthoc_ema_sigma_rels) if train.posthoc_ema_every else None
+        )
         set_seed(train.seed, device_specific=True)
         self.model, self.optimizer, self.loader = accelerator.prepare(
             model, _optimizer(model, train), _loader(self.dataset, config, accelerator.num_processes)
         )
         self.ema.module.to(accelerator.device)
+        if self.posthoc_ema is not None:
+            self.posthoc_ema.to(accelerator.device)
         self.forward = torch.compile(self.model) if train.compile else self.model
         self.losses = RunningLoss(train.grad_accum, accelerator.device)
         images_per_step = config.data.batch_size * train.grad_accum * accelerator.num_processes
@@ -131,6 +139,8 @@ class Trainer:
                     step = self.state.step
                     self.ema.update(accelerator.unwrap_model(self.model))
                     self.state.ema_updates = self.ema.updates
+                    if self.posthoc_ema is not None:
+                        self._update_posthoc_ema(step)
                     self.losses.end_step(step)
                     done = step >= train.steps or self.signals.stop_requested(step)
                     if step % train.log_every == 0 or done or step % train.checkpoint_every == 0:
@@ -144,10 +154,11 @@ class Trainer:
                         last_saved = self._save()
                     evaluate = not self.stopped_by  # nothing delays a pre-empted job
                     if evaluate and train.sample_every and (step % train.sample_every == 0 or done):
-                        self.evaluation.sample_grid(step, self.ema.module, self.scheduler)
+                        grid = self.evaluation.sample_grid(step, self.ema.module, self.scheduler)
+                        self.log.write_image("samples/ema", grid, step=step)
                     if evaluate and train.fid_every and (step % train.fid_every == 0 or done):
-                        fid = self.evaluation.fid(self.ema.module, self.scheduler)
-                        self.log.write({"step": step, "fid": fid})
+                        metrics = self.evaluation.metrics(self.ema.module, self.scheduler)
+                        self.log.write({"step": step, **metrics})
                     if done:
                         break
         except RuntimeError as error:
@@ -175,7 +186,14 @@ class Trainer:
         accelerator, train = self.accelerator, self.config.train
         with accelerator.accumulate(self.model):
             for group in self.optimizer.param_groups:
-                group["lr"] = _learning_rate(self.state.step, train)
+                group["lr"] = learning_rate(
+                    self.state.step,
+                    lr=train.lr,
+                    steps=train.steps,
+                    warmup_steps=train.warmup_steps,
+                    schedule=train.lr_schedule,
+                    lr_min=train.lr_min,
+                )
             loss = self._loss(x0, labels)
             self.losses.add_micro_batch(loss)
             accelerator.backward(loss)
@@ -226,6 +244,14 @@ class Trainer:
         self.timestep_sampler.update(gathered[0].long().cpu(), gathered[1].cpu())
         return (weights * losses).mean()
 
+    def _update_posthoc_ema(self, step: int) -> None:
+        """Update the power-function EMAs after optimizer step `step` (their t) and write their snapshot
+        every `train.posthoc_ema_every` steps and at the last step (main process only)."""
+        train = self.config.train
+        self.posthoc_ema.update(self.accelerator.unwrap_model(self.model), step)
+        if self.accelerator.is_main_process and (step % train.posthoc_ema_every == 0 or step == train.steps):
+            save_snapshot(snapshot_path(self.run_dir, step), self.posthoc_ema, step)
+
     def _predict(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """The network's output under the run's autocast (mixed precision)."""
         with self.accelerator.autocast():
@@ -257,10 +283,15 @@ class Trainer:
             model=self.accelerator.unwrap_model(self.model),
             ema_model=self.ema.module,
             scheduler=self.scheduler,
+            posthoc_ema=self.posthoc_ema,
         )
         self.ema.updates = self.state.ema_updates
         if self.timestep_sampler is not None and self.state.timestep_sampler is not None:
             self.timestep_sampler.load_state_dict(self.state.timestep_sampler)
+        if (
+            self.accelerator.is_main_process
+        ):  # before the others pass the barrier in abandon_newer_checkpoints
+            abandon_newer_snapshots(self.run_dir, self.state.step)
         abandon_newer_checkpoints(self.accelerator, self.run_dir, self.state.step)
         self.log.trim(self.state.step)
         self.accelerator.print(f"resumed from {checkpoint} at step {self.state.step}")
@@ -276,13 +307,8 @@ class Trainer:
             ema_model=self.ema.module,
             scheduler=self.scheduler,
             keep=self.config.train.keep_checkpoints,
+            posthoc_ema=self.posthoc_ema,
         )
-
-
-def _learning_rate(step: int, train: TrainConfig) -> float:
-    """Linear warm-up over `warmup_steps`, then constant: a function of the step, so resume is exact."""
-    scale = min(1.0, (step + 1) / train.warmup_steps) if train.warmup_steps > 0 else 1.0
-    return train.lr * scale
 
 
 def _optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:

@@ -1,0 +1,135 @@
+"""Sample images from a trained model and write them as a PNG grid.
+
+    ddpm-sample --n 16 [--checkpoint RUN_OR_CHECKPOINT] [--sampler ddim] [--steps 50 | --calls 50]
+        [--option NAME=VALUE ...] [--out FILE]
+
+Sampler settings default to the `sample:` section of the run's config, and the noise schedule is the one saved
+with the weights, so nothing from training is re-typed. The cost of a sampler is its network calls: --calls
+takes as many steps as fit in that many (a Heun step costs two); the steps and calls used go to stderr.
+
+(`python -m ddpm.sample_cli` and, in a clone, `python sample.py` are the same.)
+
+Exit status: 0 with the grid's path on stdout; 1 with a one-line `error: ...` on stderr for a bad option or
+checkpoint.
+"""
+
+import argparse
+import functools
+import sys
+from typing import Any, NoReturn
+
+import yaml
+
+from ddpm.config import DEFAULT_CONFIG
+from ddpm.inference import grid_from_checkpoint
+from ddpm.io import CheckpointError
+from ddpm.samplers import SAMPLE_KEYWORDS, SAMPLERS, solver_options
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr and exit status 1, as every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.exit(f"error: {message}; see --help")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=16, help="number of images (default: %(default)s)")
+    parser.add_argument(
+        "--checkpoint",
+        help="a run directory (its latest checkpoint), a checkpoint folder or its ema/, a model folder, or a "
+        "diffusers folder (default: output_dir of configs/digits.yaml)",
+    )
+    parser.add_argument(
+        "--out",
+        help="grid PNG path (default: RUN/samples/sample-STEP-WEIGHTS-SAMPLERSTEPS-...-seedS-nN.png, "
+        "named after every setting that changes the images)",
+    )
+    parser.add_argument(
+        "--sampler",
+        choices=list(SAMPLERS),
+        metavar="SAMPLER",
+        help=f"one of {', '.join(SAMPLERS)} (default: the run's sample.sampler)",
+    )
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="sampler steps (default: the run's sample.steps)")
+    budget.add_argument(
+        "--calls",
+        type=int,
+        help="network calls instead of steps: the most steps that cost at most this many (default: the "
+        "run's sample.calls when set)",
+    )
+    parser.add_argument("--eta", type=float, help="DDIM eta (default: the run's sample.eta)")
+    parser.add_argument(
+        "--option",
+        action="append",
+        type=_option,
+        metavar="NAME=VALUE",
+        help=f"a solver option, repeatable ({_solver_options_help()}); default: the run's sample.options "
+        "when sampling with its sampler",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded seed+i (>= 0)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--class-label", type=int, help="class of every image (default: cycle over classes)")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument("--save-images", action="store_true", help="also write one PNG per image")
+    parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    parser.add_argument(
+        "--schedule",
+        metavar="FILE",
+        help="noise schedule JSON (a noise_scheduler.json or a diffusers scheduler_config.json) in place of "
+        "the one saved with the weights; needed for a folder that has none",
+    )
+    parser.add_argument(
+        "--openai-flags",
+        metavar="FLAGS",
+        help="for an OpenAI .pt checkpoint (guided-diffusion, improved-diffusion): the MODEL_FLAGS and "
+        "DIFFUSION_FLAGS published with it, as one string (README, Interoperability)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        grid = grid_from_checkpoint(
+            args.checkpoint,
+            args.n,
+            default_config=DEFAULT_CONFIG,
+            out=args.out,
+            sampler=args.sampler,
+            steps=args.steps,
+            calls=args.calls,
+            eta=args.eta,
+            options=dict(args.option) if args.option else None,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            class_label=args.class_label,
+            guidance_scale=args.guidance_scale,
+            save_images=args.save_images,
+            use_ema=not args.raw,
+            schedule=args.schedule,
+            say=functools.partial(print, file=sys.stderr),
+            openai_flags=args.openai_flags,
+        )
+    except (CheckpointError, ValueError, OSError) as error:
+        sys.exit(f"error: {error}")
+    print(grid)
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """NAME=VALUE, the value read as a YAML scalar (as config overrides are): s_churn=40 gives 40."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, e.g. s_churn=40, got {text!r}")
+    return name, yaml.safe_load(value)
+
+
+def _solver_options_help() -> str:
+    """The solver options of each sampler that has some, for --help: "heun: s_churn, s_tmin, ..."."""
+    listed = []
+    for name, solver in SAMPLERS.items():
+        own = [option for option in solver_options(solver) if option not in SAMPLE_KEYWORDS]
+        listed += [f"{name}: {', '.join(own)}"] if own else []
+    return "; ".join(listed) or "none"
+
+
+if __name__ == "__main__":
+    main()

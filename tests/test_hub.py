@@ -1,0 +1,270 @@
+"""Hub repo ids wherever a model folder is taken, against a cache that huggingface_hub lays out itself.
+
+A tiny Hub runs in a thread on 127.0.0.1 and answers the endpoints that huggingface_hub's snapshot_download
+calls (the repo's revision info, its file tree, and HEAD and GET of each file's resolve URL); a first process,
+pointed at it by HF_ENDPOINT with a fresh HF_HOME, fetches a diffusers pipeline folder through ddpm, so that
+huggingface_hub writes blobs/, snapshots/<commit>/ and refs/main as it would from huggingface.co. Later
+processes load that cache with HF_HUB_OFFLINE=1 and the Hub stopped.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import huggingface_hub
+import pytest
+import torch
+from test_interop import TINY_2_LEVELS, save_diffusers  # pytest puts tests/ on sys.path
+
+import ddpm
+from ddpm.fid.__main__ import main as fid_main
+from ddpm.hub import MODEL_FILES, HubError, hub_repo_id, model_folder
+from ddpm.inference import load_for_sampling
+from ddpm.interop.diffusers import unet_from_diffusers
+
+diffusers = pytest.importorskip("diffusers")
+ROOT = Path(__file__).resolve().parents[1]
+REPO = "hub-user/tiny-ddpm"
+
+
+class FakeHub:
+    """A Hub of a few model repos, {repo id: {path in the repo: bytes}}, each at one commit; `requests`
+    records (method, path) of every request. Unknown repos answer 401 RepoNotFound, as the Hub does."""
+
+    def __init__(self, repos: dict[str, dict[str, bytes]]):
+        self.repos = repos
+        self.commits = {
+            repo: hashlib.sha1(
+                json.dumps(sorted((p, hashlib.sha1(b).hexdigest()) for p, b in files.items())).encode()
+            ).hexdigest()
+            for repo, files in repos.items()
+        }
+        self.requests: list[tuple[str, str]] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                hub.answer(self, body=True)
+
+            def do_HEAD(self):
+                hub.answer(self, body=False)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def answer(self, request: BaseHTTPRequestHandler, *, body: bool) -> None:
+        path = unquote(urlsplit(request.path).path)
+        self.requests.append((request.command, path))
+        parts = path.strip("/").split("/")
+        if parts[:2] == ["api", "models"]:  # /api/models/NS/NAME/revision/REV or /tree/REV
+            repo, kind, revision = "/".join(parts[2:4]), parts[4], parts[5]
+            file_path = None
+        else:  # /NS/NAME/resolve/REV/PATH
+            repo, kind, revision, file_path = "/".join(parts[:2]), parts[2], parts[3], "/".join(parts[4:])
+        if repo not in self.repos:
+            return self.send(request, 401, b"", {"X-Error-Code": "RepoNotFound"}, body)
+        commit, files = self.commits[repo], self.repos[repo]
+        if revision not in ("main", commit):
+            return self.send(request, 404, b"", {"X-Error-Code": "RevisionNotFound"}, body)
+        if kind == "revision":
+            info = {"id": repo, "sha": commit, "siblings": [{"rfilename": p} for p in files]}
+            return self.send(request, 200, json.dumps(info).encode(), {}, body)
+        if kind == "tree":
+            tree = [
+                {"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                for p, b in files.items()
+            ]
+            return self.send(request, 200, json.dumps(tree).encode(), {}, body)
+        if kind == "resolve" and file_path in files:
+            content = files[file_path]
+            headers = {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha1(content).hexdigest()}"'}
+            return self.send(request, 200, content, headers, body)
+        return self.send(request, 404, b"", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit}, body)
+
+    @staticmethod
+    def send(request, status: int, content: bytes, headers: dict, body: bool) -> None:
+        request.send_response(status)
+        for key, value in {**headers, "Content-Length": str(len(content))}.items():
+            request.send_header(key, value)
+        request.end_headers()
+        if body:
+            request.wfile.write(content)
+
+
+def run(code_or_args: str | list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    """python -c CODE (or python ARGS) in a fresh process with `env` on top of ours, this worktree first."""
+    args = ["-c", code_or_args] if isinstance(code_or_args, str) else code_or_args
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    full_env |= {"PYTHONPATH": str(ROOT), "NO_PROXY": "127.0.0.1", "HF_HUB_DISABLE_TELEMETRY": "1", **env}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    """A diffusers DDPMPipeline folder as diffusers saves it, plus files a model does not need."""
+    folder = tmp_path_factory.mktemp("tiny-ddpm")
+    config = {**TINY_2_LEVELS, "block_out_channels": [4, 4], "norm_num_groups": 2, "add_attention": False}
+    config |= {"down_block_types": ["DownBlock2D"] * 2, "up_block_types": ["UpBlock2D"] * 2}
+    unet = save_diffusers(folder / "tmp", config)
+    diffusers.DDPMPipeline(
+        unet=unet, scheduler=diffusers.DDPMScheduler(num_train_timesteps=50)
+    ).save_pretrained(folder / "pipe")
+    (folder / "pipe" / "README.md").write_text("# a model card\n")
+    (folder / "pipe" / "samples").mkdir()
+    (folder / "pipe" / "samples" / "grid.png").write_bytes(b"not needed")
+    return folder / "pipe"
+
+
+@pytest.fixture(scope="module")
+def hub_cache(pipeline, tmp_path_factory) -> tuple[Path, FakeHub]:
+    """HF_HOME after one process fetched REPO from the fake Hub through ddpm; the Hub is stopped after."""
+    files = {str(p.relative_to(pipeline)): p.read_bytes() for p in pipeline.rglob("*") if p.is_file()}
+    hub = FakeHub({REPO: files})
+    home = tmp_path_factory.mktemp("hf_home")
+    try:
+        done = run(
+            f"from ddpm.hub import model_folder; print(model_folder({REPO!r}))",
+            {"HF_HOME": str(home), "HF_ENDPOINT": hub.url},
+            home,
+        )
+    finally:
+        hub.stop()
+    assert done.returncode == 0, done.stderr
+    cached = home / "hub" / "models--hub-user--tiny-ddpm"
+    assert Path(done.stdout.strip().splitlines()[-1]) == cached / "snapshots" / hub.commits[REPO]
+    return home, hub
+
+
+def test_a_repo_id_is_fetched_into_the_cache_huggingface_hub_lays_out_with_only_the_model_files(hub_cache):
+    home, hub = hub_cache
+    cached = home / "hub" / "models--hub-user--tiny-ddpm"
+    commit = hub.commits[REPO]
+    assert (cached / "refs" / "main").read_text() == commit
+    snapshot = cached / "snapshots" / commit
+    fetched = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if not p.is_dir())
+    assert fetched == sorted(set(hub.repos[REPO]) & set(MODEL_FILES))
+    assert "unet/diffusion_pytorch_model.safetensors" in fetched and "README.md" not in fetched
+    for name in fetched:  # huggingface_hub's layout: snapshot entries link to content-addressed blobs
+        assert (snapshot / name).is_symlink()
+        assert (snapshot / name).resolve().parent == (cached / "blobs").resolve()
+        assert (snapshot / name).read_bytes() == hub.repos[REPO][name]
+    downloads = {path for method, path in hub.requests if method == "GET" and "/resolve/" in path}
+    assert all(path.split(f"/resolve/{commit}/")[1] in MODEL_FILES for path in downloads)
+
+
+def test_offline_the_cached_repo_loads_everywhere_a_model_folder_is_taken(hub_cache, pipeline, tmp_path):
+    home, _ = hub_cache
+    code = f"""
+import torch, ddpm
+from ddpm.interop.diffusers import unet_from_diffusers
+from ddpm.inference import load_for_sampling
+model, scheduler = ddpm.load_pretrained({REPO!r})
+network = unet_from_diffusers({REPO!r} + "@main")
+loaded = load_for_sampling({REPO!r})
+x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+t = torch.tensor([3, 40])
+torch.save([model(x, t), network(x, t), loaded.model(x, t), scheduler.config, loaded.weights], "out.pt")
+"""
+    offline = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    done = run(code, offline, tmp_path)
+    assert done.returncode == 0, done.stderr
+    out1, out2, out3, config, weights = torch.load(tmp_path / "out.pt", weights_only=True)
+    reference, expected_scheduler = ddpm.load_pretrained(pipeline)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = reference(x, torch.tensor([3, 40]))
+    for out in (out1, out2, out3):
+        torch.testing.assert_close(out, expected)
+    assert config == expected_scheduler.config and config["num_train_timesteps"] == 50
+    assert weights == "diffusers"
+
+    # sample.py --checkpoint with the repo id, offline.
+    grid = tmp_path / "grid.png"
+    args = [
+        "sample.py",
+        "--checkpoint",
+        REPO,
+        "--n",
+        "2",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "2",
+        "--out",
+        str(grid),
+    ]
+    done = run([str(ROOT / args[0]), *args[1:]], offline, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(grid) and grid.is_file()
+
+
+def test_offline_a_repo_not_in_the_cache_is_one_line_naming_it_the_cache_and_the_fetch(tmp_path):
+    offline = {"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
+    done = run(
+        [str(ROOT / "sample.py"), "--checkpoint", "google/ddpm-cifar10-32@v1", "--n", "1"], offline, tmp_path
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    message = done.stderr
+    assert "google/ddpm-cifar10-32" in message and str(tmp_path / "empty" / "hub") in message
+    assert (
+        "HF_HUB_OFFLINE is set" in message and "hf download google/ddpm-cifar10-32 --revision v1" in message
+    )
+
+
+@pytest.fixture
+def offline_empty_cache(tmp_path, monkeypatch) -> Path:
+    """huggingface_hub in this process, offline with an empty cache (its settings are read at import)."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_every_loader_and_the_fid_command_go_to_the_hub_for_a_repo_id(offline_empty_cache, tmp_path):
+    for load in (ddpm.load_pretrained, unet_from_diffusers, load_for_sampling, model_folder):
+        with pytest.raises(
+            HubError, match=f"Hub model owner/model is not in the Hub cache at {offline_empty_cache}"
+        ):
+            load("owner/model")
+    with pytest.raises(SystemExit) as stop:
+        fid_main(["owner/model", str(tmp_path), "--weights", __file__])
+    assert "Hub model owner/model is not in the Hub cache" in str(stop.value.code)
+    assert "\n" not in str(stop.value.code)
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("google/ddpm-cifar10-32", ("google/ddpm-cifar10-32", None)),
+        ("google/ddpm-cifar10-32@0123abc", ("google/ddpm-cifar10-32", "0123abc")),
+        ("google/ddpm-cifar10-32@refs/pr/1", ("google/ddpm-cifar10-32", "refs/pr/1")),
+        ("runs/x/checkpoints", None),  # two slashes: a path
+        ("./owner/name", None),
+        ("/owner/name", None),
+        ("owner/na--me", None),  # not a valid repo name
+        ("model", None),  # namespace-less names are local paths here
+        (Path("owner/name"), None),  # a Path is always local
+    ],
+)
+def test_what_counts_as_a_repo_id(path, expected):
+    assert hub_repo_id(path) == expected
+
+
+def test_an_existing_local_path_wins_over_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "owner" / "name").mkdir(parents=True)
+    assert hub_repo_id("owner/name") is None and model_folder("owner/name") == Path("owner/name")
