@@ -34,6 +34,10 @@ from ddpm.samplers import SampleOptionError, check_sample_options
 from ddpm.schedule import LOSS_WEIGHTINGS, NoiseScheduler
 from ddpm.trackers import LOG_WITH, trackers
 
+# The values of train.timestep_sampling: uniform t, or Nichol & Dhariwal 2021's importance sampling of t by
+# the root mean square of its recent losses (ddpm.training.timestep_sampler).
+TIMESTEP_SAMPLINGS = ("uniform", "loss_second_moment")
+
 
 def _bundled_configs() -> Path:
     """The folder of the configs that ship with ddpm: package data (ddpm/configs/) in an installed wheel, the
@@ -87,6 +91,10 @@ class TrainConfig:
     label_dropout: float = 0.1  # p of replacing y by the null label (classifier-free guidance)
     loss_weighting: str = "uniform"  # uniform | min_snr (ddpm.schedule.LOSS_WEIGHTINGS)
     min_snr_gamma: float = 5.0
+    # Learn the variance (Nichol & Dhariwal 2021): the hybrid loss L_simple + 0.001 L_vlb (ddpm.losses); needs
+    # model.out_channels = 2 * model.in_channels and diffusion.variance_type = learned_range
+    learn_sigma: bool = False
+    timestep_sampling: str = "uniform"  # uniform | loss_second_moment (their importance sampling of t)
     channels_last: bool = False
     compile: bool = False
     checkpoint_every: int = 500  # optimizer steps
@@ -221,12 +229,30 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
         return f"model.{name}={_yaml(model[name])}{note}"
 
     problems = []
+    learn_sigma = config.train.learn_sigma
     for name in ("in_channels", "out_channels"):
-        if model[name] != data.channels:
+        expected = 2 * data.channels if name == "out_channels" and learn_sigma else data.channels
+        if model[name] != expected:
+            why = (
+                " (train.learn_sigma=true: the prediction, then the variance values)"
+                if expected != data.channels
+                else ""
+            )
             problems.append(
-                f"{key(name)} but data.channels={data.channels}: set model.{name}={data.channels} "
+                f"{key(name)} but data.channels={data.channels}{why}: set model.{name}={expected} "
                 "or change data.channels"
             )
+    variance_type = {"variance_type": "fixed_small", **config.diffusion}["variance_type"]
+    if learn_sigma != (variance_type == "learned_range"):
+        note = "" if "variance_type" in config.diffusion else " (NoiseScheduler's default)"
+        if learn_sigma:
+            fix = "diffusion.variance_type=learned_range or train.learn_sigma=false"
+        else:
+            fix = "train.learn_sigma=true (and model.out_channels=2*data.channels) or a fixed variance_type"
+        problems.append(
+            f"train.learn_sigma={_yaml(learn_sigma)} but diffusion.variance_type={variance_type}{note}: a "
+            f"learned variance needs both (and model.out_channels = 2 x data.channels); set {fix}"
+        )
     if model["image_size"] != data.image_size:
         problems.append(
             f"{key('image_size')} but data.image_size={data.image_size}: make them equal (model.image_size "
@@ -241,6 +267,12 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
         problems.append(
             f"train.loss_weighting={config.train.loss_weighting} but diffusion.{FORMULATION}=edm, whose loss "
             "weight lambda(sigma) is its own (Karras et al. 2022): set train.loss_weighting=uniform"
+        )
+    if diffusion_class(config.diffusion)[0] is EDMScheduler and config.train.timestep_sampling != "uniform":
+        problems.append(
+            f"train.timestep_sampling={config.train.timestep_sampling} but diffusion.{FORMULATION}=edm, "
+            "whose noise levels are continuous (no per-timestep loss history): set "
+            "train.timestep_sampling=uniform"
         )
     if model["num_classes"] is None and sample.guidance_scale != 1:
         problems.append(
@@ -357,6 +389,7 @@ _CHOICES: dict[str, tuple] = {
     "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "train.nan_policy": ("stop", "skip"),
     "train.loss_weighting": LOSS_WEIGHTINGS,
+    "train.timestep_sampling": TIMESTEP_SAMPLINGS,
     "train.lr_schedule": LR_SCHEDULES,
     "train.log_with": LOG_WITH,
 }

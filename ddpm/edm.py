@@ -52,6 +52,12 @@ class EDMScheduler:
     """
 
     prediction_type = "edm"  # the network predicts F of Eq. 7
+    # No learned variance in this formulation: the network has C output channels, and the ancestral sampler
+    # takes the posterior variance (NoiseScheduler's methods of the same name, for the same interface).
+    variance_type = "fixed_small"
+    learns_variance = False
+    split_output = NoiseScheduler.split_output
+    log_variance = NoiseScheduler.log_variance
     num_train_timesteps = MAX_SAMPLING_STEPS  # continuous: no training timesteps; the most sampling steps
 
     def __init__(

@@ -53,6 +53,8 @@ class TrainerState:
     step: int  # optimizer steps taken
     ema_updates: int  # EMA updates applied (drives the EMA decay warm-up)
     skipped_steps: int = 0  # steps dropped for a non-finite loss (nan_policy "skip"); 0 in older files
+    # train.timestep_sampling=loss_second_moment: its loss history (LossSecondMomentSampler.state_dict)
+    timestep_sampler: dict | None = None
     ddpm_version: str = field(default_factory=ddpm_version)
 
 

@@ -30,6 +30,10 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential")
 SIGMA_SPACINGS = ("karras", "exponential")  # spaced in sigma between the schedule's ends: float timesteps
 KARRAS_RHO = 7.0  # Karras et al. 2022, Eq. 5: the rho of their experiments
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
+# The reverse-process variance Sigma_t of p(x_s | x_t), named as diffusers' DDPMScheduler names them:
+# "fixed_small" the posterior variance beta-tilde, "fixed_large" beta (Ho et al. 2020, Sec. 3.2),
+# "learned_range" interpolated in log space by the model's second C output channels (Nichol & Dhariwal 2021).
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 
 
 class NoiseScheduler:
@@ -51,10 +55,12 @@ class NoiseScheduler:
         clip_sample_range: float = 1.0,
         timestep_spacing: str = "trailing",  # one of TIMESTEP_SPACINGS: see inference_timesteps
         steps_offset: int = 0,  # added to "leading" timesteps (as in diffusers)
+        variance_type: str = "fixed_small",  # one of VARIANCE_TYPES: see `log_variance`
     ):
         _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
         _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        _check_choice("variance_type", variance_type, VARIANCE_TYPES)
         if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be an integer >= 2, got {num_train_timesteps!r}")
         if beta_schedule != "cosine" and not 0 < beta_start <= beta_end < 1:
@@ -89,6 +95,7 @@ class NoiseScheduler:
             "clip_sample_range": clip_sample_range,
             "timestep_spacing": timestep_spacing,
             "steps_offset": steps_offset,
+            "variance_type": variance_type,
         }
         self.num_train_timesteps = num_train_timesteps
         self.prediction_type = prediction_type
@@ -96,6 +103,7 @@ class NoiseScheduler:
         self.clip_sample_range = clip_sample_range
         self.timestep_spacing = timestep_spacing
         self.steps_offset = steps_offset
+        self.variance_type = variance_type
 
         betas = _make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
         if rescale_betas_zero_snr:
@@ -105,6 +113,87 @@ class NoiseScheduler:
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (T,) float64, alpha_bar_t
         # (T,) float64, increasing; +inf at zero terminal SNR
         self.log_sigmas = 0.5 * ((1 - self.alphas_cumprod).log() - self.alphas_cumprod.log())
+        # (T,) float64: beta-tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) (Ho et al. Eq. 7),
+        # 0 at t = 0 (alpha_bar_{-1} = 1); its log with t = 0 clipped to beta-tilde_1 (as improved-diffusion)
+        alphas_cumprod_prev = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod[:-1]])
+        self.posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - self.alphas_cumprod)
+        self.log_posterior_variance_clipped = torch.cat(
+            [self.posterior_variance[1:2], self.posterior_variance[1:]]
+        ).log()
+
+    @property
+    def learns_variance(self) -> bool:
+        """Whether the model outputs 2C channels, the second C setting the variance ("learned_range")."""
+        return self.variance_type == "learned_range"
+
+    def split_output(self, model_output: Tensor, channels: int) -> tuple[Tensor, Tensor | None]:
+        """A model output (N, C', H, W) for images of `channels` = C channels -> (prediction (N, C, H, W), the
+        variance values v (N, C, H, W) in [-1, 1] or None). With "learned_range" C' must be 2C; otherwise C.
+
+        Raises ValueError naming the mismatch and the fix (the model was trained for the other variance_type).
+        """
+        got = model_output.shape[1]
+        if self.learns_variance:
+            if got != 2 * channels:
+                raise ValueError(
+                    f"variance_type='learned_range' needs a model with 2 x {channels} = {2 * channels} "
+                    f"output channels (the prediction, then the variance values), but it returned {got}: "
+                    "sample it with a fixed variance_type ('fixed_small' or 'fixed_large') in its "
+                    "noise_scheduler.json, or train it with model.out_channels=2*in_channels and "
+                    "train.learn_sigma=true"
+                )
+            prediction, v = model_output.split(channels, dim=1)
+            return prediction, v
+        if got != channels:
+            hint = (
+                " (twice the image channels: a model trained with learned variance needs "
+                "variance_type='learned_range' in its noise_scheduler.json)"
+                if got == 2 * channels
+                else ""
+            )
+            raise ValueError(
+                f"the model returned {got} channels for images of {channels}{hint}; variance_type="
+                f"{self.variance_type!r} expects exactly {channels}"
+            )
+        return model_output, None
+
+    def log_variance(self, log_beta: Tensor, log_beta_tilde: Tensor, v: Tensor | None = None) -> Tensor:
+        """The log of the reverse-process variance Sigma of p(x_s | x_t) by `variance_type`, from the log of
+        the step's beta = 1 - alpha_bar_t / alpha_bar_s and of its posterior variance beta-tilde =
+        (1 - alpha_bar_s) / (1 - alpha_bar_t) beta (Ho et al. 2020, Eq. 7 and Sec. 3.2):
+        "fixed_small": log beta-tilde; "fixed_large": log beta; "learned_range": Nichol & Dhariwal 2021,
+        Eq. 15, frac log beta + (1 - frac) log beta-tilde with frac = (v + 1) / 2 (v = +1: beta, v = -1:
+        beta-tilde). log_beta, log_beta_tilde: tensors broadcasting against v ((N, 1, 1, 1) or scalars); v:
+        (N, C, H, W), needed for "learned_range" only. Returns their broadcast shape, in v's dtype or theirs.
+        """
+        if self.variance_type == "fixed_small":
+            return log_beta_tilde
+        if self.variance_type == "fixed_large":
+            return log_beta
+        if v is None:
+            raise ValueError("variance_type='learned_range' needs the model's variance values v")
+        frac = (v + 1) / 2
+        return frac * log_beta.to(v.dtype) + (1 - frac) * log_beta_tilde.to(v.dtype)
+
+    def posterior_log_variance(self, t: Tensor, *, ndim: int = 4) -> Tensor:
+        """log beta-tilde_t, the variance of the posterior q(x_{t-1} | x_t, x0) (Ho et al. 2020, Eq. 7), at
+        training timesteps t, with t = 0 (where it is 0) clipped to beta-tilde_1 as improved-diffusion does.
+        t: (N,) long. Returns (N, 1, ..., 1) float64 (float32 on MPS) of `ndim` dimensions."""
+        return self._table(self.log_posterior_variance_clipped, t)[t].reshape(-1, *([1] * (ndim - 1)))
+
+    def model_log_variance(self, t: Tensor, v: Tensor | None = None, *, ndim: int = 4) -> Tensor:
+        """`log_variance` of the one-step reverse process p(x_{t-1} | x_t) at training timesteps t, with
+        improved-diffusion's values at t = 0 (where beta-tilde_0 = 0): beta-tilde is clipped to beta-tilde_1,
+        and "fixed_large" takes beta-tilde_1 too ("a better decoder log likelihood"); "learned_range" keeps
+        log beta_0 as its upper end. t: (N,) long; v: (N, C, H, W) or None. Returns (N, 1, ..., 1) float64 of
+        `ndim` dimensions for the fixed types, v's shape and dtype for "learned_range".
+        """
+        shape = (-1, *([1] * (ndim - 1)))
+        log_beta_tilde = self.posterior_log_variance(t, ndim=ndim)
+        log_beta = self._table(self.betas, t)[t].log().reshape(shape)
+        if self.variance_type == "fixed_large":
+            log_beta = torch.where(t.reshape(shape) == 0, log_beta_tilde, log_beta)
+        return self.log_variance(log_beta, log_beta_tilde, v)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
@@ -135,14 +224,16 @@ class NoiseScheduler:
             return x0
         return self.velocity(x0, noise, t)
 
-    def predict_x0_and_eps(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def predict_x0_and_eps(
+        self, model_output: Tensor, x_t: Tensor, t: Tensor, *, clip: bool = True
+    ) -> tuple[Tensor, Tensor]:
         """Turn a model output into the estimates (x0, eps) at x_t; the one conversion every sampler uses.
 
-        model_output, x_t: (N, ...); t: (N,) long or float (see `alpha_bar`). With `clip_sample`, x0 is
-        clamped and eps re-derived from the clamped x0 so that the pair stays consistent with x_t (as in
-        GLIDE / improved-diffusion's DDIM). Divides only by sqrt(alpha_bar_t) for epsilon prediction
-        (alpha_bar_t > 0 there, see the module docstring) and by sqrt(1 - alpha_bar_t) >= sqrt(beta_0)
-        otherwise.
+        model_output, x_t: (N, ...); t: (N,) long or float (see `alpha_bar`). With `clip_sample` (and clip,
+        which the training loss turns off), x0 is clamped and eps re-derived from the clamped x0 so that the
+        pair stays consistent with x_t (as in GLIDE / improved-diffusion's DDIM). Divides only by
+        sqrt(alpha_bar_t) for epsilon prediction (alpha_bar_t > 0 there, see the module docstring) and by
+        sqrt(1 - alpha_bar_t) >= sqrt(beta_0) otherwise.
         """
         alpha_bar = self._gather(t, x_t)
         a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()  # signal and noise scales of x_t = a x0 + s eps
@@ -155,7 +246,7 @@ class NoiseScheduler:
         else:  # v = a eps - s x0 and x_t = a x0 + s eps, with a^2 + s^2 = 1
             x0 = a * x_t - s * model_output
             eps = a * model_output + s * x_t
-        if self.clip_sample:
+        if self.clip_sample and clip:
             x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
             eps = (x_t - a * x0) / s
         return x0, eps

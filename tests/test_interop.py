@@ -332,7 +332,7 @@ def test_scheduler_from_diffusers_and_back(schedule):
     with pytest.raises(ValueError, match="thresholding"):
         scheduler_from_diffusers({**theirs.config, "thresholding": True, "sample_max_value": 2.0})
     # and back: our config as diffusers kwargs builds their scheduler with our alpha_bar
-    again = diffusers.DDIMScheduler(**diffusers_scheduler_config(ours))
+    again = diffusers.DDIMScheduler(**diffusers_scheduler_config(ours, "DDIMScheduler"))
     assert again.config.beta_schedule == schedule
     torch.testing.assert_close(ours.alphas_cumprod.float(), again.alphas_cumprod, rtol=0, atol=1e-6)
     assert scheduler_from_diffusers(diffusers_scheduler_config(ours)).config == ours.config

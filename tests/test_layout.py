@@ -37,6 +37,12 @@ def test_no_module_reaches_the_scripts():
     assert not problems, "; ".join(problems)
 
 
+def test_no_module_imports_the_likelihood_cli():
+    """ddpm.nll loads models (it sits above ddpm.inference): a module below importing it closes a cycle."""
+    importers = sorted(name for name, found in GRAPH.items() if "ddpm.nll" in found)
+    assert not importers, f"{importers} import ddpm.nll, the likelihood CLI at the top of the layout"
+
+
 def test_the_clone_scripts_only_run_the_package_commands():
     # The CLIs live in the package, so that an installed ddpm has them: the clone's scripts only call them.
     for script, cli in zip(SCRIPTS, CLI_MODULES, strict=True):

@@ -121,7 +121,7 @@ def test_ddim_trajectory_matches_diffusers_exactly_on_the_same_table(prediction_
 )
 def test_ddpm_trajectory_matches_diffusers(spacing, variance, steps):
     """Same table, same x_T and the same generator seed: both draw one noise per step but the last."""
-    ours = NoiseScheduler(timestep_spacing=spacing)
+    ours = NoiseScheduler(timestep_spacing=spacing, variance_type=variance)
     ref = DDPMScheduler(variance_type=variance, clip_sample=False, timestep_spacing=spacing)
     ref.alphas_cumprod = ours.alphas_cumprod.clone()
     ref.set_timesteps(steps)
@@ -132,7 +132,6 @@ def test_ddpm_trajectory_matches_diffusers(spacing, variance, steps):
         noise=x_T(),
         sampler="ddpm",
         steps=steps,
-        variance=variance,
         generator=torch.Generator().manual_seed(3),
         progress=False,
     )
@@ -440,7 +439,7 @@ def test_convergence_order_with_the_exact_score():
 def test_ddpm_step_is_the_gaussian_posterior(variance):
     """x_s drawn by the sampler == mean + std * z with the posterior of q(x_s | x_t, x0) derived here by
     Gaussian conditioning (x_s ~ N(sqrt(ab_s) x0, 1 - ab_s), x_t = sqrt(ab_t / ab_s) x_s + N(0, beta))."""
-    scheduler = NoiseScheduler(prediction_type="sample")
+    scheduler = NoiseScheduler(prediction_type="sample", variance_type=variance)
     x0_pred = torch.linspace(-1, 1, 32, dtype=torch.float64).reshape(2, 1, 4, 4)
     calls = []
 
@@ -455,7 +454,6 @@ def test_ddpm_step_is_the_gaussian_posterior(variance):
         noise=noise,
         sampler="ddpm",
         steps=4,
-        variance=variance,
         progress=False,
         generator=torch.Generator().manual_seed(5),
     )
@@ -486,7 +484,6 @@ def test_ddim_with_eta_one_is_ddpm_with_fixed_small_variance():
         LinearToy(),
         NoiseScheduler(),
         sampler="ddpm",
-        variance="fixed_small",
         **kwargs,
         generator=torch.Generator().manual_seed(0),
     )
@@ -569,7 +566,7 @@ def test_ddpm_with_all_training_steps_visits_every_timestep():
 def test_sampling_stays_finite(diffusion, name, variance, eta):
     """Zero terminal SNR (alpha_bar = 0 at the first step visited), the cosine schedule's 0.999 last beta,
     every variance option (diffusers #14569: a variance option that gave NaN)."""
-    scheduler = NoiseScheduler(**diffusion)
+    scheduler = NoiseScheduler(**diffusion, variance_type=variance)
     model = LinearToy()
     got = sample(
         model,
@@ -577,7 +574,6 @@ def test_sampling_stays_finite(diffusion, name, variance, eta):
         noise=x_T(torch.float32),
         sampler=name,
         steps=8,
-        variance=variance,
         eta=eta,
         generator=torch.Generator().manual_seed(0),
         progress=False,
@@ -756,15 +752,6 @@ def test_unknown_sampler_lists_the_valid_names():
         ({"noise": torch.zeros(SHAPE)}, "exactly one of shape"),
         ({"shape": None}, "exactly one of shape"),
         ({"y": torch.tensor([1, 2, 3])}, r"y must have shape \(2,\)"),
-        (
-            {"sampler": "ddpm", "variance": "fixed_large_log"},
-            "invalid variance='fixed_large_log': expected one of fixed_small, fixed_large",
-        ),
-        (
-            {"variance": "fixed_large"},
-            r"invalid variance='fixed_large': expected 'fixed_small' with sampler 'ddim' \(variance applies "
-            "only to sampler 'ddpm'",
-        ),
         ({"eta": 1.5}, r"invalid eta=1.5: expected a number in \[0, 1\]"),
         (
             {"sampler": "ddpm", "eta": 0.5},
@@ -791,15 +778,6 @@ def test_invalid_arguments(kwargs, message):
         ({"eta": 1.5}, r"invalid eta=1\.5: expected a number in \[0, 1\]"),
         ({"eta": float("nan")}, r"invalid eta=nan: expected a number in \[0, 1\]"),
         ({"sampler": "dpm++", "eta": 0.5}, r"invalid eta=0\.5: expected 0 with sampler 'dpm\+\+'"),
-        (
-            {"sampler": "ddpm", "variance": "fixed"},
-            r"invalid variance='fixed': expected one of fixed_small, ",
-        ),
-        (
-            {"sampler": "dpm++", "variance": "fixed_large"},
-            r"invalid variance='fixed_large': expected 'fixed_small' with sampler 'dpm\+\+' "
-            r"\(variance applies only to sampler 'ddpm'\)$",
-        ),
         ({"guidance_scale": -0.5}, r"invalid guidance_scale=-0\.5: expected a finite number >= 0"),
         ({"guidance_scale": float("inf")}, r"invalid guidance_scale=inf: expected a finite number >= 0"),
     ],
@@ -815,14 +793,12 @@ def test_check_sample_options_accepts_the_bounds():
     check_sample_options(sampler="ddim", steps=100, eta=1, guidance_scale=0, num_train_timesteps=100)
     check_sample_options(sampler="dpm++", steps=1, eta=0.0, guidance_scale=7.5, num_train_timesteps=100)
     check_sample_options(sampler="ddpm", steps=5000, eta=0, guidance_scale=1.0)  # no T: steps >= 1 only
-    check_sample_options(sampler="ddpm", steps=5, eta=0, guidance_scale=1.0, variance="fixed_large")
-    check_sample_options(sampler="dpm++", steps=5, eta=0, guidance_scale=1.0, variance="fixed_small")
 
 
 def test_each_solver_gets_only_the_options_it_declares():
-    """sample() hands a solver those of eta, variance and generator its signature declares, and no other."""
+    """sample() hands a solver those of eta and generator its signature declares, and no other."""
     assert {name: solver_options(solver) for name, solver in SAMPLERS.items()} == {
-        "ddpm": ("variance", "generator"),
+        "ddpm": ("generator",),
         "ddim": ("eta", "generator"),
         "dpm++": (),
         "dpm++2m": (),

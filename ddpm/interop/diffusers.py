@@ -24,7 +24,7 @@ from torch import Tensor
 from ddpm.hub import model_folder
 from ddpm.models.unet import UNet
 from ddpm.models.weights import load_checked
-from ddpm.schedule import SIGMA_SPACINGS, NoiseScheduler
+from ddpm.schedule import SIGMA_SPACINGS, VARIANCE_TYPES, NoiseScheduler
 
 DIFFUSERS_CONFIG = (
     "config.json"  # ours has the same name: the content ('_class_name' or 'class') tells them apart
@@ -288,12 +288,22 @@ def scheduler_from_diffusers(config: dict) -> NoiseScheduler:
     checkpoints also set), but a DPMSolverMultistepScheduler config (its `_class_name`) has no clipping.
     Their `squaredcos_cap_v2` is our `cosine`. `thresholding` with sample_max_value = 1 clamps x0 to
     [-1, 1] (diffusers clamps the dynamic threshold to [1, sample_max_value]): it is read as clip_sample.
-    Dynamic thresholding (sample_max_value > 1) and trained_betas raise ValueError. `variance_type` is a
-    sampler option here (`ddpm.sample(variance=...)`); sampler settings (set_alpha_to_one, solver_order, ...)
-    are not part of a schedule and are ignored.
+    Dynamic thresholding (sample_max_value > 1) and trained_betas raise ValueError. `variance_type`
+    "fixed_small", "fixed_large" and "learned_range" are ours (their "_log" forms, the same variance, map to
+    the first two; "learned", an unbounded log-variance, raises ValueError; absent: "fixed_small"). Sampler
+    settings (set_alpha_to_one, solver_order, ...) are not part of a schedule and are ignored.
     """
     if config.get("trained_betas") is not None:
         raise ValueError("the diffusers option trained_betas is not supported")
+    variance_type = config.get("variance_type") or "fixed_small"  # DPMSolverMultistep's may be null
+    variance_type = (
+        variance_type.removesuffix("_log") if variance_type.startswith("fixed_") else variance_type
+    )
+    if variance_type == "learned":
+        raise ValueError(
+            "the diffusers variance_type 'learned' (the model outputs its log-variance directly) is not "
+            f"supported; valid: {', '.join(VARIANCE_TYPES)}"
+        )
     clip_sample = config.get("clip_sample", config.get("_class_name") != "DPMSolverMultistepScheduler")
     clip_sample_range = config.get("clip_sample_range", 1.0) if clip_sample else 1.0
     if config.get("thresholding", False):
@@ -316,6 +326,7 @@ def scheduler_from_diffusers(config: dict) -> NoiseScheduler:
         clip_sample_range=clip_sample_range,
         timestep_spacing=_spacing_from_diffusers(config),
         steps_offset=config.get("steps_offset", 0),
+        variance_type=variance_type,
     )
 
 
@@ -328,7 +339,9 @@ def diffusers_scheduler_config(scheduler: NoiseScheduler, cls: str | type = "DDP
     DPMSolverMultistepScheduler has no clip_sample: clip_sample=True becomes its thresholding with
     sample_max_value=1.0, exactly a clamp of x0 to [-1, 1]; a clip_sample_range other than 1 raises
     ValueError, having no equivalent there. The sigma spacings "karras" and "exponential" become its
-    use_karras_sigmas / use_exponential_sigmas (DDPMScheduler and DDIMScheduler have neither: ValueError). An
+    use_karras_sigmas / use_exponential_sigmas (DDPMScheduler and DDIMScheduler have neither: ValueError).
+    variance_type goes to DDPMScheduler as it is, to DPMSolverMultistepScheduler as "learned_range" or None,
+    and not to DDIMScheduler, which has none (it then loses that the model has 2C output channels). An
     unknown scheduler raises ValueError listing the valid ones.
     """
     name = cls if isinstance(cls, str) else cls.__name__
@@ -343,7 +356,10 @@ def diffusers_scheduler_config(scheduler: NoiseScheduler, cls: str | type = "DDP
         "beta_schedule": DIFFUSERS_SCHEDULE_NAMES.get(beta_schedule, beta_schedule),
         **DIFFUSERS_SAMPLER_SETTINGS[name],
     }
-    if name == "DPMSolverMultistepScheduler":
+    if name == "DDIMScheduler":  # it has no variance_type; its step takes the prediction channels alone
+        del config["variance_type"]
+    if name == "DPMSolverMultistepScheduler":  # its variance_type says only whether the model learns one
+        config["variance_type"] = "learned_range" if scheduler.learns_variance else None
         clip_sample, clip_sample_range = config.pop("clip_sample"), config.pop("clip_sample_range")
         if clip_sample and clip_sample_range != 1.0:
             raise ValueError(

@@ -30,7 +30,7 @@ from ddpm.samplers.sampling import (
     sample,
     sampling_timesteps,
 )
-from ddpm.samplers.solvers import alpha_bars, ddim_step, ddpm_step, gaussian_noise
+from ddpm.samplers.solvers import alpha_bars, ancestral_step, ddim_step, gaussian_noise
 from ddpm.schedule import NoiseScheduler
 
 Model = Callable[[Tensor, Tensor, Tensor | None], Tensor]
@@ -61,9 +61,8 @@ def inpaint(
     jump schedule of their Sec. 4.2).
 
     Down the `steps`-step grid of `sampler` (`sampling_timesteps`) from x_T ~ N(0, I), each step from level t
-    to the next level s is the sampler's step for the unknown pixels (Eq. 7; "ddpm": ancestral,
-    fixed_small variance; "ddim": DDIM with `eta`) and, for the known ones, a fresh draw of
-    q(x_s | x0) = N(sqrt(alpha_bar_s) image, (1 - alpha_bar_s) I) (Eq. 6), joined by the mask (Eq. 8). A
+    to the next level s is the sampler's step for the unknown pixels (Eq. 7; "ddpm": ancestral, with the
+    schedule's variance, learned too; "ddim": DDIM with `eta`) and, for the known ones, a fresh draw of q(x_s | x0) = N(sqrt(alpha_bar_s) image, (1 - alpha_bar_s) I) (Eq. 6), joined by the mask (Eq. 8). A
     resampling jump (Eq. 9) takes x_s back up to level t by q(x_t | x_s) = N(sqrt(alpha_bar_t /
     alpha_bar_s) x_s, (1 - alpha_bar_t / alpha_bar_s) I), so that the next step down harmonises the two
     regions: after every `jump_length` steps down (counted from the end of the grid), the last `jump_length`
@@ -100,11 +99,11 @@ def inpaint(
             ratio = abars[q] / abars[p]
             x = ratio**0.5 * x + (1 - ratio) ** 0.5 * gaussian_noise(x.shape, x.dtype, x.device, generator)
             continue
-        x0, eps = denoise(x, timesteps[p])
+        denoised = denoise(x, timesteps[p])
         if sampler == "ddpm":
-            unknown = ddpm_step(x, x0, abars[p], abars[q], generator=generator)
+            unknown = ancestral_step(x, denoised, abars[p], abars[q], scheduler, generator)
         else:
-            unknown = ddim_step(x0, eps, abars[p], abars[q], eta=eta, generator=generator)
+            unknown = ddim_step(denoised.x0, denoised.eps, abars[p], abars[q], eta=eta, generator=generator)
         if q == steps:  # alpha_bar = 1: the known pixels are the image itself
             noised = target
         else:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ddpm.edm import EDMScheduler
 from ddpm.samplers.multistep import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, unipc
 from ddpm.samplers.solvers import (
-    VARIANCES,
+    Denoised,
     Denoiser,
     ddim,
     ddpm_ancestral,
@@ -47,7 +47,7 @@ DROP_LAST: frozenset[Callable[..., Tensor]] = frozenset({dpmpp_2m, dpmpp_3m, dpm
 DEFAULT_STEPS = 50  # when neither steps nor calls is given
 # The options of sample() itself that a solver may declare; any other keyword-only parameter of a solver (but
 # `disable`) is a solver option, given in sample()'s `options` mapping.
-SAMPLE_KEYWORDS = ("eta", "variance", "generator")
+SAMPLE_KEYWORDS = ("eta", "generator")
 # Ranges of solver options, checked by check_sample_options: name -> (is it valid, what is expected).
 OPTION_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "s_churn": (lambda v: v >= 0, "a number >= 0 (EDM's S_churn; 0: deterministic)"),
@@ -80,7 +80,6 @@ def sample(
     steps: int | None = None,
     calls: int | None = None,
     eta: float = 0.0,
-    variance: str = "fixed_small",
     options: Mapping[str, Any] | None = None,
     y: Tensor | None = None,
     guidance_scale: float = 1.0,
@@ -92,7 +91,8 @@ def sample(
     """Draw images by running `sampler` for `steps` steps, or as many as `calls` network calls allow, from x_T
     to x0.
 
-    model: any callable `model(x, t, y)` returning the prediction `scheduler.prediction_type` names, with x
+    model: any callable `model(x, t, y)` returning the prediction `scheduler.prediction_type` names (followed
+        by C variance channels when `scheduler.variance_type` is "learned_range": 2C channels), with x
         (N, C, H, W), t an (N,) tensor on x's device (long; float64, continuous, for the spacings "karras" and
         "exponential") and y (N,) long labels or None. An nn.Module whose parameters are half precision gets
         x in that dtype; its output is cast back.
@@ -105,10 +105,10 @@ def sample(
         guidance): the most steps that cost at most that many (`sampling_budget`; a Heun step costs two
         calls, its last one). Neither: DEFAULT_STEPS steps. `sampling_budget` says the steps and calls used.
     eta: DDIM stochasticity in [0, 1] (Song et al. 2021, Eq. 16); only the "ddim" sampler takes a nonzero eta.
-    variance: "fixed_small" (posterior variance beta-tilde) or "fixed_large" (beta); only the "ddpm" sampler
-        takes another than "fixed_small". options: the solver's own options by name, e.g. {"s_churn": 40} for
-        "heun"; a name the solver does not declare is refused. sampler, steps, calls, eta, variance, options
-        and guidance_scale are checked by `check_sample_options`; the solver gets those of eta, variance and
+        The variance of the "ddpm" sampler's steps is the schedule's (`scheduler.variance_type`); the other
+        samplers use the prediction channels alone. options: the solver's own options by name, e.g.
+        {"s_churn": 40} for "heun"; a name the solver does not declare is refused. sampler, steps, calls, eta,
+        options and guidance_scale are checked by `check_sample_options`; the solver gets those of eta and
         generator it declares, and `options`.
     y: (N,) class labels or None; with a `model.num_classes` (not None) they, and the null label, must lie in
         [0, num_classes] (checked once here, not at every network call). guidance_scale: classifier-free
@@ -129,7 +129,6 @@ def sample(
         calls=calls,
         eta=eta,
         guidance_scale=guidance_scale,
-        variance=variance,
         options=options,
         num_train_timesteps=scheduler.num_train_timesteps,
     )
@@ -146,7 +145,7 @@ def sample(
     timesteps = sampling_timesteps(scheduler, sampler, budget.steps)[start_step:]
     x = _initial_noise(model, shape, noise, generator)
     denoise = model_denoiser(model, scheduler, x, y=y, guidance_scale=guidance_scale, null_class=null_class)
-    given = {"eta": eta, "variance": variance, "generator": generator, **options}
+    given = {"eta": eta, "generator": generator, **options}
     kwargs = {name: given[name] for name in solver_options(solver) if name in given}
     x0 = solver(denoise, x, timesteps, scheduler, **kwargs, disable=not progress)
     # The EDM formulation's samplers work on the data over sigma_data (ddpm.edm): back to the data's scale
@@ -186,7 +185,9 @@ def model_denoiser(
             )
     has_null = getattr(model, "null_class", None) is not None
     y = _check_labels(y, x, guidance_scale, null_class, getattr(model, "num_classes", None), has_null)
-    return _denoiser(model, scheduler, y, guidance_scale, null_class, x.dtype)
+    return denoiser(
+        model, scheduler, y=y, guidance_scale=guidance_scale, null_class=null_class, dtype=x.dtype
+    )
 
 
 def sampling_budget(sampler: str, *, steps: int | None = None, calls: int | None = None) -> Budget:
@@ -216,7 +217,6 @@ def check_sample_options(
     steps: int | None,
     eta: float,
     guidance_scale: float,
-    variance: str = "fixed_small",
     num_train_timesteps: int | None = None,
     calls: int | None = None,
     options: Mapping[str, Any] | None = None,
@@ -226,12 +226,11 @@ def check_sample_options(
     sampler: a key of SAMPLERS. steps: an integer in 1..num_train_timesteps (>= 1 when that is None), or None.
     calls: None, or instead of steps a network-call budget that buys 1..num_train_timesteps steps; not both.
     eta: a number in [0, 1] (Song et al. 2021, Eq. 16), nonzero only for sampler "ddim". guidance_scale: a
-    finite number >= 0 (Ho & Salimans 2022; 1 is the conditional model alone). variance: one of VARIANCES,
-    other than "fixed_small" only for sampler "ddpm". eta and variance are refused away from their defaults
-    with a sampler whose solver does not take them, rather than ignored. options: names of the solver's own
-    options (its keyword-only parameters but `disable` and SAMPLE_KEYWORDS), each of the type of its default
-    and in OPTION_RANGES' range. Raises SampleOptionError (a ValueError) naming the first option out of range
-    (an entry of options as "options.NAME") and its valid values.
+    finite number >= 0 (Ho & Salimans 2022; 1 is the conditional model alone). eta is refused away from its
+    default with a sampler whose solver does not take it, rather than ignored. options: names of the solver's
+    own options (its keyword-only parameters but `disable` and SAMPLE_KEYWORDS), each of the type of its
+    default and in OPTION_RANGES' range. Raises SampleOptionError (a ValueError) naming the first option
+    out of range (an entry of options as "options.NAME") and its valid values.
     """
     if sampler not in SAMPLERS:
         raise SampleOptionError("sampler", sampler, f"one of {', '.join(SAMPLERS)}")
@@ -252,9 +251,6 @@ def check_sample_options(
     _refuse_if_unused("eta", eta, 0, sampler)
     if not _is_real(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise SampleOptionError("guidance_scale", guidance_scale, "a finite number >= 0 (1: no guidance)")
-    if variance not in VARIANCES:
-        raise SampleOptionError("variance", variance, f"one of {', '.join(VARIANCES)}")
-    _refuse_if_unused("variance", variance, "fixed_small", sampler)
     _check_solver_options(sampler, options or {})
 
 
@@ -297,31 +293,43 @@ def _refuse_if_unused(option: str, value, default, sampler: str) -> None:
         )
 
 
-def _denoiser(
+def denoiser(
     model: Callable[[Tensor, Tensor, Tensor | None], Tensor],
     scheduler: NoiseScheduler,
-    y: Tensor | None,
-    guidance_scale: float,
-    null_class: int | None,
-    dtype: torch.dtype,
+    *,
+    y: Tensor | None = None,
+    guidance_scale: float = 1.0,
+    null_class: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Denoiser:
-    """denoise(x_t, t) -> (x0, eps) in x_t's dtype: the model call, with classifier-free guidance when
-    guidance_scale != 1, then the scheduler's conversion of its prediction. The model gets x_t in the dtype of
-    its first parameter when that is floating point, else in `dtype` (x_T's)."""
+    """denoise(x_t, t) -> Denoised (x0, eps, and the variance values v), in x_t's dtype: the one way a model
+    output becomes a prediction, for `sample` and for any code that steps the reverse process itself.
+
+    The model call, with classifier-free guidance when guidance_scale != 1 (one batched call on [x, x] with
+    labels [y, null_class]; uncond + s (cond - uncond) on the prediction channels; a learned variance is taken
+    from the conditional pass, as GLIDE does), then `scheduler.split_output` (the first C channels and, for
+    "learned_range", the next C) and `scheduler.predict_x0_and_eps`. x_t: (N, C, H, W); t: a 0-d timestep,
+    repeated over the batch. The model gets x_t in the dtype of its first parameter when that is floating
+    point, else in `dtype`. Labels are not checked here (`sample` checks them once).
+    """
     param = _first_parameter(model)
     model_dtype = param.dtype if param is not None and param.is_floating_point() else dtype
 
-    def denoise(x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def denoise(x_t: Tensor, t: Tensor) -> Denoised:
         t_batch = t.to(x_t.device).repeat(x_t.shape[0])  # (N,) long, or float64 (continuous timesteps)
+        channels = x_t.shape[1]
         if guidance_scale == 1.0:
-            out = model(x_t.to(model_dtype), t_batch, y)
+            out, v = scheduler.split_output(model(x_t.to(model_dtype), t_batch, y), channels)
         else:  # one batched call: first half conditional, second half with the null label
             null = torch.full_like(y, null_class)
             x_in = x_t.to(model_dtype)
             both = model(torch.cat([x_in, x_in]), torch.cat([t_batch, t_batch]), torch.cat([y, null]))
+            both, v_both = scheduler.split_output(both, channels)
             cond, uncond = both.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)
-        return scheduler.predict_x0_and_eps(out.to(x_t.dtype), x_t, t_batch)
+            v = v_both.chunk(2)[0] if v_both is not None else None
+        x0, eps = scheduler.predict_x0_and_eps(out.to(x_t.dtype), x_t, t_batch)
+        return Denoised(x0, eps, v.to(x_t.dtype) if v is not None else None)
 
     return denoise
 

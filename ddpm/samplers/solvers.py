@@ -2,7 +2,8 @@
 
     solver(denoise, x, timesteps, scheduler, *, <its own options>, disable) -> x0
 
-where `denoise(x_t, t) -> (x0, eps)` is the model call followed by the scheduler's one conversion
+where `denoise(x_t, t) -> (x0, eps)` (a `Denoised`, which also carries a learned variance's values) is
+`ddpm.samplers.denoiser`: the model call followed by the scheduler's one conversion
 (`NoiseScheduler.predict_x0_and_eps`), x is x_T, and `timesteps` (steps,) is the descending list of the
 scheduler's `inference_timesteps` (long, or float64 continuous timesteps for the sigma spacings). The next
 timestep is always read from that list; after its last entry comes alpha_bar = 1 (sigma = 0, diffusers'
@@ -27,8 +28,28 @@ from tqdm.auto import tqdm
 
 from ddpm.schedule import NoiseScheduler
 
-Denoiser = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x_t (N, ...), t 0-d) -> (x0, eps)
-VARIANCES = ("fixed_small", "fixed_large")
+
+class Denoised(tuple):
+    """What `denoise(x_t, t)` returns: the pair (x0, eps), which every solver unpacks as
+    `x0, eps = denoise(x, t)`, carrying also `variance_values`, the model's variance channels v in [-1, 1]
+    ((N, C, H, W), from the conditional pass under guidance) when its schedule has variance_type
+    "learned_range", else None. Only the ancestral sampler reads them."""
+
+    def __new__(cls, x0: Tensor, eps: Tensor, variance_values: Tensor | None = None) -> "Denoised":
+        pair = super().__new__(cls, (x0, eps))
+        pair.variance_values = variance_values
+        return pair
+
+    @property
+    def x0(self) -> Tensor:
+        return self[0]
+
+    @property
+    def eps(self) -> Tensor:
+        return self[1]
+
+
+Denoiser = Callable[[Tensor, Tensor], Denoised]  # (x_t (N, ...), t 0-d) -> (x0, eps) and the variance values
 
 
 def ddpm_ancestral(
@@ -37,36 +58,44 @@ def ddpm_ancestral(
     timesteps: Tensor,
     scheduler: NoiseScheduler,
     *,
-    variance: str = "fixed_small",
     generator: torch.Generator | None = None,
     disable: bool = False,
 ) -> Tensor:
     """Ancestral sampling from the posterior q(x_s | x_t, x0) (Ho et al. 2020, Eq. 6-7 and Algorithm 2), with
-    s the next timestep of the list, generalised to skipped steps as diffusers' DDPMScheduler does
-    (beta_t := 1 - alpha_bar_t / alpha_bar_s). variance: one of VARIANCES, the std of the noise added."""
+    s the next timestep of the list, generalised to skipped steps as diffusers' DDPMScheduler and
+    improved-diffusion's respacing do (beta_t := 1 - alpha_bar_t / alpha_bar_s). The noise added has the
+    variance `scheduler.variance_type` names (`NoiseScheduler.log_variance`) for this step's beta and
+    beta-tilde: with "learned_range", the model's variance values interpolate between them."""
     abars = alpha_bars(scheduler, timesteps)
     for i in tqdm(range(len(timesteps)), disable=disable):
-        x0, _ = denoise(x, timesteps[i])
-        x = ddpm_step(x, x0, abars[i], abars[i + 1], variance=variance, generator=generator)
+        x = ancestral_step(x, denoise(x, timesteps[i]), abars[i], abars[i + 1], scheduler, generator)
     return x
 
 
-def ddpm_step(
+def ancestral_step(
     x: Tensor,
-    x0: Tensor,
+    denoised: Denoised,
     ab_t: float,
     ab_s: float,
-    *,
-    variance: str = "fixed_small",
+    scheduler: NoiseScheduler,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """One step of `ddpm_ancestral`: x_s drawn from the posterior q(x_s | x_t, x0) (Ho et al. 2020, Eq. 6-7)
-    from x = x_t (N, ...) at alpha_bar ab_t to alpha_bar ab_s > ab_t, x0 the model's estimate. No noise is
-    added at ab_s = 1 (the final step, z = 0 at t = 1 in Algorithm 2): the mean is x0 there."""
-    mean, var_small, beta = posterior(x0, x, ab_t, ab_s)
-    if ab_s == 1:
+    """One step of `ddpm_ancestral` from x = x_t (N, C, H, W) at alpha_bar_t = ab_t to alpha_bar_s = ab_s
+    (> ab_t; 1 for the final x0), given the model's `denoise(x, t)` there: the posterior mean with the
+    predicted x0 (Ho et al. 2020, Eq. 7) plus noise of the variance `scheduler.log_variance` gives for this
+    step's beta = 1 - ab_t / ab_s and beta-tilde (with the model's variance values for "learned_range").
+    No noise is added where ab_s = 1 (Algorithm 2: z = 0 at the last step). For code that runs the reverse
+    process itself (inpainting, editing) with any variance type."""
+    mean, var_small, beta = posterior(denoised.x0, x, ab_t, ab_s)
+    if ab_s == 1.0:  # the mean is x0
         return mean
-    std = (var_small if variance == "fixed_small" else beta) ** 0.5
+    # var_small > 0 here, since ab_s < 1
+    log_var = scheduler.log_variance(
+        torch.tensor(math.log(beta), dtype=x.dtype),
+        torch.tensor(math.log(var_small), dtype=x.dtype),
+        denoised.variance_values,
+    )
+    std = (0.5 * log_var).exp().to(x.dtype)
     return mean + std * gaussian_noise(x.shape, x.dtype, x.device, generator)
 
 

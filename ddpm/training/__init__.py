@@ -1,4 +1,5 @@
-"""Training on Accelerate: `Trainer` (the loop), checkpoints and resume, run log, stop signals, NaN policy."""
+"""Training on Accelerate: `Trainer` (the loop), checkpoints and resume, run log, stop signals, NaN policy,
+the importance sampler of t."""
 
 from ddpm.training.interruption import DistributedTimeoutError
 from ddpm.training.nan_policy import NonFiniteLossError

@@ -8,7 +8,8 @@ described in `ddpm.run_dir` and can resume it exactly.
 
 The loop puts together: the loss (`ddpm.losses`), the Accelerator (`.accelerator`), checkpoints and what
 --resume means (`.checkpoints`), the log (`.run_log`), stop signals and failed processes (`.interruption`),
-NaN and inf losses (`.nan_policy`), and sample grids and FID (`.evaluation`).
+NaN and inf losses (`.nan_policy`), sample grids and FID (`.evaluation`), and importance sampling of t
+(`.timestep_sampler`, train.timestep_sampling).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ddpm.config import (
 from ddpm.data import build_dataset, num_classes_of
 from ddpm.ema import EMA, PowerFunctionEMA
 from ddpm.ema.posthoc import abandon_newer_snapshots, save_snapshot, snapshot_path
-from ddpm.losses import diffusion_loss, drop_labels
+from ddpm.losses import diffusion_losses, drop_labels
 from ddpm.lr_schedule import learning_rate
 from ddpm.run_dir import RUN_CONFIG, TrainerState, latest_checkpoint
 from ddpm.training.accelerator import build_accelerator
@@ -47,6 +48,7 @@ from ddpm.training.evaluation import Evaluation
 from ddpm.training.interruption import StopSignals, raise_if_peer_failed
 from ddpm.training.nan_policy import finite_on_every_process, raise_if_nonfinite, skip_step
 from ddpm.training.run_log import RunLog, RunningLoss
+from ddpm.training.timestep_sampler import LossSecondMomentSampler
 
 
 class Trainer:
@@ -95,6 +97,11 @@ class Trainer:
         self.evaluation = Evaluation(config, self.run_dir, accelerator)
         self.signals = StopSignals(accelerator, check_every=train.log_every)
         self.state = TrainerState(step=0, ema_updates=0)
+        self.timestep_sampler = (
+            LossSecondMomentSampler(self.scheduler.num_train_timesteps)
+            if train.timestep_sampling == "loss_second_moment"
+            else None
+        )
         checkpoint = checkpoint_to_resume(self.run_dir, resume)
         if checkpoint is not None:
             self._resume(checkpoint)
@@ -208,16 +215,20 @@ class Trainer:
         return True
 
     def _loss(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """`diffusion_loss` of one micro-batch, x0: (N, C, H, W), labels: (N,). Its random draws come from the
-        global RNG, which checkpoints restore, in this order: eps ~ N(0, I), t ~ U{0, ..., T-1}, the label
-        dropout."""
+        """The mean `diffusion_losses` of one micro-batch (the hybrid loss with train.learn_sigma), x0: (N, C,
+        H, W), labels: (N,). Its random draws come from the global RNG, which checkpoints restore, in this
+        order: eps ~ N(0, I), t ~ U{0, ..., T-1} (or the importance sampler's p_t, its losses then weighted by
+        1 / (T p_t) and recorded, from every process), the label dropout."""
         train = self.config.train
         if train.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         noise = torch.randn_like(x0)
-        t = self.scheduler.sample_timesteps(x0.shape[0], device=x0.device)
+        if self.timestep_sampler is not None:
+            t, weights = self.timestep_sampler.sample(x0.shape[0], self.scheduler, x0.device)
+        else:
+            t, weights = self.scheduler.sample_timesteps(x0.shape[0], device=x0.device), None
         y = drop_labels(labels, train.label_dropout, self.null_class) if self.null_class is not None else None
-        return diffusion_loss(
+        losses = diffusion_losses(
             self._predict,
             self.scheduler,
             x0,
@@ -227,6 +238,11 @@ class Trainer:
             weighting=train.loss_weighting,
             min_snr_gamma=train.min_snr_gamma,
         )
+        if self.timestep_sampler is None:
+            return losses.mean()
+        gathered = self.accelerator.gather(torch.stack([t.to(losses.dtype), losses.detach()]))  # (2, N x P)
+        self.timestep_sampler.update(gathered[0].long().cpu(), gathered[1].cpu())
+        return (weights * losses).mean()
 
     def _update_posthoc_ema(self, step: int) -> None:
         """Update the power-function EMAs after optimizer step `step` (their t) and write their snapshot
@@ -270,6 +286,8 @@ class Trainer:
             posthoc_ema=self.posthoc_ema,
         )
         self.ema.updates = self.state.ema_updates
+        if self.timestep_sampler is not None and self.state.timestep_sampler is not None:
+            self.timestep_sampler.load_state_dict(self.state.timestep_sampler)
         if (
             self.accelerator.is_main_process
         ):  # before the others pass the barrier in abandon_newer_checkpoints
@@ -279,6 +297,8 @@ class Trainer:
         self.accelerator.print(f"resumed from {checkpoint} at step {self.state.step}")
 
     def _save(self) -> Path:
+        if self.timestep_sampler is not None:
+            self.state.timestep_sampler = self.timestep_sampler.state_dict()
         return save_checkpoint(
             self.accelerator,
             self.run_dir,
