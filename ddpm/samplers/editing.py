@@ -62,7 +62,8 @@ def inpaint(
 
     Down the `steps`-step grid of `sampler` (`sampling_timesteps`) from x_T ~ N(0, I), each step from level t
     to the next level s is the sampler's step for the unknown pixels (Eq. 7; "ddpm": ancestral, with the
-    schedule's variance, learned too; "ddim": DDIM with `eta`) and, for the known ones, a fresh draw of q(x_s | x0) = N(sqrt(alpha_bar_s) image, (1 - alpha_bar_s) I) (Eq. 6), joined by the mask (Eq. 8). A
+    schedule's variance, learned too; "ddim": DDIM with `eta`) and, for the known ones, a fresh draw of
+    q(x_s | x0) = N(sqrt(alpha_bar_s) image, (1 - alpha_bar_s) I) (Eq. 6), joined by the mask (Eq. 8). A
     resampling jump (Eq. 9) takes x_s back up to level t by q(x_t | x_s) = N(sqrt(alpha_bar_t /
     alpha_bar_s) x_s, (1 - alpha_bar_t / alpha_bar_s) I), so that the next step down harmonises the two
     regions: after every `jump_length` steps down (counted from the end of the grid), the last `jump_length`
