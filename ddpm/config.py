@@ -274,6 +274,17 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
             "whose noise levels are continuous (no per-timestep loss history): set "
             "train.timestep_sampling=uniform"
         )
+    if model["num_classes"] is not None and model.get("null_label", True) is False:
+        if config.train.label_dropout > 0:
+            problems.append(
+                f"train.label_dropout={_yaml(config.train.label_dropout)} but model.null_label=false: no null "
+                "label to drop labels to; set train.label_dropout=0 or model.null_label=true"
+            )
+        if sample.guidance_scale != 1:
+            problems.append(
+                f"sample.guidance_scale={_yaml(sample.guidance_scale)} needs a null label, but "
+                "model.null_label=false: set sample.guidance_scale=1 or model.null_label=true"
+            )
     if model["num_classes"] is None and sample.guidance_scale != 1:
         problems.append(
             f"sample.guidance_scale={_yaml(sample.guidance_scale)} needs a class-conditional model: set "

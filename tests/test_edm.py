@@ -13,6 +13,7 @@ from ddpm.config import ConfigError, build_schedule, load_config
 from ddpm.edm import EDMScheduler, schedule_from_config
 from ddpm.exact_score import MIXTURE, GaussianMixture, wasserstein1
 from ddpm.inference import grid_from_checkpoint
+from ddpm.interop.diffusers import diffusers_scheduler_config
 from ddpm.io import load_pretrained, read_schedule, save_pretrained
 from ddpm.losses import diffusion_loss
 from ddpm.training import Trainer
@@ -198,3 +199,8 @@ def test_an_edm_run_saves_its_formulation_with_the_weights_and_samples_without_f
     assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
     save_pretrained(tmp_path / "folder", model, scheduler)
     assert load_pretrained(tmp_path / "folder")[1].config == scheduler.config
+
+
+def test_diffusers_scheduler_export_refuses_the_edm_formulation():
+    with pytest.raises(ValueError, match=r"EDMScheduler \(diffusion.formulation=edm\) has no DDIMScheduler"):
+        diffusers_scheduler_config(EDM, "DDIMScheduler")

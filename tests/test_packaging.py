@@ -48,7 +48,15 @@ def test_the_wheel_holds_every_module_the_configs_and_the_commands(wheel):
     assert {f"ddpm/configs/{name}" for name in CONFIGS} <= names
     (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
     scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "ddpm-train = ddpm.train:main" in scripts and "ddpm-sample = ddpm.sample_cli:main" in scripts
+    for line in (
+        "ddpm-train = ddpm.train:main",
+        "ddpm-sample = ddpm.sample_cli:main",
+        "ddpm-export = ddpm.export:main",
+        "ddpm-fid = ddpm.fid.__main__:main",
+        "ddpm-nll = ddpm.nll:main",
+        "ddpm-ema = ddpm.ema.__main__:main",
+    ):
+        assert line in scripts
 
 
 def test_installed_commands_find_the_bundled_configs_outside_a_clone(wheel, tmp_path):

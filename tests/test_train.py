@@ -390,3 +390,34 @@ def test_a_network_call_budget_in_the_sample_section_drives_the_in_training_grid
         trainer.train()
     assert seen == [(None, 5)]
     assert (tmp_path / "run" / "samples" / "step-0000003-ema.png").is_file()
+
+
+def test_a_class_model_without_a_null_label_trains_on_its_labels(tmp_path):
+    """model.null_label=false (OpenAI's class-conditional layout): labels cannot be dropped or guided, so the
+    config refuses both; training then passes every label to the network (none dropped, none withheld)."""
+    with pytest.raises(ConfigError, match="train.label_dropout=0.1 but model.null_label=false"):
+        tiny_config(tmp_path / "run", "model.null_label=false")
+    with pytest.raises(ConfigError, match="sample.guidance_scale=2.0 needs a null label"):
+        tiny_config(
+            tmp_path / "run", "model.null_label=false", "train.label_dropout=0", "sample.guidance_scale=2"
+        )
+    config = tiny_config(
+        tmp_path / "run",
+        "model.null_label=false",
+        "train.label_dropout=0",
+        "train.steps=1",
+        "train.sample_every=0",
+    )
+    trainer = Trainer(config)
+    assert trainer.model.null_class is None
+    seen = []
+    forward = trainer.model.forward
+
+    def recording_forward(x, t, y=None):
+        seen.append(y)
+        return forward(x, t, y)
+
+    trainer.model.forward = recording_forward
+    x0, labels = torch.zeros(4, 1, 8, 8), torch.tensor([0, 3, 9, 5])
+    trainer._loss(x0, labels)
+    assert len(seen) == 1 and torch.equal(seen[0], labels)

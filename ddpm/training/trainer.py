@@ -78,6 +78,7 @@ class Trainer:
         if train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.null_class = model.null_class
+        self.conditional = model.num_classes is not None
         self.ema = EMA(model, train.ema_decay, warmup=train.ema_warmup)
         # Post-hoc EMA (ddpm.ema.posthoc): power-function EMAs, their snapshots combined after training.
         self.posthoc_ema = (
@@ -227,7 +228,10 @@ class Trainer:
             t, weights = self.timestep_sampler.sample(x0.shape[0], self.scheduler, x0.device)
         else:
             t, weights = self.scheduler.sample_timesteps(x0.shape[0], device=x0.device), None
-        y = drop_labels(labels, train.label_dropout, self.null_class) if self.null_class is not None else None
+        if self.null_class is not None:
+            y = drop_labels(labels, train.label_dropout, self.null_class)
+        else:  # unconditional, or labels without a null label to drop them to (label_dropout is then 0)
+            y = labels if self.conditional else None
         losses = diffusion_losses(
             self._predict,
             self.scheduler,
