@@ -277,8 +277,8 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
     if model["num_classes"] is not None and model.get("null_label", True) is False:
         if config.train.label_dropout > 0:
             problems.append(
-                f"train.label_dropout={_yaml(config.train.label_dropout)} but model.null_label=false: no null "
-                "label to drop labels to; set train.label_dropout=0 or model.null_label=true"
+                f"train.label_dropout={_yaml(config.train.label_dropout)} but model.null_label=false: no "
+                "null label to drop labels to; set train.label_dropout=0 or model.null_label=true"
             )
         if sample.guidance_scale != 1:
             problems.append(

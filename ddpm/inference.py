@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ddpm.config import SampleConfig, load_config
 from ddpm.data import read_images
+from ddpm.ema.posthoc import PROVENANCE
 from ddpm.interop.openai import (
     parse_openai_flags,
     scheduler_from_openai,
@@ -53,7 +54,7 @@ class Loaded(NamedTuple):
 
     model: UNet | ClassicUNet  # in eval mode, on the device asked for
     scheduler: NoiseScheduler  # the schedule the weights were trained with, or the one `schedule` named
-    weights: str  # which weights: "ema", "raw", "diffusers" or "openai"
+    weights: str  # which weights: "ema", "posthoc-ema" (python -m ddpm.ema), "raw", "diffusers" or "openai"
     sampling: SampleConfig  # the run's `sample:` settings; SampleConfig() for a folder outside a run
     folder: Path  # the checkpoint (also for its ema/) or the model folder the weights belong to
     run_dir: Path | None  # the run directory holding the checkpoint; None for a folder outside a run
@@ -98,7 +99,12 @@ def load_for_sampling(
             f"cannot load the model in {checkpoint}: {one_line(error)}; it is incomplete, damaged or not a "
             "ddpm checkpoint: pass another one with --checkpoint"
         ) from None
-    weights = "diffusers" if from_diffusers else "raw" if folder == checkpoint else "ema"
+    if from_diffusers:
+        weights = "diffusers"
+    elif (folder / PROVENANCE).is_file():
+        weights = "posthoc-ema"
+    else:
+        weights = "raw" if folder == checkpoint else "ema"
     run = run_directory(checkpoint)
     sampling = load_config(run / RUN_CONFIG).sample if run is not None else SampleConfig()
     return Loaded(model, scheduler, weights, sampling, checkpoint, run)

@@ -23,6 +23,7 @@ from ddpm.ema import (
 )
 from ddpm.ema.__main__ import main as ema_main
 from ddpm.ema.posthoc import list_snapshots, load_run, posthoc_model, reconstruct
+from ddpm.inference import load_for_sampling
 from ddpm.io import CheckpointError, load_pretrained
 from ddpm.training import Trainer
 
@@ -190,6 +191,7 @@ def test_cli_reconstructs_a_model_folder_and_sweeps(tmp_path, capsys):
     assert (
         made_from["sigma_rel"] == 0.1 and made_from["step"] == 6 and made_from["snapshot_steps"] == [2, 4, 6]
     )
+    assert load_for_sampling(out).weights == "posthoc-ema"  # named so in grids, and FID takes it as EMA
 
     ema_main([str(run), "--sweep", "0.05,0.15", "--n", "32", "--out", str(tmp_path / "best")])
     lines = capsys.readouterr().out.splitlines()

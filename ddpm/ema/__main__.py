@@ -17,10 +17,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from ddpm.ema.posthoc import denoising_score, list_snapshots, load_run, posthoc_model, reconstruct
-from ddpm.io import CheckpointError, save_pretrained
-
-PROVENANCE = "posthoc_ema.json"  # in the model folder written: what it was reconstructed from
+from ddpm.ema.posthoc import PROVENANCE, denoising_score, list_snapshots, load_run, posthoc_model, reconstruct
+from ddpm.io import CheckpointError, atomic_write, save_pretrained
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
             step = args.step if args.step is not None else steps[-1]
             made_from = {"sigma_rel": widths[best], "step": step, "run": str(Path(args.run).resolve())}
             made_from["snapshot_steps"] = [s for s in steps if s <= step]
-            (Path(args.out) / PROVENANCE).write_text(json.dumps(made_from, indent=2) + "\n")
+            with atomic_write(Path(args.out) / PROVENANCE) as tmp:
+                tmp.write_text(json.dumps(made_from, indent=2) + "\n")
             print(f"wrote {args.out} (post-hoc EMA, sigma_rel {widths[best]:.4f})", file=sys.stderr)
     except (CheckpointError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")

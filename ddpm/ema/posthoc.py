@@ -41,6 +41,9 @@ from ddpm.version import ddpm_version
 
 SNAPSHOTS = "posthoc_ema"  # the folder of a run that holds the snapshots
 CHECKPOINT_FILE = "posthoc_ema.safetensors"  # the trackers' state inside a checkpoint
+PROVENANCE = (
+    "posthoc_ema.json"  # in a model folder `python -m ddpm.ema` wrote: what it was reconstructed from
+)
 _SNAPSHOT_NAME = re.compile(r"step-(\d{7,})\.safetensors")
 
 

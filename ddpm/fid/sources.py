@@ -209,7 +209,7 @@ def source_statistics(
         )
     if (path / CHECKPOINTS).is_dir() or (path / RUN_CONFIG).is_file() or (path / CONFIG_NAME).is_file():
         loaded = load_for_sampling(path, use_ema=True, device=resolve_device(device))
-        if loaded.weights != "ema":
+        if loaded.weights not in ("ema", "posthoc-ema"):
             warnings.warn(f"{loaded.folder} holds no EMA weights; sampling its raw weights", stacklevel=2)
         return model_statistics(
             loaded.model,

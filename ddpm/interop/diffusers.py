@@ -347,8 +347,8 @@ def diffusers_scheduler_config(scheduler: NoiseScheduler, cls: str | type = "DDP
     name = cls if isinstance(cls, str) else cls.__name__
     if "beta_schedule" not in scheduler.config:  # ddpm.edm.EDMScheduler: no betas, no timesteps
         raise ValueError(
-            f"{type(scheduler).__name__} (diffusion.formulation=edm) has no {name} equivalent: that scheduler "
-            "works on discrete timesteps of a beta schedule; sample the model with ddpm.sample"
+            f"{type(scheduler).__name__} (diffusion.formulation=edm) has no {name} equivalent: that "
+            "scheduler works on discrete timesteps of a beta schedule; sample the model with ddpm.sample"
         )
     if name not in DIFFUSERS_SAMPLER_SETTINGS:
         raise ValueError(
