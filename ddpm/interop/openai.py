@@ -69,26 +69,21 @@ GUIDED_ONLY_FLAGS = (
 )
 # Their diffusion flags with each codebase's defaults; they differ in rescale_timesteps (which changes what
 # the network sees when diffusion_steps != 1000) and rescale_learned_sigmas (a training loss setting).
+_GUIDED_DIFFUSION_DEFAULTS = {
+    "learn_sigma": False,
+    "sigma_small": False,
+    "diffusion_steps": 1000,
+    "noise_schedule": "linear",
+    "timestep_respacing": "",
+    "use_kl": False,
+    "predict_xstart": False,
+    "rescale_timesteps": False,
+    "rescale_learned_sigmas": False,
+}
 OPENAI_DIFFUSION_DEFAULTS: dict[str, dict[str, Any]] = {
-    "guided-diffusion": {
-        "learn_sigma": False,
-        "sigma_small": False,
-        "diffusion_steps": 1000,
-        "noise_schedule": "linear",
-        "timestep_respacing": "",
-        "use_kl": False,
-        "predict_xstart": False,
-        "rescale_timesteps": False,
-        "rescale_learned_sigmas": False,
-    },
+    "guided-diffusion": _GUIDED_DIFFUSION_DEFAULTS,
     "improved-diffusion": {
-        "learn_sigma": False,
-        "sigma_small": False,
-        "diffusion_steps": 1000,
-        "noise_schedule": "linear",
-        "timestep_respacing": "",
-        "use_kl": False,
-        "predict_xstart": False,
+        **_GUIDED_DIFFUSION_DEFAULTS,
         "rescale_timesteps": True,
         "rescale_learned_sigmas": True,
     },
