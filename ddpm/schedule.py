@@ -42,6 +42,10 @@ class NoiseScheduler:
     The keyword arguments are exactly a config's `diffusion:` section; `config` records them.
     """
 
+    # What the samplers' x0 is the data over: 1 here; sigma_data for ddpm.edm.EDMScheduler, whose samplers
+    # work on the data over sigma_data (`sample` and the editing functions scale by it).
+    data_scale = 1.0
+
     def __init__(
         self,
         *,

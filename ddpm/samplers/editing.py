@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ddpm.edm import EDMScheduler
 from ddpm.samplers.sampling import (
     SampleOptionError,
     check_sample_options,
@@ -92,7 +91,7 @@ def inpaint(
     )
     abars = alpha_bars(scheduler, timesteps)
     path = repaint_schedule(steps, jump_length, jump_n_sample)
-    scale = _data_scale(scheduler)
+    scale = scheduler.data_scale
     target = image / scale  # the known pixels in the samplers' frame
     x = gaussian_noise(image.shape, image.dtype, image.device, generator)
     for p, q in tqdm(list(zip(path[:-1], path[1:], strict=True)), disable=not progress):
@@ -227,7 +226,7 @@ def invert(
         model, scheduler, image, y=y, guidance_scale=guidance_scale, null_class=null_class
     )
     abars = alpha_bars(scheduler, timesteps)
-    x = image / _data_scale(scheduler)  # in the samplers' frame
+    x = image / scheduler.data_scale  # in the samplers' frame
     for i in tqdm(reversed(range(steps)), total=steps, disable=not progress):
         _, eps = denoise(x, timesteps[i])
         x0 = (x - (1 - abars[i + 1]) ** 0.5 * eps) / abars[i + 1] ** 0.5  # the x0 that eps implies at x_s
@@ -269,11 +268,6 @@ def interpolate(x_a: Tensor, x_b: Tensor, alphas: Sequence[float] | Tensor) -> T
     shape = (-1, *([1] * x_a.ndim))
     out = w_a.reshape(shape) * x_a.double() + w_b.reshape(shape) * x_b.double()
     return out.to(x_a.dtype)
-
-
-def _data_scale(scheduler: NoiseScheduler) -> float:
-    """What the samplers' x0 is the data over: sigma_data for the EDM formulation (ddpm.edm), else 1."""
-    return scheduler.data_scale if isinstance(scheduler, EDMScheduler) else 1.0
 
 
 def _check_image(image, model) -> Tensor:

@@ -12,7 +12,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ddpm.edm import EDMScheduler
 from ddpm.samplers.multistep import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, unipc
 from ddpm.samplers.solvers import (
     Denoised,
@@ -149,7 +148,7 @@ def sample(
     kwargs = {name: given[name] for name in solver_options(solver) if name in given}
     x0 = solver(denoise, x, timesteps, scheduler, **kwargs, disable=not progress)
     # The EDM formulation's samplers work on the data over sigma_data (ddpm.edm): back to the data's scale
-    return x0 * scheduler.data_scale if isinstance(scheduler, EDMScheduler) else x0
+    return x0 if scheduler.data_scale == 1.0 else x0 * scheduler.data_scale
 
 
 def sampling_timesteps(scheduler: NoiseScheduler, sampler: str, steps: int) -> Tensor:

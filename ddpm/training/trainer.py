@@ -292,9 +292,9 @@ class Trainer:
         self.ema.updates = self.state.ema_updates
         if self.timestep_sampler is not None and self.state.timestep_sampler is not None:
             self.timestep_sampler.load_state_dict(self.state.timestep_sampler)
-        if (
-            self.accelerator.is_main_process
-        ):  # before the others pass the barrier in abandon_newer_checkpoints
+        # The main process moves the snapshots aside before the others pass the barrier in
+        # abandon_newer_checkpoints.
+        if self.accelerator.is_main_process:
             abandon_newer_snapshots(self.run_dir, self.state.step)
         abandon_newer_checkpoints(self.accelerator, self.run_dir, self.state.step)
         self.log.trim(self.state.step)
