@@ -354,8 +354,11 @@ class DiffusersRun:
         self.device = torch.device(common.default_device())
         torch.manual_seed(train.seed)
         self.unet = UNet2DModel(**common.diffusers_unet_kwargs(config.model)).to(self.device).train()
-        self.noise_scheduler = DDPMScheduler(**diffusers_scheduler_config(NoiseScheduler(**config.diffusion)))
-        common.check_same_schedule(NoiseScheduler(**config.diffusion), self.noise_scheduler)
+        # Training reads only the noise levels; the spacing of sampling steps (ours may be "exponential",
+        # which DDPMScheduler lacks) does not enter, and the samples are drawn with our sampler.
+        schedule = NoiseScheduler(**{**config.diffusion, "timestep_spacing": "trailing"})
+        self.noise_scheduler = DDPMScheduler(**diffusers_scheduler_config(schedule))
+        common.check_same_schedule(schedule, self.noise_scheduler)
         self.optimizer = torch.optim.AdamW(
             self.unet.parameters(), lr=train.lr, betas=train.adam_betas, weight_decay=train.weight_decay
         )

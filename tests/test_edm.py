@@ -168,7 +168,7 @@ def test_the_config_picks_the_formulation_and_refuses_what_cannot_work(tmp_path)
     with pytest.raises(
         ConfigError, match="train.loss_weighting=min_snr but diffusion.formulation=edm.*=uniform"
     ):
-        edm_config(tmp_path, run, {"formulation": "edm"})  # digits.yaml weights by min-SNR
+        edm_config(tmp_path, run, {"formulation": "edm"}, "train.loss_weighting=min_snr")
     with pytest.raises(
         ConfigError, match="invalid value 'vp' for 'diffusion.formulation': expected one of ddpm, edm"
     ):

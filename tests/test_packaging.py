@@ -74,7 +74,7 @@ def test_installed_commands_find_the_bundled_configs_outside_a_clone(wheel, tmp_
     result = subprocess.run(
         [str(target / "bin" / "ddpm-train"), "--help"], cwd=cwd, env=env, capture_output=True, text=True
     )
-    assert result.returncode == 0 and "cifar10, digits, folder" in " ".join(result.stdout.split())
+    assert result.returncode == 0 and "cifar10, cifar10_v, digits, folder" in " ".join(result.stdout.split())
     result = subprocess.run(
         [str(target / "bin" / "ddpm-sample"), "--checkpoint", "nothing"], cwd=cwd, env=env, text=True,
         capture_output=True,
@@ -91,7 +91,7 @@ def test_a_config_name_finds_the_bundled_file_and_an_existing_file_wins(tmp_path
     assert resolve_config("cifar10.yaml") == Path("cifar10.yaml")  # the file given, not the bundled one
     assert load_config("cifar10.yaml").train.steps == 7 and load_config("cifar10").train.steps == 800000
     with pytest.raises(
-        ConfigError, match=r"config file cifar100 not found; .*bundled config: cifar10, digits"
+        ConfigError, match=r"config file cifar100 not found; .*bundled config: cifar10, cifar10_v, digits"
     ):
         load_config("cifar100")
     with pytest.raises(ConfigError, match=r"config file sub/digits.yaml not found"):
