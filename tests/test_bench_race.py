@@ -1,53 +1,38 @@
 """bench/race.py's equal-time machinery: the clock runs one contestant at a time, always the one with the
 least training time, counts each one's own time and stops each at the marks; and our Trainer, driven through
-its own loop in a thread, stops at the marks with its EMA weights taken there."""
+its own loop in a thread, stops at the marks with its EMA weights taken there. The bench scripts import each
+other as top-level modules, so the scenarios run in a subprocess with bench/ on PYTHONPATH."""
 
-import argparse
-import importlib
+import json
 import os
+import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCENARIOS = r'''
+import argparse, json, sys, time
+from pathlib import Path
+
 import torch
 from accelerate.state import AcceleratorState
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.image_size=8",
-    "data.batch_size=16",
-    "model.image_size=8",
-    "model.base_channels=8",
-    "model.channel_mult=[1,2]",
-    "model.norm_groups=4",
-    "model.attention_resolutions=[]",
-    "sample.steps=2",
-]
+import race
 
-
-@pytest.fixture(scope="module")
-def race():
-    """bench/race.py as a module, os.environ left as it was (it sets OMP_WAIT_POLICY for its own process)."""
-    saved = dict(os.environ)
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        yield importlib.import_module("race")
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-        os.environ.clear()
-        os.environ.update(saved)
+ROOT, tmp = Path(sys.argv[1]), Path(sys.argv[2])
+report = {}
 
 
 class SleepingRun:
-    """A contestant whose optimizer step takes `cost` seconds (sleeping, so the clock's accounting is all that
-    differs between contestants); records when each step ran."""
+    """A contestant whose step sleeps `cost` seconds; records when each step ran."""
 
-    def __init__(self, cost: float):
+    def __init__(self, cost):
         self.cost, self.intervals = cost, []
 
-    def loop(self, contestant) -> None:
+    def loop(self, contestant):
         steps = 0
         while contestant.tick(steps, lambda: [(contestant.name, None)]):
             start = time.perf_counter()
@@ -56,68 +41,101 @@ class SleepingRun:
             steps += 1
 
 
-def test_the_clock_gives_every_contestant_the_same_time_one_at_a_time(race):
-    clock, marks, out = race.TrainingClock(), [0.2, 0.4], []
-    runs = {"fast": SleepingRun(0.004), "slow": SleepingRun(0.02)}
-    threads = []
-    for name, run in runs.items():
-        clock.enter(name)
-        threads.append(race.Contestant(name, run.loop, clock, marks, out))
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=10)
-        assert not thread.is_alive() and thread.error is None
-    steps = {(o["run"], o["mark"]): o["steps"] for o in out}
-    seconds = {(o["run"], o["mark"]): o["seconds"] for o in out}
-    for name, run in runs.items():
-        for mark in marks:
-            # stopped at the first step past the mark: its time is the mark plus at most one step (and slack)
-            assert mark <= seconds[name, mark] <= mark + run.cost + 0.02, (name, mark, seconds)
-        assert steps[name, marks[-1]] == len(run.intervals)
-    assert steps["fast", 0.4] >= 3 * steps["slow", 0.4]  # 5x cheaper steps, equal time
-    every = sorted(i for run in runs.values() for i in run.intervals)
-    assert all(a[1] <= b[0] for a, b in zip(every, every[1:], strict=False)), "two steps overlapped"
-
-
-def test_a_contestant_that_fails_frees_the_clock_and_the_error_reaches_the_caller(race):
+def run_all(contestants):
     clock, out = race.TrainingClock(), []
-
-    def failing(contestant):
-        contestant.tick(0, list)
-        raise RuntimeError("boom")
-
-    other = SleepingRun(0.002)
-    threads = [
-        race.Contestant("bad", failing, clock, [0.05], out),
-        race.Contestant("ok", other.loop, clock, [0.05], out),
-    ]
+    threads = [race.Contestant(name, loop, clock, marks, out) for name, loop, marks in contestants]
     for thread in threads:
         clock.enter(thread.name)
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=10)
-        assert not thread.is_alive()
-    assert str(threads[0].error) == "boom" and threads[1].error is None and other.intervals
+        thread.join(timeout=120)
+    return out, {t.name: (t.is_alive(), None if t.error is None else str(t.error)) for t in threads}
 
 
-def test_our_trainer_stops_at_each_mark_with_the_ema_weights_it_had_then(race, tmp_path):
-    options = argparse.Namespace(config=str(ROOT / "configs" / "digits.yaml"), posthoc_sigma_rels=[0.05, 0.2])
-    variants = {"tiny": [*TINY, "train.posthoc_ema_every=2"]}
-    clock, out, marks = race.TrainingClock(), [], [0.5, 1.0]
-    try:
-        loop = race.trainer_loop("tiny", options, variants, 0, tmp_path)
-        clock.enter("tiny")
-        contestant = race.Contestant("tiny", loop, clock, marks, out)
-        contestant.start()
-        contestant.join(timeout=120)
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-    assert contestant.error is None, contestant.error
-    assert sorted({o["run"] for o in out}) == ["tiny", "tiny@0.05", "tiny@0.2"]
-    first, last = (next(o for o in out if o["run"] == "tiny" and o["mark"] == m) for m in marks)
-    assert 0 < first["steps"] < last["steps"] and marks[-1] <= last["seconds"] < marks[-1] + 0.5
-    images, labels = last["sample"](4, 0)
-    assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all() and labels.tolist() == [0, 1, 2, 3]
-    assert not any(thread.name == "tiny" and thread.is_alive() for thread in threading.enumerate())
+runs = {"fast": SleepingRun(0.004), "slow": SleepingRun(0.02)}
+out, states = run_all([(name, run.loop, [0.2, 0.4]) for name, run in runs.items()])
+report["clock"] = {
+    "marks": [{k: o[k] for k in ("run", "mark", "steps", "seconds")} for o in out],
+    "intervals": {name: run.intervals for name, run in runs.items()},
+    "states": states,
+}
+
+
+def failing(contestant):
+    contestant.tick(0, list)
+    raise RuntimeError("boom")
+
+
+other = SleepingRun(0.002)
+out, states = run_all([("bad", failing, [0.05]), ("ok", other.loop, [0.05])])
+report["failure"] = {"states": states, "ok_steps": len(other.intervals)}
+
+options = argparse.Namespace(config=str(ROOT / "configs" / "digits.yaml"), posthoc_sigma_rels=[0.05, 0.2])
+tiny = [
+    "data.image_size=8", "data.batch_size=16", "model.image_size=8", "model.base_channels=8",
+    "model.channel_mult=[1,2]", "model.norm_groups=4", "model.attention_resolutions=[]", "sample.steps=2",
+    "train.posthoc_ema_every=2",
+]
+loop = race.trainer_loop("tiny", options, {"tiny": tiny}, 0, tmp)
+out, states = run_all([("tiny", loop, [0.5, 1.0])])
+AcceleratorState._reset_state(reset_partial_state=True)
+last = next(o for o in out if o["run"] == "tiny" and o["mark"] == 1.0)
+images, labels = last["sample"](4, 0)
+report["trainer"] = {
+    "marks": [{k: o[k] for k in ("run", "mark", "steps", "seconds")} for o in out],
+    "states": states,
+    "shape": list(images.shape),
+    "finite": bool(torch.isfinite(images).all()),
+    "labels": labels.tolist(),
+}
+print(json.dumps(report))
+'''
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("race")
+    pythonpath = os.pathsep.join([str(ROOT / "bench"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", SCENARIOS, str(ROOT), str(tmp)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": pythonpath},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_clock_gives_every_contestant_the_same_time_one_at_a_time(report):
+    clock = report["clock"]
+    assert clock["states"] == {"fast": [False, None], "slow": [False, None]}
+    found = {(m["run"], m["mark"]): m for m in clock["marks"]}
+    costs = {"fast": 0.004, "slow": 0.02}
+    for name, cost in costs.items():
+        for mark in (0.2, 0.4):
+            # stopped at the first step past the mark: the mark plus at most one step (and scheduling slack)
+            assert mark <= found[name, mark]["seconds"] <= mark + cost + 0.02, (name, mark, found)
+        assert found[name, 0.4]["steps"] == len(clock["intervals"][name])
+    assert found["fast", 0.4]["steps"] >= 3 * found["slow", 0.4]["steps"]  # 5x cheaper steps, equal time
+    every = sorted(i for intervals in clock["intervals"].values() for i in intervals)
+    assert all(a[1] <= b[0] for a, b in zip(every, every[1:], strict=False)), "two steps overlapped"
+
+
+def test_a_contestant_that_fails_frees_the_clock_and_keeps_its_error(report):
+    failure = report["failure"]
+    assert failure["states"] == {"bad": [False, "boom"], "ok": [False, None]}
+    assert failure["ok_steps"] > 0
+
+
+def test_our_trainer_stops_at_each_mark_with_the_ema_weights_it_had_then(report):
+    trainer = report["trainer"]
+    assert trainer["states"] == {"tiny": [False, None]}
+    assert sorted({m["run"] for m in trainer["marks"]}) == ["tiny", "tiny@0.05", "tiny@0.2"]
+    first, last = (
+        next(m for m in trainer["marks"] if m["run"] == "tiny" and m["mark"] == t) for t in (0.5, 1.0)
+    )
+    assert 0 < first["steps"] < last["steps"] and 1.0 <= last["seconds"] < 1.5
+    assert trainer["shape"] == [4, 1, 8, 8] and trainer["finite"] and trainer["labels"] == [0, 1, 2, 3]

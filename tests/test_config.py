@@ -302,7 +302,7 @@ def test_every_conflict_is_reported_at_once():
     [
         (
             ["model.norm_groups=7"],
-            r"model\.norm_groups: channel counts \[32, 64\] \(base_channels \* channel_mult\) are not "
+            r"model\.norm_groups: channel counts \[16, 32\] \(base_channels \* channel_mult\) are not "
             r"divisible by norm_groups=7 \(the model section holds UNet's arguments\)$",
         ),
         (["model.channel_mult=3"], r"^model: 'int' object is not iterable \(the model section holds UNet's"),

@@ -154,7 +154,13 @@ def test_two_accumulated_micro_batches_give_the_gradients_of_one_large_batch(tmp
 
 def test_trainer_loss_draws_noise_then_timesteps_then_label_dropout_and_applies_min_snr_weights(tmp_path):
     trainer = Trainer(
-        tiny_config(tmp_path / "run", "model.dropout=0", "train.min_snr_gamma=2", "train.label_dropout=0.5")
+        tiny_config(
+            tmp_path / "run",
+            "model.dropout=0",
+            "train.loss_weighting=min_snr",
+            "train.min_snr_gamma=2",
+            "train.label_dropout=0.5",
+        )
     )
     assert trainer.scheduler.prediction_type == "v_prediction"
     x0, labels, _, _ = fixed_batch(trainer, 16)
