@@ -213,8 +213,9 @@ class TrainingClock:
 
 
 class Contestant(threading.Thread):
-    """Runs `step_loop(self)`, a training loop that calls `tick` after each optimizer step, on `clock`,
-    appending to `out` a run's samplers (scored later) at each time mark."""
+    """Runs `step_loop(self)`, a training loop that calls `tick` after each optimizer step, on `clock` (its
+    first turn taken before the loop starts), appending to `out` a run's samplers (scored later) at each time
+    mark."""
 
     def __init__(self, name: str, step_loop, clock: TrainingClock, marks: list[float], out: list[dict]):
         super().__init__(name=name, daemon=True)
@@ -223,6 +224,7 @@ class Contestant(threading.Thread):
 
     def run(self) -> None:
         try:
+            self.clock.acquire(self.name)
             self.step_loop(self)
         except BaseException as error:  # re-raised by the main thread
             self.error = error
@@ -230,20 +232,13 @@ class Contestant(threading.Thread):
             self.clock.leave(self.name)
 
     def tick(self, steps: int, snapshot) -> bool:
-        """Called after each optimizer step (holding the clock from the second call on); returns whether to
-        go on. At a mark, `snapshot()` -> [(run name, sampler)] is taken off the clock."""
-        if steps == 0:
-            self.clock.acquire(self.name)
-            return True
+        """Called after each optimizer step, holding the clock (taken in `run`); returns whether to go on.
+        At a mark, `snapshot()` -> [(run name, sampler)] is taken off the clock."""
         elapsed = self.clock.elapsed(self.name)
         uncounted = 0.0
         if elapsed >= self.marks[0]:
             start = time.perf_counter()
-            mark = self.marks.pop(0)
-            for run, sampler in snapshot():
-                self.out.append(
-                    {"run": run, "mark": mark, "steps": steps, "seconds": elapsed, "sample": sampler}
-                )
+            self._record([self.marks.pop(0)], steps, elapsed, snapshot)
             uncounted = time.perf_counter() - start
         self.clock.release(self.name, uncounted=uncounted)
         if not self.marks:
@@ -254,9 +249,12 @@ class Contestant(threading.Thread):
     def finish(self, steps: int, snapshot) -> None:
         """The run stopped on its own (train.steps) before the last mark: its final weights stand for the
         marks left, at the time it took."""
-        elapsed = self.clock.elapsed(self.name)
-        for run, sampler in snapshot() if self.marks else []:
-            for mark in self.marks:
+        if self.marks:
+            self._record(self.marks, steps, self.clock.elapsed(self.name), snapshot)
+
+    def _record(self, marks: list[float], steps: int, elapsed: float, snapshot) -> None:
+        for run, sampler in snapshot():
+            for mark in marks:
                 self.out.append(
                     {"run": run, "mark": mark, "steps": steps, "seconds": elapsed, "sample": sampler}
                 )
@@ -282,7 +280,6 @@ def trainer_loop(name: str, args: argparse.Namespace, variants: dict, seed: int,
         ],
     )
     trainer = Trainer(config)
-    trainer.signals = NoStopSignals()  # signal handlers can only be set from the main thread
     sample = dataclasses.replace(config.sample, guidance_scale=1.0)
 
     def snapshot() -> list:
@@ -299,7 +296,6 @@ def trainer_loop(name: str, args: argparse.Namespace, variants: dict, seed: int,
         batches = trainer._batches
 
         def ticking_batches():
-            contestant.tick(0, snapshot)
             for batch in batches():
                 yield batch  # the Trainer runs one optimizer step on it before asking for the next
                 if not contestant.tick(trainer.state.step, snapshot):
@@ -310,21 +306,6 @@ def trainer_loop(name: str, args: argparse.Namespace, variants: dict, seed: int,
         contestant.finish(trainer.state.step, snapshot)
 
     return loop
-
-
-class NoStopSignals:
-    """StopSignals' interface without its handlers: the race runs each Trainer outside the main thread."""
-
-    stopped_by = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        pass
-
-    def stop_requested(self, step: int) -> bool:
-        return False
 
 
 def peer_loop(name: str, args: argparse.Namespace, seed: int):
@@ -345,9 +326,11 @@ def peer_loop(name: str, args: argparse.Namespace, seed: int):
             return [(name, _sampler(run.ema_model(), schedule, sample))]
 
     def loop(contestant: Contestant) -> None:
-        steps = 0
-        while contestant.tick(steps, snapshot):
+        steps = 1
+        while True:
             run.step()
+            if not contestant.tick(steps, snapshot):
+                return
             steps += 1
 
     return loop

@@ -14,7 +14,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,7 @@ from ddpm.io import CheckpointError, load_unet, save_unet
 from ddpm.models.unet import UNet
 from ddpm.run_dir import latest_checkpoint, list_checkpoints
 from ddpm.training import NonFiniteLossError, Trainer
+from ddpm.training.interruption import StopSignals
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -676,3 +679,28 @@ def test_a_process_that_hangs_or_fails_ends_the_whole_launch(tmp_path, hang, mes
     code, out, err = launch(tmp_path / "fail.py", *args, cwd=tmp_path, timeout=180)
     assert code != 0
     assert re.search(message, err), out + err[-3000:]
+
+
+def test_stop_signals_in_another_thread_install_nothing_and_never_stop():
+    """Only the main thread may set signal handlers (Python raises ValueError elsewhere): a Trainer run in a
+    thread must still train, with the process's handlers left alone; in the main thread they are installed
+    and restored."""
+    one_process = types.SimpleNamespace(num_processes=1)
+    before = signal.getsignal(signal.SIGINT)
+    seen = {}
+
+    def in_thread():
+        with StopSignals(one_process, check_every=1) as signals:
+            seen["handler"] = signal.getsignal(signal.SIGINT)
+            seen["stop"] = signals.stop_requested(1)
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+    assert seen == {"handler": before, "stop": False}
+    with StopSignals(one_process, check_every=1) as signals:
+        assert signal.getsignal(signal.SIGINT) is not before
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs at the next bytecode boundary of the main thread
+        assert signals.stop_requested(1) and signals.stopped_by is signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is before

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -25,7 +26,9 @@ class StopSignals:
 
     Repeats are ignored: launchers pass on the signal that the terminal or the cluster already sent to every
     process, and the save that follows must not be cut short (SIGKILL stops at once). The previous handlers
-    come back on exit.
+    come back on exit. Python lets only the main thread set signal handlers, and delivers signals there: in
+    another thread (a Trainer run by a harness or a notebook thread) nothing is installed and no signal stops
+    the run; stopping it is then up to whoever runs that thread.
 
     Args:
         accelerator: the run's Accelerator; with several processes `stop_requested` is a collective.
@@ -43,6 +46,8 @@ class StopSignals:
         def request_stop(signum, frame):
             self._received = self._received or signal.Signals(signum)
 
+        if threading.current_thread() is not threading.main_thread():
+            return self
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, request_stop)
         return self
