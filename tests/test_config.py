@@ -19,12 +19,14 @@ from ddpm.config import (
     SampleConfig,
     TrainConfig,
     build_model,
+    build_schedule,
     check_diffusion_model,
     construct,
     load_config,
     save_config,
 )
 from ddpm.data import BUILDERS, DataError, build_dataset
+from ddpm.edm import EDMScheduler
 from ddpm.models import ClassicUNet
 from ddpm.models.unet import UNet
 from ddpm.schedule import NoiseScheduler
@@ -483,3 +485,24 @@ def test_a_bad_key_through_the_documented_commands_ends_with_our_line_and_status
     assert result.returncode == 1, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: unknown key 'train.stepz' in override 'train.stepz=1'"), result.stderr
+
+
+# Every training config that ships: configs/ (seed_unet.yaml is the write-up's segmentation network, a model
+# section that tests/test_classic.py builds, not a run) and bench/configs/.
+SHIPPED_CONFIGS = [
+    path
+    for path in sorted(DIGITS_YAML.parent.glob("*.yaml"))
+    + sorted((DIGITS_YAML.parents[1] / "bench" / "configs").glob("*.yaml"))
+    if path.name != "seed_unet.yaml"
+]
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_is_read_and_builds_its_model_and_schedule(path):
+    """load_config builds the network and the schedule of each config on the meta device, so a key that
+    the constructors refuse (or a conflict between sections) fails here, not an hour into a run."""
+    config = load_config(path, ["data.root=images"] if path == FOLDER_YAML else [])  # folder.yaml asks for it
+    raw = yaml.safe_load(path.read_text())
+    assert config.output_dir == raw["output_dir"] and config.model["image_size"] == raw["data"]["image_size"]
+    edm = raw["diffusion"].get("formulation") == "edm"
+    assert isinstance(build_schedule(config.diffusion), EDMScheduler) == edm
