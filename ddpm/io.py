@@ -58,11 +58,12 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     same file never write into each other's. A folder written there replaces an existing folder at `path`
     whole (the old one renamed aside to `.tmp-<pid>-old-<name>`, the new one renamed in, then the old one
     deleted): the caller decides whether an existing folder may go. On an error in the block or the rename,
-    the temporary file or folder is removed, `path` is left as it was, and the error re-raised; an OSError,
-    or safetensors' SafetensorError (how it reports one), is re-raised as an OSError naming `path` ("[Errno
-    28] cannot write PATH: No space left on device", the same errno and so the same subclass). A crash
-    (SIGKILL, power loss) leaves at most hidden temporary files or folders beside `path` (between a folder's
-    two renames: the old one and the new one, both whole, and nothing at `path`).
+    the temporary file or folder is removed, `path` is left as it was, and the error re-raised; an OSError is
+    re-raised as one naming `path` ("[Errno 28] cannot write PATH: No space left on device", the same errno
+    and so the same subclass), and so is safetensors' SafetensorError, its report of a failed write ("cannot
+    write PATH: " and its first line). A crash (SIGKILL, power loss) leaves at most hidden temporary files
+    or folders beside `path` (between a folder's two renames: the old one and the new one, both whole, and
+    nothing at `path`).
     """
     path = Path(path)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")

@@ -44,12 +44,8 @@ CHECKPOINT_FILE = "posthoc_ema.safetensors"  # the trackers' state inside a chec
 PROVENANCE = (
     "posthoc_ema.json"  # in a model folder `python -m ddpm.ema` wrote: what it was reconstructed from
 )
-_MODEL_FOLDER_FILES = (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    NOISE_SCHEDULER,
-    PROVENANCE,
-)  # what save_posthoc_model writes
+# What save_posthoc_model writes: an existing folder holding only these may be replaced.
+_MODEL_FOLDER_FILES = (CONFIG_NAME, WEIGHTS_NAME, NOISE_SCHEDULER, PROVENANCE)
 _SNAPSHOT_NAME = re.compile(r"step-(\d{7,})\.safetensors")
 
 
