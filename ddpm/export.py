@@ -17,14 +17,12 @@ that diffusers cannot express, and for a missing checkpoint or an OUT that exist
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from pathlib import Path
 
 from ddpm.inference import load_for_sampling
 from ddpm.interop.diffusers import DIFFUSERS_SAMPLER_SETTINGS, save_diffusers_pipeline
-from ddpm.io import CheckpointError
+from ddpm.io import CheckpointError, atomic_write
 from ddpm.models.unet import UNet
 
 
@@ -47,12 +45,8 @@ def export_pipeline(
             f"model.architecture={type(loaded.model).__name__} cannot be exported to diffusers: UNet2DModel "
             "has the layout of ddpm.UNet only"
         )
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
-    try:
+    with atomic_write(out) as tmp:
         save_diffusers_pipeline(tmp, loaded.model, loaded.scheduler, scheduler_class=scheduler_class)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     classes = loaded.model.num_classes
     note = (
         f"; labels 0-{classes - 1}, and {classes} for none (pipeline.unet's class_labels)" if classes else ""

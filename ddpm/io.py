@@ -12,11 +12,13 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ddpm.edm import schedule_from_config
@@ -45,29 +47,43 @@ class CheckpointError(RuntimeError):
 
 @contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write to; when the block ends without an error, rename it to `path`.
+    """Yield a temporary path to write a file or a folder to; when the block ends without an error, rename it
+    to `path`.
 
         with atomic_write(run / "config.yaml") as tmp:
             tmp.write_text(text)
 
-    The temporary file is `.tmp-<pid>-<name>` in `path`'s folder (created if missing): the same file system,
+    The temporary path is `.tmp-<pid>-<name>` in `path`'s folder (created if missing): the same file system,
     so that the rename (os.replace) is atomic, and one name per process, so that two processes writing the
-    same file never write into each other's. On an error in the block or the rename, the temporary file is
-    removed, `path` is left as it was, and the error re-raised; an OSError is re-raised as one naming `path`
-    ("[Errno 28] cannot write PATH: No space left on device", the same errno and so the same subclass). A
-    crash (SIGKILL, power loss) leaves at most the hidden temporary file beside `path`.
+    same file never write into each other's. A folder written there replaces an existing folder at `path`
+    whole (the old one renamed aside to `.tmp-<pid>-old-<name>`, the new one renamed in, then the old one
+    deleted): the caller decides whether an existing folder may go. On an error in the block or the rename,
+    the temporary file or folder is removed, `path` is left as it was, and the error re-raised; an OSError is
+    re-raised as one naming `path` ("[Errno 28] cannot write PATH: No space left on device", the same errno
+    and so the same subclass), and so is safetensors' SafetensorError, its report of a failed write ("cannot
+    write PATH: " and its first line). A crash (SIGKILL, power loss) leaves at most hidden temporary files
+    or folders beside `path` (between a folder's two renames: the old one and the new one, both whole, and
+    nothing at `path`).
     """
     path = Path(path)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
-        os.replace(tmp, path)
+        if tmp.is_dir() and path.is_dir() and not path.is_symlink():
+            _replace_folder(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException as error:  # KeyboardInterrupt too: no temporary file is left behind by Ctrl-C
         with suppress(OSError):  # e.g. the folder is a file: the error that says so is the one to raise
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink(missing_ok=True)
         if isinstance(error, OSError):
             raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
+        if isinstance(error, SafetensorError):
+            raise OSError(f"cannot write {path}: {one_line(error)}") from error
         raise
 
 
@@ -190,6 +206,19 @@ def one_line(error: BaseException) -> str:
     """The first line of an error's message (torch and safetensors write paragraphs)."""
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+def _replace_folder(new: Path, folder: Path) -> None:
+    """Put the folder `new` in the place of the existing `folder` (its sibling), whose old content is deleted;
+    if the second rename fails, the old folder is put back."""
+    old = folder.with_name(f".tmp-{os.getpid()}-old-{folder.name}")
+    os.replace(folder, old)
+    try:
+        os.replace(new, folder)
+    except OSError:
+        os.replace(old, folder)
+        raise
+    shutil.rmtree(old)
 
 
 def _schedule_file(folder: Path) -> Path:

@@ -8,7 +8,8 @@ the variance-exploding view x_t / sqrt(alpha_bar_t) = x0 + sigma_t eps is sigma_
 alpha_bar_t) (Karras et al. 2022); a continuous sigma maps to a continuous t in [0, T-1] by linear
 interpolation of log sigma between the integer timesteps (k-diffusion's and diffusers' `sigma_to_t`), and
 back by the same interpolation (`alpha_bar` at a float t), so sigma-space spacings ("karras", "exponential")
-drive any discrete-time model.
+drive any discrete-time model; above the last finite sigma of a zero-terminal-SNR schedule, 1 / sigma is
+interpolated instead (see `alpha_bar`).
 
 Zero terminal SNR (Lin et al. 2024, `rescale_betas_zero_snr=True`) makes alpha_bar_{T-1} exactly 0, so x_{T-1}
 is pure noise. Then epsilon prediction cannot be turned into an x0 estimate at t = T-1
@@ -262,6 +263,11 @@ class NoiseScheduler:
         log sigma interpolated linearly between the integer timesteps around t (the inverse of `sigma_to_t`,
         so a timestep made from a noise level gives back that noise level); t outside [0, T-1] takes the
         nearest end's sigma, as diffusers' and k-diffusion's `sigma_to_t` clip.
+
+        Under zero terminal SNR sigma_{T-1} is infinite and log sigma has no line to T-1: on (T-2, T-1] it is
+        1 / sigma = sqrt(SNR) that goes linearly from 1 / sigma_{T-2} to 0, sigma = sigma_{T-2} / (1 - w) at
+        t = T-2 + w (the rescaled schedule itself ends so: sqrt(alpha_bar), about 1 / sigma there, is affine
+        in t, Lin et al. 2024, Alg. 1). Continuous, increasing in t, exactly 0 at T-1.
         """
         if not t.is_floating_point():
             return self._table(self.alphas_cumprod, t)[t]
@@ -269,15 +275,19 @@ class NoiseScheduler:
         low = t.detach().floor().clamp(0, self.num_train_timesteps - 2)
         w = (t - low).clamp(0, 1).to(log_sigmas.dtype)
         lo, hi = log_sigmas[low.long()], log_sigmas[low.long() + 1]
-        # lo + w (hi - lo), written so that w = 0 gives lo even where hi = +inf (zero terminal SNR)
-        log_sigma = torch.where(w == 0, lo, torch.lerp(lo, hi, w))
+        last = hi.isinf()  # (T-2, T-1] under zero terminal SNR
+        # Each branch of a where() is computed everywhere: fed only values that keep it (and its gradient)
+        # finite where it is not taken.
+        linear = torch.lerp(lo, torch.where(last, lo, hi), w)
+        log_sigma = torch.where(last, lo - torch.log1p(-torch.where(last, w, 0)), linear)
         return torch.sigmoid(-2 * log_sigma)  # 1 / (1 + sigma^2), 0 at sigma = inf
 
     def sigma_to_t(self, sigma: Tensor | float) -> Tensor:
         """The continuous timestep of noise level sigma: t = i + w where log sigma = (1 - w) log sigma_i +
         w log sigma_{i+1} between the integer timesteps i, i + 1 around it (diffusers' `_sigma_to_t`,
-        k-diffusion's `sigma_to_t`). sigma: > 0, a float or a tensor of any shape (read in float64); returns
-        float64 of its shape, clipped to [0, T-1].
+        k-diffusion's `sigma_to_t`); above sigma_{T-2} under zero terminal SNR, w = 1 - sigma_{T-2} / sigma
+        (the inverse of `alpha_bar` there; sigma = inf gives T-1). sigma: > 0, a float or a tensor of any
+        shape (read in float64); returns float64 of its shape, clipped to [0, T-1].
         """
         log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log()
         log_sigmas = self.log_sigmas
@@ -285,7 +295,8 @@ class NoiseScheduler:
             0, self.num_train_timesteps - 2
         )
         lo, hi = log_sigmas[low], log_sigmas[low + 1]
-        w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
+        last = hi.isinf()
+        w = torch.where(last, -torch.expm1(lo - log_sigma), (log_sigma - lo) / (hi - lo)).clamp(0, 1)
         return low + w
 
     def snr(self, t: Tensor) -> Tensor:

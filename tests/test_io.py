@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from test_unet import inputs, perturb, tiny  # pytest puts tests/ on sys.path
 
 from ddpm.io import atomic_write, load_unet, save_unet
@@ -60,6 +61,38 @@ def test_any_other_error_passes_unchanged_and_removes_the_temporary_file(tmp_pat
         tmp.write_text("half")
         raise ValueError("bad data")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_safetensors_write_error_is_an_oserror_naming_the_path(tmp_path):
+    target = tmp_path / "weights.safetensors"
+    with (
+        pytest.raises(OSError, match=rf"^cannot write {target}: Error while serializing: I/O error$"),
+        atomic_write(target) as tmp,
+    ):
+        tmp.write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error\nsecond line")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_folder_lands_whole_replaces_an_existing_one_and_a_failed_one_leaves_nothing(tmp_path):
+    target = tmp_path / "folder"
+    with atomic_write(target) as tmp:
+        (tmp / "sub").mkdir(parents=True)
+        (tmp / "sub" / "a.txt").write_text("first")
+        assert not target.exists()
+    assert (target / "sub" / "a.txt").read_text() == "first"
+    with (
+        pytest.raises(OSError, match=rf"\[Errno 28\] cannot write {target}: No space left on device"),
+        atomic_write(target) as tmp,
+    ):
+        tmp.mkdir()
+        (tmp / "b.txt").write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert os.listdir(tmp_path) == ["folder"] and os.listdir(target) == ["sub"]  # as it was
+    with atomic_write(target) as tmp:
+        tmp.mkdir()
+        (tmp / "b.txt").write_text("second")
+    assert os.listdir(tmp_path) == ["folder"] and os.listdir(target) == ["b.txt"]  # the old one is gone
 
 
 # --- the network's files -----------------------------------------------------------------------------------

@@ -1,18 +1,21 @@
 """Training with learned variance: train.learn_sigma's config checks, the hybrid loss in the trainer, and the
-loss-second-moment importance sampler of t (its maths and its exact resume)."""
+loss-second-moment importance sampler of t (its maths, its exact resume, the losses of every process, and a
+NaN loss kept out of its history)."""
 
 import json
+import math
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from test_faults import launch, tiny_args
 from test_train import tiny_config, weights
 
 from ddpm.config import ConfigError
 from ddpm.inference import load_for_sampling
 from ddpm.samplers import sample
 from ddpm.schedule import NoiseScheduler
-from ddpm.training import Trainer
+from ddpm.training import NonFiniteLossError, Trainer
 from ddpm.training.timestep_sampler import HISTORY, UNIFORM_SHARE, LossSecondMomentSampler
 
 LEARNED = [
@@ -71,6 +74,10 @@ def test_sampler_is_uniform_until_every_t_holds_its_history_then_follows_the_rms
     t, w = sampler.sample(5, scheduler, torch.device("cpu"))
     torch.manual_seed(0)
     assert torch.equal(t, scheduler.sample_timesteps(5)) and torch.equal(w, torch.ones(5))
+    before = sampler.state_dict()
+    sampler.update(torch.tensor([0, 1, 2]), torch.tensor([1.0, math.nan, 4.0]))  # records none of them
+    sampler.update(torch.tensor([0]), torch.tensor([math.inf]))
+    assert sampler.state_dict() == before
     sampler.update(torch.tensor([0, 1, 2, 2]), torch.tensor([1.0, 2.0, 4.0, 7.0]))  # t = 2 drops its oldest
     assert sampler.warmed_up and sampler.history[2, -1] == 7.0 and sampler.history[2, 0] == 4.0
     rms = torch.tensor([1.0, 2.0, ((9 * 16 + 49) / 10) ** 0.5], dtype=torch.float64)
@@ -108,3 +115,109 @@ def test_learned_variance_run_resumes_exactly_and_samples_without_flags(tmp_path
         loaded.model, loaded.scheduler, (2, 1, 8, 8), sampler="ddpm", steps=4, y=torch.tensor([1, 2])
     )
     assert torch.isfinite(images).all()
+
+
+RECORD_SAMPLER = """
+import atexit
+import json
+import os
+from pathlib import Path
+
+import ddpm.training.trainer as trainer
+from ddpm.training.timestep_sampler import LossSecondMomentSampler
+
+# Per process: the t it drew and the per-image losses it computed at each micro-batch, and what its sampler
+# was given to record.
+seen = {"drawn": [], "losses": [], "recorded": []}
+sample, update = LossSecondMomentSampler.sample, LossSecondMomentSampler.update
+losses_of = trainer.diffusion_losses
+
+
+def sample_seen(self, n, scheduler, device):
+    t, weights = sample(self, n, scheduler, device)
+    seen["drawn"].append(t.tolist())
+    return t, weights
+
+
+def losses_seen(*args, **kwargs):
+    losses = losses_of(*args, **kwargs)
+    seen["losses"].append(losses.tolist())
+    return losses
+
+
+def update_seen(self, t, losses):
+    seen["recorded"].append([t.tolist(), losses.tolist()])
+    update(self, t, losses)
+
+
+LossSecondMomentSampler.sample, LossSecondMomentSampler.update = sample_seen, update_seen
+trainer.diffusion_losses = losses_seen
+atexit.register(lambda: Path(f"seen-{os.environ['RANK']}.json").write_text(json.dumps(seen)))
+
+import train  # noqa: E402
+
+train.main()
+"""
+
+
+def test_two_processes_record_the_losses_of_both_in_the_same_order(tmp_path):
+    """accelerate's gather concatenates along dimension 0: each step the sampler of every process records the
+    2 x 16 (t, loss) pairs of both processes, process 0's first, and both samplers end identical."""
+    (tmp_path / "record.py").write_text(RECORD_SAMPLER)
+    run = tmp_path / "run"
+    args = tiny_args(
+        run, "train.timestep_sampling=loss_second_moment", "train.steps=3", "train.sample_every=0"
+    )
+    code, out, err = launch(tmp_path / "record.py", *args, cwd=tmp_path, timeout=240)
+    assert code == 0, out + err[-3000:]
+    seen = [json.loads((tmp_path / f"seen-{rank}.json").read_text()) for rank in (0, 1)]
+    assert seen[0]["recorded"] == seen[1]["recorded"] and len(seen[0]["recorded"]) == 3
+    assert seen[0]["drawn"] != seen[1]["drawn"]  # each process draws its own t
+    for step, (t, losses) in enumerate(seen[0]["recorded"]):
+        assert len(t) == len(losses) == 2 * 16
+        assert t == seen[0]["drawn"][step] + seen[1]["drawn"][step]
+        assert losses == seen[0]["losses"][step] + seen[1]["losses"][step]
+    state = json.loads((run / "checkpoints" / "step-0000003" / "trainer_state.json").read_text())
+    assert sum(state["timestep_sampler"]["counts"]) == 3 * 2 * 16  # T = 1000: no t holds HISTORY yet
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_a_nan_per_image_loss_never_enters_the_sampler_history(tmp_path, policy):
+    """One image's output made NaN at the first step drawn from the warmed-up sampler (the losses then reach
+    the sampler before any finite check): with nan_policy skip the step is skipped and counted, training goes
+    on drawing t from finite p_t; with stop, training stops at its next check naming the step, not with
+    torch.multinomial's error on the next draw."""
+    run = tmp_path / "run"
+    config = tiny_config(
+        run,
+        "diffusion.num_train_timesteps=4",  # the sampler warms up after about 3 steps of 16 images
+        "train.timestep_sampling=loss_second_moment",
+        f"train.nan_policy={policy}",
+        "train.log_every=3",
+        "train.sample_every=0",
+    )
+    trainer = Trainer(config)
+    forward, poisoned = trainer.forward, []
+
+    def forward_with_one_nan_image(x, t, y):
+        out = forward(x, t, y)
+        if trainer.timestep_sampler.warmed_up and not poisoned:
+            poisoned.append(trainer.state.step + 1)
+            out = torch.cat([torch.full_like(out[:1], math.nan), out[1:]])
+        return out
+
+    trainer.forward = forward_with_one_nan_image
+    if policy == "stop":
+        with pytest.raises(NonFiniteLossError) as error:
+            trainer.train()
+        bad = poisoned[0]
+        assert f"the loss became NaN or infinite at step {bad};" in str(error.value)
+        assert bad < 6 and trainer.state.step == math.ceil(bad / 3) * 3  # stopped at the next check
+    else:
+        last = trainer.train()
+        state = json.loads((last / "trainer_state.json").read_text())
+        assert poisoned and state["step"] == 6 and state["skipped_steps"] == 1
+    sampler = trainer.timestep_sampler
+    assert sampler.warmed_up and torch.isfinite(sampler.history).all()
+    p = sampler.probabilities()
+    assert torch.isfinite(p).all() and p.sum().item() == pytest.approx(1, abs=1e-12)

@@ -3,14 +3,17 @@ reconstruction against EMAs tracked directly, and the snapshots of a training ru
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from test_train import tiny_config
 
+import ddpm.io
 from ddpm.config import ConfigError
 from ddpm.ema import (
     SIGMA_REL_MAX,
@@ -202,6 +205,42 @@ def test_cli_reconstructs_a_model_folder_and_sweeps(tmp_path, capsys):
     expected = reconstruct(run, posthoc_model(load_run(run)[0]), [[0.05, 0.15][int(np.argmin(losses))]])[0]
     for name, value in best.items():
         torch.testing.assert_close(value, expected[name], msg=name)
+
+
+def test_cli_writes_the_model_folder_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A failed weights write (safetensors' error, as on a full disk) is one line naming --out and leaves no
+    partial folder, nor a temporary one; an earlier output stays as it was, and a later write replaces it
+    whole; a folder holding anything else is refused, untouched."""
+    run = tmp_path / "run"
+    Trainer(tiny_config(run, *POSTHOC, "train.steps=2", "train.checkpoint_every=2")).train()
+    out = tmp_path / "phema"
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def failed_write(sigma_rel: str) -> str:
+        with monkeypatch.context() as patch, pytest.raises(SystemExit) as exit_:
+            patch.setattr(ddpm.io, "save_file", full_disk)
+            ema_main([str(run), "--sigma-rel", sigma_rel, "--out", str(out)])
+        return exit_.value.code
+
+    message = failed_write("0.1")
+    disk_full = "Error while serializing: I/O error: No space left on device (os error 28)"
+    assert message == f"error: cannot write {out}: {disk_full}"
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+    ema_main([str(run), "--sigma-rel", "0.1", "--out", str(out)])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["config.json", "model.safetensors", "noise_scheduler.json", "posthoc_ema.json"]
+    assert failed_write("0.05").startswith(f"error: cannot write {out}: ")
+    assert sorted(os.listdir(tmp_path)) == ["phema", "run"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    ema_main([str(run), "--sigma-rel", "0.05", "--out", str(out)])
+    assert json.loads((out / "posthoc_ema.json").read_text())["sigma_rel"] == 0.05
+    assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=rf"^error: {out} exists and holds notes.txt, which a post-hoc EMA"):
+        ema_main([str(run), "--sigma-rel", "0.1", "--out", str(out)])
+    assert (out / "notes.txt").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["phema", "run"]
 
 
 def test_cli_errors_are_one_line(tmp_path):

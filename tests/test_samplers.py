@@ -616,6 +616,39 @@ def test_zero_terminal_snr_first_step_closed_form(name):
     )
 
 
+def test_heun_churn_above_the_last_finite_sigma_shows_the_model_its_own_noise_level():
+    """Zero terminal SNR, T = 10, 10 steps: the churn of step 1 raises sigma_8 = sigma_{T-2} by sqrt(2), into
+    (sigma_{T-2}, inf), where log sigma has no line to T-1's infinite sigma. The model must get the t in
+    (T-2, T-1) whose alpha_bar is 1 / (1 + sigma_hat^2) (1 / sigma linear there: t = 9 - 1 / sqrt(2)), not
+    T-2's level (sigma_to_t pinned it there) nor NaN (alpha_bar's log-sigma lerp towards +inf)."""
+    scheduler = NoiseScheduler(
+        num_train_timesteps=10, rescale_betas_zero_snr=True, prediction_type="v_prediction"
+    )
+    exact, seen = exact_predictor(MIXTURE, scheduler), []
+
+    def model(x, t, y):
+        seen.append(t[0].clone())
+        return exact(x, t, y)
+
+    got = sample(
+        model,
+        scheduler,
+        noise=x_T(),
+        sampler="heun",
+        steps=10,
+        options={"s_churn": 10},  # gamma = min(10 / 10, sqrt(2) - 1)
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
+    assert torch.isfinite(got).all()
+    assert seen[0].item() == 9  # sigma = inf: no churn, Euler alone (one call)
+    ab = scheduler.alphas_cumprod[8].item()
+    sigma_hat = ((1 - ab) / ab) ** 0.5 * 2**0.5
+    t_hat = seen[1]
+    assert t_hat.is_floating_point() and t_hat.item() == pytest.approx(9 - 2**-0.5, rel=1e-12)
+    assert scheduler.alpha_bar(t_hat).item() == pytest.approx(1 / (1 + sigma_hat**2), rel=1e-12)
+
+
 # --- determinism, guidance, precision -----------------------------------------------------------------------
 
 

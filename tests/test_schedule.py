@@ -249,6 +249,56 @@ def test_continuous_timesteps_interpolate_log_sigma_and_round_trip(schedule):
     assert s.sigma_to_t(1e-6).item() == 0 and s.sigma_to_t(1e6).item() == 999  # clipped to [0, T-1]
 
 
+def log_sigma_lerp(s: NoiseScheduler, t: torch.Tensor) -> torch.Tensor:
+    """alpha_bar at float t by the log-sigma lerp alone (as before zero terminal SNR's last interval had a
+    formula of its own)."""
+    low = t.floor().clamp(0, s.num_train_timesteps - 2)
+    w = t - low
+    lo, hi = s.log_sigmas[low.long()], s.log_sigmas[low.long() + 1]
+    return torch.sigmoid(-2 * torch.where(w == 0, lo, torch.lerp(lo, hi, w)))
+
+
+def log_sigma_inverse(s: NoiseScheduler, sigma: torch.Tensor) -> torch.Tensor:
+    """sigma_to_t by the log-sigma lerp alone."""
+    log_sigma = sigma.log()
+    low = (torch.searchsorted(s.log_sigmas, log_sigma, right=True) - 1).clamp(0, s.num_train_timesteps - 2)
+    lo, hi = s.log_sigmas[low], s.log_sigmas[low + 1]
+    return low + ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
+
+
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_zero_terminal_snr_last_interval_takes_one_over_sigma_linear_and_nothing_else_moves(zero_snr):
+    """At zero terminal SNR sigma_{T-1} is infinite: on (T-2, T-1] 1 / sigma goes linearly to 0, so that
+    alpha_bar is finite, continuous, decreasing and exactly 0 at T-1 (the log-sigma lerp gave NaN on
+    [T-1.5, T-1] and 0 on (T-2, T-1.5)), and sigma_to_t inverts it. Everywhere else, and on every interval
+    of a schedule with a finite sigma_max, both are bit-identical to the log-sigma lerp."""
+    s = NoiseScheduler(rescale_betas_zero_snr=zero_snr, prediction_type="v_prediction")
+    t = torch.cat([torch.linspace(0, 998, 4001, dtype=torch.float64), torch.tensor([0.3, 997.7, 998.0])])
+    if not zero_snr:
+        t = torch.cat([t, torch.linspace(998, 999, 101, dtype=torch.float64)])
+    assert torch.equal(s.alpha_bar(t), log_sigma_lerp(s, t))
+    sigmas = (1 / log_sigma_lerp(s, t) - 1).sqrt()
+    assert torch.equal(s.sigma_to_t(sigmas), log_sigma_inverse(s, sigmas))
+    if not zero_snr:
+        return
+    t = 998 + torch.linspace(0, 1, 1001, dtype=torch.float64)
+    ab, w = s.alpha_bar(t), t - 998  # w as t holds it
+    sigma_998 = s.log_sigmas[998].exp()
+    torch.testing.assert_close(ab[:-1], 1 / (1 + (sigma_998 / (1 - w[:-1])) ** 2), rtol=1e-12, atol=0)
+    assert ab[0].item() == pytest.approx(s.alphas_cumprod[998].item(), rel=1e-12)
+    assert ab[-1].item() == 0.0 and (ab.diff() < 0).all()
+    assert s.alpha_bar(torch.tensor([999.0, 1200.0], dtype=torch.float64)).tolist() == [0.0, 0.0]
+    # Continuous at T-2: the step just above it is as small as the one just below.
+    step = 1e-9
+    near = s.alpha_bar(torch.tensor([998 - step, 998.0, 998 + step], dtype=torch.float64))
+    assert (near.diff().abs() < 1e-6 * near[1]).all()
+    sigmas = sigma_998 * torch.logspace(0, 2, 50, dtype=torch.float64)
+    back = s.sigma_to_t(torch.cat([sigmas, torch.tensor([torch.inf], dtype=torch.float64)]))
+    assert (back[:-1] >= 998).all() and (back[:-1] < 999).all() and back[-1].item() == 999
+    # t = 998 + w near 999 holds 1 - w to about 1e-13 absolute: relative 1e-11 at sigma = 100 sigma_998
+    torch.testing.assert_close(s.alpha_bar(back[:-1]), 1 / (1 + sigmas**2), rtol=1e-10, atol=0)
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 def test_conversions_take_continuous_timesteps(prediction_type):
     """predict_x0_and_eps and add_noise at a float t use alpha_bar(t): the pair round-trips."""

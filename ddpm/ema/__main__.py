@@ -6,19 +6,26 @@ any profile width after training, or score several and keep the best.
 
 sigma_rel is the standard deviation of the averaging profile relative to the training time (the profile
 peaks at the end of training; 1/sqrt(12) = 0.289 would be a uniform average). The model folder also holds
-posthoc_ema.json: the width, the step and the snapshots it was made from. The score of --sweep is the run's
-training loss on fixed draws of its data (`ddpm.ema.posthoc.denoising_score`): lower is better. --step
+posthoc_ema.json: the width, the step and the snapshots it was made from. It is written whole or not at all,
+and replaces an earlier one at --out (a folder holding other files is refused). The score of --sweep is the
+run's training loss on fixed draws of its data (`ddpm.ema.posthoc.denoising_score`): lower is better. --step
 reconstructs at an earlier snapshot. Exit status 0, or 1 with one line `error: ...` on stderr.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import NoReturn
 
-from ddpm.ema.posthoc import PROVENANCE, denoising_score, list_snapshots, load_run, posthoc_model, reconstruct
-from ddpm.io import CheckpointError, atomic_write, save_pretrained
+from ddpm.ema.posthoc import (
+    denoising_score,
+    list_snapshots,
+    load_run,
+    posthoc_model,
+    reconstruct,
+    save_posthoc_model,
+)
+from ddpm.io import CheckpointError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,13 +69,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"best: sigma_rel {widths[best]:.4f}", file=sys.stderr)
         if args.out is not None:
             model.load_state_dict(states[best])
-            save_pretrained(args.out, model, scheduler)
             steps = [s.step for s in list_snapshots(args.run)]
             step = args.step if args.step is not None else steps[-1]
             made_from = {"sigma_rel": widths[best], "step": step, "run": str(Path(args.run).resolve())}
             made_from["snapshot_steps"] = [s for s in steps if s <= step]
-            with atomic_write(Path(args.out) / PROVENANCE) as tmp:
-                tmp.write_text(json.dumps(made_from, indent=2) + "\n")
+            save_posthoc_model(args.out, model, scheduler, made_from)
             print(f"wrote {args.out} (post-hoc EMA, sigma_rel {widths[best]:.4f})", file=sys.stderr)
     except (CheckpointError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from ddpm.config import Config, build_model, build_schedule, load_config
 from ddpm.data import build_dataset
 from ddpm.ema.power import PowerFunctionEMA, posthoc_coefficients
-from ddpm.io import CheckpointError, atomic_write
+from ddpm.io import CONFIG_NAME, NOISE_SCHEDULER, WEIGHTS_NAME, CheckpointError, atomic_write, save_pretrained
 from ddpm.losses import diffusion_loss
 from ddpm.run_dir import RUN_CONFIG
 from ddpm.schedule import NoiseScheduler
@@ -44,6 +44,8 @@ CHECKPOINT_FILE = "posthoc_ema.safetensors"  # the trackers' state inside a chec
 PROVENANCE = (
     "posthoc_ema.json"  # in a model folder `python -m ddpm.ema` wrote: what it was reconstructed from
 )
+# What save_posthoc_model writes: an existing folder holding only these may be replaced.
+_MODEL_FOLDER_FILES = (CONFIG_NAME, WEIGHTS_NAME, NOISE_SCHEDULER, PROVENANCE)
 _SNAPSHOT_NAME = re.compile(r"step-(\d{7,})\.safetensors")
 
 
@@ -243,6 +245,31 @@ def denoising_score(
         )
         total += loss.item() * len(items)
     return total / n
+
+
+def save_posthoc_model(
+    folder: str | Path, model: torch.nn.Module, scheduler: NoiseScheduler, made_from: dict
+) -> None:
+    """Write the model folder of a reconstructed EMA whole or not at all: `save_pretrained`'s config.json,
+    model.safetensors and noise_scheduler.json, and PROVENANCE (`made_from` as JSON), built beside `folder`
+    under a temporary name and renamed (`ddpm.io.atomic_write`).
+
+    An existing `folder` holding nothing but those files (an earlier output, or nothing) is replaced whole;
+    one holding anything else is refused, since replacing it would delete that. Raises FileExistsError naming
+    what it holds, and OSError naming `folder` when the write fails (nothing of the new folder is then left,
+    and an existing one is as it was).
+    """
+    folder = Path(folder)
+    if folder.is_dir():
+        others = sorted(p.name for p in folder.iterdir() if p.name not in _MODEL_FOLDER_FILES)
+        if others:
+            raise FileExistsError(
+                f"{folder} exists and holds {', '.join(others)}, which a post-hoc EMA model folder does not: "
+                "name a new folder, or one written by python -m ddpm.ema before"
+            )
+    with atomic_write(folder) as tmp:
+        save_pretrained(tmp, model, scheduler)
+        (tmp / PROVENANCE).write_text(json.dumps(made_from, indent=2) + "\n")
 
 
 def _same_widths(a, b) -> bool:

@@ -5,7 +5,9 @@ t is drawn with p_t proportional to sqrt(E[L_t^2]), estimated from the last HIST
 and each image's loss is weighted by 1 / (T p_t) so that the objective's expectation stays that of uniform t.
 Until every t holds HISTORY losses, t is uniform (the same draw as `NoiseScheduler.sample_timesteps`), and a
 small UNIFORM_SHARE of p stays uniform. The history is part of the training state: `state_dict` goes into
-trainer_state.json, so that a resumed run draws the same timesteps as one never interrupted.
+trainer_state.json, so that a resumed run draws the same timesteps as one never interrupted. The trainer
+records the losses of all processes once per applied optimizer step (a skipped step records nothing), and
+`update` refuses a batch holding a NaN or inf loss: one would make every later p_t NaN.
 """
 
 from __future__ import annotations
@@ -53,8 +55,11 @@ class LossSecondMomentSampler:
         return t, weights.float()
 
     def update(self, t: Tensor, losses: Tensor) -> None:
-        """Record the losses (N,) seen at timesteps t (N,), in order (a full timestep drops its oldest).
-        Call it with the same values on every process (those of all processes, gathered)."""
+        """Record the losses (N,) seen at timesteps t (N,), in order (a full timestep drops its oldest);
+        record nothing when any of them is NaN or infinite. Call it with the same values on every process
+        (those of all processes, gathered), so that every process takes the same decision."""
+        if not torch.isfinite(losses).all():
+            return
         for step, loss in zip(t.tolist(), losses.double().tolist(), strict=True):
             if self.counts[step] == HISTORY:
                 self.history[step] = torch.roll(self.history[step], -1)

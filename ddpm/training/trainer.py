@@ -103,6 +103,9 @@ class Trainer:
             if train.timestep_sampling == "loss_second_moment"
             else None
         )
+        # The current step's (t, loss) pairs of every process, one (t, losses) pair of (N x P,) tensors per
+        # micro-batch, given to the timestep sampler once the step is applied (`_end_sampler_step`).
+        self._step_t_losses: list[tuple[torch.Tensor, torch.Tensor]] = []
         checkpoint = checkpoint_to_resume(self.run_dir, resume)
         if checkpoint is not None:
             self._resume(checkpoint)
@@ -132,6 +135,7 @@ class Trainer:
                     applied = self._train_micro_step(x0, labels)
                     if not accelerator.sync_gradients:
                         continue  # more micro-batches to accumulate
+                    self._end_sampler_step(applied)
                     if not applied:
                         self.state.skipped_steps += 1
                         self.losses.drop_step()
@@ -219,7 +223,7 @@ class Trainer:
         """The mean `diffusion_losses` of one micro-batch (the hybrid loss with train.learn_sigma), x0: (N, C,
         H, W), labels: (N,). Its random draws come from the global RNG, which checkpoints restore, in this
         order: eps ~ N(0, I), t ~ U{0, ..., T-1} (or the importance sampler's p_t, its losses then weighted by
-        1 / (T p_t) and recorded, from every process), the label dropout."""
+        1 / (T p_t) and gathered from every process for `_end_sampler_step`), the label dropout."""
         train = self.config.train
         if train.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -244,9 +248,21 @@ class Trainer:
         )
         if self.timestep_sampler is None:
             return losses.mean()
-        gathered = self.accelerator.gather(torch.stack([t.to(losses.dtype), losses.detach()]))  # (2, N x P)
-        self.timestep_sampler.update(gathered[0].long().cpu(), gathered[1].cpu())
+        # gather concatenates along dimension 0: each (N,) -> (N x P,), process 0's first on every process (a
+        # stacked (2, N) would give (2P, N)); t stays long, exact whatever the loss's dtype.
+        all_t, all_losses = self.accelerator.gather((t, losses.detach()))
+        self._step_t_losses.append((all_t.cpu(), all_losses.cpu()))
         return (weights * losses).mean()
+
+    def _end_sampler_step(self, applied: bool) -> None:
+        """At the end of an optimizer step, give the timestep sampler the step's losses of every process if
+        the step was applied (a skipped one leaves its history untouched; the sampler itself refuses a step
+        with a NaN or inf loss, which the stop policy lets through until its next check). The same pairs, in
+        the same order, on every process, so that the replicas' samplers stay identical."""
+        pairs, self._step_t_losses = self._step_t_losses, []
+        if applied and pairs:
+            t, losses = (torch.cat(parts) for parts in zip(*pairs, strict=True))
+            self.timestep_sampler.update(t, losses)
 
     def _update_posthoc_ema(self, step: int) -> None:
         """Update the power-function EMAs after optimizer step `step` (their t) and write their snapshot
