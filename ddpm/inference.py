@@ -148,7 +148,7 @@ def default_run(default_config: str | Path) -> Path:
     run = Path(load_config(default_config).output_dir)
     if not run.exists():
         where = "" if run.is_absolute() else f", relative to the current folder {Path.cwd()}"
-        fixes = "" if run.is_absolute() else "run sample.py in the folder you trained in, "
+        fixes = "" if run.is_absolute() else "sample from the folder you trained in, "
         raise CheckpointError(
             f"no trained model at {run.absolute()} (the default --checkpoint: output_dir {run} of "
             f"{Path(default_config).name}{where}); {fixes}{TRAIN_ONE}, or pass --checkpoint PATH"
@@ -531,6 +531,9 @@ def edit_from_checkpoint(
     kind = "invert" if invert_images is not None else "img2img" if strength is not None else "inpaint"
     init_image = init_image if invert_images is None else invert_images
     _check_options(seed=seed, batch_size=batch_size)
+    _check_settings_given(
+        sampler=sampler, steps=steps, calls=None, eta=eta, options=None, guidance_scale=guidance_scale
+    )
     if out is not None:
         _check_out(Path(out), image=kind != "invert")
     if checkpoint is None:

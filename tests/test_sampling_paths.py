@@ -195,13 +195,31 @@ def test_without_a_checkpoint_the_default_run_is_looked_for_in_the_current_folde
     message = (
         rf"^no trained model at {re.escape(str(tmp_path / 'runs' / 'digits'))} \(the default --checkpoint: "
         r"output_dir runs/digits of digits\.yaml, relative to the current folder "
-        rf"{re.escape(str(tmp_path))}\); run sample\.py in the folder you trained in, train one with "
+        rf"{re.escape(str(tmp_path))}\); sample from the folder you trained in, train one with "
         r"`python train\.py` \(`ddpm-train` when installed\), or pass --checkpoint PATH$"
     )
     with pytest.raises(CheckpointError, match=message):
         grid_from_checkpoint(None, 2, default_config=DIGITS)
     with pytest.raises(CheckpointError, match=message):  # the same run, never a Hub repo id runs/digits
         edit_from_checkpoint(None, "images", strength=0.5, default_config=DIGITS)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, r"^--batch-size must be a positive integer, got 0$"),
+        ({"seed": -1}, r"^--seed must be >= 0, got -1$"),
+        ({"eta": 2.0}, r"^--eta 2\.0: expected a number in \[0, 1\]"),
+        ({"steps": 0}, r"^--steps 0: expected an integer >= 1$"),
+        ({"out": "edited"}, r"^--out edited: not an image file name"),
+    ],
+)
+def test_edit_options_that_need_no_model_are_refused_before_it_is_loaded(monkeypatch, kwargs, message):
+    loads = []
+    monkeypatch.setattr(ddpm.inference, "load_for_sampling", lambda *args, **kw: loads.append(args))
+    with pytest.raises(ValueError, match=message):
+        edit_from_checkpoint("model", "images", strength=0.5, default_config=DIGITS, **kwargs)
+    assert loads == []
 
 
 def test_a_run_without_a_checkpoint_says_how_to_train_one(run):
