@@ -66,6 +66,7 @@ from diffusers.training_utils import EMAModel
 from torch import Tensor, nn
 
 from ddpm import Config, NoiseScheduler, build_dataset, load_config, num_classes_of
+from ddpm.data import loader_workers
 from ddpm.fid import frechet_distance
 from ddpm.fid import statistics as gaussian_statistics
 from ddpm.inference import generate, load_for_sampling
@@ -372,7 +373,7 @@ class DiffusersRun:
             batch_size=config.data.batch_size,
             shuffle=True,
             drop_last=len(dataset) >= config.data.batch_size,
-            num_workers=config.data.num_workers,
+            num_workers=loader_workers(config.data.num_workers),
             generator=torch.Generator().manual_seed(train.seed),
         )
         self.conditional = num_classes_of(dataset) is not None

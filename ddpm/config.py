@@ -69,7 +69,7 @@ class DataConfig:
     hflip: bool = False  # random horizontal flip
     download: bool = False  # torchvision datasets only
     batch_size: int = 64  # per process
-    num_workers: int = 0
+    num_workers: int | str = 0  # DataLoader workers per process, or "auto" (ddpm.data.loader_workers)
 
 
 @dataclass
@@ -413,7 +413,7 @@ _UNIT = (lambda v: 0 <= v < 1, "a number in [0, 1)")
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.image_size": _AT_LEAST_1,
     "data.batch_size": _AT_LEAST_1,
-    "data.num_workers": _AT_LEAST_0,
+    "data.num_workers": (lambda v: v == "auto" or v >= 0, "an integer >= 0, or auto"),
     "train.steps": _AT_LEAST_1,
     "train.lr": _POSITIVE,
     "train.weight_decay": _AT_LEAST_0,
@@ -456,6 +456,10 @@ _TYPES: dict[Any, tuple[Callable[[Any], bool], str]] = {
     str: (lambda v: isinstance(v, str), "a string"),
     str | None: (lambda v: v is None or isinstance(v, str), "a string or null"),
     int | None: (lambda v: v is None or isinstance(v, int) and not isinstance(v, bool), "an integer or null"),
+    int | str: (  # data.num_workers
+        lambda v: v == "auto" or isinstance(v, int) and not isinstance(v, bool),
+        "an integer or auto",
+    ),
     dict[str, Any]: (lambda v: isinstance(v, Mapping) and all(isinstance(k, str) for k in v), "a mapping"),
     tuple[float, float]: (
         lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(map(_is_number, v)),

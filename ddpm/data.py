@@ -23,6 +23,9 @@ from tqdm.auto import tqdm
 from ddpm.config import DATASETS, DataConfig
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+# The most DataLoader workers that data.num_workers "auto" starts per process (the number the shipped configs
+# asked for before "auto").
+AUTO_WORKERS = 4
 
 
 class DataError(ValueError):
@@ -41,6 +44,23 @@ def num_classes_of(dataset: Dataset) -> int | None:
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
     return getattr(dataset, "num_classes", None)
+
+
+def loader_workers(num_workers: int | str) -> int:
+    """data.num_workers as a DataLoader takes it: an integer as it is; "auto" as min(AUTO_WORKERS, cores - 1),
+    cores being `available_cores()`: 0 on one core, 1 on two. The main process keeps a core of its own, and a
+    loader never starts more workers than the cores its process may run on (torch's DataLoader warns when it
+    does)."""
+    if num_workers != "auto":
+        return num_workers
+    return min(AUTO_WORKERS, available_cores() - 1)
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, as torch's DataLoader counts them), shared
+    among the processes launched on this machine (LOCAL_WORLD_SIZE, set by the launchers); at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 class TensorImageDataset(Dataset):

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from huggingface_hub.constants import HF_HUB_CACHE
+from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torchvision.utils import save_image
-from tqdm.auto import tqdm
 
 from ddpm.config import SampleConfig, load_config
 from ddpm.data import read_images
@@ -33,7 +35,8 @@ from ddpm.interop.openai import (
 from ddpm.io import EMA, CheckpointError, atomic_write, load_model_folder, one_line, read_schedule
 from ddpm.models.classic import ClassicUNet
 from ddpm.models.unet import UNet
-from ddpm.run_dir import RUN_CONFIG, SAMPLES, checkpoint_of, resolve_checkpoint, run_directory
+from ddpm.progress import progress_bar
+from ddpm.run_dir import RUN_CONFIG, SAMPLES, TRAIN_ONE, checkpoint_of, resolve_checkpoint, run_directory
 from ddpm.samplers import (
     SampleOptionError,
     check_sample_options,
@@ -138,6 +141,33 @@ def _load_openai(
     return Loaded(model, scheduler, "openai", SampleConfig(), path, None)
 
 
+def default_run(default_config: str | Path) -> Path:
+    """The run that sample.py reads without --checkpoint: the output_dir of `default_config`, a local path
+    (never a Hub repo id), relative to the current folder unless absolute. Raises CheckpointError when it does
+    not exist, saying where it was looked for, how to train it and how to name another."""
+    run = Path(load_config(default_config).output_dir)
+    if not run.exists():
+        where = "" if run.is_absolute() else f", relative to the current folder {Path.cwd()}"
+        fixes = "" if run.is_absolute() else "sample from the folder you trained in, "
+        raise CheckpointError(
+            f"no trained model at {run.absolute()} (the default --checkpoint: output_dir {run} of "
+            f"{Path(default_config).name}{where}); {fixes}{TRAIN_ONE}, or pass --checkpoint PATH"
+        )
+    return run
+
+
+def samples_folder(loaded: Loaded) -> Path:
+    """Where sample.py writes what it makes when not told (--out): the run's samples/ folder; for weights
+    outside a run, a samples/ folder beside them (in the model folder; beside an OpenAI .pt file); for a
+    model from the Hub, whose snapshot in the Hub cache is huggingface_hub's to manage, samples/ in the
+    current folder."""
+    if loaded.run_dir is not None:
+        return loaded.run_dir / SAMPLES
+    if loaded.folder.resolve().is_relative_to(Path(HF_HUB_CACHE).resolve()):
+        return Path.cwd() / SAMPLES
+    return (loaded.folder if loaded.folder.is_dir() else loaded.folder.parent) / SAMPLES
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -174,7 +204,7 @@ def generate(
     _check_labels(model, class_label=class_label, guidance_scale=guidance_scale)
     num_classes = getattr(model, "num_classes", None)
     batches = []
-    for start in tqdm(range(0, n, batch_size), desc="sample", disable=not progress or n <= batch_size):
+    for start in progress_bar(range(0, n, batch_size), desc="sample", show=progress and n > batch_size):
         indices = range(start, min(start + batch_size, n))
         noise = torch.stack(
             [
@@ -261,19 +291,26 @@ def grid_from_checkpoint(
     replace its steps. `say`, when given, is told the steps and network calls used
     ("heun: 10 steps, 19 network calls (from the calls asked for)"). The noise schedule is the one saved with
     the weights, or the file `schedule` names, or for an OpenAI .pt file the one of its `openai_flags` (see
-    `load_for_sampling`). `out` None writes RUN/samples/ (the
-    current folder for a loose folder)
+    `load_for_sampling`). `out` None writes to the run's samples/ folder (`samples_folder`: a folder
+    outside a run gets one of its own)
     sample-CHECKPOINT-WEIGHTS-SAMPLERSTEPS[-callsC][-NAMEVALUE...][-etaE][-classC][-guidanceG]-seedS-nN.png
     (callsC where the calls differ from the steps, NAMEVALUE for each solver option), a name that differs
     whenever the images would; `save_images` also writes one PNG per image in the folder of the grid's name
     without .png. The device is CUDA when available (with bf16 or fp16 autocast), else the
     CPU. Raises ValueError, naming the sample.py option, for a bad option and CheckpointError for weights
-    that are missing, damaged or do not fit their config.
+    that are missing, damaged or do not fit their config: the options that need no model before it is
+    loaded, those that need it (the class label, guidance) before anything is sampled or said.
     """
+    _check_options(n=n, batch_size=batch_size, seed=seed)
+    _check_settings_given(
+        sampler=sampler, steps=steps, calls=calls, eta=eta, options=options, guidance_scale=guidance_scale
+    )
+    if out is not None:
+        _check_out(Path(out), image=True)
     if schedule is not None and not Path(schedule).is_file():
         raise ValueError(f"--schedule {schedule}: no such file; name a noise_scheduler.json")
     if checkpoint is None:
-        checkpoint = Path(load_config(default_config).output_dir)  # a Path: local, never a Hub repo id
+        checkpoint = default_run(default_config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_for_sampling(
         checkpoint, use_ema=use_ema, schedule=schedule, device=device, openai_flags=openai_flags
@@ -299,7 +336,18 @@ def grid_from_checkpoint(
         check_sample_options(**settings, num_train_timesteps=loaded.scheduler.num_train_timesteps)
     except SampleOptionError as error:
         raise _cli_error(error) from None
+    _check_labels(loaded.model, class_label=class_label, guidance_scale=guidance_scale)
     budget = sampling_budget(sampler, steps=steps, calls=calls)
+    if out is None:
+        name = [loaded.folder.name, loaded.weights, f"{sampler}{budget.steps}"]
+        name += [f"calls{budget.calls}"] if budget.calls != budget.steps else []
+        name += [f"{key}{_name_value(value)}" for key, value in sorted(settings["options"].items())]
+        name += [f"eta{eta:g}"] if eta else []
+        name += [f"class{class_label}"] if class_label is not None else []
+        name += [f"guidance{guidance_scale:g}"] if guidance_scale != 1 else []
+        name += [f"seed{seed}", f"n{n}"]
+        out = samples_folder(loaded) / f"sample-{'-'.join(name)}.png"
+        _check_out(out, image=True)
     if say is not None:
         say(f"{sampler}: {budget}")
     config = loaded.model.config
@@ -318,16 +366,6 @@ def grid_from_checkpoint(
             device=device,
             progress=True,
         )
-    if out is None:
-        name = [loaded.folder.name, loaded.weights, f"{sampler}{budget.steps}"]
-        name += [f"calls{budget.calls}"] if budget.calls != budget.steps else []
-        name += [f"{key}{_name_value(value)}" for key, value in sorted(settings["options"].items())]
-        name += [f"eta{eta:g}"] if eta else []
-        name += [f"class{class_label}"] if class_label is not None else []
-        name += [f"guidance{guidance_scale:g}"] if guidance_scale != 1 else []
-        name += [f"seed{seed}", f"n{n}"]
-        run = loaded.run_dir
-        out = (run / SAMPLES if run is not None else Path.cwd()) / f"sample-{'-'.join(name)}.png"
     out = save_grid(images, out)
     if save_images:
         save_images_to(images, out.with_suffix(""))
@@ -383,6 +421,51 @@ def _check_labels(model: torch.nn.Module, *, class_label: int | None, guidance_s
         )
 
 
+def _check_settings_given(
+    *,
+    sampler: str | None,
+    steps: int | None,
+    calls: int | None,
+    eta: float | None,
+    options: Mapping[str, Any] | None,
+    guidance_scale: float | None,
+) -> None:
+    """Raise ValueError naming the option (as sample.py spells it) for a sampling setting given that
+    `check_sample_options` refuses before the model and its run are read: all it checks but the upper bound
+    of the steps and calls (the schedule's length) when the sampler is given. Without it the run's sampler is
+    not known yet: ddim, which takes eta, stands in for it, and the calls and solver options, which depend on
+    the sampler, wait for the run's."""
+    known = sampler is not None
+    try:
+        check_sample_options(
+            sampler=sampler if known else "ddim",
+            steps=steps,
+            calls=calls if known else None,
+            eta=0.0 if eta is None else eta,
+            guidance_scale=1.0 if guidance_scale is None else guidance_scale,
+            options=options if known else None,
+        )
+    except SampleOptionError as error:
+        raise _cli_error(error) from None
+
+
+def _check_out(out: Path, *, image: bool) -> None:
+    """Raise ValueError, before any work, when nothing could be written to `out`: an existing folder, a
+    folder that cannot be created or written, or (`image`) a name whose suffix is no image format that
+    Pillow writes (it picks the format from the suffix)."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: name a file in it, e.g. {out / 'grid.png'}")
+    if image and Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
+        raise ValueError(f"--out {out}: not an image file name; end it with .png (or .jpg, .webp)")
+    folder = out.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"cannot write {out}: {folder} is not a folder this process may write; pass --out FILE"
+        )
+
+
 def _noise_generator(seed: int, device: torch.device | str) -> torch.Generator:
     """The generator of a batch's sampler noise: seeded with a SeedSequence hash of (seed, 1), never with a
     plain `seed + i` of an x_T generator, whose stream it would repeat (same seed, same engine on the CPU)."""
@@ -427,7 +510,7 @@ def edit_from_checkpoint(
     unless given, and `jump_length`, `jump_n_sample`; inversion "ddim" and the run's steps. A class model
     edits with `class_label` when given, else with its null label (unconditioned); guidance needs a
     class_label. The noise of the batch starting at image s is drawn from a generator seeded from seed + s.
-    `out` None writes RUN/samples/ (the current folder for a loose folder)
+    `out` None writes to the run's samples/ folder (`samples_folder`)
     KIND-CHECKPOINT-WEIGHTS-SAMPLERSTEPS[-strengthS | -jumpJxN][-classC][-guidanceG]-seedS-INPUT.png
     (.safetensors for inversion, without the seed): a grid of the inputs (the pixels to fill in grey) over
     the results, min(N, 16) to a row.
@@ -447,8 +530,14 @@ def edit_from_checkpoint(
         )
     kind = "invert" if invert_images is not None else "img2img" if strength is not None else "inpaint"
     init_image = init_image if invert_images is None else invert_images
+    _check_options(seed=seed, batch_size=batch_size)
+    _check_settings_given(
+        sampler=sampler, steps=steps, calls=None, eta=eta, options=None, guidance_scale=guidance_scale
+    )
+    if out is not None:
+        _check_out(Path(out), image=kind != "invert")
     if checkpoint is None:
-        checkpoint = load_config(default_config).output_dir
+        checkpoint = default_run(default_config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_for_sampling(
         checkpoint, use_ema=use_ema, schedule=schedule, device=device, openai_flags=openai_flags
@@ -461,7 +550,6 @@ def edit_from_checkpoint(
     steps = steps if steps is not None else loaded.sampling.steps
     eta = (loaded.sampling.eta if sampler == "ddim" and kind != "invert" else 0.0) if eta is None else eta
     guidance_scale = loaded.sampling.guidance_scale if guidance_scale is None else guidance_scale
-    _check_options(seed=seed, batch_size=batch_size)
     _check_labels(model, class_label=class_label, guidance_scale=guidance_scale)
     if guidance_scale != 1 and class_label is None:
         raise ValueError(f"--guidance-scale {guidance_scale:g} needs --class-label when editing")
@@ -485,6 +573,19 @@ def edit_from_checkpoint(
                 f"--mask {mask}: {len(mask_files)} masks for {len(files)} images; give one or as many"
             )
         masks = (masks > 0).float().expand(len(files), -1, -1, -1)  # white = keep
+    if out is None:
+        name = [kind, loaded.folder.name, loaded.weights, f"{sampler}{steps}"]
+        name += [f"eta{eta:g}"] if eta else []
+        name += [f"strength{strength:g}"] if kind == "img2img" else []
+        name += [f"jump{jump_length}x{jump_n_sample}"] if kind == "inpaint" else []
+        name += [f"class{class_label}"] if class_label is not None else []
+        name += [f"guidance{guidance_scale:g}"] if guidance_scale != 1 else []
+        name += [f"seed{seed}"] if kind != "invert" else []
+        name += [Path(init_image).stem]
+        suffix = ".safetensors" if kind == "invert" else ".png"
+        out = samples_folder(loaded) / f"{'-'.join(name)}{suffix}"
+        _check_out(out, image=kind != "invert")
+    out = Path(out)
     if say is not None:
         say(f"{kind}: {len(files)} images, {sampler} {steps} steps")
     results = []
@@ -529,19 +630,6 @@ def edit_from_checkpoint(
                 )
         results.append(result.float().cpu())
     result = torch.cat(results)
-    if out is None:
-        name = [kind, loaded.folder.name, loaded.weights, f"{sampler}{steps}"]
-        name += [f"eta{eta:g}"] if eta else []
-        name += [f"strength{strength:g}"] if kind == "img2img" else []
-        name += [f"jump{jump_length}x{jump_n_sample}"] if kind == "inpaint" else []
-        name += [f"class{class_label}"] if class_label is not None else []
-        name += [f"guidance{guidance_scale:g}"] if guidance_scale != 1 else []
-        name += [f"seed{seed}"] if kind != "invert" else []
-        name += [Path(init_image).stem]
-        suffix = ".safetensors" if kind == "invert" else ".png"
-        run = loaded.run_dir
-        out = (run / SAMPLES if run is not None else Path.cwd()) / f"{'-'.join(name)}{suffix}"
-    out = Path(out)
     if kind == "invert":
         metadata = {"images": json.dumps([str(file) for file in files]), "steps": str(steps)}
         with atomic_write(out) as tmp:

@@ -23,12 +23,12 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ddpm.config import ConfigError, DataConfig, load_config
 from ddpm.data import DataError, build_dataset
 from ddpm.inference import load_for_sampling
 from ddpm.io import CheckpointError
+from ddpm.progress import progress_bar
 from ddpm.run_dir import RUN_CONFIG
 from ddpm.samplers import denoiser
 from ddpm.schedule import NoiseScheduler
@@ -77,7 +77,7 @@ def image_nll(
     conditional = getattr(model, "num_classes", None) is not None
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size)
     bounds, terms, priors = [], [], []
-    with tqdm(total=n, unit="image", disable=not progress, desc="bits/dim") as bar:
+    with progress_bar(total=n, unit="image", show=progress, desc="bits/dim") as bar:
         for images, labels in loader:
             x0 = quantize(images.float()).to(device)
             if conditional and int(labels.max()) >= model.num_classes:

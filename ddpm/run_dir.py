@@ -38,6 +38,9 @@ from ddpm.version import ddpm_version
 RUN_CONFIG = "config.yaml"  # the resolved config of the run
 CHECKPOINTS = "checkpoints"
 SAMPLES = "samples"  # sample grids
+# What an error that finds no trained model tells the user to run: the quick start's command, and the
+# installed one.
+TRAIN_ONE = "train one with `python train.py` (`ddpm-train` when installed)"
 TRAINER_STATE = "trainer_state.json"
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
@@ -108,15 +111,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / CHECKPOINTS).is_dir() or (path / RUN_CONFIG).is_file():
         latest = latest_checkpoint(path)
         if latest is None:
-            raise CheckpointError(f"no checkpoint in {path}; train one first: accelerate launch train.py")
+            raise CheckpointError(f"no checkpoint in {path}; {TRAIN_ONE}")
         return latest
     # A model folder or a diffusers pipeline folder; which, and whether ours, is load_pretrained's to tell.
     if (path / CONFIG_NAME).is_file() or (path / PIPELINE_UNET / CONFIG_NAME).is_file():
         return path
     raise CheckpointError(
-        f"{path} is neither a run directory nor a checkpoint folder; train one with `accelerate launch "
-        "train.py`, or pass --checkpoint with a run directory, a folder holding config.json, a diffusers "
-        "UNet2DModel or pipeline folder, or a Hub repo id such as google/ddpm-cifar10-32"
+        f"{path} is neither a run directory nor a checkpoint folder; {TRAIN_ONE}, or pass --checkpoint "
+        "with a run directory, a folder holding config.json, a diffusers UNet2DModel or pipeline folder, or "
+        "a Hub repo id such as google/ddpm-cifar10-32"
     )
 
 

@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--out",
         help="grid PNG path (default: RUN/samples/sample-STEP-WEIGHTS-SAMPLERSTEPS-...-seedS-nN.png, "
-        "named after every setting that changes the images)",
+        "named after every setting that changes the images; a model folder outside a run gets a samples/ "
+        "folder of its own, a Hub model samples/ in the current folder)",
     )
     parser.add_argument(
         "--sampler",

@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from ddpm.progress import progress_bar
 from ddpm.samplers.solvers import Denoiser, gaussian_noise, posterior
 from ddpm.schedule import NoiseScheduler
 
@@ -144,7 +144,7 @@ def variational_bound(
     """
     T = scheduler.num_train_timesteps
     terms = x0.new_zeros(x0.shape[0], T, dtype=torch.promote_types(x0.dtype, torch.float32))
-    for step in tqdm(range(T - 1, -1, -1), disable=not progress, leave=False):
+    for step in progress_bar(range(T - 1, -1, -1), show=progress, leave=False):
         t = torch.full((x0.shape[0],), step, dtype=torch.long, device=x0.device)
         x_t = scheduler.add_noise(x0, gaussian_noise(x0.shape, x0.dtype, x0.device, generator), t)
         denoised = denoise(x_t, t[0])

@@ -174,6 +174,18 @@ ERRORS = [
     ("", ["train.ema_decay=1.0"], (), r"'train\.ema_decay' .*: expected a number in \[0, 1\)"),
     ("", ["data.channels=2"], (), r"invalid value 2 for 'data\.channels' .*: expected one of 1, 3"),
     (
+        "",
+        ["data.num_workers=-1"],
+        (),
+        r"value -1 for 'data\.num_workers' .*: expected an integer >= 0, or auto",
+    ),
+    (
+        "",
+        ["data.num_workers=many"],
+        (),
+        r"value 'many' for 'data\.num_workers' .*: expected an integer or auto",
+    ),
+    (
         "data:\n  dataset: cifar100\n",
         [],
         (),
@@ -443,6 +455,42 @@ def test_folder_config_loads_and_fits_its_model(tmp_path):
     assert image.shape == (config.data.channels, config.data.image_size, config.data.image_size)
     with torch.no_grad():
         assert model(image[None], 10).shape == image[None].shape
+
+
+@pytest.mark.parametrize(
+    ("cores", "processes", "workers"), [(1, 1, 0), (2, 1, 1), (3, 1, 2), (64, 1, 4), (8, 2, 3)]
+)
+def test_num_workers_auto_leaves_the_main_process_a_core(monkeypatch, cores, processes, workers):
+    """torch's DataLoader warns when a loader starts more workers than the cores its process may run on."""
+    from ddpm.data import loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+    assert loader_workers("auto") == workers and workers < cores
+    assert loader_workers(3) == 3  # a number is taken as it is
+
+
+def test_the_folder_config_builds_its_loader_without_a_warning_on_2_cores(tmp_path, monkeypatch):
+    import warnings
+
+    from PIL import Image
+
+    from ddpm.data import build_dataset
+    from ddpm.training.trainer import _loader
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (80, 70), (40 * i, 90, 200)).save(folder / f"{i}.png")
+    config = load_config(FOLDER_YAML, [f"data.root={folder}", "data.batch_size=2"])
+    assert config.data.num_workers == "auto"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # as torch counts them
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "This DataLoader will create 4 worker processes ..."
+        loader = _loader(build_dataset(config.data), config, num_processes=1)
+        images, _ = next(iter(loader))
+    assert loader.num_workers == 1 and images.shape == (2, 3, 64, 64)
 
 
 def test_trainer_checks_a_config_built_in_code_and_the_classes_of_the_data():

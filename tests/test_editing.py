@@ -416,7 +416,7 @@ def test_sample_py_inpaints_a_folder(model_folder):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     grid = Path(tmp, result.stdout.strip())
-    assert grid == tmp / "inpaint-model-raw-ddpm4-jump2x2-seed0-images.png"
+    assert grid == tmp / "model" / "samples" / "inpaint-model-raw-ddpm4-jump2x2-seed0-images.png"
     pixels = torch.from_numpy(np.asarray(Image.open(grid).convert("L")).copy())
     assert pixels.shape == (1 + 2 * 9, 1 + 2 * 9)  # inputs over results, 2 to a row, padding 1
     inputs, outputs = pixels[1:9, 1:9], pixels[10:18, 1:9]
@@ -429,13 +429,10 @@ def test_inversion_writes_the_noise_of_each_image(model_folder):
     noise_file = edit_from_checkpoint(
         tmp / "model", invert_images=tmp / "images", steps=3, default_config=config
     )
-    assert noise_file == Path.cwd() / "invert-model-raw-ddim3-images.safetensors"
-    try:
-        with safe_open(noise_file, "pt") as f:
-            assert f.get_tensor("noise").shape == (2, 1, 8, 8)
-            assert "0.png" in f.metadata()["images"] and f.metadata()["steps"] == "3"
-    finally:
-        noise_file.unlink()
+    assert noise_file == tmp / "model" / "samples" / "invert-model-raw-ddim3-images.safetensors"
+    with safe_open(noise_file, "pt") as f:
+        assert f.get_tensor("noise").shape == (2, 1, 8, 8)
+        assert "0.png" in f.metadata()["images"] and f.metadata()["steps"] == "3"
 
 
 @pytest.mark.parametrize(

@@ -33,12 +33,15 @@ from test_train import (  # noqa: F401 (fresh_accelerator_state: a fixture)
     weights,
 )
 
+import ddpm
+import ddpm.inference
 import ddpm.sample_cli as sample_script
 import ddpm.train as train_script
 from ddpm.inference import load_for_sampling
 from ddpm.io import CheckpointError, load_unet, save_unet
 from ddpm.models.unet import UNet
 from ddpm.run_dir import latest_checkpoint, list_checkpoints
+from ddpm.schedule import NoiseScheduler
 from ddpm.training import NonFiniteLossError, Trainer
 from ddpm.training.interruption import StopSignals
 
@@ -541,7 +544,7 @@ def test_bad_input_to_train_is_a_one_line_error(tmp_path, capsys, extra, pattern
     [
         (["--n", "0"], r"--n must be a positive integer, got 0"),
         (["--n", "-3"], r"--n must be a positive integer, got -3"),
-        (["--steps", "0"], r"--steps 0: expected an integer in 1\.\.num_train_timesteps=1000"),
+        (["--steps", "0"], r"--steps 0: expected an integer >= 1"),
         (["--batch-size", "-1"], r"--batch-size must be a positive integer, got -1"),
         (
             ["--class-label", "99"],
@@ -581,6 +584,66 @@ def test_bad_input_to_sample_is_a_one_line_error(reference, tmp_path, capsys, ar
     argv = [str(places.get(arg, arg)) for arg in argv]
     code, _, _ = call_main(sample_script, ["--checkpoint", str(reference), *argv], capsys)
     assert_one_line_error(code, pattern)
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (["--n", "0"], r"^error: --n must be a positive integer, got 0$"),
+        (["--batch-size", "0"], r"^error: --batch-size must be a positive integer, got 0$"),
+        (["--seed", "-1"], r"^error: --seed must be >= 0, got -1$"),
+        (["--steps", "0"], r"^error: --steps 0: expected an integer >= 1$"),
+        (
+            ["--sampler", "heun", "--calls", "0"],
+            r"^error: --calls 0: expected an integer >= 1 \(network calls ",
+        ),
+        (["--eta", "1.5"], r"^error: --eta 1\.5: expected a number in \[0, 1\]"),
+        (["--sampler", "ddpm", "--eta", "0.5"], r"^error: --eta 0\.5: expected 0 with sampler 'ddpm'"),
+        (["--guidance-scale", "-1"], r"^error: --guidance-scale -1\.0: expected a finite number >= 0"),
+        (
+            ["--sampler", "heun", "--option", "s_churn=-1"],
+            r"^error: --option s_churn=-1: expected a number >= 0",
+        ),
+        (["--out", "grid"], r"^error: --out grid: not an image file name; end it with \.png"),
+        (["--out", "FOLDER"], r"^error: --out \S+ is a folder: name a file in it, e\.g\. \S+grid\.png$"),
+        (["--out", "FILE/grid.png"], r"^error: cannot write \S+grid\.png: \S+file is not a folder this "),
+    ],
+)
+def test_options_that_need_no_model_are_refused_before_it_is_loaded(
+    reference, tmp_path, capsys, monkeypatch, argv, pattern
+):
+    (tmp_path / "file").touch()
+    places = {"FOLDER": str(tmp_path), "FILE/grid.png": str(tmp_path / "file" / "grid.png")}
+    loads = []
+    monkeypatch.setattr(ddpm.inference, "load_for_sampling", lambda *args, **kwargs: loads.append(args))
+    argv = [places.get(arg, arg) for arg in argv]
+    code, _, err = call_main(sample_script, ["--checkpoint", str(reference), *argv], capsys)
+    assert_one_line_error(code, pattern)
+    assert loads == [] and err == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (
+            ["--class-label", "12"],
+            r"^error: --class-label 12 is out of range: the model has 10 classes, so pass a label in 0\.\.9$",
+        ),
+        (
+            ["--checkpoint", "UNCONDITIONAL", "--guidance-scale", "3"],
+            r"^error: --guidance-scale 3 needs a class-conditional model; this one has no classes",
+        ),
+    ],
+)
+def test_a_label_or_guidance_the_model_cannot_take_is_refused_before_the_sampler_is_announced(
+    reference, tmp_path, capsys, argv, pattern
+):
+    config = {**load_unet(reference / "checkpoints" / "step-0000006").config, "num_classes": None}
+    ddpm.save_pretrained(tmp_path / "unconditional", UNet(**config), NoiseScheduler())
+    argv = [str(tmp_path / "unconditional") if arg == "UNCONDITIONAL" else arg for arg in argv]
+    code, out, err = call_main(sample_script, ["--checkpoint", str(reference), "--n", "2", *argv], capsys)
+    assert_one_line_error(code, pattern)
+    assert out == err == ""  # neither the sampler's line ("unipc: 20 steps, ...") nor a progress bar
 
 
 # -- several processes

@@ -728,7 +728,7 @@ def test_sample_py_samples_an_openai_checkpoint(tmp_path, monkeypatch, capsys):
         ]
     )
     grid = Path(capsys.readouterr().out.strip())
-    assert grid == tmp_path / "sample-tiny.pt-openai-ddim2-seed0-n2.png" and grid.is_file()
+    assert grid == tmp_path / "samples" / "sample-tiny.pt-openai-ddim2-seed0-n2.png" and grid.is_file()
     assert grid_from_checkpoint(
         tmp_path / "tiny.pt",
         1,

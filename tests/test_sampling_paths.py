@@ -2,6 +2,8 @@
 random draw is independent of the others, and a grid's file name says what made it."""
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from accelerate.state import AcceleratorState
 import ddpm
 import ddpm.inference
 from ddpm.config import Config, DataConfig, SampleConfig, load_config, save_config
-from ddpm.inference import generate, grid_from_checkpoint, load_for_sampling
+from ddpm.inference import edit_from_checkpoint, generate, grid_from_checkpoint, load_for_sampling
 from ddpm.interop.diffusers import diffusers_scheduler_config
 from ddpm.io import CheckpointError, save_unet
 from ddpm.models.unet import UNet
@@ -22,6 +24,7 @@ from ddpm.schedule import NoiseScheduler
 from ddpm.training.checkpoints import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "configs" / "digits.yaml"
 TINY = dict(
     in_channels=1,
     out_channels=1,
@@ -156,7 +159,7 @@ def test_a_folder_without_a_schedule_is_refused_saying_how_to_name_one(tmp_path,
     grid = grid_from_checkpoint(
         tmp_path / "bare", 1, default_config=ROOT / "configs" / "digits.yaml", steps=2, schedule=ours
     )
-    assert grid == tmp_path / "sample-bare-raw-unipc2-seed0-n1.png" and grid.is_file()
+    assert grid == tmp_path / "bare" / "samples" / "sample-bare-raw-unipc2-seed0-n1.png" and grid.is_file()
 
 
 def test_sampling_an_ema_folder_writes_an_ema_grid_into_its_run(run, tmp_path, monkeypatch):
@@ -167,6 +170,65 @@ def test_sampling_an_ema_folder_writes_an_ema_grid_into_its_run(run, tmp_path, m
     assert grid == run / "samples" / "sample-step-0000005-ema-ddim2-seed0-n2.png" and grid.is_file()
     with pytest.raises(CheckpointError, match=r"ema holds the EMA weights, but the raw ones were asked for"):
         grid_from_checkpoint(ema, 2, default_config=ROOT / "configs" / "digits.yaml", use_ema=False)
+
+
+def test_a_model_folder_outside_a_run_samples_into_a_samples_folder_of_its_own(tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ddpm.save_pretrained(tmp_path / "model", tiny_unet(0), NoiseScheduler(**TRAINED))
+    grid = grid_from_checkpoint(tmp_path / "model", 2, default_config=DIGITS, steps=2)
+    assert grid == tmp_path / "model" / "samples" / "sample-model-raw-unipc2-seed0-n2.png" and grid.is_file()
+    assert list(elsewhere.iterdir()) == []  # nothing in the current folder
+    grid = grid_from_checkpoint(tmp_path / "model", 2, default_config=DIGITS, steps=2, out="mine.png")
+    assert grid == Path("mine.png") and (elsewhere / "mine.png").is_file()  # --out wins
+    # A model from the Hub: its snapshot is the Hub cache's, so the grid goes to samples/ here.
+    monkeypatch.setattr(ddpm.inference, "HF_HUB_CACHE", str(tmp_path))
+    grid = grid_from_checkpoint(tmp_path / "model", 2, default_config=DIGITS, steps=2)
+    assert grid == elsewhere / "samples" / "sample-model-raw-unipc2-seed0-n2.png" and grid.is_file()
+
+
+def test_without_a_checkpoint_the_default_run_is_looked_for_in_the_current_folder(tmp_path, monkeypatch):
+    """sample.py without --checkpoint reads the output_dir of the default config, runs/digits: a path relative
+    to the current folder, which the error says, with the command that trains it."""
+    monkeypatch.chdir(tmp_path)
+    message = (
+        rf"^no trained model at {re.escape(str(tmp_path / 'runs' / 'digits'))} \(the default --checkpoint: "
+        r"output_dir runs/digits of digits\.yaml, relative to the current folder "
+        rf"{re.escape(str(tmp_path))}\); sample from the folder you trained in, train one with "
+        r"`python train\.py` \(`ddpm-train` when installed\), or pass --checkpoint PATH$"
+    )
+    with pytest.raises(CheckpointError, match=message):
+        grid_from_checkpoint(None, 2, default_config=DIGITS)
+    with pytest.raises(CheckpointError, match=message):  # the same run, never a Hub repo id runs/digits
+        edit_from_checkpoint(None, "images", strength=0.5, default_config=DIGITS)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, r"^--batch-size must be a positive integer, got 0$"),
+        ({"seed": -1}, r"^--seed must be >= 0, got -1$"),
+        ({"eta": 2.0}, r"^--eta 2\.0: expected a number in \[0, 1\]"),
+        ({"steps": 0}, r"^--steps 0: expected an integer >= 1$"),
+        ({"out": "edited"}, r"^--out edited: not an image file name"),
+    ],
+)
+def test_edit_options_that_need_no_model_are_refused_before_it_is_loaded(monkeypatch, kwargs, message):
+    loads = []
+    monkeypatch.setattr(ddpm.inference, "load_for_sampling", lambda *args, **kw: loads.append(args))
+    with pytest.raises(ValueError, match=message):
+        edit_from_checkpoint("model", "images", strength=0.5, default_config=DIGITS, **kwargs)
+    assert loads == []
+
+
+def test_a_run_without_a_checkpoint_says_how_to_train_one(run):
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(
+        CheckpointError,
+        match=r"^no checkpoint in \S+run; train one with `python train\.py` \(`ddpm-train` when",
+    ):
+        load_for_sampling(run)
 
 
 # --- grid file names ----------------------------------------------------------------------------------------

@@ -272,8 +272,10 @@ def test_incompatible_data_and_model_stop_before_training(tmp_path):
         )
 
 
-def run_script(*args: str, cwd: Path, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def run_script(
+    *args: str, cwd: Path, launcher: list[str] | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     command = [*(launcher or [sys.executable]), *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
@@ -283,6 +285,7 @@ def test_scripts_train_sample_and_resume(tmp_path):
     common = [*TINY, f"output_dir={run}"]
     result = run_script(str(ROOT / "train.py"), *common, "train.steps=3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert "train: 100%|" in result.stderr  # the progress bar, which TQDM_DISABLE=1 hides (below)
     result = run_script(str(ROOT / "train.py"), "--resume", *common, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stdout + result.stderr
@@ -306,7 +309,23 @@ def test_sample_without_checkpoint_is_a_one_line_error(tmp_path):
     result = run_script(str(ROOT / "sample.py"), "--checkpoint", str(tmp_path / "nothing"), cwd=tmp_path)
     assert result.returncode != 0
     assert result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
-    assert "accelerate launch train.py" in result.stderr
+    assert "train one with `python train.py` (`ddpm-train` when installed)" in result.stderr
+
+
+def test_tqdm_disable_hides_every_progress_bar(tmp_path):
+    """TQDM_DISABLE=1, tqdm's own switch, reaches the bars of training and sampling (tqdm takes it only as
+    the default of a `disable` argument not passed)."""
+    run, quiet = tmp_path / "run", {"TQDM_DISABLE": "1"}
+    common = [*TINY_RUN, "train.steps=2", "train.sample_every=0", f"output_dir={run}"]
+    trained = run_script(str(ROOT / "train.py"), *common, cwd=tmp_path, env=quiet)
+    assert trained.returncode == 0, trained.stderr
+    sampled = run_script(
+        str(ROOT / "sample.py"), "--checkpoint", str(run), "--n", "2", cwd=tmp_path, env=quiet
+    )
+    assert sampled.returncode == 0, sampled.stderr
+    for result in (trained, sampled):
+        assert "%|" not in result.stderr and "it/s" not in result.stderr, result.stderr
+    assert sampled.stderr == "unipc: 2 steps, 2 network calls (from the steps asked for)\n"
 
 
 def test_train_bad_override_is_a_one_line_error(tmp_path):

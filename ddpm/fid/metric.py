@@ -16,9 +16,9 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ddpm.io import atomic_write
+from ddpm.progress import progress_bar
 
 try:  # the fid extra (pip install "ddpm[fid]"): the core installs, imports and trains without it
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -180,7 +180,7 @@ def inception_features(
     network = _inception(resolve_weights(weights), device)
     batches = [images] if isinstance(images, torch.Tensor) else images
     features = []
-    with tqdm(total=total, desc="FID features", unit="img", disable=not progress) as bar:
+    with progress_bar(total=total, desc="FID features", unit="img", show=progress) as bar:
         for batch in batches:
             for piece in _as_rgb_uint8(batch).split(batch_size):
                 with torch.autocast(device.type, enabled=False):

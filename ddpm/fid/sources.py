@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from ddpm.config import DataConfig, SampleConfig, load_config
-from ddpm.data import build_dataset, convert_image, image_files
+from ddpm.data import build_dataset, convert_image, image_files, loader_workers
 from ddpm.fid.metric import (
     FEATURE_DIM,
     Statistics,
@@ -164,7 +164,8 @@ def reference_statistics(
     chunks = [(start, min(batch_size, len(dataset) - start)) for start in range(0, len(dataset), batch_size)]
     mine = chunks[rank::world]
     indices = [i for start, size in mine for i in range(start, start + size)]
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=data.num_workers)
+    workers = loader_workers(data.num_workers)
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=workers)
     features = inception_features(
         (to_uint8(images) for images, _ in loader),
         weights=weights,

@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from ddpm.progress import progress_bar
 from ddpm.samplers.sampling import (
     SampleOptionError,
     check_sample_options,
@@ -94,7 +94,7 @@ def inpaint(
     scale = scheduler.data_scale
     target = image / scale  # the known pixels in the samplers' frame
     x = gaussian_noise(image.shape, image.dtype, image.device, generator)
-    for p, q in tqdm(list(zip(path[:-1], path[1:], strict=True)), disable=not progress):
+    for p, q in progress_bar(list(zip(path[:-1], path[1:], strict=True)), show=progress):
         if q < p:  # a resampling jump up from level abars[p] to abars[q]
             ratio = abars[q] / abars[p]
             x = ratio**0.5 * x + (1 - ratio) ** 0.5 * gaussian_noise(x.shape, x.dtype, x.device, generator)
@@ -227,7 +227,7 @@ def invert(
     )
     abars = alpha_bars(scheduler, timesteps)
     x = image / scheduler.data_scale  # in the samplers' frame
-    for i in tqdm(reversed(range(steps)), total=steps, disable=not progress):
+    for i in progress_bar(reversed(range(steps)), total=steps, show=progress):
         _, eps = denoise(x, timesteps[i])
         x0 = (x - (1 - abars[i + 1]) ** 0.5 * eps) / abars[i + 1] ** 0.5  # the x0 that eps implies at x_s
         x = ddim_step(x0, eps, abars[i + 1], abars[i])

@@ -18,8 +18,8 @@ import math
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from ddpm.progress import progress_bar
 from ddpm.samplers.solvers import Denoiser, alpha_bars, gaussian_noise
 from ddpm.schedule import NoiseScheduler
 
@@ -72,7 +72,7 @@ def unipc(
     steps = len(timesteps)
     x0s: list[Tensor] = []  # m_i, m_{i-1}: data predictions, newest first
     previous = None  # (base, c0, h, r_1, order) of the step that led to x, for its UniC
-    for i in tqdm(range(steps), disable=disable):
+    for i in progress_bar(range(steps), show=not disable):
         x0, _ = denoise(x, timesteps[i])
         if previous is not None:  # UniC of the previous step with m at its end: x_i^c replaces x_i
             base, c0, h, r, order = previous
@@ -117,7 +117,7 @@ def _dpmpp(
     lambdas = _lambdas(ab)
     steps = len(timesteps)
     x0s: list[Tensor] = []  # m_0 = x0 at timesteps[i], m_1 at timesteps[i - 1], ...: newest first
-    for i in tqdm(range(steps), disable=disable):
+    for i in progress_bar(range(steps), show=not disable):
         x0, _ = denoise(x, timesteps[i])
         x0s = [x0, *x0s[: order - 1]]
         k = step_order(i, steps, order)

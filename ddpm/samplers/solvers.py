@@ -24,8 +24,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from ddpm.progress import progress_bar
 from ddpm.schedule import NoiseScheduler
 
 
@@ -67,7 +67,7 @@ def ddpm_ancestral(
     variance `scheduler.variance_type` names (`NoiseScheduler.log_variance`) for this step's beta and
     beta-tilde: with "learned_range", the model's variance values interpolate between them."""
     abars = alpha_bars(scheduler, timesteps)
-    for i in tqdm(range(len(timesteps)), disable=disable):
+    for i in progress_bar(range(len(timesteps)), show=not disable):
         x = ancestral_step(x, denoise(x, timesteps[i]), abars[i], abars[i + 1], scheduler, generator)
     return x
 
@@ -112,7 +112,7 @@ def ddim(
     """DDIM (Song et al. 2021, Eq. 12) with sigma_t = eta * sqrt(beta-tilde) (Eq. 16): eta = 0 is the
     deterministic DDIM, eta = 1 the DDPM posterior with fixed_small variance."""
     abars = alpha_bars(scheduler, timesteps)
-    for i in tqdm(range(len(timesteps)), disable=disable):
+    for i in progress_bar(range(len(timesteps)), show=not disable):
         x0, eps = denoise(x, timesteps[i])
         x = ddim_step(x0, eps, abars[i], abars[i + 1], eta=eta, generator=generator)
     return x
@@ -151,7 +151,7 @@ def euler(
     timesteps of EulerDiscreteScheduler (no drop_last), which for "karras" and "exponential" are continuous.
     """
     abars = alpha_bars(scheduler, timesteps)
-    for i in tqdm(range(len(timesteps)), disable=disable):
+    for i in progress_bar(range(len(timesteps)), show=not disable):
         x0, eps = denoise(x, timesteps[i])
         x = _to_level(x0, eps, abars[i + 1])
     return x
@@ -184,7 +184,7 @@ def heun(
     abars = alpha_bars(scheduler, timesteps)
     sigma_max = math.exp(scheduler.log_sigmas[-1].item())
     gamma = min(s_churn / len(timesteps), 2**0.5 - 1)
-    for i in tqdm(range(len(timesteps)), disable=disable):
+    for i in progress_bar(range(len(timesteps)), show=not disable):
         t, ab, ab_next = timesteps[i], abars[i], abars[i + 1]
         sigma, sigma_next = _sigma(ab), _sigma(ab_next)
         sigma_hat = min(sigma * (1 + gamma), sigma_max) if s_tmin <= sigma <= s_tmax else sigma
@@ -219,7 +219,7 @@ def euler_ancestral(
     sigma'^2 - sigma_up^2, the DDPM posterior's split of sigma' (Ho et al. 2020): x_sigma' = x0 +
     sigma_down eps + sigma_up z. No noise on the last step (sigma' = 0)."""
     abars = alpha_bars(scheduler, timesteps)
-    for i in tqdm(range(len(timesteps)), disable=disable):
+    for i in progress_bar(range(len(timesteps)), show=not disable):
         x0, eps = denoise(x, timesteps[i])
         sigma, sigma_next = _sigma(abars[i]), _sigma(abars[i + 1])
         if sigma_next == 0:

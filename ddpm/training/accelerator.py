@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, InitProcessGroupKwargs
 
 from ddpm.config import TrainConfig, tracker_names
+from ddpm.data import available_cores
 
 
 def build_accelerator(train: TrainConfig, run_dir: Path) -> Accelerator:
@@ -65,5 +66,4 @@ def _cpu_threads_per_process() -> int:
     requested = os.environ.get("OMP_NUM_THREADS", "")
     if requested.isdigit() and int(requested) > 1:
         return int(requested)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return available_cores()

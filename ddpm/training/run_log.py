@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ddpm.config import Config
 from ddpm.io import atomic_write
+from ddpm.progress import progress_bar
 
 LOG = "log.jsonl"
 
@@ -63,11 +64,11 @@ class RunLog:
         self.accelerator.init_trackers(
             config.train.tracker_project, config=_flat(config.to_dict()), init_kwargs={"wandb": wandb}
         )
-        self._bar = tqdm(
+        self._bar = progress_bar(
             total=config.train.steps,
             initial=step,
             desc="train",
-            disable=not self.accelerator.is_main_process,
+            show=self.accelerator.is_main_process,
             dynamic_ncols=True,
         )
         self._since_step, self._since_time = step, time.perf_counter()

@@ -31,7 +31,7 @@ from ddpm.config import (
     raise_problems,
     save_config,
 )
-from ddpm.data import build_dataset, num_classes_of
+from ddpm.data import build_dataset, loader_workers, num_classes_of
 from ddpm.ema import EMA, PowerFunctionEMA
 from ddpm.ema.posthoc import abandon_newer_snapshots, save_snapshot, snapshot_path
 from ddpm.losses import diffusion_losses, drop_labels
@@ -343,14 +343,15 @@ def _optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
 
 def _loader(dataset, config: Config, num_processes: int) -> torch.utils.data.DataLoader:
     data = config.data
+    workers = loader_workers(data.num_workers)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=data.batch_size,
         shuffle=True,
         drop_last=len(dataset) >= data.batch_size * num_processes,
-        num_workers=data.num_workers,
+        num_workers=workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=data.num_workers > 0,
+        persistent_workers=workers > 0,
         # Its own generator: creating a loader iterator draws a seed, which must not come from the global
         # RNG (that would shift the noise after a resume, which creates the iterator at another moment).
         generator=torch.Generator().manual_seed(config.train.seed),
