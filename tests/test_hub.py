@@ -24,7 +24,7 @@ from test_interop import TINY_2_LEVELS, save_diffusers  # pytest puts tests/ on 
 
 import ddpm
 from ddpm.fid.__main__ import main as fid_main
-from ddpm.hub import MODEL_FILES, HubError, hub_repo_id, model_folder
+from ddpm.hub import MODEL_FILES, HubError, hub_repo_id, local_path
 from ddpm.inference import load_for_sampling
 from ddpm.interop.diffusers import unet_from_diffusers
 
@@ -138,7 +138,7 @@ def hub_cache(pipeline, tmp_path_factory) -> tuple[Path, FakeHub]:
     home = tmp_path_factory.mktemp("hf_home")
     try:
         done = run(
-            f"from ddpm.hub import model_folder; print(model_folder({REPO!r}))",
+            f"from ddpm.hub import local_path; print(local_path({REPO!r}))",
             {"HF_HOME": str(home), "HF_ENDPOINT": hub.url},
             home,
         )
@@ -235,7 +235,7 @@ def offline_empty_cache(tmp_path, monkeypatch) -> Path:
 
 
 def test_every_loader_and_the_fid_command_go_to_the_hub_for_a_repo_id(offline_empty_cache, tmp_path):
-    for load in (ddpm.load_pretrained, unet_from_diffusers, load_for_sampling, model_folder):
+    for load in (ddpm.load_pretrained, unet_from_diffusers, load_for_sampling, local_path):
         with pytest.raises(
             HubError, match=f"Hub model owner/model is not in the Hub cache at {offline_empty_cache}"
         ):
@@ -267,4 +267,4 @@ def test_what_counts_as_a_repo_id(path, expected):
 def test_an_existing_local_path_wins_over_the_hub(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "owner" / "name").mkdir(parents=True)
-    assert hub_repo_id("owner/name") is None and model_folder("owner/name") == Path("owner/name")
+    assert hub_repo_id("owner/name") is None and local_path("owner/name") == Path("owner/name")

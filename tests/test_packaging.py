@@ -79,7 +79,7 @@ def test_installed_commands_find_the_bundled_configs_outside_a_clone(wheel, tmp_
         [str(target / "bin" / "ddpm-sample"), "--checkpoint", "nothing"], cwd=cwd, env=env, text=True,
         capture_output=True,
     )  # fmt: skip
-    assert result.returncode == 1 and result.stderr.startswith("error: nothing is neither a run directory")
+    assert result.returncode == 1 and result.stderr.startswith("error: nothing: no such file or folder")
 
 
 def test_a_config_name_finds_the_bundled_file_and_an_existing_file_wins(tmp_path, monkeypatch):

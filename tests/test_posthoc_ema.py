@@ -24,7 +24,8 @@ from ddpm.ema import (
 from ddpm.ema.__main__ import main as ema_main
 from ddpm.ema.posthoc import list_snapshots, load_run, posthoc_model, reconstruct
 from ddpm.inference import load_for_sampling
-from ddpm.io import CheckpointError, load_pretrained
+from ddpm.io import CheckpointError
+from ddpm.source import load_pretrained
 from ddpm.training import Trainer
 
 
