@@ -8,7 +8,8 @@ A run directory looks like this::
       samples/step-0000500-ema.png     sample grids from the EMA weights
       checkpoints/step-0000500/        one folder per checkpoint, written whole or not at all
         config.json, model.safetensors, noise_scheduler.json   the raw weights and their schedule
-        ema/                             the EMA weights, the same three files
+        README.md                        their model card (`ddpm.models.hub_model`)
+        ema/                             the EMA weights, the same four files
         (each a model folder: load_pretrained(folder) gives the UNet and its NoiseScheduler)
         trainer_state.json               step, skipped steps, EMA update count, package version (last)
         optimizer.bin, random_states_*.pkl   Accelerate's training state (loaded with weights_only)

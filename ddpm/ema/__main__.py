@@ -12,6 +12,7 @@ reconstructs at an earlier snapshot. Exit status 0, or 1 with one line `error: .
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"best: sigma_rel {widths[best]:.4f}", file=sys.stderr)
         if args.out is not None:
             model.load_state_dict(states[best])
-            save_pretrained(args.out, model, scheduler)
+            save_pretrained(args.out, model, scheduler, sampling=dataclasses.asdict(config.sample))
             steps = [s.step for s in list_snapshots(args.run)]
             step = args.step if args.step is not None else steps[-1]
             made_from = {"sigma_rel": widths[best], "step": step, "run": str(Path(args.run).resolve())}
