@@ -84,7 +84,10 @@ def resolve_source(source: str | Path) -> ModelSource:
     except HubError:
         raise
     except FileNotFoundError as error:
-        raise CheckpointError(str(error)) from None
+        raise CheckpointError(
+            f"{error}: name a run directory, a checkpoint or model folder, or a Hub repo id "
+            "(namespace/name); or train a model first: accelerate launch train.py"
+        ) from None
     found = model_source(path, str(source))
     if found is None:
         raise CheckpointError(

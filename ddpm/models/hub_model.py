@@ -164,10 +164,10 @@ class HubModel(
         """Write a model folder `save_directory` (created if missing): config.json, model.safetensors and the
         model card README.md (the mixin keeps one that is already there), and with `scheduler` its
         noise_scheduler.json, which `ddpm.load_pretrained` needs. `sampling`, the sampler settings to
-        recommend (`SampleConfig`'s fields: `vars(config.sample)`), and `sample_grid`, an image drawn with
-        them (copied in as sample_grid.png, or its own suffix), go into the card; `repo_id` is the name the
-        card's loading snippet uses (default: the folder's name). The files are written in place, one after
-        another: `ddpm.io.save_pretrained` writes a folder whole."""
+        recommend (`SampleConfig`'s fields: `dataclasses.asdict(config.sample)`), and `sample_grid`, an image
+        drawn with them (copied in as sample_grid.png, or its own suffix), go into the card; `repo_id` is the
+        card's title and the name its snippets load (default: "path/to/this/folder"). The files are written
+        in place, one after another: `ddpm.io.save_pretrained` writes a folder whole."""
         folder = Path(save_directory)
         grid = f"{SAMPLE_GRID}{Path(sample_grid).suffix}" if sample_grid is not None else None
         config = {"class": type(self).__name__, "ddpm_version": ddpm_version(), **self.config}
@@ -261,7 +261,7 @@ def _card_fields(
             f"The schedule the weights were trained with ({NOISE_SCHEDULER}); sampling with another one "
             f"gives noise.\n\n| setting | value |\n|---|---|\n{rows}"
         )
-    command = f"ddpm sample --checkpoint {source} --n 16"
+    command = f"ddpm sample --checkpoint {source} --n {(sampling or {}).get('n', 16)}"
     if sampling is None:
         said = (
             "No sampler settings were saved with these weights: `ddpm sample` takes those of the run the "
