@@ -2,18 +2,20 @@
 
 The public API: the network (`UNet`), the noise schedule (`NoiseScheduler`), the samplers (`sample`,
 `SAMPLERS`), editing (`inpaint`, `img2img`, `invert`, `interpolate`), model folders (`save_pretrained`,
-`load_pretrained`), sampling a trained model (`load_for_sampling`, `generate`), the config (`Config` and
-its sections, `load_config`, `save_config`) and the data sets (`build_dataset`). Training is
+`load_pretrained`, and `UNet.from_pretrained`, `save_pretrained`, `push_to_hub` for the network alone; what a
+model source is: `ddpm.source`), sampling a trained model (`load_for_sampling`, `generate`), the config
+(`Config` and its sections, `load_config`, `save_config`) and the data sets (`build_dataset`). Training is
 `ddpm.training`, FID `ddpm.fid`, diffusers interop `ddpm.interop.diffusers`.
 """
 
 from ddpm.config import Config, ConfigError, DataConfig, SampleConfig, TrainConfig, load_config, save_config
 from ddpm.data import build_dataset, num_classes_of
 from ddpm.inference import generate, load_for_sampling
-from ddpm.io import load_pretrained, save_pretrained
+from ddpm.io import save_pretrained
 from ddpm.models.unet import UNet
 from ddpm.samplers import SAMPLERS, img2img, inpaint, interpolate, invert, sample
 from ddpm.schedule import NoiseScheduler
+from ddpm.source import load_pretrained
 
 __all__ = [
     "SAMPLERS",

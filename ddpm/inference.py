@@ -26,17 +26,11 @@ from torchvision.utils import save_image
 from ddpm.config import SampleConfig, load_config
 from ddpm.data import read_images
 from ddpm.ema.posthoc import PROVENANCE
-from ddpm.interop.openai import (
-    parse_openai_flags,
-    scheduler_from_openai,
-    unet_from_openai,
-    unet_kwargs_from_openai,
-)
-from ddpm.io import EMA, CheckpointError, atomic_write, load_model_folder, one_line, read_schedule
+from ddpm.io import EMA, CheckpointError, atomic_write, one_line
 from ddpm.models.classic import ClassicUNet
 from ddpm.models.unet import UNet
 from ddpm.progress import progress_bar
-from ddpm.run_dir import RUN_CONFIG, SAMPLES, TRAIN_ONE, checkpoint_of, resolve_checkpoint, run_directory
+from ddpm.run_dir import RUN_CONFIG, SAMPLES, TRAIN_ONE
 from ddpm.samplers import (
     SampleOptionError,
     check_sample_options,
@@ -47,6 +41,7 @@ from ddpm.samplers import (
     sampling_budget,
 )
 from ddpm.schedule import NoiseScheduler
+from ddpm.source import ModelSource, load_openai_source, load_source, resolve_source
 
 _SAMPLER_NOISE = 1  # the SeedSequence purpose key of the samplers' noise streams
 
@@ -64,16 +59,17 @@ class Loaded(NamedTuple):
 
 
 def load_for_sampling(
-    path: str | Path,
+    path: str | Path | ModelSource,
     *,
     use_ema: bool = True,
     schedule: str | Path | None = None,
     device: torch.device | str = "cpu",
     openai_flags: str | None = None,
 ) -> Loaded:
-    """Load what sampling needs from a run, a checkpoint (or its ema/ folder), a model folder, a diffusers
-    UNet2DModel or pipeline folder, or an OpenAI .pt file with `openai_flags`: the network, its noise
-    scheduler and the run's sampling settings.
+    """Load what sampling needs from a model source (`ddpm.source`: a run, a checkpoint or its ema/ folder, a
+    model folder, a diffusers UNet2DModel or pipeline folder, local or on the Hub, or an OpenAI .pt file with
+    `openai_flags`; or a source already resolved): the network, its noise scheduler and the run's sampling
+    settings.
 
     A run directory means its latest checkpoint. A run or checkpoint gives its EMA weights unless `use_ema`
     is False; a checkpoint's ema/ named directly gives the EMA weights (and refuses `use_ema=False`). The
@@ -84,61 +80,33 @@ def load_for_sampling(
     published with it (`ddpm.interop.openai.load_openai`), which gives its schedule too.
     Raises CheckpointError, naming the file and the fix, when something cannot be found or read.
     """
-    if openai_flags is not None or Path(path).suffix == ".pt":
-        return _load_openai(Path(path), openai_flags, schedule=schedule, device=device)
-    folder = resolve_checkpoint(path)
-    checkpoint = checkpoint_of(folder)
-    if folder != checkpoint and not use_ema:
+    source = path if isinstance(path, ModelSource) else resolve_source(path)
+    if source.kind == "openai" or openai_flags is not None:
+        model, scheduler = load_openai_source(source, openai_flags, schedule=schedule, device=device)
+        return Loaded(model, scheduler, "openai", SampleConfig(), source.path, None)
+    if source.kind == "ema" and not use_ema:
         raise CheckpointError(
-            f"{folder} holds the EMA weights, but the raw ones were asked for (--raw); pass the checkpoint "
-            f"{checkpoint} for its raw weights, or drop --raw"
+            f"{source.path} holds the EMA weights, but the raw ones were asked for (--raw); pass the "
+            f"checkpoint {source.folder} for its raw weights, or drop --raw"
         )
-    if use_ema and folder == checkpoint and (folder / EMA).is_dir():
-        folder = folder / EMA
+    if use_ema and source.kind in ("run", "checkpoint") and (source.folder / EMA).is_dir():
+        source = source.ema()
     try:
-        model, scheduler, from_diffusers = load_model_folder(folder, schedule=schedule, device=device)
+        model, scheduler = load_source(source, schedule=schedule, device=device)
     except (OSError, ValueError, SafetensorError) as error:  # JSONDecodeError is a ValueError
         raise CheckpointError(
-            f"cannot load the model in {checkpoint}: {one_line(error)}; it is incomplete, damaged or not a "
-            "ddpm checkpoint: pass another one with --checkpoint"
+            f"cannot load the model in {source.folder}: {one_line(error)}; it is incomplete, damaged or not "
+            "a ddpm checkpoint: pass another one with --checkpoint"
         ) from None
-    if from_diffusers:
+    if source.kind == "diffusers":
         weights = "diffusers"
-    elif (folder / PROVENANCE).is_file():
+    elif (source.path / PROVENANCE).is_file():
         weights = "posthoc-ema"
     else:
-        weights = "raw" if folder == checkpoint else "ema"
-    run = run_directory(checkpoint)
+        weights = "ema" if source.kind == "ema" else "raw"
+    run = source.run_dir
     sampling = load_config(run / RUN_CONFIG).sample if run is not None else SampleConfig()
-    return Loaded(model, scheduler, weights, sampling, checkpoint, run)
-
-
-def _load_openai(
-    path: Path, flags: str | None, *, schedule: str | Path | None, device: torch.device | str
-) -> Loaded:
-    """`load_for_sampling` of an OpenAI .pt file (what `ddpm.interop.openai.load_openai` does), with flag
-    errors as ValueErrors (a bad --openai-flags) and the file's as CheckpointErrors."""
-    if flags is None:
-        raise CheckpointError(
-            f"{path} is an OpenAI checkpoint file: pass --openai-flags with the MODEL_FLAGS (and "
-            'DIFFUSION_FLAGS) published with it, e.g. --openai-flags "--image_size 64 ..." (README, '
-            "Interoperability)"
-        )
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file; pass the .pt file with --checkpoint")
-    try:
-        model_flags, diffusion_flags = parse_openai_flags(flags)
-        unet_kwargs_from_openai(**model_flags)
-        scheduler = scheduler_from_openai(**diffusion_flags)
-    except ValueError as error:
-        raise ValueError(f"--openai-flags: {one_line(error)}") from None
-    try:
-        model = unet_from_openai(path, device=device, **model_flags).eval()
-    except (OSError, RuntimeError, ValueError) as error:  # ValueError: the tensors do not fit the flags
-        raise CheckpointError(f"cannot load {path}: {one_line(error)}") from None
-    if schedule is not None:
-        scheduler = read_schedule(schedule)
-    return Loaded(model, scheduler, "openai", SampleConfig(), path, None)
+    return Loaded(model, scheduler, weights, sampling, source.folder, run)
 
 
 def default_run(default_config: str | Path) -> Path:

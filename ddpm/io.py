@@ -1,43 +1,40 @@
-"""Files: atomic writes, and model folders (the weights, their config and the noise schedule they were trained
-with) written and read whole.
+"""Files: atomic writes of a file or a folder, and the model folders of `ddpm.models.hub_model` (the weights,
+their config and the noise schedule they were trained with) written and read whole.
 
-A model folder holds config.json and model.safetensors (the UNet: its constructor's keyword arguments and its
-weights; `save_unet` and `load_unet`) and noise_scheduler.json (NoiseScheduler's keyword arguments).
-`save_pretrained` writes one and `load_pretrained` reads one back, or a diffusers UNet2DModel or pipeline
-folder with the scheduler_config.json beside it.
+A model folder holds config.json, model.safetensors and README.md (the network and its model card, written by
+`model.save_pretrained`, huggingface_hub's PyTorchModelHubMixin) and noise_scheduler.json (the schedule).
+`save_pretrained` writes one whole; `load_unet` reads the network of a local one, `read_schedule` and
+`schedule_file` its schedule. Which folder is which kind of model source, local or on the Hub, and which
+loader reads it, is `ddpm.source`'s to decide (`ddpm.load_pretrained`); nothing here asks the Hub.
+
+What this module still writes by hand, and why: the atomic writes (`atomic_write`, `atomic_folder`), since
+the mixin writes a folder's files in place, one after another, so that a crash would leave a truncated
+model.safetensors under its real name, or a new config beside old weights; and reading a schedule of either
+format (ours or a diffusers scheduler_config.json), which the mixin has no notion of.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from ddpm.edm import schedule_from_config
-from ddpm.hub import model_folder
-from ddpm.interop.diffusers import (
-    diffusers_folder_scheduler,
-    diffusers_unet_folder,
-    scheduler_from_diffusers,
-    unet_from_diffusers,
-)
-from ddpm.models import ARCHITECTURES, ClassicUNet
+from ddpm.interop.diffusers import scheduler_from_diffusers
+from ddpm.models import ClassicUNet
+from ddpm.models.hub_model import CONFIG_NAME as CONFIG_NAME  # the file names, also for the modules above
+from ddpm.models.hub_model import NOISE_SCHEDULER, HubModel
+from ddpm.models.hub_model import WEIGHTS_NAME as WEIGHTS_NAME
 from ddpm.models.unet import UNet
-from ddpm.models.weights import load_checked
 from ddpm.schedule import NoiseScheduler
-from ddpm.version import ddpm_version
 
-CONFIG_NAME = "config.json"  # the UNet's constructor keyword arguments (diffusers names its config the same)
-WEIGHTS_NAME = "model.safetensors"
-NOISE_SCHEDULER = "noise_scheduler.json"
 EMA = "ema"  # the model folder inside a checkpoint that holds its EMA weights
 
 
@@ -80,111 +77,73 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
                 shutil.rmtree(tmp)
             else:
                 tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
-        if isinstance(error, SafetensorError):
-            raise OSError(f"cannot write {path}: {one_line(error)}") from error
-        raise
+        _raise_naming(path, error)
 
 
-def save_pretrained(folder: str | Path, model: UNet, scheduler: NoiseScheduler) -> None:
-    """Write a model folder: config.json and model.safetensors (`save_unet`) and the noise schedule the
-    weights were trained with, noise_scheduler.json (`scheduler.config`). `load_pretrained` reads it."""
-    save_unet(folder, model)
-    (Path(folder) / NOISE_SCHEDULER).write_text(json.dumps(scheduler.config, indent=2) + "\n")
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder to write files into; when the block ends without an error, move them to the
+    folder `path`:
 
+        with atomic_folder(out) as tmp:
+            model.save_pretrained(tmp)
 
-def load_pretrained(
-    folder: str | Path, *, schedule: str | Path | None = None, device: torch.device | str = "cpu"
-) -> tuple[UNet, NoiseScheduler]:
-    """Load a (UNet in eval mode on `device`, NoiseScheduler) pair from a model folder, local or on the
-    Hugging Face Hub (a repo id such as "google/ddpm-cifar10-32", fetched into the Hub cache: `ddpm.hub`).
-
-    A ddpm folder (written by `save_pretrained`, or a checkpoint or its ema/) gets its noise_scheduler.json; a
-    checkpoint's ema/ written before the schedule was saved beside the EMA weights gets the checkpoint's. A
-    diffusers UNet2DModel or pipeline folder gets the scheduler_config.json beside it (DDPMScheduler's
-    defaults without one). `schedule` names a schedule file instead: a noise_scheduler.json or a diffusers
-    scheduler_config.json. Raises CheckpointError for a ddpm folder without a schedule (sampling with another
-    schedule than the one the weights were trained with gives noise, so none is guessed) or a schedule file
-    that cannot be read, and OSError or ValueError for weights that cannot be read.
+    A new `path` appears whole, by one rename of the temporary folder `.tmp-<pid>-<name>` beside it; into an
+    existing one the files are moved one by one, each by a rename, so that every file there is whole, the old
+    one or the new one (files of `path` not written are kept). On an error the temporary folder is removed,
+    `path` left as it was (or as the files moved so far made it), and the error re-raised, an OSError as one
+    naming `path`. A crash leaves at most the hidden temporary folder, beside `path`.
     """
-    model, scheduler, _ = load_model_folder(folder, schedule=schedule, device=device)
-    return model, scheduler
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an earlier process with this pid
+        tmp.mkdir(parents=True)
+        yield tmp
+        if path.is_dir():
+            for file in sorted(tmp.iterdir()):
+                os.replace(file, path / file.name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, path)
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _raise_naming(path, error)
 
 
-def load_model_folder(
-    folder: str | Path, *, schedule: str | Path | None = None, device: torch.device | str = "cpu"
-) -> tuple[UNet, NoiseScheduler, bool]:
-    """`load_pretrained`, also saying whether `folder` is a diffusers one: (UNet in eval mode on `device`,
-    NoiseScheduler, from_diffusers). The one place that tells a diffusers folder from ours. `folder` may be a
-    Hub repo id (`ddpm.hub.model_folder`)."""
-    folder = model_folder(folder)
-    from_diffusers = diffusers_unet_folder(folder) is not None
-    model = unet_from_diffusers(folder, device=device) if from_diffusers else load_unet(folder, device=device)
-    if schedule is not None:
-        scheduler = read_schedule(schedule)
-    elif from_diffusers:
-        scheduler = diffusers_folder_scheduler(folder)
-    else:
-        scheduler = read_schedule(_schedule_file(folder))
-    return model.eval(), scheduler, from_diffusers
+def save_pretrained(
+    folder: str | Path,
+    model: UNet | ClassicUNet,
+    scheduler: NoiseScheduler,
+    *,
+    sampling: Mapping[str, Any] | None = None,
+    sample_grid: str | Path | None = None,
+) -> None:
+    """Write a model folder whole (`atomic_folder`): what `model.save_pretrained(folder, scheduler=scheduler,
+    sampling=sampling, sample_grid=sample_grid)` writes, config.json, model.safetensors, README.md (the model
+    card: the schedule, `sampling`, the sampler settings to recommend, and `sample_grid`, an image drawn with
+    them) and noise_scheduler.json, the schedule the weights were trained with. `ddpm.load_pretrained` reads
+    it; a README.md already in `folder` is replaced."""
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp, scheduler=scheduler, sampling=sampling, sample_grid=sample_grid)
 
 
 def save_unet(folder: str | Path, model: UNet | ClassicUNet) -> None:
-    """Write the network alone: config.json (its constructor's keyword arguments, its class and the package
-    version) and model.safetensors (its weights). `load_unet` reads them; `save_pretrained` adds the
-    schedule."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"class": type(model).__name__, "ddpm_version": ddpm_version(), **model.config}
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS_NAME))
+    """Write the network alone, whole (`atomic_folder`): config.json (its constructor's keyword arguments,
+    its class and the package version), model.safetensors (its weights) and the model card README.md.
+    `load_unet` reads them; `save_pretrained` adds the schedule."""
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp)
 
 
 def load_unet(
     folder: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> UNet | ClassicUNet:
-    """The network that `save_unet` (or `save_pretrained`) wrote in `folder` (the class its config.json names,
-    UNet or ClassicUNet), with its weights, on `device` in `dtype`. Raises FileNotFoundError for a missing
-    folder or file and ValueError for a config that is not one of ours or weights that do not fit it, each
-    saying what to do."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"{folder} is not a directory; pass the folder written by ddpm.save_pretrained(folder, model, "
-            "scheduler)"
-        )
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(
-                f"{folder / name} not found; a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME} as "
-                "written by ddpm.save_pretrained(folder, model, scheduler)"
-            )
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    saved_class = config.pop("class", UNet.__name__)
-    config.pop("ddpm_version", None)
-    classes = {cls.__name__: cls for cls in ARCHITECTURES.values()}
-    if saved_class not in classes:
-        raise ValueError(
-            f"{folder / CONFIG_NAME} describes a {saved_class}, not one of ddpm's networks "
-            f"({', '.join(classes)})"
-        )
-    cls = classes[saved_class]
-    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(config) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"unknown config key(s) {unknown} in {folder / CONFIG_NAME}; valid keys: {valid}. "
-            "Remove them, or upgrade ddpm if the folder was written by a newer version"
-        )
-    model = cls(**config)
-    load_checked(
-        model,
-        load_file(str(folder / WEIGHTS_NAME)),
-        f"the weights in {folder / WEIGHTS_NAME} do not fit the config in {folder / CONFIG_NAME}",
-        "save the weights and the config together with ddpm.save_pretrained",
-    )
-    return model.to(device=device, dtype=dtype)
+    """The network that `save_unet` (or `save_pretrained`) wrote in the local folder `folder` (the class its
+    config.json names, UNet or ClassicUNet: `HubModel.from_folder`), with its weights, on `device` in
+    `dtype`, in eval mode. Raises FileNotFoundError for a missing folder or file and ValueError for a config
+    that is not one of ours or weights that do not fit it, each saying what to do."""
+    return HubModel.from_folder(folder, device=device, dtype=dtype)
 
 
 def read_schedule(file: str | Path) -> NoiseScheduler:
@@ -208,6 +167,17 @@ def one_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def _raise_naming(path: Path, error: BaseException) -> None:
+    """Re-raise an error of writing `path`: an OSError as one naming it (the same errno, so the same
+    subclass), safetensors' SafetensorError (its report of a failed write) as an OSError naming it, anything
+    else as it is."""
+    if isinstance(error, OSError):
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
+    if isinstance(error, SafetensorError):
+        raise OSError(f"cannot write {path}: {one_line(error)}") from error
+    raise error
+
+
 def _replace_folder(new: Path, folder: Path) -> None:
     """Put the folder `new` in the place of the existing `folder` (its sibling), whose old content is deleted;
     if the second rename fails, the old folder is put back."""
@@ -221,9 +191,9 @@ def _replace_folder(new: Path, folder: Path) -> None:
     shutil.rmtree(old)
 
 
-def _schedule_file(folder: Path) -> Path:
-    """The noise_scheduler.json of a ddpm model folder; for a checkpoint's ema/ without one, the checkpoint's.
-    Raises CheckpointError, saying how to name the schedule, when there is none."""
+def schedule_file(folder: Path) -> Path:
+    """The noise_scheduler.json of a local ddpm model folder; for a checkpoint's ema/ without one, the
+    checkpoint's. Raises CheckpointError, saying how to name the schedule, when there is none."""
     # A checkpoint's ema/ written before the schedule was saved beside the EMA weights: the checkpoint's.
     for candidate in (folder, folder.parent) if folder.name == EMA else (folder,):
         if (candidate / NOISE_SCHEDULER).is_file():

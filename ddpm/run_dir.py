@@ -8,7 +8,8 @@ A run directory looks like this::
       samples/step-0000500-ema.png     sample grids from the EMA weights
       checkpoints/step-0000500/        one folder per checkpoint, written whole or not at all
         config.json, model.safetensors, noise_scheduler.json   the raw weights and their schedule
-        ema/                             the EMA weights, the same three files
+        README.md                        their model card (`ddpm.models.hub_model`)
+        ema/                             the EMA weights, the same four files
         (each a model folder: load_pretrained(folder) gives the UNet and its NoiseScheduler)
         trainer_state.json               step, skipped steps, EMA update count, package version (last)
         optimizer.bin, random_states_*.pkl   Accelerate's training state (loaded with weights_only)
@@ -21,7 +22,8 @@ one that resume or sampling would pick up. Only real `step-*` folders holding tr
 checkpoints (a symlink there is followed only when named explicitly); leftovers of a crash are deleted by the
 next save. The step of a checkpoint is read from its trainer_state.json, never from its name.
 
-The checkpoints are written and resumed by `ddpm.training.checkpoints`; sampling finds them here.
+The checkpoints are written and resumed by `ddpm.training.checkpoints`; sampling finds them here
+(`ddpm.source`).
 """
 
 from __future__ import annotations
@@ -30,9 +32,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ddpm.hub import model_folder
-from ddpm.interop.diffusers import PIPELINE_UNET
-from ddpm.io import CONFIG_NAME, EMA, CheckpointError
+from ddpm.io import EMA, CheckpointError
 from ddpm.version import ddpm_version
 
 RUN_CONFIG = "config.yaml"  # the resolved config of the run
@@ -96,31 +96,6 @@ def read_trainer_state(checkpoint: Path) -> TrainerState:
             f"{checkpoint / TRAINER_STATE} is missing or damaged ({error}); "
             "resume from an earlier checkpoint with --resume PATH"
         ) from None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """Turn a run directory, a checkpoint folder (or its ema/), a model folder or a diffusers model or
-    pipeline folder, local or a Hub repo id (`ddpm.hub.model_folder`), into the folder that holds the weights.
-
-    A run directory resolves to its latest checkpoint. Raises CheckpointError, with the fix, when nothing is
-    found, and HubError for a Hub repo that cannot be had.
-    """
-    path = model_folder(path)
-    if path.name.startswith(TMP_PREFIX) or path.parent.name.startswith(TMP_PREFIX):
-        raise CheckpointError(f"{path} is a checkpoint that was never finished; name a step-NNNNNNN folder")
-    if (path / CHECKPOINTS).is_dir() or (path / RUN_CONFIG).is_file():
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise CheckpointError(f"no checkpoint in {path}; {TRAIN_ONE}")
-        return latest
-    # A model folder or a diffusers pipeline folder; which, and whether ours, is load_pretrained's to tell.
-    if (path / CONFIG_NAME).is_file() or (path / PIPELINE_UNET / CONFIG_NAME).is_file():
-        return path
-    raise CheckpointError(
-        f"{path} is neither a run directory nor a checkpoint folder; {TRAIN_ONE}, or pass --checkpoint "
-        "with a run directory, a folder holding config.json, a diffusers UNet2DModel or pipeline folder, or "
-        "a Hub repo id such as google/ddpm-cifar10-32"
-    )
 
 
 def checkpoint_of(folder: Path) -> Path:

@@ -14,8 +14,9 @@ from ddpm.edm import EDMScheduler, schedule_from_config
 from ddpm.exact_score import MIXTURE, GaussianMixture, wasserstein1
 from ddpm.inference import grid_from_checkpoint
 from ddpm.interop.diffusers import diffusers_scheduler_config
-from ddpm.io import load_pretrained, read_schedule, save_pretrained
+from ddpm.io import read_schedule, save_pretrained
 from ddpm.losses import diffusion_loss
+from ddpm.source import load_pretrained
 from ddpm.training import Trainer
 
 EDM = EDMScheduler()

@@ -122,14 +122,16 @@ def train_until_killed(run: str, point: str, ready: str) -> None:
     torch.set_num_threads(1)  # as in the test process
 
     if point == "checkpoint write":
-        import ddpm.io
+        import ddpm.training.checkpoints
 
-        def save_and_hang(folder, model):
-            save_unet(folder, model)
+        save_pretrained = ddpm.training.checkpoints.save_pretrained
+
+        def save_and_hang(folder, model, scheduler):
+            save_pretrained(folder, model, scheduler)
             if "step-0000006" in str(folder):
                 hang()
 
-        ddpm.io.save_unet = save_and_hang
+        ddpm.training.checkpoints.save_pretrained = save_and_hang
     elif point == "sample grid":
         import ddpm.inference
 

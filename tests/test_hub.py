@@ -7,9 +7,11 @@ huggingface_hub writes blobs/, snapshots/<commit>/ and refs/main as it would fro
 processes load that cache with HF_HUB_OFFLINE=1 and the Hub stopped.
 """
 
+import base64
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -20,13 +22,18 @@ from urllib.parse import unquote, urlsplit
 import huggingface_hub
 import pytest
 import torch
+from huggingface_hub import snapshot_download
 from test_interop import TINY_2_LEVELS, save_diffusers  # pytest puts tests/ on sys.path
 
 import ddpm
+import ddpm.hub
 from ddpm.fid.__main__ import main as fid_main
-from ddpm.hub import MODEL_FILES, HubError, hub_repo_id, model_folder
+from ddpm.hub import MODEL_FILES, HubError, hub_repo_id, local_path
 from ddpm.inference import load_for_sampling
 from ddpm.interop.diffusers import unet_from_diffusers
+from ddpm.io import CheckpointError
+from ddpm.models import UNet
+from ddpm.source import resolve_source
 
 diffusers = pytest.importorskip("diffusers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,17 +41,13 @@ REPO = "hub-user/tiny-ddpm"
 
 
 class FakeHub:
-    """A Hub of a few model repos, {repo id: {path in the repo: bytes}}, each at one commit; `requests`
-    records (method, path) of every request. Unknown repos answer 401 RepoNotFound, as the Hub does."""
+    """A Hub of a few model repos, {repo id: {path in the repo: bytes}}, each at the commit its files hash to;
+    `requests` records (method, path) of every request. Unknown repos answer 401 RepoNotFound, as the Hub
+    does. It takes pushes too: a repo created, then files committed (each uploaded in the commit itself, as
+    huggingface_hub does for files the preupload answer calls "regular")."""
 
     def __init__(self, repos: dict[str, dict[str, bytes]]):
         self.repos = repos
-        self.commits = {
-            repo: hashlib.sha1(
-                json.dumps(sorted((p, hashlib.sha1(b).hexdigest()) for p, b in files.items())).encode()
-            ).hexdigest()
-            for repo, files in repos.items()
-        }
         self.requests: list[tuple[str, str]] = []
         hub = self
 
@@ -55,6 +58,9 @@ class FakeHub:
             def do_HEAD(self):
                 hub.answer(self, body=False)
 
+            def do_POST(self):
+                hub.receive(self)
+
             def log_message(self, *args):
                 pass
 
@@ -62,6 +68,15 @@ class FakeHub:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    @property
+    def commits(self) -> dict[str, str]:
+        return {
+            repo: hashlib.sha1(
+                json.dumps(sorted((p, hashlib.sha1(b).hexdigest()) for p, b in files.items())).encode()
+            ).hexdigest()
+            for repo, files in self.repos.items()
+        }
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -96,6 +111,42 @@ class FakeHub:
             return self.send(request, 200, content, headers, body)
         return self.send(request, 404, b"", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit}, body)
 
+    def receive(self, request: BaseHTTPRequestHandler) -> None:
+        """POST: create a repo, validate a model card, say how to upload files, commit them."""
+        path = unquote(urlsplit(request.path).path)
+        self.requests.append(("POST", path))
+        data = request.rfile.read(int(request.headers["Content-Length"]))
+        parts = path.strip("/").split("/")
+        if path == "/api/repos/create":
+            payload = json.loads(data)
+            repo = f"{payload['organization']}/{payload['name']}"
+            self.repos.setdefault(repo, {})
+            return self.send(request, 200, json.dumps({"url": f"{self.url}/{repo}"}).encode(), {}, True)
+        if path == "/api/validate-yaml":
+            return self.send(request, 200, b"{}", {}, True)
+        repo, kind = "/".join(parts[2:4]), parts[4]
+        if repo not in self.repos:
+            return self.send(request, 404, b"", {"X-Error-Code": "RepoNotFound"}, True)
+        if kind == "preupload":
+            files = [
+                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                for f in json.loads(data)["files"]
+            ]
+            return self.send(request, 200, json.dumps({"files": files}).encode(), {}, True)
+        assert kind == "commit", path
+        for line in data.decode().splitlines():
+            item = json.loads(line)
+            assert item["key"] in ("header", "file"), item["key"]  # every file "regular", none LFS
+            if item["key"] == "file":
+                self.repos[repo][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+        commit = self.commits[repo]
+        answer = {
+            "commitUrl": f"{self.url}/{repo}/commit/{commit}",
+            "commitOid": commit,
+            "pullRequestUrl": None,
+        }
+        return self.send(request, 200, json.dumps(answer).encode(), {}, True)
+
     @staticmethod
     def send(request, status: int, content: bytes, headers: dict, body: bool) -> None:
         request.send_response(status)
@@ -107,10 +158,12 @@ class FakeHub:
 
 
 def run(code_or_args: str | list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    """python -c CODE (or python ARGS) in a fresh process with `env` on top of ours, this worktree first."""
+    """python -c CODE (or python ARGS) in a fresh process with `env` on top of ours (a None value unsets the
+    variable), this worktree first."""
     args = ["-c", code_or_args] if isinstance(code_or_args, str) else code_or_args
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     full_env |= {"PYTHONPATH": str(ROOT), "NO_PROXY": "127.0.0.1", "HF_HUB_DISABLE_TELEMETRY": "1", **env}
+    full_env = {k: v for k, v in full_env.items() if v is not None}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env, cwd=cwd)
 
 
@@ -138,7 +191,7 @@ def hub_cache(pipeline, tmp_path_factory) -> tuple[Path, FakeHub]:
     home = tmp_path_factory.mktemp("hf_home")
     try:
         done = run(
-            f"from ddpm.hub import model_folder; print(model_folder({REPO!r}))",
+            f"from ddpm.hub import local_path; print(local_path({REPO!r}))",
             {"HF_HOME": str(home), "HF_ENDPOINT": hub.url},
             home,
         )
@@ -220,7 +273,8 @@ def test_offline_a_repo_not_in_the_cache_is_one_line_naming_it_the_cache_and_the
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
     message = done.stderr
-    assert "google/ddpm-cifar10-32" in message and str(tmp_path / "empty" / "hub") in message
+    assert "google/ddpm-cifar10-32" in message
+    assert f"not in the Hub cache at {tmp_path / 'empty' / 'hub'} (set by HF_HOME) while" in message
     assert (
         "HF_HUB_OFFLINE is set" in message and "hf download google/ddpm-cifar10-32 --revision v1" in message
     )
@@ -235,7 +289,7 @@ def offline_empty_cache(tmp_path, monkeypatch) -> Path:
 
 
 def test_every_loader_and_the_fid_command_go_to_the_hub_for_a_repo_id(offline_empty_cache, tmp_path):
-    for load in (ddpm.load_pretrained, unet_from_diffusers, load_for_sampling, model_folder):
+    for load in (ddpm.load_pretrained, unet_from_diffusers, load_for_sampling, local_path):
         with pytest.raises(
             HubError, match=f"Hub model owner/model is not in the Hub cache at {offline_empty_cache}"
         ):
@@ -267,4 +321,174 @@ def test_what_counts_as_a_repo_id(path, expected):
 def test_an_existing_local_path_wins_over_the_hub(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "owner" / "name").mkdir(parents=True)
-    assert hub_repo_id("owner/name") is None and model_folder("owner/name") == Path("owner/name")
+    assert hub_repo_id("owner/name") is None and local_path("owner/name") == Path("owner/name")
+
+
+# --- a source is read once, and a path never goes to the Hub ------------------------------------------------
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """snapshot_download fails the test: nothing may ask the Hub."""
+
+    def asked(*args, **kwargs):
+        raise AssertionError(f"the Hub was asked for {args}")
+
+    monkeypatch.setattr(ddpm.hub, "snapshot_download", asked)
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["runs/nonexistent", "runs/x/checkpoints", "./owner/name", "../owner/name", "owner/model.pt", "model"],
+)
+def test_a_path_that_does_not_exist_is_no_such_file_or_folder_and_the_hub_is_not_asked(
+    source, tmp_path, monkeypatch, no_hub
+):
+    (tmp_path / "cwd" / "runs").mkdir(parents=True)  # runs/ is here, so runs/nonexistent is a path in it
+    monkeypatch.chdir(tmp_path / "cwd")
+    tried = os.path.abspath(source)
+    message = rf"^{re.escape(source)}: no such file or folder \(looked for {re.escape(tried)}; the current "
+    message += rf"folder is {re.escape(str(tmp_path / 'cwd'))}\)"
+    for load in (ddpm.load_pretrained, load_for_sampling, resolve_source):  # what a model source may be
+        with pytest.raises(
+            CheckpointError, match=message + r": name a run directory, .* \(`ddpm-train` when installed\)$"
+        ):
+            load(source)
+    for load in (UNet.from_pretrained, unet_from_diffusers, local_path):
+        with pytest.raises(FileNotFoundError, match=message + "$"):
+            load(source)
+
+
+def test_sample_py_with_a_mistyped_run_says_no_such_folder_and_asks_the_hub_nothing(tmp_path):
+    (tmp_path / "runs").mkdir()
+    hub = FakeHub({})
+    try:
+        args = [str(ROOT / "sample.py"), "--checkpoint", "runs/nonexistent", "--n", "1"]
+        done = run(args, {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": hub.url}, tmp_path)
+    finally:
+        hub.stop()
+    assert done.returncode == 1 and hub.requests == []
+    assert done.stderr == (
+        f"error: runs/nonexistent: no such file or folder (looked for {tmp_path}/runs/nonexistent; the "
+        f"current folder is {tmp_path}): name a run directory, a checkpoint or model folder, or a Hub "
+        "repo id (namespace/name); or train one with `python train.py` (`ddpm-train` when installed)\n"
+    )
+
+
+def test_the_offline_message_names_hf_home_only_when_it_is_set(tmp_path):
+    unset = {"HF_HUB_OFFLINE": "1", "HOME": str(tmp_path), "XDG_CACHE_HOME": None}
+    done = run(
+        [str(ROOT / "sample.py"), "--checkpoint", "google/ddpm-cifar10-32", "--n", "1"], unset, tmp_path
+    )
+    assert done.returncode == 1 and "HF_HOME" not in done.stderr, done.stderr
+    default = tmp_path / ".cache" / "huggingface" / "hub"
+    assert (
+        f"is not in the Hub cache at {default} (huggingface_hub's default) while HF_HUB_OFFLINE"
+        in done.stderr
+    )
+    assert (
+        f"hf download google/ddpm-cifar10-32` and copy that machine's Hub cache to {default}," in done.stderr
+    )
+
+
+def test_a_hub_repo_is_fetched_once_per_load(hub_cache, monkeypatch):
+    """Each loader takes the snapshot once (online, one question to the Hub), however many layers the
+    source goes through."""
+    home, _ = hub_cache
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
+    fetched = []
+
+    def counted(*args, **kwargs):
+        fetched.append(args[0])
+        return snapshot_download(*args, **kwargs)
+
+    monkeypatch.setattr(ddpm.hub, "snapshot_download", counted)
+    for load in (load_for_sampling, ddpm.load_pretrained, unet_from_diffusers):
+        fetched.clear()
+        load(REPO)
+        assert fetched == [REPO], load.__name__
+
+
+# --- the UNet as a Hub model: push_to_hub, then from_pretrained by repo id, online and offline --------------
+
+DIGEST = """
+import hashlib, json, torch, ddpm
+from ddpm.models import ClassicUNet
+
+def digest(model):
+    sha = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        sha.update(name.encode() + tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+"""
+
+PUSH = """
+from PIL import Image
+
+torch.manual_seed(0)
+model = ddpm.UNet(base_channels=8, channel_mult=[1, 2], attention_resolutions=[4], image_size=8,
+                  norm_groups=4)
+with torch.no_grad():
+    for p in model.parameters():
+        p.add_(0.1 * torch.randn_like(p))
+scheduler = ddpm.NoiseScheduler(num_train_timesteps=40, beta_schedule="cosine")
+Image.new("RGB", (8, 8), "red").save("grid.png")
+sampling = {"sampler": "ddim", "steps": 5, "calls": None, "eta": 0.5, "guidance_scale": 1.0, "options": {}}
+url = model.push_to_hub("hub-user/pushed", scheduler=scheduler, sampling=sampling, sample_grid="grid.png")
+classic = ClassicUNet(base_channels=4, channel_mult=[1, 2], time_conditioning=True)
+classic.push_to_hub("hub-user/classic")
+pulled = ddpm.UNet.from_pretrained("hub-user/pushed")  # online: fetched into the cache
+ClassicUNet.from_pretrained("hub-user/classic")
+sent = {"url": url, "model": digest(model), "classic": digest(classic), "pulled": digest(pulled)}
+json.dump({**sent, "schedule": scheduler.config}, open("pushed.json", "w"))
+"""
+
+PULL = """
+network = ddpm.UNet.from_pretrained("hub-user/pushed")
+model, scheduler = ddpm.load_pretrained("hub-user/pushed")
+classic = ClassicUNet.from_pretrained("hub-user/classic")
+try:
+    ddpm.load_pretrained("hub-user/classic")
+except ddpm.io.CheckpointError as error:
+    refused = str(error)
+got = {"network": digest(network), "model": digest(model), "classic": digest(classic), "refused": refused}
+json.dump({**got, "schedule": scheduler.config, "training": network.training}, open("pulled.json", "w"))
+"""
+
+
+def test_push_to_hub_then_from_pretrained_by_repo_id_online_and_offline_bit_for_bit(tmp_path):
+    hub = FakeHub({})
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_stand_in"}
+    try:
+        pushed = run(DIGEST + PUSH, env, tmp_path)
+    finally:
+        hub.stop()
+    assert pushed.returncode == 0, pushed.stderr
+    sent = json.loads((tmp_path / "pushed.json").read_text())
+    commit = hub.commits["hub-user/pushed"]
+    assert sent["url"] == f"{hub.url}/hub-user/pushed/commit/{commit}" and sent["pulled"] == sent["model"]
+    files = hub.repos["hub-user/pushed"]
+    assert sorted(files) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "noise_scheduler.json",
+        "sample_grid.png",
+    ]
+    assert json.loads(files["noise_scheduler.json"]) == sent["schedule"]
+    assert json.loads(files["config.json"])["class"] == "UNet"
+    card = files["README.md"].decode()
+    assert card.startswith("---\nlibrary_name: ddpm\n") and "# hub-user/pushed" in card
+    assert '| `beta_schedule` | `"cosine"` |' in card and "the `ddim` sampler with 5 steps, eta 0.5." in card
+    assert "ddpm sample --checkpoint hub-user/pushed --n 16 --sampler ddim --steps 5 --eta 0.5" in card
+    assert "![samples](sample_grid.png)" in card and 'ddpm.load_pretrained("hub-user/pushed")' in card
+    assert sorted(hub.repos["hub-user/classic"]) == ["README.md", "config.json", "model.safetensors"]
+
+    # offline, the Hub gone: from the cache huggingface_hub wrote
+    pulled = run(DIGEST + PULL, {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}, tmp_path)
+    assert pulled.returncode == 0, pulled.stderr
+    got = json.loads((tmp_path / "pulled.json").read_text())
+    assert got["network"] == got["model"] == sent["model"] and got["classic"] == sent["classic"]
+    assert got["schedule"] == sent["schedule"] and got["training"] is False
+    assert "has no noise_scheduler.json" in got["refused"]

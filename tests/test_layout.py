@@ -37,6 +37,13 @@ def test_no_module_reaches_the_scripts():
     assert not problems, "; ".join(problems)
 
 
+def test_only_python_m_ddpm_imports_the_ddpm_command():
+    """ddpm.cli runs every command (importing only the one it runs, by its module's name): it is the top of
+    the layout."""
+    importers = sorted(name for name, found in GRAPH.items() if "ddpm.cli" in found)
+    assert importers == ["ddpm.__main__"], f"{importers} import ddpm.cli, the `ddpm` command"
+
+
 def test_no_module_imports_the_likelihood_cli():
     """ddpm.nll loads models (it sits above ddpm.inference): a module below importing it closes a cycle."""
     importers = sorted(name for name, found in GRAPH.items() if "ddpm.nll" in found)

@@ -10,10 +10,11 @@ from diffusers import DDPMScheduler
 from test_sampling_paths import TINY
 
 from ddpm.interop.diffusers import diffusers_scheduler_config, scheduler_from_diffusers
-from ddpm.io import load_pretrained, save_pretrained
+from ddpm.io import save_pretrained
 from ddpm.models import UNet
 from ddpm.samplers import SAMPLERS, denoiser, sample
 from ddpm.schedule import NoiseScheduler
+from ddpm.source import load_pretrained
 
 SHAPE = (2, 3, 4, 4)
 

@@ -1,6 +1,9 @@
-"""Installed commands: the wheel holds every module, the configs and the console scripts, and `--config NAME`
-finds a bundled config whether ddpm runs from a clone or from an installed wheel."""
+"""Installed commands: the wheel holds every module, the configs and the console scripts (`ddpm COMMAND` and
+the `ddpm-COMMAND` names), and `--config NAME` finds a bundled config whether ddpm runs from a clone or from
+an installed wheel."""
 
+import importlib
+import inspect
 import os
 import shutil
 import subprocess
@@ -10,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ddpm.cli import COMMANDS
 from ddpm.config import BUNDLED_CONFIGS, DEFAULT_CONFIG, ConfigError, load_config, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +53,7 @@ def test_the_wheel_holds_every_module_the_configs_and_the_commands(wheel):
     (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
     scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
     for line in (
+        "ddpm = ddpm.cli:main",
         "ddpm-train = ddpm.train:main",
         "ddpm-sample = ddpm.sample_cli:main",
         "ddpm-export = ddpm.export:main",
@@ -79,7 +84,44 @@ def test_installed_commands_find_the_bundled_configs_outside_a_clone(wheel, tmp_
         [str(target / "bin" / "ddpm-sample"), "--checkpoint", "nothing"], cwd=cwd, env=env, text=True,
         capture_output=True,
     )  # fmt: skip
-    assert result.returncode == 1 and result.stderr.startswith("error: nothing is neither a run directory")
+    assert result.returncode == 1 and result.stderr.startswith("error: nothing: no such file or folder")
+
+
+def test_the_ddpm_command_lists_its_commands_and_hands_each_its_arguments_outside_a_clone(wheel, tmp_path):
+    target, cwd = tmp_path / "site", tmp_path / "elsewhere"
+    cwd.mkdir()
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)]
+    assert subprocess.run(pip, capture_output=True, timeout=300).returncode == 0
+    env = {**os.environ, "PYTHONPATH": str(target)}  # the installed ddpm, not this clone's
+
+    def ddpm(*args: str) -> subprocess.CompletedProcess:
+        command = [str(target / "bin" / "ddpm"), *args]
+        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+    listed = ddpm("--help")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    for name in COMMANDS:  # one line each: the name and what it does
+        assert any(line.split()[:1] == [name] and len(line.split()) > 2 for line in lines), listed.stdout
+    sample = ddpm("sample", "--help")
+    assert sample.returncode == 0 and sample.stdout.startswith(
+        "usage: ddpm sample [-h] [--n N] [--checkpoint"
+    )
+    assert "--openai-flags FLAGS" in sample.stdout and "Sample images from a trained model" in sample.stdout
+    train = ddpm("train", "--help")
+    assert train.returncode == 0 and "cifar10, cifar10_v, digits, folder" in " ".join(train.stdout.split())
+    missing = ddpm("sample", "--checkpoint", "nothing")  # the command's own errors, as ddpm-sample's
+    assert missing.returncode == 1 and missing.stderr.startswith("error: nothing: no such file or folder")
+    unknown = ddpm("bogus")
+    assert (
+        unknown.returncode == 2 and "invalid choice: 'bogus' (choose from 'train', 'sample'" in unknown.stderr
+    )
+
+
+def test_every_command_of_ddpm_has_a_main_taking_its_arguments():
+    for name, (module, _) in COMMANDS.items():
+        main = importlib.import_module(module).main
+        assert list(inspect.signature(main).parameters) == ["argv"], name
 
 
 def test_a_config_name_finds_the_bundled_file_and_an_existing_file_wins(tmp_path, monkeypatch):

@@ -7,13 +7,13 @@ import os
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from accelerate.state import AcceleratorState
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from test_train import tiny_config
 
-import ddpm.io
 from ddpm.config import ConfigError
 from ddpm.ema import (
     SIGMA_REL_MAX,
@@ -27,7 +27,8 @@ from ddpm.ema import (
 from ddpm.ema.__main__ import main as ema_main
 from ddpm.ema.posthoc import list_snapshots, load_run, posthoc_model, reconstruct
 from ddpm.inference import load_for_sampling
-from ddpm.io import CheckpointError, load_pretrained
+from ddpm.io import CheckpointError
+from ddpm.source import load_pretrained
 from ddpm.training import Trainer
 
 
@@ -220,7 +221,7 @@ def test_cli_writes_the_model_folder_whole_or_not_at_all(tmp_path, monkeypatch):
 
     def failed_write(sigma_rel: str) -> str:
         with monkeypatch.context() as patch, pytest.raises(SystemExit) as exit_:
-            patch.setattr(ddpm.io, "save_file", full_disk)
+            patch.setattr(safetensors.torch, "save_file", full_disk)  # under the mixin's save_model
             ema_main([str(run), "--sigma-rel", sigma_rel, "--out", str(out)])
         return exit_.value.code
 
@@ -230,7 +231,13 @@ def test_cli_writes_the_model_folder_whole_or_not_at_all(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["run"]
     ema_main([str(run), "--sigma-rel", "0.1", "--out", str(out)])
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert sorted(before) == ["config.json", "model.safetensors", "noise_scheduler.json", "posthoc_ema.json"]
+    assert sorted(before) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "noise_scheduler.json",
+        "posthoc_ema.json",
+    ]
     assert failed_write("0.05").startswith(f"error: cannot write {out}: ")
     assert sorted(os.listdir(tmp_path)) == ["phema", "run"]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -13,6 +13,7 @@ reconstructs at an earlier snapshot. Exit status 0, or 1 with one line `error: .
 """
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -73,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
             step = args.step if args.step is not None else steps[-1]
             made_from = {"sigma_rel": widths[best], "step": step, "run": str(Path(args.run).resolve())}
             made_from["snapshot_steps"] = [s for s in steps if s <= step]
-            save_posthoc_model(args.out, model, scheduler, made_from)
+            save_posthoc_model(
+                args.out, model, scheduler, made_from, sampling=dataclasses.asdict(config.sample)
+            )
             print(f"wrote {args.out} (post-hoc EMA, sigma_rel {widths[best]:.4f})", file=sys.stderr)
     except (CheckpointError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")

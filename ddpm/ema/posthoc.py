@@ -23,8 +23,9 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -33,8 +34,9 @@ from safetensors.torch import load_file, save_file
 from ddpm.config import Config, build_model, build_schedule, load_config
 from ddpm.data import build_dataset
 from ddpm.ema.power import PowerFunctionEMA, posthoc_coefficients
-from ddpm.io import CONFIG_NAME, NOISE_SCHEDULER, WEIGHTS_NAME, CheckpointError, atomic_write, save_pretrained
+from ddpm.io import CONFIG_NAME, NOISE_SCHEDULER, WEIGHTS_NAME, CheckpointError, atomic_write
 from ddpm.losses import diffusion_loss
+from ddpm.models.hub_model import CARD_NAME
 from ddpm.run_dir import RUN_CONFIG
 from ddpm.schedule import NoiseScheduler
 from ddpm.version import ddpm_version
@@ -45,7 +47,7 @@ PROVENANCE = (
     "posthoc_ema.json"  # in a model folder `python -m ddpm.ema` wrote: what it was reconstructed from
 )
 # What save_posthoc_model writes: an existing folder holding only these may be replaced.
-_MODEL_FOLDER_FILES = (CONFIG_NAME, WEIGHTS_NAME, NOISE_SCHEDULER, PROVENANCE)
+_MODEL_FOLDER_FILES = (CONFIG_NAME, WEIGHTS_NAME, NOISE_SCHEDULER, CARD_NAME, PROVENANCE)
 _SNAPSHOT_NAME = re.compile(r"step-(\d{7,})\.safetensors")
 
 
@@ -248,10 +250,16 @@ def denoising_score(
 
 
 def save_posthoc_model(
-    folder: str | Path, model: torch.nn.Module, scheduler: NoiseScheduler, made_from: dict
+    folder: str | Path,
+    model: torch.nn.Module,
+    scheduler: NoiseScheduler,
+    made_from: dict,
+    *,
+    sampling: Mapping[str, Any] | None = None,
 ) -> None:
     """Write the model folder of a reconstructed EMA whole or not at all: `save_pretrained`'s config.json,
-    model.safetensors and noise_scheduler.json, and PROVENANCE (`made_from` as JSON), built beside `folder`
+    model.safetensors, noise_scheduler.json and the model card README.md (with the run's `sampling` settings),
+    and PROVENANCE (`made_from` as JSON), built beside `folder`
     under a temporary name and renamed (`ddpm.io.atomic_write`).
 
     An existing `folder` holding nothing but those files (an earlier output, or nothing) is replaced whole;
@@ -268,7 +276,7 @@ def save_posthoc_model(
                 "name a new folder, or one written by python -m ddpm.ema before"
             )
     with atomic_write(folder) as tmp:
-        save_pretrained(tmp, model, scheduler)
+        model.save_pretrained(tmp, scheduler=scheduler, sampling=sampling)  # already whole: atomic_write
         (tmp / PROVENANCE).write_text(json.dumps(made_from, indent=2) + "\n")
 
 

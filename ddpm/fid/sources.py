@@ -32,11 +32,10 @@ from ddpm.fid.metric import (
     statistics,
     to_uint8,
 )
-from ddpm.hub import model_folder
+from ddpm.hub import local_path
 from ddpm.inference import generate, load_for_sampling
-from ddpm.io import CONFIG_NAME
-from ddpm.run_dir import CHECKPOINTS, RUN_CONFIG
 from ddpm.schedule import NoiseScheduler
+from ddpm.source import model_source
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -195,21 +194,21 @@ def source_statistics(
     seed: int = 0,
     progress: bool = True,
 ) -> Statistics:
-    """Inception statistics of one source: a folder of images, a YAML config (its data set), a run directory
-    or checkpoint folder (`n` images from its EMA weights and `sample:` settings) or an .npz file."""
-    path = model_folder(source)  # a Hub repo id becomes its snapshot's folder
+    """Inception statistics of one source: a folder of images, a YAML config (its data set), a model source
+    other than an OpenAI file (`ddpm.source`: `n` images from a run's or checkpoint's EMA weights and its
+    `sample:` settings, or from a model folder, local or on the Hub) or an .npz file."""
+    path = local_path(source)  # a Hub repo id becomes its snapshot's folder; a missing path stops here
     if path.suffix == ".npz":
         return load_statistics(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; expected {SOURCES}")
     weights = resolve_weights(weights)  # before anything slow, so that a missing file stops us at once
     if path.suffix in (".yaml", ".yml"):
         data = load_config(path).data
         return reference_statistics(
             data, weights=weights, batch_size=batch_size, device=device, progress=progress
         )
-    if (path / CHECKPOINTS).is_dir() or (path / RUN_CONFIG).is_file() or (path / CONFIG_NAME).is_file():
-        loaded = load_for_sampling(path, use_ema=True, device=resolve_device(device))
+    model = model_source(path, str(source))
+    if model is not None and model.kind != "openai":
+        loaded = load_for_sampling(model, use_ema=True, device=resolve_device(device))
         if loaded.weights not in ("ema", "posthoc-ema"):
             warnings.warn(f"{loaded.folder} holds no EMA weights; sampling its raw weights", stacklevel=2)
         return model_statistics(

@@ -1,7 +1,8 @@
 """Conversion between diffusers and ddpm: a `UNet2DModel` of the DDPM family becomes our `UNet`, and our
 `NoiseScheduler` goes to and from the configs of diffusers' DDPM, DDIM and DPM-Solver schedulers.
 
-`unet_from_diffusers(folder)` loads a UNet2DModel (config.json + weights, or a pipeline folder with `unet/`);
+`unet_from_diffusers(folder_or_repo_id)` loads a UNet2DModel (config.json + weights, or a pipeline folder with
+`unet/`; `unet_from_diffusers_folder` the same from a local folder);
 `unet_kwargs_from_diffusers(config)` maps its config.json onto our constructor; `diffusers_unet_folder(path)`
 tells a diffusers folder from ours; `diffusers_folder_scheduler(folder)` reads the scheduler_config.json
 beside it. `scheduler_from_diffusers(config)` and `diffusers_scheduler_config(scheduler, cls)` convert
@@ -21,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ddpm.hub import model_folder
+from ddpm.hub import local_path
 from ddpm.models.unet import UNet
 from ddpm.models.weights import load_checked
 from ddpm.schedule import SIGMA_SPACINGS, VARIANCE_TYPES, NoiseScheduler
@@ -120,14 +121,25 @@ def unet_from_diffusers(
     `directory` holds config.json and diffusion_pytorch_model.safetensors (or .bin), as written by
     `UNet2DModel.save_pretrained` and published for google/ddpm-cifar10-32, google/ddpm-celebahq-256,
     google/ddpm-ema-church-256 etc.; a pipeline folder whose UNet is in `unet/` works too, and so does a Hub
-    repo id such as "google/ddpm-cifar10-32" (fetched into the Hub cache, `ddpm.hub.model_folder`). The result
+    repo id such as "google/ddpm-cifar10-32" (fetched into the Hub cache, `ddpm.hub.local_path`). The result
     computes the same function: `model(x, t, y) == unet(x, t, class_labels=y).sample`. The config is
     mapped by `unet_kwargs_from_diffusers`, which raises ValueError for unsupported options.
     A class-conditional UNet2DModel (num_class_embeds = K) becomes num_classes = K: labels 0..K-1 are the
     same, and the null label K, which diffusers does not have, gets a zero embedding (no class term), so
     classifier-free guidance needs fine-tuning with label dropout first.
     """
-    folder = diffusers_unet_folder(model_folder(directory))
+    return unet_from_diffusers_folder(local_path(directory), device=device, dtype=dtype)
+
+
+def unet_from_diffusers_folder(
+    directory: str | os.PathLike,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> UNet:
+    """`unet_from_diffusers` of a local folder (what `ddpm.source` hands it). Raises FileNotFoundError for a
+    folder without a diffusers model or its weights."""
+    folder = diffusers_unet_folder(directory)
     if folder is None:
         raise FileNotFoundError(
             f"no diffusers model in {directory}: expected config.json (or unet/config.json) with a "

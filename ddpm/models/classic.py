@@ -30,15 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ddpm.models.hub_model import HubModel
 from ddpm.models.unet import TimestepEmbedding, check_divisible, conditioning
 from ddpm.models.weights import load_checked
 
 
-class ClassicUNet(nn.Module):
+class ClassicUNet(nn.Module, HubModel):
     """The classic segmentation U-Net, `model(x)`, or (time_conditioning=True) a denoiser `model(x, t, y)`.
 
-    `config` holds the constructor's keyword arguments (JSON-able), as `UNet.config` does; `ddpm.io.save_unet`
-    saves it beside the weights. In a run config, `model: {architecture: classic, ...}` builds this class.
+    `config` holds the constructor's keyword arguments (JSON-able), as `UNet.config` does, and is saved
+    beside the weights in a model folder (`ClassicUNet.from_pretrained`, `save_pretrained`: the Hub model API
+    of `ddpm.models.hub_model`). In a run config, `model: {architecture: classic, ...}` builds this class.
     """
 
     def __init__(

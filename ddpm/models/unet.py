@@ -29,6 +29,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ddpm.models.hub_model import HubModel
+
 TIME_INJECTIONS = ("scale_shift", "add")
 DOWNSAMPLES = ("conv", "conv_asymmetric", "maxpool")
 # What a network built with time_conditioning=False is, for the errors of everything that needs a timestep.
@@ -38,14 +40,16 @@ TIME_FREE = (
 )
 
 
-class UNet(nn.Module):
+class UNet(nn.Module, HubModel):
     """Predicts noise (or x0, or v) from a noisy image x_t, a timestep t and an optional class label y.
 
-    `config` holds the constructor's keyword arguments (JSON-able) and is saved beside the weights by
-    `ddpm.io.save_unet`. With `num_classes`, the label embedding has num_classes + 1 rows: id `null_class`
-    (= num_classes) is the "no label" used for classifier-free guidance (Ho & Salimans 2022). With
-    `null_label=False` it has exactly num_classes rows and `null_class` is None (OpenAI's class-conditional
-    models): such a model has no unconditional output, so guidance needs fine-tuning with a null label first.
+    `config` holds the constructor's keyword arguments (JSON-able) and is saved beside the weights in a model
+    folder: `UNet.from_pretrained(folder_or_repo_id)`, `model.save_pretrained(folder)` and
+    `model.push_to_hub(repo_id)` (`ddpm.models.hub_model`). With `num_classes`, the label embedding has
+    num_classes + 1 rows: id `null_class` (= num_classes) is the "no label" used for classifier-free guidance
+    (Ho & Salimans 2022). With `null_label=False` it has exactly num_classes rows and `null_class` is None
+    (OpenAI's class-conditional models): such a model has no unconditional output, so guidance needs
+    fine-tuning with a null label first.
     """
 
     def __init__(
