@@ -430,8 +430,10 @@ READMES_BLOCKS = checked_readme_blocks()
 @pytest.mark.parametrize("name", list(READMES_BLOCKS))
 def test_each_checked_readme_block_runs_alone_as_written(name, tmp_path, monkeypatch):
     """Each block in a fresh namespace and folder holding only the folders the README names: a (tiny)
-    download of google/ddpm-cifar10-32 and a (tiny) CIFAR-10 run's EMA weights."""
+    download of google/ddpm-cifar10-32, a (tiny) CIFAR-10 run's EMA weights and a (tiny) class-conditional
+    digits run's; diffusers copies the code of an exported folder into a fresh modules cache."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(diffusers.utils.dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
     smallest = {**TINY_2_LEVELS, "block_out_channels": [4, 4], "norm_num_groups": 2, "add_attention": False}
     smallest |= {"down_block_types": ["DownBlock2D"] * 2, "up_block_types": ["UpBlock2D"] * 2}
     save_diffusers(tmp_path / "ddpm-cifar10-32", smallest)
@@ -440,6 +442,14 @@ def test_each_checked_readme_block_runs_alone_as_written(name, tmp_path, monkeyp
         base_channels=4, channel_mult=(1,), attention_resolutions=(), mid_attention=False, norm_groups=2
     )
     save_pretrained(tmp_path / "runs/cifar10/checkpoints/step-0500000/ema", model, NoiseScheduler())
+    digits = tiny_unet(
+        in_channels=1, out_channels=1, base_channels=4, channel_mult=(1,), attention_resolutions=(),
+        mid_attention=False, norm_groups=2, num_classes=10,
+    )  # fmt: skip
+    schedule = NoiseScheduler(
+        beta_schedule="cosine", prediction_type="v_prediction", timestep_spacing="exponential"
+    )
+    save_pretrained(tmp_path / "runs/digits/checkpoints/step-0000060/ema", digits, schedule)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: more threads only wait for each other on a shared machine
     try:
@@ -449,7 +459,7 @@ def test_each_checked_readme_block_runs_alone_as_written(name, tmp_path, monkeyp
 
 
 def test_the_readme_has_checked_blocks():
-    assert len(READMES_BLOCKS) == 6, list(READMES_BLOCKS)  # the parser finds them all
+    assert len(READMES_BLOCKS) == 7, list(READMES_BLOCKS)  # the parser finds them all
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
