@@ -112,10 +112,11 @@ DIFFUSERS_SAMPLER_SETTINGS = {
     },
 }
 # The DPMSolverMultistepScheduler flag of each sigma spacing. "exponential" (log sigma uniform) is also
-# uniform in log-SNR, which use_lu_lambdas lays out on the same grid; its use_exponential_sigmas computes that
-# grid too but truncates the top sigma's timestep, 998.99..., to 998 on the cosine schedule, so the first
-# timesteps repeat and its step runs past the end (IndexError; diffusers #12771). use_karras_sigmas does that
-# on the cosine schedule too, and has no alternative.
+# uniform in log-SNR, which use_lu_lambdas lays out from the table's own log sigmas, so that its first
+# timestep is 999 (at every step count on the shipped schedules: tests/test_export.py). use_exponential_sigmas
+# lays out the same grid from a recomputed sigma_max, whose timestep comes out 998.99... and is truncated to
+# 998 on the cosine schedule: the first timesteps repeat and its step runs past the end (IndexError; diffusers
+# #12771). use_karras_sigmas does the same on the cosine schedule, and has no alternative.
 SIGMA_SPACING_FLAGS = {"karras": "use_karras_sigmas", "exponential": "use_lu_lambdas"}
 # Of our spacings, those that each scheduler of DIFFUSERS_SAMPLER_SETTINGS runs correctly in diffusers' own
 # loop (DDPMPipeline's) at every step count N in 1..T (diffusers 0.42.1; tests/test_export.py runs them all on
