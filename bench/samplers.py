@@ -4,6 +4,7 @@ every diffusers scheduler, driven by the same exact noise predictor from the sam
     python bench/samplers.py [--quick] [--budgets 5,8,10,15,20,50] [--seeds 3] [--pixels 16384]
         [--schedules linear,cosine] [--out bench/results/samplers]
     python bench/samplers.py --overhead [--config configs/cifar10.yaml] [--batch 1] [--steps 50] [--repeats 5]
+    python bench/samplers.py --export [--budgets ...] [--seeds 3] [--out bench/results/export]
 
 The problem (`ddpm.exact_score`): images whose pixels are independent draws of a three-mode 1-D Gaussian
 mixture, so that E[eps | x_t] is closed form; the "network" is that exact predictor, so a sampler errs only
@@ -36,6 +37,12 @@ OUT.png (one curve per sampler: its variant with the lowest geometric-mean error
 stored tensor) for --steps steps, against one forward of `UNet(**config.model)` (configs/cifar10.yaml: DDPM's
 35.7M-parameter CIFAR-10 network) at --batch, in eval mode without gradients, on the CPU; --repeats
 interleaved rounds (common.interleaved_times), medians. The issue's target: under 2% of a network call.
+
+--export: the scheduler that `python -m ddpm.export` writes for a model of each spacing in TIMESTEP_SPACINGS
+(`ddpm.interop.diffusers.pipeline_scheduler`: its class and the spacing it runs), in DDPMPipeline's loop, on
+the same problem and seeds, against ours: the sampler of the same maths ("ddpm" for DDPMScheduler, "dpm++"
+for DPM-Solver++ 2M) on the model's own spacing, and sample.py's default ("unipc", on "exponential", the
+shipped configs' spacing). Output: the table on stdout and in OUT.md, the grid in OUT.csv.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import common
+import diffusers
 import torch
 from diffusers import (
     DEISMultistepScheduler,
@@ -65,7 +73,7 @@ from torch import Tensor
 import ddpm
 from ddpm import NoiseScheduler, UNet, load_config
 from ddpm.exact_score import MIXTURE, exact_predictor, wasserstein1
-from ddpm.interop.diffusers import DIFFUSERS_SCHEDULE_NAMES
+from ddpm.interop.diffusers import DIFFUSERS_SCHEDULE_NAMES, diffusers_scheduler_config, pipeline_scheduler
 from ddpm.schedule import TIMESTEP_SPACINGS
 
 BUDGETS = (5, 8, 10, 15, 20, 50)
@@ -135,9 +143,12 @@ def main() -> None:
     for schedule in args.schedules:
         ours = NoiseScheduler(beta_schedule=schedule)
         model = exact_predictor(MIXTURE, ours)
-        for method in [*our_methods(schedule), *diffusers_methods(ours)]:
+        methods = (
+            export_methods(schedule) if args.export else [*our_methods(schedule), *diffusers_methods(ours)]
+        )
+        for method in methods:
             results += measure(method, schedule, model, shape, args)
-    report(args, results, floor)
+    (export_report if args.export else report)(args, results, floor)
 
 
 def parse_args() -> argparse.Namespace:
@@ -155,6 +166,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--out", default=None, help="output prefix (default: bench/results/samplers[-quick])")
     parser.add_argument("--overhead", action="store_true", help="time the solvers against a UNet forward")
+    parser.add_argument("--export", action="store_true", help="ddpm.export's schedulers against ours")
     parser.add_argument(
         "--config",
         default=str(common.REPO / "configs/cifar10.yaml"),
@@ -171,7 +183,8 @@ def parse_args() -> argparse.Namespace:
             setattr(args, key, value)
     args.budgets = [int(b) for b in args.budgets.split(",")]
     args.schedules = args.schedules.split(",")
-    args.out = args.out or str(common.REPO / ("bench/results/samplers" + ("-quick" if args.quick else "")))
+    name = "export" if args.export else "samplers"
+    args.out = args.out or str(common.REPO / (f"bench/results/{name}" + ("-quick" if args.quick else "")))
     if min(args.budgets) < 1 or args.seeds < 1 or args.pixels < 1024 or args.pixels % 1024:
         parser.error("--budgets must be >= 1, --seeds >= 1 and --pixels a positive multiple of 1024")
     if unknown := set(args.schedules) - set(SCHEDULES):
@@ -237,6 +250,45 @@ def diffusers_methods(ours: NoiseScheduler) -> list[Method]:
 
                 methods.append(Method("diffusers", family, spacing + (", karras" if karras else ""), run))
     return methods
+
+
+# The sampler of ours with the maths of each scheduler class the export writes.
+EXPORT_SAMPLERS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpm++"}
+
+
+def export_methods(schedule: str) -> list[Method]:
+    """For each spacing of TIMESTEP_SPACINGS: the scheduler `python -m ddpm.export` writes for a model with
+    it (in DDPMPipeline's loop), and our sampler of the same maths on that model's spacing; then sample.py's
+    default, "unipc" on "exponential"."""
+    methods = []
+    for spacing in TIMESTEP_SPACINGS:
+        model_schedule = NoiseScheduler(beta_schedule=schedule, timestep_spacing=spacing)
+        name, runs = pipeline_scheduler(model_schedule)
+        config = diffusers_scheduler_config(runs, name)
+        cls = getattr(diffusers, name)
+        common.check_same_schedule(model_schedule, cls.from_config(config))
+
+        def exported(model, x, steps, generator, cls=cls, config=config):
+            return diffusers_loop(cls.from_config(config), model, x, steps, generator)
+
+        variant = f"{spacing} model, runs {runs.timestep_spacing}"
+        methods.append(Method("diffusers", f"ddpm.export: {name}", variant, exported))
+        methods.append(our_method(EXPORT_SAMPLERS[name], model_schedule))
+    methods.append(
+        our_method("unipc", NoiseScheduler(beta_schedule=schedule, timestep_spacing="exponential"))
+    )
+    return methods
+
+
+def our_method(sampler: str, scheduler: NoiseScheduler) -> Method:
+    """`ddpm.sample` with `sampler` on `scheduler`, its defaults otherwise."""
+
+    def run(model, x, steps, generator):
+        return ddpm.sample(
+            model, scheduler, noise=x, sampler=sampler, steps=steps, generator=generator, progress=False
+        )
+
+    return Method("ddpm", sampler, scheduler.timestep_spacing, run)
 
 
 def diffusers_loop(scheduler, model: Model, x_T: Tensor, steps: int, generator: torch.Generator) -> Tensor:
@@ -379,6 +431,44 @@ def report(args: argparse.Namespace, results: list[Result], floor: list[float]) 
     write_csv(out.with_suffix(".csv"), results, args)
     plot(out.with_suffix(".png"), results, args, floor_mean)
     print(f"\nwrote {out.with_suffix('.md')}, {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
+
+
+def export_report(args: argparse.Namespace, results: list[Result], floor: list[float]) -> None:
+    """--export: every method's error at every budget, per schedule, on stdout and in OUT.md; OUT.csv."""
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names = list(dict.fromkeys((r.method.library, r.method.name) for r in results))
+    tables = []
+    for schedule in args.schedules:
+        cells = {(r.method.library, r.method.name, r.budget): r for r in results if r.schedule == schedule}
+        rows = [
+            [
+                library,
+                name,
+                *(
+                    error_cell(cells[library, name, b]) if cells[library, name, b].errors else "-"
+                    for b in args.budgets
+                ),
+            ]
+            for library, name in names
+        ]
+        header = ("library", "sampler (spacing)", *(f"{b} calls" for b in args.budgets))
+        tables += [f"{schedule} schedule:", "", common.markdown_table(header, rows), ""]
+    floor_mean, floor_std = statistics.fmean(floor), statistics.stdev(floor) if len(floor) > 1 else 0.0
+    text = "\n".join(
+        [
+            f"W1 of pooled pixels to the mixture, mean +- std over {args.seeds} seed(s), {args.pixels:,} "
+            f"pixels per run; {common.describe(common.environment(torch.device('cpu')))}",
+            "",
+            *tables,
+            f"Noise floor: W1 of {args.pixels:,} exact draws of the mixture, {floor_mean:.4f} +- "
+            f"{floor_std:.4f} over {len(floor)} seed(s).",
+        ]
+    )
+    print("\n" + text)
+    out.with_suffix(".md").write_text(text + "\n")
+    write_csv(out.with_suffix(".csv"), results, args)
+    print(f"\nwrote {out.with_suffix('.md')} and {out.with_suffix('.csv')}")
 
 
 def best_result(results: list[Result], schedule: str, budget: int, library: str) -> Result | None:

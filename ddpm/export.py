@@ -1,4 +1,4 @@
-"""Export a trained model as a diffusers DDPMPipeline folder.
+"""Export a trained model as a diffusers pipeline folder.
 
     python -m ddpm.export RUN_OR_CHECKPOINT OUT [--raw] [--scheduler NAME]
 
@@ -6,9 +6,15 @@ RUN_OR_CHECKPOINT is what `sample.py --checkpoint` takes: a run directory (its l
 checkpoint folder or its ema/, a model folder, a diffusers folder or a Hub repo id. OUT gets model_index.json,
 unet/ (config.json and diffusion_pytorch_model.safetensors of a UNet2DModel computing the same function) and
 scheduler/scheduler_config.json, so that `DDPMPipeline.from_pretrained(OUT)` loads it. The weights are the
-EMA ones, as sample.py uses, or the raw ones with --raw. A class-conditional model keeps its classes and its
-null label (the last one): DDPMPipeline draws unconditional images only, so call its `unet` with
-`class_labels` for those.
+EMA ones, as sample.py uses, or the raw ones with --raw.
+
+The scheduler is DPMSolverMultistepScheduler (DPM-Solver++ 2M) for the "exponential" and "karras" spacings
+and DDPMScheduler for the others, or --scheduler's, with a spacing that diffusers runs correctly at every
+step count: the model's own where it can ("exponential", "leading", "linspace"), else the nearest, said on
+stderr ("trailing" runs as "linspace", "karras" as "exponential"). A class-conditional model keeps its
+classes and its null label (the last one) and is exported as a ClassConditionalPipeline (this package's
+ddpm/interop/class_conditional_pipeline.py, copied into OUT), which takes class_labels and guidance_scale:
+`DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)`; diffusers' DDPMPipeline cannot pass labels.
 
 Exit status: 0 with OUT on stdout; 1 with a one-line `error: ...` on stderr, naming the option, for a model
 that diffusers cannot express, and for a missing checkpoint or an OUT that exists.
@@ -21,7 +27,7 @@ import sys
 from pathlib import Path
 
 from ddpm.inference import load_for_sampling
-from ddpm.interop.diffusers import DIFFUSERS_SAMPLER_SETTINGS, save_diffusers_pipeline
+from ddpm.interop.diffusers import CONDITIONAL_PIPELINE, DIFFUSERS_SAMPLER_SETTINGS, save_diffusers_pipeline
 from ddpm.io import CheckpointError, atomic_write
 from ddpm.models.unet import UNet
 
@@ -29,8 +35,10 @@ from ddpm.models.unet import UNet
 def export_pipeline(
     source: str | Path, out: str | Path, *, use_ema: bool = True, scheduler_class: str | None = None
 ) -> str:
-    """Write the model of `source` (see the module docstring) as a DDPMPipeline folder `out`, whole or not at
-    all (written beside it under a temporary name, then renamed); returns a line saying what was written.
+    """Write the model of `source` (see the module docstring) as a diffusers pipeline folder `out`, whole or
+    not at all (written beside it under a temporary name, then renamed); returns a line saying what was
+    written: the weights, the pipeline and scheduler classes, the spacing and, where it differs, the model's
+    own, and a class-conditional model's labels.
 
     Raises ValueError naming the option diffusers cannot express (`save_diffusers_pipeline`) or for a network
     other than `UNet`, FileExistsError for an `out` that exists, and CheckpointError for a source that cannot
@@ -46,12 +54,25 @@ def export_pipeline(
             "has the layout of ddpm.UNet only"
         )
     with atomic_write(out) as tmp:
-        save_diffusers_pipeline(tmp, loaded.model, loaded.scheduler, scheduler_class=scheduler_class)
+        cls, runs = save_diffusers_pipeline(
+            tmp, loaded.model, loaded.scheduler, scheduler_class=scheduler_class
+        )
+    spacing, own = runs.config["timestep_spacing"], loaded.scheduler.config["timestep_spacing"]
+    said = f"exported the {loaded.weights} weights of {loaded.folder} as a diffusers "
     classes = loaded.model.num_classes
-    note = (
-        f"; labels 0-{classes - 1}, and {classes} for none (pipeline.unet's class_labels)" if classes else ""
-    )
-    return f"exported the {loaded.weights} weights of {loaded.folder} as a diffusers DDPMPipeline{note}"
+    if classes is None:
+        said += "DDPMPipeline"
+    else:
+        null = loaded.model.null_class
+        labels = f"labels 0-{classes - 1}" + (f", and {null} for none" if null is not None else "")
+        said += (
+            f"{CONDITIONAL_PIPELINE[1]} ({labels}; DiffusionPipeline.from_pretrained({str(out)!r}, "
+            "trust_remote_code=True) loads it: DDPMPipeline cannot pass labels)"
+        )
+    said += f" with a {cls}, {spacing!r} spacing"
+    if spacing != own:
+        said += f" (the model's is {own!r}, which {cls} does not run correctly at every step count)"
+    return said
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,8 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--scheduler",
         choices=list(DIFFUSERS_SAMPLER_SETTINGS),
-        help="the diffusers scheduler class of scheduler/ (default: DDPMScheduler, or "
-        "DPMSolverMultistepScheduler for the karras and exponential spacings, which only it has)",
+        help="the diffusers scheduler class of scheduler/ (default: DPMSolverMultistepScheduler for the "
+        "karras and exponential spacings, DDPMScheduler for the others)",
     )
     args = parser.parse_args(argv)
     try:

@@ -55,3 +55,35 @@ def test_the_table_and_the_plot_are_written(run):
     table = out.with_suffix(".md").read_text()
     assert "| linear | 3 |" in table and "Noise floor: W1 of 1,024 exact draws" in table
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_export_mode_measures_what_ddpm_export_writes_against_ours(tmp_path):
+    """--export: for a model of each spacing, the diffusers scheduler `python -m ddpm.export` writes (run in
+    DDPMPipeline's loop to the end: on the cosine schedule its DPM-Solver raised IndexError before), beside
+    our sampler of the same maths and sample.py's default."""
+    out = tmp_path / "export"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    command = [
+        sys.executable,
+        str(ROOT / "bench/samplers.py"),
+        "--export",
+        "--budgets",
+        "2,3",
+        "--seeds",
+        "1",
+    ]
+    command += ["--pixels", "1024", "--schedules", "cosine", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr
+    with out.with_suffix(".csv").open() as file:
+        rows = list(csv.DictReader(file))
+    exported = {(row["sampler"], row["variant"]) for row in rows if row["library"] == "diffusers"}
+    assert ("ddpm.export: DPMSolverMultistepScheduler", "exponential model, runs exponential") in exported
+    assert ("ddpm.export: DDPMScheduler", "trailing model, runs linspace") in exported
+    assert {(row["sampler"], row["variant"]) for row in rows if row["library"] == "ddpm"} >= {
+        ("dpm++", "exponential"),
+        ("ddpm", "trailing"),
+        ("unipc", "exponential"),
+    }
+    assert all(not row["skipped"] and 0 < float(row["w1_mean"]) < math.inf for row in rows), rows
+    assert "cosine schedule:" in out.with_suffix(".md").read_text()

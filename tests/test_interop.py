@@ -19,6 +19,7 @@ from ddpm.inference import load_for_sampling
 from ddpm.interop.diffusers import (
     DIFFUSERS_DEFAULTS,
     DIFFUSERS_RENAMES,
+    SIGMA_SPACING_FLAGS,
     diffusers_scheduler_config,
     scheduler_from_diffusers,
     unet_from_diffusers,
@@ -429,8 +430,10 @@ READMES_BLOCKS = checked_readme_blocks()
 @pytest.mark.parametrize("name", list(READMES_BLOCKS))
 def test_each_checked_readme_block_runs_alone_as_written(name, tmp_path, monkeypatch):
     """Each block in a fresh namespace and folder holding only the folders the README names: a (tiny)
-    download of google/ddpm-cifar10-32 and a (tiny) CIFAR-10 run's EMA weights."""
+    download of google/ddpm-cifar10-32, a (tiny) CIFAR-10 run's EMA weights and a (tiny) class-conditional
+    digits run's; diffusers copies the code of an exported folder into a fresh modules cache."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(diffusers.utils.dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
     smallest = {**TINY_2_LEVELS, "block_out_channels": [4, 4], "norm_num_groups": 2, "add_attention": False}
     smallest |= {"down_block_types": ["DownBlock2D"] * 2, "up_block_types": ["UpBlock2D"] * 2}
     save_diffusers(tmp_path / "ddpm-cifar10-32", smallest)
@@ -439,6 +442,14 @@ def test_each_checked_readme_block_runs_alone_as_written(name, tmp_path, monkeyp
         base_channels=4, channel_mult=(1,), attention_resolutions=(), mid_attention=False, norm_groups=2
     )
     save_pretrained(tmp_path / "runs/cifar10/checkpoints/step-0500000/ema", model, NoiseScheduler())
+    digits = tiny_unet(
+        in_channels=1, out_channels=1, base_channels=4, channel_mult=(1,), attention_resolutions=(),
+        mid_attention=False, norm_groups=2, num_classes=10,
+    )  # fmt: skip
+    schedule = NoiseScheduler(
+        beta_schedule="cosine", prediction_type="v_prediction", timestep_spacing="exponential"
+    )
+    save_pretrained(tmp_path / "runs/digits/checkpoints/step-0000060/ema", digits, schedule)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: more threads only wait for each other on a shared machine
     try:
@@ -448,22 +459,45 @@ def test_each_checked_readme_block_runs_alone_as_written(name, tmp_path, monkeyp
 
 
 def test_the_readme_has_checked_blocks():
-    assert len(READMES_BLOCKS) == 6, list(READMES_BLOCKS)  # the parser finds them all
+    assert len(READMES_BLOCKS) == 7, list(READMES_BLOCKS)  # the parser finds them all
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
 @pytest.mark.parametrize("spacing", ["karras", "exponential"])
 def test_sigma_spacings_export_as_dpm_solver_sigma_flags_and_come_back(spacing):
-    """diffusers has no timestep_spacing "karras": DPMSolverMultistepScheduler takes use_karras_sigmas (or
-    use_exponential_sigmas), with sigmas between the same ends (to its float32 table's precision); reading
-    the config back gives our spacing."""
+    """diffusers has no timestep_spacing "karras": DPMSolverMultistepScheduler takes use_karras_sigmas (or,
+    for "exponential", use_lu_lambdas: uniform in log-SNR is uniform in log sigma), with sigmas between the
+    same ends (to its float32 table's precision); reading the config back gives our spacing, and so does
+    diffusers' use_exponential_sigmas."""
     ours = NoiseScheduler(timestep_spacing=spacing)
     kwargs = diffusers_scheduler_config(ours, "DPMSolverMultistepScheduler")
-    assert kwargs[f"use_{spacing}_sigmas"] is True and kwargs["timestep_spacing"] == "linspace"
+    assert kwargs[SIGMA_SPACING_FLAGS[spacing]] is True and kwargs["timestep_spacing"] == "linspace"
     theirs = diffusers.DPMSolverMultistepScheduler(**kwargs)
     theirs.set_timesteps(10)
     ab = ours.alpha_bar(ours.inference_timesteps(10))
-    torch.testing.assert_close(theirs.sigmas[:-1].double(), ((1 - ab) / ab).sqrt(), rtol=2e-4, atol=0)
+    torch.testing.assert_close(theirs.sigmas[:-1].double(), ((1 - ab) / ab).sqrt(), rtol=3e-4, atol=0)
     assert scheduler_from_diffusers(dict(theirs.config)).config == ours.config
     with pytest.raises(ValueError, match=f"timestep_spacing='{spacing}' has no equivalent in DDIMScheduler"):
         diffusers_scheduler_config(ours, "DDIMScheduler")
+    exponential = {**kwargs, SIGMA_SPACING_FLAGS[spacing]: False, "use_exponential_sigmas": True}
+    assert scheduler_from_diffusers(exponential).config["timestep_spacing"] == "exponential"
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+def test_exponential_spacing_runs_where_diffusers_exponential_sigmas_repeat_the_first_timestep():
+    """On the cosine schedule use_exponential_sigmas gives timesteps 998, 998, 998, ... and its step raises
+    IndexError past the end (diffusers #12771); the same grid as use_lu_lambdas starts at 999 and runs."""
+    kwargs = diffusers_scheduler_config(
+        NoiseScheduler(beta_schedule="cosine", timestep_spacing="exponential"), "DPMSolverMultistepScheduler"
+    )
+    for flags, raises in [({"use_lu_lambdas": False, "use_exponential_sigmas": True}, True), ({}, False)]:
+        scheduler = diffusers.DPMSolverMultistepScheduler(**{**kwargs, **flags})
+        scheduler.set_timesteps(20)
+        x = torch.zeros(1, 1, 2, 2)
+        try:
+            for t in scheduler.timesteps:
+                x = scheduler.step(torch.zeros_like(x), t, x).prev_sample
+        except IndexError:
+            assert raises and scheduler.timesteps[:2].tolist() == [998, 998]
+        else:
+            assert not raises and scheduler.timesteps[0] == 999

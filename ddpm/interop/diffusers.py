@@ -7,8 +7,11 @@
 tells a diffusers folder from ours; `diffusers_folder_scheduler(folder)` reads the scheduler_config.json
 beside it. `scheduler_from_diffusers(config)` and `diffusers_scheduler_config(scheduler, cls)` convert
 schedules. The other way, `diffusers_unet_config(config)` and `diffusers_state_dict(model)` are our UNet as
-a UNet2DModel, and `save_diffusers_pipeline(folder, model, scheduler)` writes a DDPMPipeline folder.
-Nothing here imports diffusers: the published files are read and written directly.
+a UNet2DModel, and `save_diffusers_pipeline(folder, model, scheduler)` writes a pipeline folder: a
+DDPMPipeline, or for a class-conditional model the ClassConditionalPipeline of
+`ddpm.interop.class_conditional_pipeline` (its source goes into the folder). `pipeline_scheduler` says which
+diffusers scheduler and spacing that folder gets. Nothing here imports diffusers: the published files are read
+and written directly.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -108,6 +112,32 @@ DIFFUSERS_SAMPLER_SETTINGS = {
         "final_sigmas_type": "zero",
     },
 }
+# The DPMSolverMultistepScheduler flag of each sigma spacing. "exponential" (log sigma uniform) is also
+# uniform in log-SNR, which use_lu_lambdas lays out from the table's own log sigmas, so that its first
+# timestep is 999 (at every step count on the shipped schedules: tests/test_export.py). use_exponential_sigmas
+# lays out the same grid from a recomputed sigma_max, whose timestep comes out 998.99... and is truncated to
+# 998 on the cosine schedule: the first timesteps repeat and its step runs past the end (IndexError; diffusers
+# #12771). use_karras_sigmas does the same on the cosine schedule, and has no alternative.
+SIGMA_SPACING_FLAGS = {"karras": "use_karras_sigmas", "exponential": "use_lu_lambdas"}
+# Of our spacings, those that each scheduler of DIFFUSERS_SAMPLER_SETTINGS runs correctly in diffusers' own
+# loop (DDPMPipeline's) at every step count N in 1..T (diffusers 0.42.1; tests/test_export.py runs them all on
+# the shipped configs' schedules); a model with another spacing is exported with the first. The others fail:
+# - "trailing" (every class): its float arange lays out N + 1 timesteps, the last -1, at 62 of the counts
+#   1..1000 (61, 103, 121, ...); DDPM's and DDIM's step then reads alphas_cumprod[-1], the noisiest level.
+# - DDIMScheduler steps to t - T // N whatever timestep comes next: right for "leading" alone.
+# - DPMSolverMultistepScheduler: "leading" and "linspace" repeat a timestep at N = T (IndexError, NaN); Karras
+#   sigmas repeat the first timestep on the cosine schedule (IndexError, diffusers #12771); "exponential"
+#   (use_lu_lambdas, SIGMA_SPACING_FLAGS) runs.
+# ("leading" with a steps_offset s runs N up to T - s only, in diffusers as in ddpm.sample, which refuses
+# more.)
+PIPELINE_SPACINGS = {
+    "DDPMScheduler": ("linspace", "leading"),
+    "DDIMScheduler": ("leading",),
+    "DPMSolverMultistepScheduler": ("exponential",),
+}
+# A class-conditional model's pipeline: DDPMPipeline passes no class labels, so the folder names this class
+# of ours in model_index.json and holds its module's source (diffusers loads it with trust_remote_code=True).
+CONDITIONAL_PIPELINE = ("class_conditional_pipeline", "ClassConditionalPipeline")  # (module, class)
 
 
 def unet_from_diffusers(
@@ -351,21 +381,14 @@ def diffusers_scheduler_config(scheduler: NoiseScheduler, cls: str | type = "DDP
     DPMSolverMultistepScheduler has no clip_sample: clip_sample=True becomes its thresholding with
     sample_max_value=1.0, exactly a clamp of x0 to [-1, 1]; a clip_sample_range other than 1 raises
     ValueError, having no equivalent there. The sigma spacings "karras" and "exponential" become its
-    use_karras_sigmas / use_exponential_sigmas (DDPMScheduler and DDIMScheduler have neither: ValueError).
+    use_karras_sigmas / use_lu_lambdas (SIGMA_SPACING_FLAGS; DDPMScheduler and DDIMScheduler have neither:
+    ValueError).
     variance_type goes to DDPMScheduler as it is, to DPMSolverMultistepScheduler as "learned_range" or None,
     and not to DDIMScheduler, which has none (it then loses that the model has 2C output channels). An
     unknown scheduler raises ValueError listing the valid ones.
     """
     name = cls if isinstance(cls, str) else cls.__name__
-    if "beta_schedule" not in scheduler.config:  # ddpm.edm.EDMScheduler: no betas, no timesteps
-        raise ValueError(
-            f"{type(scheduler).__name__} (diffusion.formulation=edm) has no {name} equivalent: that "
-            "scheduler works on discrete timesteps of a beta schedule; sample the model with ddpm.sample"
-        )
-    if name not in DIFFUSERS_SAMPLER_SETTINGS:
-        raise ValueError(
-            f"unknown diffusers scheduler {name!r}; valid: {', '.join(DIFFUSERS_SAMPLER_SETTINGS)}"
-        )
+    _check_target(scheduler, name)
     beta_schedule = scheduler.config["beta_schedule"]
     config = {
         "_class_name": name,  # as in diffusers' own configs: whose keys these are (scheduler_from_diffusers)
@@ -393,16 +416,58 @@ def diffusers_scheduler_config(scheduler: NoiseScheduler, cls: str | type = "DDP
                 "DPMSolverMultistepScheduler, or sample with ddpm.sample"
             )
         # diffusers spaces these sigmas over the whole table whatever its timestep_spacing says
-        config.update(timestep_spacing="linspace", **{f"use_{spacing}_sigmas": True})
+        config.update(timestep_spacing="linspace", **{SIGMA_SPACING_FLAGS[spacing]: True})
     return config
 
 
+def pipeline_scheduler(
+    scheduler: NoiseScheduler, scheduler_class: str | None = None
+) -> tuple[str, NoiseScheduler]:
+    """The diffusers scheduler class an exported pipeline folder gets for `scheduler`, and the schedule it
+    runs: `scheduler_class` (by default DPMSolverMultistepScheduler for the sigma spacings, DDPMScheduler for
+    the others) and `scheduler` with a spacing that class runs correctly at every step count in diffusers'
+    own loop (PIPELINE_SPACINGS): its own where it is one of them, else the class's first ("trailing" goes to
+    DDPMScheduler as "linspace", "karras" to DPMSolverMultistepScheduler as "exponential"). Raises
+    ValueError as `diffusers_scheduler_config` does, and for a zero-terminal-SNR schedule (no finite
+    sigma_max) with DPMSolverMultistepScheduler, which runs correctly only on a sigma spacing."""
+    spacing = scheduler.config.get("timestep_spacing")
+    if scheduler_class is None:
+        scheduler_class = "DPMSolverMultistepScheduler" if spacing in SIGMA_SPACINGS else "DDPMScheduler"
+    _check_target(scheduler, scheduler_class)
+    runs = PIPELINE_SPACINGS[scheduler_class]
+    if spacing in runs:
+        return scheduler_class, scheduler
+    if scheduler.config["rescale_betas_zero_snr"] and runs[0] in SIGMA_SPACINGS:
+        raise ValueError(
+            f"{scheduler_class} runs correctly at every step count only with timestep_spacing "
+            f"{runs[0]!r}, which needs a finite sigma_max, and this schedule has "
+            "rescale_betas_zero_snr=True; export with --scheduler DDPMScheduler"
+        )
+    return scheduler_class, NoiseScheduler(**{**scheduler.config, "timestep_spacing": runs[0]})
+
+
+def _check_target(scheduler: NoiseScheduler, name: str) -> None:
+    """ValueError unless `name` is a scheduler of DIFFUSERS_SAMPLER_SETTINGS and `scheduler` has the discrete
+    timesteps of a beta schedule (ddpm.edm.EDMScheduler has neither)."""
+    if "beta_schedule" not in scheduler.config:
+        raise ValueError(
+            f"{type(scheduler).__name__} (diffusion.formulation=edm) has no {name} equivalent: that "
+            "scheduler works on discrete timesteps of a beta schedule; sample the model with ddpm.sample"
+        )
+    if name not in DIFFUSERS_SAMPLER_SETTINGS:
+        raise ValueError(
+            f"unknown diffusers scheduler {name!r}; valid: {', '.join(DIFFUSERS_SAMPLER_SETTINGS)}"
+        )
+
+
 def _spacing_from_diffusers(config: dict) -> str:
-    """Our timestep_spacing for a diffusers scheduler config: its use_karras_sigmas or use_exponential_sigmas
-    when set, else its timestep_spacing (DDPMScheduler's default "leading" when absent)."""
-    for spacing in SIGMA_SPACINGS:
-        if config.get(f"use_{spacing}_sigmas", False):
-            return spacing
+    """Our timestep_spacing for a diffusers scheduler config: "karras" for use_karras_sigmas, "exponential"
+    for use_exponential_sigmas or use_lu_lambdas, else its timestep_spacing (DDPMScheduler's default
+    "leading" when absent)."""
+    if config.get("use_karras_sigmas", False):
+        return "karras"
+    if config.get("use_exponential_sigmas", False) or config.get("use_lu_lambdas", False):
+        return "exponential"
     return config.get("timestep_spacing", "leading")
 
 
@@ -527,20 +592,22 @@ def diffusers_state_dict(model: UNet) -> dict[str, Tensor]:
 
 def save_diffusers_pipeline(
     folder: str | os.PathLike, model: UNet, scheduler: NoiseScheduler, *, scheduler_class: str | None = None
-) -> None:
-    """Write a diffusers DDPMPipeline folder: model_index.json, unet/ (config.json from
-    `diffusers_unet_config`, diffusion_pytorch_model.safetensors from `diffusers_state_dict`) and scheduler/
-    (scheduler_config.json from `diffusers_scheduler_config`), which `DDPMPipeline.from_pretrained(folder)`
-    loads. `scheduler_class` defaults to DDPMScheduler, or DPMSolverMultistepScheduler for the "karras" and
-    "exponential" spacings, which only it has. Raises ValueError naming what diffusers cannot express."""
-    if scheduler_class is None:
-        spacing = scheduler.config["timestep_spacing"]
-        scheduler_class = "DPMSolverMultistepScheduler" if spacing in SIGMA_SPACINGS else "DDPMScheduler"
+) -> tuple[str, NoiseScheduler]:
+    """Write a diffusers pipeline folder: model_index.json, unet/ (config.json from `diffusers_unet_config`,
+    diffusion_pytorch_model.safetensors from `diffusers_state_dict`) and scheduler/ (scheduler_config.json
+    from `diffusers_scheduler_config`), for the scheduler class and spacing of `pipeline_scheduler(scheduler,
+    scheduler_class)`, which it returns. An unconditional model's folder is a DDPMPipeline
+    (`DDPMPipeline.from_pretrained(folder)`); a class-conditional one's is a ClassConditionalPipeline, whose
+    module (CONDITIONAL_PIPELINE) is copied into the folder and named in model_index.json, so that
+    `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads it with nothing of ddpm
+    installed. Raises ValueError naming what diffusers cannot express."""
+    scheduler_class, runs = pipeline_scheduler(scheduler, scheduler_class)
     unet_config = diffusers_unet_config(model.config)
-    scheduler_config = {**diffusers_scheduler_config(scheduler, scheduler_class)}
+    scheduler_config = {**diffusers_scheduler_config(runs, scheduler_class)}
     scheduler_config["_diffusers_version"] = DIFFUSERS_VERSION
+    module, pipeline_class = CONDITIONAL_PIPELINE
     index = {
-        "_class_name": "DDPMPipeline",
+        "_class_name": "DDPMPipeline" if model.num_classes is None else [module, pipeline_class],
         "_diffusers_version": DIFFUSERS_VERSION,
         PIPELINE_SCHEDULER: ["diffusers", scheduler_class],
         PIPELINE_UNET: ["diffusers", "UNet2DModel"],
@@ -549,6 +616,8 @@ def save_diffusers_pipeline(
     for sub in (PIPELINE_UNET, PIPELINE_SCHEDULER):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     (folder / PIPELINE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    if model.num_classes is not None:
+        shutil.copyfile(Path(__file__).with_name(f"{module}.py"), folder / f"{module}.py")
     (folder / PIPELINE_UNET / DIFFUSERS_CONFIG).write_text(json.dumps(unet_config, indent=2) + "\n")
     save_file(
         diffusers_state_dict(model),
@@ -557,3 +626,4 @@ def save_diffusers_pipeline(
     )
     scheduler_file = folder / PIPELINE_SCHEDULER / DIFFUSERS_SCHEDULER_CONFIG
     scheduler_file.write_text(json.dumps(scheduler_config, indent=2) + "\n")
+    return scheduler_class, runs
