@@ -8,6 +8,7 @@ does the diffusion maths.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -21,9 +22,17 @@ from safetensors.torch import save_file
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
+from ddpm.compiled import (
+    AUTO,
+    SAMPLING_COMPILE_MODE,
+    FixedBatchNetwork,
+    auto_batch_size,
+    sampling_compile_pays,
+)
 from ddpm.config import SampleConfig, load_config
 from ddpm.data import read_images
 from ddpm.ema.posthoc import PROVENANCE
+from ddpm.images import PngWriter
 from ddpm.interop.openai import (
     parse_openai_flags,
     scheduler_from_openai,
@@ -46,6 +55,7 @@ from ddpm.samplers import (
 from ddpm.schedule import NoiseScheduler
 
 _SAMPLER_NOISE = 1  # the SeedSequence purpose key of the samplers' noise streams
+GRID_WITH_IMAGES = 1024  # the images a grid shows when every image is also written alone (--save-images)
 
 
 class Loaded(NamedTuple):
@@ -153,9 +163,11 @@ def generate(
     class_label: int | None = None,
     guidance_scale: float = 1.0,
     seed: int = 0,
-    batch_size: int | None = None,
+    batch_size: int | str | None = None,
+    compiled: bool | str = AUTO,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    on_batch: Callable[[torch.Tensor, int], None] | None = None,
 ) -> torch.Tensor:
     """Draw `n` images of shape `image_shape` (C, H, W); returns (n, C, H, W) float32 on the CPU in [-1, 1].
 
@@ -167,11 +179,34 @@ def generate(
     change with the batch size). For a class-conditional model, images get `class_label` when given, else
     labels 0, 1, ... cycling over the classes; `guidance_scale` applies classifier-free guidance against the
     null label. `calls`, when given, replaces `steps` (see `ddpm.sample`); `options` are the solver's own.
+
+    batch_size: images sampled together; None: all n; "auto": `ddpm.compiled.auto_batch_size` (on CUDA the
+    most that fit, at most AUTO_BATCH_CAP, balanced so that the last batch is nearly full; 64 on the CPU).
+    compiled: whether the network runs compiled at that batch (`ddpm.compiled.FixedBatchNetwork`: one CUDA
+    graph launch per network call, the last batch padded to the same shape): true, false or "auto" (on CUDA
+    for runs of at least COMPILE_MIN_IMAGE_CALLS images x network calls, `sampling_compile_pays`). The
+    images do not depend on either. on_batch: called with each batch as soon as it is drawn, (B, C, H, W)
+    float32 on the CPU in [-1, 1], and the index of its first image (`PngWriter.write` writes them).
     """
-    batch_size = batch_size or n
     steps = None if calls is not None else steps
-    _check_options(n=n, batch_size=batch_size, seed=seed)
+    _check_options(n=n, seed=seed)
+    _check_batch_size(batch_size)
     _check_labels(model, class_label=class_label, guidance_scale=guidance_scale)
+    check_sample_options(
+        sampler=sampler,
+        steps=steps,
+        calls=calls,
+        eta=eta,
+        guidance_scale=guidance_scale,
+        options=options,
+        num_train_timesteps=scheduler.num_train_timesteps,
+    )
+    per_call = 1 if guidance_scale == 1.0 else 2  # guidance batches [x, x] into each network call
+    batch_size = _batch_size(batch_size, model, image_shape, n, device=device, calls_per_image=per_call)
+    network_calls = sampling_budget(sampler, steps=steps, calls=calls).calls
+    network = model
+    if sampling_compile_pays(compiled, n=n, calls=network_calls, device=device):
+        network = FixedBatchNetwork(model, batch_size * per_call, mode=SAMPLING_COMPILE_MODE)
     num_classes = getattr(model, "num_classes", None)
     batches = []
     for start in tqdm(range(0, n, batch_size), desc="sample", disable=not progress or n <= batch_size):
@@ -188,7 +223,7 @@ def generate(
             y = torch.tensor(labels, device=device)
         generator = _noise_generator(seed + start, device)
         images = sample(
-            model,
+            network,
             scheduler,
             noise=noise,
             sampler=sampler,
@@ -202,6 +237,8 @@ def generate(
             progress=progress and n <= batch_size,
         )
         batches.append(images.float().clamp(-1, 1).cpu())
+        if on_batch is not None:
+            on_batch(batches[-1], start)
     return torch.cat(batches)
 
 
@@ -219,15 +256,10 @@ def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None
 
 
 def save_images_to(images: torch.Tensor, folder: str | Path, *, start: int = 0) -> list[Path]:
-    """Write each image in [-1, 1] as its own PNG, named 000000.png, 000001.png, ... (for FID tools)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for offset, image in enumerate(images):
-        path = folder / f"{start + offset:06d}.png"
-        save_image(image, path, normalize=True, value_range=(-1, 1), padding=0)
-        paths.append(path)
-    return paths
+    """Write each image in [-1, 1] as its own PNG, named 000000.png, 000001.png, ... (for FID tools), as
+    torchvision's save_image writes it, on several threads (`ddpm.images.PngWriter`)."""
+    with PngWriter(folder) as writer:
+        return writer.write(images, start=start)
 
 
 def grid_from_checkpoint(
@@ -242,7 +274,7 @@ def grid_from_checkpoint(
     eta: float | None = None,
     options: Mapping[str, Any] | None = None,
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int | str = AUTO,
     class_label: int | None = None,
     guidance_scale: float | None = None,
     save_images: bool = False,
@@ -266,9 +298,12 @@ def grid_from_checkpoint(
     sample-CHECKPOINT-WEIGHTS-SAMPLERSTEPS[-callsC][-NAMEVALUE...][-etaE][-classC][-guidanceG]-seedS-nN.png
     (callsC where the calls differ from the steps, NAMEVALUE for each solver option), a name that differs
     whenever the images would; `save_images` also writes one PNG per image in the folder of the grid's name
-    without .png. The device is CUDA when available (with bf16 or fp16 autocast), else the
-    CPU. Raises ValueError, naming the sample.py option, for a bad option and CheckpointError for weights
-    that are missing, damaged or do not fit their config.
+    without .png, each as soon as its batch is drawn (on threads: `ddpm.images.PngWriter`), and then the grid
+    shows the first GRID_WITH_IMAGES images only (a grid of 50,000 takes longer to encode than to sample).
+    `batch_size`: images per batch, or "auto" (see `generate`, which also says when the network is
+    compiled). The device is CUDA when available (with bf16 or fp16 autocast), else the CPU. Raises
+    ValueError, naming the sample.py option, for a bad option and CheckpointError for weights that are
+    missing, damaged or do not fit their config.
     """
     if schedule is not None and not Path(schedule).is_file():
         raise ValueError(f"--schedule {schedule}: no such file; name a noise_scheduler.json")
@@ -304,8 +339,20 @@ def grid_from_checkpoint(
         say(f"{sampler}: {budget}")
     config = loaded.model.config
     shape = (config["in_channels"], config["image_size"], config["image_size"])
+    if out is None:
+        name = [loaded.folder.name, loaded.weights, f"{sampler}{budget.steps}"]
+        name += [f"calls{budget.calls}"] if budget.calls != budget.steps else []
+        name += [f"{key}{_name_value(value)}" for key, value in sorted(settings["options"].items())]
+        name += [f"eta{eta:g}"] if eta else []
+        name += [f"class{class_label}"] if class_label is not None else []
+        name += [f"guidance{guidance_scale:g}"] if guidance_scale != 1 else []
+        name += [f"seed{seed}", f"n{n}"]
+        run = loaded.run_dir
+        out = (run / SAMPLES if run is not None else Path.cwd()) / f"sample-{'-'.join(name)}.png"
+    out = Path(out)
     autocast_dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-    with torch.autocast(device, dtype=autocast_dtype, enabled=device == "cuda"):
+    writer = PngWriter(out.with_suffix("")) if save_images else contextlib.nullcontext()
+    with writer, torch.autocast(device, dtype=autocast_dtype, enabled=device == "cuda"):
         images = generate(
             loaded.model,
             loaded.scheduler,
@@ -317,21 +364,9 @@ def grid_from_checkpoint(
             batch_size=batch_size,
             device=device,
             progress=True,
+            on_batch=writer.write if save_images else None,
         )
-    if out is None:
-        name = [loaded.folder.name, loaded.weights, f"{sampler}{budget.steps}"]
-        name += [f"calls{budget.calls}"] if budget.calls != budget.steps else []
-        name += [f"{key}{_name_value(value)}" for key, value in sorted(settings["options"].items())]
-        name += [f"eta{eta:g}"] if eta else []
-        name += [f"class{class_label}"] if class_label is not None else []
-        name += [f"guidance{guidance_scale:g}"] if guidance_scale != 1 else []
-        name += [f"seed{seed}", f"n{n}"]
-        run = loaded.run_dir
-        out = (run / SAMPLES if run is not None else Path.cwd()) / f"sample-{'-'.join(name)}.png"
-    out = save_grid(images, out)
-    if save_images:
-        save_images_to(images, out.with_suffix(""))
-    return out
+    return save_grid(images[:GRID_WITH_IMAGES] if save_images else images, out)
 
 
 def _cli_error(error: SampleOptionError) -> ValueError:
@@ -348,6 +383,33 @@ def _cli_error(error: SampleOptionError) -> ValueError:
 def _name_value(value: Any) -> str:
     """A solver option's value as a file name part: numbers as %g (inf: "inf"), others as str."""
     return f"{value:g}" if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
+
+
+def _batch_size(
+    batch_size: int | str | None,
+    model: torch.nn.Module,
+    image_shape: Sequence[int],
+    n: int,
+    *,
+    device: torch.device | str,
+    calls_per_image: int,
+) -> int:
+    """`generate`'s batch: None is n, "auto" `auto_batch_size`, else the positive integer given (ValueError
+    naming --batch-size otherwise)."""
+    _check_batch_size(batch_size)
+    if batch_size is None:
+        return n
+    if batch_size == AUTO:
+        return auto_batch_size(model, image_shape, n, device=device, calls_per_image=calls_per_image)
+    return batch_size
+
+
+def _check_batch_size(batch_size: int | str | None) -> None:
+    """ValueError naming --batch-size unless it is None, "auto" or a positive integer."""
+    if isinstance(batch_size, str) and batch_size != AUTO:
+        raise ValueError(f"--batch-size must be a positive integer or {AUTO}, got {batch_size!r}")
+    if isinstance(batch_size, int):
+        _check_options(batch_size=batch_size)
 
 
 def _check_options(**options: int) -> None:
@@ -405,7 +467,7 @@ def edit_from_checkpoint(
     jump_length: int = 10,
     jump_n_sample: int = 10,
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int | str = AUTO,
     class_label: int | None = None,
     guidance_scale: float | None = None,
     use_ema: bool = True,
@@ -461,7 +523,8 @@ def edit_from_checkpoint(
     steps = steps if steps is not None else loaded.sampling.steps
     eta = (loaded.sampling.eta if sampler == "ddim" and kind != "invert" else 0.0) if eta is None else eta
     guidance_scale = loaded.sampling.guidance_scale if guidance_scale is None else guidance_scale
-    _check_options(seed=seed, batch_size=batch_size)
+    _check_options(seed=seed)
+    _check_batch_size(batch_size)
     _check_labels(model, class_label=class_label, guidance_scale=guidance_scale)
     if guidance_scale != 1 and class_label is None:
         raise ValueError(f"--guidance-scale {guidance_scale:g} needs --class-label when editing")
@@ -487,6 +550,10 @@ def edit_from_checkpoint(
         masks = (masks > 0).float().expand(len(files), -1, -1, -1)  # white = keep
     if say is not None:
         say(f"{kind}: {len(files)} images, {sampler} {steps} steps")
+    per_call = 1 if guidance_scale == 1.0 else 2
+    batch_size = _batch_size(
+        batch_size, model, (channels, size, size), len(files), device=device, calls_per_image=per_call
+    )
     results = []
     autocast_dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
     for start in range(0, len(files), batch_size):

@@ -30,9 +30,9 @@ from ddpm.fid.metric import (
     resolve_weights,
     save_statistics,
     statistics,
-    to_uint8,
 )
 from ddpm.hub import model_folder
+from ddpm.images import to_uint8
 from ddpm.inference import generate, load_for_sampling
 from ddpm.io import CONFIG_NAME
 from ddpm.run_dir import CHECKPOINTS, RUN_CONFIG
