@@ -99,12 +99,13 @@ def auto_batch_size(
 ) -> int:
     """The images per sampling batch of --batch-size auto: on CUDA the most that fit in MEMORY_SHARE of the
     free memory, at most `cap`, from the memory one forward pass of PROBE_BATCH images needs (under the
-    caller's autocast, so at the dtype sampling runs in); on the CPU AUTO_BATCH_CPU. Never more than n, and
-    balanced (`balanced_batch`) so that the last batch is nearly full. calls_per_image: 2 under
-    classifier-free guidance, whose calls are twice the batch."""
+    caller's autocast, so at the dtype sampling runs in), balanced (`balanced_batch`) so that the last batch,
+    padded to the others' shape when compiled, is nearly full; on the CPU AUTO_BATCH_CPU, as sample.py's
+    batch always was there (the stochastic samplers' noise depends on the batches). Never more than n.
+    calls_per_image: 2 under classifier-free guidance, whose calls are twice the batch."""
     device = torch.device(device)
     if device.type != "cuda":
-        return balanced_batch(n, AUTO_BATCH_CPU)
+        return min(n, AUTO_BATCH_CPU)
     probe = min(PROBE_BATCH, n) * calls_per_image
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32

@@ -75,8 +75,8 @@ def test_balanced_batches_leave_the_last_nearly_full(n, most, expected):
 
 def test_auto_batch_size_on_the_cpu():
     model = tiny_unet()
-    expected = balanced_batch(1000, compiled.AUTO_BATCH_CPU)
-    assert auto_batch_size(model, (1, 8, 8), 1000, device="cpu") == expected
+    # sample.py's batch on the CPU before auto: the same batches, so the same images from every sampler
+    assert auto_batch_size(model, (1, 8, 8), 1000, device="cpu") == compiled.AUTO_BATCH_CPU == 64
     assert auto_batch_size(model, (1, 8, 8), 5, device="cpu") == 5
 
 
