@@ -37,7 +37,8 @@ VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 
 
 class NoiseScheduler:
-    """A discrete-time variance-preserving noise schedule; pure tensor maths, no state beyond its config.
+    """A discrete-time variance-preserving noise schedule; pure tensor maths, no state beyond its config (and
+    the copies of its tables on the devices it was used on, which change no result: `_table`).
 
     The keyword arguments are exactly a config's `diffusion:` section; `config` records them.
     """

@@ -13,6 +13,7 @@ from ddpm import compiled
 from ddpm.compiled import FixedBatchNetwork, auto_batch_size, balanced_batch, enabled, sampling_compile_pays
 from ddpm.config import ConfigError, load_config
 from ddpm.inference import generate
+from ddpm.io import load_model_folder
 from ddpm.models.unet import UNet
 from ddpm.schedule import NoiseScheduler
 from ddpm.training import Trainer
@@ -163,3 +164,34 @@ def test_compile_mode_is_one_of_torch_compiles():
 def test_an_unknown_batch_size_word_is_refused():
     with pytest.raises(ValueError, match="--batch-size must be a positive integer or auto, got 'max'"):
         generate(tiny_unet(), NoiseScheduler(), 2, image_shape=(1, 8, 8), batch_size="max", steps=1)
+
+
+def test_a_channels_last_run_trains_saves_and_resumes(tmp_path):
+    # channels_last is on by default on a GPU: its non-contiguous weights must still save, load and resume.
+    overrides = [
+        "data.image_size=8",
+        "data.batch_size=16",
+        "model.image_size=8",
+        "model.base_channels=8",
+        "model.channel_mult=[1,2]",
+        "model.norm_groups=4",
+        "train.checkpoint_every=2",
+        "train.sample_every=2",
+        "sample.steps=2",
+        "sample.n=4",
+        "train.log_with=none",
+        "train.channels_last=true",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    trainer = Trainer(load_config(ROOT / "configs" / "digits.yaml", [*overrides, "train.steps=2"]))
+    assert trainer.channels_last and trainer.model.conv_in.weight.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    first = trainer.train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = Trainer(
+        load_config(ROOT / "configs" / "digits.yaml", [*overrides, "train.steps=4"]), resume="latest"
+    )
+    assert resumed.state.step == 2 and resumed.train().name == "step-0000004"
+    model, _, _ = load_model_folder(first / "ema")
+    torch.testing.assert_close(model.conv_in.weight, trainer.ema.module.conv_in.weight.contiguous())

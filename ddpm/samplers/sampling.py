@@ -308,8 +308,9 @@ def denoiser(
     labels [y, null_class]; uncond + s (cond - uncond) on the prediction channels; a learned variance is taken
     from the conditional pass, as GLIDE does), then `scheduler.split_output` (the first C channels and, for
     "learned_range", the next C) and `scheduler.predict_x0_and_eps`. x_t: (N, C, H, W); t: a 0-d timestep,
-    repeated over the batch. The model gets x_t in the dtype of its first parameter when that is floating
-    point, else in `dtype`. Labels are not checked here (`sample` checks them once).
+    repeated over the batch on x_t's device (no copy from the host: `_batch_of`). The model gets x_t in the
+    dtype of its first parameter when that is floating point, else in `dtype`. Labels are not checked here
+    (`sample` checks them once).
     """
     param = _first_parameter(model)
     model_dtype = param.dtype if param is not None and param.is_floating_point() else dtype
