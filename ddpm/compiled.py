@@ -112,10 +112,11 @@ def auto_batch_size(
     x = torch.zeros((probe, *image_shape), device=device, dtype=dtype)
     t = torch.zeros(probe, device=device, dtype=torch.long)
     y = torch.zeros(probe, device=device, dtype=torch.long) if getattr(model, "num_classes", None) else None
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
     with torch.no_grad():
+        model(x, t, y)  # first: cuDNN's algorithm search (with cudnn.benchmark) would inflate the peak
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
         model(x, t, y)
     per_call_image = max(torch.cuda.max_memory_allocated(device) - before, 1) / probe
     free, _ = torch.cuda.mem_get_info(device)
