@@ -1,7 +1,7 @@
-"""Running a network at the speed of its GPU: what `auto` means for train.compile and train.channels_last
-(`enabled`), torch.compile at static shapes (`compile_network`), and for sampling a network compiled at one
-fixed batch (`FixedBatchNetwork`), the largest batch that fits (`auto_batch_size`) and when compiling pays
-(`sampling_compile_pays`).
+"""Running a network at the speed of its GPU: what `auto` means for train.channels_last (`enabled`) and
+train.compile (`training_compile_pays`), torch.compile at static shapes (`compile_network`), and for
+sampling a network compiled at one fixed batch (`FixedBatchNetwork`), the largest batch that fits
+(`auto_batch_size`) and when compiling pays (`sampling_compile_pays`).
 
 Why: at 32x32 the DDPM CIFAR-10 network keeps a GPU waiting on kernel launches and memory traffic rather
 than on arithmetic (BENCHMARKS.md section 4). torch.compile fuses the elementwise work between the
@@ -23,6 +23,11 @@ AUTO = "auto"
 # kernels; the "max-autotune" modes also search kernel configurations (minutes more of compilation).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SAMPLING_COMPILE_MODE = "reduce-overhead"  # one graph launch per network call
+# Training compiles ("auto") on CUDA for runs of at least this many steps. The break-even is steps x (eager
+# step - compiled step) = compilation time: at section 4's CIFAR-10 speeds (0.063 s and 0.036 s a step at
+# batch 128) a minute of compilation pays after about 2,200 steps; this leaves a margin (an estimate:
+# bench/gpu.py measures the compilation time). The digits' 1,500-step default stays eager.
+COMPILE_MIN_STEPS = 5_000
 # Sampling compiles when the run makes at least this many image-network calls (images x calls per image).
 # The break-even is n calls (1 / r_eager - 1 / r_compiled) = t_compile; with t_compile about a minute
 # (section 4's compiled runs) it lies in the hundreds of thousands of image-calls at the eager rates of
@@ -128,6 +133,14 @@ def balanced_batch(n: int, most: int) -> int:
     """The batch size that splits n images into as few batches as batches of `most` need, all but the last
     full and the last as full as can be: ceil(n / ceil(n / most)). 50,000 at most 4096: 13 batches of 3847."""
     return math.ceil(n / math.ceil(n / most))
+
+
+def training_compile_pays(setting: bool | str, *, steps: int, device: torch.device | str) -> bool:
+    """Whether a training run of `steps` optimizer steps compiles its network (train.compile): true or false
+    as given; "auto" on CUDA for runs of at least COMPILE_MIN_STEPS steps, never on the CPU."""
+    if setting == AUTO:
+        return enabled(AUTO, device) and steps >= COMPILE_MIN_STEPS
+    return bool(setting)
 
 
 def sampling_compile_pays(setting: bool | str, *, n: int, calls: int, device: torch.device | str) -> bool:

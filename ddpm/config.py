@@ -96,8 +96,9 @@ class TrainConfig:
     # model.out_channels = 2 * model.in_channels and diffusion.variance_type = learned_range
     learn_sigma: bool = False
     timestep_sampling: str = "uniform"  # uniform | loss_second_moment (their importance sampling of t)
-    # Each true, false or auto (ddpm.compiled.enabled): auto is on with CUDA and off on the CPU, where
-    # compiling costs minutes and channels_last does not pay (BENCHMARKS.md sections 1 and 4).
+    # Each true, false or auto: auto is on with CUDA and off on the CPU, where compiling costs minutes and
+    # channels_last does not pay (BENCHMARKS.md sections 1 and 4); compile's auto also needs a run long enough
+    # to repay the compilation (ddpm.compiled.training_compile_pays).
     channels_last: bool | str = "auto"  # channels_last weights and batches (NHWC, tensor cores' layout)
     compile: bool | str = "auto"  # torch.compile the network, at static shapes (ddpm.compiled)
     compile_mode: str = "default"  # torch.compile's mode: default | reduce-overhead (CUDA graphs) | ...

@@ -55,6 +55,15 @@ def test_auto_is_on_with_cuda_and_off_on_the_cpu(setting, cpu, cuda):
     assert enabled(setting, "cpu") is cpu and enabled(setting, torch.device("cuda")) is cuda
 
 
+def test_training_compiles_only_where_it_can_pay():
+    steps = compiled.COMPILE_MIN_STEPS
+    assert compiled.training_compile_pays("auto", steps=steps, device="cuda")
+    assert not compiled.training_compile_pays("auto", steps=steps - 1, device="cuda")  # the digits' 1,500
+    assert not compiled.training_compile_pays("auto", steps=800_000, device="cpu")
+    assert compiled.training_compile_pays(True, steps=1, device="cpu")
+    assert not compiled.training_compile_pays(False, steps=800_000, device="cuda")
+
+
 def test_sampling_compiles_only_where_it_can_pay():
     big = compiled.COMPILE_MIN_IMAGE_CALLS
     assert sampling_compile_pays("auto", n=big, calls=1, device="cuda")

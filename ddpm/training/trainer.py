@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from ddpm.compiled import compile_network, enabled
+from ddpm.compiled import compile_network, enabled, training_compile_pays
 from ddpm.config import (
     Config,
     ConfigError,
@@ -94,7 +94,7 @@ class Trainer:
         if self.posthoc_ema is not None:
             self.posthoc_ema.to(accelerator.device)
         # Static shapes: the loader drops each epoch's last partial batch (`_loader`), so it compiles once.
-        compile_on = enabled(train.compile, accelerator.device)
+        compile_on = training_compile_pays(train.compile, steps=train.steps, device=accelerator.device)
         self.forward = compile_network(self.model, mode=train.compile_mode) if compile_on else self.model
         self.losses = RunningLoss(train.grad_accum, accelerator.device)
         images_per_step = config.data.batch_size * train.grad_accum * accelerator.num_processes
