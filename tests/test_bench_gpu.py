@@ -25,10 +25,10 @@ def test_the_gpu_benchmark_runs_every_part_and_writes_every_number(tmp_path):
         "peak",
         "eager",
         "compiled",
-        "sampling",
-        "trainer",
-        "syncfree",
         "batch",
+        "sampling",
+        "syncfree",
+        "trainer",
         "checkpointing",
         "peer_compiled",
     ]
