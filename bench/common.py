@@ -206,6 +206,15 @@ def training_flops(model: nn.Module, x: Tensor, t: Tensor, y: Tensor | None) -> 
     return counter.get_total_flops()
 
 
+@torch.no_grad()
+def forward_flops(model: nn.Module, x: Tensor, t: Tensor, y: Tensor | None) -> int:
+    """FLOPs of one call `model(x, t, y)` without gradients (a sampler's network call), counted as
+    `training_flops` counts them."""
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
+        model(x, t, y)
+    return counter.get_total_flops()
+
+
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, *, size: int, repeats: int = 5) -> float:
     """FLOP/s of the fastest of `repeats` (size x size) @ (size x size) products: the practical peak that
     model FLOP utilisation is measured against (same device, dtype and thread count)."""

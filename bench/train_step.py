@@ -1,8 +1,8 @@
 """Training-step throughput, peak memory and FLOP utilisation: our UNet against diffusers' UNet2DModel.
 
     python bench/train_step.py [--config configs/cifar10.yaml] [--device cpu|cuda] [--batch N]
-        [--repeats 20] [--warmup 2] [--channels-last] [--compile] [--bf16] [--fused-adam] [--no-memory]
-        [--json OUT]
+        [--repeats 20] [--warmup 2] [--channels-last] [--compile [--compile-mode MODE]] [--bf16]
+        [--fused-adam] [--no-memory] [--json OUT]
 
 Models: `UNet(**config.model)`, by default DDPM's CIFAR-10 network (35.7M parameters), and its diffusers twin
 `UNet2DModel(**common.diffusers_unet_kwargs(config.model))`, with the same layers (the parameter counts are
@@ -31,7 +31,8 @@ the measured matmul peak: the fastest of several 4096^2 products on the CPU, 819
 step's dtype (bfloat16 with --bf16, else float32), with the same thread count.
 
 Options for the GPU study (DDPM issue 5, item 4): --bf16 (autocast), --channels-last, --compile (both
-models, torch.compile defaults) and --fused-adam (AdamW(fused=True); the default is torch's foreach AdamW).
+models, torch.compile in --compile-mode, its "default" unless given) and --fused-adam (AdamW(fused=True); the
+default is torch's foreach AdamW). bench/gpu.py runs the whole GPU study in one command.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from common import MODELS
 from torch import nn
 
 from ddpm import load_config
+from ddpm.compiled import COMPILE_MODES
 
 MATMUL_SIZE = {"cpu": 4096, "cuda": 8192}
 
@@ -92,6 +94,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default: 2)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=COMPILE_MODES,
+        help="torch.compile's mode with --compile (default: default; reduce-overhead adds CUDA graphs)",
+    )
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for forward and backward")
     parser.add_argument("--fused-adam", action="store_true", help="AdamW(fused=True)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -112,7 +120,7 @@ def training_step(
     x, t, y, noise = (v.to(device) if v is not None else None for v in batch)
     x = x.contiguous(memory_format=memory_format)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.fused_adam or None)
-    forward = torch.compile(model) if args.compile else model
+    forward = torch.compile(model, mode=args.compile_mode) if args.compile else model
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import torch
 import yaml
 
+from ddpm.compiled import AUTO, COMPILE_MODES
 from ddpm.edm import FORMULATION, FORMULATIONS, EDMScheduler, schedule_class
 from ddpm.ema.power import DEFAULT_SIGMA_RELS, SIGMA_REL_MAX
 from ddpm.io import atomic_write
@@ -95,8 +96,12 @@ class TrainConfig:
     # model.out_channels = 2 * model.in_channels and diffusion.variance_type = learned_range
     learn_sigma: bool = False
     timestep_sampling: str = "uniform"  # uniform | loss_second_moment (their importance sampling of t)
-    channels_last: bool = False
-    compile: bool = False
+    # Each true, false or auto: auto is on with CUDA and off on the CPU, where compiling costs minutes and
+    # channels_last does not pay (BENCHMARKS.md sections 1 and 4); compile's auto also needs a run long enough
+    # to repay the compilation (ddpm.compiled.training_compile_pays).
+    channels_last: bool | str = "auto"  # channels_last weights and batches (NHWC, tensor cores' layout)
+    compile: bool | str = "auto"  # torch.compile the network, at static shapes (ddpm.compiled)
+    compile_mode: str = "default"  # torch.compile's mode: default | reduce-overhead (CUDA graphs) | ...
     checkpoint_every: int = 500  # optimizer steps
     keep_checkpoints: int = 3
     sample_every: int = 500  # optimizer steps; 0 disables in-training grids
@@ -402,6 +407,7 @@ _CHOICES: dict[str, tuple] = {
     "train.loss_weighting": LOSS_WEIGHTINGS,
     "train.timestep_sampling": TIMESTEP_SAMPLINGS,
     "train.lr_schedule": LR_SCHEDULES,
+    "train.compile_mode": COMPILE_MODES,
     "train.log_with": LOG_WITH,
 }
 
@@ -453,6 +459,7 @@ _TYPES: dict[Any, tuple[Callable[[Any], bool], str]] = {
     int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     float: (_is_number, "a number"),
     bool: (lambda v: isinstance(v, bool), "true or false"),
+    bool | str: (lambda v: isinstance(v, bool) or v == AUTO, f"true, false or {AUTO}"),
     str: (lambda v: isinstance(v, str), "a string"),
     str | None: (lambda v: v is None or isinstance(v, str), "a string or null"),
     int | None: (lambda v: v is None or isinstance(v, int) and not isinstance(v, bool), "an integer or null"),

@@ -8,6 +8,7 @@ does the diffusion maths.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,9 +24,17 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torchvision.utils import save_image
 
+from ddpm.compiled import (
+    AUTO,
+    SAMPLING_COMPILE_MODE,
+    FixedBatchNetwork,
+    auto_batch_size,
+    sampling_compile_pays,
+)
 from ddpm.config import SampleConfig, load_config
 from ddpm.data import read_images
 from ddpm.ema.posthoc import PROVENANCE
+from ddpm.images import PngWriter
 from ddpm.io import EMA, CheckpointError, atomic_write, one_line
 from ddpm.models.classic import ClassicUNet
 from ddpm.models.unet import UNet
@@ -44,6 +53,7 @@ from ddpm.schedule import NoiseScheduler
 from ddpm.source import ModelSource, load_openai_source, load_source, resolve_source
 
 _SAMPLER_NOISE = 1  # the SeedSequence purpose key of the samplers' noise streams
+GRID_WITH_IMAGES = 1024  # the images a grid shows when every image is also written alone (--save-images)
 
 
 class Loaded(NamedTuple):
@@ -151,9 +161,11 @@ def generate(
     class_label: int | None = None,
     guidance_scale: float = 1.0,
     seed: int = 0,
-    batch_size: int | None = None,
+    batch_size: int | str | None = None,
+    compiled: bool | str = AUTO,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    on_batch: Callable[[torch.Tensor, int], None] | None = None,
 ) -> torch.Tensor:
     """Draw `n` images of shape `image_shape` (C, H, W); returns (n, C, H, W) float32 on the CPU in [-1, 1].
 
@@ -165,11 +177,34 @@ def generate(
     change with the batch size). For a class-conditional model, images get `class_label` when given, else
     labels 0, 1, ... cycling over the classes; `guidance_scale` applies classifier-free guidance against the
     null label. `calls`, when given, replaces `steps` (see `ddpm.sample`); `options` are the solver's own.
+
+    batch_size: images sampled together; None: all n; "auto": `ddpm.compiled.auto_batch_size` (on CUDA the
+    most that fit, at most AUTO_BATCH_CAP, balanced so that the last batch is nearly full; 64 on the CPU).
+    compiled: whether the network runs compiled at that batch (`ddpm.compiled.FixedBatchNetwork`: one CUDA
+    graph launch per network call, the last batch padded to the same shape): true, false or "auto" (on CUDA
+    for runs of at least COMPILE_MIN_IMAGE_CALLS images x network calls, `sampling_compile_pays`). The
+    images do not depend on either. on_batch: called with each batch as soon as it is drawn, (B, C, H, W)
+    float32 on the CPU in [-1, 1], and the index of its first image (`PngWriter.write` writes them).
     """
-    batch_size = batch_size or n
     steps = None if calls is not None else steps
-    _check_options(n=n, batch_size=batch_size, seed=seed)
+    _check_options(n=n, seed=seed)
+    _check_batch_size(batch_size)
     _check_labels(model, class_label=class_label, guidance_scale=guidance_scale)
+    check_sample_options(
+        sampler=sampler,
+        steps=steps,
+        calls=calls,
+        eta=eta,
+        guidance_scale=guidance_scale,
+        options=options,
+        num_train_timesteps=scheduler.num_train_timesteps,
+    )
+    per_call = 1 if guidance_scale == 1.0 else 2  # guidance batches [x, x] into each network call
+    batch_size = _batch_size(batch_size, model, image_shape, n, device=device, calls_per_image=per_call)
+    network_calls = sampling_budget(sampler, steps=steps, calls=calls).calls
+    network = model
+    if sampling_compile_pays(compiled, n=n, calls=network_calls, device=device):
+        network = FixedBatchNetwork(model, batch_size * per_call, mode=SAMPLING_COMPILE_MODE)
     num_classes = getattr(model, "num_classes", None)
     batches = []
     for start in progress_bar(range(0, n, batch_size), desc="sample", show=progress and n > batch_size):
@@ -186,7 +221,7 @@ def generate(
             y = torch.tensor(labels, device=device)
         generator = _noise_generator(seed + start, device)
         images = sample(
-            model,
+            network,
             scheduler,
             noise=noise,
             sampler=sampler,
@@ -200,6 +235,8 @@ def generate(
             progress=progress and n <= batch_size,
         )
         batches.append(images.float().clamp(-1, 1).cpu())
+        if on_batch is not None:
+            on_batch(batches[-1], start)
     return torch.cat(batches)
 
 
@@ -217,15 +254,10 @@ def save_grid(images: torch.Tensor, path: str | Path, *, nrow: int | None = None
 
 
 def save_images_to(images: torch.Tensor, folder: str | Path, *, start: int = 0) -> list[Path]:
-    """Write each image in [-1, 1] as its own PNG, named 000000.png, 000001.png, ... (for FID tools)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for offset, image in enumerate(images):
-        path = folder / f"{start + offset:06d}.png"
-        save_image(image, path, normalize=True, value_range=(-1, 1), padding=0)
-        paths.append(path)
-    return paths
+    """Write each image in [-1, 1] as its own PNG, named 000000.png, 000001.png, ... (for FID tools), as
+    torchvision's save_image writes it, on several threads (`ddpm.images.PngWriter`)."""
+    with PngWriter(folder) as writer:
+        return writer.write(images, start=start)
 
 
 def grid_from_checkpoint(
@@ -240,7 +272,7 @@ def grid_from_checkpoint(
     eta: float | None = None,
     options: Mapping[str, Any] | None = None,
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int | str = AUTO,
     class_label: int | None = None,
     guidance_scale: float | None = None,
     save_images: bool = False,
@@ -264,12 +296,16 @@ def grid_from_checkpoint(
     sample-CHECKPOINT-WEIGHTS-SAMPLERSTEPS[-callsC][-NAMEVALUE...][-etaE][-classC][-guidanceG]-seedS-nN.png
     (callsC where the calls differ from the steps, NAMEVALUE for each solver option), a name that differs
     whenever the images would; `save_images` also writes one PNG per image in the folder of the grid's name
-    without .png. The device is CUDA when available (with bf16 or fp16 autocast), else the
-    CPU. Raises ValueError, naming the sample.py option, for a bad option and CheckpointError for weights
-    that are missing, damaged or do not fit their config: the options that need no model before it is
-    loaded, those that need it (the class label, guidance) before anything is sampled or said.
+    without .png, each as soon as its batch is drawn (on threads: `ddpm.images.PngWriter`), and then the grid
+    shows the first GRID_WITH_IMAGES images only (a grid of 50,000 takes longer to encode than to sample).
+    `batch_size`: images per batch, or "auto" (see `generate`, which also says when the network is
+    compiled). The device is CUDA when available (with bf16 or fp16 autocast), else the CPU. Raises
+    ValueError, naming the sample.py option, for a bad option and CheckpointError for weights that are
+    missing, damaged or do not fit their config: the options that need no model before it is loaded, those
+    that need it (the class label, guidance) before anything is sampled or said.
     """
-    _check_options(n=n, batch_size=batch_size, seed=seed)
+    _check_options(n=n, seed=seed)
+    _check_batch_size(batch_size)
     _check_settings_given(
         sampler=sampler, steps=steps, calls=calls, eta=eta, options=options, guidance_scale=guidance_scale
     )
@@ -320,8 +356,10 @@ def grid_from_checkpoint(
         say(f"{sampler}: {budget}")
     config = loaded.model.config
     shape = (config["in_channels"], config["image_size"], config["image_size"])
+    out = Path(out)
     autocast_dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-    with torch.autocast(device, dtype=autocast_dtype, enabled=device == "cuda"):
+    writer = PngWriter(out.with_suffix("")) if save_images else contextlib.nullcontext()
+    with writer, torch.autocast(device, dtype=autocast_dtype, enabled=device == "cuda"):
         images = generate(
             loaded.model,
             loaded.scheduler,
@@ -333,11 +371,9 @@ def grid_from_checkpoint(
             batch_size=batch_size,
             device=device,
             progress=True,
+            on_batch=writer.write if save_images else None,
         )
-    out = save_grid(images, out)
-    if save_images:
-        save_images_to(images, out.with_suffix(""))
-    return out
+    return save_grid(images[:GRID_WITH_IMAGES] if save_images else images, out)
 
 
 def _cli_error(error: SampleOptionError) -> ValueError:
@@ -354,6 +390,33 @@ def _cli_error(error: SampleOptionError) -> ValueError:
 def _name_value(value: Any) -> str:
     """A solver option's value as a file name part: numbers as %g (inf: "inf"), others as str."""
     return f"{value:g}" if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
+
+
+def _batch_size(
+    batch_size: int | str | None,
+    model: torch.nn.Module,
+    image_shape: Sequence[int],
+    n: int,
+    *,
+    device: torch.device | str,
+    calls_per_image: int,
+) -> int:
+    """`generate`'s batch: None is n, "auto" `auto_batch_size`, else the positive integer given (ValueError
+    naming --batch-size otherwise)."""
+    _check_batch_size(batch_size)
+    if batch_size is None:
+        return n
+    if batch_size == AUTO:
+        return auto_batch_size(model, image_shape, n, device=device, calls_per_image=calls_per_image)
+    return batch_size
+
+
+def _check_batch_size(batch_size: int | str | None) -> None:
+    """ValueError naming --batch-size unless it is None, "auto" or a positive integer."""
+    if isinstance(batch_size, str) and batch_size != AUTO:
+        raise ValueError(f"--batch-size must be a positive integer or {AUTO}, got {batch_size!r}")
+    if isinstance(batch_size, int):
+        _check_options(batch_size=batch_size)
 
 
 def _check_options(**options: int) -> None:
@@ -456,7 +519,7 @@ def edit_from_checkpoint(
     jump_length: int = 10,
     jump_n_sample: int = 10,
     seed: int = 0,
-    batch_size: int = 64,
+    batch_size: int | str = AUTO,
     class_label: int | None = None,
     guidance_scale: float | None = None,
     use_ema: bool = True,
@@ -498,7 +561,8 @@ def edit_from_checkpoint(
         )
     kind = "invert" if invert_images is not None else "img2img" if strength is not None else "inpaint"
     init_image = init_image if invert_images is None else invert_images
-    _check_options(seed=seed, batch_size=batch_size)
+    _check_options(seed=seed)
+    _check_batch_size(batch_size)
     _check_settings_given(
         sampler=sampler, steps=steps, calls=None, eta=eta, options=None, guidance_scale=guidance_scale
     )
@@ -556,6 +620,10 @@ def edit_from_checkpoint(
     out = Path(out)
     if say is not None:
         say(f"{kind}: {len(files)} images, {sampler} {steps} steps")
+    per_call = 1 if guidance_scale == 1.0 else 2
+    batch_size = _batch_size(
+        batch_size, model, (channels, size, size), len(files), device=device, calls_per_image=per_call
+    )
     results = []
     autocast_dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
     for start in range(0, len(files), batch_size):

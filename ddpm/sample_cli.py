@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 
 import yaml
 
+from ddpm.compiled import AUTO, AUTO_BATCH_CAP, AUTO_BATCH_CPU
 from ddpm.config import DEFAULT_CONFIG
 from ddpm.inference import edit_from_checkpoint, grid_from_checkpoint
 from ddpm.io import CheckpointError
@@ -76,7 +77,13 @@ def main(argv: list[str] | None = None) -> None:
         "when sampling with its sampler",
     )
     parser.add_argument("--seed", type=int, default=0, help="image i starts from noise seeded seed+i (>= 0)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=AUTO,
+        help="images per forward pass, or auto (default): on a GPU the most that fit (at most "
+        f"{AUTO_BATCH_CAP}), {AUTO_BATCH_CPU} on the CPU",
+    )
     parser.add_argument("--class-label", type=int, help="class of every image (default: cycle over classes)")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1 = none)")
     parser.add_argument("--save-images", action="store_true", help="also write one PNG per image")
@@ -166,6 +173,16 @@ def _edit(args: argparse.Namespace) -> Path:
         say=functools.partial(print, file=sys.stderr),
         openai_flags=args.openai_flags,
     )
+
+
+def _batch_size(text: str) -> int | str:
+    """--batch-size: "auto" or an integer (its range is checked with the other options)."""
+    if text == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or {AUTO}, got {text!r}") from None
 
 
 def _option(text: str) -> tuple[str, Any]:

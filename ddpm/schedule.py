@@ -38,7 +38,8 @@ VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 
 
 class NoiseScheduler:
-    """A discrete-time variance-preserving noise schedule; pure tensor maths, no state beyond its config.
+    """A discrete-time variance-preserving noise schedule; pure tensor maths, no state beyond its config (and
+    the copies of its tables on the devices it was used on, which change no result: `_table`).
 
     The keyword arguments are exactly a config's `diffusion:` section; `config` records them.
     """
@@ -391,11 +392,27 @@ class NoiseScheduler:
         sigma_min, sigma_max = self.log_sigmas[[0, -1]].exp().tolist()
         return sigma_grid(self.timestep_spacing, steps, sigma_min, sigma_max)
 
-    @staticmethod
-    def _table(values: Tensor, t: Tensor) -> Tensor:
-        """The (T,) schedule table on t's device, float64 (float32 on MPS, which has no float64)."""
+    def _table(self, values: Tensor, t: Tensor) -> Tensor:
+        """The (T,) schedule table `values` (one of this schedule's float64 CPU tables, which stay the truth)
+        on t's device, float64 (float32 on MPS, which has no float64).
+
+        Converted once per (table, device, dtype) and kept: a CPU table indexed by a CUDA t would otherwise
+        be copied to the device, a blocking host sync, at every training step and every sampler step.
+        The copies are not part of the schedule's state (`__getstate__`)."""
         dtype = torch.float32 if t.device.type == "mps" else torch.float64
-        return values.to(device=t.device, dtype=dtype)
+        if t.device.type == "cpu" and dtype == values.dtype:
+            return values
+        cache = self.__dict__.setdefault("_device_tables", {})
+        key = (id(values), t.device, dtype)
+        held = cache.get(key)
+        if held is None or held[0] is not values:  # `values` is kept alongside, so its id is not reused
+            held = cache[key] = (values, values.to(device=t.device, dtype=dtype))
+        return held[1]
+
+    def __getstate__(self) -> dict:
+        """The schedule without its device copies of the tables (`_table`): pickles and deep copies hold the
+        config's tables alone, on the CPU."""
+        return {k: v for k, v in self.__dict__.items() if k != "_device_tables"}
 
     def _gather(self, t: Tensor | int | float, x: Tensor) -> Tensor:
         """alpha_bar at t reshaped to broadcast over x: (N,) -> (N, 1, ..., 1), in x's dtype (at least

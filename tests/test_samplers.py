@@ -27,6 +27,7 @@ from ddpm.samplers import (
     SAMPLERS,
     SampleOptionError,
     check_sample_options,
+    denoiser,
     network_calls,
     posterior,
     sample,
@@ -964,3 +965,33 @@ def test_labels_up_to_the_null_label_are_accepted():
         model, NoiseScheduler(), SHAPE, y=torch.tensor([0, 10]), steps=2, guidance_scale=3.0, progress=False
     )
     assert model.calls == 2
+
+
+def test_the_denoiser_makes_the_timesteps_on_the_model_device_without_copying_them(monkeypatch):
+    # The solvers read their timesteps from a CPU grid; copying one to a GPU at every network call (and the
+    # schedule's table with it) would wait for the device each time. "meta" stands for the GPU here.
+    seen = []
+
+    def model(x, t, y):
+        seen.append(t)
+        return torch.zeros_like(x)
+
+    denoise = denoiser(model, NoiseScheduler(), dtype=torch.float32)
+    x = torch.zeros(3, 1, 4, 4, device="meta")
+    timesteps = (torch.tensor(999), torch.tensor(0.5, dtype=torch.float64))
+    for t in timesteps:  # the first calls convert the schedule's tables, once (test_schedule)
+        denoise(x, t)
+    copies, real_to = [], torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        moved = real_to(self, *args, **kwargs)
+        if moved.device != self.device:
+            copies.append(self)
+        return moved
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    for t in timesteps:
+        x0, eps = denoise(x, t)
+        assert x0.device.type == eps.device.type == "meta"
+        assert seen[-1].device.type == "meta" and seen[-1].shape == (3,) and seen[-1].dtype == t.dtype
+    assert copies == []

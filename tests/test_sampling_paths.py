@@ -10,6 +10,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from PIL import Image
 
 import ddpm
 import ddpm.inference
@@ -255,6 +256,15 @@ def test_a_grid_is_named_after_what_made_it_and_never_replaces_another(run):
         [*(g.name for g in grids), grids[1].stem]
     )
     assert len(list((run / "samples" / grids[1].stem).glob("*.png"))) == 3  # --save-images
+
+
+def test_with_every_image_saved_the_grid_shows_only_the_first(run, monkeypatch):
+    # 50,000 images in one grid take longer to encode than to sample; they are all in the folder anyway.
+    monkeypatch.setattr(ddpm.inference, "GRID_WITH_IMAGES", 2)
+    grid = grid_from_checkpoint(run, 3, default_config=ROOT / "configs" / "digits.yaml", save_images=True)
+    side = TINY["image_size"]
+    assert Image.open(grid).size == (2 * (side + 1) + 1, side + 2)  # two images and their padding
+    assert len(list(grid.with_suffix("").glob("*.png"))) == 3
 
 
 def test_grid_says_the_steps_and_network_calls_used_and_takes_the_runs_calls_and_options(run):

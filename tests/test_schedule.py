@@ -1,6 +1,8 @@
 """NoiseScheduler: closed forms, diffusers' schedulers as the reference, and errors at the boundary."""
 
+import copy
 import inspect
+import pickle
 
 import pytest
 import torch
@@ -396,3 +398,47 @@ def test_coefficients_follow_input_dtype_at_least_float32():
         x = torch.randn(2, 1, 2, 2).to(dtype)
         assert s.add_noise(x, x, t).dtype == expected
     assert s.snr(t).dtype == torch.float64
+
+
+def _count_copies(monkeypatch, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Patch Tensor.to to record every call made on one of `tensors`; returns the record."""
+    made, real_to = [], torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if any(self is tensor for tensor in tensors):
+            made.append(self)
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    return made
+
+
+def test_each_table_is_converted_once_per_device_not_at_every_call(monkeypatch):
+    # On a GPU each conversion of a CPU table is a copy from the host that waits for the device: made at every
+    # training and sampler step, it stalls both. "meta" stands for any device other than the CPU here.
+    scheduler = NoiseScheduler(variance_type="fixed_large")
+    tables = [scheduler.alphas_cumprod, scheduler.log_sigmas, scheduler.betas]
+    tables.append(scheduler.log_posterior_variance_clipped)
+    made = _count_copies(monkeypatch, tables)
+    t = torch.tensor([0, 5, 999], device="meta")
+    x = torch.zeros(3, 1, 4, 4, device="meta")
+    for _ in range(3):
+        assert scheduler.add_noise(x, x, t).device.type == "meta"
+        assert scheduler.alpha_bar(t.double() + 0.5).device.type == "meta"  # continuous t: log sigmas
+        scheduler.model_log_variance(t)  # betas and the posterior variance
+        scheduler.loss_weight(t, weighting="min_snr")
+    assert sorted(map(id, made)) == sorted(map(id, tables))  # one conversion each, at the first call
+    made.clear()
+    scheduler.alpha_bar(torch.tensor([3]))  # on the CPU: the float64 table itself, no conversion
+    assert made == []
+
+
+def test_the_device_copies_of_the_tables_are_not_part_of_the_schedule():
+    scheduler = NoiseScheduler(beta_schedule="cosine")
+    fresh = NoiseScheduler(beta_schedule="cosine")
+    scheduler.alpha_bar(torch.tensor([1, 2], device="meta"))
+    for clone in (pickle.loads(pickle.dumps(scheduler)), copy.deepcopy(scheduler)):
+        assert sorted(vars(clone)) == sorted(vars(fresh))  # the config's tables, nothing device-bound
+        t = torch.tensor([1, 2])
+        torch.testing.assert_close(clone.alpha_bar(t), fresh.alpha_bar(t))
+    assert repr(scheduler) == repr(fresh) and scheduler.config == fresh.config

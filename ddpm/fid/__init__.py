@@ -58,7 +58,6 @@ from ddpm.fid.metric import (
     resolve_weights,
     save_statistics,
     statistics,
-    to_uint8,
 )
 from ddpm.fid.sources import (
     SOURCES,
@@ -68,6 +67,7 @@ from ddpm.fid.sources import (
     reference_statistics,
     source_statistics,
 )
+from ddpm.images import to_uint8
 
 __all__ = [
     "FEATURE_DIM",

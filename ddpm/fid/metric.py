@@ -192,13 +192,6 @@ def inception_features(
     return np.concatenate(features) if features else np.zeros((0, FEATURE_DIM))
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1] -> uint8, shape kept: the values `save_image(x, normalize=True,
-    value_range=(-1, 1))` writes to a PNG, floor((clamp(x, -1, 1) + 1) / 2 * 255 + 0.5), in the same float32
-    operations."""
-    return images.float().clamp(-1, 1).add(1).div(2).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
-
-
 def default_weights() -> Path:
     """Where torch-fidelity keeps the Inception weights it downloads, torch.hub's checkpoints folder
     ($TORCH_HOME/hub/checkpoints, by default ~/.cache/torch/hub/checkpoints), so that either finds the other's

@@ -30,9 +30,9 @@ from ddpm.fid.metric import (
     resolve_weights,
     save_statistics,
     statistics,
-    to_uint8,
 )
 from ddpm.hub import local_path
+from ddpm.images import to_uint8
 from ddpm.inference import generate, load_for_sampling
 from ddpm.schedule import NoiseScheduler
 from ddpm.source import model_source

@@ -308,14 +308,15 @@ def denoiser(
     labels [y, null_class]; uncond + s (cond - uncond) on the prediction channels; a learned variance is taken
     from the conditional pass, as GLIDE does), then `scheduler.split_output` (the first C channels and, for
     "learned_range", the next C) and `scheduler.predict_x0_and_eps`. x_t: (N, C, H, W); t: a 0-d timestep,
-    repeated over the batch. The model gets x_t in the dtype of its first parameter when that is floating
-    point, else in `dtype`. Labels are not checked here (`sample` checks them once).
+    repeated over the batch on x_t's device (no copy from the host: `_batch_of`). The model gets x_t in the
+    dtype of its first parameter when that is floating point, else in `dtype`. Labels are not checked here
+    (`sample` checks them once).
     """
     param = _first_parameter(model)
     model_dtype = param.dtype if param is not None and param.is_floating_point() else dtype
 
     def denoise(x_t: Tensor, t: Tensor) -> Denoised:
-        t_batch = t.to(x_t.device).repeat(x_t.shape[0])  # (N,) long, or float64 (continuous timesteps)
+        t_batch = _batch_of(t, x_t)  # (N,) long, or float64 (continuous timesteps), on x_t's device
         channels = x_t.shape[1]
         if guidance_scale == 1.0:
             out, v = scheduler.split_output(model(x_t.to(model_dtype), t_batch, y), channels)
@@ -331,6 +332,17 @@ def denoiser(
         return Denoised(x0, eps, v.to(x_t.dtype) if v is not None else None)
 
     return denoise
+
+
+def _batch_of(t: Tensor, x: Tensor) -> Tensor:
+    """The 0-d timestep t repeated over x's batch, (N,) in t's dtype on x's device. A timestep on the CPU (the
+    solvers' grid) is written there by a fill from its host value: no copy from the host, which would wait
+    for the device at every network call."""
+    if t.device == x.device:
+        return t.repeat(x.shape[0])
+    if t.device.type != "cpu":
+        return t.to(x.device).repeat(x.shape[0])
+    return torch.full((x.shape[0],), t.item(), dtype=t.dtype, device=x.device)
 
 
 def _initial_noise(model, shape, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:

@@ -255,9 +255,14 @@ def gaussian_noise(
     shape, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None
 ) -> Tensor:
     """Standard normal noise of `shape` on `device`, drawn on the generator's device (so that results do not
-    depend on the device the sampling runs on)."""
-    draw_device = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype).to(device)
+    depend on the device the sampling runs on). Noise drawn on the CPU for a CUDA device is drawn into pinned
+    memory and copied without waiting (a plain copy from the host would wait for the device at every step)."""
+    draw_device = generator.device if generator is not None else torch.device(device)
+    to_cuda = draw_device.type == "cpu" and torch.device(device).type == "cuda"
+    noise = torch.randn(
+        tuple(shape), generator=generator, device=draw_device, dtype=dtype, pin_memory=to_cuda
+    )
+    return noise.to(device, non_blocking=to_cuda)
 
 
 def alpha_bars(scheduler: NoiseScheduler, timesteps: Tensor) -> list[float]:

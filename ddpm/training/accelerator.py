@@ -29,7 +29,10 @@ def build_accelerator(train: TrainConfig, run_dir: Path) -> Accelerator:
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=train.grad_accum, sync_with_dataloader=False
         ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train.seed),
+        # Batches come from pinned memory on a GPU (the loader's pin_memory): copied without waiting for it.
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=train.seed, non_blocking=torch.cuda.is_available()
+        ),
         log_with=tracker_names(train) or None,
         project_dir=str(run_dir),
         # A process whose peer crashed or hangs stops with an error instead of waiting forever.

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
+from ddpm.compiled import compile_network, enabled, training_compile_pays
 from ddpm.config import (
     Config,
     ConfigError,
@@ -75,7 +76,8 @@ class Trainer:
         self.scheduler = build_schedule(config.diffusion)
         model = build_model(config.model)
         _check_compatible(model, self.dataset, config)
-        if train.channels_last:
+        self.channels_last = enabled(train.channels_last, accelerator.device)
+        if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.null_class = model.null_class
         self.conditional = model.num_classes is not None
@@ -91,7 +93,9 @@ class Trainer:
         self.ema.module.to(accelerator.device)
         if self.posthoc_ema is not None:
             self.posthoc_ema.to(accelerator.device)
-        self.forward = torch.compile(self.model) if train.compile else self.model
+        # Static shapes: the loader drops each epoch's last partial batch (`_loader`), so it compiles once.
+        compile_on = training_compile_pays(train.compile, steps=train.steps, device=accelerator.device)
+        self.forward = compile_network(self.model, mode=train.compile_mode) if compile_on else self.model
         self.losses = RunningLoss(train.grad_accum, accelerator.device)
         images_per_step = config.data.batch_size * train.grad_accum * accelerator.num_processes
         self.log = RunLog(accelerator, self.run_dir, images_per_step=images_per_step)
@@ -132,21 +136,9 @@ class Trainer:
         try:
             with self.log.open(self.config, step=self.state.step), self.signals:
                 for x0, labels in self._batches():
-                    applied = self._train_micro_step(x0, labels)
-                    if not accelerator.sync_gradients:
-                        continue  # more micro-batches to accumulate
-                    self._end_sampler_step(applied)
-                    if not applied:
-                        self.state.skipped_steps += 1
-                        self.losses.drop_step()
-                        continue
-                    self.state.step += 1
+                    if not self._step(x0, labels):
+                        continue  # more micro-batches to accumulate, or a skipped step
                     step = self.state.step
-                    self.ema.update(accelerator.unwrap_model(self.model))
-                    self.state.ema_updates = self.ema.updates
-                    if self.posthoc_ema is not None:
-                        self._update_posthoc_ema(step)
-                    self.losses.end_step(step)
                     done = step >= train.steps or self.signals.stop_requested(step)
                     if step % train.log_every == 0 or done or step % train.checkpoint_every == 0:
                         raise_if_nonfinite(
@@ -181,6 +173,26 @@ class Trainer:
                 f"checkpoint {last_saved}; continue with --resume"
             )
         return last_saved
+
+    def _step(self, x0: torch.Tensor, labels: torch.Tensor) -> bool:
+        """Train on one micro-batch; True when that finished an optimizer step, which then has updated the
+        EMAs and counted its loss. What runs at every step, and reads nothing back from the device: the
+        logging, checks and checkpoints of `train` that do come every log_every steps or more."""
+        applied = self._train_micro_step(x0, labels)
+        if not self.accelerator.sync_gradients:
+            return False
+        self._end_sampler_step(applied)
+        if not applied:
+            self.state.skipped_steps += 1
+            self.losses.drop_step()
+            return False
+        self.state.step += 1
+        self.ema.update(self.accelerator.unwrap_model(self.model))
+        self.state.ema_updates = self.ema.updates
+        if self.posthoc_ema is not None:
+            self._update_posthoc_ema(self.state.step)
+        self.losses.end_step(self.state.step)
+        return True
 
     def _train_micro_step(self, x0: torch.Tensor, labels: torch.Tensor) -> bool:
         """Forward and backward of one micro-batch and, on the last micro-batch of a step, the optimizer step.
@@ -225,7 +237,7 @@ class Trainer:
         order: eps ~ N(0, I), t ~ U{0, ..., T-1} (or the importance sampler's p_t, its losses then weighted by
         1 / (T p_t) and gathered from every process for `_end_sampler_step`), the label dropout."""
         train = self.config.train
-        if train.channels_last:
+        if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         noise = torch.randn_like(x0)
         if self.timestep_sampler is not None:
