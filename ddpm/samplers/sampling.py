@@ -308,14 +308,16 @@ def denoiser(
     labels [y, null_class]; uncond + s (cond - uncond) on the prediction channels; a learned variance is taken
     from the conditional pass, as GLIDE does), then `scheduler.split_output` (the first C channels and, for
     "learned_range", the next C) and `scheduler.predict_x0_and_eps`. x_t: (N, C, H, W); t: a 0-d timestep,
-    repeated over the batch. The model gets x_t in the dtype of its first parameter when that is floating
-    point, else in `dtype`. Labels are not checked here (`sample` checks them once).
+    repeated over the batch, or (N,), one per row (the likelihood's rows of many timesteps: `ddpm.vlb`). The
+    model gets x_t in the dtype of its first parameter when that is floating point, else in `dtype`. Labels
+    are not checked here (`sample` checks them once).
     """
     param = _first_parameter(model)
     model_dtype = param.dtype if param is not None and param.is_floating_point() else dtype
 
     def denoise(x_t: Tensor, t: Tensor) -> Denoised:
-        t_batch = t.to(x_t.device).repeat(x_t.shape[0])  # (N,) long, or float64 (continuous timesteps)
+        # (N,) long, or float64 (continuous timesteps): a 0-d t repeated, or one per row as given
+        t_batch = t.to(x_t.device).reshape(-1).expand(x_t.shape[0]).contiguous()
         channels = x_t.shape[1]
         if guidance_scale == 1.0:
             out, v = scheduler.split_output(model(x_t.to(model_dtype), t_batch, y), channels)
