@@ -106,7 +106,7 @@ def held_out_digits(config_path: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def all_digits(config_path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    dataset = ddpm.build_dataset(load_config(config_path).data)
+    dataset = ddpm.build_dataset(load_config(config_path, ["data.split=all"]).data)
     return dataset.images, dataset.labels
 
 

@@ -16,8 +16,9 @@ Each run's EMA weights are scored:
   bench/quality.py's Scorer and bench/kernel_distance.py) of --n-samples images against the real digits, image
   i from noise seeded 1,000,000 s + i with label i mod 10, no guidance; with its real-vs-real floor. Only the
   ancestral sampler ("ddpm") uses the learned variance; the others take the prediction channels alone.
-- likelihood: `ddpm.nll.image_nll`, the whole variational bound in bits/dim on the first --nll-n digits (8-bit
-  quantised), with its standard error over images.
+- likelihood: `ddpm.nll.image_nll`, the whole variational bound in bits/dim on the first --nll-n held-out
+  digits (data.split=test: 176, which training never sees; 8-bit quantised), with its standard error over
+  images.
 Reported per seed, and per run as mean +- std over seeds, in OUT.json and OUT.md (written after every run).
 Training runs where Accelerate puts it (the GPU when there is one); sampling and the NLL on --device.
 """
@@ -45,7 +46,7 @@ RUNS = {
     "default": [],
     "learned": ["model.out_channels=2", "diffusion.variance_type=learned_range", "train.learn_sigma=true"],
 }
-# --quick: a check of the whole path in minutes on a CPU; T = 100 so that the NLL's T network calls are few
+# --quick: a check of the whole path in minutes on a CPU; T = 100 so that the NLL's n T rows are few
 QUICK = {"steps": 2, "seeds": [0], "n_samples": 8, "samplers": [("unipc", 2), ("ddpm", 3)], "nll_n": 2}
 QUICK_OVERRIDES = ["diffusion.num_train_timesteps=100"]
 
@@ -78,7 +79,7 @@ def main() -> None:
                     seed=SAMPLING_SEED_STRIDE * seed,
                 )
                 result[f"kid_conv/{sampler}:{steps}"] = scores["kid_conv"]
-            dataset = build_dataset(dataclasses.replace(config.data, hflip=False))
+            dataset = build_dataset(dataclasses.replace(config.data, hflip=False, split="test"))
             nll = image_nll(
                 loaded.model,
                 loaded.scheduler,
@@ -121,9 +122,17 @@ def parse_args() -> argparse.Namespace:
         help="SAMPLER:STEPS,... each scored (default: unipc:20,ddpm:50,ddpm:1000)",
     )
     parser.add_argument(
-        "--nll-n", type=int, default=1000, help="digits the NLL is measured on (default: 1000)"
+        "--nll-n",
+        type=int,
+        default=1000,
+        help="held-out digits the NLL is measured on (default: 1000, or all)",
     )
-    parser.add_argument("--nll-batch", type=int, default=250, help="images per NLL batch (default: 250)")
+    parser.add_argument(
+        "--nll-batch",
+        type=int,
+        default=250,
+        help="NLL rows (image, timestep) per network call (default: 250)",
+    )
     parser.add_argument("--device", default=common.default_device(), help="sampling and NLL device")
     parser.add_argument(
         "--out",
@@ -182,7 +191,7 @@ def write_report(args: argparse.Namespace, scorer: Scorer, results: list[dict]) 
     text = (
         f"# Learned variance + hybrid loss against the default recipe\n\n"
         f"{Path(args.config).name} {' '.join(args.override)}, {args.steps} steps, seeds {args.seeds}, "
-        f"{args.n_samples} samples per sampler, NLL on {args.nll_n} digits (8-bit); "
+        f"{args.n_samples} samples per sampler, NLL on the first {args.nll_n} held-out digits (8-bit); "
         f"{common.describe(env)}\n\nKID floor (real vs real, {args.floor_splits} splits): mean "
         f"{floor['mean']:.2g}, std {floor['std']:.2g}, 95th percentile of |value| {floor['abs_p95']:.2g}\n\n"
         "Per seed (NLL: mean +- standard error over images):\n\n"

@@ -428,7 +428,8 @@ class Scorer:
     all the real images; `floor` holds each distance between two disjoint halves of the real images."""
 
     def __init__(self, config: Config, *, splits: int = 100, size: int | None = None) -> None:
-        data = dataclasses.replace(config.data, hflip=False)
+        # every real digit, the held-out ones too (data.split=all), whatever split the runs train on
+        data = dataclasses.replace(config.data, hflip=False, split="all")
         dataset = build_dataset(data)
         self.images, self.labels = next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(dataset))))
         self.classifier, self.accuracy = digit_classifier.train_classifier(self.images, self.labels)

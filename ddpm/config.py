@@ -53,6 +53,17 @@ BUNDLED_CONFIGS = _bundled_configs()
 DEFAULT_CONFIG = BUNDLED_CONFIGS / "digits.yaml"
 # The values of data.dataset: ddpm.data keys its builders by these names.
 DATASETS = ("digits", "folder", "cifar10", "mnist", "fashion_mnist", "celeba")
+# The values of data.split each data set can give (ddpm.data): "train" its training images, "test" its
+# held-out ones (torchvision's test split; for the digits a fixed tenth that training never sees), "all" both
+# (the digits only: the reference of the benchmarks' kernel distances). A folder is its own training set.
+SPLITS = {
+    "digits": ("train", "test", "all"),
+    "folder": ("train",),
+    "cifar10": ("train", "test"),
+    "mnist": ("train", "test"),
+    "fashion_mnist": ("train", "test"),
+    "celeba": ("train", "test"),
+}
 T = TypeVar("T")
 
 
@@ -67,6 +78,7 @@ class DataConfig:
     image_size: int = 16  # square side in pixels after resize (+ centre crop for folders/celeba)
     channels: int = 1  # 1 or 3: images converted to L or RGB
     labels: bool = True  # return class labels (folder: from sub-folder names); False -> label -1
+    split: str = "train"  # train | test | all: which images (SPLITS says which each data set has)
     hflip: bool = False  # random horizontal flip
     download: bool = False  # torchvision datasets only
     batch_size: int = 64  # per process
@@ -402,6 +414,7 @@ TOP_LEVEL_KEYS = ("model", "diffusion", "data", "train", "sample", "output_dir")
 _CHOICES: dict[str, tuple] = {
     "data.dataset": DATASETS,
     "data.channels": (1, 3),
+    "data.split": ("train", "test", "all"),
     "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "train.nan_policy": ("stop", "skip"),
     "train.loss_weighting": LOSS_WEIGHTINGS,
@@ -520,8 +533,22 @@ def _build(raw: Mapping[str, Any], where: Callable[[str], str]) -> Config:
             f"data.root is required for data.dataset '{data.dataset}' (in {where('data.dataset')}): "
             "the folder of images or the torchvision root, e.g. data.root=data/cifar10"
         )
+    problems += [problem] if (problem := split_problem(data)) else []
     raise_problems(problems)
     return config
+
+
+def split_problem(data: DataConfig) -> str | None:
+    """What is wrong with data.split for data.dataset (a split that data set does not have), with the fix;
+    None when nothing is. Checked when a config is read and again by `ddpm.data.build_dataset`."""
+    valid = SPLITS.get(data.dataset, ())
+    if not valid or data.split in valid:
+        return None
+    why = " (a folder is one set of images: point data.root at a folder of held-out images to score those)"
+    return (
+        f"data.split={data.split} but data.dataset '{data.dataset}' has no such split; valid there: "
+        f"{', '.join(valid)}{why if data.dataset == 'folder' else ''}"
+    )
 
 
 def _lr_problems(train: TrainConfig) -> list[str]:

@@ -1,10 +1,13 @@
 """Datasets: each yields `(image, label)`, image a float tensor (C, S, S) in [-1, 1], label a 0-d long tensor
 (-1 when labels are off or the data set has none).
 
-- digits: the 1,797 8x8 handwritten digits that scikit-learn ships (values 0..16), resized once, one tensor.
-- folder: any folder of images, searched recursively; labels from the first-level sub-folder names.
+- digits: the 1,797 8x8 handwritten digits that scikit-learn ships (values 0..16), resized once, one tensor;
+  split "train" is 1,621 of them, "test" the other 176 (every tenth of each digit: `digits_split`), "all"
+  both.
+- folder: any folder of images, searched recursively; labels from the first-level sub-folder names. It has
+  only the split "train" (all of it).
 - cifar10, mnist, fashion_mnist, celeba: torchvision's classes, read from data.root (downloaded there when
-  data.download is true).
+  data.download is true); split "train" or "test" (torchvision's train=False, CelebA's "test").
 """
 
 import os
@@ -20,12 +23,14 @@ from torch.utils.data import Dataset, Subset, get_worker_info
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from ddpm.config import DATASETS, DataConfig
+from ddpm.config import DATASETS, DataConfig, split_problem
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 # The most DataLoader workers that data.num_workers "auto" starts per process (the number the shipped configs
 # asked for before "auto").
 AUTO_WORKERS = 4
+# The digits' held-out split takes each digit's every HELD_OUT_EVERY-th image (`digits_split`).
+HELD_OUT_EVERY = 10
 
 
 class DataError(ValueError):
@@ -33,10 +38,27 @@ class DataError(ValueError):
 
 
 def build_dataset(data: DataConfig) -> Dataset:
-    """The training set described by `data` (data.dataset: one of ddpm.config.DATASETS)."""
+    """The images described by `data`: data.dataset (one of ddpm.config.DATASETS), its split data.split
+    (train, test or all, as ddpm.config.SPLITS allows for that data set)."""
     if data.dataset not in BUILDERS:
         raise DataError(f"unknown dataset '{data.dataset}'; valid: {', '.join(DATASETS)}")
+    if problem := split_problem(data):
+        raise DataError(problem)
     return BUILDERS[data.dataset](data)
+
+
+def digits_split(labels: Tensor, split: str) -> Tensor:
+    """The indices (ascending) of the digits of `split`, from their labels (N,) in scikit-learn's order:
+    "test" holds every HELD_OUT_EVERY-th image of each digit (its 10th, 20th, ...: 176 of the 1,797, each
+    digit in proportion), "train" the others, "all" every one. Chosen by position rather than by a random
+    draw, so that no change of a random stream can move an image from one side to the other."""
+    rank = torch.empty_like(labels)  # each image's position among the images of its digit
+    for digit in labels.unique():
+        where = (labels == digit).nonzero().squeeze(1)
+        rank[where] = torch.arange(len(where))
+    held_out = rank % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+    keep = {"train": ~held_out, "test": held_out, "all": torch.ones_like(held_out)}[split]
+    return keep.nonzero().squeeze(1)
 
 
 def num_classes_of(dataset: Dataset) -> int | None:
@@ -178,11 +200,12 @@ def _digits(data: DataConfig) -> TensorImageDataset:
     from sklearn.datasets import load_digits  # imported here: scikit-learn takes a second to import
 
     digits = load_digits()
-    images = torch.from_numpy(digits.images).float().div(16.0).unsqueeze(1)  # (1797, 1, 8, 8) in [0, 1]
+    keep = digits_split(torch.from_numpy(digits.target).long(), data.split)
+    images = torch.from_numpy(digits.images).float().div(16.0).unsqueeze(1)[keep]  # (N, 1, 8, 8) in [0, 1]
     size = [data.image_size, data.image_size]
     images = v2.functional.resize(images, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
     images = images.clamp(0.0, 1.0).mul(2.0).sub(1.0).expand(-1, data.channels, -1, -1).contiguous()
-    labels = torch.from_numpy(digits.target).long() if data.labels else torch.full((len(images),), -1)
+    labels = torch.from_numpy(digits.target).long()[keep] if data.labels else torch.full((len(images),), -1)
     return TensorImageDataset(images, labels, num_classes=10 if data.labels else None, hflip=data.hflip)
 
 
@@ -196,21 +219,21 @@ def _cifar10(data: DataConfig) -> TorchvisionDataset:
     from torchvision.datasets import CIFAR10
 
     expected = "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta)"
-    return _torchvision(CIFAR10, data, expected, labels=data.labels, train=True)
+    return _torchvision(CIFAR10, data, expected, labels=data.labels, train=data.split == "train")
 
 
 def _mnist(data: DataConfig) -> TorchvisionDataset:
     from torchvision.datasets import MNIST
 
     expected = "MNIST/raw/ (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, ...)"
-    return _torchvision(MNIST, data, expected, labels=data.labels, train=True)
+    return _torchvision(MNIST, data, expected, labels=data.labels, train=data.split == "train")
 
 
 def _fashion_mnist(data: DataConfig) -> TorchvisionDataset:
     from torchvision.datasets import FashionMNIST
 
     expected = "FashionMNIST/raw/ (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-..., ...)"
-    return _torchvision(FashionMNIST, data, expected, labels=data.labels, train=True)
+    return _torchvision(FashionMNIST, data, expected, labels=data.labels, train=data.split == "train")
 
 
 def _celeba(data: DataConfig) -> TorchvisionDataset:
@@ -219,14 +242,14 @@ def _celeba(data: DataConfig) -> TorchvisionDataset:
     from torchvision.datasets import CelebA
 
     expected = "celeba/img_align_celeba/ and celeba/list_eval_partition.txt, list_attr_celeba.txt, ..."
-    return _torchvision(CelebA, data, expected, labels=False, crop=178, split="train", target_type=[])
+    return _torchvision(CelebA, data, expected, labels=False, crop=178, split=data.split, target_type=[])
 
 
 def _torchvision(
     cls: type, data: DataConfig, expected: str, *, labels: bool, crop: int | None = None, **split
 ) -> TorchvisionDataset:
     """Open torchvision's `cls` under data.root with our transform; `split` holds the arguments of `cls` that
-    select its training split, `expected` the files it needs (for the error when they are missing)."""
+    select data.split, `expected` the files it needs (for the error when they are missing)."""
     root = _root(data)
     transform = _image_transform(data.image_size, data.channels, data.hflip, crop=crop)
     try:

@@ -1,14 +1,18 @@
-"""`python -m ddpm.nll RUN_OR_CHECKPOINT [--data CONFIG] [--n N] [--batch B]`: the negative log-likelihood of
-a model on a data set in bits per dimension, as improved-diffusion's image_nll reports it.
+"""`python -m ddpm.nll RUN_OR_CHECKPOINT [--data CONFIG] [--split train|test] [--n N] [--batch B]`: the
+negative log-likelihood of a model on a data set in bits per dimension, as improved-diffusion's image_nll
+reports it.
 
 For each image, the whole variational bound (`ddpm.vlb.variational_bound`): the prior term at T, the KL
 terms of every timestep and the discretised Gaussian decoder's NLL at t = 0 (Ho et al. 2020, Eq. 5 and
-Sec. 3.3), one network call per timestep (T calls per batch), with the model's variance (fixed or learned:
-its noise_scheduler.json). Printed: the mean over N images and its standard error over images. Images are
-the data set's first N in order, quantised to 8 bits as PNGs would hold them (the decoder's 256 levels); a
-class-conditional model is scored on each image's label (-log p(x | y)), or on the null label where the data
-has none. The EMA weights, unless --raw. Data: the run's `data:` section (its config.yaml), or that of the
-config file --data names.
+Sec. 3.3), with the model's variance (fixed or learned: its noise_scheduler.json). That is T network
+evaluations per image: the N x T rows (image, timestep) go B to a network call, many timesteps in one call,
+ceil(N T / B) calls, announced on stderr before the start and counted by the progress bar. Printed: the mean
+over N images and its standard error over images. Images are the split's first N in order, quantised to 8
+bits as PNGs would hold them (the decoder's 256 levels); a class-conditional model is scored on each image's
+label (-log p(x | y)), or on the null label where the data has none. The EMA weights, unless --raw. Data: the
+run's `data:` section (its config.yaml), or that of the config file --data names, with the split --split
+names: by default "test" where the data set has one (published bits/dim are test-set numbers: torchvision's
+test sets, CelebA's test split, the digits' held-out 176), else "train" (a folder is one set of images).
 
 This module loads models (`ddpm.inference`): it sits above it, and nothing in ddpm imports it.
 """
@@ -16,23 +20,30 @@ This module loads models (`ddpm.inference`): it sits above it, and nothing in dd
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import yaml
 from torch import Tensor
 
-from ddpm.config import ConfigError, DataConfig, load_config
+from ddpm.config import SPLITS, ConfigError, DataConfig, load_config
 from ddpm.data import DataError, build_dataset
 from ddpm.inference import load_for_sampling
 from ddpm.io import CheckpointError
 from ddpm.progress import progress_bar
 from ddpm.run_dir import RUN_CONFIG
-from ddpm.samplers import denoiser
+from ddpm.samplers import Denoised, denoiser
 from ddpm.schedule import NoiseScheduler
-from ddpm.vlb import variational_bound
+from ddpm.vlb import RowDenoiser, bound_calls, variational_bound
+
+# The images `image_nll` loads at a time (about; `_groups`): the noise it draws is T per image, for the few
+# images of one network call, so a group costs only its images' memory.
+GROUP_IMAGES = 1024
 
 
 class Likelihood(NamedTuple):
@@ -59,25 +70,31 @@ def image_nll(
     dataset: torch.utils.data.Dataset,
     *,
     n: int,
-    batch_size: int = 64,
+    batch_size: int = 256,
     seed: int = 0,
     progress: bool = True,
 ) -> Likelihood:
     """The variational bound of `model` on the first `n` images of `dataset` ((image (C, H, W) in [-1, 1],
-    label) pairs, quantised here), `batch_size` at a time, on the model's device in float32; the noise of
-    each batch's T draws x_t ~ q(x_t | x0) comes from a CPU generator seeded `seed` (results do not depend
-    on the device, but do on the batch size). Labels: a class-conditional model gets each image's label, or
-    its null label for an image without one (-1)."""
+    label) pairs, quantised here), on the model's device in float32, `batch_size` rows (image, timestep) per
+    network call: ceil(n T / batch_size) calls in all (`ddpm.vlb.bound_calls`), each many timesteps of one
+    image or more (`ddpm.vlb.variational_bound`). Image i's noise, for its T draws x_t ~ q(x_t | x0), is the
+    (i+1)-th (T, C, H, W) draw of a CPU generator seeded `seed`: results depend neither on the device nor on
+    the batch size, and an image's bound not on n. Labels: a class-conditional model gets each image's label,
+    or its null label for an image without one (-1). The progress bar counts network calls."""
     if not 1 <= n <= len(dataset):
         raise ValueError(f"n must be in 1..{len(dataset)} (the images of the data set), got {n}")
     if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        raise ValueError(f"batch size must be >= 1 (rows per network call), got {batch_size}")
+    T = scheduler.num_train_timesteps
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     conditional = getattr(model, "num_classes", None) is not None
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size)
+    groups = _groups(n, T, batch_size)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=groups[0])
     bounds, terms, priors = [], [], []
-    with progress_bar(total=n, unit="image", show=progress, desc="bits/dim") as bar:
+    with progress_bar(
+        total=bound_calls(n, T, batch_size), unit="call", show=progress, desc="bits/dim"
+    ) as bar:
         for images, labels in loader:
             x0 = quantize(images.float()).to(device)
             if conditional and int(labels.max()) >= model.num_classes:
@@ -86,12 +103,18 @@ def image_nll(
                     f"{model.num_classes}: score it on its own data set (--data with the run's config)"
                 )
             y = torch.where(labels < 0, model.null_class, labels).to(device) if conditional else None
-            bound = variational_bound(denoiser(model, scheduler, y=y), scheduler, x0, generator=generator)
+            bound = variational_bound(
+                _row_denoiser(model, scheduler, y),
+                scheduler,
+                x0,
+                generator=generator,
+                batch_size=batch_size,
+                callback=lambda rows: bar.update(1),
+            )
             bounds.append(bound.total.double().cpu())
             terms.append(bound.terms.double().sum(dim=0).cpu())
             priors.append(bound.prior.double().sum().item())
-            bar.update(len(x0))
-            bar.set_postfix(mean=f"{torch.cat(bounds).mean().item():.4f}")
+            bar.set_postfix(images=sum(map(len, bounds)), mean=f"{torch.cat(bounds).mean().item():.4f}")
     per_image = torch.cat(bounds)
     stderr = per_image.std().item() / n**0.5 if n > 1 else float("nan")
     return Likelihood(
@@ -100,8 +123,8 @@ def image_nll(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse the command line, print `bits/dim: MEAN +- STDERR (...)` on stdout; bad input exits with one
-    line `error: ...` and status 1."""
+    """Parse the command line, print the cost on stderr, then `bits/dim: MEAN +- STDERR (...)` on stdout; bad
+    input exits with one line `error: ...` and status 1."""
     parser = argparse.ArgumentParser(
         prog="python -m ddpm.nll", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -109,8 +132,18 @@ def main(argv: list[str] | None = None) -> None:
         "checkpoint", help="a run directory (its latest checkpoint), a checkpoint or a model folder"
     )
     parser.add_argument("--data", help="a config file whose data: section to score on (default: the run's)")
-    parser.add_argument("--n", type=int, help="images scored, the data set's first (default: 1000, or all)")
-    parser.add_argument("--batch", type=int, default=64, help="images per batch (default: %(default)s)")
+    parser.add_argument(
+        "--split",
+        choices=("train", "test"),
+        help="the data set's split (default: test where the data set has one, else train)",
+    )
+    parser.add_argument("--n", type=int, help="images scored, the split's first (default: 1000, or all)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=256,
+        help="rows (image, timestep) per network call (default: %(default)s)",
+    )
     parser.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA ones")
     parser.add_argument("--device", help="e.g. cuda, cpu (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise draws (default: %(default)s)")
@@ -122,17 +155,31 @@ def main(argv: list[str] | None = None) -> None:
     try:
         loaded = load_for_sampling(args.checkpoint, use_ema=not args.raw, device=device)
         data = _data_section(args.data, loaded.run_dir)
-        dataset = build_dataset(DataConfig(**{**vars(data), "hflip": False}))
+        split = args.split or ("test" if "test" in SPLITS.get(data.dataset, ()) else "train")
+        dataset = build_dataset(dataclasses.replace(data, hflip=False, split=split))
+        if args.data is None and split == "test" and _training_split(loaded.run_dir) == "all":
+            print(
+                "warning: this run trained on its test images too (data.split=all, or a digits run from "
+                "before data.split, which trained on all 1,797): the bound is not a held-out one",
+                file=sys.stderr,
+            )
         n = args.n if args.n is not None else min(1000, len(dataset))
+        T = loaded.scheduler.num_train_timesteps
+        if args.batch >= 1 and 1 <= n <= len(dataset):  # else image_nll says what is wrong
+            calls = bound_calls(n, T, args.batch)
+            print(
+                f"{n:,} image{'s' * (n > 1)} x T = {T} timesteps = {n * T:,} rows: {calls:,} network "
+                f"call{'s' * (calls > 1)} of up to {args.batch} rows on {device}",
+                file=sys.stderr,
+            )
         result = image_nll(
             loaded.model, loaded.scheduler, dataset, n=n, batch_size=args.batch, seed=args.seed
         )
     except (CheckpointError, ConfigError, DataError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")
-    T = loaded.scheduler.num_train_timesteps
     print(
         f"bits/dim: {result.bits_per_dim:.4f} +- {result.stderr:.4f} (standard error over {result.n} images "
-        f"of {data.dataset}; variational bound over T = {T} terms, {loaded.weights} weights, "
+        f"of {data.dataset}, {split} split; variational bound over T = {T} terms, {loaded.weights} weights, "
         f"variance {loaded.scheduler.variance_type}; decoder term {result.terms[0].item():.4f}, prior "
         f"{result.prior:.2e})"
     )
@@ -146,8 +193,28 @@ def main(argv: list[str] | None = None) -> None:
             "checkpoint": str(loaded.folder),
             "weights": loaded.weights,
             "dataset": data.dataset,
+            "split": split,
         }
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _groups(n: int, T: int, batch_size: int) -> list[int]:
+    """The sizes of the groups of images `image_nll` loads at a time: about GROUP_IMAGES, a multiple of
+    batch_size / gcd(batch_size, T) so that a group's rows fill whole calls (all calls but the last are full,
+    ceil(n T / batch_size) in all)."""
+    unit = batch_size // math.gcd(batch_size, T)
+    size = unit * max(1, GROUP_IMAGES // unit)
+    return [min(size, n - start) for start in range(0, n, size)]
+
+
+def _row_denoiser(model: torch.nn.Module, scheduler: NoiseScheduler, y: Tensor | None) -> RowDenoiser:
+    """The model's `RowDenoiser` for images labelled y (N,) (None: unconditional): each row gets its image's
+    label."""
+
+    def denoise(x_t: Tensor, t: Tensor, image: Tensor) -> Denoised:
+        return denoiser(model, scheduler, y=None if y is None else y[image])(x_t, t)
+
+    return denoise
 
 
 def _data_section(config: str | None, run: Path | None) -> DataConfig:
@@ -159,6 +226,13 @@ def _data_section(config: str | None, run: Path | None) -> DataConfig:
             "this model folder belongs to no run, so its data set is unknown: pass --data CONFIG"
         )
     return load_config(run / RUN_CONFIG).data
+
+
+def _training_split(run: Path) -> str:
+    """The data.split the run trained on, as its config.yaml says; a config written before that key existed
+    trained the digits on all their images ("all"), any other data set on its training split."""
+    data = (yaml.safe_load((run / RUN_CONFIG).read_text()) or {}).get("data") or {}
+    return data.get("split", "all" if data.get("dataset", "digits") == "digits" else "train")
 
 
 if __name__ == "__main__":

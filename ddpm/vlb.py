@@ -16,13 +16,13 @@ Each term is averaged over the dimensions and divided by log 2, as improved-diff
 """
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ddpm.progress import progress_bar
-from ddpm.samplers.solvers import Denoiser, gaussian_noise, posterior
+from ddpm.samplers.solvers import Denoised, gaussian_noise, posterior
 from ddpm.schedule import NoiseScheduler
 
 LOG2 = math.log(2.0)
@@ -125,32 +125,70 @@ def vlb_term_bpd(
     return torch.where(t == 0, decoder_nll, kl)
 
 
+# denoise(x_t, t, image) of the bound's rows: x_t (R, C, H, W), t (R,) long timesteps, image (R,) long, the
+# image of x0 each row noises (to pick its label); returns `Denoised` (x0, eps, variance values) for each row.
+RowDenoiser = Callable[[Tensor, Tensor, Tensor], Denoised]
+
+
 @torch.no_grad()
 def variational_bound(
-    denoise: Denoiser,
+    denoise: RowDenoiser,
     scheduler: NoiseScheduler,
     x0: Tensor,
     *,
     generator: torch.Generator | None = None,
+    batch_size: int | None = None,
     bins: int = 256,
-    progress: bool = False,
+    callback: Callable[[int], None] | None = None,
 ) -> Bound:
     """The whole bound on -log p(x0) (Ho et al. 2020, Eq. 5) of each image, in bits/dim, as
-    improved-diffusion's calc_bpd_loop: for every t = T-1 .. 0 one draw x_t ~ q(x_t | x0) (fresh noise per t,
-    from `generator`), the model's prediction there, and `vlb_term_bpd`; plus `prior_bpd`. T network calls.
+    improved-diffusion's calc_bpd_loop: for every image and every t one draw x_t ~ q(x_t | x0), the model's
+    prediction there, and `vlb_term_bpd`; plus `prior_bpd`.
 
-    denoise: `ddpm.samplers.denoiser(model, scheduler, y=labels)` (x0 clipped as when sampling, by the
-    scheduler's clip_sample); x0: (N, C, H, W) on the grid of `bins` levels in [-1, 1].
+    The N x T pairs (image, t) are rows, in the order image 0 at t = T-1 .. 0, then image 1, ..., and each
+    network call takes the next `batch_size` of them (default T: one image per call), many timesteps in one
+    batch: `bound_calls(N, T, batch_size)` calls. Each image's noise is one (T, C, H, W) draw from
+    `generator`, made in image order, so an image's bound depends on the generator's state and on the images
+    before it, never on batch_size.
+
+    denoise: `RowDenoiser` (e.g. `ddpm.samplers.denoiser(model, scheduler, y=labels[image])(x_t, t)`, x0
+    clipped as when sampling, by the scheduler's clip_sample); x0: (N, C, H, W) on the grid of `bins` levels
+    in [-1, 1]; callback: called after each network call with its number of rows.
     """
     T = scheduler.num_train_timesteps
-    terms = x0.new_zeros(x0.shape[0], T, dtype=torch.promote_types(x0.dtype, torch.float32))
-    for step in progress_bar(range(T - 1, -1, -1), show=progress, leave=False):
-        t = torch.full((x0.shape[0],), step, dtype=torch.long, device=x0.device)
-        x_t = scheduler.add_noise(x0, gaussian_noise(x0.shape, x0.dtype, x0.device, generator), t)
-        denoised = denoise(x_t, t[0])
-        terms[:, step] = vlb_term_bpd(scheduler, x0, x_t, t, denoised.x0, denoised.variance_values, bins=bins)
+    n = x0.shape[0]
+    batch_size = batch_size or T
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1 (rows per network call), got {batch_size}")
+    terms = x0.new_zeros(n, T, dtype=torch.promote_types(x0.dtype, torch.float32))
+    noise: dict[int, Tensor] = {}  # image -> its (T, C, H, W) noise, row k of it at t = T-1-k
+    for start in range(0, n * T, batch_size):
+        end = min(start + batch_size, n * T)
+        images = range(start // T, (end - 1) // T + 1)  # the images this call's rows belong to
+        for i in list(noise):
+            if i < images[0]:
+                del noise[i]
+        for i in images:
+            if i not in noise:
+                noise[i] = gaussian_noise((T, *x0.shape[1:]), x0.dtype, x0.device, generator)
+        eps = torch.cat([noise[i][max(start - i * T, 0) : min(end - i * T, T)] for i in images])
+        row = torch.arange(start, end, device=x0.device)
+        image, t = row // T, T - 1 - row % T
+        x0_rows = x0[image]  # (R, C, H, W)
+        x_t = scheduler.add_noise(x0_rows, eps, t)
+        denoised = denoise(x_t, t, image)
+        terms[image, t] = vlb_term_bpd(
+            scheduler, x0_rows, x_t, t, denoised.x0, denoised.variance_values, bins=bins
+        ).to(terms.dtype)
+        if callback is not None:
+            callback(end - start)
     prior = prior_bpd(scheduler, x0).to(terms.dtype)
     return Bound(prior + terms.sum(dim=1), prior, terms)
+
+
+def bound_calls(n: int, T: int, batch_size: int) -> int:
+    """The network calls `variational_bound` makes for n images of T timesteps, batch_size rows a call."""
+    return -(-n * T // batch_size)
 
 
 def _mean_bits(nats: Tensor) -> Tensor:

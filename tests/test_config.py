@@ -13,6 +13,7 @@ import yaml
 
 from ddpm.config import (
     DATASETS,
+    SPLITS,
     Config,
     ConfigError,
     DataConfig,
@@ -389,6 +390,26 @@ def test_the_data_sets_are_the_ones_config_accepts():
         match=r"^unknown dataset 'cifar100'; valid: digits, folder, cifar10, mnist, fashion_mnist, celeba$",
     ):
         build_dataset(DataConfig(dataset="cifar100"))
+
+
+def test_a_split_the_data_set_lacks_is_refused_when_the_config_is_read():
+    assert (
+        load_config(None).data.split == "train"
+        and load_config(None, ["data.split=test"]).data.split == "test"
+    )
+    with pytest.raises(ConfigError, match=r"'data\.split'.*expected one of train, test, all"):
+        load_config(None, ["data.split=valid"])
+    folder = ["data.dataset=folder", "data.root=images", "data.split=test"]
+    with pytest.raises(
+        ConfigError,
+        match=r"^data\.split=test but data\.dataset 'folder' has no such split; valid there: train \(",
+    ):
+        load_config(None, folder)
+    with pytest.raises(
+        ConfigError, match=r"data\.split=all but data\.dataset 'mnist'.*valid there: train, test$"
+    ):
+        load_config(None, ["data.dataset=mnist", "data.root=m", "data.split=all"])
+    assert tuple(SPLITS) == DATASETS
 
 
 def test_unet_defaults_count_for_an_absent_model_key():

@@ -1,3 +1,4 @@
+import hashlib
 import os
 import pickle
 import struct
@@ -13,7 +14,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from ddpm.config import DataConfig
-from ddpm.data import DataError, build_dataset, num_classes_of
+from ddpm.data import DataError, build_dataset, digits_split, num_classes_of
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -27,7 +28,7 @@ def digits():
 
 
 def test_digits(digits):
-    assert len(digits) == 1797 and num_classes_of(digits) == 10
+    assert len(digits) == 1621 and num_classes_of(digits) == 10  # the training split
     image, label = digits[0]
     assert image.shape == (1, 16, 16) and image.dtype == torch.float32
     assert label.dtype == torch.long and label.ndim == 0
@@ -36,10 +37,44 @@ def test_digits(digits):
 
 
 def test_digits_at_their_own_size_are_the_original_pixels():
-    dataset = build_dataset(DataConfig(image_size=8))
+    dataset = build_dataset(DataConfig(image_size=8, split="all"))
     reference = torch.from_numpy(load_digits().images).float()
     torch.testing.assert_close((dataset.images[:, 0] + 1) / 2 * 16, reference)
     assert dataset.labels.tolist() == load_digits().target.tolist()
+
+
+def test_the_held_out_digits_are_a_fixed_tenth_of_each_digit_that_training_never_sees():
+    """split test: every tenth image of each digit (176), pinned by its indices; train: the other 1,621 (the
+    default); all: the 1,797 in scikit-learn's order. Each split's images and labels are those indices'."""
+    splits = {
+        split: build_dataset(DataConfig(image_size=8, split=split)) for split in ("train", "test", "all")
+    }
+    assert build_dataset(DataConfig(image_size=8)).images.shape == splits["train"].images.shape
+    target = torch.from_numpy(load_digits().target).long()
+    test, train = digits_split(target, "test"), digits_split(target, "train")
+    assert (len(test), len(train)) == (176, 1621) and len(splits["all"]) == 1797
+    assert not set(test.tolist()) & set(train.tolist())
+    assert sorted(test.tolist() + train.tolist()) == list(range(1797))
+    assert test[:6].tolist() == [78, 84, 88, 89, 90, 94] and test[-1].item() == 1795
+    assert hashlib.sha256(str(test.tolist()).encode()).hexdigest()[:16] == "4186eca7cb5f1b21"
+    counts = torch.bincount(target[test], minlength=10)
+    assert counts.tolist() == (torch.bincount(target, minlength=10) // 10).tolist()  # each digit's tenth
+    for split, indices in [("train", train), ("test", test)]:
+        torch.testing.assert_close(splits[split].images, splits["all"].images[indices])
+        assert torch.equal(splits[split].labels, target[indices])
+    unlabelled = build_dataset(DataConfig(image_size=8, split="test", labels=False))
+    torch.testing.assert_close(unlabelled.images, splits["test"].images)  # split by digit, labels or not
+
+
+def test_a_split_the_data_set_lacks_is_refused():
+    with pytest.raises(
+        DataError, match=r"^data\.split=test but data\.dataset 'folder' has no such split; valid"
+    ):
+        build_dataset(DataConfig(dataset="folder", root="anywhere", split="test"))
+    with pytest.raises(
+        DataError, match=r"data\.split=all but data\.dataset 'cifar10' .* valid there: train, test"
+    ):
+        build_dataset(DataConfig(dataset="cifar10", root="anywhere", split="all"))
 
 
 def test_digits_other_size_channels_and_no_labels():
@@ -219,6 +254,22 @@ def test_cifar10(tmp_path, skip_md5):
     assert image.shape == (1, 16, 16) and label.item() == -1 and num_classes_of(small) is None
 
 
+def test_cifar10_test_split_reads_the_test_batch(tmp_path, skip_md5):
+    write_cifar10(tmp_path)
+    dataset = build_dataset(
+        DataConfig(dataset="cifar10", root=str(tmp_path), image_size=32, channels=3, split="test")
+    )
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "rb") as f:
+        test = pickle.load(f)
+    assert len(dataset) == 2
+    for i in range(2):
+        image, label = dataset[i]
+        torch.testing.assert_close(
+            to_unit(image), torch.from_numpy(test["data"][i]).float().reshape(3, 32, 32)
+        )
+        assert label.item() == test["labels"][i]
+
+
 def test_cifar10_md5_is_checked(tmp_path):
     write_cifar10(tmp_path)
     with pytest.raises(DataError, match=r"CIFAR10 not found \(or corrupted\) under data\.root"):
@@ -237,15 +288,20 @@ def test_mnist_and_fashion_mnist(tmp_path, name, folder):
     raw = tmp_path / folder / "raw"
     raw.mkdir(parents=True)
     images = np.random.default_rng(0).integers(0, 256, (3, 28, 28))
-    for prefix in ("train", "t10k"):
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.array([7, 0, 9]))
+    held_out = np.random.default_rng(1).integers(0, 256, (2, 28, 28))
+    write_idx(raw / "train-images-idx3-ubyte", images)
+    write_idx(raw / "train-labels-idx1-ubyte", np.array([7, 0, 9]))
+    write_idx(raw / "t10k-images-idx3-ubyte", held_out)
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.array([3, 4]))
     dataset = build_dataset(DataConfig(dataset=name, root=str(tmp_path), image_size=28, channels=3))
     assert len(dataset) == 3 and num_classes_of(dataset) == 10
     image, label = dataset[2]
     assert label.item() == 9
     torch.testing.assert_close(to_unit(image), torch.from_numpy(images[2]).float().expand(3, 28, 28))
     assert build_dataset(DataConfig(dataset=name, root=str(tmp_path)))[0][0].shape == (1, 16, 16)
+    test = build_dataset(DataConfig(dataset=name, root=str(tmp_path), image_size=28, split="test"))
+    assert len(test) == 2 and test[1][1].item() == 4  # the t10k files
+    torch.testing.assert_close(to_unit(test[1][0][0]), torch.from_numpy(held_out[1]).float())
 
 
 @pytest.mark.parametrize(
@@ -262,3 +318,21 @@ def test_torchvision_missing_data(tmp_path, name, expected):
     with pytest.raises(DataError, match=rf"under data\.root '{root}': expected {root}/{expected}") as e:
         build_dataset(DataConfig(dataset=name, root=str(root)))
     assert "data.download=true" in str(e.value)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_celeba_reads_the_split_asked_for(monkeypatch, split):
+    """CelebA's files are large: here torchvision's class is replaced by one that records its arguments."""
+    import torchvision.datasets
+
+    seen = {}
+
+    class CelebA(torch.utils.data.Dataset):
+        classes = []
+
+        def __init__(self, root, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr(torchvision.datasets, "CelebA", CelebA)
+    build_dataset(DataConfig(dataset="celeba", root="faces", split=split))
+    assert seen["split"] == split and seen["target_type"] == []

@@ -24,6 +24,7 @@ from threadpoolctl import threadpool_limits
 
 from ddpm import fid
 from ddpm.config import Config, DataConfig, SampleConfig, load_config, save_config
+from ddpm.data import build_dataset
 from ddpm.fid import metric, sources
 from ddpm.fid.__main__ import main as fid_main
 from ddpm.inference import generate, save_images_to
@@ -470,6 +471,14 @@ def test_a_config_file_gives_the_statistics_of_its_whole_data_set_unflipped(tmp_
     with pytest.warns(UserWarning, match="other data or weights"):
         fid.reference_statistics(replace(data, image_size=4), cache=cache, **options)
     assert json.loads(str(np.load(cache)["key"]))["image_size"] == 4
+    # Another split of the same data set is other data: the digits' held-out part after their training part.
+    folder = build_dataset(data)
+    with mock.patch("ddpm.fid.sources.build_dataset", return_value=folder) as built:
+        digits_cache = cache.with_name("digits.npz")
+        fid.reference_statistics(DataConfig(image_size=8), cache=digits_cache, **options)
+        with pytest.warns(UserWarning, match="other data or weights"):
+            fid.reference_statistics(DataConfig(image_size=8, split="test"), cache=digits_cache, **options)
+    assert [call.args[0].split for call in built.call_args_list] == ["train", "test"]
 
 
 def tiny_run(run: Path) -> tuple[UNet, NoiseScheduler, SampleConfig]:

@@ -182,7 +182,13 @@ def test_the_bound_is_above_the_exact_nll_and_reaches_it_with_the_exact_model():
                 variance_type=variance_type,
             )
             denoise = denoiser(data.model(scheduler), scheduler, dtype=torch.float64)
-            bound = variational_bound(denoise, scheduler, x0, generator=torch.Generator().manual_seed(1))
+            bound = variational_bound(
+                lambda x_t, t, image, denoise=denoise: denoise(x_t, t),
+                scheduler,
+                x0,
+                generator=torch.Generator().manual_seed(1),
+                batch_size=4000,
+            )
             torch.testing.assert_close(bound.total, bound.prior + bound.terms.sum(dim=1))
             gap = bound.total - nll
             mean, stderr = gap.mean().item(), gap.std().item() / len(gap) ** 0.5
@@ -193,3 +199,59 @@ def test_the_bound_is_above_the_exact_nll_and_reaches_it_with_the_exact_model():
     for i in range(3):
         assert gaps["learned_range"][i] < min(gaps["fixed_small"][i], gaps["fixed_large"][i]), gaps
     assert gaps["fixed_large"][0] > gaps["fixed_large"][1] > gaps["fixed_large"][2], gaps
+
+
+def per_timestep_bound(model, scheduler, x0, y, seed):
+    """The bound written as a loop, one network call per image and timestep: image i's noise is the (i+1)-th
+    (T, C, H, W) draw of a generator seeded `seed`, its row k at t = T-1-k (variational_bound's contract)."""
+    T, generator = scheduler.num_train_timesteps, torch.Generator().manual_seed(seed)
+    terms = torch.zeros(len(x0), T)
+    for i in range(len(x0)):
+        noise = torch.randn((T, *x0.shape[1:]), generator=generator)
+        denoise = denoiser(model, scheduler, y=y[i : i + 1])
+        for k, step in enumerate(range(T - 1, -1, -1)):
+            t = torch.tensor([step])
+            x_t = scheduler.add_noise(x0[i : i + 1], noise[k : k + 1], t)
+            out = denoise(x_t, t[0])
+            terms[i, step] = vlb_term_bpd(scheduler, x0[i : i + 1], x_t, t, out.x0, out.variance_values)[0]
+    return prior_bpd(scheduler, x0) + terms.sum(dim=1), terms
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 12, 36])
+def test_the_batched_bound_is_the_per_timestep_loop_whatever_the_batch(batch_size):
+    """Rows of many timesteps (and several images) in one network call give each image's terms as one call
+    per (image, t) does, with the same noise whatever batch_size: ceil(N T / batch_size) calls, none of
+    more than batch_size rows, each row with its own image's label."""
+    from test_sampling_paths import TINY
+
+    from ddpm.models import UNet
+    from ddpm.vlb import bound_calls
+
+    torch.manual_seed(0)
+    model = UNet(**{**TINY, "out_channels": 2}).eval()
+    scheduler = NoiseScheduler(
+        num_train_timesteps=12,
+        beta_schedule="cosine",
+        prediction_type="v_prediction",
+        variance_type="learned_range",
+        clip_sample=True,
+    )
+    x0 = torch.round(torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 255) / 127.5 - 1
+    y = torch.tensor([2, 0, 1])
+    expected_total, expected_terms = per_timestep_bound(model, scheduler, x0, y, seed=7)
+    calls, rows = [], []
+
+    def denoise(x_t, t, image):
+        calls.append(len(x_t))
+        rows.append(torch.stack([image, t], dim=1))
+        return denoiser(model, scheduler, y=y[image])(x_t, t)
+
+    bound = variational_bound(
+        denoise, scheduler, x0, generator=torch.Generator().manual_seed(7), batch_size=batch_size
+    )
+    torch.testing.assert_close(bound.terms, expected_terms, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bound.total, expected_total, rtol=1e-5, atol=1e-6)
+    assert len(calls) == bound_calls(3, 12, batch_size) == -(-36 // batch_size)
+    assert max(calls) <= batch_size and sum(calls) == 36
+    row = torch.arange(36)  # image 0 at t = 11 .. 0, then image 1, image 2
+    assert torch.equal(torch.cat(rows), torch.stack([row // 12, 11 - row % 12], dim=1))

@@ -135,7 +135,7 @@ def reference_statistics(
     """Inception statistics of every image of the data set `data` describes (random flips off).
 
     With `cache`, the statistics are read from that .npz file when it holds those of the same data set
-    (dataset, root, image_size, channels) and weights file, else computed and written there. With
+    (dataset, split, root, image_size, channels) and weights file, else computed and written there. With
     `accelerator` (every process must call this), they are computed only if some process lacks a valid
     cache, each process embedding its batches (batch i on process i mod num_processes), gathered to the main
     process, which writes the cache and returns the statistics (the others return None).
@@ -145,6 +145,7 @@ def reference_statistics(
     key = json.dumps(
         {
             "dataset": data.dataset,
+            "split": data.split,  # older caches (of the digits: all of them) name none: recomputed once
             "root": str(Path(data.root).expanduser().resolve()) if data.root else None,
             "image_size": data.image_size,
             "channels": data.channels,

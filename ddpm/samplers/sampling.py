@@ -308,9 +308,9 @@ def denoiser(
     labels [y, null_class]; uncond + s (cond - uncond) on the prediction channels; a learned variance is taken
     from the conditional pass, as GLIDE does), then `scheduler.split_output` (the first C channels and, for
     "learned_range", the next C) and `scheduler.predict_x0_and_eps`. x_t: (N, C, H, W); t: a 0-d timestep,
-    repeated over the batch on x_t's device (no copy from the host: `_batch_of`). The model gets x_t in the
-    dtype of its first parameter when that is floating point, else in `dtype`. Labels are not checked here
-    (`sample` checks them once).
+    repeated over the batch on x_t's device (no copy from the host: `_batch_of`), or (N,), one per row (the
+    likelihood's rows of many timesteps: `ddpm.vlb`). The model gets x_t in the dtype of its first parameter
+    when that is floating point, else in `dtype`. Labels are not checked here (`sample` checks them once).
     """
     param = _first_parameter(model)
     model_dtype = param.dtype if param is not None and param.is_floating_point() else dtype
@@ -335,9 +335,11 @@ def denoiser(
 
 
 def _batch_of(t: Tensor, x: Tensor) -> Tensor:
-    """The 0-d timestep t repeated over x's batch, (N,) in t's dtype on x's device. A timestep on the CPU (the
-    solvers' grid) is written there by a fill from its host value: no copy from the host, which would wait
-    for the device at every network call."""
+    """The 0-d timestep t repeated over x's batch, (N,) in t's dtype on x's device, or an (N,) t, one per
+    row, moved there. A 0-d timestep on the CPU (the solvers' grid) is written there by a fill from its host
+    value: no copy from the host, which would wait for the device at every network call."""
+    if t.ndim == 1:
+        return t.to(x.device)
     if t.device == x.device:
         return t.repeat(x.shape[0])
     if t.device.type != "cpu":

@@ -49,7 +49,8 @@ class Denoised(tuple):
         return self[1]
 
 
-Denoiser = Callable[[Tensor, Tensor], Denoised]  # (x_t (N, ...), t 0-d) -> (x0, eps) and the variance values
+# (x_t (N, ...), t 0-d, or (N,) one per row) -> (x0, eps) and the variance values
+Denoiser = Callable[[Tensor, Tensor], Denoised]
 
 
 def ddpm_ancestral(
