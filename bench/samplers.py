@@ -98,7 +98,7 @@ BUDGETS = (5, 8, 10, 15, 20, 50)
 SCHEDULES = ("linear", "cosine")
 NOISE_SEED = 1_000  # + the seed: the stochastic samplers' noise
 PLOTTED_FAMILIES = 6  # per library and schedule
-SCREEN_FLOOR_DRAWS = 10  # its spread at one draw is half its mean, with a long tail: their mean is drawn
+SCREEN_FLOOR_DRAWS = 10  # of the screen's floor: one draw spreads by half its mean, with a long tail
 DPM = DPMSolverMultistepScheduler
 # family: (scheduler class, the settings that make it that sampler)
 DIFFUSERS_SCHEDULERS = {
@@ -160,7 +160,7 @@ DIFFUSERS_SIGMA_SPACINGS = {
     "karras": {"use_karras_sigmas": True},
     "exponential": {"use_exponential_sigmas": True},
     "beta": {"use_beta_sigmas": True},  # Beta(0.6, 0.6) quantiles between the ends (Lee et al. 2024)
-    "lu": {"use_lu_lambdas": True},  # uniform in log sigma, as "exponential", with t rounded, not truncated
+    "lu": {"use_lu_lambdas": True},  # uniform in log sigma as "exponential", t rounded (but on cosine)
 }
 # Heun's and Euler's sigma spacings run between the ends of their timestep spacing's grid; the multistep
 # classes' between the schedule's ends, replacing the timesteps (their set_timesteps).
