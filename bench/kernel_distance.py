@@ -30,11 +30,13 @@ def kernel_distance(x: Tensor, y: Tensor) -> float:
 
 def split_floor(features: Tensor, *, size: int | None = None, splits: int = 100, seed: int = 0) -> dict:
     """The kernel distance between `size` (default: half) random rows of one set of features (N, d) and the
-    other N - size rows, over `splits` seeded random splits: {"mean", "std", "abs_p95", "values"}. Its mean
-    is about 0 (the estimator is unbiased); its std, and the 95th percentile of its absolute value, say how
-    far apart two sets drawn from one distribution score."""
-    generator = torch.Generator().manual_seed(seed)
+    other N - size rows, over `splits` seeded random splits: {"mean", "std", "abs_p95", "values", "sizes"},
+    sizes being [size, N - size]. Its mean is about 0 (the estimator is unbiased); its std, and the 95th
+    percentile of its absolute value, say how far apart two sets drawn from one distribution score."""
     size = size or len(features) // 2
+    if not 2 <= size <= len(features) - 2:
+        raise ValueError(f"size must leave at least 2 rows on each side of {len(features)}, got {size}")
+    generator = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(splits):
         order = torch.randperm(len(features), generator=generator)
@@ -45,4 +47,5 @@ def split_floor(features: Tensor, *, size: int | None = None, splits: int = 100,
         "std": statistics.stdev(values),
         "abs_p95": absolute[min(len(absolute) - 1, round(0.95 * (len(absolute) - 1)))],
         "values": values,
+        "sizes": [size, len(features) - size],
     }

@@ -25,8 +25,10 @@ Scoring, by a small CNN trained on the real digits (bench/digit_classifier.py, h
 - KID: the unbiased kernel distance (bench/kernel_distance.py) between the samples' features and those of
   all 1,797 real digits, features z-scored by the real digits' mean and std per dimension; on two features:
   the 1,024 convolutional features ("KID conv", the headline) and the 64 hidden features ("KID hidden").
-  Its floor: the same distance between --n-samples random real digits (at most half of them) and the
-  other real digits, over --floor-splits random splits (mean, std and 95th percentile of its absolute value).
+  Its floor: the same distance between --n-samples random real digits, as many as a run's samples, and the
+  other 1,797 - n real digits (all that a set disjoint from them can have; the samples are scored against
+  all 1,797), over --floor-splits random splits (mean, std and 95th percentile of its absolute value); the
+  reports name the two sizes it used.
 - the Frechet distance of the 64 hidden features (biased upwards at these sample counts; the previous
   measure, kept for comparison, with the same half-vs-half floor), mean confidence (the largest softmax
   probability), agreement (the fraction classified as the label they were sampled with) and coverage.
@@ -214,7 +216,7 @@ def floor_only(args: argparse.Namespace) -> None:
     floor = {metric: {k: v for k, v in f.items() if k != "values"} for metric, f in scorer.floor.items()}
     rows = [[metric, f["mean"], f["std"], f["abs_p95"]] for metric, f in floor.items()]
     print(
-        f"{args.n_samples} real digits against the other real digits, {args.floor_splits} random splits; "
+        f"{floor_label(floor)}, {args.floor_splits} random splits; "
         f"classifier held-out accuracy {scorer.accuracy:.3f}\n"
     )
     print(common.markdown_table(["measure", "mean", "std", "95th percentile of |value|"], rows))
@@ -244,7 +246,8 @@ def score_runs(args: argparse.Namespace) -> None:
     )
     floor = {metric: {k: v for k, v in f.items() if k != "values"} for metric, f in scorer.floor.items()}
     rows = [[metric, f["mean"], f["std"], f["abs_p95"]] for metric, f in floor.items()]
-    print("\n" + common.markdown_table(["floor", "mean", "std", "95th percentile of |value|"], rows))
+    print(f"\nFloor: {floor_label(floor)}, {args.floor_splits} random splits\n")
+    print(common.markdown_table(["floor", "mean", "std", "95th percentile of |value|"], rows))
     common.write_json(
         args.json, {"benchmark": "score", "n_samples": args.n_samples, "results": results, "floor": floor}
     )
@@ -425,7 +428,8 @@ class DiffusersRun:
 
 class Scorer:
     """Scores sets of images with the features and predictions of a classifier of the real data, against
-    all the real images; `floor` holds each distance between two disjoint halves of the real images."""
+    all the real images; `floor` holds each distance between `size` random real images (default: half; at
+    most all but two) and the other real images, with the two sizes (see `floor_label`)."""
 
     def __init__(self, config: Config, *, splits: int = 100, size: int | None = None) -> None:
         # every real digit, the held-out ones too (data.split=all), whatever split the runs train on
@@ -444,7 +448,7 @@ class Scorer:
         self.standardize = {kind: (f.mean(0), f.std(0).clamp(min=1e-6)) for kind, f in real.items()}
         self.real = {kind: self._standardized(kind, f) for kind, f in real.items()}
         self.reference = _gaussian(real["hidden"])
-        size = min(size or len(self.images) // 2, len(self.images) // 2)
+        size = floor_size(len(self.images), size)
         self.floor = {
             f"kid_{kind}": kernel_distance.split_floor(f, size=size, splits=splits)
             for kind, f in self.real.items()
@@ -506,9 +510,26 @@ def _gaussian(features: Tensor):
         return gaussian_statistics(features.numpy())
 
 
+def floor_size(n_real: int, n_samples: int | None) -> int:
+    """How many of the n_real real images the floor sets against the others: n_samples, the count a run's
+    samples are scored with (default: half), but at most all but two (the kernel distance needs two on each
+    side). The scores compare n_samples images with all n_real; a real set disjoint from the n_samples can
+    have only the n_real - n_samples others, so the floor is a little wider than the scores' own noise."""
+    return min(n_samples or n_real // 2, n_real - 2)
+
+
+def floor_label(floor: dict) -> str:
+    """What the floor compared, from the sizes its entries hold: "900 real digits against the other 897"."""
+    sizes = {tuple(f["sizes"]) for f in floor.values() if "sizes" in f}
+    if len(sizes) != 1:  # files written before the sizes were recorded
+        return "real digits against the other real digits (sizes not recorded)"
+    size, rest = sizes.pop()
+    return f"{size:,} real digits against the other {rest:,}"
+
+
 def _frechet_floor(features: Tensor, *, size: int | None, splits: int, seed: int = 0) -> dict:
     """The Frechet distance between `size` (default: half) random rows of `features` and the other rows,
-    over `splits` seeded splits."""
+    over `splits` seeded splits, with the sizes, as `kernel_distance.split_floor`."""
     generator = torch.Generator().manual_seed(seed)
     half = size or len(features) // 2
     values = []
@@ -522,6 +543,7 @@ def _frechet_floor(features: Tensor, *, size: int | None, splits: int, seed: int
         "std": statistics.stdev(values),
         "abs_p95": absolute[round(0.95 * (len(absolute) - 1))],
         "values": values,
+        "sizes": [half, len(features) - half],
     }
 
 
@@ -575,9 +597,7 @@ def write_report(args, scorer: Scorer, results: list[dict], tradeoff: list[dict]
         for r in sorted(results, key=lambda r: (runs.index(r["run"]), r["seed"]))
     ]
     print(common.markdown_table(header, rows))
-    print(
-        "\nMean +- standard deviation over the seeds; the floor: real digits against the other real digits:\n"
-    )
+    print(f"\nMean +- standard deviation over the seeds; the floor: {floor_label(floor)}:\n")
     rows = [
         [name, len(s["seeds"]), *(f"{s[m]['mean']:.4g} +- {s[m]['std']:.2g}" for m in METRICS)]
         for name, s in summary.items()

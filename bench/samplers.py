@@ -1,37 +1,60 @@
 """Sampling error per network call, on a problem whose exact answer is known: every sampler of ours against
-every diffusers scheduler, driven by the same exact noise predictor from the same x_T (DDPM issue 12).
+every diffusers scheduler, each with every option its documentation lists for the job, driven by the same
+exact noise predictor from the same x_T (DDPM issues 12 and 24).
 
     python bench/samplers.py [--quick] [--budgets 5,8,10,15,20,50] [--seeds 3] [--pixels 16384]
-        [--schedules linear,cosine] [--out bench/results/samplers]
+        [--screen-pixels 4096] [--finalists 8] [--schedules linear,cosine] [--families unipc,UniPC 3,...]
+        [--out bench/results/samplers] [--dry-run]
     python bench/samplers.py --overhead [--config configs/cifar10.yaml] [--batch 1] [--steps 50] [--repeats 5]
     python bench/samplers.py --export [--budgets ...] [--seeds 3] [--out bench/results/export]
 
 The problem (`ddpm.exact_score`): images whose pixels are independent draws of a three-mode 1-D Gaussian
 mixture, so that E[eps | x_t] is closed form; the "network" is that exact predictor, so a sampler errs only
 by its discretisation. The error of a run is the Wasserstein-1 distance between its pooled output pixels
-and the mixture (from the CDF), averaged over --seeds seeds: seed s draws x_T (float64, standard normal, the
-same for every sampler) and seeds the stochastic samplers' noise.
+and the mixture (from the CDF). Seed s draws x_T (float64, standard normal, the same for every sampler) and
+seeds the stochastic samplers' noise with 1,000 + s.
 
-Who runs:
+Who runs, each combination below a "variant" of its sampler ("family"):
 - ours: every sampler in `ddpm.SAMPLERS` with every spacing in `ddpm.schedule.TIMESTEP_SPACINGS`, both read
-  at run time, through `ddpm.sample(model, NoiseScheduler(beta_schedule=..., timestep_spacing=...), ...)`
-  with its defaults otherwise; a combination that `sample` refuses is skipped with its message;
-- diffusers: DPMSolverMultistepScheduler (DPM-Solver++ 2M, 3M and SDE 2M), UniPCMultistepScheduler (bh2),
-  DEISMultistepScheduler, HeunDiscreteScheduler, EulerDiscreteScheduler and EulerAncestralDiscreteScheduler,
-  each with its defaults and with each timestep_spacing ("leading", "trailing", "linspace"), with and
-  without use_karras_sigmas (Euler-ancestral has no Karras option), in the loop of diffusers' pipelines:
-  x = x_T * init_noise_sigma, then model(scale_model_input(x, t), t) and step() for t in timesteps.
-  The schedule is ours (linear 1e-4..0.02, or cosine = "squaredcos_cap_v2"), alpha_bar checked equal.
+  at run time, with and without `clip_sample` (x0 clamped to the data's [-1, 1]), through
+  `ddpm.sample(model, NoiseScheduler(...), ...)`, its defaults otherwise;
+- diffusers: the families of DIFFUSERS_SCHEDULERS (DPMSolverMultistep as DPM-Solver++ and, deprecated but
+  there, DPM-Solver, orders 1-3, ODE and SDE; UniPC orders 1-3; DEIS orders 2-3; Heun; Euler; Euler
+  ancestral), each with every combination of DIFFUSERS_OPTIONS and of its spacings (`diffusers_spacings`:
+  timestep_spacing linspace / leading / leading with steps_offset 1 / trailing, and the sigma spacings its
+  class has: use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, use_lu_lambdas), less the
+  combinations that compute what another does (`same_maths_as_another`). A combination diffusers refuses or
+  fails on is run all the same: its exception is recorded, with its message, in the grid and in the skip
+  list. The loop is that of diffusers' pipelines (StableDiffusionXLPipeline's): set_timesteps,
+  set_begin_index(0), x = x_T * init_noise_sigma, then model(scale_model_input(x, t), t) and step() for t in
+  timesteps. The schedule is ours (linear 1e-4..0.02, or cosine = "squaredcos_cap_v2"), alpha_bar checked
+  equal.
+Not run, being for other jobs: flow-matching sigmas and shifts (use_flow_sigmas, flow_shift,
+use_dynamic_shifting: for flow-matching models), rescale_betas_zero_snr and variance_type (they change the
+model's schedule or output), UniPC's disable_corrector (for large guidance scales) and solver_p (a second
+scheduler), Euler's timestep_type "continuous" (for v-prediction only), thresholding's and Euler's continuous
+knobs (dynamic_thresholding_ratio, sample_max_value, sigma_min, sigma_max: left at their defaults, the
+schedule's ends; thresholding then clips x0 to [-1, 1], the data's range). The same maths: DEIS order 1 and
+DPM-Solver order 1 are DDIM, as "DPM++ 1" is.
 
-Network calls are counted, not assumed: the predictor counts its calls, and for each method and budget the
-step count is the one whose run makes exactly that many calls (found by bisection on a one-pixel run, then
-checked on every measured run). A method that no step count takes to the budget exactly (diffusers' Heun
-calls the model 2 * steps - 1 times: odd budgets only) is skipped there, and the output says so.
+Network calls are counted, not assumed: the predictor counts its calls, and for each variant and budget the
+step count is the one whose run makes exactly that many calls (tried at one step per call, else found by
+bisection), checked again on every measured run. A variant that no step count takes to the budget exactly
+(Heun calls the model 2 * steps - 1 times: odd budgets only) is skipped there, and the output says so.
 
-Noise floor: the W1 of n = --pixels exact draws of the mixture, per seed (E ~ 0.514 / sqrt(n)); errors near
-it are not resolved. Output: the markdown table (best of ours against best of diffusers per budget and
-schedule) on stdout and in OUT.md, the full grid in OUT.csv, the log-log plot of error against calls in
-OUT.png (one curve per sampler: its variant with the lowest geometric-mean error over the budgets).
+Two rounds, as the grid is large (about 2,000 variants a schedule): the screen runs every variant at every
+budget once, on --screen-pixels pixels from seed --seeds (a seed the final round does not use); variants
+whose screening output is identical to an earlier one's are the same computation there and are counted once.
+The final round measures the --finalists lowest screening errors per library, budget and schedule, of the
+deterministic and of the stochastic samplers apart (`finalists`), on --pixels pixels for each of the --seeds
+seeds 0, 1, ...; the table takes each library's lowest mean among them.
+
+Noise floor: the W1 of n exact draws of the mixture (E ~ 0.514 / sqrt(n)), per seed at the final round's n,
+and over SCREEN_FLOOR_DRAWS draws at the screen's; errors near it are not resolved. Output: the markdown
+table (best of ours against best of diffusers per budget and schedule, with the verdict of `verdict`) on
+stdout and in OUT.md, the full grid (every variant's screening error, the finalists' errors per seed, every
+skip) in OUT.csv, and the log-log plot of the screen's error against calls in OUT.png (each library's six
+best families, each at its best variant per budget).
 
 --overhead: each registered sampler's own time per step, from `ddpm.sample` with a free model (it returns a
 stored tensor) for --steps steps, against one forward of `UNet(**config.model)` (configs/cifar10.yaml: DDPM's
@@ -49,10 +72,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import inspect
+import itertools
 import math
+import re
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,26 +104,87 @@ from ddpm.schedule import TIMESTEP_SPACINGS
 
 BUDGETS = (5, 8, 10, 15, 20, 50)
 SCHEDULES = ("linear", "cosine")
-# family: (scheduler class, its settings besides the defaults)
+NOISE_SEED = 1_000  # + the seed: the stochastic samplers' noise
+PLOTTED_FAMILIES = 6  # per library and schedule
+SCREEN_FLOOR_DRAWS = 10  # of the screen's floor: one draw spreads by half its mean, with a long tail
+DPM = DPMSolverMultistepScheduler
+# family: (scheduler class, the settings that make it that sampler)
 DIFFUSERS_SCHEDULERS = {
-    "DPM++ 2M": (DPMSolverMultistepScheduler, {}),
-    "DPM++ 3M": (DPMSolverMultistepScheduler, {"solver_order": 3}),
-    "DPM++ 2M SDE": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
-    "UniPC": (UniPCMultistepScheduler, {}),
-    "DEIS": (DEISMultistepScheduler, {}),
+    "DPM++ 1": (DPM, {"solver_order": 1}),  # DDIM
+    "DPM++ 2M": (DPM, {}),
+    "DPM++ 3M": (DPM, {"solver_order": 3}),
+    "DPM++ 1 SDE": (DPM, {"algorithm_type": "sde-dpmsolver++", "solver_order": 1}),
+    "DPM++ 2M SDE": (DPM, {"algorithm_type": "sde-dpmsolver++"}),
+    "DPM++ 3M SDE": (DPM, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
+    # DPM-Solver on the noise prediction, which the DPM-Solver paper recommends at order 3 for unconditional
+    # sampling (deprecated in diffusers 0.42, still there); its order 1 is DDIM again
+    "DPM 2M": (DPM, {"algorithm_type": "dpmsolver"}),
+    "DPM 3M": (DPM, {"algorithm_type": "dpmsolver", "solver_order": 3}),
+    "DPM 1 SDE": (DPM, {"algorithm_type": "sde-dpmsolver", "solver_order": 1}),
+    "DPM 2M SDE": (DPM, {"algorithm_type": "sde-dpmsolver"}),
+    "DPM 3M SDE": (DPM, {"algorithm_type": "sde-dpmsolver", "solver_order": 3}),
+    "UniPC 1": (UniPCMultistepScheduler, {"solver_order": 1}),
+    "UniPC 2": (UniPCMultistepScheduler, {}),
+    "UniPC 3": (UniPCMultistepScheduler, {"solver_order": 3}),  # the docs' choice for unconditional sampling
+    "DEIS 2": (DEISMultistepScheduler, {}),
+    "DEIS 3": (DEISMultistepScheduler, {"solver_order": 3}),
     "Heun": (HeunDiscreteScheduler, {}),
     "Euler": (EulerDiscreteScheduler, {}),
     "Euler a": (EulerAncestralDiscreteScheduler, {}),
 }
-DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace")
+# The options each class's docstring lists for this job (an unconditional pixel-space model predicting
+# epsilon on a discrete VP schedule, data in [-1, 1]) besides the spacings; every combination runs. The
+# class's default first (a variant's name lists only the others).
+DIFFUSERS_OPTIONS: dict[type, dict[str, tuple]] = {
+    DPM: {
+        "solver_type": ("midpoint", "heun"),
+        "lower_order_final": (True, False),
+        "final_sigmas_type": ("zero", "sigma_min"),
+        "euler_at_final": (False, True),
+        "thresholding": (False, True),
+    },
+    UniPCMultistepScheduler: {
+        "solver_type": ("bh2", "bh1"),
+        "predict_x0": (True, False),
+        "lower_order_final": (True, False),
+        "final_sigmas_type": ("zero", "sigma_min"),
+        "thresholding": (False, True),
+    },
+    DEISMultistepScheduler: {"lower_order_final": (True, False), "thresholding": (False, True)},
+    HeunDiscreteScheduler: {"clip_sample": (False, True)},
+    EulerDiscreteScheduler: {
+        "interpolation_type": ("linear", "log_linear"),
+        "final_sigmas_type": ("zero", "sigma_min"),
+    },
+    EulerAncestralDiscreteScheduler: {},
+}
+DIFFUSERS_TIMESTEP_SPACINGS = {
+    "linspace": {"timestep_spacing": "linspace"},
+    "leading": {"timestep_spacing": "leading"},
+    "leading+1": {"timestep_spacing": "leading", "steps_offset": 1},  # Stable Diffusion's setting
+    "trailing": {"timestep_spacing": "trailing"},
+}
+DIFFUSERS_SIGMA_SPACINGS = {
+    "karras": {"use_karras_sigmas": True},
+    "exponential": {"use_exponential_sigmas": True},
+    "beta": {"use_beta_sigmas": True},  # Beta(0.6, 0.6) quantiles between the ends (Lee et al. 2024)
+    "lu": {"use_lu_lambdas": True},  # uniform in log sigma as "exponential", t rounded (but on cosine)
+}
+# Heun's and Euler's sigma spacings run between the ends of their timestep spacing's grid; the multistep
+# classes' between the schedule's ends, replacing the timesteps (their set_timesteps).
+SIGMAS_WITHIN_SPACING = (HeunDiscreteScheduler, EulerDiscreteScheduler)
+# DPMSolverMultistep's lambda_min_clipped, "critical for the cosine schedule" (its docstring): -5.1, the
+# value its author chose from the linear schedule's lambda_T = -5.02 (diffusers PR 3314). Run on schedules
+# whose lambda_T is below it (cosine: -9.9); above it, it changes nothing.
+LAMBDA_MIN_CLIPPED = -5.1
 
 Model = Callable[..., Tensor]
 
 
 @dataclass(frozen=True)
 class Method:
-    """One sampler with one setting: `run(model, x_T, steps, generator) -> x0`. family names a curve of the
-    plot (a sampler), variant its setting (spacing, sigmas)."""
+    """One sampler with one setting: `run(model, x_T, steps, generator) -> x0`. family names a sampler (a
+    curve of the plot), variant its setting (spacing, options)."""
 
     library: str  # "ddpm" or "diffusers"
     family: str
@@ -111,14 +198,19 @@ class Method:
 
 @dataclass
 class Result:
-    """The errors of one method at one budget (one per seed), or why it was skipped."""
+    """One method at one budget: its screening error, the final round's errors (one per seed; finalists
+    only), or why it was skipped."""
 
     schedule: str
     method: Method
     budget: int
     steps: int | None
-    errors: list[float]
+    screen: float = math.nan
+    errors: list[float] = field(default_factory=list)
     skipped: str = ""
+    same_as: str = ""  # the method whose screening output was identical
+    stochastic: bool = False  # its output depends on the seed of its noise
+    digest: str = field(default="", repr=False)  # of the screening output
 
     @property
     def mean(self) -> float:
@@ -135,36 +227,67 @@ def main() -> None:
     if args.overhead:
         overhead(args)
         return
-    shape = (args.pixels // 1024, 1, 32, 32)
+    if args.dry_run:
+        for schedule in args.schedules:
+            for method in methods(schedule, args.families):
+                print(f"{schedule}\t{method.library}\t{method.family}\t{method.variant}")
+        return
     floor = [
-        wasserstein1(MIXTURE.sample(shape, torch.Generator().manual_seed(s)), MIXTURE) for s in seeds(args)
+        wasserstein1(MIXTURE.sample(image_shape(args.pixels), seeded(s)), MIXTURE) for s in range(args.seeds)
+    ]
+    screen_floor = [
+        wasserstein1(MIXTURE.sample(image_shape(args.screen_pixels), seeded(s)), MIXTURE)
+        for s in range(SCREEN_FLOOR_DRAWS)
     ]
     results = []
     for schedule in args.schedules:
-        ours = NoiseScheduler(beta_schedule=schedule)
-        model = exact_predictor(MIXTURE, ours)
-        methods = (
-            export_methods(schedule) if args.export else [*our_methods(schedule), *diffusers_methods(ours)]
-        )
-        for method in methods:
-            results += measure(method, schedule, model, shape, args)
-    (export_report if args.export else report)(args, results, floor)
+        model = exact_predictor(MIXTURE, NoiseScheduler(beta_schedule=schedule))
+        chosen = export_methods(schedule) if args.export else methods(schedule, args.families)
+        screened = [r for method in chosen for r in screen(method, schedule, model, args)]
+        mark_duplicates(screened)
+        # --export measures each of its few methods; the full grid only its finalists
+        measured = [r for r in screened if r.steps] if args.export else finalists(screened, args.finalists)
+        for result in measured:
+            measure(result, model, args)
+        results += screened
+    if args.export:
+        export_report(args, results, floor)
+    else:
+        report(args, results, floor, screen_floor)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="budgets 5,10,20, 1 seed, 4,096 pixels")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="budgets 5,10,20, 1 seed, 4,096 pixels, screen 1,024, 3 finalists",
+    )
     parser.add_argument("--budgets", default=None, help="network calls, comma-separated (default: 5,...,50)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds of x_T per run (default: 3)")
-    parser.add_argument("--pixels", type=int, default=None, help="pixels per run (default: 16,384)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds of the final round (default: 3)")
+    parser.add_argument("--pixels", type=int, default=None, help="pixels per final run (default: 16,384)")
+    parser.add_argument("--screen-pixels", type=int, default=None, help="pixels per screening run (4,096)")
+    parser.add_argument(
+        "--finalists", type=int, default=None, help="per library, budget and schedule (default: 8)"
+    )
     parser.add_argument("--schedules", default=",".join(SCHEDULES), help="beta schedules (linear,cosine)")
+    parser.add_argument(
+        "--families",
+        default=None,
+        help="only these samplers, comma-separated (ours or diffusers'; default: all)",
+    )
     # One thread: the predictor's elementwise work on 16k pixels is too small to split, and on a loaded
     # machine two threads wait on each other (100x slower per operation, measured). --overhead times the
     # solvers and the UNet with the same threads.
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--out", default=None, help="output prefix (default: bench/results/samplers[-quick])")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the variants (schedule, library, family, variant) and stop",
+    )
     parser.add_argument("--overhead", action="store_true", help="time the solvers against a UNet forward")
     parser.add_argument("--export", action="store_true", help="ddpm.export's schedulers against ours")
     parser.add_argument(
@@ -176,8 +299,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=50, help="--overhead: sampler steps (default: 50)")
     parser.add_argument("--repeats", type=int, default=5, help="--overhead: timed rounds (default: 5)")
     args = parser.parse_args()
-    quick = {"budgets": "5,10,20", "seeds": 1, "pixels": 4096}
-    full = {"budgets": ",".join(map(str, BUDGETS)), "seeds": 3, "pixels": 16384}
+    quick = {"budgets": "5,10,20", "seeds": 1, "pixels": 4096, "screen_pixels": 1024, "finalists": 3}
+    full = {
+        "budgets": ",".join(map(str, BUDGETS)),
+        "seeds": 3,
+        "pixels": 16384,
+        "screen_pixels": 4096,
+        "finalists": 8,
+    }
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -185,45 +314,69 @@ def parse_args() -> argparse.Namespace:
     args.schedules = args.schedules.split(",")
     name = "export" if args.export else "samplers"
     args.out = args.out or str(common.REPO / (f"bench/results/{name}" + ("-quick" if args.quick else "")))
-    if min(args.budgets) < 1 or args.seeds < 1 or args.pixels < 1024 or args.pixels % 1024:
-        parser.error("--budgets must be >= 1, --seeds >= 1 and --pixels a positive multiple of 1024")
+    pixels_ok = all(p >= 1024 and p % 1024 == 0 for p in (args.pixels, args.screen_pixels))
+    if min(args.budgets) < 1 or args.seeds < 1 or args.finalists < 1 or not pixels_ok:
+        parser.error(
+            "--budgets, --seeds and --finalists must be >= 1, --pixels and --screen-pixels positive multiples"
+            " of 1024"
+        )
     if unknown := set(args.schedules) - set(SCHEDULES):
         parser.error(f"unknown --schedules {sorted(unknown)}; valid: {', '.join(SCHEDULES)}")
+    if args.families is not None:
+        args.families = args.families.split(",")
+        if unknown := set(args.families) - {*ddpm.SAMPLERS, *DIFFUSERS_SCHEDULERS}:
+            valid = ", ".join([*ddpm.SAMPLERS, *DIFFUSERS_SCHEDULERS])
+            parser.error(f"unknown --families {sorted(unknown)}; valid: {valid}")
     return args
 
 
-def seeds(args: argparse.Namespace) -> range:
-    return range(args.seeds)
+def image_shape(pixels: int) -> tuple[int, ...]:
+    return (pixels // 1024, 1, 32, 32)
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def starting_noise(pixels: int, seed: int) -> Tensor:
+    """x_T of seed `seed`: the same for every method."""
+    return torch.randn(image_shape(pixels), generator=seeded(seed), dtype=torch.float64)
 
 
 # --- the methods --------------------------------------------------------------------------------------------
 
 
+def methods(schedule: str, families: list[str] | None = None) -> list[Method]:
+    """Ours and diffusers' variants on `schedule`; only those of `families`, when given."""
+    every = [*our_methods(schedule), *diffusers_methods(NoiseScheduler(beta_schedule=schedule))]
+    return [method for method in every if families is None or method.family in families]
+
+
 def our_methods(schedule: str) -> list[Method]:
-    """Every sampler of `ddpm.SAMPLERS` with every spacing of TIMESTEP_SPACINGS, as registered now."""
+    """Every sampler of `ddpm.SAMPLERS` with every spacing of TIMESTEP_SPACINGS, as registered now, with and
+    without clip_sample."""
     methods = []
-    for sampler in ddpm.SAMPLERS:
-        for spacing in TIMESTEP_SPACINGS:
-            scheduler = NoiseScheduler(beta_schedule=schedule, timestep_spacing=spacing)
+    for sampler, spacing, clip in itertools.product(ddpm.SAMPLERS, TIMESTEP_SPACINGS, (False, True)):
+        scheduler = NoiseScheduler(beta_schedule=schedule, timestep_spacing=spacing, clip_sample=clip)
 
-            def run(model, x, steps, generator, scheduler=scheduler, sampler=sampler):
-                return ddpm.sample(
-                    model,
-                    scheduler,
-                    noise=x,
-                    sampler=sampler,
-                    steps=steps,
-                    generator=generator,
-                    progress=False,
-                )
+        def run(model, x, steps, generator, scheduler=scheduler, sampler=sampler):
+            return ddpm.sample(
+                model,
+                scheduler,
+                noise=x,
+                sampler=sampler,
+                steps=steps,
+                generator=generator,
+                progress=False,
+            )
 
-            methods.append(Method("ddpm", sampler, spacing, run))
+        methods.append(Method("ddpm", sampler, spacing + (", clip_sample" if clip else ""), run))
     return methods
 
 
 def diffusers_methods(ours: NoiseScheduler) -> list[Method]:
-    """Every DIFFUSERS_SCHEDULERS entry with every DIFFUSERS_SPACINGS, with and without Karras sigmas where
-    the class has them, on `ours`'s schedule."""
+    """Every DIFFUSERS_SCHEDULERS family with every combination of its class's DIFFUSERS_OPTIONS and
+    `diffusers_spacings`, less `same_maths_as_another`, on `ours`'s schedule."""
     base = {
         "num_train_timesteps": ours.num_train_timesteps,
         "beta_schedule": DIFFUSERS_SCHEDULE_NAMES.get(
@@ -233,22 +386,28 @@ def diffusers_methods(ours: NoiseScheduler) -> list[Method]:
         "beta_end": ours.config["beta_end"],
         "prediction_type": ours.prediction_type,
     }
+    alpha_bar_last = ours.alphas_cumprod[-1].item()
+    clip_lambda = 0.5 * math.log(alpha_bar_last / (1 - alpha_bar_last)) < LAMBDA_MIN_CLIPPED
+    for cls in DIFFUSERS_OPTIONS:
+        common.check_same_schedule(ours, cls(**base))
     methods = []
     for family, (cls, settings) in DIFFUSERS_SCHEDULERS.items():
-        karras_options = (
-            (False, True) if "use_karras_sigmas" in inspect.signature(cls).parameters else (False,)
-        )
-        for karras in karras_options:
-            for spacing in DIFFUSERS_SPACINGS:
-                config = {**base, **settings, "timestep_spacing": spacing}
-                if karras:
-                    config["use_karras_sigmas"] = True
-                common.check_same_schedule(ours, cls(**config))
+        options = DIFFUSERS_OPTIONS[cls]
+        defaults = {name: parameter.default for name, parameter in inspect.signature(cls).parameters.items()}
+        for spacing, spacing_config in diffusers_spacings(cls, clip_lambda=clip_lambda).items():
+            for values in itertools.product(*options.values()):
+                chosen = dict(zip(options, values, strict=True))
+                config = {**base, **settings, **spacing_config, **chosen}
+                if same_maths_as_another(cls, config):
+                    continue
+                variant = ", ".join(
+                    [spacing, *(f"{key}={value}" for key, value in chosen.items() if value != defaults[key])]
+                )
 
                 def run(model, x, steps, generator, cls=cls, config=config):
                     return diffusers_loop(cls(**config), model, x, steps, generator)
 
-                methods.append(Method("diffusers", family, spacing + (", karras" if karras else ""), run))
+                methods.append(Method("diffusers", family, variant, run))
     return methods
 
 
@@ -291,10 +450,64 @@ def our_method(sampler: str, scheduler: NoiseScheduler) -> Method:
     return Method("ddpm", sampler, scheduler.timestep_spacing, run)
 
 
+def diffusers_spacings(cls: type, *, clip_lambda: bool) -> dict[str, dict]:
+    """{name: settings} of every spacing `cls` has: DIFFUSERS_TIMESTEP_SPACINGS (with lambda_min_clipped too,
+    where clip_lambda and the class has it) and the DIFFUSERS_SIGMA_SPACINGS the class takes, on each
+    timestep spacing for SIGMAS_WITHIN_SPACING."""
+    parameters = inspect.signature(cls).parameters
+    timestep = dict(DIFFUSERS_TIMESTEP_SPACINGS)
+    if clip_lambda and "lambda_min_clipped" in parameters:
+        timestep |= {
+            f"{name}, lambda_min_clipped={LAMBDA_MIN_CLIPPED}": {
+                **config,
+                "lambda_min_clipped": LAMBDA_MIN_CLIPPED,
+            }
+            for name, config in DIFFUSERS_TIMESTEP_SPACINGS.items()
+        }
+    sigma = {
+        name: config
+        for name, config in DIFFUSERS_SIGMA_SPACINGS.items()
+        if config.keys() <= parameters.keys()
+    }
+    if cls in SIGMAS_WITHIN_SPACING:
+        return timestep | {
+            f"{t_name}, {s_name}": {**t_config, **s_config}
+            for t_name, t_config in timestep.items()
+            for s_name, s_config in sigma.items()
+        }
+    return timestep | sigma
+
+
+def same_maths_as_another(cls: type, config: dict) -> bool:
+    """Whether this combination computes what another of the grid computes (read from diffusers 0.42's
+    step functions): an order-1 multistep solver has no higher order to lower on its last steps (nor to
+    replace by Euler on the last), and
+    DPM-Solver's solver_type chooses between second-order updates; DPMSolverMultistep's euler_at_final acts
+    only when the final sigma is sigma_min (towards zero its last step is first order anyway); UniPC
+    thresholds only its x0 prediction (predict_x0=True)."""
+    order = config.get("solver_order", 2)
+    if order == 1 and (config.get("lower_order_final") is False or config.get("euler_at_final")):
+        return True
+    if order == 1 and cls is DPM and config.get("solver_type") != "midpoint":
+        return True
+    if cls is DPM and config.get("euler_at_final") and config.get("final_sigmas_type") == "zero":
+        return True
+    return bool(
+        cls is UniPCMultistepScheduler and config.get("thresholding") and not config.get("predict_x0")
+    )
+
+
 def diffusers_loop(scheduler, model: Model, x_T: Tensor, steps: int, generator: torch.Generator) -> Tensor:
     """The loop of diffusers' pipelines: x_T scaled by init_noise_sigma, then step() on the model's output
-    at scale_model_input(x, t) for each t of the scheduler's timesteps (`generator` to those that take it)."""
+    at scale_model_input(x, t) for each t of the scheduler's timesteps (`generator` to those that take it).
+
+    set_begin_index(0), as StableDiffusionXLPipeline and the later pipelines call it: with a sigma spacing
+    on a 1000-step schedule several sigmas can map to the same integer t, and without it step() takes the
+    step index from the second of them, then runs past the end (IndexError or AssertionError on the
+    cosine schedule, as StableDiffusionPipeline's loop, which lacks the call, fails)."""
     scheduler.set_timesteps(steps)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
     extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     x = x_T * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
@@ -311,15 +524,6 @@ class CountingModel:
     def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         self.calls += 1
         return self.model(x, t, y)
-
-
-def calls_per_run(method: Method, model: Model, steps: int) -> int:
-    """The network calls `method` makes in `steps` steps, counted on a one-pixel run."""
-    counting = CountingModel(model)
-    method.run(
-        counting, torch.zeros(1, 1, 1, 1, dtype=torch.float64), steps, torch.Generator().manual_seed(0)
-    )
-    return counting.calls
 
 
 def steps_for_budget(calls_of: Callable[[int], int], budget: int) -> tuple[int | None, str]:
@@ -344,44 +548,109 @@ def steps_for_budget(calls_of: Callable[[int], int], budget: int) -> tuple[int |
     return low, ""
 
 
-def measure(method: Method, schedule: str, model: Model, shape: Sequence[int], args) -> list[Result]:
-    """`method`'s W1 error at each budget of args.budgets, one per seed (or why it was skipped)."""
-    counted: dict[int, int] = {}
+# --- the two rounds -----------------------------------------------------------------------------------------
+
+
+def screen(method: Method, schedule: str, model: Model, args: argparse.Namespace) -> list[Result]:
+    """`method` at each budget of args.budgets, once, on args.screen_pixels pixels of seed args.seeds: its
+    step count, its screening error and the digest of its output (or why it was skipped); and whether it is
+    stochastic (its output at the first budget it runs changes with the seed of its noise)."""
+    x_T = starting_noise(args.screen_pixels, args.seeds)
+    runs: dict[int, tuple[int, Tensor]] = {}  # steps: (calls, x0)
 
     def calls_of(steps: int) -> int:
-        if steps not in counted:
-            counted[steps] = calls_per_run(method, model, steps)
-        return counted[steps]
+        if steps not in runs:
+            counting = CountingModel(model)
+            x0 = method.run(counting, x_T, steps, seeded(NOISE_SEED + args.seeds))
+            runs[steps] = counting.calls, x0
+        return runs[steps][0]
 
     results = []
     for budget in args.budgets:
         try:
             steps, why = steps_for_budget(calls_of, budget)
-        except Exception as error:  # ddpm.sample refusing a combination, or a scheduler failing: reported
+        except Exception as error:  # a combination refused, or a scheduler failing: reported
             steps, why = None, f"raised {type(error).__name__}: {error}"
-        result = Result(schedule, method, budget, steps, [], why)
-        for seed in seeds(args) if steps is not None else ():
-            x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-            counting = CountingModel(model)
-            x0 = method.run(counting, x_T, steps, torch.Generator().manual_seed(1_000 + seed))
-            if counting.calls != budget:
-                raise RuntimeError(
-                    f"{method.name}: {counting.calls} calls in {steps} steps, expected {budget}"
-                )
-            result.errors.append(wasserstein1(x0, MIXTURE))
+        result = Result(schedule, method, budget, steps, skipped=why)
+        if steps is not None:
+            x0 = runs[steps][1]
+            if torch.isfinite(x0).all():
+                result.screen = wasserstein1(x0, MIXTURE)
+                result.digest = hashlib.sha1(x0.double().numpy().tobytes()).hexdigest()
+            else:
+                result.steps, result.skipped = None, "output not finite"
         results.append(result)
         print(
-            f"{schedule:6} {method.library:9} {method.name:32} {budget:3} calls: "
-            + (f"W1 {result.mean:.4f} +- {result.std:.4f} ({steps} steps)" if steps else f"skipped, {why}"),
+            f"{schedule:6} {method.library:9} {method.name:60} {budget:3} calls: "
+            + (f"W1 {result.screen:.4f} ({steps} steps)" if result.steps else f"skipped, {result.skipped}"),
             flush=True,
         )
+    if first := next((r for r in results if r.digest), None):
+        other_noise = method.run(model, x_T, first.steps, seeded(NOISE_SEED + args.seeds + 1))
+        for r in results:
+            r.stochastic = not torch.equal(other_noise, runs[first.steps][1])
     return results
+
+
+def mark_duplicates(results: list[Result]) -> None:
+    """Set same_as on each result whose screening output equals an earlier one's of its library and budget,
+    bit for bit (the same computation there, whatever the settings' names)."""
+    first: dict[tuple[str, int, str], str] = {}
+    for r in results:
+        if r.digest:
+            key = (r.method.library, r.budget, r.digest)
+            if key in first:
+                r.same_as = first[key]
+            else:
+                first[key] = r.method.name
+
+
+def finalists(results: list[Result], count: int) -> list[Result]:
+    """The `count` lowest screening errors per library and budget, each computation once, among the
+    deterministic samplers and among the stochastic ones apart: a stochastic sampler's screening error
+    carries the noise of its own draws (only x_T is shared), enough to crowd the deterministic ones out
+    where errors are small."""
+    groups: dict[tuple[str, int, bool], list[Result]] = {}
+    for r in results:
+        if r.digest and not r.same_as:
+            groups.setdefault((r.method.library, r.budget, r.stochastic), []).append(r)
+    return [r for group in groups.values() for r in sorted(group, key=lambda r: r.screen)[:count]]
+
+
+def measure(result: Result, model: Model, args: argparse.Namespace) -> None:
+    """Fill result.errors: W1 on args.pixels pixels for each of seeds 0..args.seeds - 1 (or, where a seed's
+    run fails or leaves the reals, none, and result.skipped says why)."""
+    method = result.method
+    for seed in range(args.seeds):
+        counting = CountingModel(model)
+        try:
+            x0 = method.run(
+                counting, starting_noise(args.pixels, seed), result.steps, seeded(NOISE_SEED + seed)
+            )
+        except Exception as error:  # as in `screen`, but on this seed only
+            result.errors, result.skipped = [], f"seed {seed}: raised {type(error).__name__}: {error}"
+            return
+        if counting.calls != result.budget:
+            raise RuntimeError(
+                f"{method.name}: {counting.calls} calls in {result.steps} steps, expected {result.budget}"
+            )
+        if not torch.isfinite(x0).all():
+            result.errors, result.skipped = [], f"seed {seed}: output not finite"
+            return
+        result.errors.append(wasserstein1(x0, MIXTURE))
+    print(
+        f"{result.schedule:6} {method.library:9} {method.name:60} {result.budget:3} calls: "
+        f"final W1 {result.mean:.4f} +- {result.std:.4f}",
+        flush=True,
+    )
 
 
 # --- the report ---------------------------------------------------------------------------------------------
 
 
-def report(args: argparse.Namespace, results: list[Result], floor: list[float]) -> None:
+def report(
+    args: argparse.Namespace, results: list[Result], floor: list[float], screen_floor: list[float]
+) -> None:
     """The table of the best per library on stdout and in OUT.md, the grid in OUT.csv, the plot in OUT.png."""
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -389,8 +658,7 @@ def report(args: argparse.Namespace, results: list[Result], floor: list[float]) 
     rows = []
     for schedule in args.schedules:
         for budget in args.budgets:
-            best = {lib: best_result(results, schedule, budget, lib) for lib in ("ddpm", "diffusers")}
-            ours, theirs = best["ddpm"], best["diffusers"]
+            ours, theirs = (best_result(results, schedule, budget, lib) for lib in ("ddpm", "diffusers"))
             rows.append(
                 [
                     schedule,
@@ -400,16 +668,24 @@ def report(args: argparse.Namespace, results: list[Result], floor: list[float]) 
                     theirs.method.name if theirs else "-",
                     error_cell(theirs),
                     f"{ours.mean / theirs.mean:.2f}" if ours and theirs else "-",
+                    verdict(ours, theirs, floor_mean, floor_std),
                 ]
             )
-    header = ("schedule", "calls", "best of ours", "W1", "best of diffusers", "W1", "ours / diffusers")
-    skipped = sorted(
-        {
-            f"{r.schedule}, {r.method.library} {r.method.name}, {r.budget} calls: {r.skipped}"
-            for r in results
-            if r.skipped
-        }
+    header = (
+        "schedule",
+        "calls",
+        "best of ours",
+        "W1",
+        "best of diffusers",
+        "W1",
+        "ours / diffusers",
+        "verdict",
     )
+    variants = {
+        library: len({(r.schedule, r.method.name) for r in results if r.method.library == library})
+        for library in ("ddpm", "diffusers")
+    }
+    skipped = skip_summary(results)
     text = "\n".join(
         [
             f"W1 of pooled pixels to the mixture, mean +- std over {args.seeds} seed(s), {args.pixels:,} "
@@ -419,17 +695,29 @@ def report(args: argparse.Namespace, results: list[Result], floor: list[float]) 
             "",
             f"Noise floor: W1 of {args.pixels:,} exact draws of the mixture, {floor_mean:.4f} +- "
             f"{floor_std:.4f} over {len(floor)} seed(s) ({', '.join(f'{f:.4f}' for f in floor)}).",
-            f"Samplers measured: ours {', '.join(ddpm.SAMPLERS)} x spacings {', '.join(TIMESTEP_SPACINGS)}; "
-            f"diffusers {', '.join(DIFFUSERS_SCHEDULERS)}.",
+            f"Verdict: both at the floor where both means are below the floor's mean + 2 std "
+            f"({floor_mean + 2 * floor_std:.4f}); no difference where they differ by at most twice the larger"
+            " seed std; else the lower side.",
+            f"Samplers measured: ours {', '.join(ddpm.SAMPLERS)} x spacings {', '.join(TIMESTEP_SPACINGS)}"
+            f" x clip_sample or not; diffusers {', '.join(DIFFUSERS_SCHEDULERS)}, each with every combination"
+            " of its options (bench/samplers.py: DIFFUSERS_OPTIONS, diffusers_spacings).",
+            f"Screen: {variants['ddpm']:,} variants of ours and {variants['diffusers']:,} of diffusers'"
+            f" (over {len(args.schedules)} schedule(s)), each once at every budget on"
+            f" {args.screen_pixels:,} pixels of seed {args.seeds} (noise floor there"
+            f" {statistics.fmean(screen_floor):.4f} +- {statistics.stdev(screen_floor):.4f} over"
+            f" {len(screen_floor)} draws);"
+            f" the {args.finalists} lowest per library, budget and schedule, among the deterministic and"
+            f" among the stochastic samplers apart (identical outputs once), measured on seeds"
+            f" 0-{args.seeds - 1}.",
             "",
-            f"Skipped ({len(skipped)}):" if skipped else "Skipped: none.",
+            f"Skipped ({len(skipped)} kinds; every one in the csv):" if skipped else "Skipped: none.",
             *(f"- {line}" for line in skipped),
         ]
     )
     print("\n" + text)
     out.with_suffix(".md").write_text(text + "\n")
     write_csv(out.with_suffix(".csv"), results, args)
-    plot(out.with_suffix(".png"), results, args, floor_mean)
+    plot(out.with_suffix(".png"), results, args, statistics.fmean(screen_floor))
     print(f"\nwrote {out.with_suffix('.md')}, {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
 
 
@@ -472,6 +760,7 @@ def export_report(args: argparse.Namespace, results: list[Result], floor: list[f
 
 
 def best_result(results: list[Result], schedule: str, budget: int, library: str) -> Result | None:
+    """The lowest final-round mean of `library` at `budget` on `schedule`."""
     candidates = [
         r
         for r in results
@@ -484,8 +773,42 @@ def best_result(results: list[Result], schedule: str, budget: int, library: str)
     return min(candidates, key=lambda r: r.mean, default=None)
 
 
+def verdict(ours: Result | None, theirs: Result | None, floor_mean: float, floor_std: float) -> str:
+    """ "both at the floor" where both means are below floor_mean + 2 floor_std (not resolved from exact
+    draws); "no difference" where they differ by at most twice the larger seed std; else the lower side."""
+    if ours is None or theirs is None:
+        return "-"
+    if max(ours.mean, theirs.mean) <= floor_mean + 2 * floor_std:
+        return "both at the floor"
+    if abs(ours.mean - theirs.mean) <= 2 * max(ours.std, theirs.std):
+        return "no difference"
+    return "ours lower" if ours.mean < theirs.mean else "diffusers lower"
+
+
 def error_cell(result: Result | None) -> str:
     return f"{result.mean:.4f} +- {result.std:.4f}" if result else "-"
+
+
+def skip_summary(results: list[Result]) -> list[str]:
+    """One line per library, family and kind of skip (its reason with the numbers taken out): the reason of
+    its first instance, how many variants, at which budgets and on which schedules."""
+    groups: dict[tuple[str, str, str], list[Result]] = {}
+    for r in results:
+        if r.skipped:
+            groups.setdefault((r.method.library, r.method.family, re.sub(r"\d+", "#", r.skipped)), []).append(
+                r
+            )
+    lines = []
+    for (library, family, _), group in sorted(groups.items()):
+        variants = sorted({r.method.variant for r in group})
+        shown = "; ".join(variants[:3]) + (f"; and {len(variants) - 3} more" if len(variants) > 3 else "")
+        budgets = ", ".join(str(b) for b in sorted({r.budget for r in group}))
+        schedules = ", ".join(sorted({r.schedule for r in group}, reverse=True))
+        lines.append(
+            f"{library} {family}, {len(variants)} variant(s) ({shown}), {budgets} calls, {schedules}: "
+            f"{group[0].skipped}"
+        )
+    return lines
 
 
 def write_csv(path: Path, results: list[Result], args: argparse.Namespace) -> None:
@@ -499,9 +822,12 @@ def write_csv(path: Path, results: list[Result], args: argparse.Namespace) -> No
                 "variant",
                 "calls",
                 "steps",
+                "w1_screen",
+                "same_as",
+                "stochastic",
                 "w1_mean",
                 "w1_std",
-                *(f"w1_seed{s}" for s in seeds(args)),
+                *(f"w1_seed{s}" for s in range(args.seeds)),
                 "skipped",
             ]
         )
@@ -515,6 +841,9 @@ def write_csv(path: Path, results: list[Result], args: argparse.Namespace) -> No
                     r.method.variant,
                     r.budget,
                     r.steps or "",
+                    f"{r.screen:.6f}" if math.isfinite(r.screen) else "",
+                    r.same_as,
+                    int(r.stochastic),
                     f"{r.mean:.6f}" if r.errors else "",
                     f"{r.std:.6f}" if r.errors else "",
                     *per_seed,
@@ -524,21 +853,20 @@ def write_csv(path: Path, results: list[Result], args: argparse.Namespace) -> No
 
 
 def curves(results: list[Result], schedule: str) -> dict[tuple[str, str], list[tuple[int, float]]]:
-    """{(library, family): [(calls, mean W1), ...]} for each sampler's variant with the lowest geometric-mean
-    error over the budgets it was measured at (a variant that misses a budget competes over the rest)."""
-    by_method: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
+    """{(library, family): [(calls, screening W1), ...]}, each family at its best variant per budget, for
+    each library's PLOTTED_FAMILIES families with the lowest geometric-mean error over the budgets they
+    were measured at (a family that misses a budget competes over the rest)."""
+    best: dict[tuple[str, str], dict[int, float]] = {}
     for r in results:
-        if r.schedule == schedule and r.errors and math.isfinite(r.mean) and r.mean > 0:
-            by_method.setdefault((r.method.library, r.method.family, r.method.variant), []).append(
-                (r.budget, r.mean)
-            )
-    best: dict[tuple[str, str], list[tuple[int, float]]] = {}
-    for (library, family, _), points in by_method.items():
-        score = statistics.fmean(math.log(e) for _, e in points)
-        current = best.get((library, family))
-        if current is None or score < statistics.fmean(math.log(e) for _, e in current):
-            best[(library, family)] = points
-    return best
+        if r.schedule == schedule and math.isfinite(r.screen) and r.screen > 0:
+            points = best.setdefault((r.method.library, r.method.family), {})
+            points[r.budget] = min(points.get(r.budget, math.inf), r.screen)
+    chosen = {}
+    for library in ("ddpm", "diffusers"):
+        families = [(key, points) for key, points in best.items() if key[0] == library]
+        families.sort(key=lambda item: statistics.fmean(math.log(e) for e in item[1].values()))
+        chosen |= {key: sorted(points.items()) for key, points in families[:PLOTTED_FAMILIES]}
+    return chosen
 
 
 PALETTE = (
@@ -558,8 +886,9 @@ PALETTE = (
 
 
 def plot(path: Path, results: list[Result], args: argparse.Namespace, floor: float) -> None:
-    """A log-log plot per schedule, side by side: W1 against network calls, ours solid, diffusers dashed, the
-    noise floor dotted grey. Drawn with PIL (the bench environment has no matplotlib)."""
+    """A log-log plot per schedule, side by side: the screen's W1 against network calls (`curves`), ours
+    solid, diffusers dashed, the screen's noise floor dotted grey. Drawn with PIL (the bench environment
+    has no matplotlib)."""
     width, height, left, right, top, bottom = 620, 470, 70, 20, 40, 200
     image = Image.new("RGB", (width * len(args.schedules), height + bottom), "white")
     draw = ImageDraw.Draw(image)
@@ -578,7 +907,10 @@ def plot(path: Path, results: list[Result], args: argparse.Namespace, floor: flo
 
         draw.rectangle((x0, y0, x1, y1), outline="black")
         draw.text(
-            (x0, 10), f"{schedule} schedule: W1 to the mixture against network calls", fill="black", font=font
+            (x0, 10),
+            f"{schedule} schedule: screening W1 ({args.screen_pixels:,} pixels) against network calls",
+            fill="black",
+            font=font,
         )
         for budget in args.budgets:
             x, _ = at(budget, 10.0**y_low)
@@ -606,7 +938,8 @@ def plot(path: Path, results: list[Result], args: argparse.Namespace, floor: flo
                 dashed_line(draw, xy, colour, 2, dash=7)
             for x, y in xy:
                 draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-            column, row = divmod(i, 10)
+            column = 0 if library == "ddpm" else 1  # ours on the left, diffusers' on the right
+            row = sum(key[0] == library for key, _ in panels[schedule][:i])
             lx, ly = x0 + column * 270, legend_y + row * 18
             if library == "ddpm":
                 draw.line((lx, ly + 7, lx + 30, ly + 7), fill=colour, width=3)
