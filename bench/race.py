@@ -495,9 +495,8 @@ class BestSpacing:
                     "chosen": self._chosen[key],
                 }
             )
-            print(
-                f"spacing for {settings.sampler} {settings.steps} on {scheduler!r}: {self.record[-1]['w1']}"
-            )
+            w1 = ", ".join(f"{spacing} {error:.4f}" for spacing, error in errors.items())
+            print(f"{settings.sampler} {settings.steps} on {scheduler!r}: W1 {w1}", flush=True)
         return self._chosen[key]
 
     def _error(self, scheduler: NoiseScheduler, settings) -> float:
