@@ -64,7 +64,7 @@ Scoring (bench/quality.py's Scorer): the kernel distance (KID) between the sampl
 and the real digits', with the real-vs-real floor at --n-samples. Per run and mark: mean and std over seeds of
 its best candidate; per pair "ours" against each other run: the difference of the means with its standard
 error and the ratio of the means, called a difference only beyond both 3 standard errors and the floor's 95th
-percentile.
+percentile (and never from one seed).
 """
 
 from __future__ import annotations
