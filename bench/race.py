@@ -35,10 +35,11 @@ The runs:
   each --posthoc-sigma-rels value, reconstructed at each mark from its snapshots (run NAME@SIGMA_REL).
 - "diffusers": bench/quality.py's baseline: `UNet2DModel` with the layers of our network, `DDPMScheduler`
   with our schedule and prediction type, in the loop of diffusers' unconditional-generation example,
-  class-conditional without label dropout. Two EMAs of its weights: "ema", `EMAModel`'s default warm-up
-  min(0.999, (1 + n) / (10 + n)) (PEER_SETTINGS, as ours), and "example-ema", the example's own:
-  `EMAModel(decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3/4)`, updated every step from step 0,
-  so at these lengths its decay is 1 - (1 + n)^(-3/4) (0.97 at 100 steps, 0.98 at 200), never near 0.9999.
+  class-conditional without label dropout. Two EMAs of its weights: "ema", `EMAModel`'s default warm-up,
+  decay min(0.999, k / (9 + k)) at step k (PEER_SETTINGS; ours: (1 + k) / (10 + k)), and "example-ema", the
+  example's own: `EMAModel(decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3/4)`, updated every step
+  from step 0, so at these lengths its decay is 1 - k^(-3/4) (0.97 at 100 steps, 0.98 at 200), never near
+  0.9999.
   Its sampler is ours: diffusers' UniPCMultistepScheduler computes the same update on the same grid
   (BENCHMARKS.md section 5; it rounds sigma-spaced timesteps to integers, ours keeps them continuous); the
   example itself samples with DDPMPipeline at 1,000 steps, 50 times the calls, not raced.
