@@ -147,10 +147,11 @@ class DiffusersDenoiser(nn.Module):
 
 
 def check_same_schedule(ours: NoiseScheduler, theirs) -> None:
-    """Raise ValueError when a diffusers scheduler's alpha_bar differs from ours beyond float32 rounding."""
-    mismatch = (theirs.alphas_cumprod.double() - ours.alphas_cumprod).abs().max().item()
+    """Raise ValueError when another library's alpha_bar (`theirs.alphas_cumprod`: a diffusers scheduler's,
+    a denoising-diffusion-pytorch GaussianDiffusion's) differs from ours beyond float32 rounding."""
+    mismatch = (theirs.alphas_cumprod.double().cpu() - ours.alphas_cumprod).abs().max().item()
     if mismatch > 1e-5:
-        raise ValueError(f"diffusers' alpha_bar differs from ours by up to {mismatch:.2e}")
+        raise ValueError(f"{type(theirs).__name__}'s alpha_bar differs from ours by up to {mismatch:.2e}")
 
 
 @torch.no_grad()

@@ -114,6 +114,11 @@ class NoiseScheduler:
         betas = _make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
         if rescale_betas_zero_snr:
             betas = _rescale_zero_terminal_snr(betas)
+        self._set_tables(betas)
+
+    def _set_tables(self, betas: Tensor) -> None:
+        """Every table of the schedule from its (T,) float64 betas: here from the named schedule, in a
+        subclass from another library's betas."""
         self.betas = betas  # (T,) float64
         self.alphas = 1.0 - betas  # (T,) float64
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (T,) float64, alpha_bar_t
