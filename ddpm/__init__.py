@@ -8,6 +8,11 @@ model source is: `ddpm.source`), sampling a trained model (`load_for_sampling`, 
 `ddpm.training`, FID `ddpm.fid`, diffusers interop `ddpm.interop.diffusers`.
 """
 
+from ddpm.openmp import apply_openmp_defaults
+
+# Before anything below imports torch, whose OpenMP runtime reads its wait policy once, as it loads.
+apply_openmp_defaults()
+
 from ddpm.config import Config, ConfigError, DataConfig, SampleConfig, TrainConfig, load_config, save_config
 from ddpm.data import build_dataset, num_classes_of
 from ddpm.inference import generate, load_for_sampling
