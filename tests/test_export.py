@@ -320,9 +320,10 @@ def test_a_conditional_export_samples_its_labels_with_guidance_as_ddpm_does(tmp_
     ClassConditionalPipeline, whose labels and classifier-free guidance compute what ddpm.sample computes
     (DDIM on the same grid, the same x_T). Before, the folder was a DDPMPipeline, which passes no labels."""
     model = tiny(num_classes=3)
-    # the digits schedule (cosine, v-prediction) unclipped: with clip_sample diffusers' DDIM keeps the model's
-    # eps where ddpm's re-derives it from the clamped x0 (GLIDE's way), so they differ by design
-    digits = yaml.safe_load(DIGITS_YAML.read_text())["diffusion"] | {"clip_sample": False}
+    # the digits schedule (cosine, v-prediction) with its clip_sample: the pipeline asks DDIM for the
+    # eps of the clamped x0 (use_clipped_model_output), which ddpm's DDIM uses (before: the model's own eps)
+    digits = yaml.safe_load(DIGITS_YAML.read_text())["diffusion"]
+    assert digits["clip_sample"] is True
     digits = build_schedule(digits)
     save_pretrained(tmp_path / "model", model, digits)
     main([str(tmp_path / "model"), str(tmp_path / "out"), "--scheduler", "DDIMScheduler"])

@@ -279,6 +279,28 @@ def test_diffusers_schedulers_drive_our_unet():
         torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
+def test_with_clip_sample_diffusers_ddim_matches_ours_only_with_the_clipped_models_eps():
+    """README: with clip_sample, DDIMScheduler keeps the network's eps unless step() is given
+    use_clipped_model_output=True; ddpm's DDIM re-derives eps from the clamped x0, as that option does."""
+    model = tiny_unet(scale=0.02)
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    scheduler = NoiseScheduler(beta_schedule="cosine", timestep_spacing="leading", clip_sample=True)
+    ours = sample(model, scheduler, noise=noise, sampler="ddim", steps=10, progress=False)
+    results = {}
+    for clipped_eps in (False, True):
+        ref = diffusers.DDIMScheduler.from_config(diffusers_scheduler_config(scheduler))
+        assert ref.config.clip_sample is True
+        ref.set_timesteps(10)
+        x = noise
+        with torch.no_grad():
+            for t in ref.timesteps:
+                x = ref.step(model(x, t), t, x, use_clipped_model_output=clipped_eps).prev_sample
+        results[clipped_eps] = x
+    torch.testing.assert_close(ours, results[True], rtol=1e-4, atol=1e-4)
+    assert (ours - results[False]).abs().max() > 1e-2
+
+
 def test_our_sampler_drives_a_diffusers_unet(cifar10_folder):
     """ddpm.sample with UNet2DModel behind a lambda equals ddpm.sample with the converted UNet."""
     folder, reference = cifar10_folder

@@ -86,8 +86,10 @@ class ClassConditionalPipeline(DiffusionPipeline):
             # a multistep scheduler whose first timesteps repeat (diffusers #12771) would otherwise start at
             # its second and run past its end
             self.scheduler.set_begin_index(0)
-        takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
-        extra = {"generator": generator} if takes_generator else {}
+        takes = inspect.signature(self.scheduler.step).parameters
+        extra = {"generator": generator} if "generator" in takes else {}
+        if "use_clipped_model_output" in takes:  # DDIM: eps from the clamped x0 (GLIDE's way), as ddpm does
+            extra["use_clipped_model_output"] = True
         for t in self.progress_bar(self.scheduler.timesteps):
             x = self.scheduler.scale_model_input(image, t)
             if guidance_scale == 1.0:
