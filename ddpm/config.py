@@ -31,6 +31,7 @@ from ddpm.ema.power import DEFAULT_SIGMA_RELS, SIGMA_REL_MAX
 from ddpm.io import atomic_write
 from ddpm.lr_schedule import LR_SCHEDULES
 from ddpm.models import ARCHITECTURES
+from ddpm.models.unet import CONDITION_ARGUMENTS
 from ddpm.samplers import SampleOptionError, check_sample_options
 from ddpm.schedule import LOSS_WEIGHTINGS, NoiseScheduler
 from ddpm.trackers import LOG_WITH, trackers
@@ -302,11 +303,19 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
                 f"sample.guidance_scale={_yaml(sample.guidance_scale)} needs a null label, but "
                 "model.null_label=false: set sample.guidance_scale=1 or model.null_label=true"
             )
-    if model["num_classes"] is None and sample.guidance_scale != 1:
+    conditioned = any(model.get(name) is not None for name in CONDITION_ARGUMENTS.values())
+    if not conditioned and sample.guidance_scale != 1:
         problems.append(
             f"sample.guidance_scale={_yaml(sample.guidance_scale)} needs a class-conditional model: set "
             "sample.guidance_scale=1 or model.num_classes"
         )
+    kinds = {"cond_channels": "an image", "cond_dim": "a vector", "context_dim": "a token sequence"}
+    for name, kind in kinds.items():
+        if model.get(name) is not None:  # ClassicUNet has none of them
+            problems.append(
+                f"{key(name)} conditions the network on {kind}, but no data set gives one yet (they give "
+                f"images and class labels): set model.{name}=null"
+            )
     return problems
 
 

@@ -13,8 +13,18 @@ see `ddpm.interop.diffusers`):
 With `resblock_updown` each resampler is a ResBlock that resamples inside (BigGAN's up/down blocks, as
 guided-diffusion's ADM uses them, Dhariwal & Nichol 2021, section 3), see `ddpm.interop.openai`.
 
-Conditioning: emb = MLP(sinusoid(t)) + label_embedding(y), handed to every ResBlock. With
-`time_conditioning=False` there is no embedding at all and the network is a segmentation U-Net (the seed
+Conditioning: emb = MLP(sinusoid(t)) + label_embedding(y) [+ vector_embedding(v)], handed to every
+ResBlock. The conditions travel as one `ddpm.conditions.Conditions` (a label tensor y is the conditions of
+labels alone); each kind the network is built for has a learned null, used for the rows the Conditions marks
+dropped (classifier-free guidance's unconditional half, `cond.null()`):
+    label   (num_classes):   a row of the label embedding, id `null_class` = num_classes;
+    image   (cond_channels): concatenated with x at the input, after a flag channel (1: an image, 0: dropped,
+                             the image then zeros), so conv_in takes in_channels + cond_channels + 1;
+    vector  (cond_dim):      Linear, SiLU, Linear into the embedding, a learned embedding where dropped;
+    context (context_dim):   read by cross-attention in every attention block (the attention_resolutions'
+                             levels and the middle) after their self-attention; a learned null token is
+                             always the first key, and a dropped row sees it alone.
+With `time_conditioning=False` there is no embedding at all and the network is a segmentation U-Net (the seed
 write-up's plain one, exactly, is `ddpm.models.classic.ClassicUNet`).
 """
 
@@ -29,6 +39,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ddpm.conditions import Conditions, as_conditions
 from ddpm.models.hub_model import HubModel
 
 TIME_INJECTIONS = ("scale_shift", "add")
@@ -38,10 +49,18 @@ TIME_FREE = (
     "has time_conditioning=False: it is a segmentation network, called as model(x) with no timestep, "
     "not a diffusion model (build it with time_conditioning=True for that)"
 )
+# The constructor argument that builds each kind of condition into a network (None: not built).
+CONDITION_ARGUMENTS = {
+    "label": "num_classes",
+    "image": "cond_channels",
+    "vector": "cond_dim",
+    "context": "context_dim",
+}
 
 
 class UNet(nn.Module, HubModel):
-    """Predicts noise (or x0, or v) from a noisy image x_t, a timestep t and an optional class label y.
+    """Predicts noise (or x0, or v) from a noisy image x_t, a timestep t and optional conditions: a class
+    label, an image, a vector and a token sequence (see the module's docstring).
 
     `config` holds the constructor's keyword arguments (JSON-able) and is saved beside the weights in a model
     folder: `UNet.from_pretrained(folder_or_repo_id)`, `model.save_pretrained(folder)` and
@@ -78,6 +97,9 @@ class UNet(nn.Module, HubModel):
         time_scale: float = 1.0,  # the network embeds t * time_scale (improved-diffusion: 1000 / T)
         num_classes: int | None = None,  # class-conditional with labels 0..num_classes-1 (+ the null label)
         null_label: bool = True,  # with num_classes: a label-embedding row for "no label" (for guidance)
+        cond_channels: int | None = None,  # channels of an image condition concatenated with x (at x's side)
+        cond_dim: int | None = None,  # width of a vector condition projected into the time embedding
+        context_dim: int | None = None,  # width of the tokens of a sequence read by cross-attention
         downsample: str = "conv",  # "conv": stride-2 3x3 conv; "conv_asymmetric": PadAfterConv2d; "maxpool"
         resblock_updown: bool = False,  # resample with ResBlocks (avg-pool / nearest inside), not downsample
         head_kernel_size: int = 3,  # kernel side of the output conv (odd)
@@ -93,6 +115,7 @@ class UNet(nn.Module, HubModel):
         self.num_classes = num_classes
         # Label id num_classes means "no label": training drops labels to it, guidance samples with it.
         self.null_class = num_classes if null_label else None
+        self.cond_channels, self.cond_dim, self.context_dim = cond_channels, cond_dim, context_dim
         self.time_conditioning = time_conditioning
         self.gradient_checkpointing = gradient_checkpointing
 
@@ -116,10 +139,12 @@ class UNet(nn.Module, HubModel):
 
         def attn(channels: int, heads: int = num_heads) -> AttentionBlock:
             heads = channels // head_channels if head_channels is not None else heads
-            return AttentionBlock(channels, heads, norm_groups, norm_eps)
+            return AttentionBlock(channels, heads, norm_groups, norm_eps, context_dim=context_dim)
 
         channels = base_channels * channel_mult[0]
-        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+        # An image condition comes after x, with its flag channel (see _input)
+        image_channels = cond_channels + 1 if cond_channels is not None else 0
+        self.conv_in = nn.Conv2d(in_channels + image_channels, channels, 3, padding=1)
         skip_channels = [channels]
         self.down_blocks = nn.ModuleList()
         for level, mult in enumerate(channel_mult):
@@ -160,6 +185,9 @@ class UNet(nn.Module, HubModel):
 
         self.conv_norm_out = nn.GroupNorm(norm_groups, channels, norm_eps)
         self.conv_out = nn.Conv2d(channels, out_channels, head_kernel_size, padding=head_kernel_size // 2)
+        # Built last and only when asked for, so that a network without them is the same, bit for bit
+        self.vector_embedding = VectorEmbedding(cond_dim, emb_channels) if cond_dim is not None else None
+        self.context_tokens = ContextTokens(context_dim) if context_dim is not None else None
 
         # Zero-init: every residual branch starts as the identity and the network outputs zero
         # (improved-diffusion; DiT does the same for its modulation and output layers).
@@ -168,23 +196,37 @@ class UNet(nn.Module, HubModel):
                 _zero(module.conv2)
             elif isinstance(module, AttentionBlock):
                 _zero(module.to_out)
+                if module.cross_out is not None:
+                    _zero(module.cross_out)
         _zero(self.conv_out)
 
-    def forward(self, x: Tensor, t: Tensor | float | int | None = None, y: Tensor | None = None) -> Tensor:
-        """x: (N, in_channels, H, W); t: (N,) or scalar timestep, int or float; y: (N,) long labels in
-        [0, num_classes] (num_classes = `null_class`, no label; [0, num_classes - 1] with null_label=False).
-        Returns (N, out_channels, H, W)."""
-        emb = conditioning(self, x, t, y, len(self.down_blocks))  # (N, 4 * base_channels) or None
+    def forward(
+        self, x: Tensor, t: Tensor | float | int | None = None, y: Conditions | Tensor | None = None
+    ) -> Tensor:
+        """x: (N, in_channels, H, W); t: (N,) or scalar timestep, int or float; y: the conditions, a
+        `Conditions` holding each kind the network is built for (`ddpm.conditions` gives their shapes), or
+        (N,) long labels alone, the same as `Conditions.from_labels(y)`. Labels lie in [0, num_classes]
+        (num_classes = `null_class`, no label; [0, num_classes - 1] with null_label=False). Rows a Conditions
+        marks dropped get the learned null of that kind. Returns (N, out_channels, H, W)."""
+        cond = as_conditions(y)
+        emb = conditioning(self, x, t, cond, len(self.down_blocks))  # (N, 4 * base_channels) or None
+        if self.vector_embedding is not None:
+            emb = emb + self.vector_embedding(cond["vector"], cond.is_dropped("vector"))
         if emb is not None:
             emb = F.silu(emb)  # every block's time projection starts with SiLU: apply it once here
+        context = (  # the attention blocks' extra arguments: () or (tokens (N, 1 + L, D), keep (N, 1 + L))
+            self.context_tokens(cond["context"], cond.get("context_mask"), cond.is_dropped("context"))
+            if self.context_tokens is not None
+            else ()
+        )
 
-        h = self.conv_in(x)  # (N, C0, H, W)
+        h = self.conv_in(self._input(x, cond))  # (N, C0, H, W)
         skips = [h]
         for block in self.down_blocks:
             for i, resnet in enumerate(block.resnets):
                 h = self._run(resnet, h, emb)
                 if block.attentions:
-                    h = self._run(block.attentions[i], h)
+                    h = self._run(block.attentions[i], h, *context)
                 skips.append(h)
             if block.resample is not None:
                 h = self._resample(block.resample, h, emb)  # (N, C, H, W) -> (N, C, H/2, W/2)
@@ -192,18 +234,30 @@ class UNet(nn.Module, HubModel):
 
         h = self._run(self.mid_block.resnets[0], h, emb)
         if self.mid_block.attentions:
-            h = self._run(self.mid_block.attentions[0], h)
+            h = self._run(self.mid_block.attentions[0], h, *context)
         h = self._run(self.mid_block.resnets[1], h, emb)
 
         for block in self.up_blocks:
             for i, resnet in enumerate(block.resnets):
                 h = self._run(resnet, torch.cat([h, skips.pop()], dim=1), emb)  # (N, C + C_skip, H, W)
                 if block.attentions:
-                    h = self._run(block.attentions[i], h)
+                    h = self._run(block.attentions[i], h, *context)
             if block.resample is not None:
                 h = self._resample(block.resample, h, emb)  # (N, C, H, W) -> (N, C, 2H, 2W)
 
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (N, out_channels, H, W)
+
+    def _input(self, x: Tensor, cond: Conditions) -> Tensor:
+        """x, or with an image condition (N, C, H, W) -> (N, C + cond_channels + 1, H, W): [x, image, flag],
+        flag 1 where the row has its image and 0 where it is dropped, its image then zeros. A flag rather than
+        a learned null image: it fits any input side, tells a dropped image from an all-zero one (an empty
+        mask), and keeps the layout of a plain wider input conv (diffusers' UNet2DModel in_channels)."""
+        if self.cond_channels is None:
+            return x
+        kept = ~cond.is_dropped("image")[:, None, None, None]  # (N, 1, 1, 1)
+        image = torch.where(kept, cond["image"].to(x.dtype), 0.0)  # (N, cond_channels, H, W)
+        flag = kept.to(x.dtype).expand(-1, 1, *x.shape[2:])  # (N, 1, H, W)
+        return torch.cat([x, image, flag], dim=1)
 
     def _run(self, block: nn.Module, *args: Tensor | None) -> Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -216,11 +270,18 @@ class UNet(nn.Module, HubModel):
 
 
 def conditioning(
-    net: nn.Module, x: Tensor, t: Tensor | float | int | None, y: Tensor | None, levels: int
+    net: nn.Module,
+    x: Tensor,
+    t: Tensor | float | int | None,
+    y: Conditions | Tensor | None,
+    levels: int,
 ) -> Tensor | None:
     """Checks a U-Net's inputs and returns emb = MLP(sinusoid(t)) + label_embedding(y), (N, E), or None for a
     time-free network. `net` (UNet or ClassicUNet) has in_channels, time_conditioning, time_embedding,
-    class_embedding, num_classes and null_class; `levels` is its number of resolutions."""
+    class_embedding, num_classes and null_class, and (UNet) the arguments of CONDITION_ARGUMENTS; `levels`
+    is its number of resolutions. y: a Conditions or (N,) labels (`as_conditions`), checked against what
+    the network is built for (`check_conditions`); dropped labels become `null_class`."""
+    cond = as_conditions(y)
     name = type(net).__name__
     if x.ndim != 4:
         raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got shape {tuple(x.shape)}")
@@ -234,8 +295,7 @@ def conditioning(
     if not net.time_conditioning:
         if t is not None:
             raise ValueError(f"this {name} {TIME_FREE}")
-        if y is not None:
-            raise ValueError(f"this {name} has no class embedding (num_classes=None): call it without y")
+        check_conditions(net, cond, x)
         return None
 
     if t is None:
@@ -246,26 +306,86 @@ def conditioning(
     if t.shape != (n,):
         raise ValueError(f"t must be a scalar or have shape (N,) = ({n},), got shape {tuple(t.shape)}")
     emb = net.time_embedding(t)
-
+    check_conditions(net, cond, x)
     if net.class_embedding is None:
-        if y is not None:
-            raise ValueError(f"this {name} has no class embedding (num_classes=None): call it without y")
         return emb
-    if y is None:
-        unconditional = (
-            f"for unconditional outputs pass y = torch.full((N,), model.null_class) (null_class = "
-            f"{net.null_class})"
-            if net.null_class is not None
-            else "it has no null label (null_label=False), so no unconditional output"
-        )
-        raise ValueError(
-            f"this {name} is class-conditional (num_classes={net.num_classes}): pass y; {unconditional}"
-        )
-    if y.shape != (n,) or y.dtype not in (torch.long, torch.int):
-        raise ValueError(f"y must be a long tensor of shape ({n},), got {y.dtype} of shape {tuple(y.shape)}")
+    y = cond["label"]
+    if "label" in cond.dropped:  # a dict lookup, not a value read: no host sync
+        y = torch.where(cond.dropped["label"], net.null_class, y)
     # The range of y is not checked here: that would read a device value (a host sync) on every call.
     # It is checked where labels enter: the data set against num_classes, and the sampling entry.
     return emb + net.class_embedding(y)
+
+
+def check_conditions(net: nn.Module, cond: Conditions, x: Tensor) -> None:
+    """ValueError, saying what to pass, unless `cond` holds exactly the kinds of condition `net` is built for
+    (CONDITION_ARGUMENTS: an argument not None, read from net's attributes) with their shapes for x
+    (N, C, H, W): "label" (N,) long, "image" (N, cond_channels, H, W), "vector" (N, cond_dim), "context"
+    (N, L, context_dim) and "context_mask" (N, L) bool; labels can be dropped only with a null label. Reads
+    shapes and dtypes only, no tensor value."""
+    name = type(net).__name__
+    n, _, height, width = x.shape
+    built = {kind: getattr(net, arg, None) for kind, arg in CONDITION_ARGUMENTS.items()}
+    for kind in cond.kinds:
+        if built[kind] is None and kind == "label":
+            raise ValueError(f"this {name} has no class embedding (num_classes=None): call it without y")
+        if built[kind] is None:
+            raise ValueError(
+                f"this {name} takes no {kind} condition ({CONDITION_ARGUMENTS[kind]}=None): leave "
+                f"'{kind}' out of the conditions, or build the network with {CONDITION_ARGUMENTS[kind]}"
+            )
+    expected = {
+        "label": (n,),
+        "image": (n, built["image"], height, width),
+        "vector": (n, built["vector"]),
+        "context": (n, "L", built["context"]),
+    }
+    for kind, size in built.items():
+        if size is None:
+            continue
+        shape = "(" + ", ".join(map(str, expected[kind])) + ")"
+        if kind not in cond and kind == "label":
+            unconditional = (
+                f"for unconditional outputs pass y = torch.full((N,), model.null_class) (null_class = "
+                f"{net.null_class})"
+                if net.null_class is not None
+                else "it has no null label (null_label=False), so no unconditional output"
+            )
+            raise ValueError(
+                f"this {name} is class-conditional (num_classes={net.num_classes}): pass y; {unconditional}"
+            )
+        if kind not in cond:
+            raise ValueError(
+                f"this {name} is built for {kind} conditions ({CONDITION_ARGUMENTS[kind]}={size}): pass "
+                f"Conditions holding '{kind}' of shape {shape}; for its learned null, mark the rows dropped "
+                "(cond.null(), Conditions.drop)"
+            )
+        value = cond[kind]
+        got = tuple(value.shape)
+        if kind == "label":
+            if got != (n,) or value.dtype not in (torch.long, torch.int):
+                raise ValueError(f"y must be a long tensor of shape ({n},), got {value.dtype} of shape {got}")
+            if "label" in cond.dropped and net.null_class is None:
+                raise ValueError(
+                    f"this {name} has no null label (null_label=False): its labels cannot be dropped"
+                )
+            continue
+        matches = len(got) == len(expected[kind]) and all(
+            e == "L" and g > 0 or g == e for g, e in zip(got, expected[kind], strict=True)
+        )
+        if not matches or not value.is_floating_point():
+            raise ValueError(
+                f"the {kind} condition must be a float tensor of shape {shape}, got {value.dtype} of "
+                f"shape {got}"
+            )
+    mask = cond.get("context_mask")
+    if mask is not None and (
+        mask.dtype != torch.bool or tuple(mask.shape) != tuple(cond["context"].shape[:2])
+    ):
+        raise ValueError(
+            f"context_mask must be a bool tensor of shape (N, L) = {tuple(cond['context'].shape[:2])} (True: "
+            f"a real token), got {mask.dtype} of shape {tuple(mask.shape)}"
+        )
 
 
 def sinusoidal_embedding(
@@ -370,9 +490,13 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the H*W positions, with a residual connection."""
+    """Multi-head self-attention over the H*W positions, with a residual connection; with `context_dim`,
+    then cross-attention from the positions to a token sequence (queries from the image, keys and values
+    from the tokens, as in latent diffusion, Rombach et al. 2022, section 3.3), with its own residual."""
 
-    def __init__(self, channels: int, heads: int, groups: int, eps: float) -> None:
+    def __init__(
+        self, channels: int, heads: int, groups: int, eps: float, *, context_dim: int | None = None
+    ) -> None:
         super().__init__()
         self.heads = heads
         self.group_norm = nn.GroupNorm(groups, channels, eps)
@@ -380,9 +504,16 @@ class AttentionBlock(nn.Module):
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
         self.to_out = nn.Linear(channels, channels)
+        cross = context_dim is not None
+        self.cross_norm = nn.GroupNorm(groups, channels, eps) if cross else None
+        self.cross_q = nn.Linear(channels, channels) if cross else None
+        self.cross_k = nn.Linear(context_dim, channels) if cross else None
+        self.cross_v = nn.Linear(context_dim, channels) if cross else None
+        self.cross_out = nn.Linear(channels, channels) if cross else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (N, C, H, W) -> (N, C, H, W)."""
+    def forward(self, x: Tensor, context: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
+        """x: (N, C, H, W) -> (N, C, H, W). With cross-attention, context: (N, L, context_dim) tokens and
+        keep: (N, L) bool, False for the tokens no position may attend to (padding, dropped rows)."""
         height = x.shape[2]
         tokens = rearrange(self.group_norm(x), "n c h w -> n (h w) c")  # a view for channels_last inputs
         q, k, v = (
@@ -390,7 +521,59 @@ class AttentionBlock(nn.Module):
             for proj in (self.to_q, self.to_k, self.to_v)
         )
         out = rearrange(F.scaled_dot_product_attention(q, k, v), "n heads l d -> n l (heads d)")
-        return x + rearrange(self.to_out(out), "n (h w) c -> n c h w", h=height)
+        x = x + rearrange(self.to_out(out), "n (h w) c -> n c h w", h=height)
+        if self.cross_q is None:
+            return x
+        tokens = rearrange(self.cross_norm(x), "n c h w -> n (h w) c")  # (N, HW, C)
+        q = rearrange(self.cross_q(tokens), "n l (heads d) -> n heads l d", heads=self.heads)
+        context = context.to(self.cross_k.weight.dtype)
+        k, v = (
+            rearrange(proj(context), "n l (heads d) -> n heads l d", heads=self.heads)
+            for proj in (self.cross_k, self.cross_v)
+        )  # (N, heads, L, d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])  # (N, heads, HW, d)
+        out = rearrange(out, "n heads l d -> n l (heads d)")
+        return x + rearrange(self.cross_out(out), "n (h w) c -> n c h w", h=height)
+
+
+class VectorEmbedding(nn.Module):
+    """A vector condition into the time embedding: v (N, D) -> Linear(SiLU(Linear(v))) (N, E) (the layout of
+    diffusers' "projection" class embedding), and a learned embedding `null` for the rows dropped."""
+
+    def __init__(self, dim: int, emb_channels: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(dim, emb_channels)
+        self.linear_2 = nn.Linear(emb_channels, emb_channels)
+        self.null = nn.Parameter(torch.zeros(emb_channels))
+
+    def forward(self, vector: Tensor, dropped: Tensor) -> Tensor:
+        """vector: (N, D); dropped: (N,) bool. Returns (N, E)."""
+        emb = self.linear_2(F.silu(self.linear_1(vector.to(self.linear_1.weight.dtype))))
+        return torch.where(dropped[:, None], self.null.to(emb.dtype), emb)
+
+
+class ContextTokens(nn.Module):
+    """The keys and values the cross-attention reads: a learned null token first, then the sequence.
+
+    Every query can attend to the null token, so a row whose tokens are all padding still has a defined
+    attention (no softmax over nothing), and a dropped row attends to the null token alone: its learned null.
+    Tokens that are not kept are also zeroed, so that no value of theirs (even inf or NaN) reaches the output.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.null = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, context: Tensor, mask: Tensor | None, dropped: Tensor) -> tuple[Tensor, Tensor]:
+        """context: (N, L, D); mask: (N, L) bool, True for a real token, or None (all real); dropped: (N,)
+        bool. Returns tokens (N, 1 + L, D) and keep (N, 1 + L) bool."""
+        n, length, _ = context.shape
+        keep = ~dropped[:, None].expand(n, length)  # (N, L)
+        if mask is not None:
+            keep = keep & mask
+        context = torch.where(keep[:, :, None], context.to(self.null.dtype), 0.0)
+        tokens = torch.cat([self.null.expand(n, 1, -1), context], dim=1)  # (N, 1 + L, D)
+        return tokens, torch.cat([keep.new_ones(n, 1), keep], dim=1)
 
 
 class PadAfterConv2d(nn.Conv2d):
@@ -465,6 +648,22 @@ def _check_config(config: dict) -> None:
         )
     if config["num_classes"] is not None and config["num_classes"] < 1:
         raise ValueError(f"num_classes must be a positive int or None, got {config['num_classes']}")
+    for name in ("cond_channels", "cond_dim", "context_dim"):
+        value = config[name]
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int or None (no such condition), got {value!r}")
+        if not config["time_conditioning"]:
+            raise ValueError(
+                f"{name} needs time_conditioning=True: a time-free network is a segmentation network, "
+                "whose input is its only image"
+            )
+    if config["context_dim"] is not None and not (config["attention_resolutions"] or config["mid_attention"]):
+        raise ValueError(
+            "context_dim needs attention blocks, where the cross-attention is: set attention_resolutions "
+            "or mid_attention=true"
+        )
     if config["head_kernel_size"] % 2 != 1:
         raise ValueError(f"head_kernel_size must be odd, got {config['head_kernel_size']}")
     time_channels = config["time_channels"] or config["base_channels"]
