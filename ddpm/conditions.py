@@ -152,6 +152,36 @@ def as_conditions(cond: Conditions | Tensor | None) -> Conditions:
     )
 
 
+def conditions_of(cond: Conditions | None = None, y: Tensor | None = None) -> Conditions:
+    """The conditions of a call that takes them as `cond` or, as every call did before conditions beyond
+    labels, as class labels `y` (N,) (`Conditions.from_labels`); neither: the empty Conditions. Raises
+    ValueError when both are given, and TypeError for a cond that is not a Conditions."""
+    if cond is not None and y is not None:
+        raise ValueError("pass the conditions once: cond=Conditions(...) or class labels y, not both")
+    if cond is None:
+        return Conditions.from_labels(y)
+    if not isinstance(cond, Conditions):
+        raise TypeError(f"cond must be a ddpm.conditions.Conditions, got {type(cond)}; labels go in y")
+    return cond
+
+
+def network_argument(cond: Conditions, null_class: int | None = None) -> Conditions | Tensor | None:
+    """What a network call `model(x, t, y)` is given for `cond`: None for the empty conditions, the (N,) label
+    tensor for labels alone (so that any network taking labels as a tensor works as it did), else the
+    Conditions. With a `null_class`, dropped labels become that label id (the label's null is a label id);
+    without, they stay marked dropped and the network (a UNet) takes its own null label. The other kinds stay
+    marked dropped, for the network's learned nulls."""
+    if "label" in cond.dropped and null_class is not None:
+        labels = torch.where(cond.dropped["label"], null_class, cond["label"])
+        dropped = {kind: mask for kind, mask in cond.dropped.items() if kind != "label"}
+        cond = Conditions({**cond.values, "label": labels}, dropped=dropped)
+    if not cond:
+        return None
+    if set(cond.values) == {"label"} and not cond.dropped:
+        return cond["label"]
+    return cond
+
+
 def collate_conditions(batch: Iterable[Mapping[str, Tensor]]) -> Conditions:
     """The Conditions of a batch of per-image condition dicts (name -> tensor without the batch dimension),
     as a data set yields them: stacked along a new first dimension."""

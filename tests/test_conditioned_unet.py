@@ -10,7 +10,11 @@ from test_unet import TINY, inputs, perturb, tiny
 
 from ddpm.conditions import Conditions
 from ddpm.config import ConfigError, load_config
+from ddpm.losses import diffusion_losses, drop_conditions, drop_labels
 from ddpm.models.unet import UNet
+from ddpm.samplers import sample
+from ddpm.samplers.sampling import denoiser, model_denoiser
+from ddpm.schedule import NoiseScheduler
 
 # Every kind at once, each with its own width, so that a mixed-up width shows as a shape error.
 ALL = dict(num_classes=3, cond_channels=2, cond_dim=5, context_dim=6)
@@ -286,3 +290,196 @@ def test_constructor_errors(overrides, message):
 def test_a_config_with_bad_condition_settings_is_refused_when_read(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(DIGITS_YAML, overrides)
+
+
+# --- conditions through the loss, the denoiser, guidance and the samplers ----------------------------------
+
+# x0-prediction: a random network's error is not amplified by 1 / sqrt(alpha_bar) near t = T
+SCHEDULER = NoiseScheduler(num_train_timesteps=100, beta_schedule="cosine", prediction_type="sample")
+KINDS_BUILT = [{"cond_channels": 2}, {"cond_dim": 5}, {"context_dim": 6}, ALL]
+
+
+def prediction(model: UNet, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+    """x0 from one plain model call (no guidance), as the denoiser converts it."""
+    x0, _ = SCHEDULER.predict_x0_and_eps(model(x, t.repeat(x.shape[0]), cond), x, t.repeat(x.shape[0]))
+    return x0
+
+
+@pytest.mark.parametrize("built", KINDS_BUILT, ids=lambda b: "+".join(b))
+def test_guidance_combines_the_conditional_and_the_null_predictions(built):
+    model = perturb(tiny(**built)).eval()
+    x, _ = inputs()
+    t = torch.tensor(40)
+    cond = conditions(2, **built)
+    conditional, unconditional = prediction(model, x, t, cond), prediction(model, x, t, cond.null())
+    assert not torch.allclose(conditional, unconditional, atol=1e-3)  # the conditions matter
+
+    def guided(scale: float) -> torch.Tensor:
+        return denoiser(model, SCHEDULER, cond=cond, guidance_scale=scale)(x, t).x0
+
+    assert torch.equal(guided(1.0), conditional)
+    # One batched call on [cond, cond.null()]: scale 0 is the second half, and the rows stay in order
+    assert torch.allclose(guided(0.0), unconditional, atol=1e-5)
+    assert torch.allclose(guided(3.0), unconditional + 3 * (conditional - unconditional), atol=1e-4)
+
+
+def test_the_guided_call_batches_each_kind_with_its_null_and_labels_as_a_tensor():
+    seen = []
+
+    def record(x, t, y=None):
+        seen.append(y)
+        return torch.zeros_like(x)
+
+    x, _ = inputs()
+    cond = conditions(2, **ALL)
+    model_denoiser(record, SCHEDULER, x, cond=cond, guidance_scale=2.0, null_class=3)(x, torch.tensor(5))
+    given = seen[-1]
+    assert given.batch_size == 4 and given["label"].tolist() == [0, 1, 3, 3]  # the null label, not a drop
+    assert "label" not in given.dropped
+    for kind in ("image", "vector", "context"):
+        assert given.is_dropped(kind).tolist() == [False, False, True, True], kind
+        assert torch.equal(given[kind], torch.cat([cond[kind], cond[kind]]))
+    # Labels alone reach the network as a label tensor, as before conditions beyond labels
+    y = torch.tensor([1, 2])
+    model_denoiser(record, SCHEDULER, x, y=y, guidance_scale=2.0, null_class=3)(x, torch.tensor(5))
+    assert torch.equal(seen[-1], torch.tensor([1, 2, 3, 3]))
+    model_denoiser(record, SCHEDULER, x, cond=Conditions.from_labels(y))(x, torch.tensor(5))
+    assert torch.equal(seen[-1], y)
+    model_denoiser(record, SCHEDULER, x)(x, torch.tensor(5))
+    assert seen[-1] is None
+
+
+@pytest.mark.parametrize(
+    ("built", "sampler"),
+    [(built, "ddim") for built in KINDS_BUILT[:-1]] + [(ALL, name) for name in ("ddim", "dpm++2m", "heun")],
+    ids=lambda v: "+".join(v) if isinstance(v, dict) else v,
+)
+def test_a_sampler_runs_end_to_end_with_each_condition(built, sampler):
+    model = perturb(tiny(**built)).eval()
+    cond = conditions(2, **built)
+
+    def run(c, scale: float = 2.0) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        return sample(
+            model,
+            SCHEDULER,
+            (2, 3, 8, 8),
+            cond=c,
+            sampler=sampler,
+            steps=3,
+            guidance_scale=scale,
+            generator=generator,
+            progress=False,
+        )
+
+    images = run(cond)
+    assert images.shape == (2, 3, 8, 8) and torch.isfinite(images).all()
+    assert torch.equal(run(cond), images)  # seeded
+    assert not torch.allclose(run(conditions(2, **built, seed=7)), images, atol=1e-3)  # conditions read
+    # Guidance at scale 0 samples the unconditional model: the conditions given all dropped
+    assert torch.allclose(run(cond, 0.0), run(cond.null(), 1.0), rtol=1e-4, atol=1e-4)
+
+
+def test_labels_sample_the_same_as_y_and_as_conditions():
+    model = perturb(tiny(num_classes=3)).eval()
+    y = torch.tensor([2, 0])
+
+    def run(**given) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        return sample(
+            model, SCHEDULER, (2, 3, 8, 8), steps=3, guidance_scale=2.0, generator=generator, progress=False,
+            **given,
+        )  # fmt: skip
+
+    assert torch.equal(run(y=y), run(cond=Conditions.from_labels(y)))
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        (dict(y=torch.tensor([0, 1]), cond=COND), "pass the conditions once"),
+        (dict(cond=COND.rows([0, 1, 0])), "the conditions hold 3 rows for 2 images"),
+        (dict(cond=None, guidance_scale=2.0), "needs class labels y or conditions cond"),
+        (dict(cond=COND, null_class=7, guidance_scale=2.0), r"labels must lie in .*got \[7\]"),
+        (dict(cond=with_value(COND, "label", torch.tensor([0, 5]))), r"labels must lie in .*got \[5\]"),
+        (dict(cond=torch.tensor([0, 1])), "cond must be a ddpm.conditions.Conditions"),
+    ],
+)
+def test_the_denoiser_refuses_conditions_that_do_not_fit(given, message):
+    x, _ = inputs()
+    with pytest.raises((ValueError, TypeError), match=message):
+        model_denoiser(tiny(**ALL), SCHEDULER, x, **given)
+
+
+def test_a_dropped_label_without_a_null_label_is_refused_before_any_call():
+    model = tiny(num_classes=3, null_label=False, cond_dim=5)
+    x, _ = inputs()
+    cond = Conditions({"label": torch.tensor([0, 1]), "vector": torch.zeros(2, 5)})
+    with pytest.raises(ValueError, match="a dropped label needs a null label.*drop no label"):
+        model_denoiser(model, SCHEDULER, x, cond=cond.drop({"label": torch.tensor([True, False])}))
+    with pytest.raises(ValueError, match="guidance_scale=2.0 needs a null label"):
+        model_denoiser(model, SCHEDULER, x, cond=cond, guidance_scale=2.0)
+    # Guidance on the other kinds alone needs no null label
+    model_denoiser(tiny(cond_dim=5), SCHEDULER, x, cond=without(cond, "label"), guidance_scale=2.0)
+
+
+def test_the_loss_hands_the_conditions_to_the_model_and_labels_give_the_same_loss():
+    model = perturb(tiny(num_classes=3))
+    x0, _ = inputs()
+    noise, t = torch.randn_like(x0), torch.tensor([10, 60])
+    y = torch.tensor([1, 2])
+    by_tensor = diffusion_losses(model, SCHEDULER, x0, noise, t, y)
+    assert torch.equal(by_tensor, diffusion_losses(model, SCHEDULER, x0, noise, t, Conditions.from_labels(y)))
+    seen = []
+    cond = conditions(2, **ALL)
+    diffusion_losses(lambda x, t, c: seen.append(c) or torch.zeros_like(x), SCHEDULER, x0, noise, t, cond)
+    assert seen == [cond]
+
+
+def test_the_loss_of_a_conditioned_network_trains_every_null():
+    model = perturb(tiny(**ALL))
+    x0, _ = inputs()
+    cond = conditions(2, **ALL)
+    cond = cond.drop({kind: torch.tensor([True, False]) for kind in cond.kinds})
+    noise, t = torch.randn_like(x0), torch.tensor([30, 60])
+    losses = diffusion_losses(model, SCHEDULER, x0, noise, t, cond)
+    losses.mean().backward()
+    assert losses.shape == (2,) and torch.isfinite(losses).all()
+    assert model.vector_embedding.null.grad.abs().sum() > 0 and model.context_tokens.null.grad.abs().sum() > 0
+    assert model.class_embedding.weight.grad[model.null_class].abs().sum() > 0
+
+
+def test_condition_dropout_joint_and_per_kind():
+    cond = conditions(4000, **ALL)
+    torch.manual_seed(0)
+    joint = drop_conditions(cond, 0.3)
+    # One draw per row, the draws of drop_labels: every kind of a row dropped together
+    torch.manual_seed(0)
+    labels = drop_labels(cond["label"], 0.3, null_class=3)
+    assert all(torch.equal(joint.is_dropped(kind), labels == 3) for kind in cond.kinds)
+    assert abs(joint.is_dropped("image").float().mean() - 0.3) < 0.03
+    per_kind = drop_conditions(cond, {"label": 0.0, "image": 1.0, "vector": 0.5, "context": 0.2})
+    rates = {kind: per_kind.is_dropped(kind).float().mean().item() for kind in cond.kinds}
+    assert rates["label"] == 0 and rates["image"] == 1
+    assert abs(rates["vector"] - 0.5) < 0.03 and abs(rates["context"] - 0.2) < 0.03
+    together = (per_kind.is_dropped("vector") & per_kind.is_dropped("context")).float().mean()
+    assert abs(together - 0.1) < 0.02  # independent
+    assert drop_conditions(Conditions(), 0.5).kinds == ()
+    # Dropping adds to what is dropped already
+    assert drop_conditions(cond.null(), 0.0).is_dropped("vector").all()
+
+
+@pytest.mark.parametrize(
+    ("p", "message"),
+    [
+        (
+            {"image": 0.1},
+            r"names \['image'\] but the conditions hold \['label', 'image', 'vector', 'context'\]",
+        ),
+        (1.5, r"probability of all must lie in \[0, 1\], got 1.5"),
+        ({"label": 0, "image": -0.1, "vector": 0, "context": 0}, "probability of image must lie in"),
+    ],
+)
+def test_condition_dropout_errors(p, message):
+    with pytest.raises(ValueError, match=message):
+        drop_conditions(COND, p)

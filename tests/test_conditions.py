@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils import _pytree as pytree
 
-from ddpm.conditions import Conditions, as_conditions, collate_conditions
+from ddpm.conditions import Conditions, as_conditions, collate_conditions, conditions_of, network_argument
 
 
 def conditions(n: int = 4, offset: int = 0) -> Conditions:
@@ -136,3 +136,31 @@ def test_a_pytree_round_trip_gives_the_same_tensors():
     assert isinstance(again, Conditions) and set(again.values) == set(cond.values)
     assert all(again[name] is cond[name] for name in cond.values)
     assert again.is_dropped("context").tolist() == [True, False, True]
+
+
+def test_conditions_of_takes_cond_or_labels_once():
+    labels = torch.tensor([1, 2])
+    assert conditions_of(y=labels)["label"] is labels and not conditions_of()
+    cond = conditions(2)
+    assert conditions_of(cond) is cond
+    with pytest.raises(ValueError, match="not both"):
+        conditions_of(cond, labels)
+    with pytest.raises(TypeError, match="labels go in y"):
+        conditions_of(labels)
+
+
+def test_network_argument_gives_labels_alone_as_a_tensor_with_the_null_label():
+    labels = Conditions.from_labels(torch.tensor([4, 5, 6]))
+    assert network_argument(Conditions()) is None
+    assert torch.equal(network_argument(labels, null_class=10), torch.tensor([4, 5, 6]))
+    dropped = labels.drop({"label": torch.tensor([False, True, False])})
+    assert torch.equal(network_argument(dropped, null_class=10), torch.tensor([4, 10, 6]))
+    # Without a null label id the drop stays marked, for the network's own null label
+    kept = network_argument(dropped)
+    assert isinstance(kept, Conditions) and kept.is_dropped("label").tolist() == [False, True, False]
+    # With other kinds: a Conditions, the labels resolved, the other drops kept
+    both = Conditions.cat([conditions(2), conditions(2).null()])
+    given = network_argument(both, null_class=10)
+    assert given["label"].tolist() == [0, 1, 10, 10] and "label" not in given.dropped
+    assert given.is_dropped("image").tolist() == [False, False, True, True]
+    assert torch.equal(given["image"], both["image"])

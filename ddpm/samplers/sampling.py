@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ddpm.conditions import Conditions, conditions_of, network_argument
 from ddpm.samplers.multistep import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, unipc
 from ddpm.samplers.solvers import (
     Denoised,
@@ -70,7 +71,7 @@ class Budget(NamedTuple):
 
 @torch.no_grad()
 def sample(
-    model: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    model: Callable[[Tensor, Tensor, Conditions | Tensor | None], Tensor],
     scheduler: NoiseScheduler,
     shape: Sequence[int] | None = None,
     *,
@@ -81,6 +82,7 @@ def sample(
     eta: float = 0.0,
     options: Mapping[str, Any] | None = None,
     y: Tensor | None = None,
+    cond: Conditions | None = None,
     guidance_scale: float = 1.0,
     null_class: int | None = None,
     generator: torch.Generator | None = None,
@@ -93,7 +95,9 @@ def sample(
     model: any callable `model(x, t, y)` returning the prediction `scheduler.prediction_type` names (followed
         by C variance channels when `scheduler.variance_type` is "learned_range": 2C channels), with x
         (N, C, H, W), t an (N,) tensor on x's device (long; float64, continuous, for the spacings "karras" and
-        "exponential") and y (N,) long labels or None. An nn.Module whose parameters are half precision gets
+        "exponential") and y the conditions as `ddpm.conditions.network_argument` gives them: (N,) long
+        labels when they are all there is, None without conditions, else a Conditions. An nn.Module whose
+        parameters are half precision gets
         x in that dtype; its output is cast back.
     shape: (N, C, H, W) of x_T drawn from `generator`, or `noise`: x_T itself; exactly one of the two.
         Drawn noise is float32 on the generator's device (so a CPU generator gives the same images on any
@@ -109,11 +113,14 @@ def sample(
         {"s_churn": 40} for "heun"; a name the solver does not declare is refused. sampler, steps, calls, eta,
         options and guidance_scale are checked by `check_sample_options`; the solver gets those of eta and
         generator it declares, and `options`.
-    y: (N,) class labels or None; with a `model.num_classes` (not None) they, and the null label, must lie in
-        [0, num_classes] (checked once here, not at every network call). guidance_scale: classifier-free
-        guidance weight s >= 0 (Ho & Salimans 2022); with s != 1 each step makes one batched call on [x, x]
-        with labels [y, null] and uses uncond + s * (cond - uncond). The null label is `null_class`, else
-        `model.null_class`.
+    y: (N,) class labels or None, the same as cond=Conditions.from_labels(y); with a `model.num_classes`
+        (not None) they, and the null label, must lie in [0, num_classes] (checked once here, not at every
+        network call). cond: instead of y, the conditions of the N images, a `ddpm.conditions.Conditions`
+        (any kinds the model takes, some rows maybe dropped already); the network checks them at its call.
+        guidance_scale: classifier-free guidance weight s >= 0 (Ho & Salimans 2022); with s != 1 each step
+        makes one batched call on [x, x] with the conditions [cond, cond.null()] (every kind dropped to its
+        null; labels to the null label `null_class`, else `model.null_class`) and uses
+        uncond + s * (cond - uncond).
     start_step: run only the grid's timesteps from index start_step on (0 <= start_step < steps), from
         `noise` = x at the noise level of that timestep (`sampling_timesteps(...)[start_step]`): SDEdit's
         start (Meng et al. 2022), used by `ddpm.samplers.editing.img2img`. The solver sees those
@@ -143,7 +150,9 @@ def sample(
         )
     timesteps = sampling_timesteps(scheduler, sampler, budget.steps)[start_step:]
     x = _initial_noise(model, shape, noise, generator)
-    denoise = model_denoiser(model, scheduler, x, y=y, guidance_scale=guidance_scale, null_class=null_class)
+    denoise = model_denoiser(
+        model, scheduler, x, y=y, cond=cond, guidance_scale=guidance_scale, null_class=null_class
+    )
     given = {"eta": eta, "generator": generator, **options}
     kwargs = {name: given[name] for name in solver_options(solver) if name in given}
     x0 = solver(denoise, x, timesteps, scheduler, **kwargs, disable=not progress)
@@ -160,32 +169,51 @@ def sampling_timesteps(scheduler: NoiseScheduler, sampler: str, steps: int) -> T
 
 
 def model_denoiser(
-    model: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    model: Callable[[Tensor, Tensor, Conditions | Tensor | None], Tensor],
     scheduler: NoiseScheduler,
     x: Tensor,
     *,
     y: Tensor | None = None,
+    cond: Conditions | None = None,
     guidance_scale: float = 1.0,
     null_class: int | None = None,
 ) -> Denoiser:
     """The `denoise(x_t, t) -> (x0, eps)` of `sample()` for images like x (N, C, H, W): the model call with
-    the labels y (N,) and classifier-free guidance (see `sample`), then the scheduler's conversion of its
-    prediction; what every sampler and `ddpm.samplers.editing` call the network through. Checks the labels
-    and the null label (ValueError), and refuses a time-free network, before any network call."""
+    the conditions (labels y (N,), or cond) and classifier-free guidance (see `sample`), then the
+    scheduler's conversion of its prediction; what every sampler and `ddpm.samplers.editing` call the
+    network through. Checks the conditions' batch, the labels and the null label (ValueError), and refuses
+    a time-free network, before any network call; the conditions are moved to x's device."""
     _refuse_time_free(model)
-    if guidance_scale != 1.0:
+    if y is not None:
+        y = torch.as_tensor(y, device=x.device).long()
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"y must have shape ({x.shape[0]},), one label per image, got {tuple(y.shape)}")
+    cond = conditions_of(cond, y).to(x.device)
+    if cond and cond.batch_size != x.shape[0]:
+        raise ValueError(
+            f"the conditions hold {cond.batch_size} rows for {x.shape[0]} images: give one row per image"
+        )
+    if guidance_scale != 1.0 and not cond:
+        raise ValueError(
+            f"guidance_scale={guidance_scale} needs class labels y or conditions cond; pass one or use 1.0"
+        )
+    if "label" in cond and (guidance_scale != 1.0 or "label" in cond.dropped):
         null_class = null_class if null_class is not None else getattr(model, "null_class", None)
         if null_class is None:
+            guided = guidance_scale != 1.0
             raise ValueError(
-                f"guidance_scale={guidance_scale} needs a null label: the model has no `null_class` "
-                "(or it is None), as a class-conditional model loaded from OpenAI's or diffusers' weights; "
-                "fine-tune it with label dropout to a null label first, pass null_class=<label id>, or use "
-                "guidance_scale=1.0"
+                f"{f'guidance_scale={guidance_scale}' if guided else 'a dropped label'} needs a null label: "
+                "the model has no `null_class` (or it is None), as a class-conditional model loaded from "
+                "OpenAI's or diffusers' weights; fine-tune it with label dropout to a null label first, pass "
+                f"null_class=<label id>, or {'use guidance_scale=1.0' if guided else 'drop no label'}"
             )
+    else:
+        null_class = None  # not needed: no label is ever dropped
     has_null = getattr(model, "null_class", None) is not None
-    y = _check_labels(y, x, guidance_scale, null_class, getattr(model, "num_classes", None), has_null)
+    if "label" in cond:
+        _check_labels(cond, null_class, getattr(model, "num_classes", None), has_null)
     return denoiser(
-        model, scheduler, y=y, guidance_scale=guidance_scale, null_class=null_class, dtype=x.dtype
+        model, scheduler, cond=cond, guidance_scale=guidance_scale, null_class=null_class, dtype=x.dtype
     )
 
 
@@ -293,10 +321,11 @@ def _refuse_if_unused(option: str, value, default, sampler: str) -> None:
 
 
 def denoiser(
-    model: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    model: Callable[[Tensor, Tensor, Conditions | Tensor | None], Tensor],
     scheduler: NoiseScheduler,
     *,
     y: Tensor | None = None,
+    cond: Conditions | None = None,
     guidance_scale: float = 1.0,
     null_class: int | None = None,
     dtype: torch.dtype = torch.float32,
@@ -304,9 +333,11 @@ def denoiser(
     """denoise(x_t, t) -> Denoised (x0, eps, and the variance values v), in x_t's dtype: the one way a model
     output becomes a prediction, for `sample` and for any code that steps the reverse process itself.
 
-    The model call, with classifier-free guidance when guidance_scale != 1 (one batched call on [x, x] with
-    labels [y, null_class]; uncond + s (cond - uncond) on the prediction channels; a learned variance is taken
-    from the conditional pass, as GLIDE does), then `scheduler.split_output` (the first C channels and, for
+    The model call with the conditions (labels y, or cond, on x_t's device; `network_argument` gives the
+    model labels alone as a tensor), with classifier-free guidance when guidance_scale != 1 (one batched call
+    on [x, x] with the conditions [cond, cond.null()], dropped labels being `null_class`;
+    uncond + s (cond - uncond) on the prediction channels; a learned variance is taken from the conditional
+    pass, as GLIDE does), then `scheduler.split_output` (the first C channels and, for
     "learned_range", the next C) and `scheduler.predict_x0_and_eps`. x_t: (N, C, H, W); t: a 0-d timestep,
     repeated over the batch on x_t's device (no copy from the host: `_batch_of`), or (N,), one per row (the
     likelihood's rows of many timesteps: `ddpm.vlb`). The model gets x_t in the dtype of its first parameter
@@ -314,16 +345,20 @@ def denoiser(
     """
     param = _first_parameter(model)
     model_dtype = param.dtype if param is not None and param.is_floating_point() else dtype
+    cond = conditions_of(cond, y)
+    if guidance_scale == 1.0:
+        given = network_argument(cond, null_class)
+    else:  # the batch of the guided call: first half conditional, second half every condition dropped
+        given = network_argument(Conditions.cat([cond, cond.null()]), null_class)
 
     def denoise(x_t: Tensor, t: Tensor) -> Denoised:
         t_batch = _batch_of(t, x_t)  # (N,) long, or float64 (continuous timesteps), on x_t's device
         channels = x_t.shape[1]
         if guidance_scale == 1.0:
-            out, v = scheduler.split_output(model(x_t.to(model_dtype), t_batch, y), channels)
-        else:  # one batched call: first half conditional, second half with the null label
-            null = torch.full_like(y, null_class)
+            out, v = scheduler.split_output(model(x_t.to(model_dtype), t_batch, given), channels)
+        else:  # one batched call: first half conditional, second half unconditional
             x_in = x_t.to(model_dtype)
-            both = model(torch.cat([x_in, x_in]), torch.cat([t_batch, t_batch]), torch.cat([y, null]))
+            both = model(torch.cat([x_in, x_in]), torch.cat([t_batch, t_batch]), given)
             both, v_both = scheduler.split_output(both, channels)
             cond, uncond = both.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)
@@ -358,21 +393,14 @@ def _initial_noise(model, shape, noise: Tensor | None, generator: torch.Generato
     return gaussian_noise(shape, torch.float32, torch.device(device), generator)
 
 
-def _check_labels(
-    y, x: Tensor, guidance_scale: float, null_class: int | None, num_classes: int | None, has_null: bool
-) -> Tensor | None:
-    """y as an (N,) long tensor on x's device, or None; guidance needs labels. With num_classes, y and the
-    null label must lie in [0, num_classes] ([0, num_classes - 1] for a model without a null label,
+def _check_labels(cond: Conditions, null_class: int | None, num_classes: int | None, has_null: bool) -> None:
+    """With num_classes, the labels of cond's rows not dropped and the null label (when one is used,
+    null_class not None) must lie in [0, num_classes] ([0, num_classes - 1] for a model without a null label,
     `has_null` False): one host sync per sample() call, none per network call."""
-    if y is None:
-        if guidance_scale != 1.0:
-            raise ValueError(f"guidance_scale={guidance_scale} needs class labels y; pass y or use 1.0")
-        return None
-    y = torch.as_tensor(y, device=x.device).long()
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"y must have shape ({x.shape[0]},), one label per image, got {tuple(y.shape)}")
     if num_classes is not None:
-        labels = y if guidance_scale == 1.0 else torch.cat([y, y.new_tensor([null_class])])
+        labels = cond["label"][~cond.is_dropped("label")]
+        if null_class is not None:
+            labels = torch.cat([labels, labels.new_tensor([null_class])])
         top = num_classes if has_null else num_classes - 1
         outside = (labels < 0) | (labels > top)
         if bool(outside.any()):
@@ -384,7 +412,6 @@ def _check_labels(
             raise ValueError(
                 f"labels must lie in {bound}, got {labels[outside].unique().tolist()} (in y or null_class)"
             )
-    return y
 
 
 def _refuse_time_free(model) -> None:
