@@ -10,7 +10,9 @@ from test_unet import TINY, inputs, perturb, tiny
 
 from ddpm.conditions import Conditions
 from ddpm.config import ConfigError, load_config
+from ddpm.interop.diffusers import diffusers_unet_config
 from ddpm.losses import diffusion_losses, drop_conditions, drop_labels
+from ddpm.models import ClassicUNet
 from ddpm.models.unet import UNet
 from ddpm.samplers import sample
 from ddpm.samplers.sampling import denoiser, model_denoiser
@@ -483,3 +485,21 @@ def test_condition_dropout_joint_and_per_kind():
 def test_condition_dropout_errors(p, message):
     with pytest.raises(ValueError, match=message):
         drop_conditions(COND, p)
+
+
+def test_the_classic_unet_takes_labels_as_conditions_and_refuses_the_other_kinds():
+    torch.manual_seed(0)
+    model = perturb(ClassicUNet(base_channels=4, channel_mult=[1, 2], time_conditioning=True, num_classes=3))
+    x, t = inputs()
+    y = torch.tensor([2, 0])
+    assert torch.equal(model(x, t, y), model(x, t, Conditions.from_labels(y)))
+    null = torch.full((2,), model.null_class)
+    assert torch.equal(model(x, t, null), model(x, t, Conditions.from_labels(y).null()))
+    with pytest.raises(ValueError, match=r"ClassicUNet takes no vector condition \(cond_dim=None\)"):
+        model(x, t, Conditions({"label": y, "vector": torch.zeros(2, 5)}))
+
+
+@pytest.mark.parametrize("name", ["cond_channels", "cond_dim", "context_dim"])
+def test_a_conditioned_network_is_refused_by_the_diffusers_export_by_name(name):
+    with pytest.raises(ValueError, match=rf"model\.{name}=2 cannot be exported to diffusers"):
+        diffusers_unet_config(tiny(**{name: 2}).config)
