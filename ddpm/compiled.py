@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ddpm.conditions import Conditions
+
 AUTO = "auto"
 # torch.compile's modes (train.compile_mode): "reduce-overhead" adds CUDA graphs to the default's fused
 # kernels; the "max-autotune" modes also search kernel configurations (minutes more of compilation).
@@ -80,14 +82,18 @@ class FixedBatchNetwork(nn.Module):
         # Not an attribute nn.Module registers: the compiled wrapper holds `model` itself.
         self.__dict__["_call"] = compile_network(model, mode=mode) if mode is not None else model
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """x (N, C, H, W) with N <= batch_size, t (N,), y (N,) or None -> (N, C', H, W)."""
+    def forward(self, x: Tensor, t: Tensor, y: Conditions | Tensor | None = None) -> Tensor:
+        """x (N, C, H, W) with N <= batch_size, t (N,), y (N,) labels, N rows of Conditions or None ->
+        (N, C', H, W)."""
         n = x.shape[0]
         if n > self.batch_size:
             raise ValueError(f"{n} images do not fit this network's fixed batch of {self.batch_size}")
         if n < self.batch_size:  # pad with copies of the first image: values the network sees anyway
             x, t = _pad(x, self.batch_size), _pad(t, self.batch_size)
-            y = _pad(y, self.batch_size) if y is not None else None
+            if isinstance(y, Conditions):
+                y = Conditions.cat([y, y.rows([0] * (self.batch_size - n))])
+            elif y is not None:
+                y = _pad(y, self.batch_size)
         if x.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()  # the previous call's outputs are no longer read
         return self._call(x, t, y)[:n].clone()

@@ -65,6 +65,9 @@ SPLITS = {
     "fashion_mnist": ("train", "test"),
     "celeba": ("train", "test"),
 }
+# The values of data.task: what a built-in task derives from each image as its conditions (ddpm.data):
+# "none" nothing; "superres" the image area-downsampled by data.superres_factor and upsampled back.
+TASKS = ("none", "superres")
 T = TypeVar("T")
 
 
@@ -84,6 +87,8 @@ class DataConfig:
     download: bool = False  # torchvision datasets only
     batch_size: int = 64  # per process
     num_workers: int | str = 0  # DataLoader workers per process, or "auto" (ddpm.data.loader_workers)
+    task: str = "none"  # one of TASKS: none | superres (the conditions derived from each image)
+    superres_factor: int = 4  # superres: the side's reduction of the low-resolution image the model sees
 
 
 @dataclass
@@ -102,7 +107,9 @@ class TrainConfig:
     ema_warmup: bool = True  # decay = min(ema_decay, (1 + n) / (10 + n))
     posthoc_ema_every: int = 0  # optimizer steps between post-hoc EMA snapshots (0: none); see ddpm.ema
     posthoc_ema_sigma_rels: tuple[float, ...] = DEFAULT_SIGMA_RELS  # their profiles' relative widths
-    label_dropout: float = 0.1  # p of replacing y by the null label (classifier-free guidance)
+    # p of dropping a row's conditions (label, task's image), all together, to their nulls (classifier-free
+    # guidance; ddpm.losses.drop_conditions)
+    label_dropout: float = 0.1
     loss_weighting: str = "uniform"  # uniform | min_snr (ddpm.schedule.LOSS_WEIGHTINGS)
     min_snr_gamma: float = 5.0
     # Learn the variance (Nichol & Dhariwal 2021): the hybrid loss L_simple + 0.001 L_vlb (ddpm.losses); needs
@@ -309,13 +316,45 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
             f"sample.guidance_scale={_yaml(sample.guidance_scale)} needs a class-conditional model: set "
             "sample.guidance_scale=1 or model.num_classes"
         )
-    kinds = {"cond_channels": "an image", "cond_dim": "a vector", "context_dim": "a token sequence"}
+    problems += _task_problems(config, model, key)
+    kinds = {"cond_dim": "a vector", "context_dim": "a token sequence"}
     for name, kind in kinds.items():
         if model.get(name) is not None:  # ClassicUNet has none of them
             problems.append(
                 f"{key(name)} conditions the network on {kind}, but no data set gives one yet (they give "
-                f"images and class labels): set model.{name}=null"
+                f"images, class labels and data.task's image): set model.{name}=null"
             )
+    return problems
+
+
+def _task_problems(config: Config, model: Mapping[str, Any], key: Callable[[str], str]) -> list[str]:
+    # model: the network's whole config; key(name) says a key of it that the network has
+    """What does not fit data.task: the image condition it gives (or none) against model.cond_channels, the
+    factor against the image side, and the in-training FID, which samples without conditions."""
+    data, cond_channels = config.data, model.get("cond_channels")
+    if data.task == "none":
+        if cond_channels is None:
+            return []
+        return [
+            f"{key('cond_channels')} conditions the network on an image, but data.task=none gives none: set "
+            "model.cond_channels=null, or data.task=superres"
+        ]
+    problems = []
+    if cond_channels != data.channels:
+        problems.append(
+            f"data.task={data.task} gives the network an image of data.channels={data.channels} channels "
+            f"but model.cond_channels={_yaml(cond_channels)}: set model.cond_channels={data.channels}"
+        )
+    if data.image_size % data.superres_factor:
+        problems.append(
+            f"data.superres_factor={data.superres_factor} does not divide data.image_size={data.image_size}: "
+            "choose a factor of the side"
+        )
+    if config.train.fid_every:
+        problems.append(
+            f"train.fid_every={config.train.fid_every} with data.task={data.task}: the in-training FID "
+            "samples without the task's conditions; set train.fid_every=0"
+        )
     return problems
 
 
@@ -422,6 +461,7 @@ TOP_LEVEL_KEYS = ("model", "diffusion", "data", "train", "sample", "output_dir")
 # Values accepted by the options that take one of a list (read from the module that owns it where one does).
 _CHOICES: dict[str, tuple] = {
     "data.dataset": DATASETS,
+    "data.task": TASKS,
     "data.channels": (1, 3),
     "data.split": ("train", "test", "all"),
     "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
@@ -441,6 +481,7 @@ _UNIT = (lambda v: 0 <= v < 1, "a number in [0, 1)")
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.image_size": _AT_LEAST_1,
     "data.batch_size": _AT_LEAST_1,
+    "data.superres_factor": (lambda v: v >= 2, "an integer >= 2"),
     "data.num_workers": (lambda v: v == "auto" or v >= 0, "an integer >= 0, or auto"),
     "train.steps": _AT_LEAST_1,
     "train.lr": _POSITIVE,

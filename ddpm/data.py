@@ -8,6 +8,10 @@
   only the split "train" (all of it).
 - cifar10, mnist, fashion_mnist, celeba: torchvision's classes, read from data.root (downloaded there when
   data.download is true); split "train" or "test" (torchvision's train=False, CelebA's "test").
+
+A built-in task (data.task) derives conditions from each batch of images, so that any data set serves it
+(`batch_conditions`): "superres" gives the model the image area-downsampled by data.superres_factor
+(`superres_condition`).
 """
 
 import os
@@ -17,12 +21,14 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, get_worker_info
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from ddpm.conditions import Conditions
 from ddpm.config import DATASETS, DataConfig, split_problem
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
@@ -45,6 +51,25 @@ def build_dataset(data: DataConfig) -> Dataset:
     if problem := split_problem(data):
         raise DataError(problem)
     return BUILDERS[data.dataset](data)
+
+
+def superres_condition(images: Tensor, factor: int) -> Tensor:
+    """The image condition of super-resolution (SR3, Saharia et al. 2022): images (N, C, H, W), H and W
+    divisible by `factor`, area-downsampled (each factor x factor block's mean) to (N, C, H/f, W/f), then
+    upsampled back to (N, C, H, W) by repeating each pixel (nearest). Nearest rather than bicubic: the
+    condition is the low-resolution image itself, with no interpolation's choices in it, and area-downsampling
+    it gives that image back exactly."""
+    low = F.avg_pool2d(images, factor)  # (N, C, H/f, W/f)
+    return F.interpolate(low, scale_factor=factor, mode="nearest")  # (N, C, H, W)
+
+
+def batch_conditions(data: DataConfig, images: Tensor, labels: Tensor | None) -> Conditions:
+    """The conditions of a batch of images (N, C, H, W) in [-1, 1]: its labels (N,) (None: the model takes
+    none) and what data.task derives from the images ("superres": `superres_condition` as "image")."""
+    values = {} if labels is None else {"label": labels}
+    if data.task == "superres":
+        values["image"] = superres_condition(images, data.superres_factor)
+    return Conditions(values)
 
 
 def digits_split(labels: Tensor, split: str) -> Tensor:

@@ -31,6 +31,7 @@ from ddpm.compiled import (
     auto_batch_size,
     sampling_compile_pays,
 )
+from ddpm.conditions import Conditions
 from ddpm.config import SampleConfig, load_config
 from ddpm.data import read_images
 from ddpm.ema.posthoc import PROVENANCE
@@ -159,6 +160,7 @@ def generate(
     eta: float = 0.0,
     options: Mapping[str, Any] | None = None,
     class_label: int | None = None,
+    cond: Conditions | None = None,
     guidance_scale: float = 1.0,
     seed: int = 0,
     batch_size: int | str | None = None,
@@ -176,7 +178,9 @@ def generate(
     with a hash of (seed + s, 1) by numpy's SeedSequence, a stream unrelated to any x_T's (so those images
     change with the batch size). For a class-conditional model, images get `class_label` when given, else
     labels 0, 1, ... cycling over the classes; `guidance_scale` applies classifier-free guidance against the
-    null label. `calls`, when given, replaces `steps` (see `ddpm.sample`); `options` are the solver's own.
+    null label. cond: instead, the conditions of the n images (n rows, labels among them if the model takes
+    labels), which a model conditioned on more than labels needs; guidance is then against `cond.null()`.
+    `calls`, when given, replaces `steps` (see `ddpm.sample`); `options` are the solver's own.
 
     batch_size: images sampled together; None: all n; "auto": `ddpm.compiled.auto_batch_size` (on CUDA the
     most that fit, at most AUTO_BATCH_CAP, balanced so that the last batch is nearly full; 64 on the CPU).
@@ -189,7 +193,14 @@ def generate(
     steps = None if calls is not None else steps
     _check_options(n=n, seed=seed)
     _check_batch_size(batch_size)
-    _check_labels(model, class_label=class_label, guidance_scale=guidance_scale)
+    if cond is None:
+        _check_labels(model, class_label=class_label, guidance_scale=guidance_scale)
+        _refuse_unconditioned(model)
+    elif class_label is not None or cond.batch_size != n:
+        raise ValueError(
+            f"cond must hold the conditions of the n={n} images (got {cond.batch_size} rows), their labels "
+            "among them: pass no class_label with it"
+        )
     check_sample_options(
         sampler=sampler,
         steps=steps,
@@ -216,9 +227,10 @@ def generate(
             ]
         ).to(device)
         y = None
-        if num_classes:
+        if num_classes and cond is None:
             labels = [class_label if class_label is not None else i % num_classes for i in indices]
             y = torch.tensor(labels, device=device)
+        batch_cond = cond.rows(slice(indices.start, indices.stop)).to(device) if cond is not None else None
         generator = _noise_generator(seed + start, device)
         images = sample(
             network,
@@ -230,6 +242,7 @@ def generate(
             eta=eta,
             options=options,
             y=y,
+            cond=batch_cond,
             guidance_scale=guidance_scale,
             generator=generator,
             progress=progress and n <= batch_size,
@@ -426,6 +439,18 @@ def _check_options(**options: int) -> None:
         valid, expected = (value >= 0, ">= 0") if name == "seed" else (value > 0, "a positive integer")
         if not valid:
             raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value}")
+
+
+def _refuse_unconditioned(model: torch.nn.Module) -> None:
+    """ValueError for a model conditioned on more than labels (an image, a vector, a token sequence), whose
+    conditions generate cannot make up: they must be given."""
+    needed = [name for name in ("cond_channels", "cond_dim", "context_dim") if getattr(model, name, None)]
+    if needed:
+        settings = ", ".join(f"model.{name}={getattr(model, name)}" for name in needed)
+        raise ValueError(
+            f"this model is conditioned on more than labels ({settings}): pass the conditions of the images "
+            "(generate's cond); sampling from the command line takes class labels only"
+        )
 
 
 def _check_labels(model: torch.nn.Module, *, class_label: int | None, guidance_scale: float) -> None:

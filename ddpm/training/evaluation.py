@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
+from ddpm.conditions import Conditions
 from ddpm.config import Config, ConfigError
 from ddpm.fid import (
     MissingDependencyError,
@@ -31,11 +32,21 @@ class Evaluation:
     With train.fid_every, the Inception features of the training data are computed at construction, once per
     run directory (cached in fid_reference.npz) and shared among the processes; a missing torch-fidelity
     (ConfigError) or train.fid_weights file stops here, before training, and the default weights are
-    downloaded here on first use, by the main process alone.
+    downloaded here on first use, by the main process alone. grid_cond: the conditions of the grid's
+    sample.n images where the model takes more than labels (data.task's: `ddpm.data.batch_conditions` of
+    the first images of the data); None: labels 0, 1, ... as `generate` gives them.
     """
 
-    def __init__(self, config: Config, run_dir: Path, accelerator: Accelerator):
+    def __init__(
+        self,
+        config: Config,
+        run_dir: Path,
+        accelerator: Accelerator,
+        *,
+        grid_cond: Conditions | None = None,
+    ):
         self.config = config
+        self.grid_cond = grid_cond  # the conditions of the grid's sample.n images, for a data.task
         self.run_dir = Path(run_dir)
         self.accelerator = accelerator
         self.fid_reference = None  # the main process's statistics; None on the others
@@ -72,6 +83,7 @@ class Evaluation:
                 **sample.sampler_settings(),
                 seed=self.config.train.seed,
                 device=self.accelerator.device,
+                cond=self.grid_cond,
             )
         path = save_grid(images, self.run_dir / SAMPLES / f"step-{step:07d}-ema.png")
         with Image.open(path) as grid:

@@ -21,6 +21,7 @@ import torch
 from accelerate.utils import set_seed
 
 from ddpm.compiled import compile_network, enabled, training_compile_pays
+from ddpm.conditions import Conditions, network_argument
 from ddpm.config import (
     Config,
     ConfigError,
@@ -32,10 +33,10 @@ from ddpm.config import (
     raise_problems,
     save_config,
 )
-from ddpm.data import build_dataset, loader_workers, num_classes_of
+from ddpm.data import batch_conditions, build_dataset, loader_workers, num_classes_of
 from ddpm.ema import EMA, PowerFunctionEMA
 from ddpm.ema.posthoc import abandon_newer_snapshots, save_snapshot, snapshot_path
-from ddpm.losses import diffusion_losses, drop_labels
+from ddpm.losses import diffusion_losses, drop_conditions
 from ddpm.lr_schedule import learning_rate
 from ddpm.run_dir import RUN_CONFIG, TrainerState, latest_checkpoint
 from ddpm.training.accelerator import build_accelerator
@@ -99,7 +100,7 @@ class Trainer:
         self.losses = RunningLoss(train.grad_accum, accelerator.device)
         images_per_step = config.data.batch_size * train.grad_accum * accelerator.num_processes
         self.log = RunLog(accelerator, self.run_dir, images_per_step=images_per_step)
-        self.evaluation = Evaluation(config, self.run_dir, accelerator)
+        self.evaluation = Evaluation(config, self.run_dir, accelerator, grid_cond=self._grid_conditions())
         self.signals = StopSignals(accelerator, check_every=train.log_every)
         self.state = TrainerState(step=0, ema_updates=0)
         self.timestep_sampler = (
@@ -235,7 +236,8 @@ class Trainer:
         """The mean `diffusion_losses` of one micro-batch (the hybrid loss with train.learn_sigma), x0: (N, C,
         H, W), labels: (N,). Its random draws come from the global RNG, which checkpoints restore, in this
         order: eps ~ N(0, I), t ~ U{0, ..., T-1} (or the importance sampler's p_t, its losses then weighted by
-        1 / (T p_t) and gathered from every process for `_end_sampler_step`), the label dropout."""
+        1 / (T p_t) and gathered from every process for `_end_sampler_step`), the condition dropout (of the
+        labels and data.task's image, all together: `drop_conditions`, the draws of `drop_labels`)."""
         train = self.config.train
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -244,10 +246,11 @@ class Trainer:
             t, weights = self.timestep_sampler.sample(x0.shape[0], self.scheduler, x0.device)
         else:
             t, weights = self.scheduler.sample_timesteps(x0.shape[0], device=x0.device), None
-        if self.null_class is not None:
-            y = drop_labels(labels, train.label_dropout, self.null_class)
-        else:  # unconditional, or labels without a null label to drop them to (label_dropout is then 0)
-            y = labels if self.conditional else None
+        cond = batch_conditions(self.config.data, x0, labels if self.conditional else None)
+        if self.null_class is not None or not self.conditional:
+            cond = drop_conditions(cond, train.label_dropout)  # no draw without conditions
+        # else: labels without a null label to drop them to (label_dropout is then 0)
+        y = network_argument(cond, self.null_class)  # labels alone as a tensor, as they always went
         losses = diffusion_losses(
             self._predict,
             self.scheduler,
@@ -284,10 +287,22 @@ class Trainer:
         if self.accelerator.is_main_process and (step % train.posthoc_ema_every == 0 or step == train.steps):
             save_snapshot(snapshot_path(self.run_dir, step), self.posthoc_ema, step)
 
-    def _predict(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def _predict(
+        self, x_t: torch.Tensor, t: torch.Tensor, y: Conditions | torch.Tensor | None
+    ) -> torch.Tensor:
         """The network's output under the run's autocast (mixed precision)."""
         with self.accelerator.autocast():
             return self.forward(x_t, t, y)
+
+    def _grid_conditions(self) -> Conditions | None:
+        """The conditions of the in-training grids' sample.n images with a data.task: those of the data's
+        first images (cycled if there are fewer), the same at every grid; None without a task."""
+        if self.config.data.task == "none":
+            return None
+        items = [self.dataset[i % len(self.dataset)] for i in range(self.config.sample.n)]
+        images = torch.stack([image for image, _ in items])  # (n, C, H, W)
+        labels = torch.stack([torch.as_tensor(label) for _, label in items]) if self.conditional else None
+        return batch_conditions(self.config.data, images, labels)
 
     def _batches(self):
         """Endless batches, starting exactly where the restored step left off (epoch and position in it;

@@ -1,0 +1,127 @@
+"""The built-in task superres: the condition derived from each image, the config's checks, the trainer feeding
+it to the network (with condition dropout), the in-training grid and `generate` with conditions."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import TINY_RUN, fresh_accelerator_state  # noqa: F401 (a fixture)
+from test_unet import perturb, tiny
+
+from ddpm.compiled import FixedBatchNetwork
+from ddpm.conditions import Conditions
+from ddpm.config import ConfigError, load_config
+from ddpm.data import batch_conditions, superres_condition
+from ddpm.inference import generate, load_for_sampling
+from ddpm.run_dir import latest_checkpoint
+from ddpm.schedule import NoiseScheduler
+from ddpm.training import Trainer
+
+SUPERRES_YAML = Path(__file__).resolve().parents[1] / "configs" / "superres_digits.yaml"
+
+
+def tiny_superres(run_dir: Path, *extra: str):
+    """configs/superres_digits.yaml, tiny: 8x8 digits from their 2x2 versions."""
+    overrides = [*TINY_RUN, "data.superres_factor=4", "model.attention_resolutions=[4]", *extra]
+    return load_config(SUPERRES_YAML, [*overrides, f"output_dir={run_dir}"])
+
+
+def test_the_condition_is_the_area_downsampled_image_upsampled_back():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 2, 8, 12, generator=generator) * 2 - 1
+    cond = superres_condition(images, 4)
+    assert cond.shape == images.shape
+    # Each 4x4 block holds the block's mean, everywhere in it
+    block = images[1, 0, 4:8, 8:12]
+    assert torch.allclose(cond[1, 0, 4:8, 8:12], block.mean().expand(4, 4))
+    # Area-downsampling the condition gives the low-resolution image back (consistency)
+    low = torch.nn.functional.interpolate(images, scale_factor=0.25, mode="area")
+    assert torch.allclose(torch.nn.functional.avg_pool2d(cond, 4), low, atol=1e-6)
+
+
+def test_batch_conditions_hold_the_labels_and_the_task_image():
+    config = load_config(SUPERRES_YAML)
+    images, labels = torch.rand(2, 1, 16, 16), torch.tensor([3, 4])
+    cond = batch_conditions(config.data, images, labels)
+    assert cond.kinds == ("label", "image") and torch.equal(cond["label"], labels)
+    assert torch.equal(cond["image"], superres_condition(images, 4))
+    assert batch_conditions(config.data, images, None).kinds == ("image",)
+    assert not batch_conditions(load_config(None).data, images, None)  # data.task: none
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        (
+            ["data.task=none"],
+            r"model\.cond_channels=1 conditions the network on an image, but data\.task=none",
+        ),
+        (["model.cond_channels=null"], r"data\.task=superres gives .* set model\.cond_channels=1"),
+        (["data.superres_factor=3"], r"data\.superres_factor=3 does not divide data\.image_size=16"),
+        (["data.superres_factor=1"], r"'data\.superres_factor'.*expected an integer >= 2"),
+        (["train.fid_every=100"], r"train\.fid_every=100 with data\.task=superres"),
+        (["data.task=inpaint"], r"'data\.task'.*expected one of none, superres"),
+    ],
+)
+def test_a_superres_config_that_cannot_work_is_refused_when_read(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(SUPERRES_YAML, overrides)
+
+
+def test_the_trainer_feeds_the_low_resolution_image_and_drops_it_at_the_configured_rate(tmp_path):
+    trainer = Trainer(tiny_superres(tmp_path / "run"))
+    seen = []
+    forward = trainer.forward
+    trainer.forward = lambda x, t, y: seen.append(y) or forward(x, t, y)
+    x0 = torch.stack([trainer.dataset[i][0] for i in range(16)])
+    labels = torch.full((16,), -1)
+    for p in (0.0, 1.0):
+        trainer.config.train.label_dropout = p
+        assert torch.isfinite(trainer._loss(x0, labels))
+    kept, dropped = seen
+    assert kept.kinds == ("image",) and torch.equal(kept["image"], superres_condition(x0, 4))
+    assert not kept.is_dropped("image").any() and dropped.is_dropped("image").all()
+
+
+def test_a_short_superres_run_trains_writes_grids_and_samples_from_its_conditions(tmp_path):
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_superres(run))
+    # The grid's conditions: the first sample.n training images' low-resolution versions
+    first = torch.stack([trainer.dataset[i][0] for i in range(4)])
+    assert torch.equal(trainer.evaluation.grid_cond["image"], superres_condition(first, 4))
+    checkpoint = trainer.train()
+    assert checkpoint == latest_checkpoint(run) and sorted(p.name for p in (run / "samples").iterdir()) == [
+        "step-0000003-ema.png",
+        "step-0000006-ema.png",
+    ]
+    loaded = load_for_sampling(run)  # the EMA weights of the last checkpoint
+    model, scheduler = loaded.model, loaded.scheduler
+    assert model.cond_channels == 1
+    cond = Conditions({"image": superres_condition(first, 4)})
+    images = generate(model, scheduler, 4, image_shape=(1, 8, 8), cond=cond, steps=2, batch_size=3)
+    assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
+    # Each image is drawn from its own conditions, whatever the batch: batches of 3 + 1 and of 4 agree
+    whole = generate(model, scheduler, 4, image_shape=(1, 8, 8), cond=cond, steps=2)
+    assert torch.allclose(images, whole, atol=1e-5)
+    with pytest.raises(ValueError, match=r"conditioned on more than labels \(model\.cond_channels=1\)"):
+        generate(model, scheduler, 4, image_shape=(1, 8, 8), steps=2)
+    with pytest.raises(ValueError, match="cond must hold the conditions of the n=3 images"):
+        generate(model, scheduler, 3, image_shape=(1, 8, 8), cond=cond, steps=2)
+
+
+def test_the_fixed_batch_network_pads_conditions_with_the_first_row():
+    model = perturb(tiny(cond_channels=2, cond_dim=3)).eval()
+    network = FixedBatchNetwork(model, 4, mode=None)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 8, 8, generator=generator)
+    t = torch.tensor([5, 50, 500])
+    cond = Conditions({"image": torch.randn(3, 2, 8, 8, generator=generator), "vector": torch.randn(3, 3)})
+    cond = cond.drop({"vector": torch.tensor([False, True, False])})
+    assert torch.allclose(network(x, t, cond), model(x, t, cond), atol=1e-6)
+
+
+def test_generate_still_samples_labels_without_conditions():
+    # Labels still go as before: a class-conditional model samples its labels without cond
+    model = tiny(num_classes=3).eval()
+    images = generate(model, NoiseScheduler(num_train_timesteps=50), 2, image_shape=(3, 8, 8), steps=2)
+    assert images.shape == (2, 3, 8, 8)
