@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import TINY_RUN, fresh_accelerator_state  # noqa: F401 (a fixture)
+from accelerate.state import AcceleratorState
+from test_train import TINY_RUN, fresh_accelerator_state, weights  # noqa: F401 (a fixture)
 from test_unet import perturb, tiny
 
 from ddpm.compiled import FixedBatchNetwork
@@ -125,3 +126,17 @@ def test_generate_still_samples_labels_without_conditions():
     model = tiny(num_classes=3).eval()
     images = generate(model, NoiseScheduler(num_train_timesteps=50), 2, image_shape=(3, 8, 8), steps=2)
     assert images.shape == (2, 3, 8, 8)
+
+
+def test_a_resumed_superres_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
+    # The condition dropout's draws are restored with the RNG: a resumed run drops the same rows
+    extra = ("train.label_dropout=0.5", "train.sample_every=0")
+    straight = Trainer(tiny_superres(tmp_path / "a", *extra)).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    Trainer(tiny_superres(tmp_path / "b", *extra, "train.steps=3")).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = Trainer(tiny_superres(tmp_path / "b", *extra), resume="latest").train()
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
