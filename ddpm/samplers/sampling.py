@@ -97,8 +97,7 @@ def sample(
         (N, C, H, W), t an (N,) tensor on x's device (long; float64, continuous, for the spacings "karras" and
         "exponential") and y the conditions as `ddpm.conditions.network_argument` gives them: (N,) long
         labels when they are all there is, None without conditions, else a Conditions. An nn.Module whose
-        parameters are half precision gets
-        x in that dtype; its output is cast back.
+        parameters are half precision gets x in that dtype; its output is cast back.
     shape: (N, C, H, W) of x_T drawn from `generator`, or `noise`: x_T itself; exactly one of the two.
         Drawn noise is float32 on the generator's device (so a CPU generator gives the same images on any
         device), then moved to the model's device (the device of its first parameter; else the generator's).
@@ -360,8 +359,8 @@ def denoiser(
             x_in = x_t.to(model_dtype)
             both = model(torch.cat([x_in, x_in]), torch.cat([t_batch, t_batch]), given)
             both, v_both = scheduler.split_output(both, channels)
-            cond, uncond = both.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
+            conditional, unconditional = both.chunk(2)
+            out = unconditional + guidance_scale * (conditional - unconditional)
             v = v_both.chunk(2)[0] if v_both is not None else None
         x0, eps = scheduler.predict_x0_and_eps(out.to(x_t.dtype), x_t, t_batch)
         return Denoised(x0, eps, v.to(x_t.dtype) if v is not None else None)
