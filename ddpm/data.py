@@ -59,8 +59,14 @@ def superres_condition(images: Tensor, factor: int) -> Tensor:
     upsampled back to (N, C, H, W) by repeating each pixel (nearest). Nearest rather than bicubic: the
     condition is the low-resolution image itself, with no interpolation's choices in it, and area-downsampling
     it gives that image back exactly."""
-    low = F.avg_pool2d(images, factor)  # (N, C, H/f, W/f)
-    return F.interpolate(low, scale_factor=factor, mode="nearest")  # (N, C, H, W)
+    return upsample_low_res(F.avg_pool2d(images, factor), factor)  # (N, C, H/f, W/f) -> (N, C, H, W)
+
+
+def upsample_low_res(low: Tensor, factor: int) -> Tensor:
+    """A low-resolution image (N, C, h, w) as super-resolution's image condition (`superres_condition`): each
+    pixel repeated factor x factor times (nearest), (N, C, h * factor, w * factor). sample.py's --cond-image
+    brings a given low-resolution image to the network this way, as training did."""
+    return F.interpolate(low, scale_factor=factor, mode="nearest")
 
 
 def batch_conditions(data: DataConfig, images: Tensor, labels: Tensor | None) -> Conditions:

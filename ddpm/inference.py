@@ -33,7 +33,7 @@ from ddpm.compiled import (
 )
 from ddpm.conditions import Conditions
 from ddpm.config import SampleConfig, load_config
-from ddpm.data import read_images
+from ddpm.data import read_images, upsample_low_res
 from ddpm.ema.posthoc import PROVENANCE
 from ddpm.images import PngWriter
 from ddpm.io import EMA, CheckpointError, atomic_write, one_line
@@ -55,6 +55,7 @@ from ddpm.source import ModelSource, load_openai_source, load_source, resolve_so
 
 _SAMPLER_NOISE = 1  # the SeedSequence purpose key of the samplers' noise streams
 GRID_WITH_IMAGES = 1024  # the images a grid shows when every image is also written alone (--save-images)
+DEFAULT_N = 16  # the images sample.py draws when neither --n nor --cond-image says how many
 
 
 class Loaded(NamedTuple):
@@ -275,7 +276,7 @@ def save_images_to(images: torch.Tensor, folder: str | Path, *, start: int = 0) 
 
 def grid_from_checkpoint(
     checkpoint: str | Path | None,
-    n: int,
+    n: int | None,
     *,
     default_config: str | Path,
     out: str | Path | None = None,
@@ -288,14 +289,20 @@ def grid_from_checkpoint(
     batch_size: int | str = AUTO,
     class_label: int | None = None,
     guidance_scale: float | None = None,
+    cond_image: str | Path | None = None,
     save_images: bool = False,
     use_ema: bool = True,
     schedule: str | Path | None = None,
     say: Callable[[str], None] | None = None,
     openai_flags: str | None = None,
 ) -> Path:
-    """Draw `n` images from a run, a checkpoint (or its ema/), a model folder or a diffusers folder and write
-    them as a grid; returns the grid's path. What sample.py does.
+    """Draw `n` images (None: DEFAULT_N) from a run, a checkpoint (or its ema/), a model folder or a diffusers
+    folder and write them as a grid; returns the grid's path. What sample.py does.
+
+    cond_image: for a model conditioned on an image (model.cond_channels), which then needs it, an image file
+    or a folder of images (`read_cond_images`), one image drawn from each (so `n` stays None): the grid shows
+    the conditions, as the network sees them, in the rows above the images drawn from them, min(N, 16) to a
+    row; its default name gets -condSTEM before the seed.
 
     `checkpoint` None means the run directory named by `default_config`'s output_dir. Sampler options left
     None come from the run's saved config (its `sample:` section), else from `SampleConfig`'s defaults; the
@@ -306,7 +313,7 @@ def grid_from_checkpoint(
     the weights, or the file `schedule` names, or for an OpenAI .pt file the one of its `openai_flags` (see
     `load_for_sampling`). `out` None writes to the run's samples/ folder (`samples_folder`: a folder
     outside a run gets one of its own)
-    sample-CHECKPOINT-WEIGHTS-SAMPLERSTEPS[-callsC][-NAMEVALUE...][-etaE][-classC][-guidanceG]-seedS-nN.png
+    sample-CHECKPOINT-WEIGHTS-SAMPLERSTEPS[-callsC][-NAMEVALUE...][-etaE][-classC][-guidanceG][-condSTEM]-seedS-nN.png
     (callsC where the calls differ from the steps, NAMEVALUE for each solver option), a name that differs
     whenever the images would; `save_images` also writes one PNG per image in the folder of the grid's name
     without .png, each as soon as its batch is drawn (on threads: `ddpm.images.PngWriter`), and then the grid
@@ -315,9 +322,12 @@ def grid_from_checkpoint(
     compiled). The device is CUDA when available (with bf16 or fp16 autocast), else the CPU. Raises
     ValueError, naming the sample.py option, for a bad option and CheckpointError for weights that are
     missing, damaged or do not fit their config: the options that need no model before it is loaded, those
-    that need it (the class label, guidance) before anything is sampled or said.
+    that need it (the class label, guidance, the image condition) before anything is sampled or said.
     """
-    _check_options(n=n, seed=seed)
+    if cond_image is not None and n is not None:
+        raise ValueError(f"--n {n} with --cond-image: one image is drawn per condition image; drop --n")
+    n = DEFAULT_N if n is None and cond_image is None else n
+    _check_options(seed=seed, **({"n": n} if n is not None else {}))
     _check_batch_size(batch_size)
     _check_settings_given(
         sampler=sampler, steps=steps, calls=calls, eta=eta, options=options, guidance_scale=guidance_scale
@@ -353,7 +363,17 @@ def grid_from_checkpoint(
         check_sample_options(**settings, num_train_timesteps=loaded.scheduler.num_train_timesteps)
     except SampleOptionError as error:
         raise _cli_error(error) from None
-    _check_labels(loaded.model, class_label=class_label, guidance_scale=guidance_scale)
+    _check_labels(
+        loaded.model,
+        class_label=class_label,
+        guidance_scale=guidance_scale,
+        conditioned=cond_image is not None,
+    )
+    _check_cond_image(loaded.model, cond_image)
+    cond = None
+    if cond_image is not None:
+        cond = read_cond_images(loaded, cond_image, class_label=class_label)
+        n = cond.batch_size
     budget = sampling_budget(sampler, steps=steps, calls=calls)
     if out is None:
         name = [loaded.folder.name, loaded.weights, f"{sampler}{budget.steps}"]
@@ -362,6 +382,7 @@ def grid_from_checkpoint(
         name += [f"eta{eta:g}"] if eta else []
         name += [f"class{class_label}"] if class_label is not None else []
         name += [f"guidance{guidance_scale:g}"] if guidance_scale != 1 else []
+        name += [f"cond{Path(cond_image).stem}"] if cond_image is not None else []
         name += [f"seed{seed}", f"n{n}"]
         out = samples_folder(loaded) / f"sample-{'-'.join(name)}.png"
         _check_out(out, image=True)
@@ -379,14 +400,63 @@ def grid_from_checkpoint(
             n,
             image_shape=shape,
             **settings,  # the sampler settings just checked
-            class_label=class_label,
+            class_label=class_label if cond is None else None,  # else among the conditions
+            cond=cond,
             seed=seed,
             batch_size=batch_size,
             device=device,
             progress=True,
             on_batch=writer.write if save_images else None,
         )
+    if cond is not None:  # the conditions (in x's channels: grey where they differ) above the images
+        shown = cond["image"] if cond["image"].shape[1] == shape[0] else cond["image"].mean(1, keepdim=True)
+        shown = shown.expand(-1, shape[0], -1, -1)
+        grid = torch.cat([*_full_rows(shown[:GRID_WITH_IMAGES]), *_full_rows(images[:GRID_WITH_IMAGES])])
+        return save_grid(grid, out, nrow=min(n, 16))
     return save_grid(images[:GRID_WITH_IMAGES] if save_images else images, out)
+
+
+def read_cond_images(loaded: Loaded, path: str | Path, *, class_label: int | None = None) -> Conditions:
+    """The image conditions of sample.py's --cond-image: the image file `path`, or every image in the folder
+    `path`, as `loaded.model` takes them: (N, cond_channels, S, S) float32 in [-1, 1] under "image", S the
+    model's side, read as training data are (`ddpm.data.read_images`: to L or RGB, the shorter side resized,
+    the centre cropped). For a run trained on data.task superres each image is the low-resolution one: read
+    at side S / data.superres_factor, then upsampled as training did (`ddpm.data.upsample_low_res`). A model
+    with classes also gets labels (N,): `class_label` for every image, else 0, 1, ... cycling over them.
+    Raises ValueError naming --cond-image when the model's image condition is not 1 (grey) or 3 (RGB)
+    channels wide, and DataError for a missing path or an unreadable image."""
+    model = loaded.model
+    channels, size = model.cond_channels, model.config["image_size"]
+    if channels not in (1, 3):
+        raise ValueError(
+            f"--cond-image {path}: the model's image condition has {channels} channels, and image files are "
+            "read as 1 (grey) or 3 (RGB); pass its conditions to ddpm.inference.generate(cond=) instead"
+        )
+    data = load_config(loaded.run_dir / RUN_CONFIG).data if loaded.run_dir is not None else None
+    factor = data.superres_factor if data is not None and data.task == "superres" else 1
+    images, _ = read_images(path, image_size=size // factor, channels=channels)  # (N, C, S/f, S/f)
+    values = {"image": upsample_low_res(images, factor) if factor > 1 else images}  # (N, C, S, S)
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes:
+        labels = [class_label if class_label is not None else i % num_classes for i in range(len(images))]
+        values["label"] = torch.tensor(labels)
+    return Conditions(values)
+
+
+def _check_cond_image(model: torch.nn.Module, cond_image: str | Path | None) -> None:
+    """ValueError naming --cond-image when it is given to a model without an image condition, or missing for
+    one with."""
+    channels = getattr(model, "cond_channels", None)
+    if cond_image is not None and channels is None:
+        raise ValueError(
+            f"--cond-image {cond_image}: this model takes no image condition (model.cond_channels is unset); "
+            "drop --cond-image"
+        )
+    if cond_image is None and channels is not None:
+        raise ValueError(
+            f"this model is conditioned on an image (model.cond_channels={channels}): pass --cond-image "
+            "PATH, an image or a folder of images (for a superres run, the low-resolution ones)"
+        )
 
 
 def _cli_error(error: SampleOptionError) -> ValueError:
@@ -449,13 +519,16 @@ def _refuse_unconditioned(model: torch.nn.Module) -> None:
         settings = ", ".join(f"model.{name}={getattr(model, name)}" for name in needed)
         raise ValueError(
             f"this model is conditioned on more than labels ({settings}): pass the conditions of the images "
-            "(generate's cond); sampling from the command line takes class labels only"
+            "(generate's cond; sample.py --cond-image for an image condition)"
         )
 
 
-def _check_labels(model: torch.nn.Module, *, class_label: int | None, guidance_scale: float) -> None:
+def _check_labels(
+    model: torch.nn.Module, *, class_label: int | None, guidance_scale: float, conditioned: bool = False
+) -> None:
     """Raise ValueError naming the option (as sample.py spells it) for a label or guidance the model cannot
-    take."""
+    take. conditioned: conditions beyond labels are given (--cond-image), which guidance can drop to the
+    network's learned nulls, so a model without classes may be guided."""
     num_classes = getattr(model, "num_classes", None)
     if class_label is not None and not num_classes:
         raise ValueError(f"--class-label {class_label}: the model has no classes; drop --class-label")
@@ -464,7 +537,7 @@ def _check_labels(model: torch.nn.Module, *, class_label: int | None, guidance_s
             f"--class-label {class_label} is out of range: the model has {num_classes} classes, so pass a "
             f"label in 0..{num_classes - 1}"
         )
-    if guidance_scale != 1 and not num_classes:
+    if guidance_scale != 1 and not num_classes and not conditioned:
         raise ValueError(
             f"--guidance-scale {guidance_scale:g} needs a class-conditional model; this one has no classes: "
             "pass --guidance-scale 1"

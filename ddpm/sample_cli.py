@@ -2,6 +2,7 @@
 
     ddpm-sample --n 16 [--checkpoint RUN_OR_CHECKPOINT] [--sampler ddim] [--steps 50 | --calls 50]
         [--option NAME=VALUE ...] [--out FILE]
+    ddpm-sample --cond-image PATH [--checkpoint RUN] [...]
     ddpm-sample --init-image PATH (--strength S | --mask PATH) [--sampler ...] [--steps N]
     ddpm-sample --invert PATH [--steps N]
 
@@ -10,6 +11,8 @@ with the weights, so nothing from training is re-typed. The cost of a sampler is
 takes as many steps as fit in that many (a Heun step costs two); the steps and calls used go to stderr.
 Editing (an image, or a folder of images, resized and centre-cropped as training data are): --strength is
 image-to-image (SDEdit), --mask inpainting (RePaint, white = keep), --invert writes the DDIM noise of each.
+A model conditioned on an image needs --cond-image (an image or a folder of images; for a superres run the
+low-resolution ones): one image is drawn from each, and the grid shows the conditions above the images.
 
 (`python -m ddpm.sample_cli` and, in a clone, `python sample.py` are the same.)
 
@@ -27,7 +30,7 @@ import yaml
 
 from ddpm.compiled import AUTO, AUTO_BATCH_CAP, AUTO_BATCH_CPU
 from ddpm.config import DEFAULT_CONFIG
-from ddpm.inference import edit_from_checkpoint, grid_from_checkpoint
+from ddpm.inference import DEFAULT_N, edit_from_checkpoint, grid_from_checkpoint
 from ddpm.io import CheckpointError
 from ddpm.samplers import SAMPLE_KEYWORDS, SAMPLERS, solver_options
 
@@ -41,7 +44,11 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> None:
     parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=16, help="number of images (default: %(default)s)")
+    parser.add_argument(
+        "--n",
+        type=int,
+        help=f"number of images (default: {DEFAULT_N}; with --cond-image one per condition image)",
+    )
     parser.add_argument(
         "--checkpoint",
         help="a run directory (its latest checkpoint), a checkpoint folder or its ema/, a model folder, or a "
@@ -86,6 +93,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--class-label", type=int, help="class of every image (default: cycle over classes)")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument(
+        "--cond-image",
+        metavar="PATH",
+        help="for a model conditioned on an image: an image or a folder of images, one image drawn from each "
+        "(for a superres run, the low-resolution images)",
+    )
     parser.add_argument("--save-images", action="store_true", help="also write one PNG per image")
     parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument(
@@ -136,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_size=args.batch_size,
             class_label=args.class_label,
             guidance_scale=args.guidance_scale,
+            cond_image=args.cond_image,
             save_images=args.save_images,
             use_ema=not args.raw,
             schedule=args.schedule,
@@ -151,6 +165,8 @@ def _edit(args: argparse.Namespace) -> Path:
     """--init-image with --strength or --mask, or --invert: `ddpm.inference.edit_from_checkpoint`."""
     if args.calls is not None or args.option:
         raise ValueError("editing takes --steps, not --calls or --option")
+    if args.cond_image is not None:
+        raise ValueError("--cond-image is for sampling; editing takes none: drop it")
     return edit_from_checkpoint(
         args.checkpoint,
         args.init_image,

@@ -1,19 +1,25 @@
 """The built-in task superres: the condition derived from each image, the config's checks, the trainer feeding
-it to the network (with condition dropout), the in-training grid and `generate` with conditions."""
+it to the network (with condition dropout), the in-training grid, `generate` with conditions and sample.py
+--cond-image."""
 
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from PIL import Image
 from test_train import TINY_RUN, fresh_accelerator_state, weights  # noqa: F401 (a fixture)
 from test_unet import perturb, tiny
 
+import ddpm
+from ddpm import sample_cli
 from ddpm.compiled import FixedBatchNetwork
 from ddpm.conditions import Conditions
 from ddpm.config import ConfigError, load_config
-from ddpm.data import batch_conditions, superres_condition
-from ddpm.inference import generate, load_for_sampling
+from ddpm.data import batch_conditions, superres_condition, upsample_low_res
+from ddpm.inference import generate, load_for_sampling, read_cond_images
 from ddpm.run_dir import latest_checkpoint
 from ddpm.schedule import NoiseScheduler
 from ddpm.training import Trainer
@@ -140,3 +146,120 @@ def test_a_resumed_superres_run_ends_with_the_same_weights_as_an_uninterrupted_o
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def write_png(path: Path, pixels: np.ndarray) -> Path:
+    """A grey PNG of uint8 pixels (H, W)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint8), mode="L").save(path)
+    return path
+
+
+def run_sample_cli(argv: list[str], capsys) -> tuple[int | str | None, str, str]:
+    """sample.py's main(argv): (its exit code or one-line message, None when it returned; stdout; stderr)."""
+    try:
+        sample_cli.main(argv)
+        code = None
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_sample_cli_draws_one_image_per_low_resolution_image_under_its_condition(tmp_path, capsys):
+    run = tmp_path / "run"
+    Trainer(tiny_superres(run, "train.sample_every=0")).train()
+    rng = np.random.default_rng(0)
+    lows = [rng.integers(0, 256, (2, 2)) for _ in range(3)]  # the 8x8 model's 2x2 low-resolution images
+    for i, low in enumerate(lows):
+        write_png(tmp_path / "lows" / f"{i}.png", low)
+    out = tmp_path / "grid.png"
+    code, stdout, _ = run_sample_cli(
+        ["--checkpoint", str(run), "--cond-image", str(tmp_path / "lows"), "--steps", "2", "--out", str(out)],
+        capsys,
+    )
+    assert code is None and stdout.strip() == str(out)
+    # The conditions are the low-resolution images upsampled as training did: each pixel a 4x4 block
+    loaded = load_for_sampling(run)
+    cond = read_cond_images(loaded, tmp_path / "lows")
+    expected = torch.tensor(np.stack(lows), dtype=torch.float32)[:, None] / 127.5 - 1  # (3, 1, 2, 2)
+    assert cond.kinds == ("image",) and cond["image"].shape == (3, 1, 8, 8)
+    torch.testing.assert_close(cond["image"], upsample_low_res(expected, 4), rtol=0, atol=1e-6)
+    # The grid: the three conditions in the first row, the images drawn from them in the second
+    grid = np.asarray(Image.open(out).convert("L"), dtype=np.float32) / 127.5 - 1
+    assert grid.shape == (2 * 9 + 1, 3 * 9 + 1)  # 8x8 cells, padding 1
+    assert loaded.sampling.sampler == "unipc"  # the run's sampler, which sample.py took
+    images = generate(
+        loaded.model, loaded.scheduler, 3, image_shape=(1, 8, 8), cond=cond, sampler="unipc", steps=2
+    )
+    for i in range(3):
+        cell = slice(1 + 9 * i, 9 + 9 * i)
+        np.testing.assert_allclose(grid[1:9, cell], cond["image"][i, 0].numpy(), atol=1.5 / 255)
+        np.testing.assert_allclose(grid[10:18, cell], images[i, 0].numpy(), atol=1.5 / 255)
+    # The images follow their conditions: image 0's noise under image 1's condition gives another image
+    swapped = generate(
+        loaded.model,
+        loaded.scheduler,
+        3,
+        image_shape=(1, 8, 8),
+        cond=cond.rows([1, 0, 2]),
+        sampler="unipc",
+        steps=2,
+    )
+    assert not torch.allclose(swapped[0], images[0], atol=1e-2)
+    # A default name says which conditions made the grid; a larger image is resized to the low resolution
+    write_png(tmp_path / "big.png", rng.integers(0, 256, (6, 6)))
+    code, stdout, _ = run_sample_cli(
+        ["--checkpoint", str(run), "--cond-image", str(tmp_path / "big.png"), "--steps", "2"], capsys
+    )
+    assert code is None and Path(stdout.strip()).name == "sample-step-0000006-ema-unipc2-condbig-seed0-n1.png"
+    assert Image.open(stdout.strip()).size == (9 + 1, 2 * 9 + 1)
+
+
+@pytest.mark.parametrize(
+    ("model", "argv", "pattern"),
+    [
+        (
+            "plain",
+            ["--cond-image", "lows"],
+            r"^error: --cond-image \S+lows: this model takes no image condition \(model\.cond_channels is "
+            r"unset\); drop --cond-image$",
+        ),
+        (
+            "image",
+            [],
+            r"^error: this model is conditioned on an image \(model\.cond_channels=1\): pass --cond-image "
+            r"PATH, an image or a folder of images \(for a superres run, the low-resolution ones\)$",
+        ),
+        (
+            "image",
+            ["--cond-image", "lows", "--n", "4"],
+            r"^error: --n 4 with --cond-image: one image is drawn per condition image; drop --n$",
+        ),
+        (
+            "two-channel",
+            ["--cond-image", "lows"],
+            r"^error: --cond-image \S+lows: the model's image condition has 2 channels, and image files are "
+            r"read as 1 \(grey\) or 3 \(RGB\); pass its conditions to ddpm\.inference\.generate\(cond=\) ",
+        ),
+        ("image", ["--cond-image", "missing"], r"^error: \S+missing: no such file or folder; expected an"),
+        (
+            "image",
+            ["--cond-image", "lows", "--mask", "lows"],
+            r"^error: --cond-image is for sampling; editing takes none: drop it$",
+        ),
+    ],
+)
+def test_a_cond_image_the_model_cannot_take_or_a_missing_one_is_refused_before_sampling(
+    tmp_path, capsys, monkeypatch, model, argv, pattern
+):
+    models = {"plain": tiny(), "image": tiny(cond_channels=1), "two-channel": tiny(cond_channels=2)}
+    ddpm.save_pretrained(tmp_path / "model", models[model], NoiseScheduler(num_train_timesteps=50))
+    write_png(tmp_path / "lows" / "0.png", np.zeros((8, 8)))
+    sampled = []
+    monkeypatch.setattr(ddpm.inference, "generate", lambda *args, **kwargs: sampled.append(args))
+    argv = [str(tmp_path / arg) if arg in ("lows", "missing") else arg for arg in argv]
+    code, _, err = run_sample_cli(["--checkpoint", str(tmp_path / "model"), *argv, "--steps", "2"], capsys)
+    assert isinstance(code, str) and "\n" not in code and re.search(pattern, code), code
+    assert sampled == [] and err == ""  # nothing sampled, no sampler announced
+    assert not (tmp_path / "model" / "samples").exists()
