@@ -163,6 +163,8 @@ def generate(
     class_label: int | None = None,
     cond: Conditions | None = None,
     guidance_scale: float = 1.0,
+    guidance_interval: tuple[float, float] | None = None,
+    guidance_rescale: float = 0.0,
     seed: int = 0,
     batch_size: int | str | None = None,
     compiled: bool | str = AUTO,
@@ -181,6 +183,7 @@ def generate(
     labels 0, 1, ... cycling over the classes; `guidance_scale` applies classifier-free guidance against the
     null label. cond: instead, the conditions of the n images (n rows, labels among them if the model takes
     labels), which a model conditioned on more than labels needs; guidance is then against `cond.null()`.
+    guidance_interval and guidance_rescale limit and rescale the guidance (see `ddpm.sample`).
     `calls`, when given, replaces `steps` (see `ddpm.sample`); `options` are the solver's own.
 
     batch_size: images sampled together; None: all n; "auto": `ddpm.compiled.auto_batch_size` (on CUDA the
@@ -208,6 +211,8 @@ def generate(
         calls=calls,
         eta=eta,
         guidance_scale=guidance_scale,
+        guidance_interval=guidance_interval,
+        guidance_rescale=guidance_rescale,
         options=options,
         num_train_timesteps=scheduler.num_train_timesteps,
     )
@@ -245,6 +250,8 @@ def generate(
             y=y,
             cond=batch_cond,
             guidance_scale=guidance_scale,
+            guidance_interval=guidance_interval,
+            guidance_rescale=guidance_rescale,
             generator=generator,
             progress=progress and n <= batch_size,
         )
@@ -289,6 +296,8 @@ def grid_from_checkpoint(
     batch_size: int | str = AUTO,
     class_label: int | None = None,
     guidance_scale: float | None = None,
+    guidance_interval: tuple[float, float] | None = None,
+    guidance_rescale: float = 0.0,
     cond_image: str | Path | None = None,
     save_images: bool = False,
     use_ema: bool = True,
@@ -308,12 +317,14 @@ def grid_from_checkpoint(
     None come from the run's saved config (its `sample:` section), else from `SampleConfig`'s defaults; the
     run's eta applies only when sampling with ddim, and its solver options only with its own sampler. `steps`
     or `calls` (a network-call budget) given replace both of the run's; else the run's calls, when set,
-    replace its steps. `say`, when given, is told the steps and network calls used
+    replace its steps. guidance_interval (sigma_lo, sigma_hi) and guidance_rescale (phi) limit and rescale
+    the guidance (see `ddpm.sample`). `say`, when given, is told the steps and network calls used
     ("heun: 10 steps, 19 network calls (from the calls asked for)"). The noise schedule is the one saved with
     the weights, or the file `schedule` names, or for an OpenAI .pt file the one of its `openai_flags` (see
     `load_for_sampling`). `out` None writes to the run's samples/ folder (`samples_folder`: a folder
     outside a run gets one of its own)
-    sample-CHECKPOINT-WEIGHTS-SAMPLERSTEPS[-callsC][-NAMEVALUE...][-etaE][-classC][-guidanceG][-condSTEM]-seedS-nN.png
+    sample-CHECKPOINT-WEIGHTS-SAMPLERSTEPS[-callsC][-NAMEVALUE...][-etaE][-classC][-guidanceG][-intervalLO-HI]
+    [-rescaleP][-condSTEM]-seedS-nN.png
     (callsC where the calls differ from the steps, NAMEVALUE for each solver option), a name that differs
     whenever the images would; `save_images` also writes one PNG per image in the folder of the grid's name
     without .png, each as soon as its batch is drawn (on threads: `ddpm.images.PngWriter`), and then the grid
@@ -330,7 +341,14 @@ def grid_from_checkpoint(
     _check_options(seed=seed, **({"n": n} if n is not None else {}))
     _check_batch_size(batch_size)
     _check_settings_given(
-        sampler=sampler, steps=steps, calls=calls, eta=eta, options=options, guidance_scale=guidance_scale
+        sampler=sampler,
+        steps=steps,
+        calls=calls,
+        eta=eta,
+        options=options,
+        guidance_scale=guidance_scale,
+        guidance_interval=guidance_interval,
+        guidance_rescale=guidance_rescale,
     )
     if out is not None:
         _check_out(Path(out), image=True)
@@ -358,6 +376,8 @@ def grid_from_checkpoint(
         "eta": eta,
         "options": dict(options),
         "guidance_scale": guidance_scale,
+        "guidance_interval": guidance_interval,
+        "guidance_rescale": guidance_rescale,
     }
     try:
         check_sample_options(**settings, num_train_timesteps=loaded.scheduler.num_train_timesteps)
@@ -382,6 +402,8 @@ def grid_from_checkpoint(
         name += [f"eta{eta:g}"] if eta else []
         name += [f"class{class_label}"] if class_label is not None else []
         name += [f"guidance{guidance_scale:g}"] if guidance_scale != 1 else []
+        name += [f"interval{guidance_interval[0]:g}-{guidance_interval[1]:g}"] if guidance_interval else []
+        name += [f"rescale{guidance_rescale:g}"] if guidance_rescale else []
         name += [f"cond{Path(cond_image).stem}"] if cond_image is not None else []
         name += [f"seed{seed}", f"n{n}"]
         out = samples_folder(loaded) / f"sample-{'-'.join(name)}.png"
@@ -467,7 +489,10 @@ def _cli_error(error: SampleOptionError) -> ValueError:
         name = error.option.removeprefix("options.")
         return ValueError(f"--option {name}={error.value}: expected {error.expected}")
     flag = "--" + error.option.replace("_", "-")
-    return ValueError(f"{flag} {error.value}: expected {error.expected}")
+    value = error.value
+    if isinstance(value, tuple | list):  # --guidance-interval LO HI
+        value = " ".join(f"{v:g}" if isinstance(v, int | float) else str(v) for v in value)
+    return ValueError(f"{flag} {value}: expected {error.expected}")
 
 
 def _name_value(value: Any) -> str:
@@ -542,7 +567,7 @@ def _check_labels(
             f"--guidance-scale {guidance_scale:g} needs a class-conditional model; this one has no classes: "
             "pass --guidance-scale 1"
         )
-    if guidance_scale != 1 and getattr(model, "null_class", None) is None:
+    if guidance_scale != 1 and num_classes and getattr(model, "null_class", None) is None:
         raise ValueError(
             f"--guidance-scale {guidance_scale:g} needs a null label (the unconditional output), which this "
             "class-conditional model has not (as OpenAI's and diffusers' class-conditional weights): "
@@ -558,6 +583,8 @@ def _check_settings_given(
     eta: float | None,
     options: Mapping[str, Any] | None,
     guidance_scale: float | None,
+    guidance_interval: tuple[float, float] | None = None,
+    guidance_rescale: float = 0.0,
 ) -> None:
     """Raise ValueError naming the option (as sample.py spells it) for a sampling setting given that
     `check_sample_options` refuses before the model and its run are read: all it checks but the upper bound
@@ -572,6 +599,8 @@ def _check_settings_given(
             calls=calls if known else None,
             eta=0.0 if eta is None else eta,
             guidance_scale=1.0 if guidance_scale is None else guidance_scale,
+            guidance_interval=guidance_interval,
+            guidance_rescale=guidance_rescale,
             options=options if known else None,
         )
     except SampleOptionError as error:

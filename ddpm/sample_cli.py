@@ -94,6 +94,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--class-label", type=int, help="class of every image (default: cycle over classes)")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1 = none)")
     parser.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        metavar=("SIGMA_LO", "SIGMA_HI"),
+        help="guide only at noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar) in [SIGMA_LO, SIGMA_HI] "
+        "(Kynkaanniemi et al. 2024; inf allowed), the conditional prediction elsewhere (default: every step)",
+    )
+    parser.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=0.0,
+        metavar="PHI",
+        help="rescaled guidance in [0, 1] (Lin et al. 2023, Eq. 15-16): the guided prediction's std brought "
+        "to the conditional one's, mixed by PHI (default: 0, plain guidance)",
+    )
+    parser.add_argument(
         "--cond-image",
         metavar="PATH",
         help="for a model conditioned on an image: an image or a folder of images, one image drawn from each "
@@ -149,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
             batch_size=args.batch_size,
             class_label=args.class_label,
             guidance_scale=args.guidance_scale,
+            guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
+            guidance_rescale=args.guidance_rescale,
             cond_image=args.cond_image,
             save_images=args.save_images,
             use_ema=not args.raw,
@@ -167,6 +185,10 @@ def _edit(args: argparse.Namespace) -> Path:
         raise ValueError("editing takes --steps, not --calls or --option")
     if args.cond_image is not None:
         raise ValueError("--cond-image is for sampling; editing takes none: drop it")
+    if args.guidance_interval or args.guidance_rescale:
+        raise ValueError(
+            "editing guides at every step, unrescaled: drop --guidance-interval, --guidance-rescale"
+        )
     return edit_from_checkpoint(
         args.checkpoint,
         args.init_image,

@@ -325,6 +325,29 @@ def test_guidance_combines_the_conditional_and_the_null_predictions(built):
     assert torch.allclose(guided(3.0), unconditional + 3 * (conditional - unconditional), atol=1e-4)
 
 
+@pytest.mark.parametrize("built", KINDS_BUILT, ids=lambda b: "+".join(b))
+def test_rescaled_guidance_brings_each_image_s_std_to_the_conditional_one_s(built):
+    # Lin et al. 2023, Eq. 15-16 on the network's prediction, here eps
+    scheduler = NoiseScheduler(num_train_timesteps=100, beta_schedule="cosine", prediction_type="epsilon")
+    model = perturb(tiny(**built)).eval()
+    x, _ = inputs()
+    t = torch.tensor(40)
+    cond = conditions(2, **built)
+
+    def eps(scale: float, phi: float = 0.0) -> torch.Tensor:
+        return denoiser(model, scheduler, cond=cond, guidance_scale=scale, guidance_rescale=phi)(x, t).eps
+
+    conditional, guided = eps(1.0), eps(3.0)
+    std = lambda e: e.flatten(1).std(dim=1)  # noqa: E731 (per image)
+    assert not torch.allclose(std(guided), std(conditional), rtol=1e-2)  # guidance changes the std
+    assert torch.equal(eps(3.0, 0.0), guided)  # phi = 0: plain guidance
+    rescaled = eps(3.0, 1.0)
+    torch.testing.assert_close(std(rescaled), std(conditional), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rescaled, guided * (std(conditional) / std(guided)).view(-1, 1, 1, 1))
+    half = guided * (0.5 * std(conditional) / std(guided) + 0.5).view(-1, 1, 1, 1)  # Eq. 16 at phi = 0.5
+    torch.testing.assert_close(eps(3.0, 0.5), half)
+
+
 def test_the_guided_call_batches_each_kind_with_its_null_and_labels_as_a_tensor():
     seen = []
 

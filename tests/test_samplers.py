@@ -710,6 +710,44 @@ def test_classifier_free_guidance_one_batched_call_per_step(name):
     torch.testing.assert_close(got, expected)
 
 
+def test_the_guidance_interval_guides_only_the_rows_whose_sigma_lies_in_it():
+    # LabelToy's x0 is its label: conditional 2 and 7, unconditional the null label 10
+    scheduler = NoiseScheduler(prediction_type="sample")
+    y = torch.tensor([2, 7])
+    t = torch.tensor([5, 900])  # one timestep per row
+    alpha_bar = scheduler.alphas_cumprod[t]
+    sigma = ((1 - alpha_bar) / alpha_bar).sqrt()  # sigma_5 << sigma_900
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+
+    def x0(interval):
+        denoise = denoiser(
+            LabelToy(), scheduler, y=y, guidance_scale=3.0, guidance_interval=interval, null_class=10
+        )
+        return denoise(x, t).x0
+
+    guided = (10 + 3.0 * (y - 10)).float().view(-1, 1, 1, 1).expand(SHAPE)
+    conditional = y.float().view(-1, 1, 1, 1).expand(SHAPE)
+    assert torch.equal(x0(None), guided)
+    assert torch.equal(x0((0.0, math.inf)), guided)  # every sigma inside
+    assert torch.equal(x0((2 * sigma[1].item(), math.inf)), conditional)  # every sigma outside: no guidance
+    # Row 0's sigma inside, row 1's outside (the bounds are inside too)
+    both = x0((sigma[0].item(), sigma[0].item()))
+    assert torch.equal(both[0], guided[0]) and torch.equal(both[1], conditional[1])
+    # Through sample(): outside the interval at every step, the conditional model alone
+    unguided = sample(LabelToy(), scheduler, SHAPE, y=y, steps=4, progress=False)
+    limited = sample(
+        LabelToy(),
+        scheduler,
+        SHAPE,
+        y=y,
+        steps=4,
+        guidance_scale=3.0,
+        guidance_interval=(1e9, 1e9),
+        progress=False,
+    )
+    assert torch.equal(limited, unguided) and torch.equal(unguided, conditional)
+
+
 def test_guidance_null_label_override_and_errors():
     model = LabelToy(null_class=None)
     scheduler = NoiseScheduler(prediction_type="sample")
@@ -814,6 +852,22 @@ def test_invalid_arguments(kwargs, message):
         ({"sampler": "dpm++", "eta": 0.5}, r"invalid eta=0\.5: expected 0 with sampler 'dpm\+\+'"),
         ({"guidance_scale": -0.5}, r"invalid guidance_scale=-0\.5: expected a finite number >= 0"),
         ({"guidance_scale": float("inf")}, r"invalid guidance_scale=inf: expected a finite number >= 0"),
+        (
+            {"guidance_interval": (1.0, 0.5)},
+            r"invalid guidance_interval=\(1\.0, 0\.5\): expected two noise levels sigma_lo sigma_hi with "
+            r"0 <= sigma_lo <= sigma_hi \(sigma_hi may be inf\)$",
+        ),
+        (
+            {"guidance_interval": (-1.0, 2.0)},
+            r"invalid guidance_interval=\(-1\.0, 2\.0\): expected two noise",
+        ),
+        ({"guidance_interval": (1.0,)}, r"invalid guidance_interval=\(1\.0,\): expected two noise levels"),
+        ({"guidance_interval": (0.0, math.nan)}, r"invalid guidance_interval=\(0\.0, nan\): expected two"),
+        (
+            {"guidance_rescale": 1.5},
+            r"invalid guidance_rescale=1\.5: expected a number in \[0, 1\] \(0: plain",
+        ),
+        ({"guidance_rescale": -0.1}, r"invalid guidance_rescale=-0\.1: expected a number in \[0, 1\]"),
     ],
 )
 def test_check_sample_options_names_the_option_and_its_range(options, message):
@@ -827,6 +881,10 @@ def test_check_sample_options_accepts_the_bounds():
     check_sample_options(sampler="ddim", steps=100, eta=1, guidance_scale=0, num_train_timesteps=100)
     check_sample_options(sampler="dpm++", steps=1, eta=0.0, guidance_scale=7.5, num_train_timesteps=100)
     check_sample_options(sampler="ddpm", steps=5000, eta=0, guidance_scale=1.0)  # no T: steps >= 1 only
+    for interval, phi in (((0, 0), 0), ((0.5, math.inf), 1), ((2.0, 2.0), 0.7)):
+        check_sample_options(
+            sampler="ddim", steps=1, eta=0, guidance_scale=2, guidance_interval=interval, guidance_rescale=phi
+        )
 
 
 def test_each_solver_gets_only_the_options_it_declares():

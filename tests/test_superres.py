@@ -207,13 +207,31 @@ def test_sample_cli_draws_one_image_per_low_resolution_image_under_its_condition
         steps=2,
     )
     assert not torch.allclose(swapped[0], images[0], atol=1e-2)
-    # A default name says which conditions made the grid; a larger image is resized to the low resolution
+    # A default name says which conditions and guidance made the grid; a larger image is resized to the low
+    # resolution; guidance drops the image condition to its null, in an interval, rescaled
     write_png(tmp_path / "big.png", rng.integers(0, 256, (6, 6)))
+    guidance = ["--guidance-scale", "2", "--guidance-interval", "0.5", "inf", "--guidance-rescale", "0.7"]
     code, stdout, _ = run_sample_cli(
-        ["--checkpoint", str(run), "--cond-image", str(tmp_path / "big.png"), "--steps", "2"], capsys
+        ["--checkpoint", str(run), "--cond-image", str(tmp_path / "big.png"), "--steps", "2", *guidance],
+        capsys,
     )
-    assert code is None and Path(stdout.strip()).name == "sample-step-0000006-ema-unipc2-condbig-seed0-n1.png"
-    assert Image.open(stdout.strip()).size == (9 + 1, 2 * 9 + 1)
+    name = "sample-step-0000006-ema-unipc2-guidance2-interval0.5-inf-rescale0.7-condbig-seed0-n1.png"
+    assert code is None and Path(stdout.strip()).name == name
+    grid = np.asarray(Image.open(stdout.strip()).convert("L"), dtype=np.float32) / 127.5 - 1
+    assert grid.shape == (2 * 9 + 1, 9 + 1)
+    cond = read_cond_images(loaded, tmp_path / "big.png")
+    settings = {
+        "sampler": "unipc",
+        "steps": 2,
+        "guidance_scale": 2.0,
+        "guidance_interval": (0.5, float("inf")),
+    }
+    guided = generate(loaded.model, loaded.scheduler, 1, image_shape=(1, 8, 8), cond=cond, **settings)
+    rescaled = generate(
+        loaded.model, loaded.scheduler, 1, image_shape=(1, 8, 8), cond=cond, **settings, guidance_rescale=0.7
+    )
+    np.testing.assert_allclose(grid[10:18, 1:9], rescaled[0, 0].numpy(), atol=1.5 / 255)
+    assert not torch.allclose(guided, rescaled, atol=1e-3)  # the rescale reached the sampler
 
 
 @pytest.mark.parametrize(
@@ -248,9 +266,26 @@ def test_sample_cli_draws_one_image_per_low_resolution_image_under_its_condition
             ["--cond-image", "lows", "--mask", "lows"],
             r"^error: --cond-image is for sampling; editing takes none: drop it$",
         ),
+        (
+            "image",
+            ["--cond-image", "lows", "--guidance-scale", "2", "--guidance-interval", "1", "0.5"],
+            r"^error: --guidance-interval 1 0\.5: expected two noise levels sigma_lo sigma_hi with 0 <= "
+            r"sigma_lo <= sigma_hi \(sigma_hi may be inf\)$",
+        ),
+        (
+            "image",
+            ["--cond-image", "lows", "--guidance-scale", "2", "--guidance-rescale", "1.5"],
+            r"^error: --guidance-rescale 1\.5: expected a number in \[0, 1\] \(0: plain guidance\)$",
+        ),
+        (
+            "image",
+            ["--init-image", "lows", "--strength", "0.5", "--guidance-rescale", "0.5"],
+            r"^error: editing guides at every step, unrescaled: drop --guidance-interval, "
+            r"--guidance-rescale$",
+        ),
     ],
 )
-def test_a_cond_image_the_model_cannot_take_or_a_missing_one_is_refused_before_sampling(
+def test_a_cond_image_or_guidance_the_model_cannot_take_is_refused_before_sampling(
     tmp_path, capsys, monkeypatch, model, argv, pattern
 ):
     models = {"plain": tiny(), "image": tiny(cond_channels=1), "two-channel": tiny(cond_channels=2)}

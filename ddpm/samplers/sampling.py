@@ -84,6 +84,8 @@ def sample(
     y: Tensor | None = None,
     cond: Conditions | None = None,
     guidance_scale: float = 1.0,
+    guidance_interval: tuple[float, float] | None = None,
+    guidance_rescale: float = 0.0,
     null_class: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
@@ -110,8 +112,8 @@ def sample(
         The variance of the "ddpm" sampler's steps is the schedule's (`scheduler.variance_type`); the other
         samplers use the prediction channels alone. options: the solver's own options by name, e.g.
         {"s_churn": 40} for "heun"; a name the solver does not declare is refused. sampler, steps, calls, eta,
-        options and guidance_scale are checked by `check_sample_options`; the solver gets those of eta and
-        generator it declares, and `options`.
+        options and the guidance settings are checked by `check_sample_options`; the solver gets those of eta
+        and generator it declares, and `options`.
     y: (N,) class labels or None, the same as cond=Conditions.from_labels(y); with a `model.num_classes`
         (not None) they, and the null label, must lie in [0, num_classes] (checked once here, not at every
         network call). cond: instead of y, the conditions of the N images, a `ddpm.conditions.Conditions`
@@ -120,6 +122,13 @@ def sample(
         makes one batched call on [x, x] with the conditions [cond, cond.null()] (every kind dropped to its
         null; labels to the null label `null_class`, else `model.null_class`) and uses
         uncond + s * (cond - uncond).
+    guidance_interval: (sigma_lo, sigma_hi), 0 <= sigma_lo <= sigma_hi (inf allowed): guidance only at the
+        steps whose noise level sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t) lies in [sigma_lo, sigma_hi],
+        the conditional prediction alone elsewhere (Kynkaanniemi et al. 2024, "Applying guidance in a limited
+        interval improves sample and distribution quality"); None: at every step.
+    guidance_rescale: phi in [0, 1], rescaled guidance (Lin et al. 2023, "Common Diffusion Noise Schedules
+        and Sample Steps are Flawed", Sec. 3.4, Eq. 15-16): the guided prediction's per-image std brought
+        to the conditional one's, mixed by phi; 0: plain guidance. See `denoiser`.
     start_step: run only the grid's timesteps from index start_step on (0 <= start_step < steps), from
         `noise` = x at the noise level of that timestep (`sampling_timesteps(...)[start_step]`): SDEdit's
         start (Meng et al. 2022), used by `ddpm.samplers.editing.img2img`. The solver sees those
@@ -134,6 +143,8 @@ def sample(
         calls=calls,
         eta=eta,
         guidance_scale=guidance_scale,
+        guidance_interval=guidance_interval,
+        guidance_rescale=guidance_rescale,
         options=options,
         num_train_timesteps=scheduler.num_train_timesteps,
     )
@@ -150,7 +161,15 @@ def sample(
     timesteps = sampling_timesteps(scheduler, sampler, budget.steps)[start_step:]
     x = _initial_noise(model, shape, noise, generator)
     denoise = model_denoiser(
-        model, scheduler, x, y=y, cond=cond, guidance_scale=guidance_scale, null_class=null_class
+        model,
+        scheduler,
+        x,
+        y=y,
+        cond=cond,
+        guidance_scale=guidance_scale,
+        guidance_interval=guidance_interval,
+        guidance_rescale=guidance_rescale,
+        null_class=null_class,
     )
     given = {"eta": eta, "generator": generator, **options}
     kwargs = {name: given[name] for name in solver_options(solver) if name in given}
@@ -175,10 +194,13 @@ def model_denoiser(
     y: Tensor | None = None,
     cond: Conditions | None = None,
     guidance_scale: float = 1.0,
+    guidance_interval: tuple[float, float] | None = None,
+    guidance_rescale: float = 0.0,
     null_class: int | None = None,
 ) -> Denoiser:
     """The `denoise(x_t, t) -> (x0, eps)` of `sample()` for images like x (N, C, H, W): the model call with
-    the conditions (labels y (N,), or cond) and classifier-free guidance (see `sample`), then the
+    the conditions (labels y (N,), or cond) and classifier-free guidance (see `sample`; its interval and
+    rescale as `denoiser` applies them), then the
     scheduler's conversion of its prediction; what every sampler and `ddpm.samplers.editing` call the
     network through. Checks the conditions' batch, the labels and the null label (ValueError), and refuses
     a time-free network, before any network call; the conditions are moved to x's device."""
@@ -212,7 +234,14 @@ def model_denoiser(
     if "label" in cond:
         _check_labels(cond, null_class, getattr(model, "num_classes", None), has_null)
     return denoiser(
-        model, scheduler, cond=cond, guidance_scale=guidance_scale, null_class=null_class, dtype=x.dtype
+        model,
+        scheduler,
+        cond=cond,
+        guidance_scale=guidance_scale,
+        guidance_interval=guidance_interval,
+        guidance_rescale=guidance_rescale,
+        null_class=null_class,
+        dtype=x.dtype,
     )
 
 
@@ -246,13 +275,17 @@ def check_sample_options(
     num_train_timesteps: int | None = None,
     calls: int | None = None,
     options: Mapping[str, Any] | None = None,
+    guidance_interval: Sequence[float] | None = None,
+    guidance_rescale: float = 0.0,
 ) -> None:
     """The one check of the sampling settings, for `sample()`, a config's `sample:` section and the CLI.
 
     sampler: a key of SAMPLERS. steps: an integer in 1..num_train_timesteps (>= 1 when that is None), or None.
     calls: None, or instead of steps a network-call budget that buys 1..num_train_timesteps steps; not both.
     eta: a number in [0, 1] (Song et al. 2021, Eq. 16), nonzero only for sampler "ddim". guidance_scale: a
-    finite number >= 0 (Ho & Salimans 2022; 1 is the conditional model alone). eta is refused away from its
+    finite number >= 0 (Ho & Salimans 2022; 1 is the conditional model alone). guidance_interval: None or
+    two noise levels (sigma_lo, sigma_hi) with 0 <= sigma_lo <= sigma_hi (sigma_hi may be inf).
+    guidance_rescale: a number in [0, 1]. eta is refused away from its
     default with a sampler whose solver does not take it, rather than ignored. options: names of the solver's
     own options (its keyword-only parameters but `disable` and SAMPLE_KEYWORDS), each of the type of its
     default and in OPTION_RANGES' range. Raises SampleOptionError (a ValueError) naming the first option
@@ -277,6 +310,20 @@ def check_sample_options(
     _refuse_if_unused("eta", eta, 0, sampler)
     if not _is_real(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise SampleOptionError("guidance_scale", guidance_scale, "a finite number >= 0 (1: no guidance)")
+    if guidance_interval is not None and not (
+        len(guidance_interval) == 2
+        and all(_is_real(sigma) for sigma in guidance_interval)
+        and 0 <= guidance_interval[0] <= guidance_interval[1]
+    ):
+        raise SampleOptionError(
+            "guidance_interval",
+            guidance_interval,
+            "two noise levels sigma_lo sigma_hi with 0 <= sigma_lo <= sigma_hi (sigma_hi may be inf)",
+        )
+    if not _is_real(guidance_rescale) or not 0 <= guidance_rescale <= 1:
+        raise SampleOptionError(
+            "guidance_rescale", guidance_rescale, "a number in [0, 1] (0: plain guidance)"
+        )
     _check_solver_options(sampler, options or {})
 
 
@@ -326,6 +373,8 @@ def denoiser(
     y: Tensor | None = None,
     cond: Conditions | None = None,
     guidance_scale: float = 1.0,
+    guidance_interval: tuple[float, float] | None = None,
+    guidance_rescale: float = 0.0,
     null_class: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Denoiser:
@@ -341,6 +390,14 @@ def denoiser(
     repeated over the batch on x_t's device (no copy from the host: `_batch_of`), or (N,), one per row (the
     likelihood's rows of many timesteps: `ddpm.vlb`). The model gets x_t in the dtype of its first parameter
     when that is floating point, else in `dtype`. Labels are not checked here (`sample` checks them once).
+
+    Guided, the prediction channels (the network's own: eps, x0 or v, as trained) are, per image,
+        guided = uncond + s (cond - uncond)
+        rescaled = guided * std(cond) / std(guided)                (Lin et al. 2023, Eq. 15)
+        out = phi * rescaled + (1 - phi) * guided                  (Eq. 16; phi = guidance_rescale)
+    std over the image's (C, H, W) (Algorithm 2 there, diffusers' `rescale_noise_cfg`), and out = cond at the
+    rows whose sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is outside `guidance_interval`
+    [sigma_lo, sigma_hi] (Kynkaanniemi et al. 2024; the batched call is made all the same).
     """
     param = _first_parameter(model)
     model_dtype = param.dtype if param is not None and param.is_floating_point() else dtype
@@ -361,11 +418,27 @@ def denoiser(
             both, v_both = scheduler.split_output(both, channels)
             conditional, unconditional = both.chunk(2)
             out = unconditional + guidance_scale * (conditional - unconditional)
+            if guidance_rescale:
+                rescaled = out * _image_std(conditional) / _image_std(out)  # Lin et al. 2023, Eq. 15
+                out = guidance_rescale * rescaled + (1 - guidance_rescale) * out  # Eq. 16
+            if guidance_interval is not None:
+                alpha_bar = scheduler.alpha_bar(t_batch)  # (N,) float64
+                sigma = ((1 - alpha_bar) / alpha_bar).sqrt()  # inf at alpha_bar = 0
+                inside = (sigma >= guidance_interval[0]) & (sigma <= guidance_interval[1])
+                out = torch.where(inside.view(-1, *[1] * (out.ndim - 1)), out, conditional)
             v = v_both.chunk(2)[0] if v_both is not None else None
         x0, eps = scheduler.predict_x0_and_eps(out.to(x_t.dtype), x_t, t_batch)
         return Denoised(x0, eps, v.to(x_t.dtype) if v is not None else None)
 
     return denoise
+
+
+def _image_std(x: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N, 1, 1, 1): each image's standard deviation over its C x H x W values, in float32 at
+    least."""
+    return (
+        x.to(torch.promote_types(x.dtype, torch.float32)).flatten(1).std(dim=1).view(-1, *[1] * (x.ndim - 1))
+    )
 
 
 def _batch_of(t: Tensor, x: Tensor) -> Tensor:
