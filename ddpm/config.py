@@ -110,6 +110,10 @@ class TrainConfig:
     # p of dropping a row's conditions (label, task's image), all together, to their nulls (classifier-free
     # guidance; ddpm.losses.drop_conditions)
     label_dropout: float = 0.1
+    # Per-kind condition dropout in place of label_dropout's joint one (which must then be 0): a probability
+    # for every kind of condition the model takes, each kind drawn on its own, or kind -> probability naming
+    # each of them ("label", "image", "vector", "context"; ddpm.losses.drop_conditions); null: label_dropout
+    cond_dropout: float | dict[str, float] | None = None
     loss_weighting: str = "uniform"  # uniform | min_snr (ddpm.schedule.LOSS_WEIGHTINGS)
     min_snr_gamma: float = 5.0
     # Learn the variance (Nichol & Dhariwal 2021): the hybrid loss L_simple + 0.001 L_vlb (ddpm.losses); needs
@@ -135,6 +139,16 @@ class TrainConfig:
     cpu_threads: int = 0  # CPU threads per process; 0: OMP_NUM_THREADS if > 1, else cores / processes
     log_with: str = "auto"  # auto | tensorboard | wandb | all | none (ddpm.trackers)
     tracker_project: str = "ddpm"  # the trackers' project: TensorBoard's folder in the run, wandb's project
+
+    def condition_dropout(self, kinds: Sequence[str]) -> float | dict[str, float]:
+        """The probability `ddpm.losses.drop_conditions` takes for a batch holding the conditions `kinds`:
+        label_dropout (joint: a row's conditions all dropped together) unless cond_dropout is set, then one
+        probability per kind (its mapping, or its one value for each of `kinds`)."""
+        if self.cond_dropout is None:
+            return self.label_dropout
+        if isinstance(self.cond_dropout, Mapping):
+            return dict(self.cond_dropout)
+        return dict.fromkeys(kinds, self.cond_dropout)
 
 
 @dataclass
@@ -299,7 +313,14 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
             "whose noise levels are continuous (no per-timestep loss history): set "
             "train.timestep_sampling=uniform"
         )
+    built = [kind for kind, name in CONDITION_ARGUMENTS.items() if model.get(name) is not None]
+    problems += _cond_dropout_problems(config.train, built)
     if model["num_classes"] is not None and model.get("null_label", True) is False:
+        if config.train.cond_dropout is not None:
+            problems.append(
+                f"train.cond_dropout={_yaml(config.train.cond_dropout)} but model.null_label=false: the "
+                "labels have no null to drop them to; set model.null_label=true or train.cond_dropout=null"
+            )
         if config.train.label_dropout > 0:
             problems.append(
                 f"train.label_dropout={_yaml(config.train.label_dropout)} but model.null_label=false: no "
@@ -323,6 +344,35 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
             problems.append(
                 f"{key(name)} conditions the network on {kind}, but no data set gives one yet (they give "
                 f"images, class labels and data.task's image): set model.{name}=null"
+            )
+    return problems
+
+
+def _cond_dropout_problems(train: TrainConfig, built: Sequence[str]) -> list[str]:
+    """What does not fit train.cond_dropout: label_dropout's joint dropout beside it, or a mapping that does
+    not name exactly the kinds of condition the model is built for (`built`, in KINDS order)."""
+    p = train.cond_dropout
+    if p is None:
+        return []
+    problems = []
+    takes = ", ".join(built) or "no condition"
+    if train.label_dropout:
+        problems.append(
+            f"train.cond_dropout={_yaml(p)} replaces train.label_dropout={_yaml(train.label_dropout)} (the "
+            "joint dropout of a row's conditions): set train.label_dropout=0"
+        )
+    if isinstance(p, Mapping):
+        unknown = [kind for kind in p if kind not in built]
+        if unknown:
+            problems.append(
+                f"train.cond_dropout names {', '.join(map(str, unknown))}, which the model is not built "
+                f"for (it takes {takes}): drop {'it' if len(unknown) == 1 else 'them'}"
+            )
+        missing = [kind for kind in built if kind not in p]
+        if missing:
+            problems.append(
+                f"train.cond_dropout gives no probability for {', '.join(missing)}: name every kind the "
+                f"model takes ({takes}), 0 to never drop one"
             )
     return problems
 
@@ -498,6 +548,12 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
         f"a list of distinct numbers in (0, {SIGMA_REL_MAX:.4f}) (the widths of power-function EMA profiles)",
     ),
     "train.label_dropout": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "train.cond_dropout": (
+        lambda v: all(
+            0 <= p <= 1 for p in (v.values() if isinstance(v, Mapping) else [] if v is None else [v])
+        ),
+        "a probability in [0, 1], a mapping kind -> probability in [0, 1], or null",
+    ),
     "train.min_snr_gamma": _POSITIVE,
     "train.checkpoint_every": _AT_LEAST_1,
     "train.keep_checkpoints": _AT_LEAST_1,
@@ -531,6 +587,15 @@ _TYPES: dict[Any, tuple[Callable[[Any], bool], str]] = {
         "an integer or auto",
     ),
     dict[str, Any]: (lambda v: isinstance(v, Mapping) and all(isinstance(k, str) for k in v), "a mapping"),
+    float | dict[str, float] | None: (  # train.cond_dropout
+        lambda v: (
+            v is None
+            or _is_number(v)
+            or isinstance(v, Mapping)
+            and all(isinstance(k, str) and _is_number(p) for k, p in v.items())
+        ),
+        "a number, a mapping kind -> number, or null",
+    ),
     tuple[float, float]: (
         lambda v: isinstance(v, list | tuple) and len(v) == 2 and all(map(_is_number, v)),
         "a list of two numbers",

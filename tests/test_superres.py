@@ -17,7 +17,7 @@ import ddpm
 from ddpm import sample_cli
 from ddpm.compiled import FixedBatchNetwork
 from ddpm.conditions import Conditions
-from ddpm.config import ConfigError, load_config
+from ddpm.config import ConfigError, load_config, save_config
 from ddpm.data import batch_conditions, superres_condition, upsample_low_res
 from ddpm.inference import generate, load_for_sampling, read_cond_images
 from ddpm.run_dir import latest_checkpoint
@@ -88,6 +88,80 @@ def test_the_trainer_feeds_the_low_resolution_image_and_drops_it_at_the_configur
     kept, dropped = seen
     assert kept.kinds == ("image",) and torch.equal(kept["image"], superres_condition(x0, 4))
     assert not kept.is_dropped("image").any() and dropped.is_dropped("image").all()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        (
+            ["train.cond_dropout={image: 0.2, vector: 0.1}"],
+            r"train\.cond_dropout=\{image: 0\.2, vector: 0\.1\} replaces train\.label_dropout=0\.1 \(the "
+            r"joint dropout of a row's conditions\): set train\.label_dropout=0; \(2\) train\.cond_dropout "
+            r"names vector, which the model is not built for \(it takes image\): drop it$",
+        ),
+        (
+            [
+                "train.label_dropout=0",
+                "data.labels=true",
+                "model.num_classes=10",
+                "train.cond_dropout={image: 0.2}",
+            ],
+            r"train\.cond_dropout gives no probability for label: name every kind the model takes \(label, "
+            r"image\), 0 to never drop one$",
+        ),
+        (
+            ["train.label_dropout=0", "train.cond_dropout={image: 1.5}"],
+            r"'train\.cond_dropout'.*expected a probability in \[0, 1\], a mapping kind -> probability",
+        ),
+        (
+            ["train.label_dropout=0", "train.cond_dropout=often"],
+            r"'train\.cond_dropout'.*expected a number, a",
+        ),
+        (
+            [
+                "train.label_dropout=0",
+                "data.labels=true",
+                "model.num_classes=10",
+                "model.null_label=false",
+                "train.cond_dropout={label: 0, image: 0.1}",
+            ],
+            r"train\.cond_dropout=\{image: 0\.1, label: 0\} but model\.null_label=false: the labels have no "
+            r"null to drop them to; set model\.null_label=true or train\.cond_dropout=null$",
+        ),
+    ],
+)
+def test_a_cond_dropout_the_model_cannot_take_is_refused_when_read(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(SUPERRES_YAML, overrides)
+
+
+@pytest.mark.parametrize(
+    ("cond_dropout", "label", "image"),
+    [("{label: 0.0, image: 1.0}", 0.0, 1.0), ("{label: 1.0, image: 0.0}", 1.0, 0.0), ("0.5", 0.5, 0.5)],
+)
+def test_cond_dropout_drops_each_kind_at_its_own_rate(tmp_path, cond_dropout, label, image):
+    labelled = ("data.labels=true", "model.num_classes=10", "train.label_dropout=0")
+    trainer = Trainer(tiny_superres(tmp_path / "run", *labelled, f"train.cond_dropout={cond_dropout}"))
+    seen = []
+    forward = trainer.forward
+    trainer.forward = lambda x, t, y: seen.append(y) or forward(x, t, y)
+    x0, labels = (
+        torch.stack(column) for column in zip(*[trainer.dataset[i] for i in range(16)], strict=True)
+    )
+    torch.manual_seed(0)
+    assert torch.isfinite(trainer._loss(x0, labels))
+    (cond,) = seen
+    assert cond.kinds == ("label", "image")
+    # A dropped label goes to the network as the null label, 10; a dropped image stays marked dropped
+    dropped = {"label": cond["label"] == 10, "image": cond.is_dropped("image")}
+    for kind, p in (("label", label), ("image", image)):
+        if p in (0.0, 1.0):
+            assert bool(dropped[kind].all()) == (p == 1.0) and bool(dropped[kind].any()) == (p == 1.0), kind
+    # The setting travels with the run: its config file reads back the same
+    save_config(trainer.config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml").train.cond_dropout == trainer.config.train.cond_dropout
+    if label == image == 0.5:  # each kind drawn on its own: not the same rows, as the joint dropout drops
+        assert 0 < int(dropped["label"].sum()) < 16 and not torch.equal(dropped["label"], dropped["image"])
 
 
 def test_a_short_superres_run_trains_writes_grids_and_samples_from_its_conditions(tmp_path):

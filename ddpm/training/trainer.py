@@ -237,7 +237,8 @@ class Trainer:
         H, W), labels: (N,). Its random draws come from the global RNG, which checkpoints restore, in this
         order: eps ~ N(0, I), t ~ U{0, ..., T-1} (or the importance sampler's p_t, its losses then weighted by
         1 / (T p_t) and gathered from every process for `_end_sampler_step`), the condition dropout (of the
-        labels and data.task's image, all together: `drop_conditions`, the draws of `drop_labels`)."""
+        labels and data.task's image, all together at train.label_dropout, `drop_conditions`, the draws of
+        `drop_labels`; or each kind on its own at train.cond_dropout)."""
         train = self.config.train
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -248,8 +249,8 @@ class Trainer:
             t, weights = self.scheduler.sample_timesteps(x0.shape[0], device=x0.device), None
         cond = batch_conditions(self.config.data, x0, labels if self.conditional else None)
         if self.null_class is not None or not self.conditional:
-            cond = drop_conditions(cond, train.label_dropout)  # no draw without conditions
-        # else: labels without a null label to drop them to (label_dropout is then 0)
+            cond = drop_conditions(cond, train.condition_dropout(cond.kinds))  # no draw without conditions
+        # else: labels without a null label to drop them to (label_dropout is then 0, cond_dropout null)
         y = network_argument(cond, self.null_class)  # labels alone as a tensor, as they always went
         losses = diffusion_losses(
             self._predict,
