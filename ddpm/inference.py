@@ -234,8 +234,7 @@ def generate(
         ).to(device)
         y = None
         if num_classes and cond is None:
-            labels = [class_label if class_label is not None else i % num_classes for i in indices]
-            y = torch.tensor(labels, device=device)
+            y = _cycled_labels(indices, num_classes, class_label).to(device)
         batch_cond = cond.rows(slice(indices.start, indices.stop)).to(device) if cond is not None else None
         generator = _noise_generator(seed + start, device)
         images = sample(
@@ -460,9 +459,14 @@ def read_cond_images(loaded: Loaded, path: str | Path, *, class_label: int | Non
     values = {"image": upsample_low_res(images, factor) if factor > 1 else images}  # (N, C, S, S)
     num_classes = getattr(model, "num_classes", None)
     if num_classes:
-        labels = [class_label if class_label is not None else i % num_classes for i in range(len(images))]
-        values["label"] = torch.tensor(labels)
+        values["label"] = _cycled_labels(range(len(images)), num_classes, class_label)
     return Conditions(values)
+
+
+def _cycled_labels(indices: range, num_classes: int, class_label: int | None) -> torch.Tensor:
+    """The (len(indices),) long labels of the images `indices`: `class_label` for each, else i % num_classes
+    for image i (0, 1, ... cycling over the classes)."""
+    return torch.tensor([class_label if class_label is not None else i % num_classes for i in indices])
 
 
 def _check_cond_image(model: torch.nn.Module, cond_image: str | Path | None) -> None:

@@ -308,6 +308,21 @@ def test_sample_cli_draws_one_image_per_low_resolution_image_under_its_condition
     assert not torch.allclose(guided, rescaled, atol=1e-3)  # the rescale reached the sampler
 
 
+def test_cond_images_of_a_class_model_carry_its_labels(tmp_path):
+    # A model folder outside a run: the image is read at the model's side, as the network takes it
+    ddpm.save_pretrained(tmp_path / "model", tiny(cond_channels=3, num_classes=3), NoiseScheduler())
+    for i in range(4):
+        write_png(tmp_path / "images" / f"{i}.png", np.full((16, 16), 60 * i))
+    loaded = load_for_sampling(tmp_path / "model")
+    cond = read_cond_images(loaded, tmp_path / "images")
+    assert cond.kinds == ("label", "image") and cond["image"].shape == (4, 3, 8, 8)
+    assert cond["label"].tolist() == [0, 1, 2, 0]  # cycling over the classes, as generate's labels
+    torch.testing.assert_close(
+        cond["image"][:, :, 0, 0], (60 * torch.arange(4.0) / 127.5 - 1)[:, None].expand(4, 3)
+    )
+    assert read_cond_images(loaded, tmp_path / "images", class_label=2)["label"].tolist() == [2] * 4
+
+
 @pytest.mark.parametrize(
     ("model", "argv", "pattern"),
     [
