@@ -429,12 +429,14 @@ def grid_from_checkpoint(
             progress=True,
             on_batch=writer.write if save_images else None,
         )
-    if cond is not None:  # the conditions (in x's channels: grey where they differ) above the images
-        shown = cond["image"] if cond["image"].shape[1] == shape[0] else cond["image"].mean(1, keepdim=True)
-        shown = shown.expand(-1, shape[0], -1, -1)
-        grid = torch.cat([*_full_rows(shown[:GRID_WITH_IMAGES]), *_full_rows(images[:GRID_WITH_IMAGES])])
-        return save_grid(grid, out, nrow=min(n, 16))
-    return save_grid(images[:GRID_WITH_IMAGES] if save_images else images, out)
+    shown = images[:GRID_WITH_IMAGES] if save_images else images
+    if cond is None:
+        return save_grid(shown, out)
+    # The conditions above the images, in x's channels (grey where the two differ)
+    conditions = cond["image"][: len(shown)]
+    conditions = conditions if conditions.shape[1] == shape[0] else conditions.mean(1, keepdim=True)
+    grid = [*_full_rows(conditions.expand(-1, shape[0], -1, -1)), *_full_rows(shown)]
+    return save_grid(torch.cat(grid), out, nrow=min(len(shown), 16))
 
 
 def read_cond_images(loaded: Loaded, path: str | Path, *, class_label: int | None = None) -> Conditions:
@@ -602,7 +604,8 @@ def _check_settings_given(
             steps=steps,
             calls=calls if known else None,
             eta=0.0 if eta is None else eta,
-            guidance_scale=1.0 if guidance_scale is None else guidance_scale,
+            # the run's guidance scale, not known yet: one that guides stands in (its interval and rescale)
+            guidance_scale=0.0 if guidance_scale is None else guidance_scale,
             guidance_interval=guidance_interval,
             guidance_rescale=guidance_rescale,
             options=options if known else None,

@@ -868,6 +868,14 @@ def test_invalid_arguments(kwargs, message):
             r"invalid guidance_rescale=1\.5: expected a number in \[0, 1\] \(0: plain",
         ),
         ({"guidance_rescale": -0.1}, r"invalid guidance_rescale=-0\.1: expected a number in \[0, 1\]"),
+        (
+            {"guidance_interval": (0.5, 2.0)},
+            r"invalid guidance_interval=\(0\.5, 2\.0\): expected None without guidance \(guidance_scale=1\)$",
+        ),
+        (
+            {"guidance_rescale": 0.7},
+            r"invalid guidance_rescale=0\.7: expected 0 without guidance \(guidance_",
+        ),
     ],
 )
 def test_check_sample_options_names_the_option_and_its_range(options, message):

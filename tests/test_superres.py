@@ -368,6 +368,11 @@ def test_cond_images_of_a_class_model_carry_its_labels(tmp_path):
         ),
         (
             "image",
+            ["--cond-image", "lows", "--guidance-interval", "0.5", "2"],
+            r"^error: --guidance-interval 0\.5 2: expected None without guidance \(guidance_scale=1\)$",
+        ),
+        (
+            "image",
             ["--init-image", "lows", "--strength", "0.5", "--guidance-rescale", "0.5"],
             r"^error: editing guides at every step, unrescaled: drop --guidance-interval, "
             r"--guidance-rescale$",

@@ -200,10 +200,10 @@ def model_denoiser(
 ) -> Denoiser:
     """The `denoise(x_t, t) -> (x0, eps)` of `sample()` for images like x (N, C, H, W): the model call with
     the conditions (labels y (N,), or cond) and classifier-free guidance (see `sample`; its interval and
-    rescale as `denoiser` applies them), then the
-    scheduler's conversion of its prediction; what every sampler and `ddpm.samplers.editing` call the
-    network through. Checks the conditions' batch, the labels and the null label (ValueError), and refuses
-    a time-free network, before any network call; the conditions are moved to x's device."""
+    rescale as `denoiser` applies them), then the scheduler's conversion of its prediction; what every
+    sampler and `ddpm.samplers.editing` call the network through. Checks the conditions' batch, the labels
+    and the null label (ValueError), and refuses a time-free network, before any network call; the
+    conditions are moved to x's device."""
     _refuse_time_free(model)
     if y is not None:
         y = torch.as_tensor(y, device=x.device).long()
@@ -285,7 +285,8 @@ def check_sample_options(
     eta: a number in [0, 1] (Song et al. 2021, Eq. 16), nonzero only for sampler "ddim". guidance_scale: a
     finite number >= 0 (Ho & Salimans 2022; 1 is the conditional model alone). guidance_interval: None or
     two noise levels (sigma_lo, sigma_hi) with 0 <= sigma_lo <= sigma_hi (sigma_hi may be inf).
-    guidance_rescale: a number in [0, 1]. eta is refused away from its
+    guidance_rescale: a number in [0, 1]. Both are refused away from their defaults without guidance
+    (guidance_scale 1), and eta away from its
     default with a sampler whose solver does not take it, rather than ignored. options: names of the solver's
     own options (its keyword-only parameters but `disable` and SAMPLE_KEYWORDS), each of the type of its
     default and in OPTION_RANGES' range. Raises SampleOptionError (a ValueError) naming the first option
@@ -324,6 +325,10 @@ def check_sample_options(
         raise SampleOptionError(
             "guidance_rescale", guidance_rescale, "a number in [0, 1] (0: plain guidance)"
         )
+    unused = ("guidance_interval", guidance_interval, None), ("guidance_rescale", guidance_rescale, 0)
+    for option, value, default in unused if guidance_scale == 1 else ():
+        if value != default:
+            raise SampleOptionError(option, value, f"{default} without guidance (guidance_scale=1)")
     _check_solver_options(sampler, options or {})
 
 
