@@ -203,7 +203,9 @@ def _check(values: dict[str, Tensor], dropped: dict[str, Tensor]) -> None:
         if name in values and kind not in values:
             raise ValueError(f"'{name}' goes with '{kind}', which is missing")
     sizes = {name: value.shape[0] if value.ndim else None for name, value in values.items()}
-    if len(set(sizes.values())) > 1 or None in sizes.values():
+    first = next(iter(sizes.values()), None)
+    # Compared, not put in a set: under torch.export a batch size is a SymInt, which cannot be hashed.
+    if any(size is None or size != first for size in sizes.values()):
         raise ValueError(f"every condition needs the same batch dimension first, got shapes {sizes}")
     for kind, mask in dropped.items():
         if kind not in values or kind in AUXILIARY:
