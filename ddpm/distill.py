@@ -1,8 +1,7 @@
 """Distil a trained model into a sampler of 1, 2 or 4 network calls.
 
-    ddpm-distill RUN --calls N --out STUDENT [--method progressive] [--teacher-steps 32] [--stage-steps 500]
-        [--guidance-scale S] [--lr 1e-4] [--batch-size B] [--resume]
-    accelerate launch --multi_gpu --num_processes N -m ddpm.distill [...]     # several processes
+    ddpm-distill RUN --calls N --out STUDENT [--method progressive] [--teacher-steps 16] [--stage-steps 200]
+        [--guidance-scale S] [--lr 5e-4] [--batch-size B] [--resume]
 
 Progressive distillation (Salimans & Ho 2022): the student, started from the teacher's EMA weights, learns to
 take in one DDIM step two of the teacher's; each stage halves the steps, from --teacher-steps down to --calls.
@@ -22,7 +21,7 @@ import argparse
 import sys
 
 from ddpm.training import USER_ERRORS
-from ddpm.training.distiller import METHODS, start_distillation
+from ddpm.training.distiller import LR, METHODS, DistillSettings, start_distillation
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,10 +33,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--method", choices=METHODS, default="progressive", help="(default: %(default)s)")
     parser.add_argument("--calls", type=int, required=True, help="the student's network calls: 1, 2, 4, ...")
     parser.add_argument(
-        "--teacher-steps", type=int, default=32, help="DDIM steps of the first teacher (default: %(default)s)"
+        "--teacher-steps",
+        type=int,
+        default=DistillSettings.teacher_steps,
+        help="DDIM steps of the first teacher (default: %(default)s)",
     )
     parser.add_argument(
-        "--stage-steps", type=int, default=500, help="optimizer steps per halving (default: %(default)s)"
+        "--stage-steps",
+        type=int,
+        default=DistillSettings.stage_steps,
+        help="optimizer steps per halving (default: %(default)s)",
     )
     parser.add_argument(
         "--guidance-scale",
@@ -45,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         help="the teacher's guidance (default: the run's sample.guidance_scale)",
     )
     parser.add_argument(
-        "--lr", type=float, default=1e-4, help="learning rate at each stage's start (default: %(default)s)"
+        "--lr", type=float, default=LR, help="learning rate at each stage's start (default: %(default)s)"
     )
     parser.add_argument("--batch-size", type=int, help="images per step (default: the teacher run's)")
     parser.add_argument("--resume", action="store_true", help="continue the latest checkpoint of STUDENT")

@@ -201,7 +201,7 @@ def evaluation_loss(distiller, stage: int) -> float:
 
 def test_the_loss_falls_on_a_tiny_run(teacher, tmp_path):
     distiller = start_distillation(
-        teacher, tmp_path / "student", calls=1, teacher_steps=2, stage_steps=40, lr=2e-3
+        teacher, tmp_path / "student", calls=1, teacher_steps=2, stage_steps=20, lr=2e-3
     )
     before = evaluation_loss(distiller, 0)
     distiller.train()

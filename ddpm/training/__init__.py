@@ -1,5 +1,5 @@
 """Training on Accelerate: `Trainer` (the loop), checkpoints and resume, run log, stop signals, NaN policy,
-the importance sampler of t."""
+the importance sampler of t; progressive distillation on the same loop (`.distiller`)."""
 
 from ddpm.config import ConfigError
 from ddpm.data import DataError
