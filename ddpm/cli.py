@@ -19,6 +19,7 @@ COMMANDS = {
     "fid": ("ddpm.fid.__main__", "FID, KID and precision/recall between two sources of images"),
     "nll": ("ddpm.nll", "negative log-likelihood of a model on a data set, in bits/dim"),
     "ema": ("ddpm.ema.__main__", "post-hoc EMA: reconstruct or sweep EMA lengths after training"),
+    "distill": ("ddpm.distill", "distil a trained run into a sampler of 1, 2 or 4 network calls"),
 }
 
 

@@ -1,6 +1,7 @@
 """The diffusion training loss: Ho et al. 2020 Eq. 14 for any prediction target and loss weighting, plus the
-variational-bound term of Nichol & Dhariwal 2021's hybrid loss when the schedule learns the variance, and the
-condition dropout of classifier-free guidance (`drop_conditions`; `drop_labels` for labels as a tensor).
+variational-bound term of Nichol & Dhariwal 2021's hybrid loss when the schedule learns the variance, the
+condition dropout of classifier-free guidance (`drop_conditions`; `drop_labels` for labels as a tensor), and
+the loss of progressive distillation (Salimans & Ho 2022).
 
 All are plain functions of tensors: the random draws of a training step are the caller's, in this order,
 which checkpoints replay exactly: eps = randn_like(x0), then t (`NoiseScheduler.sample_timesteps`, or an
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ddpm.conditions import Conditions
+from ddpm.samplers import Denoiser
 from ddpm.schedule import NoiseScheduler
 from ddpm.vlb import vlb_term_bpd
 
@@ -127,3 +129,80 @@ def drop_conditions(cond: Conditions, p: float | Mapping[str, float]) -> Conditi
         dropped = torch.rand(n, device=device) < p
         return cond.drop({kind: dropped for kind in cond.kinds})
     return cond.drop({kind: torch.rand(n, device=device) < probabilities[kind] for kind in cond.kinds})
+
+
+def progressive_target(
+    denoise: Denoiser,
+    x_t: Tensor,
+    t: Tensor,
+    t_mid: Tensor,
+    ab_t: Tensor,
+    ab_mid: Tensor,
+    ab_next: Tensor,
+) -> Tensor:
+    """The target x~ of progressive distillation (Salimans & Ho 2022, Algorithm 2): the x0 estimate with which
+    one DDIM step (eta = 0) from x_t lands where two DDIM steps of the teacher land.
+
+    With a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar) at the student's step t -> t'' and the teacher's
+    midpoint t' (alpha_bar ab_t < ab_mid < ab_next):
+        z_t'  = a_t' x^(z_t) + s_t' eps^(z_t)              (teacher DDIM step, Song et al. 2021 Eq. 12)
+        z_t'' = a_t'' x^(z_t') + s_t'' eps^(z_t')         (second teacher step)
+        x~    = (z_t'' - (s_t'' / s_t) z_t) / (a_t'' - (s_t'' / s_t) a_t)
+    the last solving z_t'' = a_t'' x~ + s_t'' (z_t - a_t x~) / s_t, DDIM's step with x0 = x~. ab_next = 1 (the
+    final step, to the data) gives x~ = x^(z_t'), the teacher's last estimate.
+
+    denoise: the teacher as `ddpm.samplers.denoiser` builds it (its parameterisation, clipping and guidance:
+    any of eps, x0 or v). x_t: (N, C, H, W). t, t_mid: (N,) timesteps. ab_t, ab_mid, ab_next: alpha_bar at t,
+    t_mid and the student's next timestep, (N, 1, 1, 1) in x_t's dtype. Returns x~, (N, C, H, W).
+    """
+    x0, eps = denoise(x_t, t)
+    x_mid = ab_mid.sqrt() * x0 + (1 - ab_mid).sqrt() * eps
+    x0_mid, eps_mid = denoise(x_mid, t_mid)
+    x_next = ab_next.sqrt() * x0_mid + (1 - ab_next).sqrt() * eps_mid
+    ratio = ((1 - ab_next) / (1 - ab_t)).sqrt()  # s_t'' / s_t; s_t >= sqrt(beta_0) > 0
+    return (x_next - ratio * x_t) / (ab_next.sqrt() - ratio * ab_t.sqrt())
+
+
+def progressive_distillation_losses(
+    student: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    teacher: Denoiser,
+    scheduler: NoiseScheduler,
+    x0: Tensor,
+    noise: Tensor,
+    index: Tensor,
+    teacher_timesteps: Tensor,
+    labels: Tensor | None = None,
+) -> Tensor:
+    """The loss of each image of a batch in one stage of progressive distillation (Salimans & Ho 2022,
+    Algorithm 2): the student learns in one DDIM step the two steps of the teacher,
+
+        loss_i = max(SNR(t_i), 1) || x^_student(z_t_i) - x~_i ||^2 / (C H W)
+
+    with z_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, x~ = `progressive_target` (no gradient) and
+    the paper's truncated SNR weighting (Sec. 4), written on the student's x0 estimate whatever it predicts
+    (for x0 prediction it is that loss; for v, || x0 error ||^2 = || v error ||^2 / (1 + SNR)).
+
+    teacher_timesteps: (2n,) descending, the teacher's DDIM grid; the student's has n steps, its step i going
+    from teacher_timesteps[2i] to teacher_timesteps[2i + 2] (alpha_bar = 1 after the last), through the
+    midpoint teacher_timesteps[2i + 1]. index: (N,) long, each image's student step i in 0..n-1.
+    student: the network call (x_t, t, labels) -> its prediction (scheduler.prediction_type). x0, noise:
+    (N, C, H, W); labels: (N,) long or None (given to the student; the teacher has its own in `teacher`).
+    Returns (N,) float32.
+    """
+    grid = teacher_timesteps.to(x0.device)
+    dtype = torch.promote_types(x0.dtype, torch.float32)
+    abars = torch.cat([scheduler.alpha_bar(grid), grid.new_ones(1, dtype=torch.float64)]).to(dtype)
+
+    def at(i: Tensor) -> Tensor:  # alpha_bar at entry i of the grid (and 1 past it), (N, 1, 1, 1)
+        return abars[i].reshape(-1, *([1] * (x0.ndim - 1)))
+
+    t, t_mid = grid[2 * index], grid[2 * index + 1]
+    ab_t = at(2 * index)
+    x_t = ab_t.sqrt() * x0 + (1 - ab_t).sqrt() * noise
+    with torch.no_grad():
+        target = progressive_target(teacher, x_t, t, t_mid, ab_t, at(2 * index + 1), at(2 * index + 2))
+    prediction = student(x_t, t, labels).float()
+    x0_student, _ = scheduler.predict_x0_and_eps(prediction, x_t.float(), t, clip=False)
+    per_sample = F.mse_loss(x0_student, target.float(), reduction="none").mean(dim=(1, 2, 3))  # (N,)
+    weight = scheduler.snr(t).clamp(min=1.0)  # max(SNR, 1)
+    return weight.to(per_sample.dtype) * per_sample

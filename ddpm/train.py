@@ -24,14 +24,9 @@ import signal
 import sys
 from pathlib import Path
 
-from ddpm.config import BUNDLED_CONFIGS, DEFAULT_CONFIG, ConfigError, load_config
-from ddpm.data import DataError
-from ddpm.io import CheckpointError
+from ddpm.config import BUNDLED_CONFIGS, DEFAULT_CONFIG, load_config
 from ddpm.run_dir import latest_checkpoint
-from ddpm.training import DistributedTimeoutError, NonFiniteLossError, Trainer
-
-# Errors whose message says all a user needs: printed as one line, without a traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, DistributedTimeoutError, OSError)
+from ddpm.training import USER_ERRORS, Trainer
 
 
 def main(argv: list[str] | None = None) -> None:

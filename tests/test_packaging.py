@@ -60,6 +60,7 @@ def test_the_wheel_holds_every_module_the_configs_and_the_commands(wheel):
         "ddpm-fid = ddpm.fid.__main__:main",
         "ddpm-nll = ddpm.nll:main",
         "ddpm-ema = ddpm.ema.__main__:main",
+        "ddpm-distill = ddpm.distill:main",
     ):
         assert line in scripts
 

@@ -75,7 +75,7 @@ class Trainer:
         set_seed(train.seed)
         self.dataset = build_dataset(config.data)
         self.scheduler = build_schedule(config.diffusion)
-        model = build_model(config.model)
+        model = self._build_model()
         _check_compatible(model, self.dataset, config)
         self.channels_last = enabled(train.channels_last, accelerator.device)
         if self.channels_last:
@@ -204,14 +204,7 @@ class Trainer:
         accelerator, train = self.accelerator, self.config.train
         with accelerator.accumulate(self.model):
             for group in self.optimizer.param_groups:
-                group["lr"] = learning_rate(
-                    self.state.step,
-                    lr=train.lr,
-                    steps=train.steps,
-                    warmup_steps=train.warmup_steps,
-                    schedule=train.lr_schedule,
-                    lr_min=train.lr_min,
-                )
+                group["lr"] = self._learning_rate()
             loss = self._loss(x0, labels)
             self.losses.add_micro_batch(loss)
             accelerator.backward(loss)
@@ -231,6 +224,24 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return True
+
+    def _build_model(self) -> torch.nn.Module:
+        """The network to train, before Accelerate wraps it: `build_model(config.model)`, freshly initialised
+        from the global RNG (seeded with train.seed). A subclass may start it from other weights."""
+        return build_model(self.config.model)
+
+    def _learning_rate(self) -> float:
+        """The learning rate of the next optimizer step (`ddpm.lr_schedule.learning_rate` at the current
+        step, over train.steps)."""
+        train = self.config.train
+        return learning_rate(
+            self.state.step,
+            lr=train.lr,
+            steps=train.steps,
+            warmup_steps=train.warmup_steps,
+            schedule=train.lr_schedule,
+            lr_min=train.lr_min,
+        )
 
     def _loss(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The mean `diffusion_losses` of one micro-batch (the hybrid loss with train.learn_sigma), x0: (N, C,

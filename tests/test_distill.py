@@ -1,0 +1,364 @@
+"""Progressive distillation (ddpm.losses.progressive_target, ddpm.training.distiller, ddpm.distill): the
+target against the exact-score mixture, whose exact denoiser makes the ideal student known, then tiny runs on
+the digits: the loss falls, the student is a run folder that sample.py samples with no flags, resume is
+exact, and bad settings are refused with one line."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+
+from ddpm import sample
+from ddpm.config import load_config
+from ddpm.distill import main as distill_main
+from ddpm.exact_score import MIXTURE, GaussianMixture, exact_predictor
+from ddpm.inference import load_for_sampling
+from ddpm.losses import progressive_distillation_losses, progressive_target
+from ddpm.samplers import denoiser
+from ddpm.schedule import NoiseScheduler
+from ddpm.training import Trainer
+from ddpm.training.distiller import start_distillation
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_TEACHER = [
+    "data.image_size=8",
+    "data.batch_size=16",
+    "model.image_size=8",
+    "model.base_channels=8",
+    "model.channel_mult=[1,2]",
+    "model.norm_groups=4",
+    "model.attention_resolutions=[4]",
+    "train.steps=10",
+    "train.checkpoint_every=10",
+    "train.sample_every=0",
+    "train.log_every=1",
+    "train.log_with=none",
+]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each Trainer builds an Accelerator; its process-wide state must not leak between tests."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    """A tiny class-conditional v-prediction run on the digits (configs/digits.yaml, 10 steps)."""
+    run = tmp_path_factory.mktemp("teacher") / "run"
+    config = load_config(ROOT / "configs" / "digits.yaml", [*TINY_TEACHER, f"output_dir={run}"])
+    Trainer(config).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return run
+
+
+# ---- the target, on the exact-score mixture ----------------------------------------------------------------
+
+
+def schedule(prediction_type: str) -> NoiseScheduler:
+    """The digits' cosine schedule on the trailing grid; linear for epsilon, since at the cosine's
+    alpha_bar_{T-1} = 2.4e-9 the x0 of an epsilon prediction, (x - s eps) / a, loses 7 digits to cancellation
+    (the exact teacher's own x0 errs by 4e-4 there: why ddpm.distill refuses epsilon teachers)."""
+    beta_schedule = "linear" if prediction_type == "epsilon" else "cosine"
+    return NoiseScheduler(
+        beta_schedule=beta_schedule, prediction_type=prediction_type, timestep_spacing="trailing"
+    )
+
+
+def ideal_student(teacher_denoise, scheduler: NoiseScheduler, student_steps: int):
+    """The network whose one DDIM step is two of the teacher's at every timestep of the student's grid: the
+    target x~ of the step it stands at, written as the scheduler's prediction (x0, eps or v)."""
+    grid = scheduler.inference_timesteps(2 * student_steps)
+    abars = torch.cat([scheduler.alpha_bar(grid), torch.ones(1, dtype=torch.float64)])
+
+    def model(x, t, y=None):
+        i = (t[:, None] == grid[None, :]).long().argmax(dim=1)  # (N,) each row's place in the teacher grid
+        ab_t, ab_mid, ab_next = (abars[j].reshape(-1, 1, 1, 1) for j in (i, i + 1, i + 2))
+        t_mid = grid[i + 1]
+        x0 = progressive_target(teacher_denoise, x, t, t_mid, ab_t, ab_mid, ab_next)
+        eps = (x - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()
+        return {"sample": x0, "epsilon": eps, "v_prediction": ab_t.sqrt() * eps - (1 - ab_t).sqrt() * x0}[
+            scheduler.prediction_type
+        ]
+
+    return model
+
+
+@pytest.mark.parametrize("num_train_timesteps", [100, 1000, 1024, 4000])
+def test_the_students_trailing_grid_is_every_other_timestep_of_its_teachers(num_train_timesteps):
+    # The student samples with DDIM on the trailing grid of n steps: the timesteps it was trained on
+    scheduler = NoiseScheduler(num_train_timesteps=num_train_timesteps, timestep_spacing="trailing")
+    n = 1
+    while 2 * n <= num_train_timesteps:
+        assert torch.equal(scheduler.inference_timesteps(2 * n)[::2], scheduler.inference_timesteps(n)), n
+        n *= 2
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("student_steps", [1, 4])
+def test_the_ideal_student_at_n_steps_samples_what_the_exact_teacher_does_at_2n(
+    prediction_type, student_steps
+):
+    scheduler = schedule(prediction_type)
+    teacher = exact_predictor(MIXTURE, scheduler)
+    noise = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    student = ideal_student(denoiser(teacher, scheduler, dtype=torch.float64), scheduler, student_steps)
+
+    by_teacher = sample(teacher, scheduler, noise=noise, sampler="ddim", steps=2 * student_steps)
+    by_student = sample(student, scheduler, noise=noise, sampler="ddim", steps=student_steps)
+
+    torch.testing.assert_close(by_student, by_teacher, rtol=0, atol=1e-9)
+    # and one step of the exact teacher alone does not (the target is not the teacher's own estimate)
+    alone = sample(teacher, scheduler, noise=noise, sampler="ddim", steps=student_steps)
+    assert (alone - by_teacher).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+def test_the_loss_is_zero_at_the_ideal_student_and_weighted_by_the_truncated_snr(prediction_type):
+    scheduler = schedule(prediction_type)
+    teacher = denoiser(exact_predictor(MIXTURE, scheduler), scheduler, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    x0 = MIXTURE.sample((8, 1, 4, 4), g)
+    noise = torch.randn(8, 1, 4, 4, generator=g, dtype=torch.float64)
+    grid = scheduler.inference_timesteps(8)
+    index = torch.arange(8) % 4
+
+    ideal = progressive_distillation_losses(
+        ideal_student(teacher, scheduler, 4), teacher, scheduler, x0, noise, index, grid
+    )
+    assert ideal.abs().max() < 1e-10
+
+    def off_by(delta):  # a student whose x0 estimate is the ideal one + delta everywhere
+        student = ideal_student(teacher, scheduler, 4)
+
+        def model(x, t, y=None):
+            out = student(x, t)
+            ab = scheduler.alpha_bar(t).reshape(-1, 1, 1, 1)
+            return out + delta if prediction_type == "sample" else out - delta / (1 - ab).sqrt()
+
+        return model
+
+    losses = progressive_distillation_losses(off_by(0.1), teacher, scheduler, x0, noise, index, grid)
+    snr = scheduler.snr(grid[2 * index])
+    torch.testing.assert_close(losses, (0.01 * snr.clamp(min=1)).float(), rtol=1e-4, atol=0)
+
+
+def test_guidance_is_baked_in_the_ideal_student_samples_what_the_guided_teacher_does():
+    # A class-conditional exact teacher: label 0 one mixture, label 1 another, the null label 2 their blend
+    mixtures = [
+        GaussianMixture((0.5, 0.5), (-0.6, 0.2), (0.1, 0.1)),
+        GaussianMixture((0.3, 0.7), (0.1, 0.7), (0.05, 0.1)),
+        GaussianMixture((0.4, 0.3, 0.3), (-0.6, 0.1, 0.7), (0.1, 0.05, 0.1)),
+    ]
+    scheduler = schedule("v_prediction")
+    by_label = [exact_predictor(m, scheduler) for m in mixtures]
+
+    def teacher(x, t, y):
+        outs = torch.stack([predict(x, t) for predict in by_label])  # (3, N, ...)
+        return outs[y, torch.arange(x.shape[0])]
+
+    y = torch.arange(16) % 2
+    noise = torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    guided = denoiser(teacher, scheduler, y=y, guidance_scale=3.0, null_class=2, dtype=torch.float64)
+    student = ideal_student(guided, scheduler, 2)
+
+    by_teacher = sample(
+        teacher, scheduler, noise=noise, steps=4, sampler="ddim", y=y, guidance_scale=3.0, null_class=2
+    )
+    by_student = sample(student, scheduler, noise=noise, steps=2, sampler="ddim", y=y)
+
+    torch.testing.assert_close(by_student, by_teacher, rtol=0, atol=1e-9)
+    unguided = sample(teacher, scheduler, noise=noise, steps=4, sampler="ddim", y=y)
+    assert (unguided - by_teacher).abs().max() > 1e-2
+
+
+# ---- tiny distillations of the digits ----------------------------------------------------------------------
+
+
+def evaluation_loss(distiller, stage: int) -> float:
+    """The distillation loss of the raw student on a fixed batch at `stage`."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.stack([distiller.dataset[i][0] for i in range(32)])
+    labels = torch.tensor([distiller.dataset[i][1] for i in range(32)])
+    noise = torch.randn(x0.shape, generator=g)
+    grid = distiller.scheduler.inference_timesteps(2 * distiller.settings.student_steps(stage))
+    index = torch.randint(0, len(grid) // 2, (32,), generator=g)
+    student = distiller.accelerator.unwrap_model(distiller.model)
+    teacher = denoiser(distiller.teacher, distiller.scheduler, y=labels)
+    with torch.no_grad():
+        losses = progressive_distillation_losses(
+            student, teacher, distiller.scheduler, x0, noise, index, grid, labels
+        )
+    return losses.mean().item()
+
+
+def test_the_loss_falls_on_a_tiny_run(teacher, tmp_path):
+    distiller = start_distillation(
+        teacher, tmp_path / "student", calls=1, teacher_steps=2, stage_steps=20, lr=2e-3
+    )
+    before = evaluation_loss(distiller, 0)
+    distiller.train()
+    after = evaluation_loss(distiller, 0)
+    assert after < 0.5 * before, (before, after)
+
+
+def test_the_student_is_a_run_folder_that_sample_py_samples_at_its_calls_with_no_flags(teacher, tmp_path):
+    student = tmp_path / "student"
+    distiller = start_distillation(
+        teacher, student, calls=2, teacher_steps=8, stage_steps=3, guidance_scale=2.0
+    )
+    distiller.train()
+
+    loaded = load_for_sampling(student)
+    assert (loaded.sampling.sampler, loaded.sampling.steps, loaded.sampling.eta) == ("ddim", 2, 0.0)
+    assert loaded.sampling.calls is None and loaded.sampling.guidance_scale == 1.0  # guidance baked in
+    teacher_schedule = load_for_sampling(teacher).scheduler.config
+    assert loaded.scheduler.config == {**teacher_schedule, "timestep_spacing": "trailing"}
+    # DDIM at 2 steps visits every other timestep of the last stage's 4-step teacher: those trained on
+    assert torch.equal(loaded.scheduler.inference_timesteps(2), loaded.scheduler.inference_timesteps(4)[::2])
+    # The first teacher is the teacher run's EMA weights; each next one the student at the end of a stage
+    first = load_file(student / "teachers" / "steps-0008" / "model.safetensors")
+    ema = load_file(teacher / "checkpoints" / "step-0000010" / "ema" / "model.safetensors")
+    assert all(torch.equal(first[k], ema[k]) for k in ema)
+    second = load_file(student / "teachers" / "steps-0004" / "model.safetensors")
+    at_stage_end = load_file(student / "checkpoints" / "step-0000003" / "ema" / "model.safetensors")
+    assert all(torch.equal(second[k], at_stage_end[k]) for k in second)
+    assert not all(torch.equal(first[k], second[k]) for k in first)
+    assert yaml.safe_load((student / "distill.json").read_text())["guidance_scale"] == 2.0
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), "--checkpoint", str(student), "--n", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": ""},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ddim: 2 steps, 2 network calls" in result.stderr
+    assert Path(result.stdout.strip()) == student / "samples" / "sample-step-0000006-ema-ddim2-seed0-n4.png"
+
+
+RESUMED = {"calls": 1, "teacher_steps": 4, "stage_steps": 2, "lr": 1e-3}  # a checkpoint every 2 steps
+
+
+def final_weights(student: Path) -> dict[str, torch.Tensor]:
+    last = student / "checkpoints" / "step-0000004"
+    return load_file(last / "model.safetensors") | {
+        f"ema.{k}": v for k, v in load_file(last / "ema" / "model.safetensors").items()
+    }
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(teacher, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The final weights of a distillation of two stages run straight through."""
+    student = tmp_path_factory.mktemp("straight") / "student"
+    start_distillation(teacher, student, **RESUMED).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return final_weights(student)
+
+
+@pytest.mark.parametrize("stop_at", [2, 3], ids=["at-the-stage-end", "inside-the-second-stage"])
+def test_a_resumed_distillation_ends_with_the_same_weights_as_an_uninterrupted_one(
+    teacher, uninterrupted, tmp_path, stop_at
+):
+    interrupted = start_distillation(teacher, tmp_path / "student", **RESUMED)
+    interrupted.signals.stop_requested = lambda step: step == stop_at  # as SIGTERM there would
+    interrupted.train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert (tmp_path / "student" / "checkpoints" / f"step-{stop_at:07d}").is_dir()
+    # a stop inside the second stage resumes with its teacher, teachers/steps-0002, the first stage's student
+    start_distillation(teacher, tmp_path / "student", **RESUMED, resume=True).train()
+
+    resumed = final_weights(tmp_path / "student")
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=key)
+
+
+def edited_run(teacher: Path, folder: Path, **changes) -> Path:
+    """A copy of the teacher run whose config.yaml has `changes` ({"section.key": value})."""
+    run = folder / "edited"
+    shutil.copytree(teacher, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    for key, value in changes.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return run
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--calls", "3"], "--calls 3: expected a power of two (1, 2, 4, ...)"),
+        (["--calls", "4", "--teacher-steps", "4"], "--calls 4 must be below --teacher-steps 4: each stage"),
+        (["--calls", "1", "--teacher-steps", "24"], "--teacher-steps 24: expected a power of two of at most"),
+        (
+            ["--calls", "1", "--teacher-steps", "2048"],
+            "--teacher-steps 2048: expected a power of two of at most num_train_timesteps=1000",
+        ),
+        (["--calls", "1", "--stage-steps", "0"], "--stage-steps 0: expected a positive integer"),
+    ],
+)
+def test_bad_settings_are_refused_with_one_line(teacher, tmp_path, args, message):
+    with pytest.raises(SystemExit) as stopped:
+        distill_main([str(teacher), "--out", str(tmp_path / "student"), *args])
+    assert str(stopped.value.code).startswith(f"error: {message}")
+    assert "\n" not in str(stopped.value.code)
+    assert not (tmp_path / "student").exists()
+
+
+def test_a_teacher_that_cannot_be_distilled_is_refused_with_one_line(teacher, tmp_path):
+    def refusal(run, *args) -> str:
+        with pytest.raises(SystemExit) as stopped:
+            distill_main([str(run), "--calls", "1", "--out", str(tmp_path / "student"), *args])
+        assert not (tmp_path / "student").exists()
+        return str(stopped.value.code)
+
+    assert refusal(tmp_path / "missing").startswith(f"error: {tmp_path / 'missing'}: no such file or folder")
+    eps = edited_run(teacher, tmp_path / "eps", **{"diffusion.prediction_type": "epsilon"})
+    assert "predicts epsilon" in refusal(eps) and "diffusion.prediction_type=v_prediction" in refusal(eps)
+    superres = edited_run(
+        teacher, tmp_path / "superres", **{"data.task": "superres", "model.cond_channels": 1}
+    )
+    assert "is conditioned on data.task=superres's images" in refusal(superres)
+    with pytest.raises(SystemExit) as stopped:
+        distill_main([str(teacher), "--calls", "1", "--out", str(teacher)])
+    assert "is the teacher's run directory: name a new folder" in str(stopped.value.code)
+
+
+def test_a_model_folder_outside_a_run_is_refused(teacher, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(teacher / "checkpoints" / "step-0000010" / "ema", folder)
+    with pytest.raises(SystemExit) as stopped:
+        distill_main([str(folder), "--calls", "1", "--out", str(tmp_path / "student")])
+    assert str(stopped.value.code).startswith(f"error: {folder} is a model folder outside a run")
+
+
+def test_a_fresh_start_into_a_distillation_and_a_resume_of_another_are_refused(teacher, tmp_path):
+    student = tmp_path / "student"
+    common = [str(teacher), "--out", str(student), "--teacher-steps", "2", "--stage-steps", "1"]
+    with pytest.raises(SystemExit) as stopped:
+        distill_main([*common, "--calls", "1", "--resume"])
+    assert (
+        str(stopped.value.code)
+        == f"error: no distillation to resume in {student}: start one without --resume"
+    )
+    distill_main([*common, "--calls", "1"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    with pytest.raises(SystemExit) as stopped:
+        distill_main([*common, "--calls", "1"])
+    assert str(stopped.value.code) == (
+        f"error: {student} already holds a distillation: continue it with --resume, or pass another --out"
+    )
+    with pytest.raises(SystemExit) as stopped:
+        distill_main([*common, "--calls", "1", "--guidance-scale", "3", "--resume"])
+    assert str(stopped.value.code).startswith("error: --guidance-scale 3.0 differs from the 1.0 that")
