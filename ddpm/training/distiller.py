@@ -284,8 +284,8 @@ def _check_teacher(config: Config, run: str | Path) -> None:
         )
     if config.data.task != "none":
         raise ConfigError(
-            f"{run} is conditioned on data.task={config.data.task}'s images, which distillation does not pass "
-            "to the teacher and student yet: distil a run with data.task=none (class labels are taken)"
+            f"{run} is conditioned on data.task={config.data.task}'s images, which distillation does not "
+            "pass to the teacher and student yet: distil a run with data.task=none (class labels are taken)"
         )
     if config.train.learn_sigma:
         raise ConfigError(
