@@ -3,6 +3,7 @@ target against the exact-score mixture, whose exact denoiser makes the ideal stu
 the digits: the loss falls, the student is a run folder that sample.py samples with no flags, resume is
 exact, and bad settings are refused with one line."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -243,6 +244,15 @@ def test_the_student_is_a_run_folder_that_sample_py_samples_at_its_calls_with_no
     assert result.returncode == 0, result.stderr
     assert "ddim: 2 steps, 2 network calls" in result.stderr
     assert Path(result.stdout.strip()) == student / "samples" / "sample-step-0000006-ema-ddim2-seed0-n4.png"
+
+
+def test_the_learning_rate_decays_linearly_to_zero_within_each_stage_and_restarts(teacher, tmp_path):
+    student = tmp_path / "student"
+    start_distillation(teacher, student, calls=1, teacher_steps=4, stage_steps=4, lr=1e-3).train()
+    log = [json.loads(line) for line in (student / "log.jsonl").read_text().splitlines()]
+    lrs = {record["step"]: record["lr"] for record in log if "lr" in record}
+    # steps 1-4 the first stage, 5-8 the second: linear decay from lr over each stage's 4 steps, no warm-up
+    assert lrs == pytest.approx({step: 1e-3 * (1 - ((step - 1) % 4) / 4) for step in range(1, 9)}), lrs
 
 
 RESUMED = {"calls": 1, "teacher_steps": 4, "stage_steps": 2, "lr": 1e-3}  # a checkpoint every 2 steps

@@ -38,7 +38,6 @@ from ddpm.edm import EDMScheduler
 from ddpm.inference import load_for_sampling
 from ddpm.io import CheckpointError, atomic_write, load_unet, save_pretrained
 from ddpm.losses import progressive_distillation_losses
-from ddpm.lr_schedule import learning_rate
 from ddpm.run_dir import RUN_CONFIG, latest_checkpoint
 from ddpm.samplers import denoiser
 from ddpm.source import resolve_source
@@ -141,17 +140,10 @@ class Distiller(Trainer):
         with torch.random.fork_rng(devices=[]):
             return load_unet(folder, device=self.accelerator.device).requires_grad_(False)
 
-    def _learning_rate(self) -> float:
+    def _schedule_position(self) -> tuple[int, int]:
         """train.lr_schedule within the current stage: every stage starts again from train.lr."""
-        train, stage_steps = self.config.train, self.settings.stage_steps
-        return learning_rate(
-            self.state.step % stage_steps,
-            lr=train.lr,
-            steps=stage_steps,
-            warmup_steps=train.warmup_steps,
-            schedule=train.lr_schedule,
-            lr_min=train.lr_min,
-        )
+        stage_steps = self.settings.stage_steps
+        return self.state.step % stage_steps, stage_steps
 
     def _loss(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The mean `progressive_distillation_losses` of one micro-batch, x0: (N, C, H, W), labels: (N,), at

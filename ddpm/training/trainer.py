@@ -203,8 +203,16 @@ class Trainer:
         """
         accelerator, train = self.accelerator, self.config.train
         with accelerator.accumulate(self.model):
+            step, steps = self._schedule_position()
             for group in self.optimizer.param_groups:
-                group["lr"] = self._learning_rate()
+                group["lr"] = learning_rate(
+                    step,
+                    lr=train.lr,
+                    steps=steps,
+                    warmup_steps=train.warmup_steps,
+                    schedule=train.lr_schedule,
+                    lr_min=train.lr_min,
+                )
             loss = self._loss(x0, labels)
             self.losses.add_micro_batch(loss)
             accelerator.backward(loss)
@@ -230,18 +238,10 @@ class Trainer:
         from the global RNG (seeded with train.seed). A subclass may start it from other weights."""
         return build_model(self.config.model)
 
-    def _learning_rate(self) -> float:
-        """The learning rate of the next optimizer step (`ddpm.lr_schedule.learning_rate` at the current
-        step, over train.steps)."""
-        train = self.config.train
-        return learning_rate(
-            self.state.step,
-            lr=train.lr,
-            steps=train.steps,
-            warmup_steps=train.warmup_steps,
-            schedule=train.lr_schedule,
-            lr_min=train.lr_min,
-        )
+    def _schedule_position(self) -> tuple[int, int]:
+        """(step, steps): where the next optimizer step stands in the learning-rate schedule, the current
+        step of train.steps. A subclass may restart the schedule (a distillation's stages)."""
+        return self.state.step, self.config.train.steps
 
     def _loss(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The mean `diffusion_losses` of one micro-batch (the hybrid loss with train.learn_sigma), x0: (N, C,
