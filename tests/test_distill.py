@@ -4,9 +4,12 @@ the digits: the loss falls, the student is a run folder that sample.py samples w
 exact, and bad settings are refused with one line."""
 
 import json
+import multiprocessing
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +27,8 @@ from ddpm.losses import progressive_distillation_losses, progressive_target
 from ddpm.samplers import denoiser
 from ddpm.schedule import NoiseScheduler
 from ddpm.training import Trainer
-from ddpm.training.distiller import start_distillation
+from ddpm.training.distiller import Distiller, start_distillation
+from ddpm.training.interruption import STOP_HINT
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TEACHER = [
@@ -292,6 +296,98 @@ def test_a_resumed_distillation_ends_with_the_same_weights_as_an_uninterrupted_o
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=key)
 
 
+# Two stages of 4 steps with a checkpoint every 2 steps (the teacher run's train.checkpoint_every).
+KILLED = ["--calls", "1", "--teacher-steps", "4", "--stage-steps", "4", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def teacher_every_2(teacher, tmp_path_factory) -> Path:
+    """The tiny teacher run, checkpointing every 2 steps: the distillations of it do too."""
+    return edited_run(teacher, tmp_path_factory.mktemp("every2"), **{"train.checkpoint_every": 2})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_killed(teacher_every_2, tmp_path_factory) -> Path:
+    """The last checkpoint of the distillation KILLED, run straight through in this process."""
+    student = tmp_path_factory.mktemp("straight") / "student"
+    distill_main([str(teacher_every_2), "--out", str(student), *KILLED])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return student / "checkpoints" / "step-0000008"
+
+
+def distil_until_killed(teacher: str, student: str, point: str, ready: str, threads: int) -> None:
+    """In a child process: `python -m ddpm.distill TEACHER --out STUDENT KILLED`, which at `point` creates
+    the file `ready` and waits to be killed. "inside a stage": in step 7's loss, after the checkpoint of step
+    6 (the second stage's middle); "at a stage's end": step 4 done and its student written as the next
+    stage's teacher, its checkpoint not yet."""
+
+    def hang() -> None:
+        Path(ready).touch()
+        time.sleep(600)
+
+    torch.set_num_threads(threads)  # the test process's: the same float operations in the same order
+    if point == "inside a stage":
+        loss = Distiller._loss
+
+        def loss_and_hang(self, x0, labels):
+            if self.state.step == 6:
+                hang()
+            return loss(self, x0, labels)
+
+        Distiller._loss = loss_and_hang
+    else:
+        next_stage = Distiller._next_stage
+
+        def next_stage_and_hang(self):
+            next_stage(self)
+            hang()
+
+        Distiller._next_stage = next_stage_and_hang
+    distill_main([teacher, "--out", student, *KILLED])
+
+
+@pytest.mark.parametrize(("point", "resumed_at"), [("inside a stage", 6), ("at a stage's end", 2)])
+def test_a_distillation_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_one(
+    teacher_every_2, uninterrupted_killed, tmp_path, capsys, point, resumed_at
+):
+    # A real SIGKILL to a distillation in another process; it resumes from its last whole checkpoint (with
+    # that stage's teacher, written before the kill or again at the stage's end) and must end bit for bit
+    # where the uninterrupted run did: same process count and threads on the CPU, so the same operations in
+    # the same order, from the same weights, optimizer state, data position, RNG state and learning rate.
+    student, ready = tmp_path / "student", tmp_path / "ready"
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["ddpm.training.distiller", "sklearn.datasets", "test_distill"])
+    args = (str(teacher_every_2), str(student), point, str(ready), torch.get_num_threads())
+    child = context.Process(target=distil_until_killed, args=args)
+    child.start()
+    deadline = time.monotonic() + 300
+    while not ready.exists():
+        assert child.is_alive() and time.monotonic() < deadline, f"the child ended early ({child.exitcode})"
+        time.sleep(0.05)
+    child.kill()
+    child.join()
+    assert child.exitcode == -signal.SIGKILL
+    checkpoints = sorted(p.name for p in (student / "checkpoints").glob("step-*"))
+    assert checkpoints[-1] == f"step-{resumed_at:07d}"
+    assert (student / "teachers" / "steps-0002").is_dir() == (point == "at a stage's end" or resumed_at > 4)
+
+    distill_main([str(teacher_every_2), "--out", str(student), *KILLED, "--resume"])
+    out = capsys.readouterr().out
+    assert f"resumed from {student / 'checkpoints' / f'step-{resumed_at:07d}'} at step {resumed_at}" in out
+
+    last = student / "checkpoints" / "step-0000008"
+    for folder in ("", "ema"):
+        resumed, expected = (
+            load_file(last / folder / "model.safetensors"),
+            load_file(uninterrupted_killed / folder / "model.safetensors"),
+        )
+        assert resumed.keys() == expected.keys()
+        for key in resumed:
+            torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=f"{folder} {key}")
+    log = [json.loads(line) for line in (student / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 9))  # steps logged before the kill are not repeated
+
+
 def edited_run(teacher: Path, folder: Path, **changes) -> Path:
     """A copy of the teacher run whose config.yaml has `changes` ({"section.key": value})."""
     run = folder / "edited"
@@ -352,7 +448,7 @@ def test_a_model_folder_outside_a_run_is_refused(teacher, tmp_path):
     assert str(stopped.value.code).startswith(f"error: {folder} is a model folder outside a run")
 
 
-def test_a_fresh_start_into_a_distillation_and_a_resume_of_another_are_refused(teacher, tmp_path):
+def test_a_fresh_start_into_a_distillation_and_a_resume_of_another_are_refused(teacher, tmp_path, capsys):
     student = tmp_path / "student"
     common = [str(teacher), "--out", str(student), "--teacher-steps", "2", "--stage-steps", "1"]
     with pytest.raises(SystemExit) as stopped:
@@ -361,8 +457,10 @@ def test_a_fresh_start_into_a_distillation_and_a_resume_of_another_are_refused(t
         str(stopped.value.code)
         == f"error: no distillation to resume in {student}: start one without --resume"
     )
+    capsys.readouterr()
     distill_main([*common, "--calls", "1"])
     AcceleratorState._reset_state(reset_partial_state=True)
+    assert capsys.readouterr().out.splitlines()[0] == STOP_HINT  # before the first step
 
     with pytest.raises(SystemExit) as stopped:
         distill_main([*common, "--calls", "1"])

@@ -13,6 +13,11 @@ from accelerate import Accelerator
 
 # With several processes, how often (in steps, at most) they agree on whether a stop signal arrived.
 STOP_CHECK_EVERY = 10
+# What a run prints before it starts, where the signals can stop it: what Ctrl-C does and how to continue.
+STOP_HINT = (
+    "Ctrl-C or SIGTERM saves a checkpoint of the current step and stops; continue with the same command and "
+    "--resume"
+)
 # How gloo and NCCL word a collective that timed out or lost its peer.
 _PEER_FAILURE = re.compile(r"timed? ?out|connection (closed|reset)", re.I)
 
@@ -41,6 +46,11 @@ class StopSignals:
         self.stopped_by: signal.Signals | None = None  # the stop signal, once the processes agreed on it
         self._received: signal.Signals | None = None  # the stop signal this process received
         self._previous: dict = {}
+
+    def hint(self) -> str | None:
+        """STOP_HINT, the line to print before the run starts; None where no handler can be installed (not
+        the main thread), since a signal then does not stop the run."""
+        return STOP_HINT if threading.current_thread() is threading.main_thread() else None
 
     def __enter__(self) -> StopSignals:
         def request_stop(signum, frame):

@@ -134,6 +134,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.run_dir / RUN_CONFIG)
         last_saved = latest_checkpoint(self.run_dir)
+        if hint := self.signals.hint():
+            accelerator.print(hint)
         try:
             with self.log.open(self.config, step=self.state.step), self.signals:
                 for x0, labels in self._batches():
