@@ -185,7 +185,8 @@ def progressive_distillation_losses(
     teacher_timesteps: (2n,) descending, the teacher's DDIM grid; the student's has n steps, its step i going
     from teacher_timesteps[2i] to teacher_timesteps[2i + 2] (alpha_bar = 1 after the last), through the
     midpoint teacher_timesteps[2i + 1]. index: (N,) long, each image's student step i in 0..n-1.
-    student: the network call (x_t, t, labels) -> its prediction (scheduler.prediction_type). x0, noise:
+    student: the network call (x_t, t, labels) -> its prediction (scheduler.prediction_type; with a learned
+    variance, (N, 2C, H, W): the prediction, then the variance values, which the loss leaves out). x0, noise:
     (N, C, H, W); labels: (N,) long or None (given to the student; the teacher has its own in `teacher`).
     Returns (N,) float32.
     """
@@ -201,7 +202,8 @@ def progressive_distillation_losses(
     x_t = ab_t.sqrt() * x0 + (1 - ab_t).sqrt() * noise
     with torch.no_grad():
         target = progressive_target(teacher, x_t, t, t_mid, ab_t, at(2 * index + 1), at(2 * index + 2))
-    prediction = student(x_t, t, labels).float()
+    # A learned variance's channels ("learned_range") are split off untrained: DDIM never reads them.
+    prediction, _ = scheduler.split_output(student(x_t, t, labels).float(), x0.shape[1])
     x0_student, _ = scheduler.predict_x0_and_eps(prediction, x_t.float(), t, clip=False)
     per_sample = F.mse_loss(x0_student, target.float(), reduction="none").mean(dim=(1, 2, 3))  # (N,)
     weight = scheduler.snr(t).clamp(min=1.0)  # max(SNR, 1)

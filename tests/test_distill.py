@@ -155,6 +155,33 @@ def test_the_loss_is_zero_at_the_ideal_student_and_weighted_by_the_truncated_snr
     torch.testing.assert_close(losses, (0.01 * snr.clamp(min=1)).float(), rtol=1e-4, atol=0)
 
 
+def test_the_loss_leaves_a_learned_variance_out():
+    # The student of a learned-variance teacher outputs (N, 2C, H, W): its prediction, then variance values
+    # that DDIM never reads. The ideal prediction with any variance values beside it has a zero loss.
+    scheduler = NoiseScheduler(
+        beta_schedule="cosine",
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+        variance_type="learned_range",
+    )
+    fixed = NoiseScheduler(
+        beta_schedule="cosine", prediction_type="v_prediction", timestep_spacing="trailing"
+    )
+    teacher = denoiser(exact_predictor(MIXTURE, fixed), fixed, dtype=torch.float64)
+    ideal = ideal_student(teacher, fixed, 2)
+    g = torch.Generator().manual_seed(3)
+    x0 = MIXTURE.sample((8, 1, 4, 4), g)
+    noise = torch.randn(8, 1, 4, 4, generator=g, dtype=torch.float64)
+    variance = torch.rand(8, 1, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+
+    def student(x, t, y=None):
+        return torch.cat([ideal(x, t), variance], dim=1)
+
+    grid, index = scheduler.inference_timesteps(4), torch.arange(8) % 2
+    losses = progressive_distillation_losses(student, teacher, scheduler, x0, noise, index, grid)
+    assert losses.shape == (8,) and losses.abs().max() < 1e-10
+
+
 def test_guidance_is_baked_in_the_ideal_student_samples_what_the_guided_teacher_does():
     # A class-conditional exact teacher: label 0 one mixture, label 1 another, the null label 2 their blend
     mixtures = [
@@ -238,6 +265,13 @@ def test_the_student_is_a_run_folder_that_sample_py_samples_at_its_calls_with_no
     assert not all(torch.equal(first[k], second[k]) for k in first)
     assert yaml.safe_load((student / "distill.json").read_text())["guidance_scale"] == 2.0
 
+    grid = sample_py(student, "ddim: 2 steps, 2 network calls")
+    assert grid == student / "samples" / "sample-step-0000006-ema-ddim2-seed0-n4.png"
+
+
+def sample_py(student: Path, announced: str) -> Path:
+    """Run `sample.py --checkpoint STUDENT --n 4`, no other flag; check that it announced `announced` and
+    wrote a grid of 4 images. Returns the grid's path."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "sample.py"), "--checkpoint", str(student), "--n", "4"],
         capture_output=True,
@@ -246,8 +280,37 @@ def test_the_student_is_a_run_folder_that_sample_py_samples_at_its_calls_with_no
         env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": ""},
     )
     assert result.returncode == 0, result.stderr
-    assert "ddim: 2 steps, 2 network calls" in result.stderr
-    assert Path(result.stdout.strip()) == student / "samples" / "sample-step-0000006-ema-ddim2-seed0-n4.png"
+    assert announced in result.stderr
+    grid = Path(result.stdout.strip())
+    assert grid.is_file()
+    return grid
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        ["diffusion.prediction_type=sample"],
+        ["train.learn_sigma=true", "diffusion.variance_type=learned_range", "model.out_channels=2"],
+    ],
+    ids=["x0-prediction", "learned-variance"],
+)
+def test_a_teacher_of_each_kind_distils_into_a_student_that_sample_py_samples(tmp_path, kind):
+    # (v prediction with class labels and guidance: the fixture `teacher`, distilled in the test above)
+    run = tmp_path / "teacher"
+    Trainer(
+        load_config(ROOT / "configs" / "digits.yaml", [*TINY_TEACHER, *kind, f"output_dir={run}"])
+    ).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    student = tmp_path / "student"
+    distill_main(
+        [str(run), "--out", str(student), "--calls", "1", "--teacher-steps", "2", "--stage-steps", "2"]
+    )
+
+    assert load_config(student / "config.yaml").diffusion == {
+        **load_config(run / "config.yaml").diffusion,
+        "timestep_spacing": "trailing",
+    }
+    sample_py(student, "ddim: 1 steps, 1 network calls")
 
 
 def test_the_learning_rate_decays_linearly_to_zero_within_each_stage_and_restarts(teacher, tmp_path):
@@ -435,6 +498,10 @@ def test_a_teacher_that_cannot_be_distilled_is_refused_with_one_line(teacher, tm
         teacher, tmp_path / "superres", **{"data.task": "superres", "model.cond_channels": 1}
     )
     assert "is conditioned on data.task=superres's images" in refusal(superres)
+    edm = edited_run(teacher, tmp_path / "edm")
+    config = yaml.safe_load((edm / "config.yaml").read_text())
+    (edm / "config.yaml").write_text(yaml.safe_dump({**config, "diffusion": {"formulation": "edm"}}))
+    assert "uses the EDM formulation, which progressive distillation does not take yet" in refusal(edm)
     with pytest.raises(SystemExit) as stopped:
         distill_main([str(teacher), "--calls", "1", "--out", str(teacher)])
     assert "is the teacher's run directory: name a new folder" in str(stopped.value.code)

@@ -18,6 +18,11 @@ and beside it
     teachers/steps-NNNN/        the teacher of each stage, a model folder (`ddpm.io.save_pretrained`):
                                 the first the teacher run's EMA weights, then each stage's student (its EMA)
 
+A teacher with a learned variance (train.learn_sigma): the student keeps its network of 2C output channels and
+learns the mean, the first C, alone; the variance channels get no gradient and drift with the shared layers,
+so they mean nothing after distillation, and the student's sampler, DDIM with eta = 0, never reads them (nor
+should any other: sample it deterministically, as its config says).
+
 Class-conditional teachers: one guidance scale is baked in. The teacher's two steps use classifier-free
 guidance at `guidance_scale` (default: the teacher run's sample.guidance_scale); the student learns them
 with the data's labels and is sampled without guidance (its sample.guidance_scale is 1).
@@ -213,8 +218,8 @@ def start_distillation(
 
     Raises ConfigError or CheckpointError, on one line naming the problem and its fix, for settings that
     cannot be distilled, a teacher that is not a ddpm run or that progressive distillation cannot take (an
-    epsilon prediction, a learned variance, the EDM formulation, guidance without a null label), an `out`
-    that holds a distillation already (without `resume`) or another one or none (with it).
+    epsilon prediction, the EDM formulation, data.task's image conditions, guidance without a null label), an
+    `out` that holds a distillation already (without `resume`) or another one or none (with it).
     """
     source = resolve_source(run)
     if source.run_dir is None:
@@ -278,11 +283,6 @@ def _check_teacher(config: Config, run: str | Path) -> None:
         raise ConfigError(
             f"{run} is conditioned on data.task={config.data.task}'s images, which distillation does not "
             "pass to the teacher and student yet: distil a run with data.task=none (class labels are taken)"
-        )
-    if config.train.learn_sigma:
-        raise ConfigError(
-            f"{run} learns its variance (train.learn_sigma=true), which DDIM students do not use: distil a "
-            "run with a fixed variance_type"
         )
     if config.diffusion.get("prediction_type", "epsilon") == "epsilon":
         raise ConfigError(
