@@ -125,8 +125,9 @@ def test_the_ideal_student_at_n_steps_samples_what_the_exact_teacher_does_at_2n(
     assert (alone - by_teacher).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 def test_the_loss_is_zero_at_the_ideal_student_and_weighted_by_the_truncated_snr(prediction_type):
+    # (epsilon teachers are refused by ddpm.distill, but the loss is right for them too)
     scheduler = schedule(prediction_type)
     teacher = denoiser(exact_predictor(MIXTURE, scheduler), scheduler, dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
@@ -146,7 +147,10 @@ def test_the_loss_is_zero_at_the_ideal_student_and_weighted_by_the_truncated_snr
         def model(x, t, y=None):
             out = student(x, t)
             ab = scheduler.alpha_bar(t).reshape(-1, 1, 1, 1)
-            return out + delta if prediction_type == "sample" else out - delta / (1 - ab).sqrt()
+            a, s = ab.sqrt(), (1 - ab).sqrt()  # x0 = out, (x - s eps) / a, a x - s v: each moved by delta
+            return {"sample": out + delta, "epsilon": out - delta * a / s, "v_prediction": out - delta / s}[
+                prediction_type
+            ]
 
         return model
 
