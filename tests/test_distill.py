@@ -531,7 +531,7 @@ def test_a_fresh_start_into_a_distillation_and_a_resume_of_another_are_refused(t
     capsys.readouterr()
     distill_main([*common, "--calls", "1"])
     AcceleratorState._reset_state(reset_partial_state=True)
-    assert capsys.readouterr().out.splitlines()[0] == STOP_HINT  # before the first step
+    assert capsys.readouterr().err.splitlines()[0] == STOP_HINT  # before the first step
 
     with pytest.raises(SystemExit) as stopped:
         distill_main([*common, "--calls", "1"])

@@ -43,7 +43,7 @@ from ddpm.models.unet import UNet
 from ddpm.run_dir import latest_checkpoint, list_checkpoints
 from ddpm.schedule import NoiseScheduler
 from ddpm.training import NonFiniteLossError, Trainer
-from ddpm.training.interruption import StopSignals
+from ddpm.training.interruption import STOP_HINT, StopSignals
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -243,8 +243,9 @@ def signal_at_step(monkeypatch, step: int, *signals: signal.Signals) -> None:
 def test_sigint_saves_the_current_step_and_exits_130(tmp_path, reference, capsys, monkeypatch):
     run = run_at_step_3(reference, tmp_path / "run")
     signal_at_step(monkeypatch, 5, signal.SIGINT)
-    code, out, _ = call_main(train_script, ["--resume", *tiny_args(run)], capsys)
+    code, out, err = call_main(train_script, ["--resume", *tiny_args(run)], capsys)
     assert code == 128 + signal.SIGINT
+    assert STOP_HINT in err.splitlines()  # said before training started
     saved = run / "checkpoints" / "step-0000005"
     assert f"stopped by SIGINT at step 5 of 6; saved checkpoint {saved}; continue with --resume" in out
     assert latest_checkpoint(run) == saved

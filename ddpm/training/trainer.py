@@ -15,6 +15,7 @@ NaN and inf losses (`.nan_policy`), sample grids and FID (`.evaluation`), and im
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -134,8 +135,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.run_dir / RUN_CONFIG)
         last_saved = latest_checkpoint(self.run_dir)
-        if hint := self.signals.hint():
-            accelerator.print(hint)
+        if (hint := self.signals.hint()) and accelerator.is_main_process:
+            print(hint, file=sys.stderr)  # beside the progress bar; stdout is for what scripts read
         try:
             with self.log.open(self.config, step=self.state.step), self.signals:
                 for x0, labels in self._batches():
