@@ -319,10 +319,17 @@ def train(name: str, config: Config) -> tuple[nn.Module, NoiseScheduler, float]:
 
 @torch.no_grad()
 def sample_images(
-    model: nn.Module, scheduler: NoiseScheduler, sample, n: int, seed: int
+    model: nn.Module,
+    scheduler: NoiseScheduler,
+    sample,
+    n: int,
+    seed: int,
+    *,
+    autoguide: nn.Module | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """`n` images (n, C, S, S) of `model` with the settings `sample`, image i from noise seeded seed + i and
-    with label i mod classes; and those labels (None for an unconditional model)."""
+    with label i mod classes; and those labels (None for an unconditional model). autoguide: a weak model
+    whose autoguidance sample.guidance_scale weighs (`ddpm.sample`), instead of classifier-free guidance."""
     model.eval()
     images = generate(
         model,
@@ -333,6 +340,7 @@ def sample_images(
         steps=sample.steps,
         eta=sample.eta,
         guidance_scale=sample.guidance_scale,
+        autoguide=autoguide,
         seed=seed,
         device=next(model.parameters()).device,
     )
@@ -478,10 +486,18 @@ class Scorer:
         }
 
     def score_model(
-        self, model: nn.Module, scheduler: NoiseScheduler, *, sample, n: int, seed: int = 0
+        self,
+        model: nn.Module,
+        scheduler: NoiseScheduler,
+        *,
+        sample,
+        n: int,
+        seed: int = 0,
+        autoguide: nn.Module | None = None,
     ) -> dict:
-        """Score `n` images of `model` sampled with the settings `sample` from noise seeded seed + i."""
-        return self.score(*sample_images(model, scheduler, sample, n, seed))
+        """Score `n` images of `model` sampled with the settings `sample` from noise seeded seed + i
+        (guided by the weak model `autoguide` when given: `sample_images`)."""
+        return self.score(*sample_images(model, scheduler, sample, n, seed, autoguide=autoguide))
 
     def timed_score(self, model: nn.Module, scheduler: NoiseScheduler, sample, n: int) -> dict:
         start = time.perf_counter()
@@ -639,10 +655,10 @@ def write_report(args, scorer: Scorer, results: list[dict], tradeoff: list[dict]
         print(common.markdown_table(header, rows))
 
 
-def summarize(results: list[dict]) -> dict:
+def summarize(results: list[dict], metrics: tuple[str, ...] = (*METRICS, "steps_per_s")) -> dict:
     """{"seeds": [...], metric: {"mean", "std", "n"}} over the results of one run (std 0 for one seed)."""
     summary = {"seeds": [r["seed"] for r in results]}
-    for metric in (*METRICS, "steps_per_s"):
+    for metric in metrics:
         values = [r["steps"] / r["seconds"] if metric == "steps_per_s" else r[metric] for r in results]
         values = [v for v in values if v is not None]
         summary[metric] = {

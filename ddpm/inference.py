@@ -43,6 +43,7 @@ from ddpm.progress import progress_bar
 from ddpm.run_dir import RUN_CONFIG, SAMPLES, TRAIN_ONE
 from ddpm.samplers import (
     SampleOptionError,
+    check_autoguide,
     check_sample_options,
     img2img,
     inpaint,
@@ -165,6 +166,7 @@ def generate(
     guidance_scale: float = 1.0,
     guidance_interval: tuple[float, float] | None = None,
     guidance_rescale: float = 0.0,
+    autoguide: torch.nn.Module | None = None,
     seed: int = 0,
     batch_size: int | str | None = None,
     compiled: bool | str = AUTO,
@@ -183,8 +185,10 @@ def generate(
     labels 0, 1, ... cycling over the classes; `guidance_scale` applies classifier-free guidance against the
     null label. cond: instead, the conditions of the n images (n rows, labels among them if the model takes
     labels), which a model conditioned on more than labels needs; guidance is then against `cond.null()`.
-    guidance_interval and guidance_rescale limit and rescale the guidance (see `ddpm.sample`).
-    `calls`, when given, replaces `steps` (see `ddpm.sample`); `options` are the solver's own.
+    guidance_interval and guidance_rescale limit and rescale the guidance (see `ddpm.sample`). autoguide: a
+    weak version of the model (an earlier checkpoint, a smaller run), guidance_scale then being
+    autoguidance's weight (Karras et al. 2024; see `ddpm.sample`): no null label needed, for an unconditional
+    model too. `calls`, when given, replaces `steps` (see `ddpm.sample`); `options` are the solver's own.
 
     batch_size: images sampled together; None: all n; "auto": `ddpm.compiled.auto_batch_size` (on CUDA the
     most that fit, at most AUTO_BATCH_CAP, balanced so that the last batch is nearly full; 64 on the CPU).
@@ -198,7 +202,9 @@ def generate(
     _check_options(n=n, seed=seed)
     _check_batch_size(batch_size)
     if cond is None:
-        _check_labels(model, class_label=class_label, guidance_scale=guidance_scale)
+        # autoguidance passes the labels as they are: it needs no classes nor null label
+        cfg_scale = guidance_scale if autoguide is None else 1.0
+        _check_labels(model, class_label=class_label, guidance_scale=cfg_scale)
         _refuse_unconditioned(model)
     elif class_label is not None or cond.batch_size != n:
         raise ValueError(
@@ -213,15 +219,21 @@ def generate(
         guidance_scale=guidance_scale,
         guidance_interval=guidance_interval,
         guidance_rescale=guidance_rescale,
+        autoguide=autoguide is not None,
         options=options,
         num_train_timesteps=scheduler.num_train_timesteps,
     )
-    per_call = 1 if guidance_scale == 1.0 else 2  # guidance batches [x, x] into each network call
+    if autoguide is not None:
+        check_autoguide(model, autoguide)
+    # classifier-free guidance batches [x, x] into each network call; autoguidance calls the weak model apart
+    per_call = 1 if guidance_scale == 1.0 or autoguide is not None else 2
     batch_size = _batch_size(batch_size, model, image_shape, n, device=device, calls_per_image=per_call)
     network_calls = sampling_budget(sampler, steps=steps, calls=calls).calls
-    network = model
+    network, weak = model, autoguide
     if sampling_compile_pays(compiled, n=n, calls=network_calls, device=device):
         network = FixedBatchNetwork(model, batch_size * per_call, mode=SAMPLING_COMPILE_MODE)
+        if autoguide is not None:
+            weak = FixedBatchNetwork(autoguide, batch_size, mode=SAMPLING_COMPILE_MODE)
     num_classes = getattr(model, "num_classes", None)
     batches = []
     for start in progress_bar(range(0, n, batch_size), desc="sample", show=progress and n > batch_size):
@@ -251,6 +263,7 @@ def generate(
             guidance_scale=guidance_scale,
             guidance_interval=guidance_interval,
             guidance_rescale=guidance_rescale,
+            autoguide=weak,
             generator=generator,
             progress=progress and n <= batch_size,
         )
@@ -297,6 +310,7 @@ def grid_from_checkpoint(
     guidance_scale: float | None = None,
     guidance_interval: tuple[float, float] | None = None,
     guidance_rescale: float = 0.0,
+    autoguide: str | Path | None = None,
     cond_image: str | Path | None = None,
     save_images: bool = False,
     use_ema: bool = True,
@@ -317,13 +331,17 @@ def grid_from_checkpoint(
     run's eta applies only when sampling with ddim, and its solver options only with its own sampler. `steps`
     or `calls` (a network-call budget) given replace both of the run's; else the run's calls, when set,
     replace its steps. guidance_interval (sigma_lo, sigma_hi) and guidance_rescale (phi) limit and rescale
-    the guidance (see `ddpm.sample`). `say`, when given, is told the steps and network calls used
-    ("heun: 10 steps, 19 network calls (from the calls asked for)"). The noise schedule is the one saved with
+    the guidance (see `ddpm.sample`). autoguide: a run, checkpoint or model folder (as `checkpoint`, with the
+    same `use_ema` and `schedule`) whose model guides by autoguidance (Karras et al. 2024), e.g. an early
+    checkpoint of the same run; it needs `guidance_scale`, its weight (the run's sample.guidance_scale is
+    classifier-free guidance's), and the model's image shape, conditions and noise schedule. `say`, when
+    given, is told the steps and network calls used ("heun: 10 steps, 19 network calls (from the calls asked
+    for)"). The noise schedule is the one saved with
     the weights, or the file `schedule` names, or for an OpenAI .pt file the one of its `openai_flags` (see
     `load_for_sampling`). `out` None writes to the run's samples/ folder (`samples_folder`: a folder
     outside a run gets one of its own)
     sample-CHECKPOINT-WEIGHTS-SAMPLERSTEPS[-callsC][-NAMEVALUE...][-etaE][-classC][-guidanceG][-intervalLO-HI]
-    [-rescaleP][-condSTEM]-seedS-nN.png
+    [-rescaleP][-autoguideWEAK][-condSTEM]-seedS-nN.png
     (callsC where the calls differ from the steps, NAMEVALUE for each solver option), a name that differs
     whenever the images would; `save_images` also writes one PNG per image in the folder of the grid's name
     without .png, each as soon as its batch is drawn (on threads: `ddpm.images.PngWriter`), and then the grid
@@ -353,12 +371,20 @@ def grid_from_checkpoint(
         _check_out(Path(out), image=True)
     if schedule is not None and not Path(schedule).is_file():
         raise ValueError(f"--schedule {schedule}: no such file; name a noise_scheduler.json")
+    if autoguide is not None and guidance_scale is None:
+        raise ValueError(
+            f"--autoguide {autoguide} needs --guidance-scale W, its weight (the run's sample.guidance_scale "
+            "is classifier-free guidance's, which autoguidance replaces)"
+        )
     if checkpoint is None:
         checkpoint = default_run(default_config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_for_sampling(
         checkpoint, use_ema=use_ema, schedule=schedule, device=device, openai_flags=openai_flags
     )
+    weak = None
+    if autoguide is not None:
+        weak = _load_weak(autoguide, loaded, use_ema=use_ema, schedule=schedule, device=device)
     defaults = loaded.sampling
     sampler = sampler or defaults.sampler
     if steps is None and calls is None:
@@ -379,13 +405,15 @@ def grid_from_checkpoint(
         "guidance_rescale": guidance_rescale,
     }
     try:
-        check_sample_options(**settings, num_train_timesteps=loaded.scheduler.num_train_timesteps)
+        check_sample_options(
+            **settings, autoguide=weak is not None, num_train_timesteps=loaded.scheduler.num_train_timesteps
+        )
     except SampleOptionError as error:
         raise _cli_error(error) from None
     _check_labels(
         loaded.model,
         class_label=class_label,
-        guidance_scale=guidance_scale,
+        guidance_scale=guidance_scale if weak is None else 1.0,  # autoguidance needs no null label
         conditioned=cond_image is not None,
     )
     _check_cond_image(loaded.model, cond_image)
@@ -403,6 +431,7 @@ def grid_from_checkpoint(
         name += [f"guidance{guidance_scale:g}"] if guidance_scale != 1 else []
         name += [f"interval{guidance_interval[0]:g}-{guidance_interval[1]:g}"] if guidance_interval else []
         name += [f"rescale{guidance_rescale:g}"] if guidance_rescale else []
+        name += [f"autoguide{weak.folder.name}"] if weak is not None else []
         name += [f"cond{Path(cond_image).stem}"] if cond_image is not None else []
         name += [f"seed{seed}", f"n{n}"]
         out = samples_folder(loaded) / f"sample-{'-'.join(name)}.png"
@@ -421,6 +450,7 @@ def grid_from_checkpoint(
             n,
             image_shape=shape,
             **settings,  # the sampler settings just checked
+            autoguide=weak.model if weak is not None else None,
             class_label=class_label if cond is None else None,  # else among the conditions
             cond=cond,
             seed=seed,
@@ -463,6 +493,26 @@ def read_cond_images(loaded: Loaded, path: str | Path, *, class_label: int | Non
     if num_classes:
         values["label"] = _cycled_labels(range(len(images)), num_classes, class_label)
     return Conditions(values)
+
+
+def _load_weak(
+    source: str | Path, loaded: Loaded, *, use_ema: bool, schedule: str | Path | None, device: str
+) -> Loaded:
+    """The weak model of --autoguide SOURCE, loaded as the model was (`load_for_sampling`); ValueError naming
+    --autoguide when it cannot guide `loaded.model` (`check_autoguide`) or its noise schedule differs (its
+    predictions are read with the model's)."""
+    weak = load_for_sampling(source, use_ema=use_ema, schedule=schedule, device=device)
+    try:
+        check_autoguide(loaded.model, weak.model)
+    except ValueError as error:
+        raise ValueError(f"--autoguide {source}: {error}") from None
+    if weak.scheduler.config != loaded.scheduler.config:
+        differ = sorted(k for k, v in loaded.scheduler.config.items() if weak.scheduler.config.get(k) != v)
+        raise ValueError(
+            f"--autoguide {source}: its noise schedule differs from the model's in {', '.join(differ)}; its "
+            "predictions are read with the model's schedule: guide with a model trained on the same one"
+        )
+    return weak
 
 
 def _cycled_labels(indices: range, num_classes: int, class_label: int | None) -> torch.Tensor:

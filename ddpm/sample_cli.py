@@ -3,6 +3,7 @@
     ddpm-sample --n 16 [--checkpoint RUN_OR_CHECKPOINT] [--sampler ddim] [--steps 50 | --calls 50]
         [--option NAME=VALUE ...] [--out FILE]
     ddpm-sample --cond-image PATH [--checkpoint RUN] [...]
+    ddpm-sample --autoguide WEAK_CHECKPOINT --guidance-scale W [--checkpoint RUN] [...]
     ddpm-sample --init-image PATH (--strength S | --mask PATH) [--sampler ...] [--steps N]
     ddpm-sample --invert PATH [--steps N]
 
@@ -13,6 +14,8 @@ Editing (an image, or a folder of images, resized and centre-cropped as training
 image-to-image (SDEdit), --mask inpainting (RePaint, white = keep), --invert writes the DDIM noise of each.
 A model conditioned on an image needs --cond-image (an image or a folder of images; for a superres run the
 low-resolution ones): one image is drawn from each, and the grid shows the conditions above the images.
+--autoguide guides with a weak version of the model (an early checkpoint of the same run) in place of the
+unconditional prediction (autoguidance, Karras et al. 2024), at --guidance-scale; unconditional models too.
 
 (`python -m ddpm.sample_cli` and, in a clone, `python sample.py` are the same.)
 
@@ -92,7 +95,20 @@ def main(argv: list[str] | None = None) -> None:
         f"{AUTO_BATCH_CAP}), {AUTO_BATCH_CPU} on the CPU",
     )
     parser.add_argument("--class-label", type=int, help="class of every image (default: cycle over classes)")
-    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        help="classifier-free guidance scale, or with --autoguide autoguidance's (1 = none; default: the "
+        "run's sample.guidance_scale, without --autoguide)",
+    )
+    parser.add_argument(
+        "--autoguide",
+        metavar="WEAK",
+        help="autoguidance (Karras et al. 2024): a run, checkpoint or model folder of a weaker version of "
+        "the model (e.g. RUN/checkpoints/step-0000500 of the same run) guiding it at --guidance-scale W "
+        "(needed, != 1): D_weak + W (D - D_weak), instead of classifier-free guidance; same image size, "
+        "channels, conditions and schedule",
+    )
     parser.add_argument(
         "--guidance-interval",
         type=float,
@@ -167,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             guidance_scale=args.guidance_scale,
             guidance_interval=tuple(args.guidance_interval) if args.guidance_interval else None,
             guidance_rescale=args.guidance_rescale,
+            autoguide=args.autoguide,
             cond_image=args.cond_image,
             save_images=args.save_images,
             use_ema=not args.raw,
@@ -189,6 +206,8 @@ def _edit(args: argparse.Namespace) -> Path:
         raise ValueError(
             "editing guides at every step, unrescaled: drop --guidance-interval, --guidance-rescale"
         )
+    if args.autoguide:
+        raise ValueError("editing guides by classifier-free guidance only: drop --autoguide")
     return edit_from_checkpoint(
         args.checkpoint,
         args.init_image,

@@ -1,6 +1,7 @@
-"""`sample(model, scheduler, ...)`: x_T, the denoiser around the model (with classifier-free guidance) and
-the solver of `ddpm.samplers.solvers` that the registry SAMPLERS names, for a number of steps or of network
-calls (`sampling_budget`); `check_sample_options`, the one check of the sampling settings."""
+"""`sample(model, scheduler, ...)`: x_T, the denoiser around the model (with classifier-free guidance or
+autoguidance) and the solver of `ddpm.samplers.solvers` that the registry SAMPLERS names, for a number of
+steps or of network calls (`sampling_budget`); `check_sample_options`, the one check of the sampling
+settings; `check_autoguide`, of autoguidance's weak model."""
 
 import functools
 import inspect
@@ -49,6 +50,18 @@ DEFAULT_STEPS = 50  # when neither steps nor calls is given
 # `disable`) is a solver option, given in sample()'s `options` mapping.
 SAMPLE_KEYWORDS = ("eta", "generator")
 # Ranges of solver options, checked by check_sample_options: name -> (is it valid, what is expected).
+# The settings of a network's `config` in which autoguidance's weak model must equal the model
+# (`check_autoguide`): what it is given (image shape, conditions) and what it returns.
+AUTOGUIDE_MATCH = (
+    "in_channels",
+    "out_channels",
+    "image_size",
+    "num_classes",
+    "null_label",
+    "cond_channels",
+    "cond_dim",
+    "context_dim",
+)
 OPTION_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "s_churn": (lambda v: v >= 0, "a number >= 0 (EDM's S_churn; 0: deterministic)"),
     "s_tmin": (lambda v: v >= 0, "a noise level sigma >= 0"),
@@ -87,6 +100,7 @@ def sample(
     guidance_interval: tuple[float, float] | None = None,
     guidance_rescale: float = 0.0,
     null_class: int | None = None,
+    autoguide: Callable[[Tensor, Tensor, Conditions | Tensor | None], Tensor] | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
     start_step: int = 0,
@@ -121,7 +135,7 @@ def sample(
         guidance_scale: classifier-free guidance weight s >= 0 (Ho & Salimans 2022); with s != 1 each step
         makes one batched call on [x, x] with the conditions [cond, cond.null()] (every kind dropped to its
         null; labels to the null label `null_class`, else `model.null_class`) and uses
-        uncond + s * (cond - uncond).
+        uncond + s * (cond - uncond); with `autoguide` it is autoguidance's weight instead.
     guidance_interval: (sigma_lo, sigma_hi), 0 <= sigma_lo <= sigma_hi (inf allowed): guidance only at the
         steps whose noise level sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t) lies in [sigma_lo, sigma_hi],
         the conditional prediction alone elsewhere (Kynkaanniemi et al. 2024, "Applying guidance in a limited
@@ -129,6 +143,13 @@ def sample(
     guidance_rescale: phi in [0, 1], rescaled guidance (Lin et al. 2023, "Common Diffusion Noise Schedules
         and Sample Steps are Flawed", Sec. 3.4, Eq. 15-16): the guided prediction's per-image std brought
         to the conditional one's, mixed by phi; 0: plain guidance. See `denoiser`.
+    autoguide: instead of the unconditional pass, a weak version of the model (an early checkpoint, or a
+        smaller or shorter run on the same data; an nn.Module or any callable as `model`), called with the
+        same x_t, t and conditions: autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad
+        version of itself", Eq. 1), D = D_weak + s (D - D_weak) with s = guidance_scale (!= 1), its interval
+        and rescale as for classifier-free guidance; it guides an unconditional model too. It must share
+        `scheduler` (its output is read as the model's is) and the model's image shape and conditions
+        (`check_autoguide`). Classifier-free guidance is not applied with it.
     start_step: run only the grid's timesteps from index start_step on (0 <= start_step < steps), from
         `noise` = x at the noise level of that timestep (`sampling_timesteps(...)[start_step]`): SDEdit's
         start (Meng et al. 2022), used by `ddpm.samplers.editing.img2img`. The solver sees those
@@ -145,6 +166,7 @@ def sample(
         guidance_scale=guidance_scale,
         guidance_interval=guidance_interval,
         guidance_rescale=guidance_rescale,
+        autoguide=autoguide is not None,
         options=options,
         num_train_timesteps=scheduler.num_train_timesteps,
     )
@@ -170,6 +192,7 @@ def sample(
         guidance_interval=guidance_interval,
         guidance_rescale=guidance_rescale,
         null_class=null_class,
+        autoguide=autoguide,
     )
     given = {"eta": eta, "generator": generator, **options}
     kwargs = {name: given[name] for name in solver_options(solver) if name in given}
@@ -197,14 +220,18 @@ def model_denoiser(
     guidance_interval: tuple[float, float] | None = None,
     guidance_rescale: float = 0.0,
     null_class: int | None = None,
+    autoguide: Callable[[Tensor, Tensor, Conditions | Tensor | None], Tensor] | None = None,
 ) -> Denoiser:
     """The `denoise(x_t, t) -> (x0, eps)` of `sample()` for images like x (N, C, H, W): the model call with
-    the conditions (labels y (N,), or cond) and classifier-free guidance (see `sample`; its interval and
-    rescale as `denoiser` applies them), then the scheduler's conversion of its prediction; what every
-    sampler and `ddpm.samplers.editing` call the network through. Checks the conditions' batch, the labels
-    and the null label (ValueError), and refuses a time-free network, before any network call; the
-    conditions are moved to x's device."""
+    the conditions (labels y (N,), or cond) and classifier-free guidance or autoguidance (see `sample`; its
+    interval and rescale as `denoiser` applies them), then the scheduler's conversion of its prediction; what
+    every sampler and `ddpm.samplers.editing` call the network through. Checks the conditions' batch, the
+    labels, the null label and the weak model (`check_autoguide`) (ValueError), and refuses a time-free
+    network, before any network call; the conditions are moved to x's device."""
     _refuse_time_free(model)
+    if autoguide is not None:
+        check_autoguide(model, autoguide)
+    classifier_free = guidance_scale != 1.0 and autoguide is None
     if y is not None:
         y = torch.as_tensor(y, device=x.device).long()
         if y.shape != (x.shape[0],):
@@ -214,14 +241,15 @@ def model_denoiser(
         raise ValueError(
             f"the conditions hold {cond.batch_size} rows for {x.shape[0]} images: give one row per image"
         )
-    if guidance_scale != 1.0 and not cond:
+    if classifier_free and not cond:
         raise ValueError(
-            f"guidance_scale={guidance_scale} needs class labels y or conditions cond; pass one or use 1.0"
+            f"guidance_scale={guidance_scale} needs class labels y or conditions cond (or a weak model, "
+            "autoguide); pass one or use 1.0"
         )
-    if "label" in cond and (guidance_scale != 1.0 or "label" in cond.dropped):
+    if "label" in cond and (classifier_free or "label" in cond.dropped):
         null_class = null_class if null_class is not None else getattr(model, "null_class", None)
         if null_class is None:
-            guided = guidance_scale != 1.0
+            guided = classifier_free
             raise ValueError(
                 f"{f'guidance_scale={guidance_scale}' if guided else 'a dropped label'} needs a null label: "
                 "the model has no `null_class` (or it is None), as a class-conditional model loaded from "
@@ -241,8 +269,36 @@ def model_denoiser(
         guidance_interval=guidance_interval,
         guidance_rescale=guidance_rescale,
         null_class=null_class,
+        autoguide=autoguide,
         dtype=x.dtype,
     )
+
+
+def check_autoguide(model: Callable[..., Tensor], weak: Callable[..., Tensor]) -> None:
+    """ValueError, in one line naming the setting and the fix, when `weak` cannot guide `model` by
+    autoguidance: a time-free network, or one whose image shape or conditions differ from the model's (the
+    settings AUTOGUIDE_MATCH of their `config`, and their `num_classes` and `null_class`, where both have
+    them: a plain callable has none to compare)."""
+    if weak is model:
+        raise ValueError("autoguide is the model itself, which guides nothing: pass a weaker version of it")
+    _refuse_time_free(weak)
+    config, weak_config = getattr(model, "config", None), getattr(weak, "config", None)
+    settings = {
+        name: (config[name], weak_config[name])
+        for name in AUTOGUIDE_MATCH
+        if isinstance(config, Mapping) and isinstance(weak_config, Mapping)
+        if name in config and name in weak_config
+    }
+    for name in ("num_classes", "null_class"):
+        if hasattr(model, name) and hasattr(weak, name):
+            settings[name] = getattr(model, name), getattr(weak, name)
+    for name, (own, weaks) in settings.items():
+        if own != weaks:
+            raise ValueError(
+                f"autoguide: the weak model's {name}={weaks!r} differs from the model's {name}={own!r}; it "
+                "must take the same images and conditions: guide with an earlier checkpoint or a smaller run "
+                "of the same data"
+            )
 
 
 def sampling_budget(sampler: str, *, steps: int | None = None, calls: int | None = None) -> Budget:
@@ -277,6 +333,7 @@ def check_sample_options(
     options: Mapping[str, Any] | None = None,
     guidance_interval: Sequence[float] | None = None,
     guidance_rescale: float = 0.0,
+    autoguide: bool = False,
 ) -> None:
     """The one check of the sampling settings, for `sample()`, a config's `sample:` section and the CLI.
 
@@ -286,7 +343,8 @@ def check_sample_options(
     finite number >= 0 (Ho & Salimans 2022; 1 is the conditional model alone). guidance_interval: None or
     two noise levels (sigma_lo, sigma_hi) with 0 <= sigma_lo <= sigma_hi (sigma_hi may be inf).
     guidance_rescale: a number in [0, 1]. Both are refused away from their defaults without guidance
-    (guidance_scale 1), and eta away from its
+    (guidance_scale 1). autoguide: a weak model guides (autoguidance), which guidance_scale 1 would make the
+    model alone at the cost of the weak model's calls: refused. eta is refused away from its
     default with a sampler whose solver does not take it, rather than ignored. options: names of the solver's
     own options (its keyword-only parameters but `disable` and SAMPLE_KEYWORDS), each of the type of its
     default and in OPTION_RANGES' range. Raises SampleOptionError (a ValueError) naming the first option
@@ -311,6 +369,13 @@ def check_sample_options(
     _refuse_if_unused("eta", eta, 0, sampler)
     if not _is_real(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise SampleOptionError("guidance_scale", guidance_scale, "a finite number >= 0 (1: no guidance)")
+    if autoguide and guidance_scale == 1:
+        raise SampleOptionError(
+            "guidance_scale",
+            guidance_scale,
+            "a weight != 1 with autoguidance (at 1 it is the model alone, the weak model's calls wasted: "
+            "drop the weak model, sample.py's --autoguide, for that)",
+        )
     if guidance_interval is not None and not (
         len(guidance_interval) == 2
         and all(_is_real(sigma) for sigma in guidance_interval)
@@ -381,6 +446,7 @@ def denoiser(
     guidance_interval: tuple[float, float] | None = None,
     guidance_rescale: float = 0.0,
     null_class: int | None = None,
+    autoguide: Callable[[Tensor, Tensor, Conditions | Tensor | None], Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Denoiser:
     """denoise(x_t, t) -> Denoised (x0, eps, and the variance values v), in x_t's dtype: the one way a model
@@ -396,18 +462,27 @@ def denoiser(
     likelihood's rows of many timesteps: `ddpm.vlb`). The model gets x_t in the dtype of its first parameter
     when that is floating point, else in `dtype`. Labels are not checked here (`sample` checks them once).
 
-    Guided, the prediction channels (the network's own: eps, x0 or v, as trained) are, per image,
-        guided = uncond + s (cond - uncond)
-        rescaled = guided * std(cond) / std(guided)                (Lin et al. 2023, Eq. 15)
+    With `autoguide`, a weak model (Karras et al. 2024), the reference is its prediction on the same x_t, t
+    and conditions (a call of its own, x_t in its parameters' dtype) in place of the unconditional half: one
+    guidance formula, with the interval and rescale the same. Guided, the prediction channels (the network's
+    own: eps, x0 or v, as trained) are, per image,
+        guided = ref + s (main - ref)        (ref: uncond, or the weak model's; main: the model's on cond)
+        rescaled = guided * std(main) / std(guided)                (Lin et al. 2023, Eq. 15)
         out = phi * rescaled + (1 - phi) * guided                  (Eq. 16; phi = guidance_rescale)
-    std over the image's (C, H, W) (Algorithm 2 there, diffusers' `rescale_noise_cfg`), and out = cond at the
+    std over the image's (C, H, W) (Algorithm 2 there, diffusers' `rescale_noise_cfg`), and out = main at the
     rows whose sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) is outside `guidance_interval`
-    [sigma_lo, sigma_hi] (Kynkaanniemi et al. 2024; the batched call is made all the same).
+    [sigma_lo, sigma_hi] (Kynkaanniemi et al. 2024; the calls are made all the same). At fixed x_t and t the
+    prediction is an affine function of x0 (the scheduler's conversion), so the combination, whose weights
+    sum to 1, is the same in x0: autoguidance's D_weak + s (D - D_weak) on the denoised images, as the
+    paper writes it, and classifier-free guidance's on eps. guidance_scale 1 calls `model` alone.
     """
     param = _first_parameter(model)
     model_dtype = param.dtype if param is not None and param.is_floating_point() else dtype
+    weak_param = _first_parameter(autoguide)
+    weak_dtype = weak_param.dtype if weak_param is not None and weak_param.is_floating_point() else dtype
     cond = conditions_of(cond, y)
-    if guidance_scale == 1.0:
+    classifier_free = guidance_scale != 1.0 and autoguide is None
+    if not classifier_free:  # the model (and the weak model) on the conditions as given
         given = network_argument(cond, null_class)
     else:  # the batch of the guided call: first half conditional, second half every condition dropped
         given = network_argument(Conditions.cat([cond, cond.null()]), null_class)
@@ -417,21 +492,25 @@ def denoiser(
         channels = x_t.shape[1]
         if guidance_scale == 1.0:
             out, v = scheduler.split_output(model(x_t.to(model_dtype), t_batch, given), channels)
-        else:  # one batched call: first half conditional, second half unconditional
-            x_in = x_t.to(model_dtype)
-            both = model(torch.cat([x_in, x_in]), torch.cat([t_batch, t_batch]), given)
-            both, v_both = scheduler.split_output(both, channels)
-            conditional, unconditional = both.chunk(2)
-            out = unconditional + guidance_scale * (conditional - unconditional)
+        else:
+            if classifier_free:  # one batched call: first half conditional, second half unconditional
+                x_in = x_t.to(model_dtype)
+                both = model(torch.cat([x_in, x_in]), torch.cat([t_batch, t_batch]), given)
+                both, v_both = scheduler.split_output(both, channels)
+                main, reference = both.chunk(2)
+                v = v_both.chunk(2)[0] if v_both is not None else None
+            else:  # autoguidance: the weak model on the same x_t, t and conditions
+                main, v = scheduler.split_output(model(x_t.to(model_dtype), t_batch, given), channels)
+                reference, _ = scheduler.split_output(autoguide(x_t.to(weak_dtype), t_batch, given), channels)
+            out = reference + guidance_scale * (main - reference)
             if guidance_rescale:
-                rescaled = out * _image_std(conditional) / _image_std(out)  # Lin et al. 2023, Eq. 15
+                rescaled = out * _image_std(main) / _image_std(out)  # Lin et al. 2023, Eq. 15
                 out = guidance_rescale * rescaled + (1 - guidance_rescale) * out  # Eq. 16
             if guidance_interval is not None:
                 alpha_bar = scheduler.alpha_bar(t_batch)  # (N,) float64
                 sigma = ((1 - alpha_bar) / alpha_bar).sqrt()  # inf at alpha_bar = 0
                 inside = (sigma >= guidance_interval[0]) & (sigma <= guidance_interval[1])
-                out = torch.where(inside.view(-1, *[1] * (out.ndim - 1)), out, conditional)
-            v = v_both.chunk(2)[0] if v_both is not None else None
+                out = torch.where(inside.view(-1, *[1] * (out.ndim - 1)), out, main)
         x0, eps = scheduler.predict_x0_and_eps(out.to(x_t.dtype), x_t, t_batch)
         return Denoised(x0, eps, v.to(x_t.dtype) if v is not None else None)
 
