@@ -66,8 +66,9 @@ SPLITS = {
     "celeba": ("train", "test"),
 }
 # The values of data.task: what a built-in task derives from each image as its conditions (ddpm.data):
-# "none" nothing; "superres" the image area-downsampled by data.superres_factor and upsampled back.
-TASKS = ("none", "superres")
+# "none" nothing; "superres" the image area-downsampled by data.superres_factor and upsampled back; "inpaint"
+# the image with random holes, and the mask of its known pixels.
+TASKS = ("none", "superres", "inpaint")
 T = TypeVar("T")
 
 
@@ -87,7 +88,7 @@ class DataConfig:
     download: bool = False  # torchvision datasets only
     batch_size: int = 64  # per process
     num_workers: int | str = 0  # DataLoader workers per process, or "auto" (ddpm.data.loader_workers)
-    task: str = "none"  # one of TASKS: none | superres (the conditions derived from each image)
+    task: str = "none"  # one of TASKS: none | superres | inpaint (the conditions derived from each image)
     superres_factor: int = 4  # superres: the side's reduction of the low-resolution image the model sees
 
 
@@ -387,15 +388,18 @@ def _task_problems(config: Config, model: Mapping[str, Any], key: Callable[[str]
             return []
         return [
             f"{key('cond_channels')} conditions the network on an image, but data.task=none gives none: set "
-            "model.cond_channels=null, or data.task=superres"
+            "model.cond_channels=null, or data.task=superres or inpaint"
         ]
     problems = []
-    if cond_channels != data.channels:
+    expected = task_cond_channels(data)
+    if cond_channels != expected:
+        what = "the masked image and the mask" if data.task == "inpaint" else "an image"
+        width = f"data.channels + 1 = {expected}" if data.task == "inpaint" else f"data.channels={expected}"
         problems.append(
-            f"data.task={data.task} gives the network an image of data.channels={data.channels} channels "
-            f"but model.cond_channels={_yaml(cond_channels)}: set model.cond_channels={data.channels}"
+            f"data.task={data.task} gives the network {what} ({width} channels) but "
+            f"model.cond_channels={_yaml(cond_channels)}: set model.cond_channels={expected}"
         )
-    if data.image_size % data.superres_factor:
+    if data.task == "superres" and data.image_size % data.superres_factor:
         problems.append(
             f"data.superres_factor={data.superres_factor} does not divide data.image_size={data.image_size}: "
             "choose a factor of the side"
@@ -406,6 +410,30 @@ def _task_problems(config: Config, model: Mapping[str, Any], key: Callable[[str]
             "samples without the task's conditions; set train.fid_every=0"
         )
     return problems
+
+
+def task_cond_channels(data: DataConfig) -> int | None:
+    """The channels of the image condition data.task gives: data.channels for superres (the low-resolution
+    image), data.channels + 1 for inpaint (the masked image, then the mask); None for no task."""
+    return {"none": None, "superres": data.channels, "inpaint": data.channels + 1}[data.task]
+
+
+def task_settings(data: DataConfig) -> dict[str, Any]:
+    """The data keys of data.task that sampling needs to build its conditions as training did, saved with
+    the weights (`ddpm.io.TASK_FILE`): {"task": ...}, and for superres its "superres_factor"."""
+    settings: dict[str, Any] = {"task": data.task}
+    if data.task == "superres":
+        settings["superres_factor"] = data.superres_factor
+    return settings
+
+
+def read_task_settings(settings: Mapping[str, Any], where: str) -> DataConfig:
+    """The data section of saved `task_settings` (the other data keys at their defaults), checked as a config
+    file's are; `where` names the file in errors (ConfigError)."""
+    unknown = sorted(set(settings) - {"task", "superres_factor"})
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; it holds task and superres_factor")
+    return _build({"data": dict(settings)}, lambda key: where).data
 
 
 def tracker_names(train: TrainConfig) -> list[str]:

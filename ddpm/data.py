@@ -11,9 +11,11 @@
 
 A built-in task (data.task) derives conditions from each batch of images, so that any data set serves it
 (`batch_conditions`): "superres" gives the model the image area-downsampled by data.superres_factor
-(`superres_condition`).
+(`superres_condition`), "inpaint" the image with random holes and the mask of its known pixels
+(`inpaint_masks`, `inpaint_condition`).
 """
 
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -35,6 +37,14 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 # The most DataLoader workers that data.num_workers "auto" starts per process (the number the shipped configs
 # asked for before "auto").
 AUTO_WORKERS = 4
+# The inpaint task's masks (`inpaint_masks`), in fractions of the side: a box's sides, and a brush stroke's
+# segments' lengths and its width (at least BRUSH_MIN_WIDTH pixels, so that a stroke always covers the pixel
+# it starts in: a pixel's centre lies within sqrt(2)/2 of any point of the pixel).
+BOX_SIDES = (1 / 4, 3 / 4)
+BRUSH_SEGMENTS = 3
+BRUSH_LENGTHS = (1 / 6, 1 / 2)
+BRUSH_WIDTHS = (1 / 10, 1 / 4)
+BRUSH_MIN_WIDTH = 1.5
 # The digits' held-out split takes each digit's every HELD_OUT_EVERY-th image (`digits_split`).
 HELD_OUT_EVERY = 10
 
@@ -69,12 +79,79 @@ def upsample_low_res(low: Tensor, factor: int) -> Tensor:
     return F.interpolate(low, scale_factor=factor, mode="nearest")
 
 
-def batch_conditions(data: DataConfig, images: Tensor, labels: Tensor | None) -> Conditions:
+def inpaint_condition(images: Tensor, masks: Tensor) -> Tensor:
+    """The image condition of trained inpainting (Palette, Saharia et al. 2022; LaMa's input, Suvorov et al.
+    2022): images (N, C, H, W) in [-1, 1] with their holes set to 0, then the mask, (N, C + 1, H, W). masks
+    (N, 1, H, W): 1 where a pixel is known (kept), 0 in the hole to fill in, as sample.py's --mask (white =
+    keep). The one builder of the condition, for training (`batch_conditions`) and for sampling
+    (`ddpm.inference.read_cond_images`): the hole's pixels never reach the network."""
+    if masks.shape[1] != 1 or masks.shape[2:] != images.shape[2:] or masks.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"masks must be (N, 1, H, W) for images {tuple(images.shape)}, got {tuple(masks.shape)}"
+        )
+    masks = masks.to(images.dtype)
+    return torch.cat([images * masks, masks], dim=1)
+
+
+def inpaint_masks(
+    n: int, size: int, *, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> Tensor:
+    """n random inpainting masks (n, 1, size, size) float on `device`: 1 known, 0 hole. Each is, with
+    probability 1/2, a box (sides uniform in BOX_SIDES x size, anywhere in the image: the large contiguous
+    hole of object removal, Palette's box masks) or a brush stroke (BRUSH_SEGMENTS straight segments from a
+    uniform start, each of uniform direction and of length uniform in BRUSH_LENGTHS x size, of width uniform
+    in BRUSH_WIDTHS x size, at least BRUSH_MIN_WIDTH pixels: the thin irregular holes of scratches and
+    removed wires, LaMa's and DeepFill's free-form masks). Both are measured in fractions of the side, so
+    they mean the same at 16x16 as at 256x256; at 16x16 a box hides 4 to 12 pixels a side (from part of a
+    stroke to most of a digit) and a stroke is 1.6 to 4 pixels wide. A box always leaves known pixels, a
+    stroke always hides one.
+
+    The random numbers come from `generator` (None: the global CPU RNG, which training checkpoints restore),
+    always on the CPU and always the same count for a given n (8 + 2 x BRUSH_SEGMENTS per mask, whatever each
+    mask turns out to be), so that the masks are the same on every device and a resumed run draws what an
+    uninterrupted one did; the pixels are then computed on `device`."""
+
+    def uniform(*shape: int, low: float = 0.0, high: float = 1.0) -> Tensor:
+        return low + (high - low) * torch.rand(*shape, generator=generator)
+
+    is_box = uniform(n) < 0.5
+    sides = uniform(n, 2, low=BOX_SIDES[0] * size, high=BOX_SIDES[1] * size).round().clamp(1, size)
+    corner = (uniform(n, 2) * (size - sides + 1)).floor()  # (top, left): the box lies inside the image
+    start = uniform(n, 2, high=size)  # (y, x) in pixels, pixel i spanning [i, i + 1)
+    angle = uniform(n, BRUSH_SEGMENTS, high=2 * math.pi)
+    length = uniform(n, BRUSH_SEGMENTS, low=BRUSH_LENGTHS[0] * size, high=BRUSH_LENGTHS[1] * size)
+    width = uniform(n, low=BRUSH_WIDTHS[0] * size, high=BRUSH_WIDTHS[1] * size).clamp(min=BRUSH_MIN_WIDTH)
+    steps = torch.stack([angle.sin(), angle.cos()], dim=-1) * length[..., None]  # (n, K, 2)
+    vertices = torch.cat([start[:, None], start[:, None] + steps.cumsum(1)], dim=1).to(device)  # (n, K+1, 2)
+
+    centres = torch.arange(size, device=device, dtype=torch.float32) + 0.5
+    pixels = torch.stack(torch.meshgrid(centres, centres, indexing="ij"), dim=-1).reshape(1, 1, -1, 2)
+    a, b = vertices[:, :-1, None], vertices[:, 1:, None]  # (n, K, 1, 2): each segment's ends
+    along = ((pixels - a) * (b - a)).sum(-1) / ((b - a) ** 2).sum(-1).clamp(min=1e-12)
+    nearest = a + along.clamp(0, 1)[..., None] * (b - a)  # (n, K, P, 2): each pixel's nearest point
+    distance = (pixels - nearest).norm(dim=-1).amin(1)  # (n, P): to the stroke
+    in_stroke = distance <= width.to(device)[:, None] / 2
+
+    rows = centres.view(1, -1, 1)
+    top, left = (c.to(device).view(-1, 1, 1) for c in corner.unbind(1))
+    height, breadth = (s.to(device).view(-1, 1, 1) for s in sides.unbind(1))
+    in_box = (rows >= top) & (rows < top + height) & (rows.mT >= left) & (rows.mT < left + breadth)
+    hole = torch.where(is_box.to(device).view(-1, 1, 1), in_box, in_stroke.view(n, size, size))
+    return (~hole).float().unsqueeze(1)
+
+
+def batch_conditions(
+    data: DataConfig, images: Tensor, labels: Tensor | None, *, generator: torch.Generator | None = None
+) -> Conditions:
     """The conditions of a batch of images (N, C, H, W) in [-1, 1]: its labels (N,) (None: the model takes
-    none) and what data.task derives from the images ("superres": `superres_condition` as "image")."""
+    none) and what data.task derives from the images as "image": "superres" `superres_condition`, "inpaint"
+    `inpaint_condition` with fresh `inpaint_masks` drawn from `generator` (None: the global RNG)."""
     values = {} if labels is None else {"label": labels}
     if data.task == "superres":
         values["image"] = superres_condition(images, data.superres_factor)
+    elif data.task == "inpaint":
+        masks = inpaint_masks(len(images), images.shape[-1], generator=generator, device=images.device)
+        values["image"] = inpaint_condition(images, masks)
     return Conditions(values)
 
 

@@ -32,6 +32,7 @@ from ddpm.config import (
     conflicts,
     raise_problems,
     save_config,
+    task_settings,
 )
 from ddpm.data import batch_conditions, build_dataset, loader_workers, num_classes_of
 from ddpm.ema import EMA, PowerFunctionEMA
@@ -247,7 +248,8 @@ class Trainer:
         """The mean `diffusion_losses` of one micro-batch (the hybrid loss with train.learn_sigma), x0: (N, C,
         H, W), labels: (N,). Its random draws come from the global RNG, which checkpoints restore, in this
         order: eps ~ N(0, I), t ~ U{0, ..., T-1} (or the importance sampler's p_t, its losses then weighted by
-        1 / (T p_t) and gathered from every process for `_end_sampler_step`), the condition dropout (of the
+        1 / (T p_t) and gathered from every process for `_end_sampler_step`), data.task inpaint's masks (from
+        the global CPU RNG, `ddpm.data.inpaint_masks`), the condition dropout (of the
         labels and data.task's image, all together at train.label_dropout, `drop_conditions`, the draws of
         `drop_labels`; or each kind on its own at train.cond_dropout)."""
         train = self.config.train
@@ -314,7 +316,9 @@ class Trainer:
         items = [self.dataset[i % len(self.dataset)] for i in range(self.config.sample.n)]
         images = torch.stack([image for image, _ in items])  # (n, C, H, W)
         labels = torch.stack([torch.as_tensor(label) for _, label in items]) if self.conditional else None
-        return batch_conditions(self.config.data, images, labels)
+        # Its own generator (inpaint's masks): the same masks at every grid, no draw from the training RNG
+        generator = torch.Generator().manual_seed(self.config.train.seed)
+        return batch_conditions(self.config.data, images, labels, generator=generator)
 
     def _batches(self):
         """Endless batches, starting exactly where the restored step left off (epoch and position in it;
@@ -367,6 +371,7 @@ class Trainer:
             scheduler=self.scheduler,
             keep=self.config.train.keep_checkpoints,
             posthoc_ema=self.posthoc_ema,
+            task=task_settings(self.config.data) if self.config.data.task != "none" else None,
         )
 
 
