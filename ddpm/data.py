@@ -18,9 +18,10 @@ A built-in task (data.task) derives conditions from each batch of images, so tha
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +31,20 @@ from torch.utils.data import Dataset, Subset, get_worker_info
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from ddpm.conditions import Conditions
+from ddpm.condition_files import (
+    ARRAY_SUFFIXES,
+    FILE_KINDS,
+    SIZE_ARGUMENTS,
+    find_beside,
+    is_condition_file,
+    read_array,
+    shape_problem,
+)
+from ddpm.conditions import Conditions, collate_conditions
 from ddpm.config import DATASETS, DataConfig, split_problem
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+INPUTS, TARGETS = "inputs", "targets"  # data.paired's folders: the image conditions, the images
 # The most DataLoader workers that data.num_workers "auto" starts per process (the number the shipped configs
 # asked for before "auto").
 AUTO_WORKERS = 4
@@ -53,13 +64,17 @@ class DataError(ValueError):
     """The data named by the config cannot be used (missing, empty, unreadable); the message says the fix."""
 
 
-def build_dataset(data: DataConfig) -> Dataset:
+def build_dataset(data: DataConfig, model: Mapping[str, Any] | None = None) -> Dataset:
     """The images described by `data`: data.dataset (one of ddpm.config.DATASETS), its split data.split
-    (train, test or all, as ddpm.config.SPLITS allows for that data set)."""
+    (train, test or all, as ddpm.config.SPLITS allows for that data set). With condition files
+    (data.conditions, data.paired) each item also holds the image's conditions, their sizes those of the
+    network's config `model` (cond_channels, cond_dim, context_dim; required then)."""
     if data.dataset not in BUILDERS:
         raise DataError(f"unknown dataset '{data.dataset}'; valid: {', '.join(DATASETS)}")
     if problem := split_problem(data):
         raise DataError(problem)
+    if data.dataset == "folder":
+        return _folder(data, model)
     return BUILDERS[data.dataset](data)
 
 
@@ -141,12 +156,19 @@ def inpaint_masks(
 
 
 def batch_conditions(
-    data: DataConfig, images: Tensor, labels: Tensor | None, *, generator: torch.Generator | None = None
+    data: DataConfig,
+    images: Tensor,
+    labels: Tensor | None,
+    *,
+    generator: torch.Generator | None = None,
+    files: Conditions | None = None,
 ) -> Conditions:
     """The conditions of a batch of images (N, C, H, W) in [-1, 1]: its labels (N,) (None: the model takes
-    none) and what data.task derives from the images as "image": "superres" `superres_condition`, "inpaint"
+    none), those read from files beside the images (`files`, the batch's third part: `collate_batch`), and
+    what data.task derives from the images as "image": "superres" `superres_condition`, "inpaint"
     `inpaint_condition` with fresh `inpaint_masks` drawn from `generator` (None: the global RNG)."""
     values = {} if labels is None else {"label": labels}
+    values.update(files.values if files is not None else {})
     if data.task == "superres":
         values["image"] = superres_condition(images, data.superres_factor)
     elif data.task == "inpaint":
@@ -193,6 +215,58 @@ def available_cores() -> int:
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
+class ConditionFiles:
+    """The condition files of every image of a folder data set, found and checked at construction.
+
+    images: the image files (under `root`, or root/targets/ when `paired`); names: data.conditions, kind ->
+    the name part of its files; sizes: kind -> the network's size of it (cond_channels, cond_dim,
+    context_dim). `files[i]` maps each kind to image i's file. Raises ConditionFileError, one line naming the
+    first bad file, the shape expected and how many more are bad, for missing or mis-shaped files.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[Path],
+        *,
+        root: Path,
+        names: Mapping[str, str],
+        sizes: Mapping[str, int | None],
+        paired: bool,
+    ):
+        self.kinds = tuple(kind for kind in FILE_KINDS if kind in names or (kind == "image" and paired))
+        self.names = dict(names)
+        self.files: list[dict[str, Path]] = []
+        problems = []
+        inputs = {f.relative_to(root / INPUTS).with_suffix(""): f for f in image_files(root / INPUTS)}
+        for image in images:
+            found = {}
+            for kind in self.kinds:
+                if kind == "image" and paired:
+                    key = image.relative_to(root / TARGETS).with_suffix("")
+                    file, expected = inputs.get(key), f"{root / INPUTS / key}{{{','.join(IMAGE_EXTENSIONS)}}}"
+                else:
+                    suffixes = IMAGE_EXTENSIONS if kind == "image" else ARRAY_SUFFIXES
+                    file, expected = find_beside(image, names[kind], suffixes)
+                if file is None:
+                    problems.append(f"{image}: no {kind} condition file; expected {expected}")
+                    continue
+                problem = None if kind == "image" else shape_problem(file, kind, sizes[SIZE_ARGUMENTS[kind]])
+                problems += [problem] if problem else []
+                found[kind] = file
+            self.files.append(found)
+        if problems:
+            more = f" ({len(problems) - 1} more are missing or mis-shaped)" if len(problems) > 1 else ""
+            raise DataError(problems[0] + more)
+
+    def read(self, index: int, image_reader: Callable[[Path], Tensor]) -> dict[str, Tensor]:
+        """Image `index`'s conditions, kind -> tensor without the batch dimension; image files through
+        `image_reader(path) -> (C, S, S) tensor` (as the data set reads its images)."""
+        return {
+            kind: image_reader(file) if kind == "image" else read_array(file)
+            for kind, file in self.files[index].items()
+        }
+
+
 class TensorImageDataset(Dataset):
     """A data set held as one tensor: `images` (N, C, S, S) float in [-1, 1], `labels` (N,) long (-1: none).
 
@@ -216,7 +290,9 @@ class TensorImageDataset(Dataset):
 
 
 class ImageFolderDataset(Dataset):
-    """Every image under `root` (recursive, hidden files and folders skipped, sorted paths).
+    """Every image under `root` (recursive, hidden files and folders skipped, sorted paths), and with
+    `conditions` or `paired` each one's conditions from files (`ConditionFiles`; `ddpm.condition_files`
+    says how they are named): items are then (image, label, kind -> condition tensor), read with the image.
 
     With `labels`, images must sit in first-level sub-folders, one per class (class_to_idx: the sorted names
     of the sub-folders that hold images); without, every image has label -1. Images are converted to L
@@ -230,15 +306,35 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(
-        self, root: str | Path, *, image_size: int, channels: int, labels: bool, hflip: bool = False
+        self,
+        root: str | Path,
+        *,
+        image_size: int,
+        channels: int,
+        labels: bool,
+        hflip: bool = False,
+        conditions: Mapping[str, str] | None = None,
+        paired: bool = False,
+        sizes: Mapping[str, int | None] | None = None,
     ):
-        self.root = Path(root)
+        # conditions: data.conditions (kind -> name part of its files); paired: data.paired (root/targets/
+        # the images, root/inputs/ their image conditions); sizes: the network's cond_channels, cond_dim and
+        # context_dim, the conditions' expected sizes
+        top = Path(root)
+        self.root = top / TARGETS if paired else top
+        if paired and not (self.root.is_dir() and (top / INPUTS).is_dir()):
+            raise DataError(
+                f"data.paired=true but data.root '{top}' lacks {TARGETS}/ or {INPUTS}/: put the images in "
+                f"{top / TARGETS} and each one's image condition (same relative path and stem) in "
+                f"{top / INPUTS}"
+            )
         if not self.root.is_dir():
             raise DataError(
                 f"data.root '{self.root}' is not a folder; expected a folder of images "
                 f"({', '.join(IMAGE_EXTENSIONS)}), with one sub-folder per class when data.labels is true"
             )
-        files = image_files(self.root)
+        names = dict(conditions or {})
+        files = [f for f in image_files(self.root) if not is_condition_file(f, names)]
         if not files:
             raise DataError(
                 f"no images found under data.root '{self.root}'; expected files ending in "
@@ -264,24 +360,31 @@ class ImageFolderDataset(Dataset):
         self.files = files
         self.targets = torch.tensor(targets, dtype=torch.long)
         self.transform = _image_transform(image_size, channels, hflip)
+        self.conditions = None
+        if names or paired:
+            sizes = dict(sizes or {})
+            self.conditions = ConditionFiles(files, root=top, names=names, sizes=sizes, paired=paired)
+            cond_channels = sizes.get("cond_channels") or channels
+            self.cond_transform = _image_transform(image_size, cond_channels, hflip=False)
         self._unreadable: set[int] = set()  # per process: each DataLoader worker learns on its own
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]:
         for i in (j % len(self.files) for j in range(index, index + len(self.files))):
             if i in self._unreadable:
                 continue
             try:
-                with Image.open(self.files[i]) as image:
-                    image.load()  # decode now, so that a truncated file fails here and not in a transform
-                    image = image.copy()
+                image = self.transform(_load_image(self.files[i]))
+                if self.conditions is not None:
+                    read = lambda file: self.cond_transform(_load_image(file))  # noqa: E731
+                    return image, self.targets[i], self.conditions.read(i, read)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
                 self._unreadable.add(i)
-                _warn(f"skipping unreadable image {self.files[i]}: {error}")
+                _warn(f"skipping unreadable image {self.files[i]} (or one of its conditions): {error}")
                 continue
-            return self.transform(image), self.targets[i]
+            return image, self.targets[i]
         raise DataError(
             f"none of the {len(self.files)} images under data.root '{self.root}' can be read (see the "
             "warnings above); replace them with image files (Git LFS pointers, for one, are not images)"
@@ -317,9 +420,18 @@ def _digits(data: DataConfig) -> TensorImageDataset:
     return TensorImageDataset(images, labels, num_classes=10 if data.labels else None, hflip=data.hflip)
 
 
-def _folder(data: DataConfig) -> ImageFolderDataset:
+def _folder(data: DataConfig, model: Mapping[str, Any] | None = None) -> ImageFolderDataset:
+    if (data.conditions or data.paired) and model is None:
+        raise DataError("condition files are checked against the network: pass build_dataset(data, model)")
     return ImageFolderDataset(
-        _root(data), image_size=data.image_size, channels=data.channels, labels=data.labels, hflip=data.hflip
+        _root(data),
+        image_size=data.image_size,
+        channels=data.channels,
+        labels=data.labels,
+        hflip=data.hflip,
+        conditions=data.conditions,
+        paired=data.paired,
+        sizes={name: (model or {}).get(name) for name in SIZE_ARGUMENTS.values()},
     )
 
 
@@ -448,6 +560,23 @@ def image_files(root: Path) -> list[Path]:
         names = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
         files += [Path(folder, n) for n in names]
     return sorted(files)
+
+
+def _load_image(file: Path) -> Image.Image:
+    """The image file decoded now, so that a truncated file fails here and not in a transform."""
+    with Image.open(file) as image:
+        image.load()
+        return image.copy()
+
+
+def collate_batch(items: Sequence[tuple]) -> tuple:
+    """The DataLoader's batch of data set items: (images (N, C, H, W), labels (N,)), and for a data set
+    with condition files their `Conditions` (`collate_conditions`: token sequences padded, with a mask)."""
+    images = torch.stack([item[0] for item in items])
+    labels = torch.stack([torch.as_tensor(item[1]) for item in items])
+    if len(items[0]) == 2:
+        return images, labels
+    return images, labels, collate_conditions([item[2] for item in items])
 
 
 def _warn(message: str) -> None:

@@ -31,6 +31,7 @@ from ddpm.compiled import (
     auto_batch_size,
     sampling_compile_pays,
 )
+from ddpm.condition_files import ConditionFileError, read_cond_files
 from ddpm.conditions import Conditions
 from ddpm.config import SampleConfig, load_config, read_task_settings, task_settings
 from ddpm.data import inpaint_condition, read_images, upsample_low_res
@@ -324,6 +325,7 @@ def grid_from_checkpoint(
     guidance_rescale: float = 0.0,
     cond_image: str | Path | None = None,
     mask: str | Path | None = None,
+    cond_files: str | Path | None = None,
     save_images: bool = False,
     use_ema: bool = True,
     schedule: str | Path | None = None,
@@ -338,7 +340,10 @@ def grid_from_checkpoint(
     the conditions, as the network sees them, in the rows above the images drawn from them, min(N, 16) to a
     row; its default name gets -condSTEM before the seed. mask: for a model trained with data.task inpaint,
     which then needs it, the masks of the cond_image images (white = keep; -maskSTEM in the name); the grid
-    shows the images with their holes grey.
+    shows the images with their holes grey. cond_files: for a model conditioned on a vector or a token
+    sequence (model.cond_dim, context_dim), which then needs it, a .npy or .safetensors file or a folder of
+    them, one image drawn from each (`ddpm.condition_files.read_cond_files`; with cond_image, as many as
+    there are images, paired in sorted order); its default name gets -condSTEM too.
 
     `checkpoint` None means the run directory named by `default_config`'s output_dir. Sampler options left
     None come from the run's saved config (its `sample:` section), else from `SampleConfig`'s defaults; the
@@ -364,9 +369,11 @@ def grid_from_checkpoint(
     """
     if cond_image is not None and n is not None:
         raise ValueError(f"--n {n} with --cond-image: one image is drawn per condition image; drop --n")
+    if cond_files is not None and n is not None:
+        raise ValueError(f"--n {n} with --cond: one image is drawn per condition file; drop --n")
     if mask is not None and cond_image is None:
         raise ValueError(f"--mask {mask} when sampling goes with --cond-image: the images to fill in")
-    n = DEFAULT_N if n is None and cond_image is None else n
+    n = DEFAULT_N if n is None and cond_image is None and cond_files is None else n
     _check_options(seed=seed, **({"n": n} if n is not None else {}))
     _check_batch_size(batch_size)
     _check_settings_given(
@@ -416,13 +423,16 @@ def grid_from_checkpoint(
         loaded.model,
         class_label=class_label,
         guidance_scale=guidance_scale,
-        conditioned=cond_image is not None,
+        conditioned=cond_image is not None or cond_files is not None,
     )
     _check_cond_image(loaded.model, cond_image)
+    _check_cond_files(loaded.model, cond_files)
     cond = None
     if cond_image is not None:
         cond = read_cond_images(loaded, cond_image, mask=mask, class_label=class_label)
-        n = cond.batch_size
+    if cond_files is not None:
+        cond = _with_cond_files(loaded.model, cond, cond_files, class_label=class_label)
+    n = cond.batch_size if cond is not None else n
     budget = sampling_budget(sampler, steps=steps, calls=calls)
     if out is None:
         name = [loaded.folder.name, loaded.weights, f"{sampler}{budget.steps}"]
@@ -435,6 +445,7 @@ def grid_from_checkpoint(
         name += [f"rescale{guidance_rescale:g}"] if guidance_rescale else []
         name += [f"cond{Path(cond_image).stem}"] if cond_image is not None else []
         name += [f"mask{Path(mask).stem}"] if mask is not None else []
+        name += [f"cond{Path(cond_files).stem}"] if cond_files is not None else []
         name += [f"seed{seed}", f"n{n}"]
         out = samples_folder(loaded) / f"sample-{'-'.join(name)}.png"
         _check_out(out, image=True)
@@ -461,7 +472,7 @@ def grid_from_checkpoint(
             on_batch=writer.write if save_images else None,
         )
     shown = images[:GRID_WITH_IMAGES] if save_images else images
-    if cond is None:
+    if cond is None or "image" not in cond:
         return save_grid(shown, out)
     # The conditions above the images, in x's channels (grey where the two differ; inpainting's masked images)
     conditions = cond["image"][: len(shown)]
@@ -552,6 +563,47 @@ def _check_cond_image(model: torch.nn.Module, cond_image: str | Path | None) -> 
         )
 
 
+def _check_cond_files(model: torch.nn.Module, cond_files: str | Path | None) -> None:
+    """ValueError naming --cond when it is given to a model without a vector or sequence condition, or
+    missing for one with."""
+    sizes = {name: getattr(model, name, None) for name in ("cond_dim", "context_dim")}
+    taken = ", ".join(f"model.{name}={size}" for name, size in sizes.items() if size is not None)
+    if cond_files is not None and not taken:
+        raise ValueError(
+            f"--cond {cond_files}: this model takes no vector or token sequence (model.cond_dim and "
+            "context_dim are unset); drop --cond"
+        )
+    if cond_files is None and taken:
+        raise ValueError(
+            f"this model is conditioned on a vector or a token sequence ({taken}): pass --cond FILE, a .npy "
+            "or .safetensors file or a folder of them, one per image"
+        )
+
+
+def _with_cond_files(
+    model: torch.nn.Module, cond: Conditions | None, path: str | Path, *, class_label: int | None
+) -> Conditions:
+    """`cond` (the --cond-image conditions, or None) with the vectors and sequences of --cond `path`
+    (`read_cond_files`), one row each, and a class model's labels when cond has none."""
+    sizes = {name: getattr(model, name, None) for name in ("cond_dim", "context_dim")}
+    try:
+        files = read_cond_files(path, sizes)
+    except ConditionFileError as error:
+        raise ValueError(str(error)) from None
+    if cond is not None and cond.batch_size != files.batch_size:
+        raise ValueError(
+            f"--cond {path}: {files.batch_size} conditions for {cond.batch_size} --cond-image images; give "
+            "as many (paired in sorted order)"
+        )
+    values = dict(files.values)
+    num_classes = getattr(model, "num_classes", None)
+    if cond is not None:
+        values.update(cond.values)
+    elif num_classes:
+        values["label"] = _cycled_labels(range(files.batch_size), num_classes, class_label)
+    return Conditions(values)
+
+
 def _cli_error(error: SampleOptionError) -> ValueError:
     """The sampling option's error, named as sample.py spells the option (`--eta 2: expected ...`)."""
     if error.option == "options":
@@ -615,7 +667,8 @@ def _refuse_unconditioned(model: torch.nn.Module) -> None:
         settings = ", ".join(f"model.{name}={getattr(model, name)}" for name in needed)
         raise ValueError(
             f"this model is conditioned on more than labels ({settings}): pass the conditions of the images "
-            "(generate's cond; sample.py --cond-image for an image condition)"
+            "(generate's cond; sample.py --cond-image for an image condition, --cond for a vector or a "
+            "token sequence)"
         )
 
 

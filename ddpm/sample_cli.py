@@ -2,7 +2,7 @@
 
     ddpm-sample --n 16 [--checkpoint RUN_OR_CHECKPOINT] [--sampler ddim] [--steps 50 | --calls 50]
         [--option NAME=VALUE ...] [--out FILE]
-    ddpm-sample --cond-image PATH [--mask PATH] [--checkpoint RUN] [...]
+    ddpm-sample --cond-image PATH [--mask PATH] [--cond FILE] [--checkpoint RUN] [...]
     ddpm-sample --init-image PATH (--strength S | --mask PATH) [--sampler ...] [--steps N]
     ddpm-sample --invert PATH [--steps N]
 
@@ -13,7 +13,8 @@ Editing (an image, or a folder of images, resized and centre-cropped as training
 image-to-image (SDEdit), --mask inpainting (RePaint, white = keep), --invert writes the DDIM noise of each.
 A model conditioned on an image needs --cond-image (an image or a folder of images; for a superres run the
 low-resolution ones; for an inpaint run the images to fill in, with --mask): one image is drawn from each,
-and the grid shows the conditions above the images.
+and the grid shows the conditions above the images. A model conditioned on a vector or a token sequence
+needs --cond (a .npy or .safetensors file, or a folder of them): one image is drawn from each.
 
 (`python -m ddpm.sample_cli` and, in a clone, `python sample.py` are the same.)
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--n",
         type=int,
-        help=f"number of images (default: {DEFAULT_N}; with --cond-image one per condition image)",
+        help=f"number of images (default: {DEFAULT_N}; with --cond-image or --cond one per condition)",
     )
     parser.add_argument(
         "--checkpoint",
@@ -117,6 +118,13 @@ def main(argv: list[str] | None = None) -> None:
         "(for a superres run, the low-resolution images; for an inpaint run, the images to fill in, with "
         "--mask)",
     )
+    parser.add_argument(
+        "--cond",
+        metavar="FILE",
+        help="for a model conditioned on a vector or a token sequence (model.cond_dim, context_dim): a .npy "
+        "or .safetensors file, or a folder of them, one image drawn from each ((cond_dim,) a vector, "
+        "(L, context_dim) a sequence; a .safetensors file may hold both, named vector and context)",
+    )
     parser.add_argument("--save-images", action="store_true", help="also write one PNG per image")
     parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument(
@@ -177,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
             guidance_rescale=args.guidance_rescale,
             cond_image=args.cond_image,
             mask=args.mask,
+            cond_files=args.cond,
             save_images=args.save_images,
             use_ema=not args.raw,
             schedule=args.schedule,
@@ -192,8 +201,9 @@ def _edit(args: argparse.Namespace) -> Path:
     """--init-image with --strength or --mask, or --invert: `ddpm.inference.edit_from_checkpoint`."""
     if args.calls is not None or args.option:
         raise ValueError("editing takes --steps, not --calls or --option")
-    if args.cond_image is not None:
-        raise ValueError("--cond-image is for sampling; editing takes none: drop it")
+    if args.cond_image is not None or args.cond is not None:
+        flag = "--cond-image" if args.cond_image is not None else "--cond"
+        raise ValueError(f"{flag} is for sampling; editing takes none: drop it")
     if args.guidance_interval or args.guidance_rescale:
         raise ValueError(
             "editing guides at every step, unrescaled: drop --guidance-interval, --guidance-rescale"
