@@ -382,7 +382,8 @@ class ImageFolderDataset(Dataset):
                     return image, self.targets[i], self.conditions.read(i, read)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
                 self._unreadable.add(i)
-                _warn(f"skipping unreadable image {self.files[i]} (or one of its conditions): {error}")
+                files = " or its condition files" if self.conditions is not None else ""
+                _warn(f"skipping unreadable image {self.files[i]}{files}: {error}")
                 continue
             return image, self.targets[i]
         raise DataError(
