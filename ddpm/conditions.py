@@ -184,12 +184,22 @@ def network_argument(cond: Conditions, null_class: int | None = None) -> Conditi
 
 def collate_conditions(batch: Iterable[Mapping[str, Tensor]]) -> Conditions:
     """The Conditions of a batch of per-image condition dicts (name -> tensor without the batch dimension),
-    as a data set yields them: stacked along a new first dimension."""
+    as a data set yields them: stacked along a new first dimension. Token sequences ("context", (L_i, D))
+    of different lengths are padded with zeros at the end to the longest, L, and given the padding mask
+    "context_mask" (N, L) bool, True at each row's real tokens; of one length they need none."""
     batch = list(batch)
     names = {tuple(sorted(item)) for item in batch}
     if len(names) != 1:
         raise ValueError(f"the images of a batch hold different conditions: {sorted(names)}")
-    return Conditions({name: torch.stack([item[name] for item in batch]) for name in batch[0]})
+    values = {name: torch.stack([item[name] for item in batch]) for name in batch[0] if name != "context"}
+    if "context" in batch[0]:
+        lengths = torch.tensor([item["context"].shape[0] for item in batch])
+        values["context"] = torch.nn.utils.rnn.pad_sequence(
+            [item["context"] for item in batch], batch_first=True
+        )
+        if (lengths != lengths[0]).any():
+            values["context_mask"] = torch.arange(int(lengths.max())) < lengths[:, None]
+    return Conditions(values)
 
 
 def _check(values: dict[str, Tensor], dropped: dict[str, Tensor]) -> None:

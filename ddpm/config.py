@@ -66,8 +66,11 @@ SPLITS = {
     "celeba": ("train", "test"),
 }
 # The values of data.task: what a built-in task derives from each image as its conditions (ddpm.data):
-# "none" nothing; "superres" the image area-downsampled by data.superres_factor and upsampled back.
-TASKS = ("none", "superres")
+# "none" nothing; "superres" the image area-downsampled by data.superres_factor and upsampled back; "inpaint"
+# the image with random holes, and the mask of its known pixels.
+TASKS = ("none", "superres", "inpaint")
+# The kinds of condition data.conditions can read from files beside the images (ddpm.condition_files).
+CONDITION_FILE_KINDS = ("image", "vector", "context")
 T = TypeVar("T")
 
 
@@ -87,8 +90,13 @@ class DataConfig:
     download: bool = False  # torchvision datasets only
     batch_size: int = 64  # per process
     num_workers: int | str = 0  # DataLoader workers per process, or "auto" (ddpm.data.loader_workers)
-    task: str = "none"  # one of TASKS: none | superres (the conditions derived from each image)
+    task: str = "none"  # one of TASKS: none | superres | inpaint (the conditions derived from each image)
     superres_factor: int = 4  # superres: the side's reduction of the low-resolution image the model sees
+    # folder: conditions read from files beside each image, kind (image, vector, context) -> the name part of
+    # its files: {image: cond, vector: emb} reads cat.png's from cat.cond.png and cat.emb.npy (or
+    # .safetensors); ddpm.condition_files says how they are named and shaped
+    conditions: dict[str, str] = field(default_factory=dict)
+    paired: bool = False  # folder: data.root/targets/ the images, data.root/inputs/ their image conditions
 
 
 @dataclass
@@ -338,13 +346,65 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
             "sample.guidance_scale=1 or model.num_classes"
         )
     problems += _task_problems(config, model, key)
-    kinds = {"cond_dim": "a vector", "context_dim": "a token sequence"}
-    for name, kind in kinds.items():
-        if model.get(name) is not None:  # ClassicUNet has none of them
+    problems += _condition_file_problems(config, model, key)
+    return problems
+
+
+def _condition_file_problems(
+    config: Config, model: Mapping[str, Any], key: Callable[[str], str]
+) -> list[str]:
+    """What does not fit the conditions read from files (data.conditions, data.paired): each kind the network
+    takes but no file gives, or a file gives but the network does not take; a data set other than a folder,
+    a flip (which the conditions would not follow), data.task's image beside the files', the in-training
+    FID (which samples without conditions)."""
+    data, problems = config.data, []
+    files = set(data.conditions) | ({"image"} if data.paired else set())
+    if not files:
+        kinds = {"cond_dim": "a vector", "context_dim": "a token sequence"}
+        for name, kind in kinds.items():
+            if model.get(name) is not None:  # ClassicUNet has none of them
+                word = "vector" if name == "cond_dim" else "context"
+                problems.append(
+                    f"{key(name)} conditions the network on {kind}, but the data give none: set "
+                    f"model.{name}=null, or read one per image from files (data.conditions={{{word}: NAME}})"
+                )
+        return problems
+    if data.dataset != "folder":
+        problems.append(
+            f"data.conditions / data.paired read files beside the images of a folder, and data.dataset is "
+            f"{data.dataset}: set data.dataset=folder"
+        )
+    if data.paired and "image" in data.conditions:
+        problems.append(
+            "data.paired=true reads each image condition from inputs/, and data.conditions names one too "
+            f"(image: {data.conditions['image']}): drop one of them"
+        )
+    if "image" in files and data.task != "none":
+        problems.append(
+            f"data.task={data.task} gives the image condition, and it is read from files too: set "
+            "data.task=none or read no image from files"
+        )
+    if data.hflip:
+        problems.append("data.hflip=true would flip the images but not their condition files: set it false")
+    if config.train.fid_every:
+        problems.append(
+            f"train.fid_every={config.train.fid_every} with condition files: the in-training FID samples "
+            "without conditions; set train.fid_every=0"
+        )
+    names = {"image": "cond_channels", "vector": "cond_dim", "context": "context_dim"}
+    for kind, name in names.items():
+        if kind in files and model.get(name) is None:
+            problems.append(f"condition files give each image a {kind}, but {key(name)}: set model.{name}")
+        elif kind not in files and model.get(name) is not None and kind != "image":
             problems.append(
-                f"{key(name)} conditions the network on {kind}, but no data set gives one yet (they give "
-                f"images, class labels and data.task's image): set model.{name}=null"
+                f"{key(name)} takes a {kind}, which no condition file gives: add {kind} to data.conditions "
+                f"or set model.{name}=null"
             )
+    if "image" in files and model.get("cond_channels") not in (None, 1, 3):
+        problems.append(
+            f"{key('cond_channels')}: condition image files are read as 1 (grey) or 3 (RGB) channels: set "
+            "model.cond_channels=1 or 3"
+        )
     return problems
 
 
@@ -383,19 +443,23 @@ def _task_problems(config: Config, model: Mapping[str, Any], key: Callable[[str]
     factor against the image side, and the in-training FID, which samples without conditions."""
     data, cond_channels = config.data, model.get("cond_channels")
     if data.task == "none":
-        if cond_channels is None:
+        if cond_channels is None or "image" in data.conditions or data.paired:  # read from files
             return []
         return [
             f"{key('cond_channels')} conditions the network on an image, but data.task=none gives none: set "
-            "model.cond_channels=null, or data.task=superres"
+            "model.cond_channels=null, or data.task=superres or inpaint, or read images from files "
+            "(data.conditions={image: NAME} or data.paired=true)"
         ]
     problems = []
-    if cond_channels != data.channels:
+    expected = task_cond_channels(data)
+    if cond_channels != expected:
+        what = "the masked image and the mask" if data.task == "inpaint" else "an image"
+        width = f"data.channels + 1 = {expected}" if data.task == "inpaint" else f"data.channels={expected}"
         problems.append(
-            f"data.task={data.task} gives the network an image of data.channels={data.channels} channels "
-            f"but model.cond_channels={_yaml(cond_channels)}: set model.cond_channels={data.channels}"
+            f"data.task={data.task} gives the network {what} ({width} channels) but "
+            f"model.cond_channels={_yaml(cond_channels)}: set model.cond_channels={expected}"
         )
-    if data.image_size % data.superres_factor:
+    if data.task == "superres" and data.image_size % data.superres_factor:
         problems.append(
             f"data.superres_factor={data.superres_factor} does not divide data.image_size={data.image_size}: "
             "choose a factor of the side"
@@ -406,6 +470,30 @@ def _task_problems(config: Config, model: Mapping[str, Any], key: Callable[[str]
             "samples without the task's conditions; set train.fid_every=0"
         )
     return problems
+
+
+def task_cond_channels(data: DataConfig) -> int | None:
+    """The channels of the image condition data.task gives: data.channels for superres (the low-resolution
+    image), data.channels + 1 for inpaint (the masked image, then the mask); None for no task."""
+    return {"none": None, "superres": data.channels, "inpaint": data.channels + 1}[data.task]
+
+
+def task_settings(data: DataConfig) -> dict[str, Any]:
+    """The data keys of data.task that sampling needs to build its conditions as training did, saved with
+    the weights (`ddpm.io.TASK_FILE`): {"task": ...}, and for superres its "superres_factor"."""
+    settings: dict[str, Any] = {"task": data.task}
+    if data.task == "superres":
+        settings["superres_factor"] = data.superres_factor
+    return settings
+
+
+def read_task_settings(settings: Mapping[str, Any], where: str) -> DataConfig:
+    """The data section of saved `task_settings` (the other data keys at their defaults), checked as a config
+    file's are; `where` names the file in errors (ConfigError)."""
+    unknown = sorted(set(settings) - {"task", "superres_factor"})
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; it holds task and superres_factor")
+    return _build({"data": dict(settings)}, lambda key: where).data
 
 
 def tracker_names(train: TrainConfig) -> list[str]:
@@ -533,6 +621,11 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.batch_size": _AT_LEAST_1,
     "data.superres_factor": (lambda v: v >= 2, "an integer >= 2"),
     "data.num_workers": (lambda v: v == "auto" or v >= 0, "an integer >= 0, or auto"),
+    "data.conditions": (
+        lambda v: all(k in CONDITION_FILE_KINDS and re.fullmatch(r"[\w-]+", n) for k, n in v.items()),
+        f"a mapping from {', '.join(CONDITION_FILE_KINDS)} to a name part of file names (letters, digits, "
+        "_ and -), e.g. {image: cond}",
+    ),
     "train.steps": _AT_LEAST_1,
     "train.lr": _POSITIVE,
     "train.weight_decay": _AT_LEAST_0,
@@ -587,6 +680,12 @@ _TYPES: dict[Any, tuple[Callable[[Any], bool], str]] = {
         "an integer or auto",
     ),
     dict[str, Any]: (lambda v: isinstance(v, Mapping) and all(isinstance(k, str) for k in v), "a mapping"),
+    dict[str, str]: (  # data.conditions
+        lambda v: (
+            isinstance(v, Mapping) and all(isinstance(k, str) and isinstance(n, str) for k, n in v.items())
+        ),
+        "a mapping kind -> name",
+    ),
     float | dict[str, float] | None: (  # train.cond_dropout
         lambda v: (
             v is None

@@ -11,14 +11,17 @@
 
 A built-in task (data.task) derives conditions from each batch of images, so that any data set serves it
 (`batch_conditions`): "superres" gives the model the image area-downsampled by data.superres_factor
-(`superres_condition`).
+(`superres_condition`), "inpaint" the image with random holes and the mask of its known pixels
+(`inpaint_masks`, `inpaint_condition`).
 """
 
+import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +31,31 @@ from torch.utils.data import Dataset, Subset, get_worker_info
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from ddpm.conditions import Conditions
+from ddpm.condition_files import (
+    ARRAY_SUFFIXES,
+    FILE_KINDS,
+    SIZE_ARGUMENTS,
+    find_beside,
+    is_condition_file,
+    read_array,
+    shape_problem,
+)
+from ddpm.conditions import Conditions, collate_conditions
 from ddpm.config import DATASETS, DataConfig, split_problem
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+INPUTS, TARGETS = "inputs", "targets"  # data.paired's folders: the image conditions, the images
 # The most DataLoader workers that data.num_workers "auto" starts per process (the number the shipped configs
 # asked for before "auto").
 AUTO_WORKERS = 4
+# The inpaint task's masks (`inpaint_masks`), in fractions of the side: a box's sides, and a brush stroke's
+# segments' lengths and its width (at least BRUSH_MIN_WIDTH pixels, so that a stroke always covers the pixel
+# it starts in: a pixel's centre lies within sqrt(2)/2 of any point of the pixel).
+BOX_SIDES = (1 / 4, 3 / 4)
+BRUSH_SEGMENTS = 3
+BRUSH_LENGTHS = (1 / 6, 1 / 2)
+BRUSH_WIDTHS = (1 / 10, 1 / 4)
+BRUSH_MIN_WIDTH = 1.5
 # The digits' held-out split takes each digit's every HELD_OUT_EVERY-th image (`digits_split`).
 HELD_OUT_EVERY = 10
 
@@ -43,13 +64,17 @@ class DataError(ValueError):
     """The data named by the config cannot be used (missing, empty, unreadable); the message says the fix."""
 
 
-def build_dataset(data: DataConfig) -> Dataset:
+def build_dataset(data: DataConfig, model: Mapping[str, Any] | None = None) -> Dataset:
     """The images described by `data`: data.dataset (one of ddpm.config.DATASETS), its split data.split
-    (train, test or all, as ddpm.config.SPLITS allows for that data set)."""
+    (train, test or all, as ddpm.config.SPLITS allows for that data set). With condition files
+    (data.conditions, data.paired) each item also holds the image's conditions, their sizes those of the
+    network's config `model` (cond_channels, cond_dim, context_dim; required then)."""
     if data.dataset not in BUILDERS:
         raise DataError(f"unknown dataset '{data.dataset}'; valid: {', '.join(DATASETS)}")
     if problem := split_problem(data):
         raise DataError(problem)
+    if data.dataset == "folder":
+        return _folder(data, model)
     return BUILDERS[data.dataset](data)
 
 
@@ -69,12 +94,86 @@ def upsample_low_res(low: Tensor, factor: int) -> Tensor:
     return F.interpolate(low, scale_factor=factor, mode="nearest")
 
 
-def batch_conditions(data: DataConfig, images: Tensor, labels: Tensor | None) -> Conditions:
+def inpaint_condition(images: Tensor, masks: Tensor) -> Tensor:
+    """The image condition of trained inpainting (Palette, Saharia et al. 2022; LaMa's input, Suvorov et al.
+    2022): images (N, C, H, W) in [-1, 1] with their holes set to 0, then the mask, (N, C + 1, H, W). masks
+    (N, 1, H, W): 1 where a pixel is known (kept), 0 in the hole to fill in, as sample.py's --mask (white =
+    keep). The one builder of the condition, for training (`batch_conditions`) and for sampling
+    (`ddpm.inference.read_cond_images`): the hole's pixels never reach the network."""
+    if masks.shape[1] != 1 or masks.shape[2:] != images.shape[2:] or masks.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"masks must be (N, 1, H, W) for images {tuple(images.shape)}, got {tuple(masks.shape)}"
+        )
+    masks = masks.to(images.dtype)
+    return torch.cat([images * masks, masks], dim=1)
+
+
+def inpaint_masks(
+    n: int, size: int, *, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> Tensor:
+    """n random inpainting masks (n, 1, size, size) float on `device`: 1 known, 0 hole. Each is, with
+    probability 1/2, a box (sides uniform in BOX_SIDES x size, anywhere in the image: the large contiguous
+    hole of object removal, Palette's box masks) or a brush stroke (BRUSH_SEGMENTS straight segments from a
+    uniform start, each of uniform direction and of length uniform in BRUSH_LENGTHS x size, of width uniform
+    in BRUSH_WIDTHS x size, at least BRUSH_MIN_WIDTH pixels: the thin irregular holes of scratches and
+    removed wires, LaMa's and DeepFill's free-form masks). Both are measured in fractions of the side, so
+    they mean the same at 16x16 as at 256x256; at 16x16 a box hides 4 to 12 pixels a side (from part of a
+    stroke to most of a digit) and a stroke is 1.6 to 4 pixels wide. A box always leaves known pixels, a
+    stroke always hides one.
+
+    The random numbers come from `generator` (None: the global CPU RNG, which training checkpoints restore),
+    always on the CPU and always the same count for a given n (8 + 2 x BRUSH_SEGMENTS per mask, whatever each
+    mask turns out to be), so that the masks are the same on every device and a resumed run draws what an
+    uninterrupted one did; the pixels are then computed on `device`."""
+
+    def uniform(*shape: int, low: float = 0.0, high: float = 1.0) -> Tensor:
+        return low + (high - low) * torch.rand(*shape, generator=generator)
+
+    is_box = uniform(n) < 0.5
+    sides = uniform(n, 2, low=BOX_SIDES[0] * size, high=BOX_SIDES[1] * size).round().clamp(1, size)
+    corner = (uniform(n, 2) * (size - sides + 1)).floor()  # (top, left): the box lies inside the image
+    start = uniform(n, 2, high=size)  # (y, x) in pixels, pixel i spanning [i, i + 1)
+    angle = uniform(n, BRUSH_SEGMENTS, high=2 * math.pi)
+    length = uniform(n, BRUSH_SEGMENTS, low=BRUSH_LENGTHS[0] * size, high=BRUSH_LENGTHS[1] * size)
+    width = uniform(n, low=BRUSH_WIDTHS[0] * size, high=BRUSH_WIDTHS[1] * size).clamp(min=BRUSH_MIN_WIDTH)
+    steps = torch.stack([angle.sin(), angle.cos()], dim=-1) * length[..., None]  # (n, K, 2)
+    vertices = torch.cat([start[:, None], start[:, None] + steps.cumsum(1)], dim=1).to(device)  # (n, K+1, 2)
+
+    centres = torch.arange(size, device=device, dtype=torch.float32) + 0.5
+    pixels = torch.stack(torch.meshgrid(centres, centres, indexing="ij"), dim=-1).reshape(1, 1, -1, 2)
+    a, b = vertices[:, :-1, None], vertices[:, 1:, None]  # (n, K, 1, 2): each segment's ends
+    along = ((pixels - a) * (b - a)).sum(-1) / ((b - a) ** 2).sum(-1).clamp(min=1e-12)
+    nearest = a + along.clamp(0, 1)[..., None] * (b - a)  # (n, K, P, 2): each pixel's nearest point
+    distance = (pixels - nearest).norm(dim=-1).amin(1)  # (n, P): to the stroke
+    in_stroke = distance <= width.to(device)[:, None] / 2
+
+    rows = centres.view(1, -1, 1)
+    top, left = (c.to(device).view(-1, 1, 1) for c in corner.unbind(1))
+    height, breadth = (s.to(device).view(-1, 1, 1) for s in sides.unbind(1))
+    in_box = (rows >= top) & (rows < top + height) & (rows.mT >= left) & (rows.mT < left + breadth)
+    hole = torch.where(is_box.to(device).view(-1, 1, 1), in_box, in_stroke.view(n, size, size))
+    return (~hole).float().unsqueeze(1)
+
+
+def batch_conditions(
+    data: DataConfig,
+    images: Tensor,
+    labels: Tensor | None,
+    *,
+    generator: torch.Generator | None = None,
+    files: Conditions | None = None,
+) -> Conditions:
     """The conditions of a batch of images (N, C, H, W) in [-1, 1]: its labels (N,) (None: the model takes
-    none) and what data.task derives from the images ("superres": `superres_condition` as "image")."""
+    none), those read from files beside the images (`files`, the batch's third part: `collate_batch`), and
+    what data.task derives from the images as "image": "superres" `superres_condition`, "inpaint"
+    `inpaint_condition` with fresh `inpaint_masks` drawn from `generator` (None: the global RNG)."""
     values = {} if labels is None else {"label": labels}
+    values.update(files.values if files is not None else {})
     if data.task == "superres":
         values["image"] = superres_condition(images, data.superres_factor)
+    elif data.task == "inpaint":
+        masks = inpaint_masks(len(images), images.shape[-1], generator=generator, device=images.device)
+        values["image"] = inpaint_condition(images, masks)
     return Conditions(values)
 
 
@@ -116,6 +215,58 @@ def available_cores() -> int:
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
+class ConditionFiles:
+    """The condition files of every image of a folder data set, found and checked at construction.
+
+    images: the image files (under `root`, or root/targets/ when `paired`); names: data.conditions, kind ->
+    the name part of its files; sizes: kind -> the network's size of it (cond_channels, cond_dim,
+    context_dim). `files[i]` maps each kind to image i's file. Raises ConditionFileError, one line naming the
+    first bad file, the shape expected and how many more are bad, for missing or mis-shaped files.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[Path],
+        *,
+        root: Path,
+        names: Mapping[str, str],
+        sizes: Mapping[str, int | None],
+        paired: bool,
+    ):
+        self.kinds = tuple(kind for kind in FILE_KINDS if kind in names or (kind == "image" and paired))
+        self.names = dict(names)
+        self.files: list[dict[str, Path]] = []
+        problems = []
+        inputs = {f.relative_to(root / INPUTS).with_suffix(""): f for f in image_files(root / INPUTS)}
+        for image in images:
+            found = {}
+            for kind in self.kinds:
+                if kind == "image" and paired:
+                    key = image.relative_to(root / TARGETS).with_suffix("")
+                    file, expected = inputs.get(key), f"{root / INPUTS / key}{{{','.join(IMAGE_EXTENSIONS)}}}"
+                else:
+                    suffixes = IMAGE_EXTENSIONS if kind == "image" else ARRAY_SUFFIXES
+                    file, expected = find_beside(image, names[kind], suffixes)
+                if file is None:
+                    problems.append(f"{image}: no {kind} condition file; expected {expected}")
+                    continue
+                problem = None if kind == "image" else shape_problem(file, kind, sizes[SIZE_ARGUMENTS[kind]])
+                problems += [problem] if problem else []
+                found[kind] = file
+            self.files.append(found)
+        if problems:
+            more = f" ({len(problems) - 1} more are missing or mis-shaped)" if len(problems) > 1 else ""
+            raise DataError(problems[0] + more)
+
+    def read(self, index: int, image_reader: Callable[[Path], Tensor]) -> dict[str, Tensor]:
+        """Image `index`'s conditions, kind -> tensor without the batch dimension; image files through
+        `image_reader(path) -> (C, S, S) tensor` (as the data set reads its images)."""
+        return {
+            kind: image_reader(file) if kind == "image" else read_array(file)
+            for kind, file in self.files[index].items()
+        }
+
+
 class TensorImageDataset(Dataset):
     """A data set held as one tensor: `images` (N, C, S, S) float in [-1, 1], `labels` (N,) long (-1: none).
 
@@ -139,7 +290,9 @@ class TensorImageDataset(Dataset):
 
 
 class ImageFolderDataset(Dataset):
-    """Every image under `root` (recursive, hidden files and folders skipped, sorted paths).
+    """Every image under `root` (recursive, hidden files and folders skipped, sorted paths), and with
+    `conditions` or `paired` each one's conditions from files (`ConditionFiles`; `ddpm.condition_files`
+    says how they are named): items are then (image, label, kind -> condition tensor), read with the image.
 
     With `labels`, images must sit in first-level sub-folders, one per class (class_to_idx: the sorted names
     of the sub-folders that hold images); without, every image has label -1. Images are converted to L
@@ -153,15 +306,35 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(
-        self, root: str | Path, *, image_size: int, channels: int, labels: bool, hflip: bool = False
+        self,
+        root: str | Path,
+        *,
+        image_size: int,
+        channels: int,
+        labels: bool,
+        hflip: bool = False,
+        conditions: Mapping[str, str] | None = None,
+        paired: bool = False,
+        sizes: Mapping[str, int | None] | None = None,
     ):
-        self.root = Path(root)
+        # conditions: data.conditions (kind -> name part of its files); paired: data.paired (root/targets/
+        # the images, root/inputs/ their image conditions); sizes: the network's cond_channels, cond_dim and
+        # context_dim, the conditions' expected sizes
+        top = Path(root)
+        self.root = top / TARGETS if paired else top
+        if paired and not (self.root.is_dir() and (top / INPUTS).is_dir()):
+            raise DataError(
+                f"data.paired=true but data.root '{top}' lacks {TARGETS}/ or {INPUTS}/: put the images in "
+                f"{top / TARGETS} and each one's image condition (same relative path and stem) in "
+                f"{top / INPUTS}"
+            )
         if not self.root.is_dir():
             raise DataError(
                 f"data.root '{self.root}' is not a folder; expected a folder of images "
                 f"({', '.join(IMAGE_EXTENSIONS)}), with one sub-folder per class when data.labels is true"
             )
-        files = image_files(self.root)
+        names = dict(conditions or {})
+        files = [f for f in image_files(self.root) if not is_condition_file(f, names)]
         if not files:
             raise DataError(
                 f"no images found under data.root '{self.root}'; expected files ending in "
@@ -187,24 +360,32 @@ class ImageFolderDataset(Dataset):
         self.files = files
         self.targets = torch.tensor(targets, dtype=torch.long)
         self.transform = _image_transform(image_size, channels, hflip)
+        self.conditions = None
+        if names or paired:
+            sizes = dict(sizes or {})
+            self.conditions = ConditionFiles(files, root=top, names=names, sizes=sizes, paired=paired)
+            cond_channels = sizes.get("cond_channels") or channels
+            self.cond_transform = _image_transform(image_size, cond_channels, hflip=False)
         self._unreadable: set[int] = set()  # per process: each DataLoader worker learns on its own
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, dict[str, Tensor]]:
         for i in (j % len(self.files) for j in range(index, index + len(self.files))):
             if i in self._unreadable:
                 continue
             try:
-                with Image.open(self.files[i]) as image:
-                    image.load()  # decode now, so that a truncated file fails here and not in a transform
-                    image = image.copy()
+                image = self.transform(_load_image(self.files[i]))
+                if self.conditions is not None:
+                    read = lambda file: self.cond_transform(_load_image(file))  # noqa: E731
+                    return image, self.targets[i], self.conditions.read(i, read)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
                 self._unreadable.add(i)
-                _warn(f"skipping unreadable image {self.files[i]}: {error}")
+                files = " or its condition files" if self.conditions is not None else ""
+                _warn(f"skipping unreadable image {self.files[i]}{files}: {error}")
                 continue
-            return self.transform(image), self.targets[i]
+            return image, self.targets[i]
         raise DataError(
             f"none of the {len(self.files)} images under data.root '{self.root}' can be read (see the "
             "warnings above); replace them with image files (Git LFS pointers, for one, are not images)"
@@ -240,9 +421,18 @@ def _digits(data: DataConfig) -> TensorImageDataset:
     return TensorImageDataset(images, labels, num_classes=10 if data.labels else None, hflip=data.hflip)
 
 
-def _folder(data: DataConfig) -> ImageFolderDataset:
+def _folder(data: DataConfig, model: Mapping[str, Any] | None = None) -> ImageFolderDataset:
+    if (data.conditions or data.paired) and model is None:
+        raise DataError("condition files are checked against the network: pass build_dataset(data, model)")
     return ImageFolderDataset(
-        _root(data), image_size=data.image_size, channels=data.channels, labels=data.labels, hflip=data.hflip
+        _root(data),
+        image_size=data.image_size,
+        channels=data.channels,
+        labels=data.labels,
+        hflip=data.hflip,
+        conditions=data.conditions,
+        paired=data.paired,
+        sizes={name: (model or {}).get(name) for name in SIZE_ARGUMENTS.values()},
     )
 
 
@@ -371,6 +561,23 @@ def image_files(root: Path) -> list[Path]:
         names = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
         files += [Path(folder, n) for n in names]
     return sorted(files)
+
+
+def _load_image(file: Path) -> Image.Image:
+    """The image file decoded now, so that a truncated file fails here and not in a transform."""
+    with Image.open(file) as image:
+        image.load()
+        return image.copy()
+
+
+def collate_batch(items: Sequence[tuple]) -> tuple:
+    """The DataLoader's batch of data set items: (images (N, C, H, W), labels (N,)), and for a data set
+    with condition files their `Conditions` (`collate_conditions`: token sequences padded, with a mask)."""
+    images = torch.stack([item[0] for item in items])
+    labels = torch.stack([torch.as_tensor(item[1]) for item in items])
+    if len(items[0]) == 2:
+        return images, labels
+    return images, labels, collate_conditions([item[2] for item in items])
 
 
 def _warn(message: str) -> None:

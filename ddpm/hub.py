@@ -27,13 +27,14 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 # What a model folder of either kind needs, at the top or in a diffusers pipeline's unet/ and scheduler/:
-# ours (config.json, model.safetensors, noise_scheduler.json) and diffusers' (config.json, its weights,
-# scheduler_config.json, model_index.json).
+# ours (config.json, model.safetensors, noise_scheduler.json, task.json) and diffusers' (config.json, its
+# weights, scheduler_config.json, model_index.json).
 MODEL_FILES = [
     "model_index.json",
     "config.json",
     "model.safetensors",
     "noise_scheduler.json",
+    "task.json",
     "scheduler_config.json",
     "diffusion_pytorch_model.safetensors",
     "unet/config.json",

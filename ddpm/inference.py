@@ -31,12 +31,13 @@ from ddpm.compiled import (
     auto_batch_size,
     sampling_compile_pays,
 )
+from ddpm.condition_files import ConditionFileError, read_cond_files
 from ddpm.conditions import Conditions
-from ddpm.config import SampleConfig, load_config
-from ddpm.data import read_images, upsample_low_res
+from ddpm.config import SampleConfig, load_config, read_task_settings, task_settings
+from ddpm.data import inpaint_condition, read_images, upsample_low_res
 from ddpm.ema.posthoc import PROVENANCE
 from ddpm.images import PngWriter
-from ddpm.io import EMA, CheckpointError, atomic_write, one_line
+from ddpm.io import EMA, TASK_FILE, CheckpointError, atomic_write, one_line
 from ddpm.models.classic import ClassicUNet
 from ddpm.models.unet import UNet
 from ddpm.progress import progress_bar
@@ -69,6 +70,9 @@ class Loaded(NamedTuple):
     sampling: SampleConfig  # the run's `sample:` settings; SampleConfig() for a folder outside a run
     folder: Path  # the checkpoint (also for its ema/) or the model folder the weights belong to
     run_dir: Path | None  # the run directory holding the checkpoint; None for a folder outside a run
+    # The built-in task the weights were trained on (`ddpm.config.task_settings`): the folder's TASK_FILE,
+    # else the run's data section; {"task": "none"} for a folder without either
+    task: dict[str, Any]
 
 
 def load_for_sampling(
@@ -96,7 +100,7 @@ def load_for_sampling(
     source = path if isinstance(path, ModelSource) else resolve_source(path)
     if source.kind == "openai" or openai_flags is not None:
         model, scheduler = load_openai_source(source, openai_flags, schedule=schedule, device=device)
-        return Loaded(model, scheduler, "openai", SampleConfig(), source.path, None)
+        return Loaded(model, scheduler, "openai", SampleConfig(), source.path, None, {"task": "none"})
     if source.kind == "ema" and not use_ema:
         raise CheckpointError(
             f"{source.path} holds the EMA weights, but the raw ones were asked for (--raw); pass the "
@@ -118,8 +122,30 @@ def load_for_sampling(
     else:
         weights = "ema" if source.kind == "ema" else "raw"
     run = source.run_dir
-    sampling = load_config(run / RUN_CONFIG).sample if run is not None else SampleConfig()
-    return Loaded(model, scheduler, weights, sampling, source.folder, run)
+    run_config = load_config(run / RUN_CONFIG) if run is not None else None  # read once
+    sampling = run_config.sample if run_config is not None else SampleConfig()
+    task = _saved_task(source.path)
+    if task is None:  # a folder written before the task travelled with the weights, or without a task
+        task = task_settings(run_config.data) if run_config is not None else {"task": "none"}
+    return Loaded(model, scheduler, weights, sampling, source.folder, run, task)
+
+
+def _saved_task(folder: Path) -> dict[str, Any] | None:
+    """The task settings saved in the model folder `folder` (TASK_FILE), checked as a config's data keys;
+    None without the file. Raises CheckpointError naming the file when it cannot be read."""
+    file = folder / TASK_FILE
+    if not file.is_file():
+        return None
+    try:
+        settings = json.loads(file.read_text())
+        if not isinstance(settings, dict):
+            raise ValueError(f"expected a mapping, got {type(settings).__name__}")
+        return task_settings(read_task_settings(settings, str(file)))
+    except (OSError, ValueError) as error:  # ConfigError and JSONDecodeError are ValueErrors
+        raise CheckpointError(
+            f"cannot read the task settings {file}: {one_line(error)}; write them as "
+            '{"task": "superres", "superres_factor": 4} (or delete the file for a model without a task)'
+        ) from None
 
 
 def default_run(default_config: str | Path) -> Path:
@@ -312,6 +338,8 @@ def grid_from_checkpoint(
     guidance_rescale: float = 0.0,
     autoguide: str | Path | None = None,
     cond_image: str | Path | None = None,
+    mask: str | Path | None = None,
+    cond_files: str | Path | None = None,
     save_images: bool = False,
     use_ema: bool = True,
     schedule: str | Path | None = None,
@@ -324,7 +352,12 @@ def grid_from_checkpoint(
     cond_image: for a model conditioned on an image (model.cond_channels), which then needs it, an image file
     or a folder of images (`read_cond_images`), one image drawn from each (so `n` stays None): the grid shows
     the conditions, as the network sees them, in the rows above the images drawn from them, min(N, 16) to a
-    row; its default name gets -condSTEM before the seed.
+    row; its default name gets -condSTEM before the seed. mask: for a model trained with data.task inpaint,
+    which then needs it, the masks of the cond_image images (white = keep; -maskSTEM in the name); the grid
+    shows the images with their holes grey. cond_files: for a model conditioned on a vector or a token
+    sequence (model.cond_dim, context_dim), which then needs it, a .npy or .safetensors file or a folder of
+    them, one image drawn from each (`ddpm.condition_files.read_cond_files`; with cond_image, as many as
+    there are images, paired in sorted order); its default name gets -condSTEM too.
 
     `checkpoint` None means the run directory named by `default_config`'s output_dir. Sampler options left
     None come from the run's saved config (its `sample:` section), else from `SampleConfig`'s defaults; the
@@ -354,7 +387,11 @@ def grid_from_checkpoint(
     """
     if cond_image is not None and n is not None:
         raise ValueError(f"--n {n} with --cond-image: one image is drawn per condition image; drop --n")
-    n = DEFAULT_N if n is None and cond_image is None else n
+    if cond_files is not None and n is not None:
+        raise ValueError(f"--n {n} with --cond: one image is drawn per condition file; drop --n")
+    if mask is not None and cond_image is None:
+        raise ValueError(f"--mask {mask} when sampling goes with --cond-image: the images to fill in")
+    n = DEFAULT_N if n is None and cond_image is None and cond_files is None else n
     _check_options(seed=seed, **({"n": n} if n is not None else {}))
     _check_batch_size(batch_size)
     _check_settings_given(
@@ -414,13 +451,16 @@ def grid_from_checkpoint(
         loaded.model,
         class_label=class_label,
         guidance_scale=guidance_scale if weak is None else 1.0,  # autoguidance needs no null label
-        conditioned=cond_image is not None,
+        conditioned=cond_image is not None or cond_files is not None,
     )
     _check_cond_image(loaded.model, cond_image)
+    _check_cond_files(loaded.model, cond_files)
     cond = None
     if cond_image is not None:
-        cond = read_cond_images(loaded, cond_image, class_label=class_label)
-        n = cond.batch_size
+        cond = read_cond_images(loaded, cond_image, mask=mask, class_label=class_label)
+    if cond_files is not None:
+        cond = _with_cond_files(loaded.model, cond, cond_files, class_label=class_label)
+    n = cond.batch_size if cond is not None else n
     budget = sampling_budget(sampler, steps=steps, calls=calls)
     if out is None:
         name = [loaded.folder.name, loaded.weights, f"{sampler}{budget.steps}"]
@@ -433,6 +473,8 @@ def grid_from_checkpoint(
         name += [f"rescale{guidance_rescale:g}"] if guidance_rescale else []
         name += [f"autoguide{weak.folder.name}"] if weak is not None else []
         name += [f"cond{Path(cond_image).stem}"] if cond_image is not None else []
+        name += [f"mask{Path(mask).stem}"] if mask is not None else []
+        name += [f"cond{Path(cond_files).stem}"] if cond_files is not None else []
         name += [f"seed{seed}", f"n{n}"]
         out = samples_folder(loaded) / f"sample-{'-'.join(name)}.png"
         _check_out(out, image=True)
@@ -460,38 +502,71 @@ def grid_from_checkpoint(
             on_batch=writer.write if save_images else None,
         )
     shown = images[:GRID_WITH_IMAGES] if save_images else images
-    if cond is None:
+    if cond is None or "image" not in cond:
         return save_grid(shown, out)
-    # The conditions above the images, in x's channels (grey where the two differ)
+    # The conditions above the images, in x's channels (grey where the two differ; inpainting's masked images)
     conditions = cond["image"][: len(shown)]
-    conditions = conditions if conditions.shape[1] == shape[0] else conditions.mean(1, keepdim=True)
+    if loaded.task["task"] == "inpaint":
+        conditions = conditions[:, : shape[0]]
+    elif conditions.shape[1] != shape[0]:
+        conditions = conditions.mean(1, keepdim=True)
     grid = [*_full_rows(conditions.expand(-1, shape[0], -1, -1)), *_full_rows(shown)]
     return save_grid(torch.cat(grid), out, nrow=min(len(shown), 16))
 
 
-def read_cond_images(loaded: Loaded, path: str | Path, *, class_label: int | None = None) -> Conditions:
+def read_cond_images(
+    loaded: Loaded,
+    path: str | Path,
+    *,
+    mask: str | Path | None = None,
+    class_label: int | None = None,
+) -> Conditions:
     """The image conditions of sample.py's --cond-image: the image file `path`, or every image in the folder
-    `path`, as `loaded.model` takes them: (N, cond_channels, S, S) float32 in [-1, 1] under "image", S the
-    model's side, read as training data are (`ddpm.data.read_images`: to L or RGB, the shorter side resized,
-    the centre cropped). For a run trained on data.task superres each image is the low-resolution one: read
-    at side S / data.superres_factor, then upsampled as training did (`ddpm.data.upsample_low_res`). A model
-    with classes also gets labels (N,): `class_label` for every image, else 0, 1, ... cycling over them.
-    Raises ValueError naming --cond-image when the model's image condition is not 1 (grey) or 3 (RGB)
-    channels wide, and DataError for a missing path or an unreadable image."""
-    model = loaded.model
+    `path`, as `loaded.model` takes them: (N, cond_channels, S, S) float32 under "image", S the model's side,
+    read as training data are (`ddpm.data.read_images`: to L or RGB, the shorter side resized, the centre
+    cropped), by the task the weights were trained on (`loaded.task`, saved with them):
+    - superres: each image is the low-resolution one, read at side S / superres_factor, then upsampled as
+      training did (`ddpm.data.upsample_low_res`);
+    - inpaint: each image (in the model's in_channels) with the `mask` (an image file for every image, or a
+      folder of as many as there are images; white (> half grey) = keep, as --mask when editing) made into
+      the condition by the function training uses (`ddpm.data.inpaint_condition`);
+    - none: the image as it is, in cond_channels (1 grey or 3 RGB).
+    A model with classes also gets labels (N,): `class_label` for every image, else 0, 1, ... cycling.
+    Raises ValueError naming --cond-image or --mask for a condition that cannot be read for this model (the
+    image condition not 1 or 3 channels wide, a mask missing for an inpainting model or given to another, a
+    number of masks that fits no image), and DataError for a missing path or an unreadable image."""
+    model, task = loaded.model, loaded.task["task"]
     channels, size = model.cond_channels, model.config["image_size"]
-    if channels not in (1, 3):
+    if (mask is not None) != (task == "inpaint"):
         raise ValueError(
-            f"--cond-image {path}: the model's image condition has {channels} channels, and image files are "
-            "read as 1 (grey) or 3 (RGB); pass its conditions to ddpm.inference.generate(cond=) instead"
+            f"this model inpaints (data.task=inpaint): pass --mask MASK (white = keep) with --cond-image "
+            f"{path}"
+            if mask is None
+            else f"--mask {mask} with --cond-image is for a model trained with data.task=inpaint, and this "
+            f"one's task is {task}: drop --mask"
         )
-    data = load_config(loaded.run_dir / RUN_CONFIG).data if loaded.run_dir is not None else None
-    factor = data.superres_factor if data is not None and data.task == "superres" else 1
-    images, _ = read_images(path, image_size=size // factor, channels=channels)  # (N, C, S/f, S/f)
-    values = {"image": upsample_low_res(images, factor) if factor > 1 else images}  # (N, C, S, S)
+    if task == "inpaint":
+        images, files = read_images(path, image_size=size, channels=model.config["in_channels"])
+        masks, mask_files = read_images(mask, image_size=size, channels=1)
+        if len(mask_files) not in (1, len(files)):
+            raise ValueError(
+                f"--mask {mask}: {len(mask_files)} masks for {len(files)} images; give one or as many"
+            )
+        image = inpaint_condition(images, (masks > 0).float().expand(len(files), -1, -1, -1))
+    else:
+        if channels not in (1, 3):
+            raise ValueError(
+                f"--cond-image {path}: the model's image condition has {channels} channels, and image files "
+                "are read as 1 (grey) or 3 (RGB); pass its conditions to ddpm.inference.generate(cond=) "
+                "instead"
+            )
+        factor = loaded.task["superres_factor"] if task == "superres" else 1
+        images, _ = read_images(path, image_size=size // factor, channels=channels)  # (N, C, S/f, S/f)
+        image = upsample_low_res(images, factor) if factor > 1 else images  # (N, C, S, S)
+    values = {"image": image}
     num_classes = getattr(model, "num_classes", None)
     if num_classes:
-        values["label"] = _cycled_labels(range(len(images)), num_classes, class_label)
+        values["label"] = _cycled_labels(range(len(image)), num_classes, class_label)
     return Conditions(values)
 
 
@@ -523,7 +598,7 @@ def _cycled_labels(indices: range, num_classes: int, class_label: int | None) ->
 
 def _check_cond_image(model: torch.nn.Module, cond_image: str | Path | None) -> None:
     """ValueError naming --cond-image when it is given to a model without an image condition, or missing for
-    one with."""
+    one with (`read_cond_images` checks --mask)."""
     channels = getattr(model, "cond_channels", None)
     if cond_image is not None and channels is None:
         raise ValueError(
@@ -533,8 +608,50 @@ def _check_cond_image(model: torch.nn.Module, cond_image: str | Path | None) -> 
     if cond_image is None and channels is not None:
         raise ValueError(
             f"this model is conditioned on an image (model.cond_channels={channels}): pass --cond-image "
-            "PATH, an image or a folder of images (for a superres run, the low-resolution ones)"
+            "PATH, an image or a folder of images (for a superres run, the low-resolution ones; for an "
+            "inpaint run, the images to fill in, with --mask MASK)"
         )
+
+
+def _check_cond_files(model: torch.nn.Module, cond_files: str | Path | None) -> None:
+    """ValueError naming --cond when it is given to a model without a vector or sequence condition, or
+    missing for one with."""
+    sizes = {name: getattr(model, name, None) for name in ("cond_dim", "context_dim")}
+    taken = ", ".join(f"model.{name}={size}" for name, size in sizes.items() if size is not None)
+    if cond_files is not None and not taken:
+        raise ValueError(
+            f"--cond {cond_files}: this model takes no vector or token sequence (model.cond_dim and "
+            "context_dim are unset); drop --cond"
+        )
+    if cond_files is None and taken:
+        raise ValueError(
+            f"this model is conditioned on a vector or a token sequence ({taken}): pass --cond FILE, a .npy "
+            "or .safetensors file or a folder of them, one per image"
+        )
+
+
+def _with_cond_files(
+    model: torch.nn.Module, cond: Conditions | None, path: str | Path, *, class_label: int | None
+) -> Conditions:
+    """`cond` (the --cond-image conditions, or None) with the vectors and sequences of --cond `path`
+    (`read_cond_files`), one row each, and a class model's labels when cond has none."""
+    sizes = {name: getattr(model, name, None) for name in ("cond_dim", "context_dim")}
+    try:
+        files = read_cond_files(path, sizes)
+    except ConditionFileError as error:
+        raise ValueError(str(error)) from None
+    if cond is not None and cond.batch_size != files.batch_size:
+        raise ValueError(
+            f"--cond {path}: {files.batch_size} conditions for {cond.batch_size} --cond-image images; give "
+            "as many (paired in sorted order)"
+        )
+    values = dict(files.values)
+    num_classes = getattr(model, "num_classes", None)
+    if cond is not None:
+        values.update(cond.values)
+    elif num_classes:
+        values["label"] = _cycled_labels(range(files.batch_size), num_classes, class_label)
+    return Conditions(values)
 
 
 def _cli_error(error: SampleOptionError) -> ValueError:
@@ -600,7 +717,8 @@ def _refuse_unconditioned(model: torch.nn.Module) -> None:
         settings = ", ".join(f"model.{name}={getattr(model, name)}" for name in needed)
         raise ValueError(
             f"this model is conditioned on more than labels ({settings}): pass the conditions of the images "
-            "(generate's cond; sample.py --cond-image for an image condition)"
+            "(generate's cond; sample.py --cond-image for an image condition, --cond for a vector or a "
+            "token sequence)"
         )
 
 

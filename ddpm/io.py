@@ -2,7 +2,9 @@
 their config and the noise schedule they were trained with) written and read whole.
 
 A model folder holds config.json, model.safetensors and README.md (the network and its model card, written by
-`model.save_pretrained`, huggingface_hub's PyTorchModelHubMixin) and noise_scheduler.json (the schedule).
+`model.save_pretrained`, huggingface_hub's PyTorchModelHubMixin) and noise_scheduler.json (the schedule);
+a model trained on a built-in task (data.task) also task.json, the task's settings, so that sampling reads
+its conditions as training made them without the run's config.
 `save_pretrained` writes one whole; `load_unet` reads the network of a local one, `read_schedule` and
 `schedule_file` its schedule. Which folder is which kind of model source, local or on the Hub, and which
 loader reads it, is `ddpm.source`'s to decide (`ddpm.load_pretrained`); nothing here asks the Hub.
@@ -36,6 +38,7 @@ from ddpm.models.unet import UNet
 from ddpm.schedule import NoiseScheduler
 
 EMA = "ema"  # the model folder inside a checkpoint that holds its EMA weights
+TASK_FILE = "task.json"  # a model folder's built-in task: `ddpm.config.task_settings`
 
 
 class CheckpointError(RuntimeError):
@@ -118,14 +121,18 @@ def save_pretrained(
     *,
     sampling: Mapping[str, Any] | None = None,
     sample_grid: str | Path | None = None,
+    task: Mapping[str, Any] | None = None,
 ) -> None:
     """Write a model folder whole (`atomic_folder`): what `model.save_pretrained(folder, scheduler=scheduler,
     sampling=sampling, sample_grid=sample_grid)` writes, config.json, model.safetensors, README.md (the model
     card: the schedule, `sampling`, the sampler settings to recommend, and `sample_grid`, an image drawn with
-    them) and noise_scheduler.json, the schedule the weights were trained with. `ddpm.load_pretrained` reads
-    it; a README.md already in `folder` is replaced."""
+    them) and noise_scheduler.json, the schedule the weights were trained with, and with `task` (the data
+    keys of a built-in task, `ddpm.config.task_settings`) TASK_FILE. `ddpm.load_pretrained` reads it; a
+    README.md already in `folder` is replaced."""
     with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp, scheduler=scheduler, sampling=sampling, sample_grid=sample_grid)
+        if task is not None:
+            (tmp / TASK_FILE).write_text(json.dumps(dict(task), indent=2) + "\n")
 
 
 def save_unet(folder: str | Path, model: UNet | ClassicUNet) -> None:

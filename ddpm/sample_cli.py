@@ -2,7 +2,7 @@
 
     ddpm-sample --n 16 [--checkpoint RUN_OR_CHECKPOINT] [--sampler ddim] [--steps 50 | --calls 50]
         [--option NAME=VALUE ...] [--out FILE]
-    ddpm-sample --cond-image PATH [--checkpoint RUN] [...]
+    ddpm-sample --cond-image PATH [--mask PATH] [--cond FILE] [--checkpoint RUN] [...]
     ddpm-sample --autoguide WEAK_CHECKPOINT --guidance-scale W [--checkpoint RUN] [...]
     ddpm-sample --init-image PATH (--strength S | --mask PATH) [--sampler ...] [--steps N]
     ddpm-sample --invert PATH [--steps N]
@@ -13,7 +13,9 @@ takes as many steps as fit in that many (a Heun step costs two); the steps and c
 Editing (an image, or a folder of images, resized and centre-cropped as training data are): --strength is
 image-to-image (SDEdit), --mask inpainting (RePaint, white = keep), --invert writes the DDIM noise of each.
 A model conditioned on an image needs --cond-image (an image or a folder of images; for a superres run the
-low-resolution ones): one image is drawn from each, and the grid shows the conditions above the images.
+low-resolution ones; for an inpaint run the images to fill in, with --mask): one image is drawn from each,
+and the grid shows the conditions above the images. A model conditioned on a vector or a token sequence
+needs --cond (a .npy or .safetensors file, or a folder of them): one image is drawn from each.
 --autoguide guides with a weak version of the model (an early checkpoint of the same run) in place of the
 unconditional prediction (autoguidance, Karras et al. 2024), at --guidance-scale; unconditional models too.
 
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--n",
         type=int,
-        help=f"number of images (default: {DEFAULT_N}; with --cond-image one per condition image)",
+        help=f"number of images (default: {DEFAULT_N}; with --cond-image or --cond one per condition)",
     )
     parser.add_argument(
         "--checkpoint",
@@ -129,7 +131,15 @@ def main(argv: list[str] | None = None) -> None:
         "--cond-image",
         metavar="PATH",
         help="for a model conditioned on an image: an image or a folder of images, one image drawn from each "
-        "(for a superres run, the low-resolution images)",
+        "(for a superres run, the low-resolution images; for an inpaint run, the images to fill in, with "
+        "--mask)",
+    )
+    parser.add_argument(
+        "--cond",
+        metavar="FILE",
+        help="for a model conditioned on a vector or a token sequence (model.cond_dim, context_dim): a .npy "
+        "or .safetensors file, or a folder of them, one image drawn from each ((cond_dim,) a vector, "
+        "(L, context_dim) a sequence; a .safetensors file may hold both, named vector and context)",
     )
     parser.add_argument("--save-images", action="store_true", help="also write one PNG per image")
     parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
@@ -148,7 +158,12 @@ def main(argv: list[str] | None = None) -> None:
     edit = parser.add_argument_group("editing (--n and --calls do not apply)")
     edit.add_argument("--init-image", metavar="PATH", help="an image or a folder of images to edit")
     edit.add_argument("--strength", type=float, help="image-to-image (SDEdit): noise level in [0, 1]")
-    edit.add_argument("--mask", metavar="PATH", help="inpainting (RePaint): mask image(s), white = keep")
+    edit.add_argument(
+        "--mask",
+        metavar="PATH",
+        help="inpainting, white = keep: with --init-image RePaint's (any model), with --cond-image a model "
+        "trained with data.task=inpaint",
+    )
     edit.add_argument("--jump-length", type=int, default=10, help="RePaint jump length (default: 10)")
     edit.add_argument(
         "--jump-n-sample",
@@ -160,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         "--invert", metavar="PATH", help="DDIM-invert image(s) to noise, written as .safetensors"
     )
     args = parser.parse_args(argv)
-    if args.init_image or args.invert or args.strength is not None or args.mask:
+    editing = args.init_image or args.invert or args.strength is not None
+    if editing or args.mask and args.cond_image is None:  # --mask with --cond-image: an inpaint model's
         try:
             print(_edit(args))
         except (CheckpointError, ValueError, OSError) as error:
@@ -185,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
             guidance_rescale=args.guidance_rescale,
             autoguide=args.autoguide,
             cond_image=args.cond_image,
+            mask=args.mask,
+            cond_files=args.cond,
             save_images=args.save_images,
             use_ema=not args.raw,
             schedule=args.schedule,
@@ -200,8 +218,9 @@ def _edit(args: argparse.Namespace) -> Path:
     """--init-image with --strength or --mask, or --invert: `ddpm.inference.edit_from_checkpoint`."""
     if args.calls is not None or args.option:
         raise ValueError("editing takes --steps, not --calls or --option")
-    if args.cond_image is not None:
-        raise ValueError("--cond-image is for sampling; editing takes none: drop it")
+    if args.cond_image is not None or args.cond is not None:
+        flag = "--cond-image" if args.cond_image is not None else "--cond"
+        raise ValueError(f"{flag} is for sampling; editing takes none: drop it")
     if args.guidance_interval or args.guidance_rescale:
         raise ValueError(
             "editing guides at every step, unrescaled: drop --guidance-interval, --guidance-rescale"

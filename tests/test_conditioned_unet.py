@@ -285,8 +285,12 @@ def test_constructor_errors(overrides, message):
             ["model.context_dim=8", "model.attention_resolutions=[]", "model.mid_attention=false"],
             r"model\.context_dim.*: context_dim needs attention blocks",
         ),
-        # Until a data set gives such conditions, training could not feed them
-        (["model.cond_dim=3"], r"^model\.cond_dim=3 conditions the network on a vector, but no data set"),
+        # Unless files give such conditions, training could not feed them
+        (
+            ["model.cond_dim=3"],
+            r"^model\.cond_dim=3 conditions the network on a vector, but the data give none: set "
+            r"model\.cond_dim=null, or read one per image from files \(data\.conditions=\{vector: NAME\}\)$",
+        ),
     ],
 )
 def test_a_config_with_bad_condition_settings_is_refused_when_read(overrides, pattern):

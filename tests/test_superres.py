@@ -3,6 +3,7 @@ it to the network (with condition dropout), the in-training grid, `generate` wit
 --cond-image."""
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from ddpm.conditions import Conditions
 from ddpm.config import ConfigError, load_config, save_config
 from ddpm.data import batch_conditions, superres_condition, upsample_low_res
 from ddpm.inference import generate, load_for_sampling, read_cond_images
+from ddpm.io import EMA
 from ddpm.run_dir import latest_checkpoint
 from ddpm.schedule import NoiseScheduler
 from ddpm.training import Trainer
@@ -67,7 +69,8 @@ def test_batch_conditions_hold_the_labels_and_the_task_image():
         (["data.superres_factor=3"], r"data\.superres_factor=3 does not divide data\.image_size=16"),
         (["data.superres_factor=1"], r"'data\.superres_factor'.*expected an integer >= 2"),
         (["train.fid_every=100"], r"train\.fid_every=100 with data\.task=superres"),
-        (["data.task=inpaint"], r"'data\.task'.*expected one of none, superres"),
+        (["data.task=inpaint"], r"data\.task=inpaint gives .* set model\.cond_channels=2"),
+        (["data.task=zoom"], r"'data\.task'.*expected one of none, superres, inpaint"),
     ],
 )
 def test_a_superres_config_that_cannot_work_is_refused_when_read(overrides, pattern):
@@ -306,6 +309,14 @@ def test_sample_cli_draws_one_image_per_low_resolution_image_under_its_condition
     )
     np.testing.assert_allclose(grid[10:18, 1:9], rescaled[0, 0].numpy(), atol=1.5 / 255)
     assert not torch.allclose(guided, rescaled, atol=1e-3)  # the rescale reached the sampler
+    # The checkpoint's ema/ copied out of its run reads its conditions at the low resolution still: the
+    # factor travels with the weights (task.json)
+    shutil.copytree(latest_checkpoint(run) / EMA, tmp_path / "alone")
+    alone = load_for_sampling(tmp_path / "alone")
+    assert alone.run_dir is None and alone.task == {"task": "superres", "superres_factor": 4}
+    torch.testing.assert_close(
+        read_cond_images(alone, tmp_path / "lows")["image"], upsample_low_res(expected, 4)
+    )
 
 
 def test_cond_images_of_a_class_model_carry_its_labels(tmp_path):
@@ -336,7 +347,8 @@ def test_cond_images_of_a_class_model_carry_its_labels(tmp_path):
             "image",
             [],
             r"^error: this model is conditioned on an image \(model\.cond_channels=1\): pass --cond-image "
-            r"PATH, an image or a folder of images \(for a superres run, the low-resolution ones\)$",
+            r"PATH, an image or a folder of images \(for a superres run, the low-resolution ones; for an "
+            r"inpaint run, the images to fill in, with --mask MASK\)$",
         ),
         (
             "image",
@@ -353,6 +365,12 @@ def test_cond_images_of_a_class_model_carry_its_labels(tmp_path):
         (
             "image",
             ["--cond-image", "lows", "--mask", "lows"],
+            r"^error: --mask \S+lows with --cond-image is for a model trained with data\.task=inpaint, and "
+            r"this one's task is none: drop --mask$",
+        ),
+        (
+            "image",
+            ["--cond-image", "lows", "--init-image", "lows", "--strength", "0.5"],
             r"^error: --cond-image is for sampling; editing takes none: drop it$",
         ),
         (

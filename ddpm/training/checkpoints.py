@@ -17,7 +17,9 @@ import os
 import pickle
 import shutil
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate.utils import load as load_weights_only
@@ -62,13 +64,16 @@ def save_checkpoint(
     scheduler: NoiseScheduler,
     keep: int,
     posthoc_ema: PowerFunctionEMA | None = None,
+    task: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint of the prepared training objects atomically; every process must call this.
 
     `model` and `ema_model` are the unwrapped networks; `posthoc_ema`, when the run tracks one, is saved as
-    posthoc_ema.safetensors (`ddpm.ema.posthoc`). Returns the checkpoint folder. Older checkpoints
-    beyond the last `keep` are deleted once the new one is in place. Raises CheckpointError, leaving the
-    earlier checkpoints as they were, when the weights are not finite or the files cannot be written, and
+    posthoc_ema.safetensors (`ddpm.ema.posthoc`); `task`, the run's built-in task
+    (`ddpm.config.task_settings`, None for none), goes into both model folders (`ddpm.io.save_pretrained`),
+    so that each describes itself. Returns the checkpoint folder. Older checkpoints beyond the last `keep`
+    are deleted once the new one is in place. Raises CheckpointError, leaving the earlier checkpoints as
+    they were, when the weights are not finite or the files cannot be written, and
     RuntimeError when data-parallel replicas hold different weights.
     """
     _check_replicas_identical(accelerator, model)
@@ -82,8 +87,8 @@ def save_checkpoint(
     try:
         accelerator.save_state(str(tmp))  # model, optimizer, gradient scaler, per-process RNG states
         if accelerator.is_main_process:
-            save_pretrained(tmp, model, scheduler)  # beside Accelerate's model.safetensors
-            save_pretrained(tmp / EMA, ema_model, scheduler)
+            save_pretrained(tmp, model, scheduler, task=task)  # beside Accelerate's model.safetensors
+            save_pretrained(tmp / EMA, ema_model, scheduler, task=task)
             if posthoc_ema is not None:
                 save_snapshot(tmp / POSTHOC_EMA_FILE, posthoc_ema, state.step)
             (tmp / TRAINER_STATE).write_text(json.dumps(vars(state), indent=2))

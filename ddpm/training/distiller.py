@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm.conditions import Conditions
 from ddpm.config import Config, ConfigError, build_schedule, diffusion_class, load_config
 from ddpm.edm import EDMScheduler
 from ddpm.inference import load_for_sampling
@@ -150,10 +151,11 @@ class Distiller(Trainer):
         stage_steps = self.settings.stage_steps
         return self.state.step % stage_steps, stage_steps
 
-    def _loss(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _loss(self, x0: torch.Tensor, labels: torch.Tensor, files: Conditions | None = None) -> torch.Tensor:
         """The mean `progressive_distillation_losses` of one micro-batch, x0: (N, C, H, W), labels: (N,), at
-        the current stage. Its random draws come from the global RNG, which checkpoints restore, in this
-        order: eps ~ N(0, I), then the student step of each image, uniform in 0..n-1."""
+        the current stage (files: none, `_check_teacher` refuses runs with condition files). Its random
+        draws come from the global RNG, which checkpoints restore, in this order: eps ~ N(0, I), then the
+        student step of each image, uniform in 0..n-1."""
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         stage = self._stage()
@@ -177,10 +179,10 @@ class Distiller(Trainer):
         with self.accelerator.autocast():
             return self.teacher(x_t, t, y)
 
-    def _step(self, x0: torch.Tensor, labels: torch.Tensor) -> bool:
+    def _step(self, x0: torch.Tensor, labels: torch.Tensor, files: Conditions | None = None) -> bool:
         """The Trainer's step; at the end of a stage, the student (its EMA weights) becomes the next
         stage's teacher and the next stage's student starts from it, with a fresh EMA."""
-        finished = super()._step(x0, labels)
+        finished = super()._step(x0, labels, files)
         step = self.state.step
         if finished and step % self.settings.stage_steps == 0 and step < self.config.train.steps:
             self._next_stage()
@@ -278,6 +280,11 @@ def _check_teacher(config: Config, run: str | Path) -> None:
         raise ConfigError(
             f"{run} uses the EDM formulation, which progressive distillation does not take yet: distil a "
             "run of the discrete-time schedule (diffusion.formulation left out)"
+        )
+    if config.data.conditions or config.data.paired:
+        raise ConfigError(
+            f"{run} reads conditions from files (data.conditions, data.paired), which distillation does not "
+            "pass to the teacher and student yet: distil a run without them"
         )
     if config.data.task != "none":
         raise ConfigError(

@@ -33,8 +33,9 @@ from ddpm.config import (
     conflicts,
     raise_problems,
     save_config,
+    task_settings,
 )
-from ddpm.data import batch_conditions, build_dataset, loader_workers, num_classes_of
+from ddpm.data import batch_conditions, build_dataset, collate_batch, loader_workers, num_classes_of
 from ddpm.ema import EMA, PowerFunctionEMA
 from ddpm.ema.posthoc import abandon_newer_snapshots, save_snapshot, snapshot_path
 from ddpm.losses import diffusion_losses, drop_conditions
@@ -74,7 +75,7 @@ class Trainer:
         # The same initial weights on every process (so the EMA starts from what DDP trains), then different
         # noise on each; the seedable sampler shares one data permutation that Accelerate then shards.
         set_seed(train.seed)
-        self.dataset = build_dataset(config.data)
+        self.dataset = build_dataset(config.data, config.model)
         self.scheduler = build_schedule(config.diffusion)
         model = self._build_model()
         _check_compatible(model, self.dataset, config)
@@ -139,8 +140,8 @@ class Trainer:
             print(hint, file=sys.stderr)  # beside the progress bar; stdout is for what scripts read
         try:
             with self.log.open(self.config, step=self.state.step), self.signals:
-                for x0, labels in self._batches():
-                    if not self._step(x0, labels):
+                for x0, labels, *files in self._batches():  # files: the conditions read from files
+                    if not self._step(x0, labels, *files):
                         continue  # more micro-batches to accumulate, or a skipped step
                     step = self.state.step
                     done = step >= train.steps or self.signals.stop_requested(step)
@@ -178,11 +179,12 @@ class Trainer:
             )
         return last_saved
 
-    def _step(self, x0: torch.Tensor, labels: torch.Tensor) -> bool:
-        """Train on one micro-batch; True when that finished an optimizer step, which then has updated the
+    def _step(self, x0: torch.Tensor, labels: torch.Tensor, files: Conditions | None = None) -> bool:
+        """Train on one micro-batch (x0, labels and the conditions read from files, when the data set has
+        some); True when that finished an optimizer step, which then has updated the
         EMAs and counted its loss. What runs at every step, and reads nothing back from the device: the
         logging, checks and checkpoints of `train` that do come every log_every steps or more."""
-        applied = self._train_micro_step(x0, labels)
+        applied = self._train_micro_step(x0, labels, files)
         if not self.accelerator.sync_gradients:
             return False
         self._end_sampler_step(applied)
@@ -198,7 +200,9 @@ class Trainer:
         self.losses.end_step(self.state.step)
         return True
 
-    def _train_micro_step(self, x0: torch.Tensor, labels: torch.Tensor) -> bool:
+    def _train_micro_step(
+        self, x0: torch.Tensor, labels: torch.Tensor, files: Conditions | None = None
+    ) -> bool:
         """Forward and backward of one micro-batch and, on the last micro-batch of a step, the optimizer step.
 
         Returns False only when nan_policy is "skip" and the step's loss was not finite on some process: then
@@ -216,7 +220,7 @@ class Trainer:
                     schedule=train.lr_schedule,
                     lr_min=train.lr_min,
                 )
-            loss = self._loss(x0, labels)
+            loss = self._loss(x0, labels, files)
             self.losses.add_micro_batch(loss)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
@@ -246,13 +250,15 @@ class Trainer:
         step of train.steps. A subclass may restart the schedule (a distillation's stages)."""
         return self.state.step, self.config.train.steps
 
-    def _loss(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _loss(self, x0: torch.Tensor, labels: torch.Tensor, files: Conditions | None = None) -> torch.Tensor:
         """The mean `diffusion_losses` of one micro-batch (the hybrid loss with train.learn_sigma), x0: (N, C,
-        H, W), labels: (N,). Its random draws come from the global RNG, which checkpoints restore, in this
-        order: eps ~ N(0, I), t ~ U{0, ..., T-1} (or the importance sampler's p_t, its losses then weighted by
-        1 / (T p_t) and gathered from every process for `_end_sampler_step`), the condition dropout (of the
-        labels and data.task's image, all together at train.label_dropout, `drop_conditions`, the draws of
-        `drop_labels`; or each kind on its own at train.cond_dropout)."""
+        H, W), labels: (N,), files: the conditions read from files (`ddpm.data.collate_batch`) or None. Its
+        random draws come from the global RNG, which checkpoints restore, in this order: eps ~ N(0, I), t ~
+        U{0, ..., T-1} (or the importance sampler's p_t, its losses then weighted by 1 / (T p_t) and
+        gathered from every process for `_end_sampler_step`), data.task inpaint's masks (from the global CPU
+        RNG, `ddpm.data.inpaint_masks`), the condition dropout (of the labels and data.task's image, all
+        together at train.label_dropout, `drop_conditions`, the draws of `drop_labels`; or each kind on its
+        own at train.cond_dropout)."""
         train = self.config.train
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -261,7 +267,7 @@ class Trainer:
             t, weights = self.timestep_sampler.sample(x0.shape[0], self.scheduler, x0.device)
         else:
             t, weights = self.scheduler.sample_timesteps(x0.shape[0], device=x0.device), None
-        cond = batch_conditions(self.config.data, x0, labels if self.conditional else None)
+        cond = batch_conditions(self.config.data, x0, labels if self.conditional else None, files=files)
         if self.null_class is not None or not self.conditional:
             cond = drop_conditions(cond, train.condition_dropout(cond.kinds))  # no draw without conditions
         # else: labels without a null label to drop them to (label_dropout is then 0, cond_dropout null)
@@ -310,14 +316,17 @@ class Trainer:
             return self.forward(x_t, t, y)
 
     def _grid_conditions(self) -> Conditions | None:
-        """The conditions of the in-training grids' sample.n images with a data.task: those of the data's
-        first images (cycled if there are fewer), the same at every grid; None without a task."""
-        if self.config.data.task == "none":
+        """The conditions of the in-training grids' sample.n images with a data.task or condition files: those
+        of the data's first images (cycled if there are fewer), the same at every grid; None without."""
+        data = self.config.data
+        if data.task == "none" and not data.conditions and not data.paired:
             return None
         items = [self.dataset[i % len(self.dataset)] for i in range(self.config.sample.n)]
-        images = torch.stack([image for image, _ in items])  # (n, C, H, W)
-        labels = torch.stack([torch.as_tensor(label) for _, label in items]) if self.conditional else None
-        return batch_conditions(self.config.data, images, labels)
+        images, labels, *files = collate_batch(items)  # (n, C, H, W), (n,), the conditions from files
+        # Its own generator (inpaint's masks): the same masks at every grid, no draw from the training RNG
+        generator = torch.Generator().manual_seed(self.config.train.seed)
+        labels = labels if self.conditional else None
+        return batch_conditions(data, images, labels, generator=generator, files=files[0] if files else None)
 
     def _batches(self):
         """Endless batches, starting exactly where the restored step left off (epoch and position in it;
@@ -370,6 +379,7 @@ class Trainer:
             scheduler=self.scheduler,
             keep=self.config.train.keep_checkpoints,
             posthoc_ema=self.posthoc_ema,
+            task=task_settings(self.config.data) if self.config.data.task != "none" else None,
         )
 
 
@@ -394,6 +404,7 @@ def _loader(dataset, config: Config, num_processes: int) -> torch.utils.data.Dat
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
+        collate_fn=collate_batch,  # with condition files: their Conditions, sequences padded
         # Its own generator: creating a loader iterator draws a seed, which must not come from the global
         # RNG (that would shift the noise after a resume, which creates the iterator at another moment).
         generator=torch.Generator().manual_seed(config.train.seed),
