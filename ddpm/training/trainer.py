@@ -21,8 +21,9 @@ import torch
 from accelerate.utils import set_seed
 
 from ddpm.compiled import compile_network, enabled, training_compile_pays
-from ddpm.conditions import Conditions, network_argument
+from ddpm.conditions import Conditions, collate_conditions, network_argument
 from ddpm.config import (
+    DATASET_CONDITIONS,
     Config,
     ConfigError,
     TrainConfig,
@@ -136,8 +137,8 @@ class Trainer:
         last_saved = latest_checkpoint(self.run_dir)
         try:
             with self.log.open(self.config, step=self.state.step), self.signals:
-                for x0, labels in self._batches():
-                    if not self._step(x0, labels):
+                for batch in self._batches():  # (x0, labels) or (x0, labels, the data set's conditions)
+                    if not self._step(*batch):
                         continue  # more micro-batches to accumulate, or a skipped step
                     step = self.state.step
                     done = step >= train.steps or self.signals.stop_requested(step)
@@ -175,11 +176,13 @@ class Trainer:
             )
         return last_saved
 
-    def _step(self, x0: torch.Tensor, labels: torch.Tensor) -> bool:
+    def _step(
+        self, x0: torch.Tensor, labels: torch.Tensor, given: dict[str, torch.Tensor] | None = None
+    ) -> bool:
         """Train on one micro-batch; True when that finished an optimizer step, which then has updated the
         EMAs and counted its loss. What runs at every step, and reads nothing back from the device: the
         logging, checks and checkpoints of `train` that do come every log_every steps or more."""
-        applied = self._train_micro_step(x0, labels)
+        applied = self._train_micro_step(x0, labels, given)
         if not self.accelerator.sync_gradients:
             return False
         self._end_sampler_step(applied)
@@ -195,7 +198,9 @@ class Trainer:
         self.losses.end_step(self.state.step)
         return True
 
-    def _train_micro_step(self, x0: torch.Tensor, labels: torch.Tensor) -> bool:
+    def _train_micro_step(
+        self, x0: torch.Tensor, labels: torch.Tensor, given: dict[str, torch.Tensor] | None = None
+    ) -> bool:
         """Forward and backward of one micro-batch and, on the last micro-batch of a step, the optimizer step.
 
         Returns False only when nan_policy is "skip" and the step's loss was not finite on some process: then
@@ -213,7 +218,7 @@ class Trainer:
                     schedule=train.lr_schedule,
                     lr_min=train.lr_min,
                 )
-            loss = self._loss(x0, labels)
+            loss = self._loss(x0, labels, given)
             self.losses.add_micro_batch(loss)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
@@ -243,12 +248,15 @@ class Trainer:
         step of train.steps. A subclass may restart the schedule (a distillation's stages)."""
         return self.state.step, self.config.train.steps
 
-    def _loss(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _loss(
+        self, x0: torch.Tensor, labels: torch.Tensor, given: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """The mean `diffusion_losses` of one micro-batch (the hybrid loss with train.learn_sigma), x0: (N, C,
-        H, W), labels: (N,). Its random draws come from the global RNG, which checkpoints restore, in this
-        order: eps ~ N(0, I), t ~ U{0, ..., T-1} (or the importance sampler's p_t, its losses then weighted by
-        1 / (T p_t) and gathered from every process for `_end_sampler_step`), the condition dropout (of the
-        labels and data.task's image, all together at train.label_dropout, `drop_conditions`, the draws of
+        H, W), labels: (N,), given: the conditions the data set gave with x0 (kind -> (N, ...)), or None. Its
+        random draws come from the global RNG, which checkpoints restore, in this order: eps ~ N(0, I), t ~
+        U{0, ..., T-1} (or the importance sampler's p_t, its losses then weighted by 1 / (T p_t) and gathered
+        from every process for `_end_sampler_step`), the condition dropout (of the labels and the image
+        conditions, all together at train.label_dropout, `drop_conditions`, the draws of
         `drop_labels`; or each kind on its own at train.cond_dropout)."""
         train = self.config.train
         if self.channels_last:
@@ -258,7 +266,7 @@ class Trainer:
             t, weights = self.timestep_sampler.sample(x0.shape[0], self.scheduler, x0.device)
         else:
             t, weights = self.scheduler.sample_timesteps(x0.shape[0], device=x0.device), None
-        cond = batch_conditions(self.config.data, x0, labels if self.conditional else None)
+        cond = batch_conditions(self.config.data, x0, labels if self.conditional else None, given)
         if self.null_class is not None or not self.conditional:
             cond = drop_conditions(cond, train.condition_dropout(cond.kinds))  # no draw without conditions
         # else: labels without a null label to drop them to (label_dropout is then 0, cond_dropout null)
@@ -307,14 +315,17 @@ class Trainer:
             return self.forward(x_t, t, y)
 
     def _grid_conditions(self) -> Conditions | None:
-        """The conditions of the in-training grids' sample.n images with a data.task: those of the data's
-        first images (cycled if there are fewer), the same at every grid; None without a task."""
-        if self.config.data.task == "none":
+        """The conditions of the in-training grids' sample.n images with a data.task or a data set that gives
+        conditions: those of the data's first images (cycled if there are fewer), the same at every grid;
+        None without either."""
+        data = self.config.data
+        if data.task == "none" and data.dataset not in DATASET_CONDITIONS:
             return None
         items = [self.dataset[i % len(self.dataset)] for i in range(self.config.sample.n)]
-        images = torch.stack([image for image, _ in items])  # (n, C, H, W)
-        labels = torch.stack([torch.as_tensor(label) for _, label in items]) if self.conditional else None
-        return batch_conditions(self.config.data, images, labels)
+        images = torch.stack([item[0] for item in items])  # (n, C, H, W)
+        labels = torch.stack([torch.as_tensor(item[1]) for item in items]) if self.conditional else None
+        given = collate_conditions(item[2] for item in items).values if len(items[0]) > 2 else None
+        return batch_conditions(data, images, labels, given)
 
     def _batches(self):
         """Endless batches, starting exactly where the restored step left off (epoch and position in it;
