@@ -20,6 +20,7 @@ COMMANDS = {
     "nll": ("ddpm.nll", "negative log-likelihood of a model on a data set, in bits/dim"),
     "ema": ("ddpm.ema.__main__", "post-hoc EMA: reconstruct or sweep EMA lengths after training"),
     "distill": ("ddpm.distill", "distil a trained run into a sampler of 1, 2 or 4 network calls"),
+    "segment": ("ddpm.segment", "segment images with a mask model: the mean and variance of K masks each"),
 }
 
 

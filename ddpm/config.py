@@ -53,12 +53,13 @@ BUNDLED_CONFIGS = _bundled_configs()
 # The default job of ddpm-train and ddpm-sample (train.py, sample.py) without --config or --checkpoint.
 DEFAULT_CONFIG = BUNDLED_CONFIGS / "digits.yaml"
 # The values of data.dataset: ddpm.data keys its builders by these names.
-DATASETS = ("digits", "folder", "cifar10", "mnist", "fashion_mnist", "celeba")
+DATASETS = ("digits", "digit_masks", "folder", "cifar10", "mnist", "fashion_mnist", "celeba")
 # The values of data.split each data set can give (ddpm.data): "train" its training images, "test" its
 # held-out ones (torchvision's test split; for the digits a fixed tenth that training never sees), "all" both
 # (the digits only: the reference of the benchmarks' kernel distances). A folder is its own training set.
 SPLITS = {
     "digits": ("train", "test", "all"),
+    "digit_masks": ("train", "test"),
     "folder": ("train",),
     "cifar10": ("train", "test"),
     "mnist": ("train", "test"),
@@ -71,6 +72,11 @@ SPLITS = {
 TASKS = ("none", "superres", "inpaint")
 # The kinds of condition data.conditions can read from files beside the images (ddpm.condition_files).
 CONDITION_FILE_KINDS = ("image", "vector", "context")
+# The conditions a data set gives with each image, by kind (ddpm.conditions.KINDS), beside its label:
+# digit_masks (ddpm.digit_masks) yields masks as the images to generate and the cluttered digit as "image".
+DATASET_CONDITIONS = {"digit_masks": ("image",)}
+# The data sets made in memory from what scikit-learn ships, with no data.root.
+BUILT_IN = ("digits", "digit_masks")
 T = TypeVar("T")
 
 
@@ -80,7 +86,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"  # one of DATASETS: digits | folder | cifar10 | mnist | fashion_mnist | celeba
+    dataset: str = "digits"  # one of DATASETS: digits | digit_masks | folder | cifar10 | mnist | ...
     root: str | None = None  # folder of images, or torchvision root (required for all but digits)
     image_size: int = 16  # square side in pixels after resize (+ centre crop for folders/celeba)
     channels: int = 1  # 1 or 3: images converted to L or RGB
@@ -442,6 +448,8 @@ def _task_problems(config: Config, model: Mapping[str, Any], key: Callable[[str]
     """What does not fit data.task: the image condition it gives (or none) against model.cond_channels, the
     factor against the image side, and the in-training FID, which samples without conditions."""
     data, cond_channels = config.data, model.get("cond_channels")
+    if "image" in DATASET_CONDITIONS.get(data.dataset, ()):
+        return _dataset_image_problems(config, cond_channels)
     if data.task == "none":
         if cond_channels is None or "image" in data.conditions or data.paired:  # read from files
             return []
@@ -494,6 +502,29 @@ def read_task_settings(settings: Mapping[str, Any], where: str) -> DataConfig:
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} in {where}; it holds task and superres_factor")
     return _build({"data": dict(settings)}, lambda key: where).data
+
+
+def _dataset_image_problems(config: Config, cond_channels: int | None) -> list[str]:
+    """What does not fit a data set that gives each image an image condition (DATASET_CONDITIONS): a
+    data.task beside it, a network without that condition, other than one channel, an in-training FID."""
+    data, problems = config.data, []
+    if data.task != "none":
+        problems.append(
+            f"data.dataset={data.dataset} gives each image its own image condition, and "
+            f"data.task={data.task} would give another: set data.task=none"
+        )
+    if data.channels != 1 or cond_channels != 1:
+        problems.append(
+            f"data.dataset={data.dataset} gives 1-channel masks and 1-channel images, but data.channels="
+            f"{data.channels} and model.cond_channels={_yaml(cond_channels)}: set data.channels=1 and "
+            "model.cond_channels=1"
+        )
+    if config.train.fid_every:
+        problems.append(
+            f"train.fid_every={config.train.fid_every} with data.dataset={data.dataset}: the in-training FID "
+            "samples without the image conditions; set train.fid_every=0"
+        )
+    return problems
 
 
 def tracker_names(train: TrainConfig) -> list[str]:
@@ -742,7 +773,7 @@ def _build(raw: Mapping[str, Any], where: Callable[[str], str]) -> Config:
     problems = _refused(sections, aliases)
     problems += conflicts(config) if model else []  # no model section: a file for the data alone
     problems += _lr_problems(built["train"])
-    if data.dataset != "digits" and data.root is None:
+    if data.dataset not in BUILT_IN and data.root is None:
         problems.append(
             f"data.root is required for data.dataset '{data.dataset}' (in {where('data.dataset')}): "
             "the folder of images or the torchvision root, e.g. data.root=data/cifar10"

@@ -1,9 +1,13 @@
 """Datasets: each yields `(image, label)`, image a float tensor (C, S, S) in [-1, 1], label a 0-d long tensor
-(-1 when labels are off or the data set has none).
+(-1 when labels are off or the data set has none), and a data set that gives conditions with its images
+(ddpm.config.DATASET_CONDITIONS) `(image, label, conditions)`, conditions a dict kind -> tensor.
 
 - digits: the 1,797 8x8 handwritten digits that scikit-learn ships (values 0..16), resized once, one tensor;
   split "train" is 1,621 of them, "test" the other 176 (every tenth of each digit: `digits_split`), "all"
   both.
+- digit_masks: the digits over clutter and noise with their masks (ddpm.digit_masks), for segmentation: each
+  item is (mask, label, {"image": the cluttered digit}), the mask the image to generate, the cluttered digit
+  its image condition; splits "train" and "test" (from the digits' own).
 - folder: any folder of images, searched recursively; labels from the first-level sub-folder names. It has
   only the split "train" (all of it).
 - cifar10, mnist, fashion_mnist, celeba: torchvision's classes, read from data.root (downloaded there when
@@ -42,6 +46,7 @@ from ddpm.condition_files import (
 )
 from ddpm.conditions import Conditions, collate_conditions
 from ddpm.config import DATASETS, DataConfig, split_problem
+from ddpm.digit_masks import COPIES, SPLIT_STREAM, clutter_pairs
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 INPUTS, TARGETS = "inputs", "targets"  # data.paired's folders: the image conditions, the images
@@ -191,6 +196,33 @@ def digits_split(labels: Tensor, split: str) -> Tensor:
     return keep.nonzero().squeeze(1)
 
 
+def split_digits(split: str, image_size: int) -> tuple[Tensor, Tensor]:
+    """scikit-learn's digits of `split` (`digits_split`), resized once to image_size (bilinear, antialiased):
+    (M, 1, S, S) float in [0, 1], and their labels (M,) long."""
+    from sklearn.datasets import load_digits  # imported here: scikit-learn takes a second to import
+
+    digits = load_digits()
+    labels = torch.from_numpy(digits.target).long()
+    keep = digits_split(labels, split)
+    images = torch.from_numpy(digits.images).float().div(16.0).unsqueeze(1)[keep]  # (M, 1, 8, 8) in [0, 1]
+    size = [image_size, image_size]
+    images = v2.functional.resize(images, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    return images.clamp(0.0, 1.0), labels[keep]
+
+
+def digit_masks(split: str, *, image_size: int = 16, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """The digit_masks pairs of `split` ("train" or "test": made from the digits of that split, COPIES[split]
+    pairs per digit, `ddpm.digit_masks.clutter_pairs`): images (N, 1, S, S) and masks (N, 1, S, S), both in
+    [-1, 1] (masks exactly -1 or 1), and the targets' digit labels (N,) long. S = image_size; the same pairs
+    for the same seed."""
+    if split not in COPIES:
+        raise DataError(f"digit_masks has the splits {', '.join(COPIES)}, got '{split}'")
+    digits, labels = split_digits(split, image_size)
+    generator = torch.Generator().manual_seed(seed * 2 + SPLIT_STREAM[split])
+    images, masks, index = clutter_pairs(digits, COPIES[split], generator)
+    return images, masks, labels[index]
+
+
 def num_classes_of(dataset: Dataset) -> int | None:
     """Number of classes of a dataset built here (None when it yields no labels), looking through Subsets."""
     while isinstance(dataset, Subset):
@@ -287,6 +319,23 @@ class TensorImageDataset(Dataset):
         if self.flip is not None:
             image = self.flip(image)
         return image, self.labels[index]
+
+
+class DigitMasksDataset(Dataset):
+    """`digit_masks` as training data: item i is (mask (1, S, S), label (), {"image": image (1, S, S)}): the
+    mask is what the diffusion model generates (x) and the image its condition (`batch_conditions`). Labels
+    are the target digits, or -1 when `labels` is off."""
+
+    def __init__(self, split: str, *, image_size: int, labels: bool, seed: int = 0):
+        self.images, self.masks, digits = digit_masks(split, image_size=image_size, seed=seed)
+        self.labels = digits if labels else torch.full_like(digits, -1)
+        self.num_classes = 10 if labels else None
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        return self.masks[index], self.labels[index], {"image": self.images[index]}
 
 
 class ImageFolderDataset(Dataset):
@@ -409,16 +458,14 @@ class TorchvisionDataset(Dataset):
 
 
 def _digits(data: DataConfig) -> TensorImageDataset:
-    from sklearn.datasets import load_digits  # imported here: scikit-learn takes a second to import
-
-    digits = load_digits()
-    keep = digits_split(torch.from_numpy(digits.target).long(), data.split)
-    images = torch.from_numpy(digits.images).float().div(16.0).unsqueeze(1)[keep]  # (N, 1, 8, 8) in [0, 1]
-    size = [data.image_size, data.image_size]
-    images = v2.functional.resize(images, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-    images = images.clamp(0.0, 1.0).mul(2.0).sub(1.0).expand(-1, data.channels, -1, -1).contiguous()
-    labels = torch.from_numpy(digits.target).long()[keep] if data.labels else torch.full((len(images),), -1)
+    images, labels = split_digits(data.split, data.image_size)
+    images = images.mul(2.0).sub(1.0).expand(-1, data.channels, -1, -1).contiguous()
+    labels = labels if data.labels else torch.full((len(images),), -1)
     return TensorImageDataset(images, labels, num_classes=10 if data.labels else None, hflip=data.hflip)
+
+
+def _digit_masks(data: DataConfig) -> DigitMasksDataset:
+    return DigitMasksDataset(data.split, image_size=data.image_size, labels=data.labels)
 
 
 def _folder(data: DataConfig, model: Mapping[str, Any] | None = None) -> ImageFolderDataset:
@@ -591,6 +638,7 @@ def _warn(message: str) -> None:
 # The builder of each name in ddpm.config.DATASETS (the values config accepts for data.dataset).
 BUILDERS: dict[str, Callable[[DataConfig], Dataset]] = {
     "digits": _digits,
+    "digit_masks": _digit_masks,
     "folder": _folder,
     "cifar10": _cifar10,
     "mnist": _mnist,

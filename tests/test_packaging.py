@@ -61,6 +61,7 @@ def test_the_wheel_holds_every_module_the_configs_and_the_commands(wheel):
         "ddpm-nll = ddpm.nll:main",
         "ddpm-ema = ddpm.ema.__main__:main",
         "ddpm-distill = ddpm.distill:main",
+        "ddpm-segment = ddpm.segment:main",
     ):
         assert line in scripts
 

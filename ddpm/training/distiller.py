@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from ddpm.conditions import Conditions
-from ddpm.config import Config, ConfigError, build_schedule, diffusion_class, load_config
+from ddpm.config import DATASET_CONDITIONS, Config, ConfigError, build_schedule, diffusion_class, load_config
 from ddpm.edm import EDMScheduler
 from ddpm.inference import load_for_sampling
 from ddpm.io import CheckpointError, atomic_write, load_unet, save_pretrained
@@ -290,6 +290,11 @@ def _check_teacher(config: Config, run: str | Path) -> None:
         raise ConfigError(
             f"{run} is conditioned on data.task={config.data.task}'s images, which distillation does not "
             "pass to the teacher and student yet: distil a run with data.task=none (class labels are taken)"
+        )
+    if config.data.dataset in DATASET_CONDITIONS:
+        raise ConfigError(
+            f"{run} is conditioned on the images data.dataset={config.data.dataset} gives, which "
+            "distillation does not pass to the teacher and student yet: distil a run of images alone"
         )
     if config.diffusion.get("prediction_type", "epsilon") == "epsilon":
         raise ConfigError(

@@ -24,6 +24,7 @@ from accelerate.utils import set_seed
 from ddpm.compiled import compile_network, enabled, training_compile_pays
 from ddpm.conditions import Conditions, network_argument
 from ddpm.config import (
+    DATASET_CONDITIONS,
     Config,
     ConfigError,
     TrainConfig,
@@ -316,10 +317,12 @@ class Trainer:
             return self.forward(x_t, t, y)
 
     def _grid_conditions(self) -> Conditions | None:
-        """The conditions of the in-training grids' sample.n images with a data.task or condition files: those
-        of the data's first images (cycled if there are fewer), the same at every grid; None without."""
+        """The conditions of the in-training grids' sample.n images with a data.task, condition files or a
+        data set that gives conditions (DATASET_CONDITIONS): those of the data's first images (cycled if
+        there are fewer), the same at every grid; None without."""
         data = self.config.data
-        if data.task == "none" and not data.conditions and not data.paired:
+        gives_conditions = data.conditions or data.paired or data.dataset in DATASET_CONDITIONS
+        if data.task == "none" and not gives_conditions:
             return None
         items = [self.dataset[i % len(self.dataset)] for i in range(self.config.sample.n)]
         images, labels, *files = collate_batch(items)  # (n, C, H, W), (n,), the conditions from files
