@@ -115,6 +115,10 @@ def test_a_batch_keeps_each_row_with_its_image_and_pads_the_sequences(tmp_path):
             r"^\S+/a/0\.text\.safetensors: shape \(2, 5\), expected \(L, 4\) \(L >= 1, model\.context_dim\)$",
         ),
         (
+            lambda root: (root / "b" / "3.emb.npy").write_bytes(b"not an array"),
+            r"^cannot read \S+/b/3\.emb\.npy: ",
+        ),
+        (
             lambda root: [(root / "a" / f"{i}.cond.png").unlink() for i in range(3)],
             r"^\S+/a/0\.png: no image condition file; expected \S+/a/0\.cond\{\.png,.*\} \(2 more are "
             r"missing or mis-shaped\)$",
