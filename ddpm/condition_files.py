@@ -19,13 +19,12 @@ A .safetensors file holds one tensor (of any name), or for --cond one per kind, 
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -64,11 +63,9 @@ def array_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     try:
         if path.suffix == ".npy":
             return {"": tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)}
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
-    except (OSError, ValueError, KeyError, struct.error) as error:
+        with safe_open(str(path), "pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except (OSError, ValueError, SafetensorError) as error:
         raise ConditionFileError(f"cannot read {path}: {error}") from None
 
 

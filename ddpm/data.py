@@ -39,6 +39,7 @@ from ddpm.condition_files import (
     ARRAY_SUFFIXES,
     FILE_KINDS,
     SIZE_ARGUMENTS,
+    ConditionFileError,
     find_beside,
     is_condition_file,
     read_array,
@@ -266,10 +267,10 @@ class ConditionFiles:
         paired: bool,
     ):
         self.kinds = tuple(kind for kind in FILE_KINDS if kind in names or (kind == "image" and paired))
-        self.names = dict(names)
         self.files: list[dict[str, Path]] = []
         problems = []
-        inputs = {f.relative_to(root / INPUTS).with_suffix(""): f for f in image_files(root / INPUTS)}
+        inputs = image_files(root / INPUTS) if paired else []
+        inputs = {f.relative_to(root / INPUTS).with_suffix(""): f for f in inputs}  # by path without suffix
         for image in images:
             found = {}
             for kind in self.kinds:
@@ -282,7 +283,11 @@ class ConditionFiles:
                 if file is None:
                     problems.append(f"{image}: no {kind} condition file; expected {expected}")
                     continue
-                problem = None if kind == "image" else shape_problem(file, kind, sizes[SIZE_ARGUMENTS[kind]])
+                try:
+                    size = sizes[SIZE_ARGUMENTS[kind]]
+                    problem = None if kind == "image" else shape_problem(file, kind, size)
+                except ConditionFileError as error:  # an unreadable file
+                    problem = str(error)
                 problems += [problem] if problem else []
                 found[kind] = file
             self.files.append(found)

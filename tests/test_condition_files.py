@@ -115,6 +115,10 @@ def test_a_batch_keeps_each_row_with_its_image_and_pads_the_sequences(tmp_path):
             r"^\S+/a/0\.text\.safetensors: shape \(2, 5\), expected \(L, 4\) \(L >= 1, model\.context_dim\)$",
         ),
         (
+            lambda root: (root / "b" / "3.emb.npy").write_bytes(b"not an array"),
+            r"^cannot read \S+/b/3\.emb\.npy: ",
+        ),
+        (
             lambda root: [(root / "a" / f"{i}.cond.png").unlink() for i in range(3)],
             r"^\S+/a/0\.png: no image condition file; expected \S+/a/0\.cond\{\.png,.*\} \(2 more are "
             r"missing or mis-shaped\)$",
@@ -296,3 +300,29 @@ def test_read_cond_files_tells_vectors_from_sequences_by_shape(tmp_path):
         ConditionFileError, match=r"the model takes vector \(3,\) \(model\.cond_dim\) and context"
     ):
         read_cond_files(tmp_path / "s.npy", {"cond_dim": 3, "context_dim": 4})
+
+
+def test_cond_files_go_with_cond_images_row_by_row(tmp_path, capsys, monkeypatch):
+    model = tiny(cond_channels=1, cond_dim=3, num_classes=2)
+    ddpm.save_pretrained(tmp_path / "model", model, NoiseScheduler(num_train_timesteps=50))
+    for i in range(2):
+        write_png(tmp_path / "images" / f"{i}.png", np.full((8, 8), 100 * i))
+    (tmp_path / "conds").mkdir()
+    for i in range(3):
+        np.save(tmp_path / "conds" / f"{i}.npy", np.full(3, i, np.float32))
+    calls = []  # what sample.py asks generate for; it draws zeros
+    fake = lambda *args, **kwargs: calls.append(kwargs) or torch.zeros(2, 3, 8, 8)  # noqa: E731
+    monkeypatch.setattr(ddpm.inference, "generate", fake)
+    argv = ["--checkpoint", str(tmp_path / "model"), "--cond-image", str(tmp_path / "images"), "--steps", "2"]
+    code, _, _ = run_sample_cli([*argv, "--cond", str(tmp_path / "conds")], capsys)
+    assert (
+        code == f"error: --cond {tmp_path / 'conds'}: 3 conditions for 2 --cond-image images; give as many "
+        "(paired in sorted order)"
+    )
+    (tmp_path / "conds" / "2.npy").unlink()
+    run_sample_cli([*argv, "--cond", str(tmp_path / "conds"), "--out", str(tmp_path / "grid.png")], capsys)
+    (kwargs,) = calls
+    cond = kwargs["cond"]
+    assert cond.kinds == ("label", "image", "vector") and cond["label"].tolist() == [0, 1]
+    assert cond["vector"].tolist() == [[0.0] * 3, [1.0] * 3]
+    torch.testing.assert_close(cond["image"][:, 0, 0, 0], torch.tensor([-1.0, 100 / 127.5 - 1]))

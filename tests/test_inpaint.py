@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from PIL import Image
 from test_superres import run_sample_cli, write_png
 from test_train import TINY_RUN, fresh_accelerator_state, weights  # noqa: F401 (a fixture)
 from test_unet import tiny
 
 import ddpm
+from ddpm.conditions import Conditions
 from ddpm.config import ConfigError, load_config
 from ddpm.data import batch_conditions, inpaint_condition, inpaint_masks
 from ddpm.inference import generate, load_for_sampling, read_cond_images
@@ -171,7 +173,7 @@ def test_sample_cli_inpaints_from_a_cond_image_and_a_mask_as_training_built_them
     masks = torch.tensor(keep > 0, dtype=torch.float32).expand(3, 1, 8, 8)
     torch.testing.assert_close(cond["image"], inpaint_condition(images, masks), rtol=0, atol=1e-6)
     # The grid: the masked images (hole grey) in the first row, the images drawn from them in the second
-    grid = np.asarray(__import__("PIL.Image").Image.open(out).convert("L"), dtype=np.float32) / 127.5 - 1
+    grid = np.asarray(Image.open(out).convert("L"), dtype=np.float32) / 127.5 - 1
     assert grid.shape == (2 * 9 + 1, 3 * 9 + 1)
     settings = {"sampler": loaded.sampling.sampler, "steps": 2}
     drawn = generate(loaded.model, loaded.scheduler, 3, image_shape=(1, 8, 8), cond=cond, **settings)
@@ -197,7 +199,7 @@ def test_sample_cli_inpaints_from_a_cond_image_and_a_mask_as_training_built_them
         loaded.scheduler,
         3,
         image_shape=(1, 8, 8),
-        cond=ddpm.conditions.Conditions({"image": other}),
+        cond=Conditions({"image": other}),
         **settings,
     )
     assert not torch.allclose(moved, drawn, atol=1e-4)
