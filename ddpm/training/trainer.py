@@ -343,6 +343,7 @@ class Trainer:
             ema_model=self.ema.module,
             scheduler=self.scheduler,
             posthoc_ema=self.posthoc_ema,
+            extra=self._checkpointed_networks(),
         )
         self.ema.updates = self.state.ema_updates
         if self.timestep_sampler is not None and self.state.timestep_sampler is not None:
@@ -367,7 +368,13 @@ class Trainer:
             scheduler=self.scheduler,
             keep=self.config.train.keep_checkpoints,
             posthoc_ema=self.posthoc_ema,
+            extra=self._checkpointed_networks(),
         )
+
+    def _checkpointed_networks(self) -> dict[str, torch.nn.Module]:
+        """Networks a subclass trains beside the model and its EMAs, saved in every checkpoint and restored
+        on a resume (folder name -> network): none here."""
+        return {}
 
 
 def _optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
