@@ -692,7 +692,7 @@ class LabelToy(nn.Module):
         return y.to(x.dtype).view(-1, 1, 1, 1).expand_as(x)
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)
 def test_classifier_free_guidance_one_batched_call_per_step(name):
     model = LabelToy(null_class=10)
     y = torch.tensor([2, 7])
@@ -911,6 +911,7 @@ def test_each_solver_gets_only_the_options_it_declares():
         "dpm++3m": (),
         "dpm++2m_sde": ("generator",),
         "unipc": (),
+        "consistency": ("generator",),
     }
 
 

@@ -58,7 +58,6 @@ def consistency_output(
     schedule's (`sigma_range`). Returns (N, C, H, W) in x_t's dtype (at least float32)."""
     sigma_min, _ = sigma_range(scheduler)
     ab = scheduler.alpha_bar(torch.as_tensor(t)).to(torch.float64)
-    ab = ab.expand(x_t.shape[0]) if ab.ndim == 0 else ab
     sigma = ((1 - ab) / ab).sqrt()  # inf at alpha_bar = 0
     finite = sigma.isfinite()
     safe = torch.where(finite, sigma, torch.ones_like(sigma))  # keeps the unused branch finite
@@ -68,6 +67,8 @@ def consistency_output(
     a = torch.where(finite, (c_skip - r * c_skip_edm) * (1 + safe**2).sqrt(), torch.zeros_like(safe))
     r = torch.where(finite, r, torch.ones_like(r))
     dtype = torch.promote_types(x_t.dtype, torch.float32)
+    if ab.ndim == 0 and ab.device.type == "cpu":  # a sampler's step: numbers, no copy to the device
+        return a.item() * x_t.to(dtype) + r.item() * x0.to(dtype)
     shape = (-1, *([1] * (x_t.ndim - 1)))
     a, r = (c.to(device=x_t.device, dtype=dtype).reshape(shape) for c in (a, r))
     return a * x_t.to(dtype) + r * x0.to(dtype)
