@@ -194,10 +194,11 @@ def _result(model: str, calls: int, sampler: str, spacing: str, seed: int, score
 
 
 def _distinct_samplers() -> list[str]:
-    """The names of SAMPLERS, one per solver (the alias "dpm++" of "dpm++2m" left out)."""
+    """The names of SAMPLERS, one per solver (the alias "dpm++" of "dpm++2m" left out), but the sampler of
+    consistency models, which is not a diffusion model's solver."""
     seen, names = set(), []
     for name, solver in SAMPLERS.items():
-        if solver not in seen:
+        if solver not in seen and name != "consistency":
             seen.add(solver)
             names.append(name)
     return names

@@ -354,9 +354,10 @@ def methods(schedule: str, families: list[str] | None = None) -> list[Method]:
 
 def our_methods(schedule: str) -> list[Method]:
     """Every sampler of `ddpm.SAMPLERS` with every spacing of TIMESTEP_SPACINGS, as registered now, with and
-    without clip_sample."""
+    without clip_sample; but "consistency", the sampler of consistency models, not of a diffusion model."""
     methods = []
-    for sampler, spacing, clip in itertools.product(ddpm.SAMPLERS, TIMESTEP_SPACINGS, (False, True)):
+    diffusion_samplers = [name for name in ddpm.SAMPLERS if name != "consistency"]
+    for sampler, spacing, clip in itertools.product(diffusion_samplers, TIMESTEP_SPACINGS, (False, True)):
         scheduler = NoiseScheduler(beta_schedule=schedule, timestep_spacing=spacing, clip_sample=clip)
 
         def run(model, x, steps, generator, scheduler=scheduler, sampler=sampler):

@@ -178,15 +178,18 @@ class EDMScheduler:
         sigmas = sigma_grid(self.timestep_spacing, steps, self.sigma_min, self.sigma_max, self.rho)
         return sigmas.log() / 4
 
-    def predict_x0_and_eps(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def predict_x0_and_eps(
+        self, model_output: Tensor, x_t: Tensor, t: Tensor, *, clip: bool = True
+    ) -> tuple[Tensor, Tensor]:
         """(x0 / sigma_data, eps) at the samplers' x_t from F = model_output: with a = sqrt(alpha_bar) and
         s = sqrt(1 - alpha_bar), x0 / sigma_data = a x_t + s F (Eq. 7 over sigma_data) and eps = s x_t - a F.
-        With `clip_sample`, x0 is clamped to the range (over sigma_data) and eps re-derived from it."""
+        With `clip_sample` (and clip, which training losses turn off), x0 is clamped to the range (over
+        sigma_data) and eps re-derived from it."""
         alpha_bar = self._bcast(self.alpha_bar(torch.as_tensor(t, device=x_t.device)), x_t)
         a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
         x0 = a * x_t + s * model_output
         eps = s * x_t - a * model_output
-        if self.clip_sample:
+        if self.clip_sample and clip:
             limit = self.clip_sample_range / self.sigma_data
             x0 = x0.clamp(-limit, limit)
             eps = (x_t - a * x0) / s

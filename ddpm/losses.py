@@ -1,7 +1,7 @@
 """The diffusion training loss: Ho et al. 2020 Eq. 14 for any prediction target and loss weighting, plus the
 variational-bound term of Nichol & Dhariwal 2021's hybrid loss when the schedule learns the variance, the
 condition dropout of classifier-free guidance (`drop_conditions`; `drop_labels` for labels as a tensor), and
-the loss of progressive distillation (Salimans & Ho 2022).
+the losses of progressive distillation (Salimans & Ho 2022) and consistency distillation (Song et al. 2023).
 
 All are plain functions of tensors: the random draws of a training step are the caller's, in this order,
 which checkpoints replay exactly: eps = randn_like(x0), then t (`NoiseScheduler.sample_timesteps`, or an
@@ -18,10 +18,14 @@ from torch import Tensor
 
 from ddpm.conditions import Conditions
 from ddpm.samplers import Denoiser
+from ddpm.samplers.consistency import consistency_output, frame_sigma_data, ode_step
 from ddpm.schedule import NoiseScheduler
 from ddpm.vlb import vlb_term_bpd
 
 HYBRID_VLB_WEIGHT = 0.001  # lambda of L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal 2021, Eq. 16)
+# c of the pseudo-Huber distance is PSEUDO_HUBER_C sqrt(d) for images of d values in [-1, 1] (Song & Dhariwal
+# 2023, "Improved Techniques for Training Consistency Models", Sec. 3.3: 0.03 for CIFAR-10's 3 x 32 x 32)
+PSEUDO_HUBER_C = 0.00054
 
 
 def diffusion_losses(
@@ -208,3 +212,51 @@ def progressive_distillation_losses(
     per_sample = F.mse_loss(x0_student, target.float(), reduction="none").mean(dim=(1, 2, 3))  # (N,)
     weight = scheduler.snr(t).clamp(min=1.0)  # max(SNR, 1)
     return weight.to(per_sample.dtype) * per_sample
+
+
+def consistency_distillation_losses(
+    student: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    target: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    teacher: Denoiser,
+    scheduler: NoiseScheduler,
+    x0: Tensor,
+    noise: Tensor,
+    index: Tensor,
+    timesteps: Tensor,
+    labels: Tensor | None = None,
+    *,
+    solver: str = "heun",
+) -> Tensor:
+    """The loss of each image of a batch in consistency distillation (Song et al. 2023, Algorithm 2, with
+    lambda = 1 as in their experiments): the student's consistency function at x_{n+1} against the target
+    network's at the teacher's one ODE step from there to the next lower noise level,
+
+        loss_i = d(f_student(x_{n+1}, sigma_{n+1}), f_target(x^_n, sigma_n)),  x_{n+1} = x0 + sigma_{n+1} eps,
+        x^_n = `ode_step`(teacher, x_{n+1}, sigma_{n+1} -> sigma_n, solver)          (no gradient)
+
+    f = `ddpm.samplers.consistency.consistency_output` of each network's x0 estimate (unclipped) and d the
+    pseudo-Huber distance sqrt(||a - b||^2 + c^2) - c in data units, c = PSEUDO_HUBER_C sqrt(C H W) (Song &
+    Dhariwal 2023, Sec. 3.3: robust to outliers, and better than L2 there).
+
+    timesteps: (K,) descending, the noise levels sigma_0 > ... > sigma_{K-1} of the discretisation as
+    timesteps (float64; `ConsistencySettings.timesteps`); index: (N,) long in 0..K-2, each image's pair
+    (timesteps[index], timesteps[index + 1]). student, target: the network calls (x_t, t, labels) -> their
+    prediction (scheduler.prediction_type); target is called without gradient. teacher: the teacher's
+    denoiser (`ddpm.samplers.denoiser`: guidance baked in there). x0, noise: (N, C, H, W); labels: (N,)
+    long or None. Returns (N,) float32 (float64 for float64 images).
+    """
+    grid = timesteps.to(x0.device)
+    t, t_next = grid[index], grid[index + 1]
+    sigma_data = frame_sigma_data(scheduler)
+    x_t = scheduler.add_noise(x0, noise, t)
+
+    def f(network, x: Tensor, at: Tensor) -> Tensor:
+        x0_hat, _ = scheduler.predict_x0_and_eps(network(x, at, labels).float(), x.float(), at, clip=False)
+        return consistency_output(x0_hat, x, at, scheduler, sigma_data)
+
+    with torch.no_grad():
+        x_next = ode_step(teacher, x_t, t, t_next, scheduler, solver=solver)
+        wanted = f(target, x_next, t_next)
+    diff = (f(student, x_t, t) - wanted) * scheduler.data_scale
+    c = PSEUDO_HUBER_C * diff[0].numel() ** 0.5
+    return (diff.flatten(1).square().sum(dim=1) + c**2).sqrt() - c

@@ -37,6 +37,9 @@ from ddpm.samplers import (
 from ddpm.schedule import NoiseScheduler
 
 SHAPE = (2, 3, 4, 4)
+# The solvers of diffusion models, whose last step returns the denoiser's x0: all but the sampler of
+# consistency models, which returns f(x, sigma) (tests/test_consistency.py)
+DIFFUSION_SAMPLERS = [name for name in SAMPLERS if name != "consistency"]
 
 
 class LinearToy:
@@ -491,7 +494,7 @@ def test_ddim_with_eta_one_is_ddpm_with_fixed_small_variance():
     torch.testing.assert_close(ddim, ddpm, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)
 def test_final_step_returns_the_predicted_x0(name):
     """alpha_bar = 1 after the last timestep: a model that always predicts x0 = c gives exactly c."""
     c = torch.full(SHAPE, 0.25, dtype=torch.float64)
@@ -523,7 +526,7 @@ def test_model_sees_every_timestep_of_the_list_as_a_long_batch(name):
     assert torch.equal(seen[:, 0], expected) and torch.equal(seen[:, 0], seen[:, 1])
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)
 def test_every_sampler_takes_the_continuous_timesteps_of_the_sigma_spacings(name):
     """ "karras": float timesteps reach the model as they are (no rounding), and every sampler, DDPM and DDIM
     included, steps between their noise levels and returns the predicted x0 on its last step."""
@@ -583,7 +586,7 @@ def test_sampling_stays_finite(diffusion, name, variance, eta):
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)
 def test_zero_terminal_snr_first_step_closed_form(name):
     """At alpha_bar_T = 0, x_T is pure noise and v = -x0: a model predicting v = -c gives x0 = c, eps = x_T,
     so the first step lands on sqrt(ab_s) c + sqrt(1 - ab_s) x_T (DDIM, DPM-Solver++ first order, Euler, and
@@ -689,7 +692,7 @@ class LabelToy(nn.Module):
         return y.to(x.dtype).view(-1, 1, 1, 1).expand_as(x)
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("name", DIFFUSION_SAMPLERS)
 def test_classifier_free_guidance_one_batched_call_per_step(name):
     model = LabelToy(null_class=10)
     y = torch.tensor([2, 7])
@@ -908,6 +911,7 @@ def test_each_solver_gets_only_the_options_it_declares():
         "dpm++3m": (),
         "dpm++2m_sde": ("generator",),
         "unipc": (),
+        "consistency": ("generator",),
     }
 
 

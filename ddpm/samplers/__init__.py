@@ -1,10 +1,13 @@
 """Sampling: `sample(model, scheduler, ...)` (in `sampling`) runs one of the solvers (in `solvers`), chosen by
 name from SAMPLERS: "ddpm" (`ddpm_ancestral`), "ddim" (`ddim`), "euler" (`euler`), "euler_a"
 (`euler_ancestral`) and "heun" (`heun`) in `solvers`; "dpm++2m" and its alias "dpm++" (`dpmpp_2m`), "dpm++3m"
-(`dpmpp_3m`), "dpm++2m_sde" (`dpmpp_2m_sde`) and "unipc" (`unipc`) in `multistep`. Every solver has one
-signature, `solver(denoise, x, timesteps, scheduler, *, <its own options>, disable) -> x0`; see
+(`dpmpp_3m`), "dpm++2m_sde" (`dpmpp_2m_sde`) and "unipc" (`unipc`) in `multistep`; "consistency"
+(`consistency`, the multistep sampler of consistency models, not of diffusion models) in `consistency`.
+Every solver has one signature, `solver(denoise, x, timesteps, scheduler, *, <its own options>, disable) ->
+x0`; see
 `ddpm.samplers.solvers`. Editing images (`inpaint`, `img2img`, `invert`, `interpolate`) is in `editing`."""
 
+from ddpm.samplers.consistency import consistency
 from ddpm.samplers.editing import img2img, inpaint, interpolate, invert
 from ddpm.samplers.multistep import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, step_order, unipc
 from ddpm.samplers.sampling import (
@@ -49,6 +52,7 @@ __all__ = [
     "ancestral_step",
     "check_autoguide",
     "check_sample_options",
+    "consistency",
     "ddim",
     "ddim_step",
     "ddpm_ancestral",

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ddpm.conditions import Conditions, conditions_of, network_argument
+from ddpm.samplers.consistency import consistency
 from ddpm.samplers.multistep import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, unipc
 from ddpm.samplers.solvers import (
     Denoised,
@@ -40,6 +41,8 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "euler": euler,
     "euler_a": euler_ancestral,
     "heun": heun,
+    # Consistency models only (a student of `ddpm.distill --method consistency`): not a diffusion solver
+    "consistency": consistency,
 }
 # Solvers on diffusers' DPMSolverMultistepScheduler and UniPCMultistepScheduler grid: steps + 1 timesteps
 # laid out, the last dropped (`NoiseScheduler.inference_timesteps(drop_last=True)`); the others take

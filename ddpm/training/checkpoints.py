@@ -65,21 +65,24 @@ def save_checkpoint(
     keep: int,
     posthoc_ema: PowerFunctionEMA | None = None,
     task: Mapping[str, Any] | None = None,
+    extra: Mapping[str, UNet] | None = None,
 ) -> Path:
     """Write a checkpoint of the prepared training objects atomically; every process must call this.
 
     `model` and `ema_model` are the unwrapped networks; `posthoc_ema`, when the run tracks one, is saved as
     posthoc_ema.safetensors (`ddpm.ema.posthoc`); `task`, the run's built-in task
     (`ddpm.config.task_settings`, None for none), goes into both model folders (`ddpm.io.save_pretrained`),
-    so that each describes itself. Returns the checkpoint folder. Older checkpoints beyond the last `keep`
-    are deleted once the new one is in place. Raises CheckpointError, leaving the earlier checkpoints as
-    they were, when the weights are not finite or the files cannot be written, and
-    RuntimeError when data-parallel replicas hold different weights.
+    so that each describes itself; `extra` networks (folder name -> network, e.g. the target network of
+    consistency distillation) each as a model folder of that name. Returns the checkpoint folder. Older
+    checkpoints beyond the last `keep` are deleted once the new one is in place. Raises CheckpointError,
+    leaving the earlier checkpoints as they were, when the weights are not finite or the files cannot be
+    written, and RuntimeError when data-parallel replicas hold different weights.
     """
     _check_replicas_identical(accelerator, model)
     final = checkpoint_path(run_dir, state.step)
     tmp = final.with_name(TMP_PREFIX + final.name)
-    _check_finite(state.step, run_dir, raw=model, ema=ema_model)  # the same answer on every process
+    # the same answer on every process
+    _check_finite(state.step, run_dir, raw=model, ema=ema_model, **(extra or {}))
     if accelerator.is_main_process:
         _remove_incomplete(final.parent, accelerator)
         _ensure_writable_dir(tmp)
@@ -91,6 +94,8 @@ def save_checkpoint(
             save_pretrained(tmp / EMA, ema_model, scheduler, task=task)
             if posthoc_ema is not None:
                 save_snapshot(tmp / POSTHOC_EMA_FILE, posthoc_ema, state.step)
+            for name, network in (extra or {}).items():
+                save_pretrained(tmp / name, network, scheduler)
             (tmp / TRAINER_STATE).write_text(json.dumps(vars(state), indent=2))
             _flush_to_disk(tmp)
     except _WRITE_ERRORS as error:
@@ -120,9 +125,11 @@ def load_training_state(
     ema_model: UNet,
     scheduler: NoiseScheduler,
     posthoc_ema: PowerFunctionEMA | None = None,
+    extra: Mapping[str, UNet] | None = None,
 ) -> TrainerState:
     """Restore model, optimizer and RNG states (through Accelerate) and the EMA weights from `checkpoint`,
-    and the post-hoc EMA trackers when `posthoc_ema` is given (the checkpoint must then hold them).
+    and the post-hoc EMA trackers when `posthoc_ema` is given (the checkpoint must then hold them), and the
+    `extra` networks from their folders (as `save_checkpoint` wrote them).
 
     `model` and `ema_model` are the unwrapped networks, `scheduler` the noise schedule the run continues with.
     Everything is checked before anything is loaded: the noise schedule must be the one the checkpoint was
@@ -142,6 +149,8 @@ def load_training_state(
     _check_same_schedule(checkpoint, scheduler)
     _check_weights_fit(checkpoint / WEIGHTS_NAME, model)
     _check_weights_fit(checkpoint / EMA / WEIGHTS_NAME, ema_model)
+    for name, network in (extra or {}).items():
+        _check_weights_fit(checkpoint / name / WEIGHTS_NAME, network)
     if posthoc_ema is not None and not (checkpoint / POSTHOC_EMA_FILE).is_file():
         raise CheckpointError(
             f"{checkpoint} holds no post-hoc EMA state ({POSTHOC_EMA_FILE}): it was trained with "
@@ -163,6 +172,8 @@ def load_training_state(
     try:
         accelerator.load_state(str(checkpoint))
         ema_model.load_state_dict(load_file(checkpoint / EMA / WEIGHTS_NAME))
+        for name, network in (extra or {}).items():
+            network.load_state_dict(load_file(checkpoint / name / WEIGHTS_NAME))
         if posthoc_ema is not None:
             load_snapshot(checkpoint / POSTHOC_EMA_FILE, posthoc_ema)
     except (OSError, RuntimeError, KeyError, ValueError, SafetensorError) as error:

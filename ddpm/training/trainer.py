@@ -358,6 +358,7 @@ class Trainer:
             ema_model=self.ema.module,
             scheduler=self.scheduler,
             posthoc_ema=self.posthoc_ema,
+            extra=self._checkpointed_networks(),
         )
         self.ema.updates = self.state.ema_updates
         if self.timestep_sampler is not None and self.state.timestep_sampler is not None:
@@ -383,7 +384,13 @@ class Trainer:
             keep=self.config.train.keep_checkpoints,
             posthoc_ema=self.posthoc_ema,
             task=task_settings(self.config.data) if self.config.data.task != "none" else None,
+            extra=self._checkpointed_networks(),
         )
+
+    def _checkpointed_networks(self) -> dict[str, torch.nn.Module]:
+        """Networks a subclass trains beside the model and its EMAs, saved in every checkpoint and restored
+        on a resume (folder name -> network): none here."""
+        return {}
 
 
 def _optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:

@@ -1,0 +1,300 @@
+"""Consistency distillation (Song et al. 2023, "Consistency Models", Algorithm 2) on the training loop: a
+student, started from the teacher's weights, learns the consistency function of the teacher's
+probability-flow ODE, so that `ddpm.samplers.consistency` (their Algorithm 1) samples it in 1 to 4 calls.
+
+Why this and not easy consistency tuning (ECT, Geng et al. 2024): ECT needs no teacher call but its own
+training schedule (a continuous-time pair gap annealed towards 0 over a long run, adaptive weights) to
+converge; distillation has the teacher's ODE as its target from the first step, which is what a short CPU
+run on a trained model can use, and its loss has a known answer to test against (the exact ODE's endpoint).
+
+`start_consistency_distillation(RUN, OUT, ...)` returns a `ConsistencyDistiller`, a `Trainer` whose loss is
+`ddpm.losses.consistency_distillation_losses`, so that the Trainer's Accelerate, checkpoints, exact resume,
+interruption, log and sample grids serve it unchanged. Each step:
+
+    n ~ U{0, ..., N-2}, x_{n} = x0 + sigma_n eps on the Karras discretisation sigma_0 = sigma_max > ... >
+    sigma_{N-1} = sigma_min of the teacher's schedule (rho = 7; `ConsistencySettings.timesteps`);
+    x^_{n+1} = one Heun (or Euler) step of the teacher's ODE from sigma_n to sigma_{n+1};
+    loss = pseudo-Huber(f_student(x_n, sigma_n), f_target(x^_{n+1}, sigma_{n+1}));
+    after the optimizer step, target <- mu target + (1 - mu) student  (the target network, --target-ema)
+
+OUT is an ordinary run directory (`ddpm.run_dir`): its config.yaml is the teacher run's with
+
+    diffusion.timestep_spacing: trailing      the consistency sampler re-noises to the grid's timesteps:
+                                              T-1, then evenly spaced t (at 2 calls T-1 and T/2 - 1)
+    sample: {sampler: consistency, steps: CALLS, eta: 0, guidance_scale: 1}   what sample.py uses
+    train: {steps: STEPS, lr: LR, lr_schedule: constant, warmup_steps: 0}
+
+and beside it distill.json (the `ConsistencySettings`, what --resume must repeat) and teacher/ (the teacher
+run's EMA weights, a model folder). Every checkpoint holds the target network in target/ besides the student
+and its EMA (the weights sampled). A class-conditional teacher is distilled with one guidance scale baked
+in, as in progressive distillation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ddpm.config import Config, ConfigError, build_schedule, diffusion_class, load_config
+from ddpm.edm import EDMScheduler
+from ddpm.ema import EMA
+from ddpm.inference import load_for_sampling
+from ddpm.io import CheckpointError, atomic_write, load_unet, save_pretrained
+from ddpm.losses import consistency_distillation_losses
+from ddpm.run_dir import RUN_CONFIG
+from ddpm.samplers import denoiser
+from ddpm.samplers.consistency import ODE_SOLVERS, sigma_range
+from ddpm.schedule import KARRAS_RHO, NoiseScheduler, sigma_grid
+from ddpm.source import resolve_source
+from ddpm.training.distiller import SETTINGS_FILE, _check_guidance, _check_out, _check_teacher
+from ddpm.training.trainer import Trainer
+
+CONSISTENCY_LR = 2e-4  # AdamW's constant learning rate (Song et al. 2023 used 4e-4 at batch 512 on CIFAR-10)
+TEACHER = "teacher"
+TARGET = "target"  # the target network's folder in each checkpoint
+STUDENT_SPACING = "trailing"
+
+
+@dataclass(frozen=True)
+class ConsistencySettings:
+    """What a consistency distillation is, saved as OUT/distill.json; a --resume must give the same."""
+
+    calls: int  # the network calls the student is sampled with (`ddpm.samplers.consistency`)
+    steps: int = 600  # optimizer steps
+    # N, the noise levels of the Karras discretisation (Song et al. 2023 used 18 on CIFAR-10, 40 on
+    # ImageNet 64): more than 18 here since the teacher's sigma_max (2e4 for the digits' cosine schedule, 80
+    # in their EDM teachers) puts most rho = 7 levels above sigma = 80, where the data no longer shows.
+    sigmas: int = 40
+    target_ema: float = 0.95  # mu, the target network's EMA decay (Song et al. 2023, CIFAR-10)
+    solver: str = "heun"  # the teacher's ODE step, one of ODE_SOLVERS (Heun: two calls, EDM's)
+    guidance_scale: float = 1.0  # the teacher's classifier-free guidance, baked into the student
+    method: str = "consistency"
+
+    def check(self, num_train_timesteps: int) -> None:
+        """Raise ConfigError, naming the option and its fix, for settings that cannot be distilled on a
+        schedule of `num_train_timesteps` timesteps."""
+        if not _positive_int(self.calls) or self.calls > num_train_timesteps:
+            raise ConfigError(
+                f"--calls {self.calls}: expected an integer in 1..num_train_timesteps={num_train_timesteps} "
+                "(1 to 4 is what consistency models are for)"
+            )
+        if not _positive_int(self.steps):
+            raise ConfigError(f"--steps {self.steps}: expected a positive integer")
+        if not _positive_int(self.sigmas) or self.sigmas < 2:
+            raise ConfigError(f"--sigmas {self.sigmas}: expected an integer >= 2 (N of the Karras grid)")
+        if not 0 <= self.target_ema < 1:
+            raise ConfigError(f"--target-ema {self.target_ema}: expected a number in [0, 1)")
+        if self.solver not in ODE_SOLVERS:
+            raise ConfigError(f"--solver {self.solver}: expected one of {', '.join(ODE_SOLVERS)}")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise ConfigError(f"--guidance-scale {self.guidance_scale}: expected a finite number >= 0")
+
+    def timesteps(self, scheduler: NoiseScheduler) -> torch.Tensor:
+        """(sigmas,) float64, descending: the Karras discretisation (Karras et al. 2022, Eq. 5, rho = 7) of
+        `sigmas` noise levels from the schedule's sigma_max to its sigma_min, as continuous timesteps
+        (`NoiseScheduler.sigma_to_t`: the ends are t = T-1 and 0)."""
+        sigma_min, sigma_max = sigma_range(scheduler)
+        return scheduler.sigma_to_t(sigma_grid("karras", self.sigmas, sigma_min, sigma_max, KARRAS_RHO))
+
+
+class ConsistencyDistiller(Trainer):
+    """Consistency distillation of `settings` into the run directory config.output_dir (see the module
+    docstring); `start_consistency_distillation` builds it from a teacher run. `teacher`: the teacher's
+    network on a fresh start (copied to teacher/), None to resume the latest checkpoint."""
+
+    def __init__(self, config: Config, settings: ConsistencySettings, *, teacher: torch.nn.Module | None):
+        self.settings = settings
+        self._first_teacher = teacher
+        super().__init__(config, resume=None if teacher is not None else "latest")
+        if self.accelerator.is_main_process and teacher is not None:
+            with atomic_write(self.run_dir / SETTINGS_FILE) as tmp:
+                tmp.write_text(json.dumps(dataclasses.asdict(settings), indent=2))
+        self.teacher = self._load_teacher()
+        self.timesteps = settings.timesteps(self.scheduler)
+
+    def _build_model(self) -> torch.nn.Module:
+        """The student and the target network, both the teacher's weights (on a resume, the checkpoint's,
+        which `_resume` loads)."""
+        model = super()._build_model()
+        if self._first_teacher is not None:
+            if self.accelerator.is_main_process:
+                save_pretrained(self.run_dir / TEACHER, self._first_teacher, self.scheduler)
+            model.load_state_dict(self._first_teacher.state_dict())
+        self.target = EMA(model, self.settings.target_ema, warmup=False)
+        self.target.module.to(self.accelerator.device)
+        return model
+
+    def _checkpointed_networks(self) -> dict[str, torch.nn.Module]:
+        return {TARGET: self.target.module}
+
+    def _load_teacher(self) -> torch.nn.Module:
+        self.accelerator.wait_for_everyone()  # the main process wrote it
+        folder = self.run_dir / TEACHER
+        if not folder.is_dir():
+            raise CheckpointError(
+                f"{folder}, the teacher, is missing: restart the distillation into an empty --out folder"
+            )
+        # Building the network draws its initial weights from the global RNG, which checkpoints restore and
+        # the loss draws from: forked, so that loading the teacher shifts nothing.
+        with torch.random.fork_rng(devices=[]):
+            return load_unet(folder, device=self.accelerator.device).requires_grad_(False)
+
+    def _loss(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The mean `consistency_distillation_losses` of one micro-batch, x0: (N, C, H, W), labels: (N,).
+        Its random draws come from the global RNG, which checkpoints restore, in this order: eps ~ N(0, I),
+        then each image's pair n, uniform in 0..N-2."""
+        if self.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        noise = torch.randn_like(x0)
+        index = torch.randint(0, len(self.timesteps) - 1, (x0.shape[0],), device=x0.device)
+        y = labels if self.conditional else None
+        teacher = denoiser(
+            self._teacher_call,
+            self.scheduler,
+            y=y,
+            guidance_scale=self.settings.guidance_scale,
+            null_class=self.null_class,
+        )
+        return consistency_distillation_losses(
+            self._predict,
+            self._target_call,
+            teacher,
+            self.scheduler,
+            x0,
+            noise,
+            index,
+            self.timesteps,
+            y,
+            solver=self.settings.solver,
+        ).mean()
+
+    def _teacher_call(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        with self.accelerator.autocast():
+            return self.teacher(x_t, t, y)
+
+    def _target_call(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        with self.accelerator.autocast():
+            return self.target.module(x_t, t, y)
+
+    def _step(self, x0: torch.Tensor, labels: torch.Tensor) -> bool:
+        """The Trainer's step, then the target network's EMA update (Algorithm 2's last line)."""
+        finished = super()._step(x0, labels)
+        if finished:
+            self.target.update(self.accelerator.unwrap_model(self.model))
+        return finished
+
+
+def start_consistency_distillation(
+    run: str | Path,
+    out: str | Path,
+    *,
+    calls: int,
+    steps: int = ConsistencySettings.steps,
+    sigmas: int = ConsistencySettings.sigmas,
+    target_ema: float = ConsistencySettings.target_ema,
+    solver: str = ConsistencySettings.solver,
+    guidance_scale: float | None = None,
+    lr: float = CONSISTENCY_LR,
+    batch_size: int | None = None,
+    resume: bool = False,
+) -> ConsistencyDistiller:
+    """A `ConsistencyDistiller` of the teacher `run` (a run directory, meaning its latest checkpoint, or a
+    checkpoint of one; its EMA weights where it has them) into the run directory `out`, ready to `train()`.
+
+    calls, steps, sigmas, target_ema, solver and guidance_scale (None: the teacher run's
+    sample.guidance_scale): the `ConsistencySettings`. lr: AdamW's constant learning rate; batch_size: images
+    per step and process (default: the teacher run's). resume: continue `out`, whose distill.json must hold
+    the same settings.
+
+    Raises ConfigError or CheckpointError, on one line naming the problem and its fix, for bad settings, a
+    teacher that is not a ddpm run or that consistency distillation cannot take (an epsilon prediction, a
+    learned variance, the EDM formulation, zero terminal SNR, guidance without a null label), an `out` that
+    holds a distillation already (without `resume`) or another one or none (with it).
+    """
+    source = resolve_source(run)
+    if source.run_dir is None:
+        raise CheckpointError(
+            f"{run} is a model folder outside a run: distillation needs a run directory trained with ddpm "
+            "(or one of its checkpoints), whose config.yaml names the data to distil on"
+        )
+    teacher_config = load_config(source.run_dir / RUN_CONFIG)
+    _check_consistency_teacher(teacher_config, run)
+    if guidance_scale is None:
+        guidance_scale = teacher_config.sample.guidance_scale
+    settings = ConsistencySettings(calls, steps, sigmas, target_ema, solver, guidance_scale)
+    settings.check(build_schedule(teacher_config.diffusion).num_train_timesteps)
+    out = Path(out)
+    if out.resolve() == source.run_dir.resolve():
+        raise ConfigError(f"--out {out} is the teacher's run directory: name a new folder for the student")
+    config = consistency_student_config(teacher_config, settings, out, lr=lr, batch_size=batch_size)
+    _check_out(out, settings, resume=resume)
+    if resume:
+        return ConsistencyDistiller(config, settings, teacher=None)
+    teacher = load_for_sampling(source).model
+    _check_guidance(teacher, settings.guidance_scale)
+    return ConsistencyDistiller(config, settings, teacher=teacher)
+
+
+def consistency_student_config(
+    teacher: Config, settings: ConsistencySettings, out: Path, *, lr: float, batch_size: int | None
+) -> Config:
+    """The run config of the student (see the module docstring), every value checked as a config file's."""
+    config = teacher.to_dict()
+    config["diffusion"]["timestep_spacing"] = STUDENT_SPACING
+    config["data"]["batch_size"] = batch_size if batch_size is not None else teacher.data.batch_size
+    config["train"].update(
+        steps=settings.steps,
+        lr=lr,
+        lr_schedule="constant",
+        lr_min=0.0,
+        warmup_steps=0,
+        label_dropout=0.0,
+        checkpoint_every=min(teacher.train.checkpoint_every, settings.steps),
+        sample_every=settings.steps,
+        fid_every=0,
+        posthoc_ema_every=0,
+        timestep_sampling="uniform",
+    )
+    config["sample"].update(
+        sampler="consistency", steps=settings.calls, calls=None, eta=0.0, guidance_scale=1.0
+    )
+    config["sample"]["options"] = {}
+    config["output_dir"] = str(out)
+    return Config.from_dict(config)
+
+
+def check_resumed_method(out: str | Path, method: str, *, resume: bool) -> None:
+    """ConfigError for a --resume of `out` with another --method than the distillation it holds."""
+    saved = Path(out) / SETTINGS_FILE
+    if resume and saved.is_file():
+        before = json.loads(saved.read_text()).get("method")
+        if before != method:
+            raise ConfigError(
+                f"{out} holds a {before} distillation: resume it with --method {before}, or start again in "
+                "another --out"
+            )
+
+
+def _check_consistency_teacher(config: Config, run: str | Path) -> None:
+    """ConfigError for a teacher run whose model consistency distillation cannot take: those progressive
+    distillation refuses (`_check_teacher`), and a schedule without a finite sigma_max."""
+    if diffusion_class(config.diffusion)[0] is EDMScheduler:
+        raise ConfigError(
+            f"{run} uses the EDM formulation, which consistency distillation does not take yet (its "
+            "student's sampling grid would end at sigma_min): distil a run of the discrete-time schedule"
+        )
+    if config.diffusion.get("rescale_betas_zero_snr", False):
+        raise ConfigError(
+            f"{run} has zero terminal SNR (diffusion.rescale_betas_zero_snr=true): its sigma_max is "
+            "infinite, and the Karras discretisation needs a finite one; distil a run without it"
+        )
+    _check_teacher(config, run)
+
+
+def _positive_int(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1

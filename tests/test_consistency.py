@@ -1,0 +1,377 @@
+"""Consistency distillation (ddpm.samplers.consistency, ddpm.losses.consistency_distillation_losses,
+ddpm.training.consistency, ddpm.distill --method consistency): the boundary-condition parameterisation and
+the Karras grid against their formulas; the teacher's ODE step against closed forms and our solvers; the
+loss and the multistep sampler against the exact-score mixture, whose ODE makes the ideal consistency
+function known; then a tiny distillation of the digits end to end: files, sample.py with no flags, exact
+resume, refusals."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+
+from ddpm import sample
+from ddpm.config import load_config
+from ddpm.distill import main as distill_main
+from ddpm.exact_score import MIXTURE, GaussianMixture, exact_predictor, wasserstein1
+from ddpm.inference import load_for_sampling
+from ddpm.losses import PSEUDO_HUBER_C, consistency_distillation_losses
+from ddpm.samplers import ddim, denoiser, heun
+from ddpm.samplers.consistency import (
+    SIGMA_DATA,
+    boundary_coefficients,
+    consistency_output,
+    ode_step,
+    sigma_range,
+)
+from ddpm.schedule import NoiseScheduler
+from ddpm.training import Trainer
+from ddpm.training.consistency import ConsistencySettings, start_consistency_distillation
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEDULER = NoiseScheduler(
+    beta_schedule="cosine", prediction_type="v_prediction", timestep_spacing="trailing"
+)
+SIGMA_MIN, SIGMA_MAX = sigma_range(SCHEDULER)
+
+
+def sigma_of(t: torch.Tensor) -> torch.Tensor:
+    ab = SCHEDULER.alpha_bar(t)
+    return ((1 - ab) / ab).sqrt()
+
+
+def at(values: torch.Tensor) -> torch.Tensor:
+    """(N,) -> (N, 1, 1, 1)"""
+    return values.reshape(-1, 1, 1, 1)
+
+
+# ---- the parameterisation and the grid ---------------------------------------------------------------------
+
+
+def test_the_boundary_coefficients_are_appendix_cs_and_pin_f_to_the_identity_at_sigma_min():
+    c_skip, c_out = boundary_coefficients(torch.tensor([0.002, 1.0, 80.0], dtype=torch.float64), 0.002, 0.5)
+    assert c_skip[0].item() == 1.0 and c_out[0].item() == 0.0
+    torch.testing.assert_close(
+        c_skip[1:], torch.tensor([0.25 / (0.998**2 + 0.25), 0.25 / (79.998**2 + 0.25)], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        c_out[1:], torch.tensor([0.5 * 0.998 / 1.25**0.5, 0.5 * 79.998 / 6400.25**0.5], dtype=torch.float64)
+    )
+
+
+def test_the_consistency_function_is_the_papers_on_the_network_read_as_edms_f():
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(5, 1, 3, 3, generator=g, dtype=torch.float64)
+    d = torch.randn(5, 1, 3, 3, generator=g, dtype=torch.float64)  # any network's x0 estimate
+    t = torch.tensor([0.0, 3.5, 100.0, 700.0, 999.0], dtype=torch.float64)
+    got = consistency_output(d, x_t, t, SCHEDULER, SIGMA_DATA)
+
+    sigma = at(sigma_of(t))
+    x = x_t * (1 + sigma**2).sqrt()  # x_sigma = x0 + sigma eps
+    sd = SIGMA_DATA
+    f_edm = (d - sd**2 / (sigma**2 + sd**2) * x) / (sigma * sd / (sigma**2 + sd**2).sqrt())  # Karras Eq. 7
+    c_skip, c_out = (at(c) for c in boundary_coefficients(sigma.flatten(), SIGMA_MIN, sd))
+    torch.testing.assert_close(got, c_skip * x + c_out * f_edm, rtol=1e-9, atol=1e-9)
+    # at sigma_min (t = 0) the identity on x_sigma, whatever the network says
+    torch.testing.assert_close(got[0], x[0], rtol=0, atol=1e-12)
+
+
+def test_the_karras_grid_spans_the_teachers_sigmas_evenly_in_sigma_to_the_one_seventh():
+    sigmas = sigma_of(ConsistencySettings(calls=1, sigmas=18).timesteps(SCHEDULER))
+    assert sigmas.shape == (18,)
+    torch.testing.assert_close(
+        sigmas[[0, -1]], torch.tensor([SIGMA_MAX, SIGMA_MIN], dtype=torch.float64), rtol=1e-9, atol=0
+    )
+    ramp = torch.linspace(0, 1, 18, dtype=torch.float64)
+    expected = (SIGMA_MAX ** (1 / 7) + ramp * (SIGMA_MIN ** (1 / 7) - SIGMA_MAX ** (1 / 7))) ** 7  # Eq. 5
+    torch.testing.assert_close(sigmas, expected, rtol=1e-9, atol=0)
+
+
+# ---- the teacher's ODE step --------------------------------------------------------------------------------
+
+GAUSSIAN = GaussianMixture(weights=(1.0,), means=(0.3,), stds=(0.4,))
+
+
+def test_the_euler_step_on_a_gaussian_is_its_closed_form_and_heun_is_closer_to_the_exact_flow():
+    # data N(mu, s^2): D = mu + s^2 (x - mu) / (s^2 + sigma^2), and the ODE's flow from sigma to sigma' is
+    # x' = mu + (x - mu) sqrt(s^2 + sigma'^2) / sqrt(s^2 + sigma^2) (in x_sigma = x0 + sigma eps)
+    teacher = denoiser(exact_predictor(GAUSSIAN, SCHEDULER), SCHEDULER, dtype=torch.float64)
+    mu, s = 0.3, 0.4
+    x_t = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t = SCHEDULER.sigma_to_t(torch.tensor([50.0, 5.0, 1.0, 0.1], dtype=torch.float64))
+    t_next = SCHEDULER.sigma_to_t(torch.tensor([45.0, 4.5, 0.9, 0.09], dtype=torch.float64))
+    sigma, sigma_next = at(sigma_of(t)), at(sigma_of(t_next))
+    x = x_t * (1 + sigma**2).sqrt()
+
+    def in_vp(x_sigma):
+        return x_sigma / (1 + sigma_next**2).sqrt()
+
+    euler = ode_step(teacher, x_t, t, t_next, SCHEDULER, solver="euler")
+    closed = mu + (x - mu) * (s**2 + sigma * sigma_next) / (s**2 + sigma**2)
+    torch.testing.assert_close(euler, in_vp(closed), rtol=1e-9, atol=1e-9)
+
+    exact = in_vp(mu + (x - mu) * ((s**2 + sigma_next**2) / (s**2 + sigma**2)).sqrt())
+    heun_step = ode_step(teacher, x_t, t, t_next, SCHEDULER, solver="heun")
+    assert ((heun_step - exact).abs() < 0.2 * (euler - exact).abs() + 1e-12).all()
+
+
+@pytest.mark.parametrize(("solver", "name"), [("heun", heun), ("euler", ddim)])
+def test_the_step_is_our_solvers_step(solver, name):
+    # our solver on the grid (t, t_next) steps to t_next, then returns its x0 estimate there: D(step)
+    teacher = denoiser(exact_predictor(MIXTURE, SCHEDULER), SCHEDULER, dtype=torch.float64)
+    x_t = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    t, t_next = torch.tensor(812.25, dtype=torch.float64), torch.tensor(430.5, dtype=torch.float64)
+    by_solver = name(teacher, x_t, torch.stack([t, t_next]), SCHEDULER)
+    stepped = ode_step(teacher, x_t, t.repeat(3), t_next.repeat(3), SCHEDULER, solver=solver)
+    torch.testing.assert_close(teacher(stepped, t_next).x0, by_solver, rtol=0, atol=1e-12)
+
+
+# ---- the loss and the sampler on the exact-score mixture ---------------------------------------------------
+
+TEACHER = denoiser(exact_predictor(MIXTURE, SCHEDULER), SCHEDULER, dtype=torch.float64)
+
+
+def ideal_consistency(x_t: torch.Tensor, t: torch.Tensor, steps: int = 100) -> torch.Tensor:
+    """The exact ODE's end at sigma_min from each row's (x_t, t), in x_sigma: `steps` Heun steps of the
+    exact teacher, geometric in sigma."""
+    ramp = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    log_sigmas = sigma_of(t).log()[:, None] * (1 - ramp) + math.log(SIGMA_MIN) * ramp  # (N, steps + 1)
+    grid = SCHEDULER.sigma_to_t(log_sigmas.exp())
+    x = x_t
+    for k in range(steps):
+        x = ode_step(TEACHER, x, grid[:, k], grid[:, k + 1], SCHEDULER, solver="heun")
+    return x * (1 + SIGMA_MIN**2) ** 0.5
+
+
+def network_of(consistency_function, delta: float = 0.0):
+    """The v-prediction network whose consistency function (`consistency_output`) is consistency_function +
+    delta: f = A x_t + r D is solved for D (at sigma_min, where r = 0, any D: the teacher's)."""
+
+    def model(x_t, t, y=None):
+        t = t.expand(x_t.shape[0])
+        zero = consistency_output(torch.zeros_like(x_t), x_t, t, SCHEDULER, SIGMA_DATA)
+        r = consistency_output(torch.ones_like(x_t), x_t, t, SCHEDULER, SIGMA_DATA) - zero
+        wanted = consistency_function(x_t, t) + delta
+        d = torch.where(r > 0, (wanted - zero) / r.clamp(min=1e-300), TEACHER(x_t, t).x0)
+        ab = at(SCHEDULER.alpha_bar(t))
+        eps = (x_t - ab.sqrt() * d) / (1 - ab).sqrt()
+        return ab.sqrt() * eps - (1 - ab).sqrt() * d  # v
+
+    return model
+
+
+def test_the_ideal_consistency_function_has_near_zero_loss_and_a_shifted_one_its_pseudo_huber_distance():
+    g = torch.Generator().manual_seed(3)
+    x0 = MIXTURE.sample((16, 1, 4, 4), g)
+    noise = torch.randn(16, 1, 4, 4, generator=g, dtype=torch.float64)
+    # a fine grid, where one Heun step of the teacher is accurate (at N = 18 a step spans up to a factor of
+    # 12 in sigma, across modes of width 0.05: its error, not the function's, then dominates the loss)
+    timesteps = ConsistencySettings(calls=1, sigmas=400).timesteps(SCHEDULER)
+    index = torch.linspace(0, 398, 16).round().long()  # pairs from sigma_max to sigma_min's
+    ideal = network_of(ideal_consistency)
+
+    losses = consistency_distillation_losses(ideal, ideal, TEACHER, SCHEDULER, x0, noise, index, timesteps)
+    assert losses.abs().max() < 1e-4, losses  # the errors of one Heun step and of the 100 of the ideal
+
+    c = PSEUDO_HUBER_C * 16**0.5
+    shifted = consistency_distillation_losses(
+        network_of(ideal_consistency, 0.05), ideal, TEACHER, SCHEDULER, x0, noise, index, timesteps
+    )
+    expected = torch.full((16,), (16 * 0.05**2 + c**2) ** 0.5 - c, dtype=torch.float64)
+    torch.testing.assert_close(shifted, expected, rtol=1e-3, atol=1e-5)
+    # and the teacher's own network, read as a consistency function, is far from consistent (at this fine
+    # grid's close pairs, by 10x the ideal's bound on average and up to 0.05 where the modes separate)
+    as_is = exact_predictor(MIXTURE, SCHEDULER)
+    assert (
+        consistency_distillation_losses(as_is, as_is, TEACHER, SCHEDULER, x0, noise, index, timesteps).mean()
+        > 1e-3
+    )
+
+
+@pytest.mark.parametrize("calls", [1, 2])
+def test_the_multistep_sampler_with_the_ideal_consistency_function_draws_the_mixture(calls):
+    n = 512
+    noise = torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    model = network_of(ideal_consistency)
+    got = sample(
+        model,
+        SCHEDULER,
+        noise=noise,
+        sampler="consistency",
+        steps=calls,
+        generator=torch.Generator().manual_seed(5),
+        progress=False,
+    )
+    components = list(zip(MIXTURE.weights, MIXTURE.means, MIXTURE.stds, strict=True))
+    mean = sum(w * m for w, m, _ in components)
+    var = sum(w * (s**2 + m**2) for w, m, s in components) - mean**2
+    floor = 0.514 / (n * 16) ** 0.5  # wasserstein1's sampling floor for MIXTURE
+    assert wasserstein1(got, MIXTURE) < 3 * floor + 0.002
+    assert abs(got.mean().item() - mean) < 0.02 and abs(got.var().item() - var) < 0.01
+
+
+# ---- tiny distillations of the digits ----------------------------------------------------------------------
+
+TINY_TEACHER = [
+    "data.image_size=8",
+    "data.batch_size=16",
+    "model.image_size=8",
+    "model.base_channels=8",
+    "model.channel_mult=[1,2]",
+    "model.norm_groups=4",
+    "model.attention_resolutions=[4]",
+    "train.steps=10",
+    "train.checkpoint_every=10",
+    "train.sample_every=0",
+    "train.log_every=1",
+    "train.log_with=none",
+]
+TINY = {"steps": 4, "sigmas": 8}  # a checkpoint every 4 steps (the teacher's 10, capped at steps)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each Trainer builds an Accelerator; its process-wide state must not leak between tests."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    """A tiny class-conditional v-prediction run on the digits (configs/digits.yaml, 10 steps)."""
+    run = tmp_path_factory.mktemp("teacher") / "run"
+    config = load_config(ROOT / "configs" / "digits.yaml", [*TINY_TEACHER, f"output_dir={run}"])
+    Trainer(config).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return run
+
+
+def final_weights(student: Path, step: int) -> dict[str, torch.Tensor]:
+    last = student / "checkpoints" / f"step-{step:07d}"
+    return {
+        f"{folder}.{k}": v
+        for folder in (".", "ema", "target")
+        for k, v in load_file(last / folder / "model.safetensors").items()
+    }
+
+
+def test_the_student_is_a_run_folder_that_sample_py_samples_with_the_consistency_sampler(teacher, tmp_path):
+    student = tmp_path / "student"
+    distill_main(
+        [
+            str(teacher),
+            "--method",
+            "consistency",
+            "--calls",
+            "2",
+            "--steps",
+            "4",
+            "--sigmas",
+            "8",
+            "--solver",
+            "euler",
+            "--out",
+            str(student),
+        ]
+    )
+    loaded = load_for_sampling(student)
+    assert (loaded.sampling.sampler, loaded.sampling.steps, loaded.sampling.guidance_scale) == (
+        "consistency",
+        2,
+        1.0,
+    )
+    assert loaded.scheduler.config == {
+        **load_for_sampling(teacher).scheduler.config,
+        "timestep_spacing": "trailing",
+    }
+    # the teacher run's EMA weights are the teacher, and the student and its target started from them
+    first = load_file(student / "teacher" / "model.safetensors")
+    ema = load_file(teacher / "checkpoints" / "step-0000010" / "ema" / "model.safetensors")
+    assert all(torch.equal(first[k], ema[k]) for k in ema)
+    weights = final_weights(student, 4)
+    assert not all(torch.equal(weights[f"target.{k}"], first[k]) for k in first)  # it followed the student
+    assert not all(torch.equal(weights[f"target.{k}"], weights[f"..{k}"]) for k in first)  # with a lag
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), "--checkpoint", str(student), "--n", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": ""},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "consistency: 2 steps, 2 network calls" in result.stderr
+    assert Path(result.stdout.strip()).name == "sample-step-0000004-ema-consistency2-seed0-n4.png"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(teacher, tmp_path_factory) -> dict[str, torch.Tensor]:
+    student = tmp_path_factory.mktemp("straight") / "student"
+    start_consistency_distillation(teacher, student, calls=1, **TINY).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return final_weights(student, 4)
+
+
+def test_a_resumed_distillation_ends_with_the_same_weights_and_target_as_an_uninterrupted_one(
+    teacher, uninterrupted, tmp_path
+):
+    student = tmp_path / "student"
+    interrupted = start_consistency_distillation(teacher, student, calls=1, **TINY)
+    interrupted.config.train.checkpoint_every = 2  # (a config is plain data) a checkpoint to resume from
+    interrupted.signals.stop_requested = lambda step: step == 2  # as SIGTERM there would
+    interrupted.train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert (student / "checkpoints" / "step-0000002" / "target").is_dir()
+    start_consistency_distillation(teacher, student, calls=1, **TINY, resume=True).train()
+
+    resumed = final_weights(student, 4)
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--stage-steps", "5"], "--stage-steps is an option of --method progressive, not of consistency"),
+        (["--calls", "0"], "--calls 0: expected an integer in 1..num_train_timesteps=1000"),
+        (["--sigmas", "1"], "--sigmas 1: expected an integer >= 2"),
+        (["--steps", "0"], "--steps 0: expected a positive integer"),
+        (["--target-ema", "1"], "--target-ema 1.0: expected a number in [0, 1)"),
+        (["--solver", "rk4"], "--solver rk4: expected one of heun, euler"),
+    ],
+)
+def test_bad_settings_are_refused_with_one_line(teacher, tmp_path, args, message):
+    calls = [] if "--calls" in args else ["--calls", "1"]
+    with pytest.raises(SystemExit) as stopped:
+        distill_main([str(teacher), "--method", "consistency", *calls, "--out", str(tmp_path / "s"), *args])
+    assert str(stopped.value.code).startswith(f"error: {message}"), stopped.value.code
+    assert "\n" not in str(stopped.value.code)
+    assert not (tmp_path / "s").exists()
+
+
+def test_consistency_options_are_refused_with_progressive_distillation(teacher, tmp_path):
+    with pytest.raises(SystemExit) as stopped:
+        distill_main([str(teacher), "--calls", "1", "--target-ema", "0.9", "--out", str(tmp_path / "s")])
+    assert str(stopped.value.code) == (
+        "error: --target-ema is an option of --method consistency, not of progressive: drop it (or pass "
+        "--method consistency)"
+    )
+
+
+def test_a_resume_of_a_progressive_distillation_with_the_consistency_method_is_refused(teacher, tmp_path):
+    student = tmp_path / "student"
+    common = [str(teacher), "--calls", "1", "--out", str(student)]
+    distill_main([*common, "--teacher-steps", "2", "--stage-steps", "1"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(SystemExit) as stopped:
+        distill_main([*common, "--method", "consistency", "--resume"])
+    assert str(stopped.value.code) == (
+        f"error: {student} holds a progressive distillation: resume it with --method progressive, or start "
+        "again in another --out"
+    )
