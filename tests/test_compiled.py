@@ -21,12 +21,6 @@ from ddpm.training import Trainer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.fixture
 def compile_counter(monkeypatch):
     """torch.compile made with a backend that counts the graphs it compiles (and runs them eagerly): fast on

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from test_superres import run_sample_cli, write_png
-from test_train import TINY_RUN, fresh_accelerator_state  # noqa: F401 (a fixture)
+from test_train import TINY_RUN
 from test_unet import perturb, tiny
 
 import ddpm

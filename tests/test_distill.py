@@ -47,13 +47,6 @@ TINY_TEACHER = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Each Trainer builds an Accelerator; its process-wide state must not leak between tests."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
     """A tiny class-conditional v-prediction run on the digits (configs/digits.yaml, 10 steps)."""

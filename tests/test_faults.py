@@ -24,10 +24,9 @@ import torch
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.state import AcceleratorState
 from PIL import Image
-from test_train import (  # noqa: F401 (fresh_accelerator_state: a fixture)
+from test_train import (
     ROOT,
     TINY,
-    fresh_accelerator_state,
     poison_step,
     tiny_config,
     weights,

@@ -13,7 +13,7 @@ import torch
 from accelerate.state import AcceleratorState
 from PIL import Image
 from test_superres import run_sample_cli, write_png
-from test_train import TINY_RUN, fresh_accelerator_state, weights  # noqa: F401 (a fixture)
+from test_train import TINY_RUN, weights
 from test_unet import tiny
 
 import ddpm

@@ -27,12 +27,6 @@ LEARNED = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

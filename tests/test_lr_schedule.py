@@ -7,7 +7,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from diffusers.optimization import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
-from test_train import fresh_accelerator_state, tiny_config, weights  # noqa: F401 (a fixture)
+from test_train import tiny_config, weights
 
 from ddpm.config import ConfigError, load_config
 from ddpm.lr_schedule import LR_SCHEDULES, learning_rate

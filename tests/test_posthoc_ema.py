@@ -32,12 +32,6 @@ from ddpm.source import load_pretrained
 from ddpm.training import Trainer
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.mark.parametrize("sigma_rel", [0.01, 0.05, 0.08, 0.10, 0.2, 0.28])
 def test_gamma_gives_a_profile_whose_relative_std_is_sigma_rel(sigma_rel):
     gamma = sigma_rel_to_gamma(sigma_rel)

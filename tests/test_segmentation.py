@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import TINY_RUN, fresh_accelerator_state  # noqa: F401 (a fixture)
+from test_train import TINY_RUN
 from torchvision.utils import save_image
 
 import ddpm.digit_masks as dm

@@ -11,7 +11,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from PIL import Image
-from test_train import TINY_RUN, fresh_accelerator_state, weights  # noqa: F401 (a fixture)
+from test_train import TINY_RUN, weights
 from test_unet import perturb, tiny
 
 import ddpm

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
-from test_train import fresh_accelerator_state, tiny_config  # noqa: F401 (a fixture)
+from test_train import tiny_config
 
 import ddpm.trackers
 from ddpm.config import ConfigError, load_config, tracker_names

@@ -46,13 +46,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Each Trainer builds an Accelerator; its process-wide state must not leak between tests."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def tiny_config(run_dir: Path, *extra: str):
     return load_config(ROOT / "configs" / "digits.yaml", [*TINY, f"output_dir={run_dir}", *extra])
 

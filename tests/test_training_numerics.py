@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from test_train import fresh_accelerator_state, tiny_config, weights  # noqa: F401 (a fixture)
+from test_train import tiny_config, weights
 
 from ddpm.ema import EMA
 from ddpm.losses import diffusion_loss, drop_labels
