@@ -176,13 +176,13 @@ class Trainer:
             )
         return last_saved
 
-    def _step(
-        self, x0: torch.Tensor, labels: torch.Tensor, given: dict[str, torch.Tensor] | None = None
-    ) -> bool:
+    def _step(self, x0: torch.Tensor, labels: torch.Tensor, *given: dict[str, torch.Tensor]) -> bool:
         """Train on one micro-batch; True when that finished an optimizer step, which then has updated the
         EMAs and counted its loss. What runs at every step, and reads nothing back from the device: the
-        logging, checks and checkpoints of `train` that do come every log_every steps or more."""
-        applied = self._train_micro_step(x0, labels, given)
+        logging, checks and checkpoints of `train` that do come every log_every steps or more. `given`: the
+        conditions the data set gave with x0 (one dict, kind -> (N, ...)), passed on only when there are some,
+        so that `_loss` is called as (x0, labels) otherwise."""
+        applied = self._train_micro_step(x0, labels, *given)
         if not self.accelerator.sync_gradients:
             return False
         self._end_sampler_step(applied)
@@ -199,7 +199,7 @@ class Trainer:
         return True
 
     def _train_micro_step(
-        self, x0: torch.Tensor, labels: torch.Tensor, given: dict[str, torch.Tensor] | None = None
+        self, x0: torch.Tensor, labels: torch.Tensor, *given: dict[str, torch.Tensor]
     ) -> bool:
         """Forward and backward of one micro-batch and, on the last micro-batch of a step, the optimizer step.
 
@@ -218,7 +218,7 @@ class Trainer:
                     schedule=train.lr_schedule,
                     lr_min=train.lr_min,
                 )
-            loss = self._loss(x0, labels, given)
+            loss = self._loss(x0, labels, *given)  # given only when the data set gave conditions
             self.losses.add_micro_batch(loss)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
