@@ -179,10 +179,10 @@ class Distiller(Trainer):
         with self.accelerator.autocast():
             return self.teacher(x_t, t, y)
 
-    def _step(self, x0: torch.Tensor, labels: torch.Tensor, files: Conditions | None = None) -> bool:
+    def _step(self, x0: torch.Tensor, labels: torch.Tensor, *files: Conditions) -> bool:
         """The Trainer's step; at the end of a stage, the student (its EMA weights) becomes the next
         stage's teacher and the next stage's student starts from it, with a fresh EMA."""
-        finished = super()._step(x0, labels, files)
+        finished = super()._step(x0, labels, *files)
         step = self.state.step
         if finished and step % self.settings.stage_steps == 0 and step < self.config.train.steps:
             self._next_stage()

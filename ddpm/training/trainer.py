@@ -180,12 +180,13 @@ class Trainer:
             )
         return last_saved
 
-    def _step(self, x0: torch.Tensor, labels: torch.Tensor, files: Conditions | None = None) -> bool:
-        """Train on one micro-batch (x0, labels and the conditions read from files, when the data set has
-        some); True when that finished an optimizer step, which then has updated the
+    def _step(self, x0: torch.Tensor, labels: torch.Tensor, *files: Conditions) -> bool:
+        """Train on one micro-batch; True when that finished an optimizer step, which then has updated the
         EMAs and counted its loss. What runs at every step, and reads nothing back from the device: the
-        logging, checks and checkpoints of `train` that do come every log_every steps or more."""
-        applied = self._train_micro_step(x0, labels, files)
+        logging, checks and checkpoints of `train` that do come every log_every steps or more. `files`: the
+        conditions read from files or given by the data set (one Conditions), passed on only when there are
+        some, so that `_loss` is called as (x0, labels) otherwise (subclasses and wrappers rely on it)."""
+        applied = self._train_micro_step(x0, labels, *files)
         if not self.accelerator.sync_gradients:
             return False
         self._end_sampler_step(applied)
@@ -201,9 +202,7 @@ class Trainer:
         self.losses.end_step(self.state.step)
         return True
 
-    def _train_micro_step(
-        self, x0: torch.Tensor, labels: torch.Tensor, files: Conditions | None = None
-    ) -> bool:
+    def _train_micro_step(self, x0: torch.Tensor, labels: torch.Tensor, *files: Conditions) -> bool:
         """Forward and backward of one micro-batch and, on the last micro-batch of a step, the optimizer step.
 
         Returns False only when nan_policy is "skip" and the step's loss was not finite on some process: then
@@ -221,7 +220,7 @@ class Trainer:
                     schedule=train.lr_schedule,
                     lr_min=train.lr_min,
                 )
-            loss = self._loss(x0, labels, files)
+            loss = self._loss(x0, labels, *files)  # files only when the data set gave conditions
             self.losses.add_micro_batch(loss)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
