@@ -24,9 +24,11 @@ The targets (issue 26): the student at 1, 2 and 4 calls against the teacher's be
 (student minus teacher, per seed) is met when its mean is within the floor.
 
 Seed s samples image i from noise seeded 1,000,000 s + i with label i mod 10 (the images of a seed differ
-from seed to seed, the models do not); no guidance. --merge reports over the JSON files of runs of this script
-on several trainings (one teacher and one distillation each, e.g. the teacher of train.seed=s sampled at
-seed s): each file's STUDENT k is matched with the others' STUDENT k. Scores and floor: bench/quality.py's
+from seed to seed, the models do not); no guidance. A trial is one teacher run at one sampling seed; its
+students are compared with its own teacher's best. --merge reports over the JSON files of several runs of this
+script, e.g. one per training seed (the teacher of train.seed=s sampled at seed s), or a teacher's table and
+its students scored apart (--teacher-calls "" scores the students only): results of one trial are matched by
+its name, and each run's STUDENT k is the others' STUDENT k. Scores and floor: bench/quality.py's
 `Scorer` (KID on the digit classifier's 1,024 conv features against all 1,797 digits; the floor: that many
 real digits against the others, over --floor-splits splits, for --n-samples and for --table-samples).
 Each result records the CPU time (process time) its sampling and scoring took.
