@@ -187,7 +187,7 @@ def report(
     """Print the teacher's table (KID conv of every solver and spacing at every budget, mean and std over the
     trials), the students and the teacher's best per budget, the issue's targets with the per-trial gaps, and
     the floor; write every number to --json."""
-    trials = sorted({r["trial"] for r in results})
+    all_trials = sorted({r["trial"] for r in results})
     table: dict[str, dict[int, list[float]]] = {}
     for r in results:
         if r["model"] == "teacher table":
@@ -222,22 +222,26 @@ def report(
     targets = []
     for (label, calls), rs in scored.items():
         teacher = scored.get(("teacher's best", TARGETS.get(calls)))
-        if label.startswith("student") and teacher is not None and set(rs) == set(teacher):
-            gaps = [rs[t]["kid_conv"] - teacher[t]["kid_conv"] for t in rs]
+        trials = sorted(set(rs) & set(teacher or {}))  # the trials scoring both
+        if label.startswith("student") and trials:
+            gaps = [rs[t]["kid_conv"] - teacher[t]["kid_conv"] for t in trials]
             targets.append(
                 {
                     "student": label,
                     "calls": calls,
                     "teacher_calls": TARGETS[calls],
-                    "student_kid": [rs[t]["kid_conv"] for t in rs],
-                    "teacher_kid": [teacher[t]["kid_conv"] for t in rs],
+                    "trials": trials,
+                    "student_kid": [rs[t]["kid_conv"] for t in trials],
+                    "teacher_kid": [teacher[t]["kid_conv"] for t in trials],
                     "gap": gaps,
                     "met": statistics.fmean(gaps) <= floor["n_samples"]["abs_p95"],
                 }
             )
     target_rows = [
         [
+            t["student"],
             f"{t['calls']} vs {t['teacher_calls']}",
+            len(t["trials"]),
             _cell(t["student_kid"]),
             _cell(t["teacher_kid"]),
             _cell(t["gap"]),
@@ -251,7 +255,7 @@ def report(
     }
     print(
         f"\nThe teacher's solvers: KID conv on {table_samples} samples per setting, mean (std) over "
-        f"{len(trials)} trial(s) (sampling seeds; with --merge, of every file)\n\n"
+        f"{len(all_trials)} trial(s) (sampling seeds; with --merge, of every file)\n\n"
         + common.markdown_table(["solver (spacing)", *(f"{c} calls" for c in budgets)], teacher_table)
         + f"\n\nStudents and the teacher's best (per trial, from the table), {n_samples} samples\n\n"
         + common.markdown_table(
@@ -259,7 +263,16 @@ def report(
         )
         + "\n\nTargets: the student against the teacher's best, per trial (gap: student minus teacher)\n\n"
         + common.markdown_table(
-            ["calls: student vs teacher", "student", "teacher's best", "gap", "within the floor"], target_rows
+            [
+                "model",
+                "calls: student vs teacher",
+                "trials",
+                "student",
+                "teacher's best",
+                "gap",
+                "within the floor",
+            ],
+            target_rows,
         )
         + "\n\nFloor of KID conv: "
         + "; ".join(

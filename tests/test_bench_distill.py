@@ -102,6 +102,7 @@ def test_merge_matches_each_trials_student_with_its_own_teachers_best_and_judges
             _result(trial, "student", 1, student_1, student=0, run=f"{trial[:2]}-1call"),
             _result(trial, "student (stage)", 2, student_2, student=0, run=f"{trial[:2]}-1call"),
         ]
+    teachers += [_result("s2 seed 2", "teacher", 5, 0.5, sampler="unipc")]  # a trial without a student
     files = [
         _file(tmp_path / "teacher.json", teachers, 0.005),
         _file(tmp_path / "students.json", students, 0.005),
@@ -123,7 +124,9 @@ def test_merge_matches_each_trials_student_with_its_own_teachers_best_and_judges
     assert targets[1]["gap"] == pytest.approx([0.003, 0.005])  # each trial against its own teacher's best
     assert targets[1]["met"]  # mean gap 0.004 within the floor's 0.005
     assert targets[2]["gap"] == pytest.approx([0.019, 0.027]) and not targets[2]["met"]
-    assert "| 1 vs 5 | 0.006 (0.0028) | 0.002 (0.0014) | 0.004 (0.0014) | yes |" in done.stdout
+    assert (
+        "| student 0 | 1 vs 5 | 2 | 0.006 (0.0028) | 0.002 (0.0014) | 0.004 (0.0014) | yes |" in done.stdout
+    )
 
 
 def test_merge_refuses_a_setting_scored_twice(tmp_path):
