@@ -52,7 +52,6 @@ DEFAULT_STEPS = 50  # when neither steps nor calls is given
 # The options of sample() itself that a solver may declare; any other keyword-only parameter of a solver (but
 # `disable`) is a solver option, given in sample()'s `options` mapping.
 SAMPLE_KEYWORDS = ("eta", "generator")
-# Ranges of solver options, checked by check_sample_options: name -> (is it valid, what is expected).
 # The settings of a network's `config` in which autoguidance's weak model must equal the model
 # (`check_autoguide`): what it is given (image shape, conditions) and what it returns.
 AUTOGUIDE_MATCH = (
@@ -65,6 +64,7 @@ AUTOGUIDE_MATCH = (
     "cond_dim",
     "context_dim",
 )
+# Ranges of solver options, checked by check_sample_options: name -> (is it valid, what is expected).
 OPTION_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "s_churn": (lambda v: v >= 0, "a number >= 0 (EDM's S_churn; 0: deterministic)"),
     "s_tmin": (lambda v: v >= 0, "a noise level sigma >= 0"),
