@@ -125,8 +125,8 @@ def train_until_killed(run: str, point: str, ready: str) -> None:
 
         save_pretrained = ddpm.training.checkpoints.save_pretrained
 
-        def save_and_hang(folder, model, scheduler):
-            save_pretrained(folder, model, scheduler)
+        def save_and_hang(folder, model, scheduler, **options):
+            save_pretrained(folder, model, scheduler, **options)
             if "step-0000006" in str(folder):
                 hang()
 
