@@ -16,6 +16,10 @@ classes and its null label (the last one) and is exported as a ClassConditionalP
 ddpm/interop/class_conditional_pipeline.py, copied into OUT), which takes class_labels and guidance_scale:
 `DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)`; diffusers' DDPMPipeline cannot pass labels.
 
+An image-conditioned model (cond_channels) is refused: neither pipeline passes an image; its UNet alone
+exports with `ddpm.interop.diffusers.save_diffusers_unet` (sample [x, image, flag]). Vector (cond_dim) and
+token-sequence (context_dim) conditions are refused by name: UNet2DModel has no layout for them.
+
 Exit status: 0 with OUT on stdout; 1 with a one-line `error: ...` on stderr, naming the option, for a model
 that diffusers cannot express, and for a missing checkpoint or an OUT that exists.
 """

@@ -15,20 +15,23 @@ from test_config import DIGITS_YAML, SHIPPED_CONFIGS  # pytest puts tests/ on sy
 from test_unet import perturb
 
 import ddpm
+from ddpm.conditions import Conditions
 from ddpm.config import build_schedule
 from ddpm.export import export_pipeline, main
 from ddpm.interop.diffusers import (
+    COND_CHANNELS_KEY,
     CONDITIONAL_PIPELINE,
     EXPORTED_UNET_OPTIONS,
     NULL_CLASS_KEY,
     PIPELINE_SPACINGS,
     diffusers_unet_config,
+    save_diffusers_unet,
     unet_from_diffusers,
     unet_kwargs_from_diffusers,
 )
 from ddpm.io import EMA, save_pretrained
 from ddpm.models.classic import ClassicUNet
-from ddpm.models.unet import UNet
+from ddpm.models.unet import UNet, image_condition_input
 from ddpm.run_dir import TRAINER_STATE, checkpoint_path
 from ddpm.schedule import TIMESTEP_SPACINGS, NoiseScheduler
 
@@ -190,6 +193,61 @@ def test_what_unet2dmodel_cannot_express_is_refused_naming_the_option(overrides,
     assert message.startswith("error: ") and "\n" not in message
     assert re.search(option, message) and "cannot be exported to diffusers" in message
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("classes", [None, 3])
+def test_an_image_conditioned_unet_computes_our_function_in_diffusers_on_x_image_and_flag(classes, tmp_path):
+    """in_channels = 3 + 2 + 1, the sample [x, image, flag]: rows 0 and 1 have their image, row 2 the null one
+    (flag 0, image zeros), each equal to ours; with labels, they go in class_labels (the null label too)."""
+    model = tiny(cond_channels=2, num_classes=classes)
+    save_diffusers_unet(tmp_path / "unet", model)
+    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    assert config["in_channels"] == 6 and config[COND_CHANNELS_KEY] == 2
+    theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / "unet").eval()
+
+    x, t, y = inputs(model)
+    image = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(2))
+    dropped = torch.tensor([False, False, True])
+    values = {"image": image, **({"label": y} if classes else {})}
+    with torch.no_grad():
+        ours = model(x, t, Conditions(values, dropped={"image": dropped}))
+    sample = image_condition_input(x, image, dropped)
+    assert torch.equal(sample[:, :3], x) and torch.equal(sample[:2, 3:5], image[:2])
+    assert torch.equal(sample[2, 3:], torch.zeros(3, 8, 8))
+    assert torch.equal(sample[:2, 5], torch.ones(2, 8, 8))
+    torch.testing.assert_close(diffusers_output(theirs, sample, t, y), ours, atol=1e-5, rtol=1e-5)
+    # the image matters: with every image dropped, rows 0 and 1 change and row 2 does not
+    with torch.no_grad():
+        unconditional = model(x, t, Conditions(values, dropped={"image": torch.ones(3, dtype=torch.bool)}))
+    assert (ours[:2] - unconditional[:2]).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    torch.testing.assert_close(ours[2], unconditional[2])
+
+    back = unet_from_diffusers(tmp_path / "unet").eval()
+    assert back.cond_channels == 2 and back.in_channels == 3 and back.num_classes == classes
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, t, Conditions(values, dropped={"image": dropped})), ours)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(cond_dim=5), r"model\.cond_dim=5 cannot be exported to diffusers: .*never a projection"),
+        (dict(num_classes=3, cond_dim=5), r"model\.cond_dim=5 cannot be exported to diffusers"),
+        (dict(context_dim=6), r"model\.context_dim=6 cannot be exported to diffusers: .*no cross-attention"),
+    ],
+)
+def test_vector_and_sequence_conditions_are_refused_by_name_with_the_reason(overrides, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        save_diffusers_unet(tmp_path / "unet", tiny(**overrides))
+    assert not (tmp_path / "unet").exists()
+
+
+def test_an_image_conditioned_pipeline_is_refused_by_name(tmp_path):
+    save_pretrained(tmp_path / "model", tiny(cond_channels=2), NoiseScheduler())
+    refusal = r"model\.cond_channels=2 cannot be exported as a diffusers pipeline: .*save_diffusers_unet"
+    with pytest.raises(ValueError, match=refusal):
+        export_pipeline(tmp_path / "model", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_existing_out_folder_and_a_classic_unet_are_refused(tmp_path):

@@ -7,11 +7,13 @@
 tells a diffusers folder from ours; `diffusers_folder_scheduler(folder)` reads the scheduler_config.json
 beside it. `scheduler_from_diffusers(config)` and `diffusers_scheduler_config(scheduler, cls)` convert
 schedules. The other way, `diffusers_unet_config(config)` and `diffusers_state_dict(model)` are our UNet as
-a UNet2DModel, and `save_diffusers_pipeline(folder, model, scheduler)` writes a pipeline folder: a
-DDPMPipeline, or for a class-conditional model the ClassConditionalPipeline of
-`ddpm.interop.class_conditional_pipeline` (its source goes into the folder). `pipeline_scheduler` says which
-diffusers scheduler and spacing that folder gets. Nothing here imports diffusers: the published files are read
-and written directly.
+a UNet2DModel, `save_diffusers_unet(folder, model)` writes its folder (an image-conditioned model's too:
+its sample is [x, image, flag], `ddpm.models.unet.image_condition_input`; vector and token-sequence conditions
+are refused by name, UNet2DModel having no layout for them), and `save_diffusers_pipeline(folder, model,
+scheduler)` writes a pipeline folder: a DDPMPipeline, or for a class-conditional model the
+ClassConditionalPipeline of `ddpm.interop.class_conditional_pipeline` (its source goes into the folder).
+`pipeline_scheduler` says which diffusers scheduler and spacing that folder gets. Nothing here imports
+diffusers: the published files are read and written directly.
 """
 
 from __future__ import annotations
@@ -42,13 +44,16 @@ DIFFUSERS_VERSION = "0.42.0"  # the version whose UNet2DModel options this modul
 # Written by diffusers_unet_config for a class-conditional UNet: the label of our null class (the last row of
 # num_class_embeds), which diffusers ignores (a private key) and unet_kwargs_from_diffusers reads back.
 NULL_CLASS_KEY = "_ddpm_null_class"
+# Written by diffusers_unet_config for an image-conditioned UNet: its cond_channels, which UNet2DModel sees as
+# part of in_channels (the input is [x, image, flag], `ddpm.models.unet.image_condition_input`).
+COND_CHANNELS_KEY = "_ddpm_cond_channels"
 # The UNet options diffusers_unet_config maps (gradient_checkpointing changes no output); any other option
 # exports only at its default.
 EXPORTED_UNET_OPTIONS = {
     "in_channels", "out_channels", "base_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
     "image_size", "num_heads", "head_channels", "mid_attention", "dropout", "norm_groups", "norm_eps",
     "time_conditioning", "time_injection", "time_flip_sin_to_cos", "time_freq_shift", "time_channels",
-    "num_classes", "null_label", "downsample", "head_kernel_size", "gradient_checkpointing",
+    "num_classes", "null_label", "cond_channels", "downsample", "head_kernel_size", "gradient_checkpointing",
 }  # fmt: skip
 
 # UNet2DModel's constructor defaults (diffusers 0.42), for the keys an older config.json lacks: the DDPM
@@ -134,6 +139,18 @@ PIPELINE_SPACINGS = {
     "DDPMScheduler": ("linspace", "leading"),
     "DDIMScheduler": ("leading",),
     "DPMSolverMultistepScheduler": ("exponential",),
+}
+# The conditions UNet2DModel has no layout for, each with why (diffusers_unet_config refuses them by name).
+CONDITION_REFUSALS = {
+    "cond_dim": (
+        "UNet2DModel's class embedding is a label table, a TimestepEmbedding of a scalar's sinusoid "
+        "('timestep') or the identity, never a projection of a vector as ours (Linear, SiLU, Linear, and a "
+        "learned null); that is UNet2DConditionModel's class_embed_type='projection', another block layout"
+    ),
+    "context_dim": (
+        "UNet2DModel has no cross-attention; a token sequence needs UNet2DConditionModel (CrossAttn blocks "
+        "with transformer layers), another block layout, which this export does not write"
+    ),
 }
 # A class-conditional model's pipeline: DDPMPipeline passes no class labels, so the folder names this class
 # of ours in model_index.json and holds its module's source (diffusers loads it with trust_remote_code=True).
@@ -223,6 +240,7 @@ def unet_kwargs_from_diffusers(config: dict) -> dict:
         flip_sin_to_cos, freq_shift -> time_flip_sin_to_cos, time_freq_shift
         num_class_embeds -> num_classes (see unet_from_diffusers for the null label); with NULL_CLASS_KEY
             (written by diffusers_unet_config) num_class_embeds - 1, the last row being our null label
+        COND_CHANNELS_KEY k (written by diffusers_unet_config) -> cond_channels = k, in_channels - k - 1
         downsample_padding 1 -> downsample "conv";  0 -> "conv_asymmetric"
     Anything else raises ValueError naming the option and what is supported: other block types
     (cross-attention, skip, ...), attention on one path only, time_embedding_type other than positional,
@@ -289,8 +307,9 @@ def unet_kwargs_from_diffusers(config: dict) -> dict:
     size = size[0] if isinstance(size, (list, tuple)) else size  # only picks the attention levels
     if size is None:
         raise ValueError("UNet2DModel config has no sample_size; set it to the training image side")
+    cond_channels = config.get(COND_CHANNELS_KEY)
     return {
-        "in_channels": c["in_channels"],
+        "in_channels": c["in_channels"] - (cond_channels + 1 if cond_channels is not None else 0),
         "out_channels": c["out_channels"],
         "base_channels": base,
         "channel_mult": [ch // base for ch in channels],
@@ -307,6 +326,7 @@ def unet_kwargs_from_diffusers(config: dict) -> dict:
         "time_flip_sin_to_cos": c["flip_sin_to_cos"],
         "time_freq_shift": float(c["freq_shift"]),
         "num_classes": c["num_class_embeds"] - 1 if NULL_CLASS_KEY in config else c["num_class_embeds"],
+        "cond_channels": cond_channels,
         "downsample": "conv" if c["downsample_padding"] == 1 else "conv_asymmetric",
     }
 
@@ -492,17 +512,25 @@ def diffusers_unet_config(config: dict) -> dict:
     The mapping of `unet_kwargs_from_diffusers` read backwards, with every option written out (no defaults
     of either library assumed). A class-conditional UNet keeps its null label: num_class_embeds =
     num_classes + 1, the last label being "no label" (classifier-free guidance), recorded as NULL_CLASS_KEY
-    (with null_label=False, num_class_embeds = num_classes). What UNet2DModel cannot express raises
-    ValueError naming the option: time_conditioning=False, downsample="maxpool", head_kernel_size other than
-    3, a timestep sinusoid (time_channels, else base_channels) narrower or wider than the first level
-    (channel_mult[0] other than 1: UNet2DModel sizes it by its first block's channels), num_heads > 1 where
-    the attention blocks differ in width (UNet2DModel fixes the channels per head, not the heads), and any
-    other option of UNet set away from its default (EXPORTED_UNET_OPTIONS lists those mapped here).
-    """
+    (with null_label=False, num_class_embeds = num_classes). An image condition (cond_channels = k) widens
+    the input: in_channels = C + k + 1, recorded as COND_CHANNELS_KEY, and the caller passes UNet2DModel
+    the sample [x, image, flag] (channels 0..C-1 x, C..C+k-1 the image, C+k the flag: 1 for an image, 0 with
+    the image zeroed for the null condition), as `ddpm.models.unet.image_condition_input` builds it; with
+    num_classes too, the labels go in class_labels. What UNet2DModel cannot express raises ValueError naming
+    the option: a vector condition (cond_dim: its class embeddings hold no projection of a vector), a token
+    sequence (context_dim: it has no cross-attention), time_conditioning=False, downsample="maxpool",
+    head_kernel_size other than 3, a timestep sinusoid (time_channels, else base_channels) narrower or wider
+    than the first level (channel_mult[0] other than 1: UNet2DModel sizes it by its first block's channels),
+    num_heads > 1 where the attention blocks differ in width (UNet2DModel fixes the channels per head, not
+    the heads), and any other option of UNet set away from its default (EXPORTED_UNET_OPTIONS lists those
+    mapped here)."""
     c = config
     defaults = {
         name: p.default for name, p in inspect.signature(UNet.__init__).parameters.items() if name != "self"
     }
+    for option, why in CONDITION_REFUSALS.items():
+        if c.get(option) is not None:
+            raise ValueError(f"model.{option}={c[option]!r} cannot be exported to diffusers: {why}")
     for option in sorted(set(c) - EXPORTED_UNET_OPTIONS):
         if option not in defaults or c[option] != defaults[option]:
             raise ValueError(
@@ -541,14 +569,15 @@ def diffusers_unet_config(config: dict) -> dict:
                 "of them; use head_channels instead"
             )
         head_dim = dims.pop()
-    classes = c["num_classes"]
+    classes, image = c["num_classes"], c.get("cond_channels")
     null = classes is not None and c["null_label"]
     return {
         "_class_name": "UNet2DModel",
         "_diffusers_version": DIFFUSERS_VERSION,
         **({NULL_CLASS_KEY: classes} if null else {}),
+        **({COND_CHANNELS_KEY: image} if image is not None else {}),
         "sample_size": c["image_size"],
-        "in_channels": c["in_channels"],
+        "in_channels": c["in_channels"] + (image + 1 if image is not None else 0),
         "out_channels": c["out_channels"],
         "center_input_sample": False,
         "time_embedding_type": "positional",
@@ -590,6 +619,18 @@ def diffusers_state_dict(model: UNet) -> dict[str, Tensor]:
     return state
 
 
+def save_diffusers_unet(folder: str | os.PathLike, model: UNet) -> None:
+    """Write the UNet2DModel folder of `model` (config.json from `diffusers_unet_config`,
+    diffusion_pytorch_model.safetensors from `diffusers_state_dict`): `UNet2DModel.from_pretrained(folder)`
+    computes our function, for an image-conditioned model on the sample `image_condition_input(x, image,
+    dropped)` (see `diffusers_unet_config`). Raises ValueError naming what UNet2DModel cannot express."""
+    config = diffusers_unet_config(model.config)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / DIFFUSERS_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    save_file(diffusers_state_dict(model), str(folder / DIFFUSERS_WEIGHTS[0]), metadata={"format": "pt"})
+
+
 def save_diffusers_pipeline(
     folder: str | os.PathLike, model: UNet, scheduler: NoiseScheduler, *, scheduler_class: str | None = None
 ) -> tuple[str, NoiseScheduler]:
@@ -600,9 +641,18 @@ def save_diffusers_pipeline(
     (`DDPMPipeline.from_pretrained(folder)`); a class-conditional one's is a ClassConditionalPipeline, whose
     module (CONDITIONAL_PIPELINE) is copied into the folder and named in model_index.json, so that
     `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads it with nothing of ddpm
-    installed. Raises ValueError naming what diffusers cannot express."""
+    installed. Raises ValueError naming what diffusers cannot express, and for an image-conditioned model
+    (cond_channels), whose UNet alone exports (`save_diffusers_unet`): both pipelines draw noise of the
+    UNet's in_channels and pass no image."""
+    if model.cond_channels is not None:
+        raise ValueError(
+            f"model.cond_channels={model.cond_channels} cannot be exported as a diffusers pipeline: "
+            "DDPMPipeline and ClassConditionalPipeline pass no image condition; write the UNet2DModel "
+            "alone with ddpm.interop.diffusers.save_diffusers_unet and feed it "
+            "ddpm.models.unet.image_condition_input(x, image, dropped)"
+        )
     scheduler_class, runs = pipeline_scheduler(scheduler, scheduler_class)
-    unet_config = diffusers_unet_config(model.config)
+    diffusers_unet_config(model.config)  # refuses what UNet2DModel cannot express before anything is written
     scheduler_config = {**diffusers_scheduler_config(runs, scheduler_class)}
     scheduler_config["_diffusers_version"] = DIFFUSERS_VERSION
     module, pipeline_class = CONDITIONAL_PIPELINE
@@ -613,17 +663,11 @@ def save_diffusers_pipeline(
         PIPELINE_UNET: ["diffusers", "UNet2DModel"],
     }
     folder = Path(folder)
-    for sub in (PIPELINE_UNET, PIPELINE_SCHEDULER):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
+    (folder / PIPELINE_SCHEDULER).mkdir(parents=True, exist_ok=True)
     (folder / PIPELINE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     if model.num_classes is not None:
         shutil.copyfile(Path(__file__).with_name(f"{module}.py"), folder / f"{module}.py")
-    (folder / PIPELINE_UNET / DIFFUSERS_CONFIG).write_text(json.dumps(unet_config, indent=2) + "\n")
-    save_file(
-        diffusers_state_dict(model),
-        str(folder / PIPELINE_UNET / DIFFUSERS_WEIGHTS[0]),
-        metadata={"format": "pt"},
-    )
+    save_diffusers_unet(folder / PIPELINE_UNET, model)
     scheduler_file = folder / PIPELINE_SCHEDULER / DIFFUSERS_SCHEDULER_CONFIG
     scheduler_file.write_text(json.dumps(scheduler_config, indent=2) + "\n")
     return scheduler_class, runs

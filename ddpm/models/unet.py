@@ -254,10 +254,7 @@ class UNet(nn.Module, HubModel):
         mask), and keeps the layout of a plain wider input conv (diffusers' UNet2DModel in_channels)."""
         if self.cond_channels is None:
             return x
-        kept = ~cond.is_dropped("image")[:, None, None, None]  # (N, 1, 1, 1)
-        image = torch.where(kept, cond["image"].to(x.dtype), 0.0)  # (N, cond_channels, H, W)
-        flag = kept.to(x.dtype).expand(-1, 1, *x.shape[2:])  # (N, 1, H, W)
-        return torch.cat([x, image, flag], dim=1)
+        return image_condition_input(x, cond["image"], cond.is_dropped("image"))
 
     def _run(self, block: nn.Module, *args: Tensor | None) -> Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -267,6 +264,17 @@ class UNet(nn.Module, HubModel):
     def _resample(self, resample: nn.Module, h: Tensor, emb: Tensor | None) -> Tensor:
         # A resampling ResBlock (resblock_updown) takes the embedding like every other ResBlock.
         return self._run(resample, h, emb) if isinstance(resample, ResBlock) else resample(h)
+
+
+def image_condition_input(x: Tensor, image: Tensor, dropped: Tensor) -> Tensor:
+    """The input conv_in of an image-conditioned UNet reads: x (N, C, H, W), image (N, cond_channels, H, W)
+    and dropped (N,) bool -> (N, C + cond_channels + 1, H, W) = [x, image, flag], the flag channel 1 where
+    the row has its image and 0 where it is dropped (its image then zeros). It is also the `sample` of the
+    diffusers UNet2DModel that `ddpm.interop.diffusers` exports such a model to."""
+    kept = ~dropped[:, None, None, None]  # (N, 1, 1, 1)
+    image = torch.where(kept, image.to(x.dtype), 0.0)  # (N, cond_channels, H, W)
+    flag = kept.to(x.dtype).expand(-1, 1, *x.shape[2:])  # (N, 1, H, W)
+    return torch.cat([x, image, flag], dim=1)
 
 
 def conditioning(
