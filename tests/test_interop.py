@@ -481,7 +481,7 @@ def test_each_checked_readme_block_runs_alone_as_written(name, tmp_path, monkeyp
 
 
 def test_the_readme_has_checked_blocks():
-    assert len(READMES_BLOCKS) == 8, list(READMES_BLOCKS)  # the parser finds them all
+    assert len(READMES_BLOCKS) == 9, list(READMES_BLOCKS)  # the parser finds them all
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
