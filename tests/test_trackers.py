@@ -3,6 +3,7 @@ read back from the files they write, offline."""
 
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,9 +109,18 @@ def test_wandb_offline_writes_the_run_with_the_config_scalars_and_grids(tmp_path
     Trainer(tiny_config(run, "train.log_with=wandb", "train.tracker_project=proj", "train.steps=3")).train()
 
     (record_file,) = (tmp_path / "wandb-dir" / "wandb").glob("offline-run-*/run-*.wandb")
-    records = record_file.read_bytes()  # protobuf records: the keys and JSON values appear as they are
     last = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
-    for text in ("proj", "train.lr_schedule", "train.steps", "loss", json.dumps(last["loss"]), "samples/ema"):
-        assert text.encode() in records, text
+    expected = [
+        t.encode() for t in ("proj", "train.lr_schedule", "train.steps", "loss", json.dumps(last["loss"]))
+    ]
+    expected.append(b"samples/ema")
+    # wandb's service process writes the records file on its own after finish() returns; on a loaded
+    # machine the file can still hold only its header then: wait for the records (failing if none come).
+    deadline = time.monotonic() + 120
+    while not all(text in record_file.read_bytes() for text in expected) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    records = record_file.read_bytes()  # protobuf records: the keys and JSON values appear as they are
+    for text in expected:
+        assert text in records, text
     (image,) = (record_file.parent / "files" / "media" / "images" / "samples").glob("ema_3_*.png")
     np.testing.assert_array_equal(pixels(image), pixels(run / "samples" / "step-0000003-ema.png"))
