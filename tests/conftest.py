@@ -1,7 +1,29 @@
 """Fixtures every test file shares."""
 
+from pathlib import Path
+
 import pytest
 from accelerate.state import AcceleratorState
+
+from ddpm.config import load_config
+from ddpm.training import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+# A tiny digits run (8x8, 10 steps): the teacher of the distillation tests.
+TINY_TEACHER = [
+    "data.image_size=8",
+    "data.batch_size=16",
+    "model.image_size=8",
+    "model.base_channels=8",
+    "model.channel_mult=[1,2]",
+    "model.norm_groups=4",
+    "model.attention_resolutions=[4]",
+    "train.steps=10",
+    "train.checkpoint_every=10",
+    "train.sample_every=0",
+    "train.log_every=1",
+    "train.log_with=none",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -9,3 +31,14 @@ def fresh_accelerator_state():
     """Each Trainer builds an Accelerator; its process-wide state must not leak into the next test."""
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    """A tiny class-conditional v-prediction run on the digits (configs/digits.yaml, 10 steps), trained once
+    per test module that asks for it."""
+    run = tmp_path_factory.mktemp("teacher") / "run"
+    config = load_config(ROOT / "configs" / "digits.yaml", [*TINY_TEACHER, f"output_dir={run}"])
+    Trainer(config).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return run

@@ -16,7 +16,6 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from ddpm import sample
-from ddpm.config import load_config
 from ddpm.distill import main as distill_main
 from ddpm.exact_score import MIXTURE, GaussianMixture, exact_predictor, wasserstein1
 from ddpm.inference import load_for_sampling
@@ -30,7 +29,6 @@ from ddpm.samplers.consistency import (
     sigma_range,
 )
 from ddpm.schedule import NoiseScheduler
-from ddpm.training import Trainer
 from ddpm.training.consistency import ConsistencySettings, start_consistency_distillation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,31 +215,7 @@ def test_the_multistep_sampler_with_the_ideal_consistency_function_draws_the_mix
 
 # ---- tiny distillations of the digits ----------------------------------------------------------------------
 
-TINY_TEACHER = [
-    "data.image_size=8",
-    "data.batch_size=16",
-    "model.image_size=8",
-    "model.base_channels=8",
-    "model.channel_mult=[1,2]",
-    "model.norm_groups=4",
-    "model.attention_resolutions=[4]",
-    "train.steps=10",
-    "train.checkpoint_every=10",
-    "train.sample_every=0",
-    "train.log_every=1",
-    "train.log_with=none",
-]
 TINY = {"steps": 4, "sigmas": 8}  # a checkpoint every 4 steps (the teacher's 10, capped at steps)
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    """A tiny class-conditional v-prediction run on the digits (configs/digits.yaml, 10 steps)."""
-    run = tmp_path_factory.mktemp("teacher") / "run"
-    config = load_config(ROOT / "configs" / "digits.yaml", [*TINY_TEACHER, f"output_dir={run}"])
-    Trainer(config).train()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    return run
 
 
 def final_weights(student: Path, step: int) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from accelerate.state import AcceleratorState
+from conftest import TINY_TEACHER
 from safetensors.torch import load_file
 
 from ddpm import sample
@@ -31,30 +32,6 @@ from ddpm.training.distiller import Distiller, start_distillation
 from ddpm.training.interruption import STOP_HINT
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_TEACHER = [
-    "data.image_size=8",
-    "data.batch_size=16",
-    "model.image_size=8",
-    "model.base_channels=8",
-    "model.channel_mult=[1,2]",
-    "model.norm_groups=4",
-    "model.attention_resolutions=[4]",
-    "train.steps=10",
-    "train.checkpoint_every=10",
-    "train.sample_every=0",
-    "train.log_every=1",
-    "train.log_with=none",
-]
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    """A tiny class-conditional v-prediction run on the digits (configs/digits.yaml, 10 steps)."""
-    run = tmp_path_factory.mktemp("teacher") / "run"
-    config = load_config(ROOT / "configs" / "digits.yaml", [*TINY_TEACHER, f"output_dir={run}"])
-    Trainer(config).train()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    return run
 
 
 # ---- the target, on the exact-score mixture ----------------------------------------------------------------
