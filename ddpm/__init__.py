@@ -14,37 +14,51 @@ from ddpm.openmp import apply_openmp_defaults
 # Before anything below imports torch, whose OpenMP runtime reads its wait policy once, as it loads.
 apply_openmp_defaults()
 
-from ddpm.conditions import Conditions
-from ddpm.config import Config, ConfigError, DataConfig, SampleConfig, TrainConfig, load_config, save_config
-from ddpm.data import build_dataset, num_classes_of
-from ddpm.inference import generate, load_for_sampling
-from ddpm.io import save_pretrained
-from ddpm.models.unet import UNet
-from ddpm.samplers import SAMPLERS, img2img, inpaint, interpolate, invert, sample
-from ddpm.schedule import NoiseScheduler
-from ddpm.source import load_pretrained
+import importlib
+import importlib.util
+from typing import Any
 
-__all__ = [
-    "SAMPLERS",
-    "Conditions",
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "NoiseScheduler",
-    "SampleConfig",
-    "TrainConfig",
-    "UNet",
-    "build_dataset",
-    "generate",
-    "img2img",
-    "inpaint",
-    "interpolate",
-    "invert",
-    "load_config",
-    "load_for_sampling",
-    "load_pretrained",
-    "num_classes_of",
-    "sample",
-    "save_config",
-    "save_pretrained",
-]
+# Where each public name lives. They are imported on first use (PEP 562's module __getattr__), so that what
+# needs none of them (`ddpm --help`, `ddpm.cli`, which imports this package first) does not load torch.
+_EXPORTS = {
+    "Conditions": "ddpm.conditions",
+    "Config": "ddpm.config",
+    "ConfigError": "ddpm.config",
+    "DataConfig": "ddpm.config",
+    "SampleConfig": "ddpm.config",
+    "TrainConfig": "ddpm.config",
+    "load_config": "ddpm.config",
+    "save_config": "ddpm.config",
+    "build_dataset": "ddpm.data",
+    "num_classes_of": "ddpm.data",
+    "generate": "ddpm.inference",
+    "load_for_sampling": "ddpm.inference",
+    "save_pretrained": "ddpm.io",
+    "UNet": "ddpm.models.unet",
+    "SAMPLERS": "ddpm.samplers",
+    "img2img": "ddpm.samplers",
+    "inpaint": "ddpm.samplers",
+    "interpolate": "ddpm.samplers",
+    "invert": "ddpm.samplers",
+    "sample": "ddpm.samplers",
+    "NoiseScheduler": "ddpm.schedule",
+    "load_pretrained": "ddpm.source",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """A public name (`ddpm.UNet`), imported from its module the first time it is asked for, or a submodule
+    (`ddpm.io`), imported as `import ddpm.io` would, as the eager imports of earlier versions left them."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups find it without this function
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

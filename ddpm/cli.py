@@ -20,7 +20,7 @@ COMMANDS = {
     "nll": ("ddpm.nll", "negative log-likelihood of a model on a data set, in bits/dim"),
     "ema": ("ddpm.ema.__main__", "post-hoc EMA: reconstruct or sweep EMA lengths after training"),
     "distill": ("ddpm.distill", "distil a trained run into a sampler of 1, 2 or 4 network calls"),
-    "segment": ("ddpm.segment", "segment images with a mask model: the mean and variance of K masks each"),
+    "segment": ("ddpm.segment", "segment images: the mean and variance of K sampled masks each"),
 }
 
 
@@ -34,10 +34,14 @@ def main(argv: list[str] | None = None) -> None:
     for name, (_, summary) in COMMANDS.items():
         # add_help=False: --help, like every other argument after the command, is the command's own
         commands.add_parser(name, help=summary, add_help=False)
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        what = f"unknown command {argv[0]!r}" if argv else "no command"
+        parser.error(f"{what}: the commands are {', '.join(COMMANDS)} (`ddpm --help` says what each does)")
     args, rest = parser.parse_known_args(argv)
     command = importlib.import_module(COMMANDS[args.command][0])
     program = sys.argv[0]
-    sys.argv[0] = f"ddpm {args.command}"  # the name argparse gives the command's usage line
+    sys.argv[0] = f"ddpm {args.command}"  # the name its usage line shows (`ddpm.prog.command_name`)
     try:
         command.main(rest)
     finally:

@@ -29,6 +29,7 @@ import argparse
 import sys
 
 from ddpm.config import ConfigError
+from ddpm.prog import command_name
 from ddpm.training import USER_ERRORS
 from ddpm.training.consistency import (
     CONSISTENCY_LR,
@@ -47,7 +48,9 @@ OWN_OPTIONS = {
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=command_name("ddpm.distill"),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("run", metavar="RUN", help="the teacher: a run directory or one of its checkpoints")
     parser.add_argument("--out", required=True, metavar="STUDENT", help="the student's run directory")

@@ -34,6 +34,7 @@ from ddpm.inference import load_for_sampling
 from ddpm.interop.diffusers import CONDITIONAL_PIPELINE, DIFFUSERS_SAMPLER_SETTINGS, save_diffusers_pipeline
 from ddpm.io import CheckpointError, atomic_write
 from ddpm.models.unet import UNet
+from ddpm.prog import command_name
 
 
 def export_pipeline(
@@ -82,7 +83,7 @@ def export_pipeline(
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line (`argv`, default sys.argv[1:]) and export; see the module docstring."""
     parser = argparse.ArgumentParser(
-        prog="python -m ddpm.export",
+        prog=command_name("ddpm.export"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -35,6 +35,7 @@ from ddpm.config import SPLITS, ConfigError, DataConfig, load_config
 from ddpm.data import DataError, build_dataset
 from ddpm.inference import load_for_sampling
 from ddpm.io import CheckpointError
+from ddpm.prog import command_name
 from ddpm.progress import progress_bar
 from ddpm.run_dir import RUN_CONFIG
 from ddpm.samplers import Denoised, denoiser
@@ -126,7 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     """Parse the command line, print the cost on stderr, then `bits/dim: MEAN +- STDERR (...)` on stdout; bad
     input exits with one line `error: ...` and status 1."""
     parser = argparse.ArgumentParser(
-        prog="python -m ddpm.nll", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=command_name("ddpm.nll"),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "checkpoint", help="a run directory (its latest checkpoint), a checkpoint or a model folder"

@@ -38,6 +38,7 @@ from ddpm.data import DataError, digit_masks, read_images
 from ddpm.digit_masks import COPIES
 from ddpm.inference import generate, load_for_sampling, save_images_to
 from ddpm.io import CheckpointError
+from ddpm.prog import command_name
 from ddpm.run_dir import RUN_CONFIG
 
 GRID_IMAGES = 16  # the images grid.png shows
@@ -144,7 +145,7 @@ def metrics(result: Segmentation) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m ddpm.segment",
+        prog=command_name("ddpm.segment"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -30,7 +30,7 @@ def test_the_default_is_passive_waiting_unless_the_user_chose():
 @pytest.mark.parametrize(
     "command",
     [
-        ["-c", "import ddpm"],
+        ["-c", "import ddpm; import torch"],  # ddpm loads torch on first use: code importing both
         [str(ROOT / "train.py"), "--help"],
         ["-m", "ddpm.sample_cli", "--help"],  # as `ddpm-sample` and sample.py run it
     ],

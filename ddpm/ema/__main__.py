@@ -27,6 +27,7 @@ from ddpm.ema.posthoc import (
     save_posthoc_model,
 )
 from ddpm.io import CheckpointError
+from ddpm.prog import command_name
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,7 +40,9 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> None:
     """Parse `argv` (default sys.argv[1:]); write the model folder and/or print the scores."""
     parser = _Parser(
-        prog="python -m ddpm.ema", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=command_name("ddpm.ema"),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("run", help="a run directory whose training wrote posthoc_ema/ snapshots")
     what = parser.add_mutually_exclusive_group(required=True)

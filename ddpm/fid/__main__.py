@@ -9,6 +9,7 @@ import ddpm.fid
 from ddpm.fid.metric import WEIGHTS_ENV, MissingDependencyError, compare, save_statistics
 from ddpm.fid.sources import SOURCES, pair_statistics
 from ddpm.io import CheckpointError
+from ddpm.prog import command_name
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -16,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     line each (`compare`), and the image counts on stderr; a missing file, a bad source or a missing
     torch-fidelity exits with one line `error: ...`."""
     parser = argparse.ArgumentParser(
-        prog="python -m ddpm.fid",
+        prog=command_name("ddpm.fid"),
         description=ddpm.fid.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
