@@ -11,8 +11,11 @@ loader reads it, is `ddpm.source`'s to decide (`ddpm.load_pretrained`); nothing 
 
 What this module still writes by hand, and why: the atomic writes (`atomic_write`, `atomic_folder`), since
 the mixin writes a folder's files in place, one after another, so that a crash would leave a truncated
-model.safetensors under its real name, or a new config beside old weights; and reading a schedule of either
-format (ours or a diffusers scheduler_config.json), which the mixin has no notion of.
+model.safetensors under its real name, or a new config beside old weights; task.json, settings of the data
+rather than of the network, which the mixin's config (the constructor's arguments) has no place for; and
+reading a schedule of either format (ours or a diffusers scheduler_config.json), which the mixin has no
+notion of. config.json, model.safetensors and the model card are the mixin's (`ddpm.models.hub_model`, which
+says why it still reads a folder itself), and so is the layout: folders written before it load unchanged.
 """
 
 from __future__ import annotations

@@ -104,6 +104,10 @@ def test_train_writes_a_complete_run_directory(tmp_path):
         "random_states_0.pkl",
     ]:
         assert (last / file).is_file(), file
+    # Both model folders' cards recommend the run's sampler settings (its sample: section).
+    sample = load_config(run / "config.yaml").sample
+    for card in (last / "README.md", last / "ema" / "README.md"):
+        assert f"Recommended: the `{sample.sampler}` sampler with {sample.steps} steps" in card.read_text()
     # Both weight folders load as plain UNets, and EMA differs from the raw weights.
     raw, ema = load_unet(last), load_unet(last / "ema")
     assert any(

@@ -65,6 +65,7 @@ def save_checkpoint(
     keep: int,
     posthoc_ema: PowerFunctionEMA | None = None,
     task: Mapping[str, Any] | None = None,
+    sampling: Mapping[str, Any] | None = None,
     extra: Mapping[str, UNet] | None = None,
 ) -> Path:
     """Write a checkpoint of the prepared training objects atomically; every process must call this.
@@ -72,8 +73,9 @@ def save_checkpoint(
     `model` and `ema_model` are the unwrapped networks; `posthoc_ema`, when the run tracks one, is saved as
     posthoc_ema.safetensors (`ddpm.ema.posthoc`); `task`, the run's built-in task
     (`ddpm.config.task_settings`, None for none), goes into both model folders (`ddpm.io.save_pretrained`),
-    so that each describes itself; `extra` networks (folder name -> network, e.g. the target network of
-    consistency distillation) each as a model folder of that name. Returns the checkpoint folder. Older
+    so that each describes itself, and so does `sampling`, the run's sampler settings, in their model cards
+    (`dataclasses.asdict(config.sample)`); `extra` networks (folder name -> network, e.g. the target network
+    of consistency distillation) each as a model folder of that name. Returns the checkpoint folder. Older
     checkpoints beyond the last `keep` are deleted once the new one is in place. Raises CheckpointError,
     leaving the earlier checkpoints as they were, when the weights are not finite or the files cannot be
     written, and RuntimeError when data-parallel replicas hold different weights.
@@ -90,8 +92,9 @@ def save_checkpoint(
     try:
         accelerator.save_state(str(tmp))  # model, optimizer, gradient scaler, per-process RNG states
         if accelerator.is_main_process:
-            save_pretrained(tmp, model, scheduler, task=task)  # beside Accelerate's model.safetensors
-            save_pretrained(tmp / EMA, ema_model, scheduler, task=task)
+            # beside Accelerate's model.safetensors
+            save_pretrained(tmp, model, scheduler, sampling=sampling, task=task)
+            save_pretrained(tmp / EMA, ema_model, scheduler, sampling=sampling, task=task)
             if posthoc_ema is not None:
                 save_snapshot(tmp / POSTHOC_EMA_FILE, posthoc_ema, state.step)
             for name, network in (extra or {}).items():

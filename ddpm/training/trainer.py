@@ -14,6 +14,7 @@ NaN and inf losses (`.nan_policy`), sample grids and FID (`.evaluation`), and im
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 from pathlib import Path
@@ -383,6 +384,7 @@ class Trainer:
             keep=self.config.train.keep_checkpoints,
             posthoc_ema=self.posthoc_ema,
             task=task_settings(self.config.data) if self.config.data.task != "none" else None,
+            sampling=dataclasses.asdict(self.config.sample),
             extra=self._checkpointed_networks(),
         )
 
