@@ -102,3 +102,17 @@ def test_the_benchmarks_page_shows_its_images_from_inside_the_site():
     assert '](digits.png){ width="138" style="image-rendering: pixelated" }' in page
     for source in hooks.BENCHMARK_IMAGES:
         assert (ROOT / source).is_file()
+
+
+def test_every_module_of_the_package_has_an_api_page():
+    """Each module of ddpm (but the `python -m` entry points) is rendered by a `::: module` line of a page
+    in docs/api/, so that a new module cannot be left out of the API reference."""
+    modules = set()
+    for path in (ROOT / "ddpm").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        if parts[-1] != "__main__":
+            modules.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    pages = "\n".join(page.read_text() for page in (ROOT / "docs" / "api").glob("*.md"))
+    documented = set(re.findall(r"^::: (\S+)$", pages, flags=re.M))
+    assert modules - documented == set(), "add these modules to a page of docs/api/"
+    assert documented - modules == set(), "these API pages name modules that do not exist"

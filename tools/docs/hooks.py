@@ -40,12 +40,12 @@ def on_files(files: "Files", config: Any) -> "Files":
 
 def config_reference() -> str:
     """The config reference page: one table per section, each key with its type, default and comment."""
-    from ddpm.config import TOP_LEVEL_KEYS, Config, _bundled_configs
+    from ddpm.config import BUNDLED_CONFIGS, TOP_LEVEL_KEYS, Config
     from ddpm.edm import FORMULATION, FORMULATIONS
     from ddpm.models import ARCHITECTURES
 
     top = {f.name: f for f in dataclasses.fields(Config)}
-    bundled = ", ".join(f"`{path.stem}`" for path in sorted(_bundled_configs().glob("*.yaml")))
+    bundled = ", ".join(f"`{path.stem}`" for path in sorted(BUNDLED_CONFIGS.glob("*.yaml")))
     lines = [
         "# Config reference",
         "",
