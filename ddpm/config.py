@@ -86,6 +86,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
+    """The `data:` section: which images, at what size, and how they are batched (`ddpm.data`)."""
+
     dataset: str = "digits"  # one of DATASETS: digits | digit_masks | folder | cifar10 | mnist | ...
     root: str | None = None  # folder of images, or torchvision root (required for all but digits)
     image_size: int = 16  # square side in pixels after resize (+ centre crop for folders/celeba)
@@ -107,6 +109,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """The `train:` section: the optimizer, its schedule, EMA, checkpoints, logging and the loss's options."""
+
     steps: int = 2000  # optimizer steps
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -167,6 +171,8 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
+    """The `sample:` section: the in-training sample grids, and `sample.py`'s defaults for the run."""
+
     sampler: str = "unipc"  # a name in ddpm.samplers.SAMPLERS; the default: BENCHMARKS.md section 5
     steps: int = 20  # solver steps per sample (a Heun step costs two network calls)
     eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 DDPM-like
@@ -190,6 +196,9 @@ class SampleConfig:
 
 @dataclass
 class Config:
+    """A whole config file: the `model` and `diffusion` constructors' arguments, the three sections above
+    and the run directory."""
+
     model: dict[str, Any] = field(default_factory=dict)  # build_model(model): UNet(**model) by default
     diffusion: dict[str, Any] = field(default_factory=dict)  # build_schedule(diffusion)
     data: DataConfig = field(default_factory=DataConfig)

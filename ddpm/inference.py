@@ -373,8 +373,8 @@ def grid_from_checkpoint(
     the weights, or the file `schedule` names, or for an OpenAI .pt file the one of its `openai_flags` (see
     `load_for_sampling`). `out` None writes to the run's samples/ folder (`samples_folder`: a folder
     outside a run gets one of its own)
-    sample-CHECKPOINT-WEIGHTS-SAMPLERSTEPS[-callsC][-NAMEVALUE...][-etaE][-classC][-guidanceG][-intervalLO-HI]
-    [-rescaleP][-autoguideWEAK][-condSTEM]-seedS-nN.png
+    `sample-CHECKPOINT-WEIGHTS-SAMPLERSTEPS[-callsC][-NAMEVALUE...][-etaE][-classC][-guidanceG][-intervalLO-HI]
+    [-rescaleP][-autoguideWEAK][-condSTEM]-seedS-nN.png`
     (callsC where the calls differ from the steps, NAMEVALUE for each solver option), a name that differs
     whenever the images would; `save_images` also writes one PNG per image in the folder of the grid's name
     without .png, each as soon as its batch is drawn (on threads: `ddpm.images.PngWriter`), and then the grid
@@ -844,7 +844,7 @@ def edit_from_checkpoint(
     edits with `class_label` when given, else with its null label (unconditioned); guidance needs a
     class_label. The noise of the batch starting at image s is drawn from a generator seeded from seed + s.
     `out` None writes to the run's samples/ folder (`samples_folder`)
-    KIND-CHECKPOINT-WEIGHTS-SAMPLERSTEPS[-strengthS | -jumpJxN][-classC][-guidanceG]-seedS-INPUT.png
+    `KIND-CHECKPOINT-WEIGHTS-SAMPLERSTEPS[-strengthS | -jumpJxN][-classC][-guidanceG]-seedS-INPUT.png`
     (.safetensors for inversion, without the seed): a grid of the inputs (the pixels to fill in grey) over
     the results, min(N, 16) to a row.
     Raises ValueError (a DataError for unreadable images) naming the sample.py option, and CheckpointError.

@@ -57,10 +57,13 @@ def diffusion_losses(
     Args:
         model: the network call (x_t, t, cond) -> output, e.g. a UNet under autocast.
         scheduler: the noise schedule.
-        x0: (N, C, H, W) clean images. noise: (N, C, H, W) eps ~ N(0, I). t: (N,) long timesteps.
+        x0: (N, C, H, W) clean images.
+        noise: (N, C, H, W) eps ~ N(0, I).
+        t: (N,) long timesteps.
         cond: the conditions, handed to the model as they are: a `Conditions` (after `drop_conditions`),
             (N,) long class labels (after `drop_labels`), or None for an unconditional model.
-        weighting, min_snr_gamma: as in `NoiseScheduler.loss_weight` (they weight the MSE term only).
+        weighting: as in `NoiseScheduler.loss_weight` (it weights the MSE term only).
+        min_snr_gamma: as in `NoiseScheduler.loss_weight`.
 
     Returns (N,) float32.
     """

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         "--openai-flags",
         metavar="FLAGS",
         help="for an OpenAI .pt checkpoint (guided-diffusion, improved-diffusion): the MODEL_FLAGS and "
-        "DIFFUSION_FLAGS published with it, as one string (README, Interoperability)",
+        "DIFFUSION_FLAGS published with it, as one string (docs/openai.md)",
     )
     edit = parser.add_argument_group("editing (--n and --calls do not apply)")
     edit.add_argument("--init-image", metavar="PATH", help="an image or a folder of images to edit")

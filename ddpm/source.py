@@ -173,8 +173,8 @@ def load_openai_source(
     if flags is None:
         raise CheckpointError(
             f"{source.path} is an OpenAI checkpoint file: pass --openai-flags with the MODEL_FLAGS (and "
-            'DIFFUSION_FLAGS) published with it, e.g. --openai-flags "--image_size 64 ..." (README, '
-            "Interoperability)"
+            'DIFFUSION_FLAGS) published with it, e.g. --openai-flags "--image_size 64 ..." '
+            "(docs/openai.md)"
         )
     try:
         model_flags, diffusion_flags = parse_openai_flags(flags)

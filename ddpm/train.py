@@ -16,7 +16,7 @@ Exit status: 0 when training finished; 1 with a one-line `error: ...` on stderr 
 (130 for SIGINT, 143 for SIGTERM) when a signal stopped training after saving a checkpoint of the current
 step, and 130 when Ctrl-C came before training started (nothing to save). A launcher reports its own status:
 `accelerate launch` exits 1 for any of these failures and signals, and prints a traceback after our line
-unless given -q (one process); see README, "Exit statuses and launchers".
+unless given -q (one process); see docs/faults-and-resume.md, "Exit statuses and launchers".
 """
 
 import argparse

@@ -31,7 +31,9 @@ from ddpm.samplers import sample
 from ddpm.schedule import NoiseScheduler
 
 diffusers = pytest.importorskip("diffusers")
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+# The pages whose checked code blocks run here: README.md and the documentation site's pages (docs/).
+DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 # config.json of google/ddpm-cifar10-32 as published (by diffusers 0.0.4: no dropout, add_attention...).
 DDPM_CIFAR10 = {
@@ -431,27 +433,31 @@ def test_scheduler_from_diffusers_reads_thresholding_at_one_as_clipping():
         scheduler_from_diffusers({**base, "thresholding": True, "sample_max_value": 2.0})
 
 
-# --- the README's code blocks -------------------------------------------------------------------------------
+# --- the docs' code blocks ---------------------------------------------------------------------------------
 
 
-def checked_readme_blocks() -> dict[str, str]:
-    """The README's ```python blocks whose first line is `# checked`, by the heading above them."""
-    blocks, heading = {}, ""
-    for part in re.split(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M):
-        if part.startswith("# checked\n"):
-            blocks[heading if heading not in blocks else f"{heading} ({len(blocks)})"] = part
-        else:
-            heading = (re.findall(r"^#+ (.*)$", part, flags=re.M) or [heading])[-1]
+def checked_doc_blocks() -> dict[str, str]:
+    """The ```python blocks of README.md and docs/ whose first line is `# checked`, by page and the heading
+    above them."""
+    blocks = {}
+    for page in DOC_PAGES:
+        heading = ""
+        for part in re.split(r"^```python\n(.*?)^```", page.read_text(), flags=re.S | re.M):
+            if part.startswith("# checked\n"):
+                name = f"{page.relative_to(ROOT)}: {heading}"
+                blocks[name if name not in blocks else f"{name} ({len(blocks)})"] = part
+            else:
+                heading = (re.findall(r"^#+ (.*)$", part, flags=re.M) or [heading])[-1]
     return blocks
 
 
-READMES_BLOCKS = checked_readme_blocks()
+CHECKED_BLOCKS = checked_doc_blocks()
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers
-@pytest.mark.parametrize("name", list(READMES_BLOCKS))
-def test_each_checked_readme_block_runs_alone_as_written(name, tmp_path, monkeypatch):
-    """Each block in a fresh namespace and folder holding only the folders the README names: a (tiny)
+@pytest.mark.parametrize("name", list(CHECKED_BLOCKS))
+def test_each_checked_docs_block_runs_alone_as_written(name, tmp_path, monkeypatch):
+    """Each block in a fresh namespace and folder holding only the folders the docs name: a (tiny)
     download of google/ddpm-cifar10-32, a (tiny) CIFAR-10 run's EMA weights and a (tiny) class-conditional
     digits run's; diffusers copies the code of an exported folder into a fresh modules cache."""
     monkeypatch.chdir(tmp_path)
@@ -475,13 +481,13 @@ def test_each_checked_readme_block_runs_alone_as_written(name, tmp_path, monkeyp
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: more threads only wait for each other on a shared machine
     try:
-        exec(compile(READMES_BLOCKS[name], f"README.md ({name})", "exec"), {"__name__": "readme"})
+        exec(compile(CHECKED_BLOCKS[name], name, "exec"), {"__name__": "docs"})
     finally:
         torch.set_num_threads(threads)
 
 
-def test_the_readme_has_checked_blocks():
-    assert len(READMES_BLOCKS) == 9, list(READMES_BLOCKS)  # the parser finds them all
+def test_the_docs_have_their_checked_blocks():
+    assert len(CHECKED_BLOCKS) == 9, list(CHECKED_BLOCKS)  # the parser finds them all
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers

@@ -16,7 +16,7 @@ embedding; GroupNorm(32, eps 1e-5) computed in float32 (torch's autocast does th
 is our time_injection "scale_shift", else "add"; the label embedding (exactly 1000 rows: null_label=False) is
 added to the time embedding. Pure weight-layout differences are permuted at load time: their qkv 1x1 conv
 (3C, C, 1) becomes to_q, to_k and to_v, split per head then per q/k/v in their legacy order
-([head][q|k|v][channel]) or per q/k/v then per head with use_new_attention_order ([q|k|v][head][channel]);
+(`[head][q|k|v][channel]`) or per q/k/v then per head with use_new_attention_order (`[q|k|v][head][channel]`);
 their proj_out 1x1 conv becomes to_out. Attention at `attention_resolutions` (feature-map sides) means their
 downsampling rates image_size // r. With rescale_timesteps the network sees t * 1000 / diffusion_steps
 (our time_scale).
@@ -479,8 +479,8 @@ def _rename(ours: str, *, squeeze: bool = False) -> Converter:
 
 
 def _split_qkv(ours: str, kind: str, heads: int, new_order: bool) -> Converter:
-    """Their qkv output channels are [head][q|k|v][channel] (legacy) or [q|k|v][head][channel]
-    (use_new_attention_order); ours are three projections, each [head][channel]."""
+    """Their qkv output channels are `[head][q|k|v][channel]` (legacy) or `[q|k|v][head][channel]`
+    (use_new_attention_order); ours are three projections, each `[head][channel]`."""
 
     def convert(tensor: Tensor) -> dict[str, Tensor]:
         rows = tensor.reshape(tensor.shape[0], -1)  # (3C, C) or (3C, 1)
