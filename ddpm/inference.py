@@ -709,12 +709,18 @@ def _check_options(**options: int) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value}")
 
 
-def _refuse_unconditioned(model: torch.nn.Module) -> None:
-    """ValueError for a model conditioned on more than labels (an image, a vector, a token sequence), whose
-    conditions generate cannot make up: they must be given."""
+def needed_conditions(model: torch.nn.Module) -> str:
+    """The settings by which `model` is conditioned on more than labels (an image, a vector, a token
+    sequence), as "model.cond_channels=1, ...", whose conditions no sampler can make up; "" for none."""
     needed = [name for name in ("cond_channels", "cond_dim", "context_dim") if getattr(model, name, None)]
-    if needed:
-        settings = ", ".join(f"model.{name}={getattr(model, name)}" for name in needed)
+    return ", ".join(f"model.{name}={getattr(model, name)}" for name in needed)
+
+
+def _refuse_unconditioned(model: torch.nn.Module) -> None:
+    """ValueError for a model conditioned on more than labels (`needed_conditions`), whose conditions
+    generate cannot make up: they must be given."""
+    settings = needed_conditions(model)
+    if settings:
         raise ValueError(
             f"this model is conditioned on more than labels ({settings}): pass the conditions of the images "
             "(generate's cond; sample.py --cond-image for an image condition, --cond for a vector or a "
