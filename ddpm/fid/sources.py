@@ -7,9 +7,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,7 +18,14 @@ from torch.utils.data import DataLoader, Subset
 
 from ddpm.conditions import Conditions
 from ddpm.config import DataConfig, SampleConfig, load_config
-from ddpm.data import build_dataset, convert_image, image_files, item_conditions, loader_workers
+from ddpm.data import (
+    build_dataset,
+    collate_batch,
+    convert_image,
+    image_files,
+    item_conditions,
+    loader_workers,
+)
 from ddpm.fid.metric import (
     FEATURE_DIM,
     Statistics,
@@ -146,8 +153,11 @@ def reference_statistics(
     device: torch.device | str | None = None,
     progress: bool = True,
     accelerator: Accelerator | None = None,
+    model: Mapping[str, Any] | None = None,
 ) -> Statistics | None:
-    """Inception statistics of every image of the data set `data` describes (random flips off).
+    """Inception statistics of every image of the data set `data` describes (random flips off); with
+    condition files (data.conditions, data.paired) `model`, the network's config, which they are checked
+    against (`build_dataset`), is needed, and only the images are used.
 
     With `cache`, the statistics are read from that .npz file when it holds those of the same data set
     (dataset, split, root, image_size, channels) and weights file, else computed and written there. With
@@ -175,14 +185,16 @@ def reference_statistics(
         cached = cached if int(everywhere.min()) == 1 else None
     if cached is not None:
         return cached if rank == 0 else None
-    dataset = build_dataset(data)
+    dataset = build_dataset(data, model)
     chunks = [(start, min(batch_size, len(dataset) - start)) for start in range(0, len(dataset), batch_size)]
     mine = chunks[rank::world]
     indices = [i for start, size in mine for i in range(start, start + size)]
     workers = loader_workers(data.num_workers)
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(
+        Subset(dataset, indices), batch_size=batch_size, num_workers=workers, collate_fn=collate_batch
+    )
     features = inception_features(
-        (to_uint8(images) for images, _ in loader),
+        (to_uint8(images) for images, *_ in loader),
         weights=weights,
         batch_size=batch_size,
         device=device,
@@ -221,9 +233,14 @@ def source_statistics(
         return load_statistics(path)
     weights = resolve_weights(weights)  # before anything slow, so that a missing file stops us at once
     if path.suffix in (".yaml", ".yml"):
-        data = load_config(path).data
+        config = load_config(path)
         return reference_statistics(
-            data, weights=weights, batch_size=batch_size, device=device, progress=progress
+            config.data,
+            weights=weights,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+            model=config.model,
         )
     model = model_source(path, str(source))
     if model is not None and model.kind != "openai":
