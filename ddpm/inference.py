@@ -570,6 +570,13 @@ def read_cond_images(
     return Conditions(values)
 
 
+def needed_conditions(model: torch.nn.Module) -> str:
+    """The settings by which `model` is conditioned on more than labels (an image, a vector, a token
+    sequence), as "model.cond_channels=1, ...", whose conditions no sampler can make up; "" for none."""
+    needed = [name for name in ("cond_channels", "cond_dim", "context_dim") if getattr(model, name, None)]
+    return ", ".join(f"model.{name}={getattr(model, name)}" for name in needed)
+
+
 def _load_weak(
     source: str | Path, loaded: Loaded, *, use_ema: bool, schedule: str | Path | None, device: str
 ) -> Loaded:
@@ -707,13 +714,6 @@ def _check_options(**options: int) -> None:
         valid, expected = (value >= 0, ">= 0") if name == "seed" else (value > 0, "a positive integer")
         if not valid:
             raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value}")
-
-
-def needed_conditions(model: torch.nn.Module) -> str:
-    """The settings by which `model` is conditioned on more than labels (an image, a vector, a token
-    sequence), as "model.cond_channels=1, ...", whose conditions no sampler can make up; "" for none."""
-    needed = [name for name in ("cond_channels", "cond_dim", "context_dim") if getattr(model, name, None)]
-    return ", ".join(f"model.{name}={getattr(model, name)}" for name in needed)
 
 
 def _refuse_unconditioned(model: torch.nn.Module) -> None:

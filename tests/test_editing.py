@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -606,3 +607,39 @@ def test_editing_a_conditioned_model_takes_sample_py_s_conditions_row_by_row(tmp
         )  # fmt: skip
     with pytest.raises(ValueError, match=rf"^this model is conditioned on .*: pass {option} "):
         edit_from_checkpoint(tmp_path / "model", tmp_path / "images", strength=0.5, default_config=config)
+
+
+def test_a_trained_inpainting_model_is_edited_with_the_mask_of_its_condition(tmp_path):
+    """A model trained with data.task=inpaint takes --mask as the mask of its condition too, so it inpaints
+    (the condition: the masked image and the mask, `inpaint_condition`); other edits of it are refused."""
+    config = ROOT / "configs" / "digits.yaml"
+    torch.manual_seed(0)
+    model = perturb(UNet(**{**tiny_unet().config, "cond_channels": 2}))
+    ddpm.save_pretrained(
+        tmp_path / "model", model, NoiseScheduler(num_train_timesteps=20), task={"task": "inpaint"}
+    )
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (8, 8)).astype(np.uint8), mode="L").save(
+            tmp_path / "images" / f"{i}.png"
+        )
+    mask = Image.new("L", (8, 8), 0)
+    mask.paste(255, (0, 0, 4, 8))
+    mask.save(tmp_path / "mask.png")
+    loaded = ddpm.inference.load_for_sampling(tmp_path / "model", use_ema=False)
+    cond = ddpm.inference.read_cond_images(loaded, tmp_path / "images", mask=tmp_path / "mask.png")
+    images, _ = read_images(tmp_path / "images", image_size=8, channels=1)
+    keep = torch.zeros(1, 1, 8, 8)
+    keep[..., :4] = 1
+    torch.testing.assert_close(cond["image"], torch.cat([images * keep, keep.expand(2, -1, -1, -1)], dim=1))
+    seen = []
+    forward = UNet.forward
+    common = dict(default_config=config, steps=2, jump_n_sample=1, cond_image=tmp_path / "images")
+    with mock.patch.object(
+        UNet, "forward", lambda self, x, t, y=None: seen.append(y) or forward(self, x, t, y)
+    ):
+        edit_from_checkpoint(tmp_path / "model", tmp_path / "images", mask=tmp_path / "mask.png", **common)
+    torch.testing.assert_close(seen[0]["image"], cond["image"])
+    with pytest.raises(ValueError, match=r"data\.task=inpaint, whose condition needs the mask .*--mask"):
+        edit_from_checkpoint(tmp_path / "model", tmp_path / "images", strength=0.5, **common)
