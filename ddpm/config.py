@@ -404,7 +404,8 @@ def _condition_file_problems(
     if config.train.fid_every:
         problems.append(
             f"train.fid_every={config.train.fid_every} with condition files: the in-training FID samples "
-            "without conditions; set train.fid_every=0"
+            "without conditions; set train.fid_every=0 and score checkpoints with python -m ddpm.fid "
+            "CONFIG RUN, which samples on the data's conditions"
         )
     names = {"image": "cond_channels", "vector": "cond_dim", "context": "context_dim"}
     for kind, name in names.items():
@@ -484,7 +485,8 @@ def _task_problems(config: Config, model: Mapping[str, Any], key: Callable[[str]
     if config.train.fid_every:
         problems.append(
             f"train.fid_every={config.train.fid_every} with data.task={data.task}: the in-training FID "
-            "samples without the task's conditions; set train.fid_every=0"
+            "samples without the task's conditions; set train.fid_every=0 and score checkpoints with "
+            "python -m ddpm.fid CONFIG RUN, which samples on the data's conditions"
         )
     return problems
 

@@ -19,6 +19,7 @@ A built-in task (data.task) derives conditions from each batch of images, so tha
 (`inpaint_masks`, `inpaint_condition`).
 """
 
+import dataclasses
 import math
 import os
 import sys
@@ -27,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -181,6 +183,31 @@ def batch_conditions(
         masks = inpaint_masks(len(images), images.shape[-1], generator=generator, device=images.device)
         values["image"] = inpaint_condition(images, masks)
     return Conditions(values)
+
+
+def item_conditions(
+    data: DataConfig, dataset: Dataset, indices: Sequence[int], *, labels: bool, seed: int = 0
+) -> tuple[Tensor, Tensor, Conditions]:
+    """The items `indices` of `dataset` (built from `data`) with the conditions a network trained on them
+    takes, for scoring or sampling it on the data: images (N, C, H, W) in [-1, 1], labels (N,) (-1: none),
+    and `batch_conditions` of the batch (`collate_batch`: its condition files), with its labels when `labels`
+    (the model takes them). data.task inpaint's mask of item i comes from a generator seeded by (seed, i), so
+    an item's conditions depend neither on the items beside it nor on the training RNG."""
+    images, item_labels, *files = collate_batch([dataset[i] for i in indices])
+    task = dataclasses.replace(data, task="none") if data.task == "inpaint" else data
+    cond = batch_conditions(task, images, item_labels if labels else None, files=files[0] if files else None)
+    if data.task == "inpaint":
+        masks = [
+            inpaint_masks(1, images.shape[-1], generator=_item_generator(seed, i)) for i in indices
+        ]  # each (1, 1, S, S)
+        cond = Conditions({**cond.values, "image": inpaint_condition(images, torch.cat(masks))})
+    return images, item_labels, cond
+
+
+def _item_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU generator of its own for item `index`, seeded by a SeedSequence hash of (seed, index)."""
+    entropy = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(entropy))
 
 
 def digits_split(labels: Tensor, split: str) -> Tensor:

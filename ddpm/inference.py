@@ -570,6 +570,13 @@ def read_cond_images(
     return Conditions(values)
 
 
+def needed_conditions(model: torch.nn.Module) -> str:
+    """The settings by which `model` is conditioned on more than labels (an image, a vector, a token
+    sequence), as "model.cond_channels=1, ...", whose conditions no sampler can make up; "" for none."""
+    needed = [name for name in ("cond_channels", "cond_dim", "context_dim") if getattr(model, name, None)]
+    return ", ".join(f"model.{name}={getattr(model, name)}" for name in needed)
+
+
 def _load_weak(
     source: str | Path, loaded: Loaded, *, use_ema: bool, schedule: str | Path | None, device: str
 ) -> Loaded:
@@ -710,11 +717,10 @@ def _check_options(**options: int) -> None:
 
 
 def _refuse_unconditioned(model: torch.nn.Module) -> None:
-    """ValueError for a model conditioned on more than labels (an image, a vector, a token sequence), whose
-    conditions generate cannot make up: they must be given."""
-    needed = [name for name in ("cond_channels", "cond_dim", "context_dim") if getattr(model, name, None)]
-    if needed:
-        settings = ", ".join(f"model.{name}={getattr(model, name)}" for name in needed)
+    """ValueError for a model conditioned on more than labels (`needed_conditions`), whose conditions
+    generate cannot make up: they must be given."""
+    settings = needed_conditions(model)
+    if settings:
         raise ValueError(
             f"this model is conditioned on more than labels ({settings}): pass the conditions of the images "
             "(generate's cond; sample.py --cond-image for an image condition, --cond for a vector or a "
@@ -824,6 +830,8 @@ def edit_from_checkpoint(
     batch_size: int | str = AUTO,
     class_label: int | None = None,
     guidance_scale: float | None = None,
+    cond_image: str | Path | None = None,
+    cond_files: str | Path | None = None,
     use_ema: bool = True,
     schedule: str | Path | None = None,
     say: Callable[[str], None] | None = None,
@@ -842,11 +850,16 @@ def edit_from_checkpoint(
     img2img takes the run's sampler and steps unless given; inpainting the "ddpm" sampler and the run's steps
     unless given, and `jump_length`, `jump_n_sample`; inversion "ddim" and the run's steps. A class model
     edits with `class_label` when given, else with its null label (unconditioned); guidance needs a
-    class_label. The noise of the batch starting at image s is drawn from a generator seeded from seed + s.
+    class_label, or conditions beyond labels. A model conditioned on an image, a vector or a token sequence
+    needs them, as sample.py does (`grid_from_checkpoint`): `cond_image` (`read_cond_images`; for a model
+    trained with data.task=inpaint the mask of its condition is `mask`, so it inpaints only) and `cond_files`
+    (`read_cond_files`), one condition for every image or as many as there are images (paired in sorted
+    order); guidance is then against their null (`ddpm.conditions.Conditions.null`). The noise of the batch
+    starting at image s is drawn from a generator seeded from seed + s.
     `out` None writes to the run's samples/ folder (`samples_folder`)
-    `KIND-CHECKPOINT-WEIGHTS-SAMPLERSTEPS[-strengthS | -jumpJxN][-classC][-guidanceG]-seedS-INPUT.png`
-    (.safetensors for inversion, without the seed): a grid of the inputs (the pixels to fill in grey) over
-    the results, min(N, 16) to a row.
+    `KIND-CHECKPOINT-WEIGHTS-SAMPLERSTEPS[-strengthS | -jumpJxN][-classC][-guidanceG][-condSTEM]-seedS-IN.png`
+    (IN: the input's stem; .safetensors for inversion, without the seed): a grid of the inputs (the pixels
+    to fill in grey) over the results, min(N, 16) to a row.
     Raises ValueError (a DataError for unreadable images) naming the sample.py option, and CheckpointError.
     """
     if (init_image is None) == (invert_images is None):
@@ -884,9 +897,12 @@ def edit_from_checkpoint(
     steps = steps if steps is not None else loaded.sampling.steps
     eta = (loaded.sampling.eta if sampler == "ddim" and kind != "invert" else 0.0) if eta is None else eta
     guidance_scale = loaded.sampling.guidance_scale if guidance_scale is None else guidance_scale
-    _check_labels(model, class_label=class_label, guidance_scale=guidance_scale)
-    if guidance_scale != 1 and class_label is None:
+    conditioned = cond_image is not None or cond_files is not None
+    _check_labels(model, class_label=class_label, guidance_scale=guidance_scale, conditioned=conditioned)
+    if guidance_scale != 1 and class_label is None and not conditioned:
         raise ValueError(f"--guidance-scale {guidance_scale:g} needs --class-label when editing")
+    _check_cond_image(model, cond_image)
+    _check_cond_files(model, cond_files)
     try:
         check_sample_options(
             sampler=sampler,
@@ -907,6 +923,7 @@ def edit_from_checkpoint(
                 f"--mask {mask}: {len(mask_files)} masks for {len(files)} images; give one or as many"
             )
         masks = (masks > 0).float().expand(len(files), -1, -1, -1)  # white = keep
+    cond = _edit_conditions(loaded, len(files), cond_image, cond_files, mask=mask, class_label=class_label)
     if out is None:
         name = [kind, loaded.folder.name, loaded.weights, f"{sampler}{steps}"]
         name += [f"eta{eta:g}"] if eta else []
@@ -914,6 +931,7 @@ def edit_from_checkpoint(
         name += [f"jump{jump_length}x{jump_n_sample}"] if kind == "inpaint" else []
         name += [f"class{class_label}"] if class_label is not None else []
         name += [f"guidance{guidance_scale:g}"] if guidance_scale != 1 else []
+        name += [f"cond{Path(path).stem}" for path in (cond_image, cond_files) if path is not None]
         name += [f"seed{seed}"] if kind != "invert" else []
         name += [Path(init_image).stem]
         suffix = ".safetensors" if kind == "invert" else ".png"
@@ -930,13 +948,15 @@ def edit_from_checkpoint(
     autocast_dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
     for start in range(0, len(files), batch_size):
         batch = images[start : start + batch_size].to(device)
-        y = None
-        if getattr(model, "num_classes", None):
+        y, batch_cond = None, None
+        if cond is not None:
+            batch_cond = cond.rows(slice(start, start + len(batch))).to(device)
+        elif getattr(model, "num_classes", None):
             y = torch.full(
                 (len(batch),), model.null_class if class_label is None else class_label, device=device
             )
         generator = _noise_generator(seed + start, device)
-        common = {"y": y, "guidance_scale": guidance_scale, "progress": True}
+        common = {"y": y, "cond": batch_cond, "guidance_scale": guidance_scale, "progress": True}
         with torch.autocast(device, dtype=autocast_dtype, enabled=device == "cuda"):
             if kind == "invert":
                 result = invert(model, scheduler, batch, steps=steps, **common)
@@ -977,6 +997,41 @@ def edit_from_checkpoint(
     return save_grid(
         torch.cat([*_full_rows(shown), *_full_rows(result.clamp(-1, 1))]), out, nrow=min(len(files), 16)
     )
+
+
+def _edit_conditions(
+    loaded: Loaded,
+    n: int,
+    cond_image: str | Path | None,
+    cond_files: str | Path | None,
+    *,
+    mask: str | Path | None,
+    class_label: int | None,
+) -> Conditions | None:
+    """The conditions of the n images edited with --cond-image and --cond (None without either), read as
+    sample.py reads them (`read_cond_images`, `_with_cond_files`), one for all images or one each, with the
+    labels of editing: `class_label` for every image, else the null label (the label dropped)."""
+    if cond_image is None and cond_files is None:
+        return None
+    inpaints = loaded.task["task"] == "inpaint"
+    if cond_image is not None and inpaints and mask is None:
+        raise ValueError(
+            f"--cond-image {cond_image}: this model was trained with data.task=inpaint, whose condition "
+            "needs the mask of the pixels to fill in: edit it with --init-image and --mask (inpainting)"
+        )
+    cond = None
+    if cond_image is not None:
+        cond = read_cond_images(loaded, cond_image, mask=mask if inpaints else None, class_label=class_label)
+    if cond_files is not None:
+        cond = _with_cond_files(loaded.model, cond, cond_files, class_label=class_label)
+    if cond.batch_size not in (1, n):
+        given = (("--cond-image", cond_image), ("--cond", cond_files))
+        flags = " and ".join(f"{flag} {path}" for flag, path in given if path is not None)
+        raise ValueError(f"{flags}: {cond.batch_size} conditions for {n} images; give one or as many")
+    cond = cond.rows([0] * n) if cond.batch_size == 1 else cond
+    if "label" in cond and class_label is None:  # editing's default: no label, the null's
+        cond = cond.drop({"label": torch.ones(n, dtype=torch.bool)})
+    return cond
 
 
 def _full_rows(images: torch.Tensor, nrow: int = 16) -> list[torch.Tensor]:

@@ -8,8 +8,10 @@ Sec. 3.3), with the model's variance (fixed or learned: its noise_scheduler.json
 evaluations per image: the N x T rows (image, timestep) go B to a network call, many timesteps in one call,
 ceil(N T / B) calls, announced on stderr before the start and counted by the progress bar. Printed: the mean
 over N images and its standard error over images. Images are the split's first N in order, quantised to 8
-bits as PNGs would hold them (the decoder's 256 levels); a class-conditional model is scored on each image's
-label (-log p(x | y)), or on the null label where the data has none. The EMA weights, unless --raw. Data: the
+bits as PNGs would hold them (the decoder's 256 levels); a conditioned model is scored given each image's
+conditions, as training gave them (-log p(x | c)): its label, or the null label where the data has none, its
+condition files, and its model's task's image (data.task, saved with the weights: superres's low-resolution
+image, inpaint's masked image with a mask of its own). The EMA weights, unless --raw. Data: the
 run's `data:` section (its config.yaml), or that of the config file --data names, with the split --split
 names: by default "test" where the data set has one (published bits/dim are test-set numbers: torchvision's
 test sets, CelebA's test split, the digits' held-out 176), else "train" (a folder is one set of images).
@@ -31,8 +33,9 @@ import torch
 import yaml
 from torch import Tensor
 
+from ddpm.conditions import Conditions
 from ddpm.config import SPLITS, ConfigError, DataConfig, load_config
-from ddpm.data import DataError, build_dataset
+from ddpm.data import DataError, build_dataset, item_conditions
 from ddpm.inference import load_for_sampling
 from ddpm.io import CheckpointError
 from ddpm.prog import command_name
@@ -71,17 +74,23 @@ def image_nll(
     dataset: torch.utils.data.Dataset,
     *,
     n: int,
+    data: DataConfig | None = None,
     batch_size: int = 256,
     seed: int = 0,
     progress: bool = True,
 ) -> Likelihood:
     """The variational bound of `model` on the first `n` images of `dataset` ((image (C, H, W) in [-1, 1],
-    label) pairs, quantised here), on the model's device in float32, `batch_size` rows (image, timestep) per
-    network call: ceil(n T / batch_size) calls in all (`ddpm.vlb.bound_calls`), each many timesteps of one
-    image or more (`ddpm.vlb.variational_bound`). Image i's noise, for its T draws x_t ~ q(x_t | x0), is the
-    (i+1)-th (T, C, H, W) draw of a CPU generator seeded `seed`: results depend neither on the device nor on
-    the batch size, and an image's bound not on n. Labels: a class-conditional model gets each image's label,
-    or its null label for an image without one (-1). The progress bar counts network calls."""
+    label[, conditions]) items, quantised here), on the model's device in float32, `batch_size` rows (image,
+    timestep) per network call: ceil(n T / batch_size) calls in all (`ddpm.vlb.bound_calls`), each many
+    timesteps of one image or more (`ddpm.vlb.variational_bound`). Image i's noise, for its T draws
+    x_t ~ q(x_t | x0), is the (i+1)-th (T, C, H, W) draw of a CPU generator seeded `seed`: results depend
+    neither on the device nor on the batch size, and an image's bound not on n.
+
+    Conditions: each image's, as training gives them (`ddpm.data.item_conditions`, from the unquantised
+    image): a class-conditional model gets its label, or its null label for an image without one (-1); its
+    condition files; and the conditions `data.task` derives from it (`data`: the data section `dataset` was
+    built from, with the model's task; None: no task; inpaint's masks seeded by (seed, i)). The progress bar
+    counts network calls."""
     if not 1 <= n <= len(dataset):
         raise ValueError(f"n must be in 1..{len(dataset)} (the images of the data set), got {n}")
     if batch_size < 1:
@@ -90,22 +99,26 @@ def image_nll(
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     conditional = getattr(model, "num_classes", None) is not None
-    groups = _groups(n, T, batch_size)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=groups[0])
+    data = data if data is not None else DataConfig()
     bounds, terms, priors = [], [], []
     with progress_bar(
         total=bound_calls(n, T, batch_size), unit="call", show=progress, desc="bits/dim"
     ) as bar:
-        for images, labels in loader:
+        start = 0
+        for size in _groups(n, T, batch_size):
+            indices = range(start, start + size)
+            start += size
+            images, labels, cond = item_conditions(data, dataset, indices, labels=conditional, seed=seed)
             x0 = quantize(images.float()).to(device)
             if conditional and int(labels.max()) >= model.num_classes:
                 raise ValueError(
                     f"the data has label {int(labels.max())} but the model has num_classes="
                     f"{model.num_classes}: score it on its own data set (--data with the run's config)"
                 )
-            y = torch.where(labels < 0, model.null_class, labels).to(device) if conditional else None
+            if conditional:  # an image without a label is scored on the null label
+                cond = cond.drop({"label": labels < 0})
             bound = variational_bound(
-                _row_denoiser(model, scheduler, y),
+                _row_denoiser(model, scheduler, cond.to(device)),
                 scheduler,
                 x0,
                 generator=generator,
@@ -157,9 +170,11 @@ def main(argv: list[str] | None = None) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         loaded = load_for_sampling(args.checkpoint, use_ema=not args.raw, device=device)
-        data = _data_section(args.data, loaded.run_dir)
+        # the task the model was trained with (saved with its weights) gives its conditions
+        data = dataclasses.replace(_data_section(args.data, loaded.run_dir), **loaded.task)
         split = args.split or ("test" if "test" in SPLITS.get(data.dataset, ()) else "train")
-        dataset = build_dataset(dataclasses.replace(data, hflip=False, split=split))
+        data = dataclasses.replace(data, hflip=False, split=split)
+        dataset = build_dataset(data, loaded.model.config)
         if args.data is None and split == "test" and _training_split(loaded.run_dir) == "all":
             print(
                 "warning: this run trained on its test images too (data.split=all, or a digits run from "
@@ -176,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                 file=sys.stderr,
             )
         result = image_nll(
-            loaded.model, loaded.scheduler, dataset, n=n, batch_size=args.batch, seed=args.seed
+            loaded.model, loaded.scheduler, dataset, n=n, data=data, batch_size=args.batch, seed=args.seed
         )
     except (CheckpointError, ConfigError, DataError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")
@@ -210,12 +225,15 @@ def _groups(n: int, T: int, batch_size: int) -> list[int]:
     return [min(size, n - start) for start in range(0, n, size)]
 
 
-def _row_denoiser(model: torch.nn.Module, scheduler: NoiseScheduler, y: Tensor | None) -> RowDenoiser:
-    """The model's `RowDenoiser` for images labelled y (N,) (None: unconditional): each row gets its image's
-    label."""
+def _row_denoiser(model: torch.nn.Module, scheduler: NoiseScheduler, cond: Conditions) -> RowDenoiser:
+    """The model's `RowDenoiser` for images with the conditions `cond` (N rows; empty: unconditional): each
+    row gets its image's conditions, a dropped label the model's null label."""
+    null_class = getattr(model, "null_class", None)
 
     def denoise(x_t: Tensor, t: Tensor, image: Tensor) -> Denoised:
-        return denoiser(model, scheduler, y=None if y is None else y[image])(x_t, t)
+        return denoiser(model, scheduler, cond=cond.rows(image) if cond else cond, null_class=null_class)(
+            x_t, t
+        )
 
     return denoise
 

@@ -15,7 +15,8 @@ image-to-image (SDEdit), --mask inpainting (RePaint, white = keep), --invert wri
 A model conditioned on an image needs --cond-image (an image or a folder of images; for a superres run the
 low-resolution ones; for an inpaint run the images to fill in, with --mask): one image is drawn from each,
 and the grid shows the conditions above the images. A model conditioned on a vector or a token sequence
-needs --cond (a .npy or .safetensors file, or a folder of them): one image is drawn from each.
+needs --cond (a .npy or .safetensors file, or a folder of them): one image is drawn from each. Editing such a
+model takes them too: one condition for all the images edited, or one each.
 --autoguide guides with a weak version of the model (an early checkpoint of the same run) in place of the
 unconditional prediction (autoguidance, Karras et al. 2024), at --guidance-scale; unconditional models too.
 
@@ -218,9 +219,6 @@ def _edit(args: argparse.Namespace) -> Path:
     """--init-image with --strength or --mask, or --invert: `ddpm.inference.edit_from_checkpoint`."""
     if args.calls is not None or args.option:
         raise ValueError("editing takes --steps, not --calls or --option")
-    if args.cond_image is not None or args.cond is not None:
-        flag = "--cond-image" if args.cond_image is not None else "--cond"
-        raise ValueError(f"{flag} is for sampling; editing takes none: drop it")
     if args.guidance_interval or args.guidance_rescale:
         raise ValueError(
             "editing guides at every step, unrescaled: drop --guidance-interval, --guidance-rescale"
@@ -244,6 +242,8 @@ def _edit(args: argparse.Namespace) -> Path:
         batch_size=args.batch_size,
         class_label=args.class_label,
         guidance_scale=args.guidance_scale,
+        cond_image=args.cond_image,
+        cond_files=args.cond,
         use_ema=not args.raw,
         schedule=args.schedule,
         say=functools.partial(print, file=sys.stderr),

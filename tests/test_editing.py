@@ -5,17 +5,23 @@ Then the sample.py flags end to end on a tiny saved model."""
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from test_unet import perturb
 
 import ddpm
+from ddpm.condition_files import read_cond_files
+from ddpm.conditions import Conditions
+from ddpm.data import read_images
 from ddpm.edm import EDMScheduler
 from ddpm.exact_score import MIXTURE, exact_predictor, wasserstein1
 from ddpm.inference import edit_from_checkpoint
@@ -253,6 +259,46 @@ def test_editing_calls_the_model_with_sample_s_labels_and_guidance(edit):
     assert seen == [[0, 2, 3, 3]] * 2  # one batched call [cond, null] per step
     with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes\] = \[0, 3\]"):
         run(y=torch.tensor([0, 7]), progress=False)
+
+
+def point_mass_model(scheduler: NoiseScheduler):
+    """The exact epsilon of data that are the constant image c, c = the row's vector condition (N, 1), or 0
+    where that row's condition is dropped (the null): eps = (x_t - sqrt(alpha_bar) c) / sqrt(1 - alpha_bar).
+    Guided at scale s it is the exact epsilon of the constant s c, which DDIM reaches from any x_t."""
+
+    def model(x, t, y):
+        assert isinstance(y, Conditions)  # the conditions reach the network as one structure
+        c = torch.where(y.is_dropped("vector"), 0.0, y["vector"][:, 0]).view(-1, 1, 1, 1)
+        ab = scheduler.alpha_bar(t).to(x.dtype).view(-1, 1, 1, 1)
+        return (x - ab.sqrt() * c) / (1 - ab).sqrt()
+
+    return model
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.0])
+def test_each_edited_row_follows_its_own_condition_and_guidance_against_its_null(guidance_scale):
+    scheduler = NoiseScheduler(num_train_timesteps=20)
+    model, image = point_mass_model(scheduler), mixture_images((2, 1, 4, 4)).clamp(-1, 1)
+    cond = Conditions({"vector": torch.tensor([[0.3], [-0.4]])})
+    target = guidance_scale * cond["vector"].view(2, 1, 1, 1).expand(2, 1, 4, 4)
+    common = {"cond": cond, "guidance_scale": guidance_scale, "progress": False}
+    edited = ddpm.img2img(model, scheduler, image, 0.6, steps=5, **common)
+    torch.testing.assert_close(edited, target, atol=1e-5, rtol=0)
+    mask = half_mask(4)
+    filled = ddpm.inpaint(model, scheduler, image, mask, steps=5, sampler="ddim", jump_n_sample=2, **common)
+    torch.testing.assert_close(filled, torch.where(mask.bool(), image, target), atol=1e-5, rtol=0)
+    # Inversion: each row of a batch is its row inverted alone under its own condition, and another
+    # condition gives another x_T
+    x_T = ddpm.invert(model, scheduler, image, steps=5, **common)
+    for row in range(2):
+        alone = ddpm.invert(
+            model, scheduler, image[row : row + 1], steps=5, **{**common, "cond": cond.rows([row])}
+        )
+        torch.testing.assert_close(x_T[row : row + 1], alone, atol=1e-6, rtol=0)
+    swapped = ddpm.invert(model, scheduler, image, steps=5, **{**common, "cond": cond.rows([1, 0])})
+    assert not torch.allclose(swapped, x_T, atol=1e-2)
+    with pytest.raises(ValueError, match=r"the conditions hold 1 rows for 2 images"):
+        ddpm.img2img(model, scheduler, image, 0.6, steps=5, **{**common, "cond": cond.rows([0])})
 
 
 # --- interpolation ------------------------------------------------------------------------------------------
@@ -495,3 +541,105 @@ def test_editing_works_in_the_edm_formulation_s_frame():
     x_T = ddpm.invert(model, scheduler, image, steps=10, progress=False)
     back = ddpm.sample(model, scheduler, noise=x_T, sampler="ddim", steps=10, progress=False)
     torch.testing.assert_close(back, image, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["image", "vector"])
+def test_editing_a_conditioned_model_takes_sample_py_s_conditions_row_by_row(tmp_path, kind):
+    """--cond-image and --cond reach the editing functions as sample.py reads them: one condition each, or
+    one for all the images; a conditioned model edited without them, or with a count that fits no image, is
+    refused."""
+    config = ROOT / "configs" / "digits.yaml"
+    extra = {"image": {"cond_channels": 1}, "vector": {"cond_dim": 3}}[kind]
+    torch.manual_seed(0)
+    model = perturb(UNet(**{**tiny_unet().config, **extra}))
+    ddpm.save_pretrained(tmp_path / "model", model, NoiseScheduler(num_train_timesteps=20))
+    rng = np.random.default_rng(0)
+    for folder, count in (("images", 2), ("conds", 2), ("three", 3)):
+        for i in range(count):
+            path = tmp_path / folder / f"{i}.{'png' if folder == 'images' or kind == 'image' else 'npy'}"
+            path.parent.mkdir(exist_ok=True)
+            if path.suffix == ".png":
+                Image.fromarray(rng.integers(0, 256, (8, 8)).astype(np.uint8), mode="L").save(path)
+            else:
+                np.save(path, rng.normal(size=3).astype(np.float32))
+    (tmp_path / "one").mkdir()  # condition 0 alone
+    shutil.copy(next((tmp_path / "conds").iterdir()).with_stem("0"), tmp_path / "one")
+    flag = "cond_image" if kind == "image" else "cond_files"
+    loaded = ddpm.inference.load_for_sampling(tmp_path / "model", use_ema=False)
+    images, _ = read_images(tmp_path / "images", image_size=8, channels=1)
+
+    def conditions(folder: str) -> Conditions:
+        if kind == "image":
+            return ddpm.inference.read_cond_images(loaded, tmp_path / folder)
+        return read_cond_files(tmp_path / folder, {"cond_dim": 3, "context_dim": None})
+
+    def inverted(folder: str) -> torch.Tensor:
+        kwargs = {flag: tmp_path / folder, "out": tmp_path / f"{folder}.safetensors"}
+        path = edit_from_checkpoint(
+            tmp_path / "model", invert_images=tmp_path / "images", steps=3, default_config=config, **kwargs
+        )
+        with safe_open(path, "pt") as f:
+            return f.get_tensor("noise")
+
+    each = inverted("conds")
+    expected = ddpm.invert(loaded.model, loaded.scheduler, images, steps=3, cond=conditions("conds"))
+    torch.testing.assert_close(each, expected, atol=1e-5, rtol=0)
+    shared = inverted("one")  # one condition for both images: row 1 now under condition 0
+    one = conditions("one").rows([0, 0])
+    torch.testing.assert_close(
+        shared, ddpm.invert(loaded.model, loaded.scheduler, images, steps=3, cond=one), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(shared[0], each[0], atol=1e-5, rtol=0)  # the same condition 0 is read
+    assert not torch.allclose(shared[1], each[1], atol=1e-3)  # row 1 follows its condition
+    # Guidance against the conditions' null needs no class label; the default name says the conditions
+    grid = edit_from_checkpoint(
+        tmp_path / "model", tmp_path / "images", strength=0.5, steps=2, sampler="ddim", guidance_scale=2.0,
+        default_config=config, **{flag: tmp_path / "conds"},
+    )  # fmt: skip
+    assert grid.name == "img2img-model-raw-ddim2-strength0.5-guidance2-condconds-seed0-images.png"
+    option = "--cond-image" if kind == "image" else "--cond"
+    with pytest.raises(
+        ValueError, match=rf"^{option} \S+three: 3 conditions for 2 images; give one or as many$"
+    ):
+        edit_from_checkpoint(
+            tmp_path / "model", tmp_path / "images", strength=0.5, steps=2, default_config=config,
+            **{flag: tmp_path / "three"},
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=rf"^this model is conditioned on .*: pass {option} "):
+        edit_from_checkpoint(tmp_path / "model", tmp_path / "images", strength=0.5, default_config=config)
+
+
+def test_a_trained_inpainting_model_is_edited_with_the_mask_of_its_condition(tmp_path):
+    """A model trained with data.task=inpaint takes --mask as the mask of its condition too, so it inpaints
+    (the condition: the masked image and the mask, `inpaint_condition`); other edits of it are refused."""
+    config = ROOT / "configs" / "digits.yaml"
+    torch.manual_seed(0)
+    model = perturb(UNet(**{**tiny_unet().config, "cond_channels": 2}))
+    ddpm.save_pretrained(
+        tmp_path / "model", model, NoiseScheduler(num_train_timesteps=20), task={"task": "inpaint"}
+    )
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (8, 8)).astype(np.uint8), mode="L").save(
+            tmp_path / "images" / f"{i}.png"
+        )
+    mask = Image.new("L", (8, 8), 0)
+    mask.paste(255, (0, 0, 4, 8))
+    mask.save(tmp_path / "mask.png")
+    loaded = ddpm.inference.load_for_sampling(tmp_path / "model", use_ema=False)
+    cond = ddpm.inference.read_cond_images(loaded, tmp_path / "images", mask=tmp_path / "mask.png")
+    images, _ = read_images(tmp_path / "images", image_size=8, channels=1)
+    keep = torch.zeros(1, 1, 8, 8)
+    keep[..., :4] = 1
+    torch.testing.assert_close(cond["image"], torch.cat([images * keep, keep.expand(2, -1, -1, -1)], dim=1))
+    seen = []
+    forward = UNet.forward
+    common = dict(default_config=config, steps=2, jump_n_sample=1, cond_image=tmp_path / "images")
+    with mock.patch.object(
+        UNet, "forward", lambda self, x, t, y=None: seen.append(y) or forward(self, x, t, y)
+    ):
+        edit_from_checkpoint(tmp_path / "model", tmp_path / "images", mask=tmp_path / "mask.png", **common)
+    torch.testing.assert_close(seen[0]["image"], cond["image"])
+    with pytest.raises(ValueError, match=r"data\.task=inpaint, whose condition needs the mask .*--mask"):
+        edit_from_checkpoint(tmp_path / "model", tmp_path / "images", strength=0.5, **common)

@@ -20,11 +20,15 @@ import pytest
 import scipy.linalg
 import torch
 from PIL import Image
+from test_condition_files import folder_config, make_folder
+from test_unet import TINY, perturb
 from threadpoolctl import threadpool_limits
 
+import ddpm
 from ddpm import fid
-from ddpm.config import Config, DataConfig, SampleConfig, load_config, save_config
-from ddpm.data import build_dataset
+from ddpm.conditions import Conditions
+from ddpm.config import Config, DataConfig, SampleConfig, build_model, load_config, save_config
+from ddpm.data import build_dataset, collate_batch, superres_condition
 from ddpm.fid import metric, sources
 from ddpm.fid.__main__ import main as fid_main
 from ddpm.inference import generate, save_images_to
@@ -709,3 +713,72 @@ def test_model_statistics_sample_with_the_network_call_budget_of_the_section(tmp
     )
     expected = fid.statistics(features_of(fid.to_uint8(images), random_weights))
     np.testing.assert_allclose(stats.mu, expected.mu, rtol=1e-4, atol=1e-6)
+
+
+def test_a_superres_model_is_sampled_on_the_low_resolution_versions_of_the_reference_images(
+    tmp_path, random_weights, capsys
+):
+    """A model conditioned on more than labels draws image i from the conditions of reference item i (cycled):
+    the reference config's images, area-downsampled by the factor saved with the weights; without a data set
+    to take them from it is refused, saying how to give one."""
+    torch.manual_seed(0)
+    model = perturb(UNet(**{**TINY, "in_channels": 1, "out_channels": 1, "cond_channels": 1})).eval()
+    scheduler = NoiseScheduler(num_train_timesteps=50)
+    ddpm.save_pretrained(
+        tmp_path / "model", model, scheduler, task={"task": "superres", "superres_factor": 4}
+    )
+    images = random_uint8(2, size=8, seed=8)
+    write_pngs(tmp_path / "pngs", images, mode="L")
+    data = DataConfig(dataset="folder", root=str(tmp_path / "pngs"), image_size=8, channels=1, labels=False)
+    save_config(Config(data=data), tmp_path / "data.yaml")
+    options = dict(n=3, weights=random_weights, batch_size=2, device="cpu", seed=1, progress=False)
+    stats = fid.source_statistics(tmp_path / "model", data=data, **options)
+    pixels = torch.stack([build_dataset(data)[i][0] for i in (0, 1, 0)])  # item i mod 2
+    cond = Conditions({"image": superres_condition(pixels, 4)})
+    expected = generate(
+        model, scheduler, 3, image_shape=(1, 8, 8), cond=cond, seed=1, **SampleConfig().sampler_settings()
+    )
+    expected = fid.statistics(features_of(fid.to_uint8(expected), random_weights))
+    np.testing.assert_allclose(stats.mu, expected.mu, rtol=1e-4, atol=1e-6)
+    with pytest.raises(
+        ValueError,
+        match=r"conditioned on more than labels \(model\.cond_channels=1\): .*"
+        r"python -m ddpm\.fid CONFIG\.yaml MODEL",
+    ):
+        fid.source_statistics(tmp_path / "model", **options)
+    # The command line takes the conditions from the reference config REAL
+    fid_main(
+        [str(tmp_path / "data.yaml"), str(tmp_path / "model"), "--n", "3", "--seed", "1"]
+        + ["--weights", str(random_weights), "--batch-size", "2", "--device", "cpu"]
+    )
+    assert capsys.readouterr().out.startswith("fid ")
+
+
+def test_a_model_on_condition_files_is_scored_against_its_config_s_images_on_their_files(
+    tmp_path, random_weights
+):
+    """A config whose folder has condition files beside its images: the reference is its images alone (the
+    files checked against the config's model), and the model draws image i on item i's files."""
+    make_folder(tmp_path / "data", n=3)
+    config = folder_config(tmp_path / "data")
+    save_config(config, tmp_path / "data.yaml")
+    torch.manual_seed(0)
+    model = perturb(build_model(config.model)).eval()
+    scheduler = NoiseScheduler(num_train_timesteps=50)
+    ddpm.save_pretrained(tmp_path / "model", model, scheduler)
+    options = dict(n=2, weights=random_weights, batch_size=2, device="cpu", seed=0, progress=False)
+    real, fake = fid.pair_statistics(tmp_path / "data.yaml", tmp_path / "model", **options)
+    dataset = build_dataset(config.data, config.model)
+    images, _, cond = collate_batch([dataset[i] for i in range(3)])
+    expected = fid.statistics(features_of(fid.to_uint8(images), random_weights))
+    np.testing.assert_allclose(real.mu, expected.mu, rtol=1e-4, atol=1e-6)
+    drawn = generate(
+        model,
+        scheduler,
+        2,
+        image_shape=(1, 8, 8),
+        cond=cond.rows([0, 1]),
+        **SampleConfig().sampler_settings(),
+    )
+    expected = fid.statistics(features_of(fid.to_uint8(drawn), random_weights))
+    np.testing.assert_allclose(fake.mu, expected.mu, rtol=1e-4, atol=1e-6)

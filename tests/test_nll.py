@@ -5,14 +5,20 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from test_condition_files import folder_config, make_folder
 from test_fid import tiny_run
+from test_unet import TINY, perturb
 
-from ddpm.config import Config, DataConfig, save_config
-from ddpm.data import TensorImageDataset, build_dataset
+import ddpm
+from ddpm.conditions import Conditions
+from ddpm.config import Config, DataConfig, build_model, save_config
+from ddpm.data import TensorImageDataset, build_dataset, collate_batch, superres_condition
+from ddpm.models.unet import UNet
 from ddpm.nll import image_nll, main, quantize
 from ddpm.samplers import denoiser
 from ddpm.schedule import NoiseScheduler
@@ -169,3 +175,62 @@ def test_the_cli_refuses_a_folder_without_a_data_set(tmp_path):
         SystemExit, match="error: .*belongs to no run, so its data set is unknown: pass --data"
     ):
         main([str(tmp_path / "run" / "checkpoints" / "step-0000005"), "--device", "cpu"])
+
+
+def scored_json(argv: list[str], out: Path) -> dict:
+    main([*argv, "--device", "cpu", "--json", str(out)])
+    return json.loads(out.read_text())
+
+
+def bound_given(model, scheduler, images: torch.Tensor, cond: Conditions) -> torch.Tensor:
+    """Each image's bound (bits/dim) with its own row of `cond`, by `variational_bound` itself."""
+    return variational_bound(
+        lambda x_t, t, image: denoiser(model, scheduler, cond=cond.rows(image))(x_t, t),
+        scheduler,
+        quantize(images),
+        generator=torch.Generator().manual_seed(0),
+    ).total.double()
+
+
+def test_a_superres_model_is_scored_given_each_image_s_low_resolution_version(tmp_path):
+    """The task saved with the weights gives each held-out digit its condition (the digit area-downsampled
+    and upsampled back): the bound is that of the model given it, and another image's condition gives
+    another bound."""
+    torch.manual_seed(0)
+    model = perturb(UNet(**{**TINY, "in_channels": 1, "out_channels": 1, "cond_channels": 1})).eval()
+    scheduler = NoiseScheduler(num_train_timesteps=10)
+    ddpm.save_pretrained(
+        tmp_path / "model", model, scheduler, task={"task": "superres", "superres_factor": 4}
+    )
+    (tmp_path / "data.yaml").write_text("data: {image_size: 8, labels: false}\n")
+    argv = [str(tmp_path / "model"), "--data", str(tmp_path / "data.yaml"), "--n", "3", "--batch", "7"]
+    payload = scored_json(argv, tmp_path / "nll.json")
+    images = torch.stack(
+        [build_dataset(DataConfig(image_size=8, labels=False, split="test"))[i][0] for i in range(3)]
+    )
+    cond = Conditions({"image": superres_condition(images, 4)})
+    per_image = bound_given(model, scheduler, images, cond)
+    assert payload["bits_per_dim"] == pytest.approx(per_image.mean().item(), rel=1e-6)
+    swapped = bound_given(model, scheduler, images, cond.rows([1, 2, 0]))
+    assert abs(swapped.mean().item() - per_image.mean().item()) > 1e-4
+
+
+def test_a_model_on_condition_files_is_scored_given_each_image_s_files(tmp_path):
+    """A folder with condition files beside its images (a vector, a token sequence, an image): each image
+    is scored with its own files, as training fed them."""
+    make_folder(tmp_path / "data", n=4)
+    config = folder_config(tmp_path / "data", run=tmp_path / "run")
+    save_config(config, tmp_path / "data.yaml")
+    torch.manual_seed(0)
+    model = perturb(build_model(config.model)).eval()
+    scheduler = NoiseScheduler(num_train_timesteps=10)
+    ddpm.save_pretrained(tmp_path / "model", model, scheduler)
+    argv = [str(tmp_path / "model"), "--data", str(tmp_path / "data.yaml"), "--n", "3", "--batch", "8"]
+    payload = scored_json(argv, tmp_path / "nll.json")
+    dataset = build_dataset(config.data, config.model)
+    images, _, cond = collate_batch([dataset[i] for i in range(3)])
+    assert cond.kinds == ("image", "vector", "context")
+    per_image = bound_given(model, scheduler, images, cond)
+    assert payload["bits_per_dim"] == pytest.approx(per_image.mean().item(), rel=1e-6)
+    swapped = bound_given(model, scheduler, images, cond.rows([1, 2, 0]))
+    assert abs(swapped.mean().item() - per_image.mean().item()) > 1e-4

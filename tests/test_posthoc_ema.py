@@ -1,6 +1,7 @@
 """Post-hoc EMA (Karras et al. 2024): the power-function profile maths against closed forms, the least-squares
 reconstruction against EMAs tracked directly, and the snapshots of a training run (exact resume, the CLI)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -12,9 +13,13 @@ import torch
 from accelerate.state import AcceleratorState
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from test_condition_files import folder_config, make_folder
+from test_superres import tiny_superres
 from test_train import tiny_config
 
+from ddpm.conditions import Conditions
 from ddpm.config import ConfigError
+from ddpm.data import build_dataset, collate_batch, superres_condition
 from ddpm.ema import (
     SIGMA_REL_MAX,
     PowerFunctionEMA,
@@ -25,9 +30,10 @@ from ddpm.ema import (
     sigma_rel_to_gamma,
 )
 from ddpm.ema.__main__ import main as ema_main
-from ddpm.ema.posthoc import list_snapshots, load_run, posthoc_model, reconstruct
+from ddpm.ema.posthoc import denoising_score, list_snapshots, load_run, posthoc_model, reconstruct
 from ddpm.inference import load_for_sampling
 from ddpm.io import CheckpointError
+from ddpm.losses import diffusion_loss
 from ddpm.source import load_pretrained
 from ddpm.training import Trainer
 
@@ -253,3 +259,42 @@ def test_cli_errors_are_one_line(tmp_path):
     Trainer(tiny_config(run, "train.steps=1", "train.sample_every=0")).train()
     with pytest.raises(SystemExit, match="holds no snapshots: train with train.posthoc_ema_every"):
         ema_main([str(run), "--sigma-rel", "0.1", "--out", str(tmp_path / "o")])
+
+
+SHORT = ("train.steps=2", "train.checkpoint_every=2")
+
+
+@pytest.mark.parametrize("kind", ["files", "superres"])
+def test_runs_with_condition_files_or_a_task_score_each_image_with_its_conditions(tmp_path, kind):
+    """--sweep scores with the conditions training gave each image (its condition files; the task's
+    low-resolution image), and the model folder keeps the task, read by sampling and the likelihood."""
+    run = tmp_path / "run"
+    if kind == "files":
+        make_folder(tmp_path / "data", n=8)
+        config = folder_config(tmp_path / "data", *POSTHOC, *SHORT, "train.label_dropout=0", run=run)
+    else:
+        config = tiny_superres(run, *POSTHOC, *SHORT)
+    Trainer(config).train()
+    out = tmp_path / "phema"
+    ema_main([str(run), "--sweep", "0.05,0.1", "--n", "4", "--out", str(out)])
+    assert ((out / "task.json").is_file()) == (kind == "superres")
+    assert load_for_sampling(out).task == (
+        {"task": "superres", "superres_factor": 4} if kind == "superres" else {"task": "none"}
+    )
+    model, scheduler = load_pretrained(out)
+    data = build_dataset(dataclasses.replace(config.data, hflip=False), config.model)
+    indices = [i * len(data) // 4 for i in range(4)]
+    x0, _, *files = collate_batch([data[i] for i in indices])
+    cond = files[0] if kind == "files" else Conditions({"image": superres_condition(x0, 4)})
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(x0.shape, generator=generator)
+    t = scheduler.sample_timesteps(4, generator=generator)
+
+    def loss(cond: Conditions) -> float:
+        return diffusion_loss(
+            model, scheduler, x0, noise, t, cond, weighting=config.train.loss_weighting
+        ).item()
+
+    score = denoising_score(model, scheduler, config, n=4, seed=0)
+    assert score == pytest.approx(loss(cond), rel=1e-5)
+    assert abs(loss(cond.rows([1, 2, 3, 0])) - score) > 1e-6 * score  # another image's conditions differ

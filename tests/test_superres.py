@@ -370,8 +370,8 @@ def test_cond_images_of_a_class_model_carry_its_labels(tmp_path):
         ),
         (
             "image",
-            ["--cond-image", "lows", "--init-image", "lows", "--strength", "0.5"],
-            r"^error: --cond-image is for sampling; editing takes none: drop it$",
+            ["--init-image", "lows", "--strength", "0.5"],
+            r"^error: this model is conditioned on an image \(model\.cond_channels=1\): pass --cond-image ",
         ),
         (
             "image",

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from ddpm.config import task_settings
 from ddpm.ema.posthoc import (
     denoising_score,
     list_snapshots,
@@ -77,8 +78,9 @@ def main(argv: list[str] | None = None) -> None:
             step = args.step if args.step is not None else steps[-1]
             made_from = {"sigma_rel": widths[best], "step": step, "run": str(Path(args.run).resolve())}
             made_from["snapshot_steps"] = [s for s in steps if s <= step]
+            task = task_settings(config.data) if config.data.task != "none" else None
             save_posthoc_model(
-                args.out, model, scheduler, made_from, sampling=dataclasses.asdict(config.sample)
+                args.out, model, scheduler, made_from, sampling=dataclasses.asdict(config.sample), task=task
             )
             print(f"wrote {args.out} (post-hoc EMA, sigma_rel {widths[best]:.4f})", file=sys.stderr)
     except (CheckpointError, ValueError, OSError) as error:

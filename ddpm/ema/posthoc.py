@@ -31,10 +31,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ddpm.conditions import network_argument
 from ddpm.config import Config, build_model, build_schedule, load_config
-from ddpm.data import build_dataset
+from ddpm.data import build_dataset, item_conditions
 from ddpm.ema.power import PowerFunctionEMA, posthoc_coefficients
-from ddpm.io import CONFIG_NAME, NOISE_SCHEDULER, WEIGHTS_NAME, CheckpointError, atomic_write
+from ddpm.io import (
+    CONFIG_NAME,
+    NOISE_SCHEDULER,
+    TASK_FILE,
+    WEIGHTS_NAME,
+    CheckpointError,
+    atomic_write,
+)
 from ddpm.losses import diffusion_loss
 from ddpm.models.hub_model import CARD_NAME
 from ddpm.run_dir import RUN_CONFIG
@@ -47,7 +55,7 @@ PROVENANCE = (
     "posthoc_ema.json"  # in a model folder `python -m ddpm.ema` wrote: what it was reconstructed from
 )
 # What save_posthoc_model writes: an existing folder holding only these may be replaced.
-_MODEL_FOLDER_FILES = (CONFIG_NAME, WEIGHTS_NAME, NOISE_SCHEDULER, CARD_NAME, PROVENANCE)
+_MODEL_FOLDER_FILES = (CONFIG_NAME, WEIGHTS_NAME, NOISE_SCHEDULER, CARD_NAME, TASK_FILE, PROVENANCE)
 _SNAPSHOT_NAME = re.compile(r"step-(\d{7,})\.safetensors")
 
 
@@ -213,39 +221,40 @@ def denoising_score(
     model: torch.nn.Module, scheduler: NoiseScheduler, config: Config, *, n: int = 1024, seed: int = 0
 ) -> float:
     """The run's training loss (`diffusion_loss` with its `train.loss_weighting`) of `model` on n fixed
-    draws: images i * len / n of the data set (no flips), their labels, and noise and timesteps from a
-    generator seeded `seed`, the same for every model scored.
+    draws: images i * len / n of the data set (no flips), their conditions as training gives them
+    (`ddpm.data.item_conditions`: labels, condition files, data.task's image, inpaint's masks seeded by
+    (seed, i)), none dropped, and noise and timesteps from a generator seeded `seed`, the same for every
+    model scored.
 
     A cheap score for choosing the EMA length: no sampling and no external weights, seconds on a CPU, and the
     draws are shared, so the differences between EMA widths are not sampling noise. It measures denoising
     error, the quantity training minimises, not sample quality: confirm the chosen width with FID
     (`python -m ddpm.fid`) on the model folder it writes.
     """
-    data = build_dataset(dataclasses.replace(config.data, hflip=False))
+    data_config = dataclasses.replace(config.data, hflip=False)
+    data = build_dataset(data_config, config.model)
     n = min(n, len(data))
     indices = [i * len(data) // n for i in range(n)]
     generator = torch.Generator().manual_seed(seed)
     total, batch = 0.0, config.data.batch_size
     null_class = getattr(model, "null_class", None)
     for start in range(0, n, batch):
-        items = [data[i] for i in indices[start : start + batch]]
-        x0 = torch.stack([image for image, _ in items])
-        labels = (
-            torch.stack([torch.as_tensor(label) for _, label in items]) if null_class is not None else None
-        )
+        rows = indices[start : start + batch]
+        labelled = getattr(model, "num_classes", None) is not None
+        x0, _, cond = item_conditions(data_config, data, rows, labels=labelled, seed=seed)
         noise = torch.randn(x0.shape, generator=generator)
-        t = scheduler.sample_timesteps(len(items), generator=generator)
+        t = scheduler.sample_timesteps(len(rows), generator=generator)
         loss = diffusion_loss(
             model,
             scheduler,
             x0,
             noise,
             t,
-            labels,
+            network_argument(cond, null_class),
             weighting=config.train.loss_weighting,
             min_snr_gamma=config.train.min_snr_gamma,
         )
-        total += loss.item() * len(items)
+        total += loss.item() * len(rows)
     return total / n
 
 
@@ -256,11 +265,13 @@ def save_posthoc_model(
     made_from: dict,
     *,
     sampling: Mapping[str, Any] | None = None,
+    task: Mapping[str, Any] | None = None,
 ) -> None:
     """Write the model folder of a reconstructed EMA whole or not at all: `save_pretrained`'s config.json,
     model.safetensors, noise_scheduler.json and the model card README.md (with the run's `sampling` settings),
-    and PROVENANCE (`made_from` as JSON), built beside `folder`
-    under a temporary name and renamed (`ddpm.io.atomic_write`).
+    with `task` (the run's data.task settings, `ddpm.config.task_settings`; None: no task) TASK_FILE, so that
+    its conditions are read as training built them, and PROVENANCE (`made_from` as JSON), built beside
+    `folder` under a temporary name and renamed (`ddpm.io.atomic_write`).
 
     An existing `folder` holding nothing but those files (an earlier output, or nothing) is replaced whole;
     one holding anything else is refused, since replacing it would delete that. Raises FileExistsError naming
@@ -277,6 +288,8 @@ def save_posthoc_model(
             )
     with atomic_write(folder) as tmp:
         model.save_pretrained(tmp, scheduler=scheduler, sampling=sampling)  # already whole: atomic_write
+        if task is not None:
+            (tmp / TASK_FILE).write_text(json.dumps(dict(task), indent=2) + "\n")
         (tmp / PROVENANCE).write_text(json.dumps(made_from, indent=2) + "\n")
 
 

@@ -7,17 +7,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
+from ddpm.conditions import Conditions
 from ddpm.config import DataConfig, SampleConfig, load_config
-from ddpm.data import build_dataset, convert_image, image_files, loader_workers
+from ddpm.data import (
+    build_dataset,
+    collate_batch,
+    convert_image,
+    image_files,
+    item_conditions,
+    loader_workers,
+)
 from ddpm.fid.metric import (
     FEATURE_DIM,
     Statistics,
@@ -33,7 +41,8 @@ from ddpm.fid.metric import (
 )
 from ddpm.hub import local_path
 from ddpm.images import to_uint8
-from ddpm.inference import generate, load_for_sampling
+from ddpm.inference import Loaded, generate, load_for_sampling, needed_conditions
+from ddpm.run_dir import RUN_CONFIG
 from ddpm.schedule import NoiseScheduler
 from ddpm.source import model_source
 
@@ -78,13 +87,19 @@ def model_statistics(
     seed: int = 0,
     progress: bool = True,
     accelerator: Accelerator | None = None,
+    data: DataConfig | None = None,
 ) -> Statistics | None:
     """Inception statistics of `n` images drawn with `ddpm.inference.generate` and the sampler settings of
     `sampling` (default: SampleConfig()), on the model's device.
 
     Image i starts from noise seeded `seed + i`, so repeated evaluations during training see the same noise.
     Class-conditional models get labels 0, 1, ... cycling over the classes (balanced, as the data usually
-    are). The model is put in eval mode for sampling and left in the mode it came in.
+    are). A model conditioned on more than labels (an image, a vector, a token sequence) draws image i on the
+    conditions of item i mod len of the data set `data` describes (with the model's task, its labels and
+    condition files; `ddpm.data.item_conditions`, inpaint's masks seeded by (seed, i)): e.g. a superres
+    model's samples are super-resolutions of the reference images' low-resolution versions. Without `data`
+    such a model is refused (ValueError). The model is put in eval mode for sampling and left in the mode it
+    came in.
 
     With `accelerator` (an `accelerate.Accelerator`; every process must call this), the images are drawn in
     chunks dealt out to the processes in turn, each process samples and embeds its own chunks, and the
@@ -92,6 +107,7 @@ def model_statistics(
     chunks, their seeds and labels are those of the single-process call, so the result is the same, in
     1 / num_processes of the time.
     """
+    conditions = _data_conditions(model, data, seed)  # before the weights: a refusal costs nothing
     weights = resolve_weights(weights)
     sampling = sampling or SampleConfig()
     device = next(model.parameters()).device
@@ -102,7 +118,13 @@ def model_statistics(
     model.eval()
     try:
         batches = _sampled_batches(
-            model, scheduler, mine, sampling=sampling, batch_size=batch_size, seed=seed
+            model,
+            scheduler,
+            mine,
+            sampling=sampling,
+            batch_size=batch_size,
+            seed=seed,
+            conditions=conditions,
         )
         features = inception_features(
             batches,
@@ -131,8 +153,11 @@ def reference_statistics(
     device: torch.device | str | None = None,
     progress: bool = True,
     accelerator: Accelerator | None = None,
+    model: Mapping[str, Any] | None = None,
 ) -> Statistics | None:
-    """Inception statistics of every image of the data set `data` describes (random flips off).
+    """Inception statistics of every image of the data set `data` describes (random flips off); with
+    condition files (data.conditions, data.paired) `model`, the network's config, which they are checked
+    against (`build_dataset`), is needed, and only the images are used.
 
     With `cache`, the statistics are read from that .npz file when it holds those of the same data set
     (dataset, split, root, image_size, channels) and weights file, else computed and written there. With
@@ -160,14 +185,16 @@ def reference_statistics(
         cached = cached if int(everywhere.min()) == 1 else None
     if cached is not None:
         return cached if rank == 0 else None
-    dataset = build_dataset(data)
+    dataset = build_dataset(data, model)
     chunks = [(start, min(batch_size, len(dataset) - start)) for start in range(0, len(dataset), batch_size)]
     mine = chunks[rank::world]
     indices = [i for start, size in mine for i in range(start, start + size)]
     workers = loader_workers(data.num_workers)
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(
+        Subset(dataset, indices), batch_size=batch_size, num_workers=workers, collate_fn=collate_batch
+    )
     features = inception_features(
-        (to_uint8(images) for images, _ in loader),
+        (to_uint8(images) for images, *_ in loader),
         weights=weights,
         batch_size=batch_size,
         device=device,
@@ -194,18 +221,26 @@ def source_statistics(
     device: torch.device | str | None = None,
     seed: int = 0,
     progress: bool = True,
+    data: DataConfig | None = None,
 ) -> Statistics:
     """Inception statistics of one source: a folder of images, a YAML config (its data set), a model source
     other than an OpenAI file (`ddpm.source`: `n` images from a run's or checkpoint's EMA weights and its
-    `sample:` settings, or from a model folder, local or on the Hub) or an .npz file."""
+    `sample:` settings, or from a model folder, local or on the Hub) or an .npz file. A model conditioned on
+    more than labels is sampled on the conditions of the items of `data` (`model_statistics`), by default
+    of the data set of its run (its config.yaml); a model folder outside a run needs `data`."""
     path = local_path(source)  # a Hub repo id becomes its snapshot's folder; a missing path stops here
     if path.suffix == ".npz":
         return load_statistics(path)
     weights = resolve_weights(weights)  # before anything slow, so that a missing file stops us at once
     if path.suffix in (".yaml", ".yml"):
-        data = load_config(path).data
+        config = load_config(path)
         return reference_statistics(
-            data, weights=weights, batch_size=batch_size, device=device, progress=progress
+            config.data,
+            weights=weights,
+            batch_size=batch_size,
+            device=device,
+            progress=progress,
+            model=config.model,
         )
     model = model_source(path, str(source))
     if model is not None and model.kind != "openai":
@@ -221,6 +256,7 @@ def source_statistics(
             batch_size=batch_size,
             seed=seed,
             progress=progress,
+            data=_condition_data(loaded, data),
         )
     if path.is_dir():
         files = image_files(path)
@@ -252,14 +288,18 @@ def pair_statistics(
     progress: bool,
 ) -> tuple[Statistics, Statistics]:
     """`source_statistics` of `real` and of `fake`, with the same options; torch-fidelity, n and the weights
-    file are checked (and the weights downloaded on first use) before the first source's (maybe long) work."""
+    file are checked (and the weights downloaded on first use) before the first source's (maybe long) work.
+    Where one source is a YAML config, its data set is the reference whose items' conditions a model
+    conditioned on more than labels is sampled on (`source_statistics`' data)."""
     require_fidelity()
     if n <= 0:
         raise ValueError(f"the number of images to sample must be positive, got {n}")
     if any(Path(s).suffix != ".npz" for s in (real, fake)):
         weights = resolve_weights(weights)
+    configs = [source for source in (real, fake) if Path(source).suffix in (".yaml", ".yml")]
+    data = load_config(configs[0]).data if configs else None
     options = dict(n=n, weights=weights, batch_size=batch_size, device=device, seed=seed, progress=progress)
-    return source_statistics(real, **options), source_statistics(fake, **options)
+    return source_statistics(real, **options, data=data), source_statistics(fake, **options, data=data)
 
 
 def _chunks(model: torch.nn.Module, n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -279,8 +319,10 @@ def _sampled_batches(
     sampling: SampleConfig,
     batch_size: int,
     seed: int,
+    conditions: Callable[[range], Conditions] | None = None,
 ) -> Iterator[torch.Tensor]:
-    """uint8 images from `generate`, one batch per chunk of `_chunks` (image i seeded seed + i)."""
+    """uint8 images from `generate`, one batch per chunk of `_chunks` (image i seeded seed + i), the images
+    `indices` on `conditions(indices)` when given."""
     config = model.config
     shape = (config["in_channels"], config["image_size"], config["image_size"])
     for start, size in chunks:
@@ -290,11 +332,48 @@ def _sampled_batches(
             size,
             image_shape=shape,
             **sampling.sampler_settings(),
+            cond=conditions(range(start, start + size)) if conditions is not None else None,
             seed=seed + start,
             batch_size=batch_size,
             device=next(model.parameters()).device,
         )
         yield to_uint8(images)
+
+
+def _data_conditions(
+    model: torch.nn.Module, data: DataConfig | None, seed: int
+) -> Callable[[range], Conditions] | None:
+    """For a model conditioned on more than labels, indices -> the Conditions of images `indices`, image i
+    on item i mod len of the data set `data` describes (`ddpm.data.item_conditions`; a row without a label
+    on the null label); None for any other model. ValueError, naming the fix, without `data`."""
+    needed = needed_conditions(model)
+    if not needed:
+        return None
+    if data is None:
+        raise ValueError(
+            f"this model is conditioned on more than labels ({needed}): FID samples each image on the "
+            "conditions of a reference image; pass the data set that gives them (python -m ddpm.fid "
+            "CONFIG.yaml MODEL, the reference's config as REAL; model_statistics(data=...))"
+        )
+    dataset = build_dataset(dataclasses.replace(data, hflip=False), model.config)
+    labels = getattr(model, "num_classes", None) is not None
+
+    def conditions(indices: range) -> Conditions:
+        rows = [i % len(dataset) for i in indices]
+        _, item_labels, cond = item_conditions(data, dataset, rows, labels=labels, seed=seed)
+        return cond.drop({"label": item_labels < 0}) if labels else cond
+
+    return conditions
+
+
+def _condition_data(loaded: Loaded, data: DataConfig | None) -> DataConfig | None:
+    """The data set whose items condition `loaded.model` when it needs conditions beyond labels: `data`,
+    else its run's data section (None outside a run), with the task saved with the weights; else None."""
+    if not needed_conditions(loaded.model):
+        return None
+    if data is None and loaded.run_dir is not None:
+        data = load_config(loaded.run_dir / RUN_CONFIG).data
+    return dataclasses.replace(data, **loaded.task) if data is not None else None
 
 
 def _gather_chunks(

@@ -1,5 +1,6 @@
-"""Editing images with a diffusion model, through the samplers' own network call (`model_denoiser`: labels,
-classifier-free guidance) and steps:
+"""Editing images with a diffusion model, through the samplers' own network call (`model_denoiser`: the
+conditions, labels y or a `ddpm.conditions.Conditions` cond, and classifier-free guidance against their null)
+and steps:
 
 - `inpaint`: RePaint (Lugmayr et al. 2022), the known region replaced by the noised original at every step,
   with resampling jumps; `jump_n_sample=1` is the plain replacement method.
@@ -21,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ddpm.conditions import Conditions
 from ddpm.progress import progress_bar
 from ddpm.samplers.sampling import (
     SampleOptionError,
@@ -32,7 +34,7 @@ from ddpm.samplers.sampling import (
 from ddpm.samplers.solvers import alpha_bars, ancestral_step, ddim_step, gaussian_noise
 from ddpm.schedule import NoiseScheduler
 
-Model = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+Model = Callable[[Tensor, Tensor, Conditions | Tensor | None], Tensor]
 # RePaint's one-step samplers: a resampling jump goes back up a level, which a multistep solver's history
 # (or Heun's and the Euler family's sigma grid) cannot follow.
 INPAINT_SAMPLERS = ("ddpm", "ddim")
@@ -51,6 +53,7 @@ def inpaint(
     sampler: str = "ddpm",
     eta: float = 0.0,
     y: Tensor | None = None,
+    cond: Conditions | None = None,
     guidance_scale: float = 1.0,
     null_class: int | None = None,
     generator: torch.Generator | None = None,
@@ -70,9 +73,10 @@ def inpaint(
     each jump costs `jump_length` more network calls (`repaint_schedule` gives the path).
 
     image: (N, C, H, W) in [-1, 1] (the model's channels and size, when the model says them). mask:
-    (N, 1, H, W) or (H, W), 0 or 1 (bool or numbers), 1 = known. y, guidance_scale, null_class: as in
-    `ddpm.sample`. Returns (N, C, H, W) in image's dtype (at least float32), equal to `image`, bit for bit,
-    where mask is 1.
+    (N, 1, H, W) or (H, W), 0 or 1 (bool or numbers), 1 = known. y or cond (the N images' conditions, of any
+    kinds the model takes: each row edits its own image), guidance_scale, null_class: as in `ddpm.sample`
+    (guidance against cond.null()). Returns (N, C, H, W) in image's dtype (at least float32), equal to
+    `image`, bit for bit, where mask is 1.
     """
     if sampler not in INPAINT_SAMPLERS:
         raise ValueError(
@@ -87,7 +91,7 @@ def inpaint(
     known = _check_mask(mask, image)
     timesteps = sampling_timesteps(scheduler, sampler, steps)
     denoise = model_denoiser(
-        model, scheduler, image, y=y, guidance_scale=guidance_scale, null_class=null_class
+        model, scheduler, image, y=y, cond=cond, guidance_scale=guidance_scale, null_class=null_class
     )
     abars = alpha_bars(scheduler, timesteps)
     path = repaint_schedule(steps, jump_length, jump_n_sample)
@@ -145,6 +149,7 @@ def img2img(
     eta: float = 0.0,
     options: dict | None = None,
     y: Tensor | None = None,
+    cond: Conditions | None = None,
     guidance_scale: float = 1.0,
     null_class: int | None = None,
     generator: torch.Generator | None = None,
@@ -160,9 +165,9 @@ def img2img(
     runs the whole grid from q(x_T | image), which is ordinary sampling up to the sqrt(alpha_bar_T) image
     left in x_T (5e-5 on the cosine schedule, 6e-3 on the linear one, 0 at zero terminal SNR).
 
-    image: (N, C, H, W) in [-1, 1]. strength: a number in [0, 1]. sampler, steps, eta, options, y,
-    guidance_scale, null_class, generator: as in `ddpm.sample`. Returns (N, C, H, W) in image's dtype (at
-    least float32).
+    image: (N, C, H, W) in [-1, 1]. strength: a number in [0, 1]. sampler, steps, eta, options, y or cond
+    (one row per image), guidance_scale, null_class, generator: as in `ddpm.sample`. Returns (N, C, H, W) in
+    image's dtype (at least float32).
     """
     if not isinstance(strength, numbers.Real) or isinstance(strength, bool) or not 0 <= strength <= 1:
         raise ValueError(
@@ -188,6 +193,7 @@ def img2img(
         eta=eta,
         options=options,
         y=y,
+        cond=cond,
         guidance_scale=guidance_scale,
         null_class=null_class,
         generator=generator,
@@ -204,6 +210,7 @@ def invert(
     *,
     steps: int,
     y: Tensor | None = None,
+    cond: Conditions | None = None,
     guidance_scale: float = 1.0,
     null_class: int | None = None,
     progress: bool = True,
@@ -216,14 +223,15 @@ def invert(
     x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, with (x0, eps) the estimates at x_s from the
     network called at t, the timestep whose DDIM step comes back to s (eps(x_s, t) for the unknown
     eps(x_t, t): the error of the reconstruction falls with the step size). image: (N, C, H, W) in [-1, 1].
-    y, guidance_scale, null_class: as in `ddpm.sample`. Returns x_T (N, C, H, W), image's dtype (at least
+    y or cond (one row per image; sample back with the same), guidance_scale, null_class: as in
+    `ddpm.sample`. Returns x_T (N, C, H, W), image's dtype (at least
     float32).
     """
     _check_settings(scheduler, sampler="ddim", steps=steps, eta=0.0, guidance_scale=guidance_scale)
     image = _check_image(image, model)
     timesteps = sampling_timesteps(scheduler, "ddim", steps)
     denoise = model_denoiser(
-        model, scheduler, image, y=y, guidance_scale=guidance_scale, null_class=null_class
+        model, scheduler, image, y=y, cond=cond, guidance_scale=guidance_scale, null_class=null_class
     )
     abars = alpha_bars(scheduler, timesteps)
     x = image / scheduler.data_scale  # in the samplers' frame
