@@ -109,7 +109,9 @@ def test_the_loss_is_zero_at_the_ideal_student_and_weighted_by_the_truncated_snr
     ideal = progressive_distillation_losses(
         ideal_student(teacher, scheduler, 4), teacher, scheduler, x0, noise, index, grid
     )
-    assert ideal.abs().max() < 1e-10
+    # float64 round-off, which the epsilon form amplifies near x_T (x0 from eps divides by sqrt(alpha_bar)):
+    # 1.2e-10 on some CPUs, against losses of 1e-2 and more for a student off by 0.1 below
+    assert ideal.abs().max() < 1e-9
 
     def off_by(delta):  # a student whose x0 estimate is the ideal one + delta everywhere
         student = ideal_student(teacher, scheduler, 4)
