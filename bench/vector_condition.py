@@ -2,7 +2,7 @@
 configs/attributes_digits.yaml (data.task: attributes) have the ink, thickness and slant they were asked for?
 
     python bench/vector_condition.py RUN [RUN ...] [--guidance-scales 1,0,2] [--points 9] [--per-point 16]
-        [--floor-splits 100] [--json OUT]
+        [--floor-splits 100] [--figure PNG] [--json OUT]
     python bench/vector_condition.py --merge A.json B.json ... [--json OUT]
 
 Each RUN is a run directory (its latest checkpoint's EMA weights, its own sampler and steps, the attributes'
@@ -23,6 +23,8 @@ drawn, as its images are the same at every value and its rho 0 by construction),
 guidance. The held-out set's images are also scored as bench/quality.py scores (KID on the digit
 classifier's conv features against all 1,797 digits, with its floor: 176 real digits against the others;
 the classifier's mean confidence), so that control is not bought by images that stop looking like digits.
+--figure PATH writes the first run's sweep at guidance 1 as a grid: per attribute, FIGURE_NOISES rows (one
+noise each) of its --points values from low to high.
 --merge reports the --json files of runs scored apart (one per training seed) as one: each number's mean
 and standard deviation over the runs.
 """
@@ -49,10 +51,11 @@ from ddpm.attributes import (
 from ddpm.conditions import Conditions
 from ddpm.config import load_config
 from ddpm.data import split_digits
-from ddpm.inference import generate, load_for_sampling
+from ddpm.inference import generate, load_for_sampling, save_grid
 from ddpm.run_dir import RUN_CONFIG
 
 SWEEP_RANGE = (-2.0, 2.0)  # the sweep's asked values, in training standard deviations
+FIGURE_NOISES = 4  # --figure's rows per attribute
 SAME = ("guidance_scales", "points", "per_point", "floor_splits")  # what merged files share
 
 
@@ -72,7 +75,10 @@ def main() -> None:
     labelled = dataclasses.replace(config, data=dataclasses.replace(config.data, labels=True))
     scorer = quality.Scorer(labelled, splits=args.floor_splits, size=len(real))
     print(f"digit classifier held-out accuracy {scorer.accuracy:.3f}", flush=True)
-    results = [score_run(run, real, scorer, args) for run in args.runs]
+    results = [
+        score_run(run, real, scorer, args, figure=args.figure if i == 0 else None)
+        for i, run in enumerate(args.runs)
+    ]
     floor = {k: v for k, v in scorer.floor["kid_conv"].items() if k != "values"}
     payload = {
         "benchmark": "vector_condition",
@@ -99,6 +105,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--points", type=int, default=9, help="asked values per attribute in the sweep")
     parser.add_argument("--per-point", type=int, default=16, help="images per asked value in the sweep")
     parser.add_argument("--floor-splits", type=int, default=100)
+    parser.add_argument("--figure", type=Path, help="write the first run's sweep at guidance 1 here")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="report these --json files as one")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -107,8 +114,11 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def score_run(run: str, real: torch.Tensor, scorer: quality.Scorer, args: argparse.Namespace) -> dict:
-    """The held-out and sweep measurements of one run at each guidance scale (see the module docstring)."""
+def score_run(
+    run: str, real: torch.Tensor, scorer: quality.Scorer, args: argparse.Namespace, *, figure: Path | None
+) -> dict:
+    """The held-out and sweep measurements of one run at each guidance scale (see the module docstring);
+    `figure`: where to write its sweep at guidance 1 (`save_sweep`), or None."""
     loaded = load_for_sampling(run)
     mean, std = loaded.task["attribute_mean"], loaded.task["attribute_std"]
     seed = load_config(loaded.run_dir / RUN_CONFIG).train.seed
@@ -128,10 +138,12 @@ def score_run(run: str, real: torch.Tensor, scorer: quality.Scorer, args: argpar
             },
             "sweep": {},
         }
+        swept = []  # each attribute's sweep images
         for a, name in enumerate(ATTRIBUTES if scale > 0 else ()):  # at 0 rho is 0 by construction
             # one value at a time: its per_point images from the noises seeded 0, 1, ...
-            values = sweep_vectors[a].split(args.per_point)
-            measured = torch.cat([measure_attributes(draw(loaded, v, scale))[:, a] for v in values])
+            images = torch.cat([draw(loaded, v, scale) for v in sweep_vectors[a].split(args.per_point)])
+            measured = measure_attributes(images)[:, a]
+            swept.append(images)
             means = measured.view(args.points, args.per_point).mean(1)
             asked = unstandardise_attributes(sweep_vectors[a], mean, std)[:: args.per_point, a]
             setting["sweep"][name] = {
@@ -139,6 +151,8 @@ def score_run(run: str, real: torch.Tensor, scorer: quality.Scorer, args: argpar
                 "asked": asked.tolist(),
                 "mean_measured": means.tolist(),
             }
+        if figure is not None and scale == 1:
+            save_sweep(figure, swept, args.points)
         result["settings"].append(setting)
         print(f"{run} guidance {scale:g}: {json.dumps(_brief(setting))}", flush=True)
     return result
@@ -153,6 +167,17 @@ def sweep(points: int, per_point: int) -> tuple[torch.Tensor, torch.Tensor]:
     for a in range(len(ATTRIBUTES)):
         vectors[a, :, a] = z
     return vectors, z
+
+
+def save_sweep(path: Path, swept: list[torch.Tensor], points: int) -> None:
+    """Write each attribute's sweep images (points x per_point, C, H, W), in the order drawn, as one grid:
+    per attribute FIGURE_NOISES rows, one noise each, of the points from low to high."""
+    blocks = []
+    for images in swept:
+        by_point = images.view(points, -1, *images.shape[1:])[:, :FIGURE_NOISES]  # (P, K', C, H, W)
+        blocks.append(by_point.transpose(0, 1).reshape(-1, *images.shape[1:]))  # rows of one noise
+    save_grid(torch.cat(blocks), path, nrow=points)
+    print(f"wrote {path}", flush=True)
 
 
 def draw(loaded, vectors: torch.Tensor, scale: float) -> torch.Tensor:
