@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import torch
 import yaml
 
+from ddpm.attributes import ATTRIBUTES
 from ddpm.compiled import AUTO, COMPILE_MODES
 from ddpm.edm import FORMULATION, FORMULATIONS, EDMScheduler, schedule_class
 from ddpm.ema.power import DEFAULT_SIGMA_RELS, SIGMA_REL_MAX
@@ -68,8 +69,11 @@ SPLITS = {
 }
 # The values of data.task: what a built-in task derives from each image as its conditions (ddpm.data):
 # "none" nothing; "superres" the image area-downsampled by data.superres_factor and upsampled back; "inpaint"
-# the image with random holes, and the mask of its known pixels.
-TASKS = ("none", "superres", "inpaint")
+# the image with random holes, and the mask of its known pixels; "attributes" a vector of the image's measured
+# attributes (ddpm.attributes.ATTRIBUTES: ink, thickness, slant), standardised with the training set's.
+TASKS = ("none", "superres", "inpaint", "attributes")
+# The data keys `task_settings` saves with the weights.
+TASK_SETTINGS = ("task", "superres_factor", "attribute_mean", "attribute_std")
 # The kinds of condition data.conditions can read from files beside the images (ddpm.condition_files).
 CONDITION_FILE_KINDS = ("image", "vector", "context")
 # The conditions a data set gives with each image, by kind (ddpm.conditions.KINDS), beside its label:
@@ -98,8 +102,15 @@ class DataConfig:
     download: bool = False  # torchvision datasets only
     batch_size: int = 64  # per process
     num_workers: int | str = 0  # DataLoader workers per process, or "auto" (ddpm.data.loader_workers)
-    task: str = "none"  # one of TASKS: none | superres | inpaint (the conditions derived from each image)
+    task: str = (
+        "none"  # one of TASKS: none | superres | inpaint | attributes (conditions derived from images)
+    )
     superres_factor: int = 4  # superres: the side's reduction of the low-resolution image the model sees
+    # attributes: each attribute's mean and std (ddpm.attributes.ATTRIBUTES order, their own units), the units
+    # of the vector condition; null: measured on the training set when training starts (the run's saved
+    # config and its model folders' task.json then hold them, and sampling reads them there)
+    attribute_mean: tuple[float, ...] | None = None
+    attribute_std: tuple[float, ...] | None = None
     # folder: conditions read from files beside each image, kind (image, vector, context) -> the name part of
     # its files: {image: cond, vector: emb} reads cat.png's from cat.cond.png and cat.emb.npy (or
     # .safetensors); ddpm.condition_files says how they are named and shaped
@@ -376,12 +387,16 @@ def _condition_file_problems(
     files = set(data.conditions) | ({"image"} if data.paired else set())
     if not files:
         kinds = {"cond_dim": "a vector", "context_dim": "a token sequence"}
+        if data.task == "attributes":  # the task gives the vector (`_attribute_problems`)
+            del kinds["cond_dim"]
         for name, kind in kinds.items():
             if model.get(name) is not None:  # ClassicUNet has none of them
                 word = "vector" if name == "cond_dim" else "context"
+                task = ", or data.task=attributes" if name == "cond_dim" else ""
                 problems.append(
                     f"{key(name)} conditions the network on {kind}, but the data give none: set "
-                    f"model.{name}=null, or read one per image from files (data.conditions={{{word}: NAME}})"
+                    f"model.{name}=null{task}, or read one per image from files (data.conditions={{{word}: "
+                    "NAME})"
                 )
         return problems
     if data.dataset != "folder":
@@ -394,7 +409,12 @@ def _condition_file_problems(
             "data.paired=true reads each image condition from inputs/, and data.conditions names one too "
             f"(image: {data.conditions['image']}): drop one of them"
         )
-    if "image" in files and data.task != "none":
+    if "vector" in files and data.task == "attributes":
+        problems.append(
+            f"data.task=attributes gives the vector condition, and it is read from files too (vector: "
+            f"{data.conditions['vector']}): set data.task=none or read no vector from files"
+        )
+    if "image" in files and data.task not in ("none", "attributes"):
         problems.append(
             f"data.task={data.task} gives the image condition, and it is read from files too: set "
             "data.task=none or read no image from files"
@@ -458,17 +478,23 @@ def _task_problems(config: Config, model: Mapping[str, Any], key: Callable[[str]
     """What does not fit data.task: the image condition it gives (or none) against model.cond_channels, the
     factor against the image side, and the in-training FID, which samples without conditions."""
     data, cond_channels = config.data, model.get("cond_channels")
+    problems = _attribute_problems(data, model, key)
     if "image" in DATASET_CONDITIONS.get(data.dataset, ()):
-        return _dataset_image_problems(config, cond_channels)
-    if data.task == "none":
+        return problems + _dataset_image_problems(config, cond_channels)
+    if data.task != "none" and config.train.fid_every:
+        problems.append(
+            f"train.fid_every={config.train.fid_every} with data.task={data.task}: the in-training FID "
+            "samples without the task's conditions; set train.fid_every=0 and score checkpoints with "
+            "python -m ddpm.fid CONFIG RUN, which samples on the data's conditions"
+        )
+    if data.task in ("none", "attributes"):
         if cond_channels is None or "image" in data.conditions or data.paired:  # read from files
-            return []
-        return [
-            f"{key('cond_channels')} conditions the network on an image, but data.task=none gives none: set "
-            "model.cond_channels=null, or data.task=superres or inpaint, or read images from files "
+            return problems
+        return problems + [
+            f"{key('cond_channels')} conditions the network on an image, but data.task={data.task} gives "
+            "none: set model.cond_channels=null, or data.task=superres or inpaint, or read images from files "
             "(data.conditions={image: NAME} or data.paired=true)"
         ]
-    problems = []
     expected = task_cond_channels(data)
     if cond_channels != expected:
         what = "the masked image and the mask" if data.task == "inpaint" else "an image"
@@ -482,37 +508,73 @@ def _task_problems(config: Config, model: Mapping[str, Any], key: Callable[[str]
             f"data.superres_factor={data.superres_factor} does not divide data.image_size={data.image_size}: "
             "choose a factor of the side"
         )
-    if config.train.fid_every:
+    return problems
+
+
+def _attribute_problems(data: DataConfig, model: Mapping[str, Any], key: Callable[[str], str]) -> list[str]:
+    """What does not fit data.task=attributes: model.cond_dim other than the number of ATTRIBUTES, and
+    data.attribute_mean / attribute_std set without the task, only one of them, of another length than
+    ATTRIBUTES or with a std that is not positive."""
+    problems, n = [], len(ATTRIBUTES)
+    stats = {name: getattr(data, name) for name in ("attribute_mean", "attribute_std")}
+    given = [name for name, value in stats.items() if value is not None]
+    if data.task != "attributes":
+        return [f"data.{name} is set, but data.task={data.task}: set data.task=attributes" for name in given]
+    names = ", ".join(ATTRIBUTES)
+    if "cond_dim" not in model:
+        problems.append(f"data.task=attributes gives a vector ({names}) to a network that takes none: a UNet")
+    elif model["cond_dim"] != n:
         problems.append(
-            f"train.fid_every={config.train.fid_every} with data.task={data.task}: the in-training FID "
-            "samples without the task's conditions; set train.fid_every=0 and score checkpoints with "
-            "python -m ddpm.fid CONFIG RUN, which samples on the data's conditions"
+            f"data.task=attributes gives the network a vector of {n} attributes ({names}) but "
+            f"{key('cond_dim')}: set model.cond_dim={n}"
         )
+    if len(given) == 1:
+        missing = ({"attribute_mean", "attribute_std"} - set(given)).pop()
+        problems.append(f"data.{given[0]} is set without data.{missing}: set both, or neither (measured)")
+    for name in given:
+        if len(stats[name]) != n:
+            problems.append(
+                f"data.{name} has {len(stats[name])} entries but there are {n} attributes ({names}): give "
+                f"{n}, or null to measure them on the training set"
+            )
+    if stats["attribute_std"] is not None and not all(s > 0 for s in stats["attribute_std"]):
+        problems.append(f"data.attribute_std={_yaml(list(stats['attribute_std']))}: each must be > 0")
     return problems
 
 
 def task_cond_channels(data: DataConfig) -> int | None:
     """The channels of the image condition data.task gives: data.channels for superres (the low-resolution
-    image), data.channels + 1 for inpaint (the masked image, then the mask); None for no task."""
-    return {"none": None, "superres": data.channels, "inpaint": data.channels + 1}[data.task]
+    image), data.channels + 1 for inpaint (the masked image, then the mask); None for no task and for
+    attributes (a vector)."""
+    return {"none": None, "superres": data.channels, "inpaint": data.channels + 1, "attributes": None}[
+        data.task
+    ]
 
 
 def task_settings(data: DataConfig) -> dict[str, Any]:
     """The data keys of data.task that sampling needs to build its conditions as training did, saved with
-    the weights (`ddpm.io.TASK_FILE`): {"task": ...}, and for superres its "superres_factor"."""
+    the weights (`ddpm.io.TASK_FILE`): {"task": ...}, for superres its "superres_factor", for attributes
+    its "attribute_mean" and "attribute_std" (lists, the units of the vector condition)."""
     settings: dict[str, Any] = {"task": data.task}
     if data.task == "superres":
         settings["superres_factor"] = data.superres_factor
+    if data.task == "attributes":
+        settings["attribute_mean"] = _list(data.attribute_mean)
+        settings["attribute_std"] = _list(data.attribute_std)
     return settings
 
 
 def read_task_settings(settings: Mapping[str, Any], where: str) -> DataConfig:
     """The data section of saved `task_settings` (the other data keys at their defaults), checked as a config
     file's are; `where` names the file in errors (ConfigError)."""
-    unknown = sorted(set(settings) - {"task", "superres_factor"})
+    unknown = sorted(set(settings) - set(TASK_SETTINGS))
     if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; it holds task and superres_factor")
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; it holds {', '.join(TASK_SETTINGS)}")
     return _build({"data": dict(settings)}, lambda key: where).data
+
+
+def _list(values: tuple[float, ...] | None) -> list[float] | None:
+    return None if values is None else list(values)
 
 
 def _dataset_image_problems(config: Config, cond_channels: int | None) -> list[str]:
@@ -745,6 +807,10 @@ _TYPES: dict[Any, tuple[Callable[[Any], bool], str]] = {
         lambda v: isinstance(v, list | tuple) and all(map(_is_number, v)),
         "a list of numbers",
     ),
+    tuple[float, ...] | None: (  # data.attribute_mean, attribute_std
+        lambda v: v is None or isinstance(v, list | tuple) and all(map(_is_number, v)),
+        "a list of numbers, or null",
+    ),
 }
 
 
@@ -840,7 +906,10 @@ def _build_section(section: str, values: dict[str, Any], where: Callable[[str], 
             raise ConfigError(_invalid(key, value, where, _RANGES[key][1]))
         if types[name] is float:
             value = float(value)
-        elif types[name] in (tuple[float, float], tuple[float, ...]):
+        elif (
+            types[name] in (tuple[float, float], tuple[float, ...], tuple[float, ...] | None)
+            and value is not None
+        ):
             value = tuple(float(v) for v in value)
         kwargs[name] = value
     return cls(**kwargs)

@@ -16,7 +16,8 @@
 A built-in task (data.task) derives conditions from each batch of images, so that any data set serves it
 (`batch_conditions`): "superres" gives the model the image area-downsampled by data.superres_factor
 (`superres_condition`), "inpaint" the image with random holes and the mask of its known pixels
-(`inpaint_masks`, `inpaint_condition`).
+(`inpaint_masks`, `inpaint_condition`), "attributes" the vector of the image's measured attributes
+(`ddpm.attributes`), in units of the training set's (`with_attribute_statistics`).
 """
 
 import dataclasses
@@ -37,6 +38,7 @@ from torch.utils.data import Dataset, Subset, get_worker_info
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from ddpm.attributes import attribute_statistics, measure_attributes, standardise_attributes
 from ddpm.condition_files import (
     ARRAY_SUFFIXES,
     FILE_KINDS,
@@ -173,11 +175,21 @@ def batch_conditions(
 ) -> Conditions:
     """The conditions of a batch of images (N, C, H, W) in [-1, 1]: its labels (N,) (None: the model takes
     none), those read from files beside the images (`files`, the batch's third part: `collate_batch`), and
-    what data.task derives from the images as "image": "superres" `superres_condition`, "inpaint"
-    `inpaint_condition` with fresh `inpaint_masks` drawn from `generator` (None: the global RNG)."""
+    what data.task derives from the images: as "image", "superres" `superres_condition`, "inpaint"
+    `inpaint_condition` with fresh `inpaint_masks` drawn from `generator` (None: the global RNG); as
+    "vector" (N, len(ATTRIBUTES)), "attributes" the images' `measure_attributes` standardised with
+    data.attribute_mean and attribute_std (which must be set: `with_attribute_statistics`)."""
     values = {} if labels is None else {"label": labels}
     values.update(files.values if files is not None else {})
-    if data.task == "superres":
+    if data.task == "attributes":
+        if data.attribute_mean is None or data.attribute_std is None:
+            raise ValueError(
+                "data.task=attributes needs data.attribute_mean and attribute_std, the units of the vector: "
+                "measure them on the training set (ddpm.data.with_attribute_statistics) or set them"
+            )
+        measured = measure_attributes(images)
+        values["vector"] = standardise_attributes(measured, data.attribute_mean, data.attribute_std)
+    elif data.task == "superres":
         values["image"] = superres_condition(images, data.superres_factor)
     elif data.task == "inpaint":
         masks = inpaint_masks(len(images), images.shape[-1], generator=generator, device=images.device)
@@ -208,6 +220,25 @@ def _item_generator(seed: int, index: int) -> torch.Generator:
     """A CPU generator of its own for item `index`, seeded by a SeedSequence hash of (seed, index)."""
     entropy = np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(entropy))
+
+
+def with_attribute_statistics(data: DataConfig, dataset: Dataset, *, batch_size: int = 256) -> DataConfig:
+    """`data` with data.attribute_mean and attribute_std measured on `dataset` (its images' mean and std of
+    each attribute, `ddpm.attributes.attribute_statistics`) where data.task is attributes and they are
+    unset; else `data` itself. The random transforms (data.hflip) draw from a fork of the global RNG, which
+    is left as it was: the run's weights and noise do not depend on the measurement."""
+    if data.task != "attributes" or data.attribute_mean is not None:
+        return data
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_batch)
+    with torch.random.fork_rng(devices=[]):
+        measured = torch.cat([measure_attributes(images) for images, *_ in loader])  # (N, len(ATTRIBUTES))
+    try:
+        mean, std = attribute_statistics(measured)
+    except ValueError as error:
+        raise DataError(
+            f"data.task=attributes: {error}; it cannot be standardised on this data set"
+        ) from None
+    return dataclasses.replace(data, attribute_mean=mean, attribute_std=std)
 
 
 def digits_split(labels: Tensor, split: str) -> Tensor:

@@ -289,7 +289,8 @@ def test_constructor_errors(overrides, message):
         (
             ["model.cond_dim=3"],
             r"^model\.cond_dim=3 conditions the network on a vector, but the data give none: set "
-            r"model\.cond_dim=null, or read one per image from files \(data\.conditions=\{vector: NAME\}\)$",
+            r"model\.cond_dim=null, or data\.task=attributes, or read one per image from files "
+            r"\(data\.conditions=\{vector: NAME\}\)$",
         ),
     ],
 )

@@ -70,7 +70,7 @@ def test_batch_conditions_hold_the_labels_and_the_task_image():
         (["data.superres_factor=1"], r"'data\.superres_factor'.*expected an integer >= 2"),
         (["train.fid_every=100"], r"train\.fid_every=100 with data\.task=superres"),
         (["data.task=inpaint"], r"data\.task=inpaint gives .* set model\.cond_channels=2"),
-        (["data.task=zoom"], r"'data\.task'.*expected one of none, superres, inpaint"),
+        (["data.task=zoom"], r"'data\.task'.*expected one of none, superres, inpaint, attributes"),
     ],
 )
 def test_a_superres_config_that_cannot_work_is_refused_when_read(overrides, pattern):

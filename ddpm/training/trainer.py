@@ -37,7 +37,14 @@ from ddpm.config import (
     save_config,
     task_settings,
 )
-from ddpm.data import batch_conditions, build_dataset, collate_batch, loader_workers, num_classes_of
+from ddpm.data import (
+    batch_conditions,
+    build_dataset,
+    collate_batch,
+    loader_workers,
+    num_classes_of,
+    with_attribute_statistics,
+)
 from ddpm.ema import EMA, PowerFunctionEMA
 from ddpm.ema.posthoc import abandon_newer_snapshots, save_snapshot, snapshot_path
 from ddpm.losses import diffusion_losses, drop_conditions
@@ -78,6 +85,10 @@ class Trainer:
         # noise on each; the seedable sampler shares one data permutation that Accelerate then shards.
         set_seed(train.seed)
         self.dataset = build_dataset(config.data, config.model)
+        # data.task=attributes: the vector's units measured on the training set, saved with the run
+        self.config = config = dataclasses.replace(
+            config, data=with_attribute_statistics(config.data, self.dataset)
+        )
         self.scheduler = build_schedule(config.diffusion)
         model = self._build_model()
         _check_compatible(model, self.dataset, config)
