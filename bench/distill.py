@@ -1,16 +1,19 @@
-"""Few-step sampling on the digits: progressively distilled students (python -m ddpm.distill) at their 1, 2 or
-4 network calls against their teacher's solvers at every budget, scored as bench/quality.py scores, with its
-real-vs-real floor.
+"""Few-step sampling on the digits: distilled students (python -m ddpm.distill, progressive or consistency) at
+their 1, 2 or 4 network calls against their teacher's solvers at every budget, scored as bench/quality.py
+scores, with its real-vs-real floor.
 
     python bench/distill.py TEACHER STUDENT [STUDENT ...] [--teacher-calls 1,2,4,5,10,20] [--seeds 0,1,2]
         [--samplers ddim,unipc,...] [--n-samples 900] [--table-samples N] [--floor-splits 100] [--json OUT]
     python bench/distill.py --merge SEED0.json SEED1.json ... [--json OUT]
 
 TEACHER is the teacher's run directory (its EMA weights), each STUDENT a run directory that
-`python -m ddpm.distill TEACHER --calls N --out STUDENT` wrote, sampled as sample.py samples it with no flags
-(DDIM at its N steps on the trailing grid it was trained on), and so are the students of its earlier stages
-(its teachers/steps-NNNN folders, at their NNNN steps): one distillation to 1 call gives the 4- and 2-call
-students on the way.
+`python -m ddpm.distill TEACHER --calls N --out STUDENT [--method consistency]` wrote, sampled as sample.py
+samples it with no flags (its saved sample: section, read by `ddpm.inference.sampling_settings`: a progressive
+student with DDIM at its N steps on the trailing grid it was trained on, a consistency student with the
+multistep consistency sampler at N calls). A progressive student's earlier stages are scored too (its
+teachers/steps-NNNN folders, DDIM at their NNNN steps): one distillation to 1 call gives the 4- and 2-call
+students on the way. A consistency student takes any number of calls: it is scored at its N and at each other
+student budget of the targets (1, 2 and 4 calls), as `sample.py --calls C` samples it.
 
 The teacher's table: at each budget of --teacher-calls (network calls, `ddpm.samplers.sampling_budget`), every
 solver of --samplers (default: one name per solver of ddpm.samplers.SAMPLERS) that fits in it, each on the
@@ -49,7 +52,7 @@ import kernel_distance
 import quality
 
 from ddpm.config import SampleConfig, load_config
-from ddpm.inference import load_for_sampling
+from ddpm.inference import load_for_sampling, sampling_settings
 from ddpm.run_dir import RUN_CONFIG
 from ddpm.samplers import SAMPLERS, sampling_budget
 from ddpm.training.distiller import SETTINGS_FILE, TEACHERS
@@ -89,9 +92,10 @@ def main() -> None:
         score = functools.partial(_score, scorer, seed=seed, trial=trial)
 
         for index, student in enumerate(students):
-            for role, folder, calls in _students(Path(student)):
+            for role, folder, sample in _students(Path(student)):
                 loaded = load_for_sampling(folder)
-                scores = score(loaded.model, loaded.scheduler, "ddim", calls, args.n_samples)
+                calls = sampling_budget(sample.sampler, steps=sample.steps).calls
+                scores = score(loaded.model, loaded.scheduler, sample, args.n_samples)
                 results.append(
                     {"model": role, "student": index, "run": Path(student).name, "calls": calls, **scores}
                 )
@@ -107,14 +111,15 @@ def main() -> None:
                     steps = sampling_budget(sampler, calls=calls).steps
                     if steps < 1:
                         continue  # a Heun step costs two calls
-                    scores = score(teacher.model, scheduler, sampler, steps, args.table_samples)
-                    table.append((scheduler, steps, {"model": "teacher table", "calls": calls, **scores}))
+                    sample = SampleConfig(sampler=sampler, steps=steps)
+                    scores = score(teacher.model, scheduler, sample, args.table_samples)
+                    table.append((scheduler, sample, {"model": "teacher table", "calls": calls, **scores}))
             results += [entry[2] for entry in table]
-            scheduler, steps, best = min(table, key=lambda entry: _finite(entry[2]["kid_conv"]))
+            scheduler, sample, best = min(table, key=lambda entry: _finite(entry[2]["kid_conv"]))
             if args.table_samples == args.n_samples:
                 best = {**best, "cpu_s": 0.0}  # scored in the table already
             else:
-                best = {**best, **score(teacher.model, scheduler, best["sampler"], steps, args.n_samples)}
+                best = {**best, **score(teacher.model, scheduler, sample, args.n_samples)}
             results.append({**best, "model": "teacher"})
         print(f"{trial}: scored", flush=True)
     report(args, results, floor, args.n_samples, args.table_samples)
@@ -301,18 +306,17 @@ def report(
 
 
 def _score(
-    scorer: quality.Scorer, model, scheduler, sampler: str, steps: int, n: int, *, seed: int, trial: str
+    scorer: quality.Scorer, model, scheduler, sample: SampleConfig, n: int, *, seed: int, trial: str
 ) -> dict:
-    """Scores of `n` images of `model` sampled with `sampler` at `steps` steps at sampling seed `seed`, with
-    the setting, the `trial` and the CPU time (process time, s) it took."""
+    """Scores of `n` images of `model` sampled with the settings `sample` at sampling seed `seed`, with the
+    sampler, the `trial` and the CPU time (process time, s) it took."""
     start = time.process_time()
-    sample = SampleConfig(sampler=sampler, steps=steps)
     scores = scorer.score_model(
         model, scheduler, sample=sample, n=n, seed=quality.SAMPLING_SEED_STRIDE * seed
     )
     return {
         "trial": trial,
-        "sampler": sampler,
+        "sampler": sample.sampler,
         "spacing": scheduler.timestep_spacing,
         "n": n,
         "cpu_s": time.process_time() - start,
@@ -320,18 +324,39 @@ def _score(
     }
 
 
-def _students(run: Path) -> list[tuple[str, Path, int]]:
-    """(role, weights folder, DDIM steps) of the student of every stage of the distillation `run`: its final
-    student ("student": the run, sampled at its sample.steps, as sample.py does) and the earlier stages'
-    ("student (stage)": the teachers/steps-NNNN folders of fewer steps than the first teacher's)."""
-    settings = json.loads((run / SETTINGS_FILE).read_text())
-    final = load_config(run / RUN_CONFIG).sample.steps
-    stages = [
-        ("student (stage)", folder, int(folder.name.removeprefix("steps-")))
-        for folder in sorted((run / TEACHERS).iterdir())
-    ]
-    earlier = [s for s in stages if s[2] < settings["teacher_steps"]]
-    return [("student", run, final), *earlier]
+def _students(run: Path) -> list[tuple[str, Path, SampleConfig]]:
+    """(role, weights folder, sampling settings) of every student the distillation `run` gives: its final
+    student ("student": the run, sampled as sample.py samples it with no flags, from its saved `sample:`
+    section: DDIM at its calls for progressive distillation, the multistep consistency sampler for
+    consistency distillation); for progressive distillation the earlier stages' ("student (stage)": the
+    teachers/steps-NNNN folders of fewer steps than the first teacher's, DDIM at their NNNN steps); for
+    consistency distillation, whose student takes any number of calls, the run again at each other call
+    count of TARGETS ("student (calls)": as `sample.py --calls C` samples it)."""
+    saved = load_config(run / RUN_CONFIG).sample
+    final = _sample_config(saved)
+    students = [("student", run, final)]
+    if final.sampler == "consistency":
+        other = [calls for calls in TARGETS if calls != final.steps]
+        return students + [("student (calls)", run, _sample_config(saved, calls=calls)) for calls in other]
+    first_teacher = json.loads((run / SETTINGS_FILE).read_text())["teacher_steps"]
+    for folder in sorted((run / TEACHERS).iterdir()):
+        steps = int(folder.name.removeprefix("steps-"))
+        if steps < first_teacher:
+            students.append(("student (stage)", folder, SampleConfig(sampler="ddim", steps=steps)))
+    return students
+
+
+def _sample_config(saved: SampleConfig, *, calls: int | None = None) -> SampleConfig:
+    """What sample.py samples a run whose `sample:` section is `saved` with (`--calls calls` when given):
+    `ddpm.inference.sampling_settings`, its budget in steps."""
+    settings = sampling_settings(saved, calls=calls)
+    steps = sampling_budget(settings["sampler"], steps=settings["steps"], calls=settings["calls"]).steps
+    return SampleConfig(
+        sampler=settings["sampler"],
+        steps=steps,
+        eta=settings["eta"],
+        guidance_scale=settings["guidance_scale"],
+    )
 
 
 def _setting(result: dict) -> tuple:

@@ -394,16 +394,15 @@ def grid_from_checkpoint(
     n = DEFAULT_N if n is None and cond_image is None and cond_files is None else n
     _check_options(seed=seed, **({"n": n} if n is not None else {}))
     _check_batch_size(batch_size)
-    _check_settings_given(
-        sampler=sampler,
-        steps=steps,
-        calls=calls,
-        eta=eta,
-        options=options,
-        guidance_scale=guidance_scale,
-        guidance_interval=guidance_interval,
-        guidance_rescale=guidance_rescale,
-    )
+    given = {
+        "sampler": sampler,
+        "steps": steps,
+        "calls": calls,
+        "eta": eta,
+        "options": options,
+        "guidance_scale": guidance_scale,
+    }
+    _check_settings_given(**given, guidance_interval=guidance_interval, guidance_rescale=guidance_rescale)
     if out is not None:
         _check_out(Path(out), image=True)
     if schedule is not None and not Path(schedule).is_file():
@@ -422,25 +421,11 @@ def grid_from_checkpoint(
     weak = None
     if autoguide is not None:
         weak = _load_weak(autoguide, loaded, use_ema=use_ema, schedule=schedule, device=device)
-    defaults = loaded.sampling
-    sampler = sampler or defaults.sampler
-    if steps is None and calls is None:
-        steps, calls = defaults.sampler_settings()["steps"], defaults.calls
-    if eta is None:
-        eta = defaults.eta if sampler == "ddim" else 0.0  # the run's eta is a DDIM setting
-    if options is None:  # the run's solver options are settings of its own sampler
-        options = defaults.options if sampler == defaults.sampler else {}
-    guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
-    settings = {
-        "sampler": sampler,
-        "steps": steps,
-        "calls": calls,
-        "eta": eta,
-        "options": dict(options),
-        "guidance_scale": guidance_scale,
-        "guidance_interval": guidance_interval,
-        "guidance_rescale": guidance_rescale,
-    }
+    settings = sampling_settings(loaded.sampling, **given)
+    sampler, steps, calls, eta, guidance_scale = (
+        settings[key] for key in ("sampler", "steps", "calls", "eta", "guidance_scale")
+    )
+    settings.update(guidance_interval=guidance_interval, guidance_rescale=guidance_rescale)
     try:
         check_sample_options(
             **settings, autoguide=weak is not None, num_train_timesteps=loaded.scheduler.num_train_timesteps
@@ -512,6 +497,38 @@ def grid_from_checkpoint(
         conditions = conditions.mean(1, keepdim=True)
     grid = [*_full_rows(conditions.expand(-1, shape[0], -1, -1)), *_full_rows(shown)]
     return save_grid(torch.cat(grid), out, nrow=min(len(shown), 16))
+
+
+def sampling_settings(
+    defaults: SampleConfig,
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    calls: int | None = None,
+    eta: float | None = None,
+    options: Mapping[str, Any] | None = None,
+    guidance_scale: float | None = None,
+) -> dict[str, Any]:
+    """The sampler settings sample.py uses (`grid_from_checkpoint`), unchecked: those given, the others from
+    `defaults`, the run's saved `sample:` section (`Loaded.sampling`). `steps` or `calls` given replace both
+    of the run's, else the run's calls, when set, replace its steps; the run's eta applies only to ddim, its
+    solver options only to its own sampler. Returns {sampler, steps, calls, eta, options, guidance_scale},
+    `generate`'s keywords."""
+    sampler = sampler or defaults.sampler
+    if steps is None and calls is None:
+        steps, calls = defaults.sampler_settings()["steps"], defaults.calls
+    if eta is None:
+        eta = defaults.eta if sampler == "ddim" else 0.0  # the run's eta is a DDIM setting
+    if options is None:  # the run's solver options are settings of its own sampler
+        options = defaults.options if sampler == defaults.sampler else {}
+    return {
+        "sampler": sampler,
+        "steps": steps,
+        "calls": calls,
+        "eta": eta,
+        "options": dict(options),
+        "guidance_scale": defaults.guidance_scale if guidance_scale is None else guidance_scale,
+    }
 
 
 def read_cond_images(

@@ -19,7 +19,7 @@ import json, sys
 from pathlib import Path
 import distill
 students = distill._students(Path(sys.argv[1]))
-print(json.dumps([[name, str(folder), calls] for name, folder, calls in students]))
+print(json.dumps([[name, str(folder), sample.sampler, sample.steps] for name, folder, sample in students]))
 """
 
 
@@ -43,9 +43,29 @@ def test_every_stage_student_is_scored_at_its_steps_and_the_first_teacher_is_not
 
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [
-        ["student", str(run), 1],
-        ["student (stage)", str(run / "teachers" / "steps-0002"), 2],
-        ["student (stage)", str(run / "teachers" / "steps-0004"), 4],
+        ["student", str(run), "ddim", 1],
+        ["student (stage)", str(run / "teachers" / "steps-0002"), "ddim", 2],
+        ["student (stage)", str(run / "teachers" / "steps-0004"), "ddim", 4],
+    ]
+
+
+def test_a_consistency_student_is_scored_with_its_own_sampler_at_its_calls_and_the_other_targets(tmp_path):
+    # What sample.py --checkpoint STUDENT samples with no flags: the multistep consistency sampler at the
+    # run's sample.calls (here set, so it wins over sample.steps, as in sample.py), never DDIM; then the
+    # same sampler at the targets' other budgets, the student's own calls not twice.
+    run = tmp_path / "student"
+    sample = {"sampler": "consistency", "steps": 7, "calls": 2}
+    save_config(Config.from_dict({"sample": sample, "output_dir": str(run)}), run / "config.yaml")
+    (run / "distill.json").write_text(json.dumps({"calls": 2, "method": "consistency"}))
+    (run / "teacher").mkdir()
+
+    done = run_in_bench("-c", STUDENTS, str(run))
+
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [
+        ["student", str(run), "consistency", 2],
+        ["student (calls)", str(run), "consistency", 1],
+        ["student (calls)", str(run), "consistency", 4],
     ]
 
 

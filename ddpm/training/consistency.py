@@ -32,7 +32,6 @@ in, as in progressive distillation.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -40,24 +39,24 @@ from pathlib import Path
 
 import torch
 
-from ddpm.config import Config, ConfigError, build_schedule, diffusion_class, load_config
+from ddpm.config import Config, ConfigError, diffusion_class
 from ddpm.edm import EDMScheduler
 from ddpm.ema import EMA
-from ddpm.inference import load_for_sampling
-from ddpm.io import CheckpointError, atomic_write, load_unet, save_pretrained
 from ddpm.losses import consistency_distillation_losses
-from ddpm.run_dir import RUN_CONFIG
-from ddpm.samplers import denoiser
 from ddpm.samplers.consistency import ODE_SOLVERS, sigma_range
 from ddpm.schedule import KARRAS_RHO, NoiseScheduler, sigma_grid
-from ddpm.source import resolve_source
-from ddpm.training.distiller import SETTINGS_FILE, _check_guidance, _check_out, _check_teacher
-from ddpm.training.trainer import Trainer
+from ddpm.training.distiller import (
+    SETTINGS_FILE,
+    DistillationKind,
+    DistillationTrainer,
+    _check_teacher,
+    distilled_config,
+    start_student,
+)
 
 CONSISTENCY_LR = 2e-4  # AdamW's constant learning rate (Song et al. 2023 used 4e-4 at batch 512 on CIFAR-10)
 TEACHER = "teacher"
 TARGET = "target"  # the target network's folder in each checkpoint
-STUDENT_SPACING = "trailing"
 
 
 @dataclass(frozen=True)
@@ -102,47 +101,29 @@ class ConsistencySettings:
         return scheduler.sigma_to_t(sigma_grid("karras", self.sigmas, sigma_min, sigma_max, KARRAS_RHO))
 
 
-class ConsistencyDistiller(Trainer):
+class ConsistencyDistiller(DistillationTrainer):
     """Consistency distillation of `settings` into the run directory config.output_dir (see the module
     docstring); `start_consistency_distillation` builds it from a teacher run. `teacher`: the teacher's
     network on a fresh start (copied to teacher/), None to resume the latest checkpoint."""
 
     def __init__(self, config: Config, settings: ConsistencySettings, *, teacher: torch.nn.Module | None):
-        self.settings = settings
-        self._first_teacher = teacher
-        super().__init__(config, resume=None if teacher is not None else "latest")
-        if self.accelerator.is_main_process and teacher is not None:
-            with atomic_write(self.run_dir / SETTINGS_FILE) as tmp:
-                tmp.write_text(json.dumps(dataclasses.asdict(settings), indent=2))
-        self.teacher = self._load_teacher()
+        super().__init__(config, settings, teacher=teacher)
+        self.teacher = self._load_teacher_from(self.run_dir / TEACHER, "the teacher")
         self.timesteps = settings.timesteps(self.scheduler)
+
+    def _first_teacher_folder(self) -> Path:
+        return self.run_dir / TEACHER
 
     def _build_model(self) -> torch.nn.Module:
         """The student and the target network, both the teacher's weights (on a resume, the checkpoint's,
         which `_resume` loads)."""
         model = super()._build_model()
-        if self._first_teacher is not None:
-            if self.accelerator.is_main_process:
-                save_pretrained(self.run_dir / TEACHER, self._first_teacher, self.scheduler)
-            model.load_state_dict(self._first_teacher.state_dict())
         self.target = EMA(model, self.settings.target_ema, warmup=False)
         self.target.module.to(self.accelerator.device)
         return model
 
     def _checkpointed_networks(self) -> dict[str, torch.nn.Module]:
         return {TARGET: self.target.module}
-
-    def _load_teacher(self) -> torch.nn.Module:
-        self.accelerator.wait_for_everyone()  # the main process wrote it
-        folder = self.run_dir / TEACHER
-        if not folder.is_dir():
-            raise CheckpointError(
-                f"{folder}, the teacher, is missing: restart the distillation into an empty --out folder"
-            )
-        # Building the network draws its initial weights from the global RNG, which checkpoints restore and
-        # the loss draws from: forked, so that loading the teacher shifts nothing.
-        with torch.random.fork_rng(devices=[]):
-            return load_unet(folder, device=self.accelerator.device).requires_grad_(False)
 
     def _loss(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The mean `consistency_distillation_losses` of one micro-batch, x0: (N, C, H, W), labels: (N,).
@@ -153,17 +134,10 @@ class ConsistencyDistiller(Trainer):
         noise = torch.randn_like(x0)
         index = torch.randint(0, len(self.timesteps) - 1, (x0.shape[0],), device=x0.device)
         y = labels if self.conditional else None
-        teacher = denoiser(
-            self._teacher_call,
-            self.scheduler,
-            y=y,
-            guidance_scale=self.settings.guidance_scale,
-            null_class=self.null_class,
-        )
         return consistency_distillation_losses(
             self._predict,
             self._target_call,
-            teacher,
+            self._teacher_denoiser(y),
             self.scheduler,
             x0,
             noise,
@@ -172,10 +146,6 @@ class ConsistencyDistiller(Trainer):
             y,
             solver=self.settings.solver,
         ).mean()
-
-    def _teacher_call(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        with self.accelerator.autocast():
-            return self.teacher(x_t, t, y)
 
     def _target_call(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         with self.accelerator.autocast():
@@ -216,56 +186,26 @@ def start_consistency_distillation(
     learned variance, the EDM formulation, zero terminal SNR, guidance without a null label), an `out` that
     holds a distillation already (without `resume`) or another one or none (with it).
     """
-    source = resolve_source(run)
-    if source.run_dir is None:
-        raise CheckpointError(
-            f"{run} is a model folder outside a run: distillation needs a run directory trained with ddpm "
-            "(or one of its checkpoints), whose config.yaml names the data to distil on"
-        )
-    teacher_config = load_config(source.run_dir / RUN_CONFIG)
-    _check_consistency_teacher(teacher_config, run)
-    if guidance_scale is None:
-        guidance_scale = teacher_config.sample.guidance_scale
-    settings = ConsistencySettings(calls, steps, sigmas, target_ema, solver, guidance_scale)
-    settings.check(build_schedule(teacher_config.diffusion).num_train_timesteps)
-    out = Path(out)
-    if out.resolve() == source.run_dir.resolve():
-        raise ConfigError(f"--out {out} is the teacher's run directory: name a new folder for the student")
-    config = consistency_student_config(teacher_config, settings, out, lr=lr, batch_size=batch_size)
-    _check_out(out, settings, resume=resume)
-    if resume:
-        return ConsistencyDistiller(config, settings, teacher=None)
-    teacher = load_for_sampling(source).model
-    _check_guidance(teacher, settings.guidance_scale)
-    return ConsistencyDistiller(config, settings, teacher=teacher)
+    kind = DistillationKind(
+        ConsistencySettings, _check_consistency_teacher, consistency_student_config, ConsistencyDistiller
+    )
+    settings = {"calls": calls, "steps": steps, "sigmas": sigmas, "target_ema": target_ema, "solver": solver}
+    return start_student(
+        kind, run, out, settings, guidance_scale, lr=lr, batch_size=batch_size, resume=resume
+    )
 
 
 def consistency_student_config(
     teacher: Config, settings: ConsistencySettings, out: Path, *, lr: float, batch_size: int | None
 ) -> Config:
     """The run config of the student (see the module docstring), every value checked as a config file's."""
-    config = teacher.to_dict()
-    config["diffusion"]["timestep_spacing"] = STUDENT_SPACING
-    config["data"]["batch_size"] = batch_size if batch_size is not None else teacher.data.batch_size
-    config["train"].update(
-        steps=settings.steps,
-        lr=lr,
-        lr_schedule="constant",
-        lr_min=0.0,
-        warmup_steps=0,
-        label_dropout=0.0,
-        checkpoint_every=min(teacher.train.checkpoint_every, settings.steps),
-        sample_every=settings.steps,
-        fid_every=0,
-        posthoc_ema_every=0,
-        timestep_sampling="uniform",
-    )
-    config["sample"].update(
-        sampler="consistency", steps=settings.calls, calls=None, eta=0.0, guidance_scale=1.0
-    )
-    config["sample"]["options"] = {}
-    config["output_dir"] = str(out)
-    return Config.from_dict(config)
+    train = {
+        "steps": settings.steps,
+        "lr": lr,
+        "lr_schedule": "constant",
+        "checkpoint_at_most": settings.steps,
+    }
+    return distilled_config(teacher, out, "consistency", settings.calls, batch_size, **train)
 
 
 def check_resumed_method(out: str | Path, method: str, *, resume: bool) -> None:

@@ -4,8 +4,12 @@ so on, halving the steps from the teacher's budget down to the network calls ask
 
 `start_distillation(RUN, OUT, ...)` returns a `Distiller`, a `Trainer` whose loss is
 `ddpm.losses.progressive_distillation_losses` and whose learning rate restarts at every stage, so that the
-Trainer's Accelerate, checkpoints, exact resume, interruption, log and sample grids serve it unchanged. OUT is
-an ordinary run directory (`ddpm.run_dir`): its config.yaml is the teacher run's with
+Trainer's Accelerate, checkpoints, exact resume, interruption, log and sample grids serve it unchanged. What
+it shares with consistency distillation (`ddpm.training.consistency`) lives here: `DistillationTrainer` (the
+student started from the teacher, teachers loaded from model folders), `start_student` (the checks and
+loading both start with) and `distilled_config` (the student's run config).
+
+OUT is an ordinary run directory (`ddpm.run_dir`): its config.yaml is the teacher run's with
 
     diffusion.timestep_spacing: trailing      the DDIM grids distilled: the student's n timesteps are every
                                               other one of the teacher's 2n (trailing grids nest)
@@ -33,8 +37,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -46,6 +52,7 @@ from ddpm.io import CheckpointError, atomic_write, load_unet, save_pretrained
 from ddpm.losses import progressive_distillation_losses
 from ddpm.run_dir import RUN_CONFIG, latest_checkpoint
 from ddpm.samplers import denoiser
+from ddpm.samplers.solvers import Denoiser
 from ddpm.source import resolve_source
 from ddpm.training.trainer import Trainer
 
@@ -102,28 +109,73 @@ class DistillSettings:
             raise ConfigError(f"--guidance-scale {self.guidance_scale}: expected a finite number >= 0")
 
 
-class Distiller(Trainer):
-    """Progressive distillation of `settings` into the run directory config.output_dir (see the module
-    docstring); `start_distillation` builds it from a teacher run. `teacher`: the first teacher's network on
-    a fresh start (copied to teachers/), None to resume the latest checkpoint."""
+class DistillationTrainer(Trainer):
+    """A Trainer whose network, the student, starts from a teacher's weights and learns from teachers loaded
+    from model folders in its run directory: what progressive (`Distiller`) and consistency distillation
+    (`ddpm.training.consistency.ConsistencyDistiller`) share. `settings`, a dataclass, is written to
+    OUT/distill.json on a fresh start. `teacher`: the first teacher's network on a fresh start (copied to
+    `_first_teacher_folder`), None to resume the latest checkpoint."""
 
-    def __init__(self, config: Config, settings: DistillSettings, *, teacher: torch.nn.Module | None):
+    def __init__(self, config: Config, settings, *, teacher: torch.nn.Module | None):
         self.settings = settings
         self._first_teacher = teacher
         super().__init__(config, resume=None if teacher is not None else "latest")
         if self.accelerator.is_main_process and teacher is not None:
             with atomic_write(self.run_dir / SETTINGS_FILE) as tmp:
                 tmp.write_text(json.dumps(dataclasses.asdict(settings), indent=2))
-        self.teacher = self._load_teacher(self._stage())
+
+    def _first_teacher_folder(self) -> Path:
+        """The model folder the first teacher is copied to."""
+        raise NotImplementedError
 
     def _build_model(self) -> torch.nn.Module:
         """The student: the first teacher's weights (on a resume, the checkpoint's, which `_resume` loads)."""
         model = super()._build_model()
         if self._first_teacher is not None:
             if self.accelerator.is_main_process:
-                save_pretrained(self._teacher_folder(0), self._first_teacher, self.scheduler)
+                save_pretrained(self._first_teacher_folder(), self._first_teacher, self.scheduler)
             model.load_state_dict(self._first_teacher.state_dict())
         return model
+
+    def _load_teacher_from(self, folder: Path, what: str) -> torch.nn.Module:
+        """The frozen network of the model folder `folder` (`what` names it when it is missing)."""
+        self.accelerator.wait_for_everyone()  # the main process wrote it
+        if not folder.is_dir():
+            raise CheckpointError(
+                f"{folder}, {what}, is missing: restart the distillation into an empty --out folder"
+            )
+        # Building the network draws its initial weights from the global RNG, which checkpoints restore and
+        # the loss draws from: forked, so that loading a teacher before or after a resume shifts nothing.
+        with torch.random.fork_rng(devices=[]):
+            return load_unet(folder, device=self.accelerator.device).requires_grad_(False)
+
+    def _teacher_denoiser(self, y: torch.Tensor | None) -> Denoiser:
+        """The teacher's x0 estimate for labels y, guided at settings.guidance_scale."""
+        return denoiser(
+            self._teacher_call,
+            self.scheduler,
+            y=y,
+            guidance_scale=self.settings.guidance_scale,
+            null_class=self.null_class,
+        )
+
+    def _teacher_call(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The teacher's output under the run's autocast."""
+        with self.accelerator.autocast():
+            return self.teacher(x_t, t, y)
+
+
+class Distiller(DistillationTrainer):
+    """Progressive distillation of `settings` into the run directory config.output_dir (see the module
+    docstring); `start_distillation` builds it from a teacher run. `teacher`: the first teacher's network on
+    a fresh start (copied to teachers/), None to resume the latest checkpoint."""
+
+    def __init__(self, config: Config, settings: DistillSettings, *, teacher: torch.nn.Module | None):
+        super().__init__(config, settings, teacher=teacher)
+        self.teacher = self._load_teacher(self._stage())
+
+    def _first_teacher_folder(self) -> Path:
+        return self._teacher_folder(0)
 
     def _stage(self) -> int:
         """The stage the next optimizer step belongs to (the last one once done)."""
@@ -134,17 +186,7 @@ class Distiller(Trainer):
         return self.run_dir / TEACHERS / f"steps-{self.settings.teacher_steps >> stage:04d}"
 
     def _load_teacher(self, stage: int) -> torch.nn.Module:
-        self.accelerator.wait_for_everyone()  # the main process wrote it
-        folder = self._teacher_folder(stage)
-        if not folder.is_dir():
-            raise CheckpointError(
-                f"{folder}, the teacher of stage {stage + 1}, is missing: restart the distillation into an "
-                "empty --out folder"
-            )
-        # Building the network draws its initial weights from the global RNG, which checkpoints restore and
-        # the loss draws from: forked, so that loading a teacher before or after a resume shifts nothing.
-        with torch.random.fork_rng(devices=[]):
-            return load_unet(folder, device=self.accelerator.device).requires_grad_(False)
+        return self._load_teacher_from(self._teacher_folder(stage), f"the teacher of stage {stage + 1}")
 
     def _schedule_position(self) -> tuple[int, int]:
         """train.lr_schedule within the current stage: every stage starts again from train.lr."""
@@ -163,21 +205,9 @@ class Distiller(Trainer):
         noise = torch.randn_like(x0)
         index = torch.randint(0, len(teacher_grid) // 2, (x0.shape[0],), device=x0.device)
         y = labels if self.conditional else None
-        teacher = denoiser(
-            self._teacher_call,
-            self.scheduler,
-            y=y,
-            guidance_scale=self.settings.guidance_scale,
-            null_class=self.null_class,
-        )
         return progressive_distillation_losses(
-            self._predict, teacher, self.scheduler, x0, noise, index, teacher_grid, y
+            self._predict, self._teacher_denoiser(y), self.scheduler, x0, noise, index, teacher_grid, y
         ).mean()
-
-    def _teacher_call(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """The teacher's output under the run's autocast."""
-        with self.accelerator.autocast():
-            return self.teacher(x_t, t, y)
 
     def _step(self, x0: torch.Tensor, labels: torch.Tensor, *files: Conditions) -> bool:
         """The Trainer's step; at the end of a stage, the student (its EMA weights) becomes the next
@@ -195,6 +225,15 @@ class Distiller(Trainer):
         if self.accelerator.is_main_process:
             save_pretrained(self._teacher_folder(stage), self.ema.module, self.scheduler)
         self.teacher = self._load_teacher(stage)
+
+
+class DistillationKind(NamedTuple):
+    """What one distillation method brings to `start_student`."""
+
+    settings_class: type  # its settings, a dataclass with check(num_train_timesteps) and guidance_scale
+    check_teacher: Callable[[Config, str | Path], None]  # ConfigError for a teacher run it cannot take
+    config_builder: Callable[..., Config]  # (teacher_config, settings, out, *, lr, batch_size) -> student's
+    trainer_class: type[DistillationTrainer]  # (config, settings, *, teacher) -> the trainer
 
 
 def start_distillation(
@@ -223,6 +262,33 @@ def start_distillation(
     epsilon prediction, the EDM formulation, data.task's image conditions, guidance without a null label), an
     `out` that holds a distillation already (without `resume`) or another one or none (with it).
     """
+    kind = DistillationKind(DistillSettings, _check_teacher, student_config, Distiller)
+    settings = {"calls": calls, "teacher_steps": teacher_steps, "stage_steps": stage_steps, "method": method}
+    return start_student(
+        kind, run, out, settings, guidance_scale, lr=lr, batch_size=batch_size, resume=resume
+    )
+
+
+def start_student(
+    kind: DistillationKind,
+    run: str | Path,
+    out: str | Path,
+    settings: dict[str, Any],
+    guidance_scale: float | None,
+    *,
+    lr: float,
+    batch_size: int | None,
+    resume: bool,
+) -> DistillationTrainer:
+    """A `kind.trainer_class` distilling the teacher `run` (a run directory, meaning its latest checkpoint,
+    or a checkpoint of one; its EMA weights where it has them) into the run directory `out`: what
+    `start_distillation` and `start_consistency_distillation` share.
+
+    kind.settings_class(**settings, guidance_scale=...) is the distillation's settings, guidance_scale None
+    meaning the teacher run's sample.guidance_scale; kind.check_teacher refuses a teacher the method cannot
+    take; kind.config_builder gives the student's run config, with learning rate `lr` and `batch_size`
+    images a step (None: the teacher run's). Raises ConfigError or CheckpointError as those functions say.
+    """
     source = resolve_source(run)
     if source.run_dir is None:
         raise CheckpointError(
@@ -230,45 +296,66 @@ def start_distillation(
             "(or one of its checkpoints), whose config.yaml names the data to distil on"
         )
     teacher_config = load_config(source.run_dir / RUN_CONFIG)
-    _check_teacher(teacher_config, run)
+    kind.check_teacher(teacher_config, run)
     if guidance_scale is None:
         guidance_scale = teacher_config.sample.guidance_scale
-    settings = DistillSettings(calls, teacher_steps, stage_steps, guidance_scale, method)
-    settings.check(build_schedule(teacher_config.diffusion).num_train_timesteps)
+    chosen = kind.settings_class(**settings, guidance_scale=guidance_scale)
+    chosen.check(build_schedule(teacher_config.diffusion).num_train_timesteps)
     out = Path(out)
     if out.resolve() == source.run_dir.resolve():
         raise ConfigError(f"--out {out} is the teacher's run directory: name a new folder for the student")
-    config = student_config(teacher_config, settings, out, lr=lr, batch_size=batch_size)
-    _check_out(out, settings, resume=resume)
+    config = kind.config_builder(teacher_config, chosen, out, lr=lr, batch_size=batch_size)
+    _check_out(out, chosen, resume=resume)
     if resume:
-        return Distiller(config, settings, teacher=None)
+        return kind.trainer_class(config, chosen, teacher=None)
     teacher = load_for_sampling(source).model
-    _check_guidance(teacher, settings.guidance_scale)
-    return Distiller(config, settings, teacher=teacher)
+    _check_guidance(teacher, chosen.guidance_scale)
+    return kind.trainer_class(config, chosen, teacher=teacher)
 
 
 def student_config(
     teacher: Config, settings: DistillSettings, out: Path, *, lr: float, batch_size: int | None
 ) -> Config:
     """The run config of the student (see the module docstring), every value checked as a config file's."""
-    config = teacher.to_dict()
     steps = settings.stages * settings.stage_steps
+    train = {"steps": steps, "lr": lr, "lr_schedule": "linear", "checkpoint_at_most": settings.stage_steps}
+    return distilled_config(teacher, out, "ddim", settings.calls, batch_size, **train)
+
+
+def distilled_config(
+    teacher: Config,
+    out: Path,
+    sampler: str,
+    calls: int,
+    batch_size: int | None,
+    *,
+    steps: int,
+    lr: float,
+    lr_schedule: str,
+    checkpoint_at_most: int,
+) -> Config:
+    """The teacher run's config made a student's, every value checked as a config file's: output_dir `out`,
+    the DISTILLED_SPACING grid, `steps` optimizer steps at learning rate `lr` under `lr_schedule` (no
+    warm-up, decaying to 0), a checkpoint at least every `checkpoint_at_most` steps, `batch_size` images a
+    step (None: the teacher's), no label dropout, FID or post-hoc EMA, uniform timesteps, one sample grid at
+    the end, and sample.py's default `sampler` at `calls` steps, eta 0, unguided."""
+    config = teacher.to_dict()
     config["diffusion"]["timestep_spacing"] = DISTILLED_SPACING
     config["data"]["batch_size"] = batch_size if batch_size is not None else teacher.data.batch_size
     config["train"].update(
         steps=steps,
         lr=lr,
-        lr_schedule="linear",
+        lr_schedule=lr_schedule,
         lr_min=0.0,
         warmup_steps=0,
         label_dropout=0.0,
-        checkpoint_every=min(teacher.train.checkpoint_every, settings.stage_steps),
+        checkpoint_every=min(teacher.train.checkpoint_every, checkpoint_at_most),
         sample_every=steps,
         fid_every=0,
         posthoc_ema_every=0,
         timestep_sampling="uniform",
     )
-    config["sample"].update(sampler="ddim", steps=settings.calls, calls=None, eta=0.0, guidance_scale=1.0)
+    config["sample"].update(sampler=sampler, steps=calls, calls=None, eta=0.0, guidance_scale=1.0)
     config["sample"]["options"] = {}
     config["output_dir"] = str(out)
     return Config.from_dict(config)
