@@ -2,7 +2,8 @@
 cross-attention draw the digits it is asked for, each in its place?
 
     python bench/sequence_condition.py --seeds 0 1 [--n 600] [--scales 1 2 3] [--step STEP]
-        [--runs /work/runs/seq] [--threads 1] [--json bench/results/sequence_condition.json]
+        [--runs runs/bench-strips] [--threads 1] [--json bench/results/sequence_condition.json]
+    python bench/sequence_condition.py --merge A.json B.json [--json OUT]   # seeds scored apart, together
 
 For each --seed: trains configs/strips_digits.yaml (train.seed=SEED) into RUNS/sSEED, unless that run already
 holds a checkpoint of its last step (then it is scored as it is; `--step` scores the checkpoint of that step
@@ -26,8 +27,9 @@ References, the same reading of strips that no model drew:
   on real handwriting, the most a perfect model could score;
 - chance: the model's unconditional strips (every token sequence dropped to the learned null), read against
   the asked sequences.
-Spread over training runs: the seeds' fractions (mean and standard deviation). Strips and a grid of the
-first 40 (each row: the sample at each scale) go to RUNS/sSEED/strips.
+Spread over training runs: the seeds' fractions (mean and standard deviation), also over files of seeds
+scored apart (--merge). Strips and a grid of the first 40 (each row: the sample at each scale) go to
+RUNS/sSEED/strips.
 """
 
 from __future__ import annotations
@@ -72,7 +74,12 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-strips")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of training and sampling")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--merge", type=Path, nargs="+", help="combine these results files (one per seed)")
     args = parser.parse_args()
+    if args.merge:
+        parts = [json.loads(path.read_text()) for path in args.merge]
+        write(args.json, {**parts[0], "runs": [run for part in parts for run in part["runs"]]})
+        return
     torch.set_num_threads(args.threads)
     reader = Reader()
     print(f"classifier: held-out accuracy {reader.accuracy:.4f}", flush=True)
@@ -81,24 +88,30 @@ def main() -> None:
     print(f"ceiling (real held-out strips): {line(ceiling)}", flush=True)
     sequences = random_sequences(args.n, torch.Generator().manual_seed(SEQUENCE_SEED))
     runs = [score_seed(seed, args, reader, sequences) for seed in args.seeds]
-    summary = {
-        str(scale): spread([run["scales"][str(scale)]["strips"]["mean"] for run in runs])
-        for scale in args.scales
+    payload = {
+        "classifier_accuracy": reader.accuracy,
+        "ink_empty": INK_EMPTY,
+        "ceiling": ceiling,
+        "n": args.n,
+        "asked_unseen_in_training": unseen_fraction(sequences),
+        "runs": runs,
     }
+    write(args.json, payload)
+
+
+def write(path: Path | None, payload: dict) -> None:
+    """Print the spread over seeds of each scale's fraction of correct strips (and unconditioned), add it
+    to `payload` as "over_seeds", and write `payload` to `path` (None: nowhere)."""
+    runs = payload["runs"]
+    summary = {
+        scale: spread([run["scales"][scale]["strips"]["mean"] for run in runs]) for scale in runs[0]["scales"]
+    }
+    summary["unconditioned"] = spread([run["unconditioned"]["strips"]["mean"] for run in runs])
     for scale, value in summary.items():
-        print(f"scale {scale}: strips correct {value['mean']:.4f} +- {value['std']:.4f} over seeds")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "classifier_accuracy": reader.accuracy,
-            "ink_empty": INK_EMPTY,
-            "ceiling": ceiling,
-            "n": args.n,
-            "asked_unseen_in_training": unseen_fraction(sequences),
-            "runs": runs,
-            "over_seeds": summary,
-        }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"{scale}: strips correct {value['mean']:.4f} +- {value['std']:.4f} over {len(runs)} seeds")
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**payload, "over_seeds": summary}, indent=2) + "\n")
 
 
 class Reader:
