@@ -11,10 +11,12 @@ from accelerate.state import AcceleratorState
 from test_train import TINY_RUN
 
 import ddpm.digit_strips as ds
+from ddpm import segment as segment_module
 from ddpm.conditions import Conditions
-from ddpm.config import ConfigError, load_config
+from ddpm.config import ConfigError, load_config, save_config
 from ddpm.data import DataError, DigitStripsDataset, build_dataset, collate_batch, digit_strips, split_digits
 from ddpm.inference import generate, load_for_sampling
+from ddpm.run_dir import RUN_CONFIG
 from ddpm.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,3 +195,10 @@ def test_the_reader_reads_blank_slots_as_empty_and_faint_ink_as_a_digit(bench):
     strips[0, 0, :8, 8:] = 2 * bench.INK_EMPTY * 2 - 1  # slot 1: twice the threshold's ink
     strips[0, 0, 8:, 8:] = 0.5 * bench.INK_EMPTY * 2 - 1  # slot 3: half of it
     assert reader.read(strips).tolist() == [[ds.EMPTY, 6, ds.EMPTY, ds.EMPTY]]
+
+
+def test_segment_refuses_a_split_of_a_strips_run(tmp_path):
+    # digit_strips gives each image a condition too, but no masks: a split of its data is not for segment
+    save_config(load_config(STRIPS_YAML), tmp_path / RUN_CONFIG)
+    with pytest.raises(ValueError, match=r"not trained on image/mask pairs \(data\.dataset: digit_masks\)"):
+        segment_module._read("test", tmp_path, 16)
