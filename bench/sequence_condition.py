@@ -207,7 +207,7 @@ def wilson(successes: int, n: int, z: float = 1.96) -> dict:
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return {"mean": p, "low": centre - half, "high": centre + half, "n": n}
+    return {"mean": p, "low": max(0.0, centre - half), "high": min(1.0, centre + half), "n": n}
 
 
 def spread(values: list[float]) -> dict:
