@@ -27,6 +27,8 @@ import yaml
 
 from ddpm.attributes import ATTRIBUTES
 from ddpm.compiled import AUTO, COMPILE_MODES
+from ddpm.digit_strips import CONTEXT_DIM
+from ddpm.digit_strips import GRID as STRIP_GRID
 from ddpm.edm import FORMULATION, FORMULATIONS, EDMScheduler, schedule_class
 from ddpm.ema.power import DEFAULT_SIGMA_RELS, SIGMA_REL_MAX
 from ddpm.io import atomic_write
@@ -54,13 +56,14 @@ BUNDLED_CONFIGS = _bundled_configs()
 # The default job of ddpm-train and ddpm-sample (train.py, sample.py) without --config or --checkpoint.
 DEFAULT_CONFIG = BUNDLED_CONFIGS / "digits.yaml"
 # The values of data.dataset: ddpm.data keys its builders by these names.
-DATASETS = ("digits", "digit_masks", "folder", "cifar10", "mnist", "fashion_mnist", "celeba")
+DATASETS = ("digits", "digit_masks", "digit_strips", "folder", "cifar10", "mnist", "fashion_mnist", "celeba")
 # The values of data.split each data set can give (ddpm.data): "train" its training images, "test" its
 # held-out ones (torchvision's test split; for the digits a fixed tenth that training never sees), "all" both
 # (the digits only: the reference of the benchmarks' kernel distances). A folder is its own training set.
 SPLITS = {
     "digits": ("train", "test", "all"),
     "digit_masks": ("train", "test"),
+    "digit_strips": ("train", "test"),
     "folder": ("train",),
     "cifar10": ("train", "test"),
     "mnist": ("train", "test"),
@@ -77,10 +80,11 @@ TASK_SETTINGS = ("task", "superres_factor", "attribute_mean", "attribute_std")
 # The kinds of condition data.conditions can read from files beside the images (ddpm.condition_files).
 CONDITION_FILE_KINDS = ("image", "vector", "context")
 # The conditions a data set gives with each image, by kind (ddpm.conditions.KINDS), beside its label:
-# digit_masks (ddpm.digit_masks) yields masks as the images to generate and the cluttered digit as "image".
-DATASET_CONDITIONS = {"digit_masks": ("image",)}
+# digit_masks (ddpm.digit_masks) yields masks as the images to generate and the cluttered digit as "image";
+# digit_strips (ddpm.digit_strips) yields strips of digits and their token sequences as "context".
+DATASET_CONDITIONS = {"digit_masks": ("image",), "digit_strips": ("context",)}
 # The data sets made in memory from what scikit-learn ships, with no data.root.
-BUILT_IN = ("digits", "digit_masks")
+BUILT_IN = ("digits", "digit_masks", "digit_strips")
 T = TypeVar("T")
 
 
@@ -92,7 +96,7 @@ class ConfigError(ValueError):
 class DataConfig:
     """The `data:` section: which images, at what size, and how they are batched (`ddpm.data`)."""
 
-    dataset: str = "digits"  # one of DATASETS: digits | digit_masks | folder | cifar10 | mnist | ...
+    dataset: str = "digits"  # one of DATASETS: digits | digit_masks | digit_strips | folder | cifar10 | ...
     root: str | None = None  # folder of images, or torchvision root (required for all but digits)
     image_size: int = 16  # square side in pixels after resize (+ centre crop for folders/celeba)
     channels: int = 1  # 1 or 3: images converted to L or RGB
@@ -373,6 +377,8 @@ def conflicts(config: Config, model: Mapping[str, Any] | None = None) -> list[st
         )
     problems += _task_problems(config, model, key)
     problems += _condition_file_problems(config, model, key)
+    if "context" in DATASET_CONDITIONS.get(data.dataset, ()):
+        problems += _dataset_context_problems(config, model, key)
     return problems
 
 
@@ -389,6 +395,8 @@ def _condition_file_problems(
         kinds = {"cond_dim": "a vector", "context_dim": "a token sequence"}
         if data.task == "attributes":  # the task gives the vector (`_attribute_problems`)
             del kinds["cond_dim"]
+        if "context" in DATASET_CONDITIONS.get(data.dataset, ()):
+            del kinds["context_dim"]  # the data set gives it (`_dataset_context_problems`)
         for name, kind in kinds.items():
             if model.get(name) is not None:  # ClassicUNet has none of them
                 word = "vector" if name == "cond_dim" else "context"
@@ -596,6 +604,47 @@ def _dataset_image_problems(config: Config, cond_channels: int | None) -> list[s
         problems.append(
             f"train.fid_every={config.train.fid_every} with data.dataset={data.dataset}: the in-training FID "
             "samples without the image conditions; set train.fid_every=0"
+        )
+    return problems
+
+
+def _dataset_context_problems(
+    config: Config, model: Mapping[str, Any], key: Callable[[str], str]
+) -> list[str]:
+    """What does not fit a data set that gives each image a token sequence (digit_strips, ddpm.digit_strips):
+    a network without cross-attention of the tokens' width, class labels (a strip holds several digits),
+    other than one channel, an odd side (a 2 x 2 grid of slots), a data.task, a flip (which would mirror the
+    digits and their order), an in-training FID (which samples without the sequences)."""
+    data, problems = config.data, []
+    if model.get("context_dim") != CONTEXT_DIM:
+        name = key("context_dim") if "context_dim" in model else "the network (architecture: classic)"
+        problems.append(
+            f"data.dataset={data.dataset} gives each image a sequence of {CONTEXT_DIM}-wide tokens, but "
+            f"{name}: set model.context_dim={CONTEXT_DIM} (a UNet with attention blocks)"
+        )
+    if data.labels or model.get("num_classes") is not None:
+        problems.append(
+            f"data.dataset={data.dataset} has no class labels (a strip holds several digits; its tokens say "
+            "which), but data.labels=true or model.num_classes is set: set data.labels=false and "
+            "model.num_classes=null"
+        )
+    if data.channels != 1:
+        problems.append(f"data.dataset={data.dataset} gives 1-channel images: set data.channels=1")
+    if data.image_size % STRIP_GRID:
+        problems.append(
+            f"data.dataset={data.dataset} cuts the image into a {STRIP_GRID} x {STRIP_GRID} grid of slots, "
+            f"but data.image_size={data.image_size} is odd: choose an even side (16: the digits' own 8 x 8)"
+        )
+    if data.task != "none":
+        problems.append(f"data.dataset={data.dataset} gives its own conditions: set data.task=none")
+    if data.hflip:
+        problems.append(
+            "data.hflip=true would mirror the digits and their order, but not the tokens: set it false"
+        )
+    if config.train.fid_every:
+        problems.append(
+            f"train.fid_every={config.train.fid_every} with data.dataset={data.dataset}: the in-training FID "
+            "samples without the token sequences; set train.fid_every=0"
         )
     return problems
 

@@ -8,6 +8,9 @@
 - digit_masks: the digits over clutter and noise with their masks (ddpm.digit_masks), for segmentation: each
   item is (mask, label, {"image": the cluttered digit}), the mask the image to generate, the cluttered digit
   its image condition; splits "train" and "test" (from the digits' own).
+- digit_strips: one to three digits in the slots of an image, each with its token sequence
+  (ddpm.digit_strips), for conditioning on a sequence: each item is (strip, -1, {"context": its tokens (L,
+  13)}); splits "train" and "test" (from the digits' own).
 - folder: any folder of images, searched recursively; labels from the first-level sub-folder names. It has
   only the split "train" (all of it).
 - cifar10, mnist, fashion_mnist, celeba: torchvision's classes, read from data.root (downloaded there when
@@ -38,6 +41,7 @@ from torch.utils.data import Dataset, Subset, get_worker_info
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from ddpm import digit_strips as strips
 from ddpm.attributes import attribute_statistics, measure_attributes, standardise_attributes
 from ddpm.condition_files import (
     ARRAY_SUFFIXES,
@@ -282,6 +286,21 @@ def digit_masks(split: str, *, image_size: int = 16, seed: int = 0) -> tuple[Ten
     return images, masks, labels[index]
 
 
+def digit_strips(split: str, *, image_size: int = 16, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """The digit_strips of `split` ("train" or "test": strips.STRIPS[split] strips of that split's digits,
+    `ddpm.digit_strips`): images (N, 1, S, S) in [-1, 1], S = image_size (even), and their digit sequences
+    (N, MAX_DIGITS) long, EMPTY (-1) after each strip's digits. The same strips for the same seed."""
+    if split not in strips.STRIPS:
+        raise DataError(f"digit_strips has the splits {', '.join(strips.STRIPS)}, got '{split}'")
+    if image_size % strips.GRID:
+        raise DataError(f"digit_strips needs an even image_size (a 2 x 2 grid of slots), got {image_size}")
+    digits, labels = split_digits(split, image_size // strips.GRID)
+    generator = torch.Generator().manual_seed(seed * 2 + strips.SPLIT_STREAM[split])
+    sequences = strips.random_sequences(strips.STRIPS[split], generator)
+    images, _ = strips.draw_strips(digits, labels, sequences, generator)
+    return images, sequences
+
+
 def num_classes_of(dataset: Dataset) -> int | None:
     """Number of classes of a dataset built here (None when it yields no labels), looking through Subsets."""
     while isinstance(dataset, Subset):
@@ -399,6 +418,24 @@ class DigitMasksDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         return self.masks[index], self.labels[index], {"image": self.images[index]}
+
+
+class DigitStripsDataset(Dataset):
+    """`digit_strips` as training data: item i is (strip (1, S, S), label -1 (), {"context": its tokens (L,
+    CONTEXT_DIM)}), L its number of digits (`ddpm.digit_strips.sequence_tokens`; `collate_batch` pads a
+    batch's sequences and gives their mask). A strip holds several digits, so it has no class label."""
+
+    def __init__(self, split: str, *, image_size: int, seed: int = 0):
+        self.images, self.sequences = digit_strips(split, image_size=image_size, seed=seed)
+        self.tokens, self.mask = strips.sequence_tokens(self.sequences)
+        self.num_classes = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        tokens = self.tokens[index][self.mask[index]]
+        return self.images[index], torch.tensor(-1), {"context": tokens}
 
 
 class ImageFolderDataset(Dataset):
@@ -529,6 +566,10 @@ def _digits(data: DataConfig) -> TensorImageDataset:
 
 def _digit_masks(data: DataConfig) -> DigitMasksDataset:
     return DigitMasksDataset(data.split, image_size=data.image_size, labels=data.labels)
+
+
+def _digit_strips(data: DataConfig) -> DigitStripsDataset:
+    return DigitStripsDataset(data.split, image_size=data.image_size)
 
 
 def _folder(data: DataConfig, model: Mapping[str, Any] | None = None) -> ImageFolderDataset:
@@ -702,6 +743,7 @@ def _warn(message: str) -> None:
 BUILDERS: dict[str, Callable[[DataConfig], Dataset]] = {
     "digits": _digits,
     "digit_masks": _digit_masks,
+    "digit_strips": _digit_strips,
     "folder": _folder,
     "cifar10": _cifar10,
     "mnist": _mnist,

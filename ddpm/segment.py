@@ -192,10 +192,11 @@ def _read(images: str | Path, run_dir: Path | None, size: int) -> tuple[Tensor, 
     if str(images) not in COPIES:
         return read_images(images, image_size=size, channels=1)[0], None
     data = load_config(run_dir / RUN_CONFIG).data if run_dir is not None else None
-    if data is None or data.dataset not in DATASET_CONDITIONS:
+    pairs = [name for name, kinds in DATASET_CONDITIONS.items() if "image" in kinds]
+    if data is None or data.dataset not in pairs:
         raise ValueError(
             f"--images {images} names a split of the run's data set, but the model was not trained on "
-            f"image/mask pairs (data.dataset: {', '.join(DATASET_CONDITIONS)}): pass a folder of images"
+            f"image/mask pairs (data.dataset: {', '.join(pairs)}): pass a folder of images"
         )
     pictures, masks, _ = digit_masks(str(images), image_size=size)
     return pictures, masks.add(1).div(2)

@@ -190,8 +190,8 @@ ERRORS = [
         "data:\n  dataset: cifar100\n",
         [],
         (),
-        r"invalid value 'cifar100' for 'data\.dataset' .*: expected one of digits, digit_masks, folder, "
-        "cifar10, mnist, fashion_mnist, celeba",
+        r"invalid value 'cifar100' for 'data\.dataset' .*: expected one of digits, digit_masks, digit_strips, "
+        "folder, cifar10, mnist, fashion_mnist, celeba",
     ),
     (
         "",
@@ -387,8 +387,8 @@ def test_the_data_sets_are_the_ones_config_accepts():
     assert tuple(BUILDERS) == DATASETS
     with pytest.raises(
         DataError,
-        match=r"^unknown dataset 'cifar100'; valid: digits, digit_masks, folder, cifar10, mnist, "
-        r"fashion_mnist, celeba$",
+        match=r"^unknown dataset 'cifar100'; valid: digits, digit_masks, digit_strips, folder, cifar10, "
+        r"mnist, fashion_mnist, celeba$",
     ):
         build_dataset(DataConfig(dataset="cifar100"))
 

@@ -213,6 +213,6 @@ def test_the_data_sets_conditions_join_the_labels_and_distillation_refuses_them(
     assert cond.kinds == ("label", "image") and torch.equal(cond["image"], images)
     assert torch.equal(cond["label"], labels)
     with pytest.raises(
-        ConfigError, match=r"run is conditioned on the images data\.dataset=digit_masks gives"
+        ConfigError, match=r"run is conditioned on what data\.dataset=digit_masks gives with each image"
     ):
         _check_teacher(config, "run")

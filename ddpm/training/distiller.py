@@ -380,7 +380,7 @@ def _check_teacher(config: Config, run: str | Path) -> None:
         )
     if config.data.dataset in DATASET_CONDITIONS:
         raise ConfigError(
-            f"{run} is conditioned on the images data.dataset={config.data.dataset} gives, which "
+            f"{run} is conditioned on what data.dataset={config.data.dataset} gives with each image, which "
             "distillation does not pass to the teacher and student yet: distil a run of images alone"
         )
     if config.diffusion.get("prediction_type", "epsilon") == "epsilon":
