@@ -190,8 +190,8 @@ ERRORS = [
         "data:\n  dataset: cifar100\n",
         [],
         (),
-        r"invalid value 'cifar100' for 'data\.dataset' .*: expected one of digits, digit_masks, digit_strips, "
-        "folder, cifar10, mnist, fashion_mnist, celeba",
+        r"invalid value 'cifar100' for 'data\.dataset' .*: expected one of digits, digit_masks, "
+        "digit_strips, folder, cifar10, mnist, fashion_mnist, celeba",
     ),
     (
         "",
