@@ -143,7 +143,9 @@ def test_a_config_name_finds_the_bundled_file_and_an_existing_file_wins(tmp_path
     assert resolve_config("cifar10.yaml") == Path("cifar10.yaml")  # the file given, not the bundled one
     assert load_config("cifar10.yaml").train.steps == 7 and load_config("cifar10").train.steps == 800000
     with pytest.raises(
-        ConfigError, match=r"config file cifar100 not found; .*bundled config: cifar10, cifar10_v, digits"
+        ConfigError,
+        match=r"config file cifar100 not found; .*bundled config: attributes_digits, cifar10, cifar10_v, "
+        r"digits, folder",
     ):
         load_config("cifar100")
     with pytest.raises(ConfigError, match=r"config file sub/digits.yaml not found"):
