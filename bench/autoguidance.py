@@ -1,17 +1,22 @@
-"""Autoguidance against classifier-free guidance on the digits (issue 25): trained class-conditional runs of
-configs/digits.yaml (label dropout 0.1) sampled with no guidance, with classifier-free guidance (CFG) and with
-autoguidance by an early checkpoint of the same run (Karras et al. 2024), scored as bench/quality.py scores,
-with its real-vs-real floor.
+"""Autoguidance, the guidance interval and rescaled guidance against classifier-free guidance on the digits
+(issue 25): trained class-conditional runs of configs/digits.yaml (label dropout 0.1) sampled with no
+guidance, with classifier-free guidance (CFG), with CFG only in a noise interval (Kynkaanniemi et al. 2024),
+with rescaled CFG (Lin et al. 2023) and with autoguidance by an early checkpoint of the same run (Karras et
+al. 2024), scored as bench/quality.py scores, with its real-vs-real floor.
 
     python bench/autoguidance.py RUN [RUN ...] [--weak step-0000500] [--cfg-scales 1.5,2.5]
-        [--autoguide-scales 1.5,2.5] [--n-samples 300] [--floor-splits 100] [--json OUT]
+        [--autoguide-scales 1.5,2.5] [--interval-scales 2 --interval 0.28 5.42]
+        [--rescale-scales 2 --rescale 0.7] [--n-samples 300] [--floor-splits 100] [--json OUT]
     python bench/autoguidance.py --merge A.json B.json ... [--json OUT]
 
 Each RUN is a run directory; its model is the EMA weights of its latest checkpoint, the weak model the EMA
 weights of its checkpoint --weak (`load_for_sampling`, as sample.py --autoguide RUN/checkpoints/WEAK loads
 it). Every setting samples with the run's own sampler and steps (its config's sample: section): "none" (no
-guidance), "cfg" at each --cfg-scales (against the null label) and "autoguide" at each --autoguide-scales
-(D_weak + w (D - D_weak), the same labels given to both). Run RUN (training seed s) samples image i from noise
+guidance), "cfg" at each --cfg-scales (against the null label), "autoguide" at each --autoguide-scales
+(D_weak + w (D - D_weak), the same labels given to both), "cfg-interval" at each --interval-scales (CFG only
+at the steps whose sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t) lies in [LO, HI] of --interval, the
+conditional model alone elsewhere) and "cfg-rescale" at each --rescale-scales (CFG rescaled by phi =
+--rescale); an empty list ('') leaves that kind out. Run RUN (training seed s) samples image i from noise
 seeded 1,000,000 s + i with label i mod 10, the same noise and labels in every setting. Scores and floor:
 bench/quality.py's `Scorer` (KID on the digit classifier's 1,024 conv features against all 1,797 digits; the
 floor: --n-samples real digits against the others, over --floor-splits splits), and the fraction classified as
@@ -35,7 +40,17 @@ from ddpm.inference import load_for_sampling
 from ddpm.run_dir import RUN_CONFIG
 
 METRICS = ("kid_conv", "kid_hidden", "frechet_distance", "agreement")
-SAME = ("weak", "cfg_scales", "autoguide_scales", "n_samples", "floor_splits")  # what merged files share
+SAME = (  # what merged files share
+    "weak",
+    "cfg_scales",
+    "autoguide_scales",
+    "interval_scales",
+    "interval",
+    "rescale_scales",
+    "rescale",
+    "n_samples",
+    "floor_splits",
+)
 
 
 def main() -> None:
@@ -53,9 +68,9 @@ def main() -> None:
     results = []
     for run in args.runs:
         loaded = load_for_sampling(run)
-        weak = load_for_sampling(Path(run) / "checkpoints" / args.weak)
+        weak = load_for_sampling(Path(run) / "checkpoints" / args.weak) if args.autoguide_scales else None
         seed = load_config(loaded.run_dir / RUN_CONFIG).train.seed
-        for name, scale in settings(args):
+        for name, scale, interval, rescale in settings(args):
             sample = dataclasses.replace(loaded.sampling, guidance_scale=scale)
             scores = scorer.score_model(
                 loaded.model,
@@ -64,6 +79,8 @@ def main() -> None:
                 n=args.n_samples,
                 seed=quality.SAMPLING_SEED_STRIDE * seed,
                 autoguide=weak.model if name == "autoguide" else None,
+                guidance_interval=interval,
+                guidance_rescale=rescale,
             )
             results.append(
                 {
@@ -74,6 +91,8 @@ def main() -> None:
                     "sampler": f"{sample.sampler} {sample.steps}",
                     "model": loaded.folder.name,
                     "weak": weak.folder.name if name == "autoguide" else None,
+                    "guidance_interval": list(interval) if interval else None,
+                    "guidance_rescale": rescale,
                     **{key: scores[key] for key in METRICS},
                 }
             )
@@ -102,6 +121,29 @@ def parse_args() -> argparse.Namespace:
         help="autoguidance weights (default: 1.5,2.5)",
     )
     parser.add_argument(
+        "--interval-scales",
+        type=_numbers,
+        default=[],
+        help="weights of CFG limited to --interval (default: none)",
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        nargs=2,
+        default=[0.28, 5.42],
+        metavar=("LO", "HI"),
+        help="the noise levels sigma that --interval-scales guide (default: 0.28 5.42, the paper's EDM2-S)",
+    )
+    parser.add_argument(
+        "--rescale-scales",
+        type=_numbers,
+        default=[],
+        help="weights of CFG rescaled by --rescale (default: none)",
+    )
+    parser.add_argument(
+        "--rescale", type=float, default=0.7, help="phi of --rescale-scales, in (0, 1] (default: 0.7)"
+    )
+    parser.add_argument(
         "--n-samples", type=int, default=300, help="samples scored per setting (default: 300)"
     )
     parser.add_argument(
@@ -114,24 +156,33 @@ def parse_args() -> argparse.Namespace:
         parser.error("pass run directories, or --merge JSON files, not both")
     if min(args.n_samples, args.floor_splits) < 2:
         parser.error("--n-samples and --floor-splits must be >= 2")
-    if 1.0 in args.cfg_scales + args.autoguide_scales:
+    if 1.0 in args.cfg_scales + args.autoguide_scales + args.interval_scales + args.rescale_scales:
         parser.error("weight 1 is no guidance, the 'none' setting: leave it out of the scales")
+    if not 0 <= args.interval[0] <= args.interval[1]:
+        parser.error(f"--interval {args.interval[0]:g} {args.interval[1]:g}: expected 0 <= LO <= HI")
+    if not 0 < args.rescale <= 1:
+        parser.error(f"--rescale {args.rescale:g}: expected phi in (0, 1]")
     return args
 
 
-def settings(args: argparse.Namespace) -> list[tuple[str, float]]:
-    """(setting, guidance_scale) of every cell: none, then CFG and autoguidance at each of their scales."""
+def settings(args: argparse.Namespace) -> list[tuple[str, float, tuple[float, float] | None, float]]:
+    """(setting, guidance_scale, guidance_interval, guidance_rescale) of every cell: none, then CFG,
+    autoguidance, CFG in --interval and CFG rescaled by --rescale at each of their scales."""
+    interval = (args.interval[0], args.interval[1])
     return [
-        ("none", 1.0),
-        *(("cfg", w) for w in args.cfg_scales),
-        *(("autoguide", w) for w in args.autoguide_scales),
+        ("none", 1.0, None, 0.0),
+        *(("cfg", w, None, 0.0) for w in args.cfg_scales),
+        *(("autoguide", w, None, 0.0) for w in args.autoguide_scales),
+        *(("cfg-interval", w, interval, 0.0) for w in args.interval_scales),
+        *(("cfg-rescale", w, None, args.rescale) for w in args.rescale_scales),
     ]
 
 
 def report(args: argparse.Namespace, floor: dict, results: list[dict]) -> None:
     """Print per setting the mean and std over the seeds of KID conv, the per-seed values and agreement, and
-    each guided setting against no guidance (difference of KID conv, its standard error, the floor's 95th
-    percentile and the verdict); then the floor."""
+    each guided setting against no guidance (difference of KID conv, its standard error and the verdict by
+    the floor's 95th percentile), and CFG in the interval or rescaled against plain CFG at the same weight;
+    then the floor."""
     seeds = sorted({r["seed"] for r in results})
     cells = list(dict.fromkeys((r["setting"], r["scale"]) for r in results))
     summary = {
@@ -145,6 +196,7 @@ def report(args: argparse.Namespace, floor: dict, results: list[dict]) -> None:
             f"{r['kid_conv']:.3g}" for r in results if (r["setting"], r["scale"]) == (name, scale)
         )
         against = "" if none is None or name == "none" else _against(s, none, floor)
+        cfg = summary.get(("cfg", scale)) if name in ("cfg-interval", "cfg-rescale") else None
         rows.append(
             [
                 name,
@@ -154,6 +206,7 @@ def report(args: argparse.Namespace, floor: dict, results: list[dict]) -> None:
                 per_seed,
                 s["agreement"]["mean"],
                 against,
+                "" if cfg is None else _against(s, cfg, floor),
             ]
         )
     header = [
@@ -164,6 +217,7 @@ def report(args: argparse.Namespace, floor: dict, results: list[dict]) -> None:
         "per seed",
         "agreement",
         "against none: difference (SE), verdict",
+        "against cfg at its weight",
     ]
     sampler = results[0]["sampler"]
     print(
@@ -197,23 +251,27 @@ def merge(paths: list[str], out: str | None) -> None:
     `out`."""
     payloads = [json.loads(Path(path).read_text()) for path in paths]
     first = payloads[0]
-    differ = sorted({key for p in payloads for key in SAME if p["options"][key] != first["options"][key]})
+    # files written before the interval and rescale settings lack them: .get
+    differ = sorted(
+        {key for p in payloads for key in SAME if p["options"].get(key) != first["options"].get(key)}
+    )
     if differ:
         raise SystemExit(f"error: the files differ in {differ}; merge only runs of one setting")
     results = [r for p in payloads for r in p["results"]]
-    args = argparse.Namespace(**first["options"], json=out)
+    args = argparse.Namespace(**{key: first["options"].get(key) for key in SAME}, json=out)
     write(args, first["floor"], first["classifier_accuracy"], results)
     report(args, first["floor"], results)
 
 
 def _against(setting: dict, none: dict, floor: dict) -> str:
-    """KID conv of `setting` minus that of no guidance, its standard error and bench/quality.py's verdict."""
+    """KID conv of `setting` minus that of `none` (no guidance, or plain CFG), its standard error and
+    bench/quality.py's verdict."""
     compared = quality.compare(setting, none, floor, label="", runs=("", ""))["kid_conv"]
     return f"{compared['difference']:+.3g} ({compared['se']:.2g}), {compared['verdict']}"
 
 
 def _numbers(text: str) -> list[float]:
-    return [float(item) for item in text.split(",")]
+    return [float(item) for item in text.split(",") if item.strip()]
 
 
 if __name__ == "__main__":

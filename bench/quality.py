@@ -326,10 +326,14 @@ def sample_images(
     seed: int,
     *,
     autoguide: nn.Module | None = None,
+    guidance_interval: tuple[float, float] | None = None,
+    guidance_rescale: float = 0.0,
 ) -> tuple[Tensor, Tensor | None]:
     """`n` images (n, C, S, S) of `model` with the settings `sample`, image i from noise seeded seed + i and
     with label i mod classes; and those labels (None for an unconditional model). autoguide: a weak model
-    whose autoguidance sample.guidance_scale weighs (`ddpm.sample`), instead of classifier-free guidance."""
+    whose autoguidance sample.guidance_scale weighs (`ddpm.sample`), instead of classifier-free guidance.
+    guidance_interval (sigma_lo, sigma_hi) and guidance_rescale (phi): the guidance only at those noise
+    levels and rescaled (`ddpm.sample`; the sample: section has no such fields)."""
     model.eval()
     images = generate(
         model,
@@ -340,6 +344,8 @@ def sample_images(
         steps=sample.steps,
         eta=sample.eta,
         guidance_scale=sample.guidance_scale,
+        guidance_interval=guidance_interval,
+        guidance_rescale=guidance_rescale,
         autoguide=autoguide,
         seed=seed,
         device=next(model.parameters()).device,
@@ -494,10 +500,23 @@ class Scorer:
         n: int,
         seed: int = 0,
         autoguide: nn.Module | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        guidance_rescale: float = 0.0,
     ) -> dict:
         """Score `n` images of `model` sampled with the settings `sample` from noise seeded seed + i
-        (guided by the weak model `autoguide` when given: `sample_images`)."""
-        return self.score(*sample_images(model, scheduler, sample, n, seed, autoguide=autoguide))
+        (guided by the weak model `autoguide` when given, the guidance limited to `guidance_interval` and
+        rescaled by `guidance_rescale`: `sample_images`)."""
+        images, labels = sample_images(
+            model,
+            scheduler,
+            sample,
+            n,
+            seed,
+            autoguide=autoguide,
+            guidance_interval=guidance_interval,
+            guidance_rescale=guidance_rescale,
+        )
+        return self.score(images, labels)
 
     def timed_score(self, model: nn.Module, scheduler: NoiseScheduler, sample, n: int) -> dict:
         start = time.perf_counter()

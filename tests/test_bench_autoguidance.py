@@ -17,7 +17,7 @@ FLOOR = {
 }
 
 
-def scored(tmp_path: Path, seed: int, kid: dict[str, float], **options) -> Path:
+def scored(tmp_path: Path, seed: int, kid: dict[str, float], settings=SETTINGS, **options) -> Path:
     results = [
         {
             "run": f"runs/digits-s{seed}",
@@ -32,7 +32,7 @@ def scored(tmp_path: Path, seed: int, kid: dict[str, float], **options) -> Path:
             "frechet_distance": value,
             "agreement": 0.9,
         }  # fmt: skip
-        for (setting, scale), value in zip(SETTINGS, kid.values(), strict=True)
+        for (setting, scale), value in zip(settings, kid.values(), strict=True)
     ]
     payload = {
         "benchmark": "autoguidance",
@@ -73,3 +73,49 @@ def test_files_of_other_settings_are_not_merged(tmp_path):
     second = scored(tmp_path, 1, {"none": 0.01, "cfg": 0.05, "autoguide": 0.01}, n_samples=500)
     done = run_bench("--merge", str(first), str(second))
     assert done.returncode == 1 and "differ in ['n_samples']" in done.stderr
+
+
+def test_the_interval_and_rescale_settings_carry_their_parameters():
+    code = (
+        "import json, sys, autoguidance\n"
+        "sys.argv = ['autoguidance.py', 'RUN', '--cfg-scales', '2', '--autoguide-scales', '',"
+        " '--interval-scales', '2,3', '--interval', '0.28', '5.42',"
+        " '--rescale-scales', '2', '--rescale', '0.5']\n"
+        "print(json.dumps(autoguidance.settings(autoguidance.parse_args())))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "bench"), str(ROOT)])}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [
+        ["none", 1.0, None, 0.0],
+        ["cfg", 2.0, None, 0.0],
+        ["cfg-interval", 2.0, [0.28, 5.42], 0.0],
+        ["cfg-interval", 3.0, [0.28, 5.42], 0.0],
+        ["cfg-rescale", 2.0, None, 0.5],
+    ]
+
+
+def test_an_empty_interval_is_refused():
+    done = run_bench("RUN", "--interval-scales", "2", "--interval", "5", "1")
+    assert done.returncode == 2 and "--interval 5 1: expected 0 <= LO <= HI" in done.stderr
+
+
+def test_the_interval_and_rescale_are_judged_against_cfg_at_their_weight(tmp_path):
+    settings = [("none", 1.0), ("cfg", 2.0), ("cfg-interval", 2.0), ("cfg-rescale", 2.0)]
+    options = {"autoguide_scales": [], "interval_scales": [2.0], "interval": [0.28, 5.42]}
+    kids = [
+        {"none": 0.010, "cfg": 0.050, "cfg-interval": 0.011, "cfg-rescale": 0.049},
+        {"none": 0.011, "cfg": 0.052, "cfg-interval": 0.012, "cfg-rescale": 0.051},
+    ]
+    paths = [scored(tmp_path, seed, kid, settings, **options) for seed, kid in enumerate(kids)]
+    done = run_bench("--merge", *map(str, paths))
+    assert done.returncode == 0, done.stderr
+    rows = {
+        line.split(" | ")[0].strip("| "): line for line in done.stdout.splitlines() if line.startswith("| ")
+    }
+    # against none +0.001, inside the floor; against cfg -0.0395, beyond it and 3 standard errors
+    assert rows["cfg-interval"].count("no difference") == 1 and "-0.0395" in rows["cfg-interval"]
+    assert rows["cfg-rescale"].count("no difference") == 1 and "higher" in rows["cfg-rescale"]
+    assert rows["cfg"].rstrip(" |").endswith("higher")  # plain CFG has no column against itself
