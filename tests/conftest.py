@@ -9,14 +9,18 @@ from ddpm.config import load_config
 from ddpm.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-# A tiny digits run (8x8, 10 steps): the teacher of the distillation tests.
-TINY_TEACHER = [
+# The tiny network of the test runs: 8x8 digits, 8 base channels (every file's tiny run starts from it).
+TINY_MODEL = [
     "data.image_size=8",
     "data.batch_size=16",
     "model.image_size=8",
     "model.base_channels=8",
     "model.channel_mult=[1,2]",
     "model.norm_groups=4",
+]
+# A tiny digits run (8x8, 10 steps): the teacher of the distillation tests.
+TINY_TEACHER = [
+    *TINY_MODEL,
     "model.attention_resolutions=[4]",
     "train.steps=10",
     "train.checkpoint_every=10",

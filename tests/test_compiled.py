@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from conftest import TINY_MODEL
 from torch._dynamo.testing import CompileCounter
 
 from ddpm import compiled
@@ -172,12 +173,7 @@ def test_an_unknown_batch_size_word_is_refused():
 def test_a_channels_last_run_trains_saves_and_resumes(tmp_path):
     # channels_last is on by default on a GPU: its non-contiguous weights must still save, load and resume.
     overrides = [
-        "data.image_size=8",
-        "data.batch_size=16",
-        "model.image_size=8",
-        "model.base_channels=8",
-        "model.channel_mult=[1,2]",
-        "model.norm_groups=4",
+        *TINY_MODEL,
         "train.checkpoint_every=2",
         "train.sample_every=2",
         "sample.steps=2",

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from conftest import TINY_MODEL
 
 from ddpm.compiled import FixedBatchNetwork
 from ddpm.config import load_config
@@ -24,12 +25,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda")
 TINY = [
-    "data.image_size=8",
-    "data.batch_size=16",
-    "model.image_size=8",
-    "model.base_channels=8",
-    "model.channel_mult=[1,2]",
-    "model.norm_groups=4",
+    *TINY_MODEL,
     "model.attention_resolutions=[4]",
     "model.dropout=0.1",
     "train.log_with=none",

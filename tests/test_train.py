@@ -10,6 +10,7 @@ from unittest import mock
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from conftest import TINY_MODEL
 from safetensors.torch import load_file
 
 import ddpm.inference
@@ -22,12 +23,7 @@ from ddpm.training import NonFiniteLossError, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = [
-    "data.image_size=8",
-    "data.batch_size=16",
-    "model.image_size=8",
-    "model.base_channels=8",
-    "model.channel_mult=[1,2]",
-    "model.norm_groups=4",
+    *TINY_MODEL,
     "train.steps=6",
     "train.warmup_steps=4",
     "train.checkpoint_every=3",
