@@ -29,7 +29,7 @@ from ddpm.samplers.consistency import (
     sigma_range,
 )
 from ddpm.schedule import NoiseScheduler
-from ddpm.training.consistency import ConsistencySettings, start_consistency_distillation
+from ddpm.training.consistency import GRID_SIGMA_MAX, ConsistencySettings, start_consistency_distillation
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULER = NoiseScheduler(
@@ -79,15 +79,26 @@ def test_the_consistency_function_is_the_papers_on_the_network_read_as_edms_f():
     torch.testing.assert_close(got[0], x[0], rtol=0, atol=1e-12)
 
 
-def test_the_karras_grid_spans_the_teachers_sigmas_evenly_in_sigma_to_the_one_seventh():
+def karras(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    return (sigma_max ** (1 / 7) + ramp * (sigma_min ** (1 / 7) - sigma_max ** (1 / 7))) ** 7  # Eq. 5
+
+
+def test_the_grid_is_sigma_max_then_the_karras_grid_from_80_down_when_the_schedule_reaches_above_80():
+    assert SIGMA_MAX > 2e4
     sigmas = sigma_of(ConsistencySettings(calls=1, sigmas=18).timesteps(SCHEDULER))
     assert sigmas.shape == (18,)
-    torch.testing.assert_close(
-        sigmas[[0, -1]], torch.tensor([SIGMA_MAX, SIGMA_MIN], dtype=torch.float64), rtol=1e-9, atol=0
-    )
-    ramp = torch.linspace(0, 1, 18, dtype=torch.float64)
-    expected = (SIGMA_MAX ** (1 / 7) + ramp * (SIGMA_MIN ** (1 / 7) - SIGMA_MAX ** (1 / 7))) ** 7  # Eq. 5
-    torch.testing.assert_close(sigmas, expected, rtol=1e-9, atol=0)
+    assert sigmas[0].item() == pytest.approx(SIGMA_MAX, rel=1e-9)
+    torch.testing.assert_close(sigmas[1:], karras(17, SIGMA_MIN, GRID_SIGMA_MAX), rtol=1e-9, atol=0)
+
+
+def test_the_grid_spans_a_schedule_below_80_evenly_in_sigma_to_the_one_seventh():
+    low = NoiseScheduler(num_train_timesteps=100, prediction_type="v_prediction")  # linear: sigma_max 1.3
+    sigma_min, sigma_max = sigma_range(low)
+    assert sigma_max < GRID_SIGMA_MAX
+    t = ConsistencySettings(calls=1, sigmas=18).timesteps(low)
+    ab = low.alpha_bar(t)
+    torch.testing.assert_close(((1 - ab) / ab).sqrt(), karras(18, sigma_min, sigma_max), rtol=1e-9, atol=0)
 
 
 # ---- the teacher's ODE step --------------------------------------------------------------------------------

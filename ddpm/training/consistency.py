@@ -12,7 +12,8 @@ run on a trained model can use, and its loss has a known answer to test against 
 interruption, log and sample grids serve it unchanged. Each step:
 
     n ~ U{0, ..., N-2}, x_{n} = x0 + sigma_n eps on the Karras discretisation sigma_0 = sigma_max > ... >
-    sigma_{N-1} = sigma_min of the teacher's schedule (rho = 7; `ConsistencySettings.timesteps`);
+    sigma_{N-1} = sigma_min of the teacher's schedule (rho = 7, its levels capped at GRID_SIGMA_MAX;
+    `ConsistencySettings.timesteps`);
     x^_{n+1} = one Heun (or Euler) step of the teacher's ODE from sigma_n to sigma_{n+1};
     loss = pseudo-Huber(f_student(x_n, sigma_n), f_target(x^_{n+1}, sigma_{n+1}));
     after the optimizer step, target <- mu target + (1 - mu) student  (the target network, --target-ema)
@@ -55,6 +56,11 @@ from ddpm.training.distiller import (
 )
 
 CONSISTENCY_LR = 2e-4  # AdamW's constant learning rate (Song et al. 2023 used 4e-4 at batch 512 on CIFAR-10)
+# The top of the Karras grid below the schedule's sigma_max, in data units: EDM's and Song et al.'s sigma_max
+# for data in [-1, 1]. Above it the data no longer shows; the digits' cosine schedule reaches 2e4, where a grid
+# to sigma_max put 25 of 40 levels, and as many hops the target network's EMA must pass the boundary
+# condition through before it reaches the first call (BENCHMARKS.md section 9).
+GRID_SIGMA_MAX = 80.0
 TEACHER = "teacher"
 TARGET = "target"  # the target network's folder in each checkpoint
 
@@ -65,9 +71,7 @@ class ConsistencySettings:
 
     calls: int  # the network calls the student is sampled with (`ddpm.samplers.consistency`)
     steps: int = 600  # optimizer steps
-    # N, the noise levels of the Karras discretisation (Song et al. 2023 used 18 on CIFAR-10, 40 on
-    # ImageNet 64): more than 18 here since the teacher's sigma_max (2e4 for the digits' cosine schedule, 80
-    # in their EDM teachers) puts most rho = 7 levels above sigma = 80, where the data no longer shows.
+    # N, the noise levels of the discretisation (Song et al. 2023 used 18 on CIFAR-10, 40 on ImageNet 64)
     sigmas: int = 40
     target_ema: float = 0.95  # mu, the target network's EMA decay (Song et al. 2023, CIFAR-10)
     solver: str = "heun"  # the teacher's ODE step, one of ODE_SOLVERS (Heun: two calls, EDM's)
@@ -94,11 +98,19 @@ class ConsistencySettings:
             raise ConfigError(f"--guidance-scale {self.guidance_scale}: expected a finite number >= 0")
 
     def timesteps(self, scheduler: NoiseScheduler) -> torch.Tensor:
-        """(sigmas,) float64, descending: the Karras discretisation (Karras et al. 2022, Eq. 5, rho = 7) of
-        `sigmas` noise levels from the schedule's sigma_max to its sigma_min, as continuous timesteps
-        (`NoiseScheduler.sigma_to_t`: the ends are t = T-1 and 0)."""
+        """(sigmas,) float64, descending: the schedule's noise levels from its sigma_max to its sigma_min as
+        continuous timesteps (`NoiseScheduler.sigma_to_t`: the ends are t = T-1 and 0). They are the Karras
+        discretisation (Karras et al. 2022, Eq. 5, rho = 7) of `sigmas` levels; where sigma_max is above
+        GRID_SIGMA_MAX (in the samplers' frame), sigma_max and then that discretisation of `sigmas` - 1 levels
+        from GRID_SIGMA_MAX down."""
         sigma_min, sigma_max = sigma_range(scheduler)
-        return scheduler.sigma_to_t(sigma_grid("karras", self.sigmas, sigma_min, sigma_max, KARRAS_RHO))
+        top = GRID_SIGMA_MAX / scheduler.data_scale
+        if sigma_max <= top or self.sigmas < 3:
+            sigmas = sigma_grid("karras", self.sigmas, sigma_min, sigma_max, KARRAS_RHO)
+        else:
+            below = sigma_grid("karras", self.sigmas - 1, sigma_min, top, KARRAS_RHO)
+            sigmas = torch.cat([below.new_tensor([sigma_max]), below])
+        return scheduler.sigma_to_t(sigmas)
 
 
 class ConsistencyDistiller(DistillationTrainer):
