@@ -39,6 +39,9 @@ from torch import Tensor
 from ddpm.schedule import KARRAS_RHO, SIGMA_SPACINGS, NoiseScheduler, sigma_grid
 
 FORMULATION = "formulation"  # the key of a diffusion section (and of a saved schedule) that picks the class
+# How EDMScheduler spaces sigma: the two of ddpm.schedule, and "trailing", the Karras grid of one more step
+# without its last level (see `EDMScheduler.inference_timesteps`), the grid of distilled students.
+EDM_SPACINGS = (*SIGMA_SPACINGS, "trailing")
 MAX_SAMPLING_STEPS = 1000  # EDMScheduler.num_train_timesteps: the cap on sampling steps, as for T = 1000
 
 
@@ -69,7 +72,8 @@ class EDMScheduler:
         sigma_min: float = 0.002,  # the lowest noise level sampled (before the final step to sigma = 0)
         sigma_max: float = 80.0,  # the noise level sampling starts from
         rho: float = KARRAS_RHO,  # the exponent of the "karras" spacing (Eq. 5)
-        timestep_spacing: str = "karras",  # one of SIGMA_SPACINGS: how sampling spaces sigma
+        # how sampling spaces sigma: one of EDM_SPACINGS (karras, exponential, trailing: distilled students)
+        timestep_spacing: str = "karras",
         clip_sample: bool = False,  # clamp the x0 estimate to [-clip_sample_range, clip_sample_range]
         clip_sample_range: float = 1.0,
     ):
@@ -81,10 +85,10 @@ class EDMScheduler:
                 "sigma_min and sigma_max must satisfy 0 < sigma_min < sigma_max < inf, got "
                 f"sigma_min={sigma_min}, sigma_max={sigma_max}"
             )
-        if timestep_spacing not in SIGMA_SPACINGS:
+        if timestep_spacing not in EDM_SPACINGS:
             raise ValueError(
                 f"unknown timestep_spacing {timestep_spacing!r} for the EDM formulation; valid: "
-                f"{', '.join(SIGMA_SPACINGS)}"
+                f"{', '.join(EDM_SPACINGS)}"
             )
         if clip_sample_range <= 0:
             raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range}")
@@ -165,6 +169,11 @@ class EDMScheduler:
         log_sigma = 4 * _high_precision(t) - math.log(self.sigma_data)
         return torch.sigmoid(-2 * log_sigma)
 
+    def snr(self, t: Tensor) -> Tensor:
+        """The samplers' signal-to-noise ratio alpha_bar / (1 - alpha_bar) = (sigma_data / sigma)^2 at t =
+        c_noise; float64 (float32 on MPS) of t's shape and device."""
+        return (2 * math.log(self.sigma_data) - 8 * _high_precision(t)).exp()
+
     def sigma_to_t(self, sigma: Tensor | float) -> Tensor:
         """The timestep c_noise of the samplers' noise level sigma' = sigma / sigma_data; float64."""
         return (torch.as_tensor(sigma, dtype=torch.float64) * self.sigma_data).log() / 4
@@ -172,11 +181,16 @@ class EDMScheduler:
     def inference_timesteps(self, steps: int, *, drop_last: bool = False) -> Tensor:
         """The `steps` timesteps (c_noise, float64, descending) of sigma from sigma_max down to sigma_min by
         `timestep_spacing` ("karras": Eq. 5 with `rho`); the samplers step from the last to sigma = 0.
-        drop_last is ignored, as for NoiseScheduler's sigma spacings."""
+        "trailing": the first `steps` of the "karras" grid of steps + 1, so that sigma_max comes first, the
+        last step goes from above sigma_min straight to 0 (as NoiseScheduler's "trailing" ends at T / steps
+        - 1), and the grid of n steps is every other level of the grid of 2n (progressive distillation's
+        students). drop_last is ignored, as for NoiseScheduler's sigma spacings."""
         if not isinstance(steps, int) or not 1 <= steps <= self.num_train_timesteps:
             raise ValueError(f"steps must be an integer in 1..{self.num_train_timesteps}, got {steps!r}")
-        sigmas = sigma_grid(self.timestep_spacing, steps, self.sigma_min, self.sigma_max, self.rho)
-        return sigmas.log() / 4
+        trailing = self.timestep_spacing == "trailing"
+        spacing = "karras" if trailing else self.timestep_spacing
+        sigmas = sigma_grid(spacing, steps + trailing, self.sigma_min, self.sigma_max, self.rho)
+        return sigmas[:steps].log() / 4
 
     def predict_x0_and_eps(
         self, model_output: Tensor, x_t: Tensor, t: Tensor, *, clip: bool = True

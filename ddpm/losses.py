@@ -187,7 +187,9 @@ def progressive_distillation_losses(
 
     with z_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, x~ = `progressive_target` (no gradient) and
     the paper's truncated SNR weighting (Sec. 4), written on the student's x0 estimate whatever it predicts
-    (for x0 prediction it is that loss; for v, || x0 error ||^2 = || v error ||^2 / (1 + SNR)).
+    (for x0 prediction it is that loss; for v, || x0 error ||^2 = || v error ||^2 / (1 + SNR)). All of it is
+    in the samplers' frame (`NoiseScheduler.add_noise`, `snr`): for the EDM formulation the data over
+    sigma_data, where EDM's own loss on F is (1 + SNR) || x0 error ||^2 (`ddpm.edm`), within a factor 2.
 
     teacher_timesteps: (2n,) descending, the teacher's DDIM grid; the student's has n steps, its step i going
     from teacher_timesteps[2i] to teacher_timesteps[2i + 2] (alpha_bar = 1 after the last), through the
@@ -206,7 +208,7 @@ def progressive_distillation_losses(
 
     t, t_mid = grid[2 * index], grid[2 * index + 1]
     ab_t = at(2 * index)
-    x_t = ab_t.sqrt() * x0 + (1 - ab_t).sqrt() * noise
+    x_t = scheduler.add_noise(x0, noise, t)  # in the samplers' frame (the data over scheduler.data_scale)
     with torch.no_grad():
         target = progressive_target(teacher, x_t, t, t_mid, ab_t, at(2 * index + 1), at(2 * index + 2))
     # A learned variance's channels ("learned_range") are split off untrained: DDIM never reads them.

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from accelerate.state import AcceleratorState
 
 from ddpm.config import load_config
@@ -44,5 +45,18 @@ def teacher(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("teacher") / "run"
     config = load_config(ROOT / "configs" / "digits.yaml", [*TINY_TEACHER, f"output_dir={run}"])
     Trainer(config).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return run
+
+
+@pytest.fixture(scope="module")
+def edm_teacher(tmp_path_factory) -> Path:
+    """The tiny run of `teacher` with the EDM formulation (diffusion: {formulation: edm}, its defaults),
+    trained once per test module that asks for it."""
+    folder = tmp_path_factory.mktemp("edm_teacher")
+    raw = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
+    (folder / "digits_edm.yaml").write_text(yaml.safe_dump({**raw, "diffusion": {"formulation": "edm"}}))
+    run = folder / "run"
+    Trainer(load_config(folder / "digits_edm.yaml", [*TINY_TEACHER, f"output_dir={run}"])).train()
     AcceleratorState._reset_state(reset_partial_state=True)
     return run

@@ -2,8 +2,8 @@
 ddpm.training.consistency, ddpm.distill --method consistency): the boundary-condition parameterisation and
 the Karras grid against their formulas; the teacher's ODE step against closed forms and our solvers; the
 loss and the multistep sampler against the exact-score mixture, whose ODE makes the ideal consistency
-function known; then a tiny distillation of the digits end to end: files, sample.py with no flags, exact
-resume, refusals."""
+function known, for the discrete-time schedule and the EDM formulation; then tiny distillations of the digits
+end to end (of a teacher of each formulation): files, sample.py with no flags, exact resume, refusals."""
 
 import math
 import subprocess
@@ -14,17 +14,20 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
+from test_distill import exact_network, sample_py
 
 from ddpm import sample
 from ddpm.distill import main as distill_main
+from ddpm.edm import EDMScheduler
 from ddpm.exact_score import MIXTURE, GaussianMixture, exact_predictor, wasserstein1
-from ddpm.inference import load_for_sampling
+from ddpm.inference import generate, load_for_sampling
 from ddpm.losses import PSEUDO_HUBER_C, consistency_distillation_losses
 from ddpm.samplers import ddim, denoiser, heun
 from ddpm.samplers.consistency import (
     SIGMA_DATA,
     boundary_coefficients,
     consistency_output,
+    frame_sigma_data,
     ode_step,
     sigma_range,
 )
@@ -36,10 +39,12 @@ SCHEDULER = NoiseScheduler(
     beta_schedule="cosine", prediction_type="v_prediction", timestep_spacing="trailing"
 )
 SIGMA_MIN, SIGMA_MAX = sigma_range(SCHEDULER)
+EDM = EDMScheduler(timestep_spacing="trailing")  # the EDM formulation on a consistency student's grid
 
 
-def sigma_of(t: torch.Tensor) -> torch.Tensor:
-    ab = SCHEDULER.alpha_bar(t)
+def sigma_of(t: torch.Tensor, scheduler: NoiseScheduler | EDMScheduler = SCHEDULER) -> torch.Tensor:
+    """The samplers' sigma at t (for EDM, sigma / sigma_data)."""
+    ab = scheduler.alpha_bar(t)
     return ((1 - ab) / ab).sqrt()
 
 
@@ -142,74 +147,91 @@ def test_the_step_is_our_solvers_step(solver, name):
 
 # ---- the loss and the sampler on the exact-score mixture ---------------------------------------------------
 
-TEACHER = denoiser(exact_predictor(MIXTURE, SCHEDULER), SCHEDULER, dtype=torch.float64)
+
+def exact_teacher(scheduler: NoiseScheduler | EDMScheduler):
+    """The exact denoiser of MIXTURE's data under `scheduler` (x0 in the samplers' frame)."""
+    return denoiser(exact_network(scheduler), scheduler, dtype=torch.float64)
 
 
-def ideal_consistency(x_t: torch.Tensor, t: torch.Tensor, steps: int = 100) -> torch.Tensor:
-    """The exact ODE's end at sigma_min from each row's (x_t, t), in x_sigma: `steps` Heun steps of the
-    exact teacher, geometric in sigma."""
+# the discrete-time schedule, and EDM's, whose samplers' frame is the data over sigma_data = 0.5
+FORMULATIONS = pytest.mark.parametrize("scheduler", [SCHEDULER, EDM], ids=["ddpm", "edm"])
+
+
+def ideal_consistency(
+    x_t: torch.Tensor, t: torch.Tensor, scheduler: NoiseScheduler | EDMScheduler, steps: int = 100
+) -> torch.Tensor:
+    """The exact ODE's end at sigma_min from each row's (x_t, t), in x_sigma (of the samplers' frame):
+    `steps` Heun steps of the exact teacher, geometric in sigma."""
+    teacher, (sigma_min, _) = exact_teacher(scheduler), sigma_range(scheduler)
     ramp = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
-    log_sigmas = sigma_of(t).log()[:, None] * (1 - ramp) + math.log(SIGMA_MIN) * ramp  # (N, steps + 1)
-    grid = SCHEDULER.sigma_to_t(log_sigmas.exp())
+    log_sigmas = sigma_of(t, scheduler).log()[:, None] * (1 - ramp) + math.log(sigma_min) * ramp
+    grid = scheduler.sigma_to_t(log_sigmas.exp())  # (N, steps + 1)
     x = x_t
     for k in range(steps):
-        x = ode_step(TEACHER, x, grid[:, k], grid[:, k + 1], SCHEDULER, solver="heun")
-    return x * (1 + SIGMA_MIN**2) ** 0.5
+        x = ode_step(teacher, x, grid[:, k], grid[:, k + 1], scheduler, solver="heun")
+    return x * (1 + sigma_min**2) ** 0.5
 
 
-def network_of(consistency_function, delta: float = 0.0):
-    """The v-prediction network whose consistency function (`consistency_output`) is consistency_function +
-    delta: f = A x_t + r D is solved for D (at sigma_min, where r = 0, any D: the teacher's)."""
+def network_of(consistency_function, scheduler: NoiseScheduler | EDMScheduler, delta: float = 0.0):
+    """The network (v-prediction, or EDM's F = -v in the samplers' frame) whose consistency function
+    (`consistency_output`) is consistency_function(x_t, t, scheduler) + delta, delta in data units: f =
+    A x_t + r D is solved for D (at sigma_min, where r = 0, any D: the teacher's)."""
+    teacher, sigma_data = exact_teacher(scheduler), frame_sigma_data(scheduler)
 
     def model(x_t, t, y=None):
         t = t.expand(x_t.shape[0])
-        zero = consistency_output(torch.zeros_like(x_t), x_t, t, SCHEDULER, SIGMA_DATA)
-        r = consistency_output(torch.ones_like(x_t), x_t, t, SCHEDULER, SIGMA_DATA) - zero
-        wanted = consistency_function(x_t, t) + delta
-        d = torch.where(r > 0, (wanted - zero) / r.clamp(min=1e-300), TEACHER(x_t, t).x0)
-        ab = at(SCHEDULER.alpha_bar(t))
+        zero = consistency_output(torch.zeros_like(x_t), x_t, t, scheduler, sigma_data)
+        r = consistency_output(torch.ones_like(x_t), x_t, t, scheduler, sigma_data) - zero
+        wanted = consistency_function(x_t, t, scheduler) + delta / scheduler.data_scale
+        d = torch.where(r > 0, (wanted - zero) / r.clamp(min=1e-300), teacher(x_t, t).x0)
+        ab = at(scheduler.alpha_bar(t))
         eps = (x_t - ab.sqrt() * d) / (1 - ab).sqrt()
-        return ab.sqrt() * eps - (1 - ab).sqrt() * d  # v
+        v = ab.sqrt() * eps - (1 - ab).sqrt() * d
+        return -v if scheduler.prediction_type == "edm" else v
 
     return model
 
 
-def test_the_ideal_consistency_function_has_near_zero_loss_and_a_shifted_one_its_pseudo_huber_distance():
+@FORMULATIONS
+def test_the_ideal_consistency_function_has_near_zero_loss_and_a_shifted_one_its_pseudo_huber_distance(
+    scheduler,
+):
     g = torch.Generator().manual_seed(3)
     x0 = MIXTURE.sample((16, 1, 4, 4), g)
     noise = torch.randn(16, 1, 4, 4, generator=g, dtype=torch.float64)
     # a fine grid, where one Heun step of the teacher is accurate (at N = 18 a step spans up to a factor of
     # 12 in sigma, across modes of width 0.05: its error, not the function's, then dominates the loss)
-    timesteps = ConsistencySettings(calls=1, sigmas=400).timesteps(SCHEDULER)
+    timesteps = ConsistencySettings(calls=1, sigmas=400).timesteps(scheduler)
     index = torch.linspace(0, 398, 16).round().long()  # pairs from sigma_max to sigma_min's
-    ideal = network_of(ideal_consistency)
+    ideal, teacher = network_of(ideal_consistency, scheduler), exact_teacher(scheduler)
 
-    losses = consistency_distillation_losses(ideal, ideal, TEACHER, SCHEDULER, x0, noise, index, timesteps)
+    losses = consistency_distillation_losses(ideal, ideal, teacher, scheduler, x0, noise, index, timesteps)
     assert losses.abs().max() < 1e-4, losses  # the errors of one Heun step and of the 100 of the ideal
 
     c = PSEUDO_HUBER_C * 16**0.5
     shifted = consistency_distillation_losses(
-        network_of(ideal_consistency, 0.05), ideal, TEACHER, SCHEDULER, x0, noise, index, timesteps
+        network_of(ideal_consistency, scheduler, 0.05), ideal, teacher, scheduler, x0, noise, index, timesteps
     )
     expected = torch.full((16,), (16 * 0.05**2 + c**2) ** 0.5 - c, dtype=torch.float64)
     torch.testing.assert_close(shifted, expected, rtol=1e-3, atol=1e-5)
     # and the teacher's own network, read as a consistency function, is far from consistent (at this fine
     # grid's close pairs, by 10x the ideal's bound on average and up to 0.05 where the modes separate)
-    as_is = exact_predictor(MIXTURE, SCHEDULER)
+    as_is = exact_network(scheduler)
     assert (
-        consistency_distillation_losses(as_is, as_is, TEACHER, SCHEDULER, x0, noise, index, timesteps).mean()
+        consistency_distillation_losses(as_is, as_is, teacher, scheduler, x0, noise, index, timesteps).mean()
         > 1e-3
     )
 
 
+@FORMULATIONS
 @pytest.mark.parametrize("calls", [1, 2])
-def test_the_multistep_sampler_with_the_ideal_consistency_function_draws_the_mixture(calls):
+def test_the_multistep_sampler_with_the_ideal_consistency_function_draws_the_mixture(scheduler, calls):
     n = 512
     noise = torch.randn(n, 1, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    model = network_of(ideal_consistency)
+    model = network_of(ideal_consistency, scheduler)
     got = sample(
         model,
-        SCHEDULER,
+        scheduler,
         noise=noise,
         sampler="consistency",
         steps=calls,
@@ -285,6 +307,25 @@ def test_the_student_is_a_run_folder_that_sample_py_samples_with_the_consistency
     assert result.returncode == 0, result.stderr
     assert "consistency: 2 steps, 2 network calls" in result.stderr
     assert Path(result.stdout.strip()).name == "sample-step-0000004-ema-consistency2-seed0-n4.png"
+
+
+def test_an_edm_teacher_distils_into_a_student_that_samples_at_its_calls_with_no_flags(edm_teacher, tmp_path):
+    student = tmp_path / "student"
+    start_consistency_distillation(edm_teacher, student, calls=2, **TINY).train()
+
+    loaded = load_for_sampling(student)
+    assert isinstance(loaded.scheduler, EDMScheduler)
+    teacher_schedule = load_for_sampling(edm_teacher).scheduler.config
+    assert loaded.scheduler.config == {**teacher_schedule, "timestep_spacing": "trailing"}
+    assert (loaded.sampling.sampler, loaded.sampling.steps) == ("consistency", 2)
+    # the grid it samples: sigma_max, then a level above sigma_min, where f would spend a call on nothing
+    sigmas = loaded.scheduler.sigma(loaded.scheduler.inference_timesteps(2))
+    assert sigmas[0].item() == pytest.approx(80) and 0.002 < sigmas[1].item() < 80
+    images = generate(
+        loaded.model, loaded.scheduler, 4, image_shape=(1, 8, 8), sampler="consistency", steps=2
+    )
+    assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
+    sample_py(student, "consistency: 2 steps, 2 network calls")
 
 
 @pytest.fixture(scope="module")

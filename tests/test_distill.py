@@ -1,7 +1,8 @@
 """Progressive distillation (ddpm.losses.progressive_target, ddpm.training.distiller, ddpm.distill): the
-target against the exact-score mixture, whose exact denoiser makes the ideal student known, then tiny runs on
-the digits: the loss falls, the student is a run folder that sample.py samples with no flags, resume is
-exact, and bad settings are refused with one line."""
+target against the exact-score mixture, whose exact denoiser makes the ideal student known (for every
+prediction type and the EDM formulation), then tiny runs on the digits: the loss falls, the student (of a
+teacher of either formulation) is a run folder that sample.py samples with no flags, resume is exact, and bad
+settings are refused with one line."""
 
 import json
 import multiprocessing
@@ -18,12 +19,14 @@ import yaml
 from accelerate.state import AcceleratorState
 from conftest import TINY_TEACHER
 from safetensors.torch import load_file
+from test_edm import exact_edm_network
 
 from ddpm import sample
 from ddpm.config import load_config
 from ddpm.distill import main as distill_main
+from ddpm.edm import EDMScheduler
 from ddpm.exact_score import MIXTURE, GaussianMixture, exact_predictor
-from ddpm.inference import load_for_sampling
+from ddpm.inference import generate, load_for_sampling
 from ddpm.losses import progressive_distillation_losses, progressive_target
 from ddpm.samplers import denoiser
 from ddpm.schedule import NoiseScheduler
@@ -37,19 +40,30 @@ ROOT = Path(__file__).resolve().parents[1]
 # ---- the target, on the exact-score mixture ----------------------------------------------------------------
 
 
-def schedule(prediction_type: str) -> NoiseScheduler:
+def schedule(prediction_type: str) -> NoiseScheduler | EDMScheduler:
     """The digits' cosine schedule on the trailing grid; linear for epsilon, since at the cosine's
     alpha_bar_{T-1} = 2.4e-9 the x0 of an epsilon prediction, (x - s eps) / a, loses 7 digits to cancellation
-    (the exact teacher's own x0 errs by 4e-4 there: why ddpm.distill refuses epsilon teachers)."""
+    (the exact teacher's own x0 errs by 4e-4 there: why ddpm.distill refuses epsilon teachers). "edm": the
+    EDM formulation (its defaults) on its trailing grid, a distilled student's."""
+    if prediction_type == "edm":
+        return EDMScheduler(timestep_spacing="trailing")
     beta_schedule = "linear" if prediction_type == "epsilon" else "cosine"
     return NoiseScheduler(
         beta_schedule=beta_schedule, prediction_type=prediction_type, timestep_spacing="trailing"
     )
 
 
+def exact_network(scheduler: NoiseScheduler | EDMScheduler):
+    """The exact network of MIXTURE's data under `scheduler`: `exact_predictor`, or EDM's F (test_edm)."""
+    if isinstance(scheduler, EDMScheduler):
+        return exact_edm_network(MIXTURE, scheduler)
+    return exact_predictor(MIXTURE, scheduler)
+
+
 def ideal_student(teacher_denoise, scheduler: NoiseScheduler, student_steps: int):
     """The network whose one DDIM step is two of the teacher's at every timestep of the student's grid: the
-    target x~ of the step it stands at, written as the scheduler's prediction (x0, eps or v)."""
+    target x~ of the step it stands at, written as the scheduler's prediction (x0, eps, v or EDM's F, all in
+    the samplers' frame)."""
     grid = scheduler.inference_timesteps(2 * student_steps)
     abars = torch.cat([scheduler.alpha_bar(grid), torch.ones(1, dtype=torch.float64)])
 
@@ -59,9 +73,12 @@ def ideal_student(teacher_denoise, scheduler: NoiseScheduler, student_steps: int
         t_mid = grid[i + 1]
         x0 = progressive_target(teacher_denoise, x, t, t_mid, ab_t, ab_mid, ab_next)
         eps = (x - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()
-        return {"sample": x0, "epsilon": eps, "v_prediction": ab_t.sqrt() * eps - (1 - ab_t).sqrt() * x0}[
-            scheduler.prediction_type
-        ]
+        return {
+            "sample": x0,
+            "epsilon": eps,
+            "v_prediction": ab_t.sqrt() * eps - (1 - ab_t).sqrt() * x0,
+            "edm": (x0 - ab_t.sqrt() * x) / (1 - ab_t).sqrt(),  # x0 = a x + s F (ddpm.edm)
+        }[scheduler.prediction_type]
 
     return model
 
@@ -76,13 +93,27 @@ def test_the_students_trailing_grid_is_every_other_timestep_of_its_teachers(num_
         n *= 2
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_an_edm_students_trailing_grid_nests_in_its_teachers_and_ends_above_sigma_min():
+    # EDM's "trailing": the Karras grid of n + 1 levels without sigma_min, so that n's is every other of 2n's
+    scheduler = EDMScheduler(timestep_spacing="trailing")
+    n = 1
+    while 2 * n <= scheduler.num_train_timesteps:
+        grid = scheduler.inference_timesteps(n)
+        torch.testing.assert_close(scheduler.inference_timesteps(2 * n)[::2], grid, rtol=0, atol=1e-12)
+        karras = EDMScheduler().inference_timesteps(n + 1)
+        torch.testing.assert_close(grid, karras[:n], rtol=0, atol=0)
+        sigmas = scheduler.sigma(grid)
+        assert sigmas[0].item() == pytest.approx(80) and sigmas[-1].item() > 0.002
+        n *= 2
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction", "edm"])
 @pytest.mark.parametrize("student_steps", [1, 4])
 def test_the_ideal_student_at_n_steps_samples_what_the_exact_teacher_does_at_2n(
     prediction_type, student_steps
 ):
     scheduler = schedule(prediction_type)
-    teacher = exact_predictor(MIXTURE, scheduler)
+    teacher = exact_network(scheduler)
     noise = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     student = ideal_student(denoiser(teacher, scheduler, dtype=torch.float64), scheduler, student_steps)
 
@@ -95,11 +126,12 @@ def test_the_ideal_student_at_n_steps_samples_what_the_exact_teacher_does_at_2n(
     assert (alone - by_teacher).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction", "edm"])
 def test_the_loss_is_zero_at_the_ideal_student_and_weighted_by_the_truncated_snr(prediction_type):
-    # (epsilon teachers are refused by ddpm.distill, but the loss is right for them too)
+    # (epsilon teachers are refused by ddpm.distill, but the loss is right for them too; for EDM the x0 and
+    # SNR are the samplers' frame's, the data over sigma_data)
     scheduler = schedule(prediction_type)
-    teacher = denoiser(exact_predictor(MIXTURE, scheduler), scheduler, dtype=torch.float64)
+    teacher = denoiser(exact_network(scheduler), scheduler, dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
     x0 = MIXTURE.sample((8, 1, 4, 4), g)
     noise = torch.randn(8, 1, 4, 4, generator=g, dtype=torch.float64)
@@ -119,16 +151,41 @@ def test_the_loss_is_zero_at_the_ideal_student_and_weighted_by_the_truncated_snr
         def model(x, t, y=None):
             out = student(x, t)
             ab = scheduler.alpha_bar(t).reshape(-1, 1, 1, 1)
-            a, s = ab.sqrt(), (1 - ab).sqrt()  # x0 = out, (x - s eps) / a, a x - s v: each moved by delta
-            return {"sample": out + delta, "epsilon": out - delta * a / s, "v_prediction": out - delta / s}[
-                prediction_type
-            ]
+            a, s = ab.sqrt(), (1 - ab).sqrt()  # x0 = out, (x - s eps) / a, a x - s v, a x + s F: + delta
+            return {
+                "sample": out + delta,
+                "epsilon": out - delta * a / s,
+                "v_prediction": out - delta / s,
+                "edm": out + delta / s,
+            }[prediction_type]
 
         return model
 
     losses = progressive_distillation_losses(off_by(0.1), teacher, scheduler, x0, noise, index, grid)
     snr = scheduler.snr(grid[2 * index])
     torch.testing.assert_close(losses, (0.01 * snr.clamp(min=1)).float(), rtol=1e-4, atol=0)
+
+
+def test_an_edm_student_is_trained_on_edms_network_input_and_weighted_by_the_frames_snr():
+    # The student sees F's input c_in (x0 + sigma eps) for data x0 (Karras et al. 2022, Table 1), and the
+    # SNR of the frame of the data over sigma_data is sigma_data^2 / sigma^2
+    scheduler = schedule("edm")
+    teacher = denoiser(exact_network(scheduler), scheduler, dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)
+    x0 = MIXTURE.sample((8, 1, 4, 4), g)
+    noise = torch.randn(8, 1, 4, 4, generator=g, dtype=torch.float64)
+    grid, index = scheduler.inference_timesteps(8), torch.arange(8) % 4
+    seen = []
+
+    def student(x, t, y=None):
+        seen.append((x, t))
+        return torch.zeros_like(x)
+
+    progressive_distillation_losses(student, teacher, scheduler, x0, noise, index, grid)
+    (x, t), sigma = seen[0], scheduler.sigma(grid[2 * index]).reshape(-1, 1, 1, 1)
+    assert torch.equal(t, grid[2 * index])
+    torch.testing.assert_close(x, (x0 + sigma * noise) / (sigma**2 + 0.25).sqrt(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(scheduler.snr(t), 0.25 / sigma.flatten() ** 2, rtol=1e-12, atol=0)
 
 
 def test_the_loss_leaves_a_learned_variance_out():
@@ -287,6 +344,26 @@ def test_a_teacher_of_each_kind_distils_into_a_student_that_sample_py_samples(tm
         "timestep_spacing": "trailing",
     }
     sample_py(student, "ddim: 1 steps, 1 network calls")
+
+
+def test_an_edm_teacher_distils_into_a_student_that_sample_py_samples_at_its_calls(edm_teacher, tmp_path):
+    student = tmp_path / "student"
+    distill_main(
+        [str(edm_teacher), "--out", str(student), "--calls", "2", "--teacher-steps", "4"]
+        + ["--stage-steps", "2"]
+    )
+
+    loaded = load_for_sampling(student)
+    assert isinstance(loaded.scheduler, EDMScheduler)
+    teacher_schedule = load_for_sampling(edm_teacher).scheduler.config
+    assert loaded.scheduler.config == {**teacher_schedule, "timestep_spacing": "trailing"}
+    sampling = loaded.sampling
+    assert (sampling.sampler, sampling.steps, sampling.guidance_scale) == ("ddim", 2, 1.0)
+    images = generate(
+        loaded.model, loaded.scheduler, 4, image_shape=(1, 8, 8), sampler="ddim", steps=loaded.sampling.steps
+    )
+    assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
+    sample_py(student, "ddim: 2 steps, 2 network calls")
 
 
 def test_the_learning_rate_decays_linearly_to_zero_within_each_stage_and_restarts(teacher, tmp_path):
@@ -474,10 +551,6 @@ def test_a_teacher_that_cannot_be_distilled_is_refused_with_one_line(teacher, tm
         teacher, tmp_path / "superres", **{"data.task": "superres", "model.cond_channels": 1}
     )
     assert "is conditioned on data.task=superres's images" in refusal(superres)
-    edm = edited_run(teacher, tmp_path / "edm")
-    config = yaml.safe_load((edm / "config.yaml").read_text())
-    (edm / "config.yaml").write_text(yaml.safe_dump({**config, "diffusion": {"formulation": "edm"}}))
-    assert "uses the EDM formulation, which progressive distillation does not take yet" in refusal(edm)
     with pytest.raises(SystemExit) as stopped:
         distill_main([str(teacher), "--calls", "1", "--out", str(teacher)])
     assert "is the teacher's run directory: name a new folder" in str(stopped.value.code)

@@ -116,8 +116,10 @@ def consistency(
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1) of a consistency model (a network
     distilled by `ddpm.training.consistency`): x0 = f(x_T, sigma_0) at the first timestep, then at each next
     timestep tau_i the image re-noised, x_sigma = x0 + sqrt(sigma_i^2 - sigma_min^2) z, and x0 = f(x_sigma,
-    sigma_i) again; one network call per timestep. f is `consistency_output` at sigma_data = SIGMA_DATA; the
-    timesteps are the schedule's grid (a consistency student's is trailing: T-1, then evenly spaced t).
+    sigma_i) again; one network call per timestep. f is `consistency_output` at sigma_data = SIGMA_DATA (in
+    the samplers' frame: `frame_sigma_data`); the timesteps are the schedule's grid (a consistency student's
+    is trailing: T-1, then evenly spaced t; for the EDM formulation sigma_max, then Karras levels above
+    sigma_min, where f would be the identity and a call be spent on nothing).
     Returns the last f, (N, C, H, W)."""
     sigma_data = frame_sigma_data(scheduler)
     sigma_min, _ = sigma_range(scheduler)

@@ -21,7 +21,9 @@ interruption, log and sample grids serve it unchanged. Each step:
 OUT is an ordinary run directory (`ddpm.run_dir`): its config.yaml is the teacher run's with
 
     diffusion.timestep_spacing: trailing      the consistency sampler re-noises to the grid's timesteps:
-                                              T-1, then evenly spaced t (at 2 calls T-1 and T/2 - 1)
+                                              T-1, then evenly spaced t (at 2 calls T-1 and T/2 - 1); for
+                                              the EDM formulation sigma_max, then the Karras grid of
+                                              CALLS + 1 levels without sigma_min (`ddpm.edm`)
     sample: {sampler: consistency, steps: CALLS, eta: 0, guidance_scale: 1}   what sample.py uses
     train: {steps: STEPS, lr: LR, lr_schedule: constant, warmup_steps: 0}
 
@@ -29,6 +31,11 @@ and beside it distill.json (the `ConsistencySettings`, what --resume must repeat
 run's EMA weights, a model folder). Every checkpoint holds the target network in target/ besides the student
 and its EMA (the weights sampled). A class-conditional teacher is distilled with one guidance scale baked
 in, as in progressive distillation.
+
+Teachers of the EDM formulation (`ddpm.edm.EDMScheduler`) are distilled as they are: the loss, the grid and
+the sampler work in the samplers' frame, the data over sigma_data, where the consistency function's sigma_data
+and sigma_min are divided by it too (`ddpm.samplers.consistency.frame_sigma_data`, `sigma_range`), and the
+pseudo-Huber distance is taken back in data units.
 """
 
 from __future__ import annotations
@@ -40,8 +47,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm.config import Config, ConfigError, diffusion_class
-from ddpm.edm import EDMScheduler
+from ddpm.config import Config, ConfigError
 from ddpm.ema import EMA
 from ddpm.losses import consistency_distillation_losses
 from ddpm.samplers.consistency import ODE_SOLVERS, sigma_range
@@ -99,10 +105,10 @@ class ConsistencySettings:
 
     def timesteps(self, scheduler: NoiseScheduler) -> torch.Tensor:
         """(sigmas,) float64, descending: the schedule's noise levels from its sigma_max to its sigma_min as
-        continuous timesteps (`NoiseScheduler.sigma_to_t`: the ends are t = T-1 and 0). They are the Karras
-        discretisation (Karras et al. 2022, Eq. 5, rho = 7) of `sigmas` levels; where sigma_max is above
-        GRID_SIGMA_MAX (in the samplers' frame), sigma_max and then that discretisation of `sigmas` - 1 levels
-        from GRID_SIGMA_MAX down."""
+        continuous timesteps (`sigma_to_t`: the ends are t = T-1 and 0; for the EDM formulation c_noise of
+        sigma_max and sigma_min). They are the Karras discretisation (Karras et al. 2022, Eq. 5, rho = 7) of
+        `sigmas` levels; where sigma_max is above GRID_SIGMA_MAX (in the samplers' frame), sigma_max and then
+        that discretisation of `sigmas` - 1 levels from GRID_SIGMA_MAX down."""
         sigma_min, sigma_max = sigma_range(scheduler)
         top = GRID_SIGMA_MAX / scheduler.data_scale
         if sigma_max <= top or self.sigmas < 3:
@@ -193,10 +199,11 @@ def start_consistency_distillation(
     per step and process (default: the teacher run's). resume: continue `out`, whose distill.json must hold
     the same settings.
 
-    Raises ConfigError or CheckpointError, on one line naming the problem and its fix, for bad settings, a
-    teacher that is not a ddpm run or that consistency distillation cannot take (an epsilon prediction, a
-    learned variance, the EDM formulation, zero terminal SNR, guidance without a null label), an `out` that
-    holds a distillation already (without `resume`) or another one or none (with it).
+    The teacher may be of either formulation, the discrete-time schedule or EDM's (`ddpm.edm`). Raises
+    ConfigError or CheckpointError, on one line naming the problem and its fix, for bad settings, a teacher
+    that is not a ddpm run or that consistency distillation cannot take (an epsilon prediction, zero
+    terminal SNR, conditions other than class labels, guidance without a null label), an `out` that holds a
+    distillation already (without `resume`) or another one or none (with it).
     """
     kind = DistillationKind(
         ConsistencySettings, _check_consistency_teacher, consistency_student_config, ConsistencyDistiller
@@ -235,11 +242,6 @@ def check_resumed_method(out: str | Path, method: str, *, resume: bool) -> None:
 def _check_consistency_teacher(config: Config, run: str | Path) -> None:
     """ConfigError for a teacher run whose model consistency distillation cannot take: those progressive
     distillation refuses (`_check_teacher`), and a schedule without a finite sigma_max."""
-    if diffusion_class(config.diffusion)[0] is EDMScheduler:
-        raise ConfigError(
-            f"{run} uses the EDM formulation, which consistency distillation does not take yet (its "
-            "student's sampling grid would end at sigma_min): distil a run of the discrete-time schedule"
-        )
     if config.diffusion.get("rescale_betas_zero_snr", False):
         raise ConfigError(
             f"{run} has zero terminal SNR (diffusion.rescale_betas_zero_snr=true): its sigma_max is "

@@ -12,7 +12,9 @@ loading both start with) and `distilled_config` (the student's run config).
 OUT is an ordinary run directory (`ddpm.run_dir`): its config.yaml is the teacher run's with
 
     diffusion.timestep_spacing: trailing      the DDIM grids distilled: the student's n timesteps are every
-                                              other one of the teacher's 2n (trailing grids nest)
+                                              other one of the teacher's 2n (trailing grids nest; for the
+                                              EDM formulation, the Karras grid of n + 1 levels without
+                                              sigma_min, `ddpm.edm.EDMScheduler.inference_timesteps`)
     sample: {sampler: ddim, steps: CALLS, eta: 0, guidance_scale: 1}   what sample.py uses with no flags
     train.steps: STAGES x STAGE_STEPS         the learning rate decays linearly to 0 within each stage
 
@@ -30,6 +32,10 @@ should any other: sample it deterministically, as its config says).
 Class-conditional teachers: one guidance scale is baked in. The teacher's two steps use classifier-free
 guidance at `guidance_scale` (default: the teacher run's sample.guidance_scale); the student learns them
 with the data's labels and is sampled without guidance (its sample.guidance_scale is 1).
+
+Teachers of the EDM formulation (`ddpm.edm.EDMScheduler`, whose F is a v-prediction in the samplers' frame)
+are distilled as they are: the DDIM steps, the target and the truncated SNR weighting are those of the
+samplers' frame, the data over sigma_data (`ddpm.losses.progressive_distillation_losses`).
 """
 
 from __future__ import annotations
@@ -45,8 +51,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ddpm.conditions import Conditions
-from ddpm.config import DATASET_CONDITIONS, Config, ConfigError, build_schedule, diffusion_class, load_config
-from ddpm.edm import EDMScheduler
+from ddpm.config import DATASET_CONDITIONS, Config, ConfigError, build_schedule, load_config
 from ddpm.inference import load_for_sampling
 from ddpm.io import CheckpointError, atomic_write, load_unet, save_pretrained
 from ddpm.losses import progressive_distillation_losses
@@ -257,10 +262,11 @@ def start_distillation(
     to 0 by its end; batch_size: images per step and process (default: the teacher run's). resume: continue
     `out`, whose distill.json must hold the same settings.
 
-    Raises ConfigError or CheckpointError, on one line naming the problem and its fix, for settings that
-    cannot be distilled, a teacher that is not a ddpm run or that progressive distillation cannot take (an
-    epsilon prediction, the EDM formulation, data.task's image conditions, guidance without a null label), an
-    `out` that holds a distillation already (without `resume`) or another one or none (with it).
+    The teacher may be of either formulation, the discrete-time schedule or EDM's (`ddpm.edm`). Raises
+    ConfigError or CheckpointError, on one line naming the problem and its fix, for settings that cannot be
+    distilled, a teacher that is not a ddpm run or that progressive distillation cannot take (an epsilon
+    prediction, conditions other than class labels, guidance without a null label), an `out` that holds a
+    distillation already (without `resume`) or another one or none (with it).
     """
     kind = DistillationKind(DistillSettings, _check_teacher, student_config, Distiller)
     settings = {"calls": calls, "teacher_steps": teacher_steps, "stage_steps": stage_steps, "method": method}
@@ -363,11 +369,6 @@ def distilled_config(
 
 def _check_teacher(config: Config, run: str | Path) -> None:
     """ConfigError for a teacher run whose model progressive distillation cannot take."""
-    if diffusion_class(config.diffusion)[0] is EDMScheduler:
-        raise ConfigError(
-            f"{run} uses the EDM formulation, which progressive distillation does not take yet: distil a "
-            "run of the discrete-time schedule (diffusion.formulation left out)"
-        )
     if config.data.conditions or config.data.paired:
         raise ConfigError(
             f"{run} reads conditions from files (data.conditions, data.paired), which distillation does not "
@@ -383,7 +384,7 @@ def _check_teacher(config: Config, run: str | Path) -> None:
             f"{run} is conditioned on what data.dataset={config.data.dataset} gives with each image, which "
             "distillation does not pass to the teacher and student yet: distil a run of images alone"
         )
-    if config.diffusion.get("prediction_type", "epsilon") == "epsilon":
+    if build_schedule(config.diffusion).prediction_type == "epsilon":
         raise ConfigError(
             f"{run} predicts epsilon, whose x0 estimate diverges at the few noisy steps a student takes "
             "(Salimans & Ho 2022, Sec. 4): distil a run trained with diffusion.prediction_type=v_prediction "
