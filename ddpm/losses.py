@@ -246,7 +246,8 @@ def consistency_distillation_losses(
     timesteps: (K,) descending, the noise levels sigma_0 > ... > sigma_{K-1} of the discretisation as
     timesteps (float64; `ConsistencySettings.timesteps`); index: (N,) long in 0..K-2, each image's pair
     (timesteps[index], timesteps[index + 1]). student, target: the network calls (x_t, t, labels) -> their
-    prediction (scheduler.prediction_type); target is called without gradient. teacher: the teacher's
+    prediction (scheduler.prediction_type; with a learned variance, (N, 2C, H, W): the prediction, then the
+    variance values, which the loss leaves out); target is called without gradient. teacher: the teacher's
     denoiser (`ddpm.samplers.denoiser`: guidance baked in there). x0, noise: (N, C, H, W); labels: (N,)
     long or None. Returns (N,) float32 (float64 for float64 images).
     """
@@ -256,7 +257,9 @@ def consistency_distillation_losses(
     x_t = scheduler.add_noise(x0, noise, t)
 
     def f(network, x: Tensor, at: Tensor) -> Tensor:
-        x0_hat, _ = scheduler.predict_x0_and_eps(network(x, at, labels).float(), x.float(), at, clip=False)
+        # A learned variance's channels are split off untrained, as in progressive distillation.
+        prediction, _ = scheduler.split_output(network(x, at, labels).float(), x.shape[1])
+        x0_hat, _ = scheduler.predict_x0_and_eps(prediction, x.float(), at, clip=False)
         return consistency_output(x0_hat, x, at, scheduler, sigma_data)
 
     with torch.no_grad():

@@ -134,6 +134,27 @@ def test_the_euler_step_on_a_gaussian_is_its_closed_form_and_heun_is_closer_to_t
     assert ((heun_step - exact).abs() < 0.2 * (euler - exact).abs() + 1e-12).all()
 
 
+def test_heun_takes_eulers_step_across_more_than_10x_in_sigma_where_it_is_closer_to_the_flow():
+    teacher = denoiser(exact_predictor(GAUSSIAN, SCHEDULER), SCHEDULER, dtype=torch.float64)
+    mu, s = 0.3, 0.4
+    x_t = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    sigma_pair = torch.tensor([[2e4, 80.0], [700.0, 80.0]], dtype=torch.float64)  # 250x and 8.75x
+    t, t_next = SCHEDULER.sigma_to_t(sigma_pair).unbind(1)
+    sigma, sigma_next = at(sigma_pair[:, 0]), at(sigma_pair[:, 1])
+    exact = mu + (x_t * (1 + sigma**2).sqrt() - mu) * ((s**2 + sigma_next**2) / (s**2 + sigma**2)).sqrt()
+    exact = exact / (1 + sigma_next**2).sqrt()
+    euler = ode_step(teacher, x_t, t, t_next, SCHEDULER, solver="euler")
+    heun_step = ode_step(teacher, x_t, t, t_next, SCHEDULER, solver="heun")
+    torch.testing.assert_close(heun_step[0], euler[0], rtol=0, atol=0)
+    assert (heun_step[1] != euler[1]).all()
+    # Karras' trapezoid on row 0, in x_sigma, against Euler's step there
+    x_sigma, x_euler = x_t[0] * (1 + sigma[0] ** 2).sqrt(), euler[0] * (1 + sigma_next[0] ** 2).sqrt()
+    eps, eps_next = (x_sigma - teacher(x_t, t).x0[0]) / sigma[0], teacher(euler, t_next).eps[0]
+    trapezoid = x_euler + (sigma_next[0] - sigma[0]) / 2 * (eps_next - eps)
+    exact_sigma = exact[0] * (1 + sigma_next[0] ** 2).sqrt()
+    assert (x_euler - exact_sigma).abs().max() < (trapezoid - exact_sigma).abs().max() / 30
+
+
 @pytest.mark.parametrize(("solver", "name"), [("heun", heun), ("euler", ddim)])
 def test_the_step_is_our_solvers_step(solver, name):
     # our solver on the grid (t, t_next) steps to t_next, then returns its x0 estimate there: D(step)
@@ -202,11 +223,16 @@ def test_the_ideal_consistency_function_has_near_zero_loss_and_a_shifted_one_its
     # a fine grid, where one Heun step of the teacher is accurate (at N = 18 a step spans up to a factor of
     # 12 in sigma, across modes of width 0.05: its error, not the function's, then dominates the loss)
     timesteps = ConsistencySettings(calls=1, sigmas=400).timesteps(scheduler)
-    index = torch.linspace(0, 398, 16).round().long()  # pairs from sigma_max to sigma_min's
+    # pairs from the second level to sigma_min's: the discrete schedule's first pair spans its sigma_max (2e4)
+    # and GRID_SIGMA_MAX (80), where one Heun step errs by 1e-3 (below)
+    index = torch.linspace(1, 398, 16).round().long()
     ideal, teacher = network_of(ideal_consistency, scheduler), exact_teacher(scheduler)
 
     losses = consistency_distillation_losses(ideal, ideal, teacher, scheduler, x0, noise, index, timesteps)
     assert losses.abs().max() < 1e-4, losses  # the errors of one Heun step and of the 100 of the ideal
+    top = torch.zeros_like(index)
+    top_losses = consistency_distillation_losses(ideal, ideal, teacher, scheduler, x0, noise, top, timesteps)
+    assert top_losses.abs().max() < (2e-3 if scheduler is SCHEDULER else 1e-4), top_losses
 
     c = PSEUDO_HUBER_C * 16**0.5
     shifted = consistency_distillation_losses(
@@ -221,6 +247,30 @@ def test_the_ideal_consistency_function_has_near_zero_loss_and_a_shifted_one_its
         consistency_distillation_losses(as_is, as_is, teacher, scheduler, x0, noise, index, timesteps).mean()
         > 1e-3
     )
+
+
+def test_a_learned_variances_channels_are_left_out_of_the_loss():
+    learned = NoiseScheduler(
+        beta_schedule="cosine", prediction_type="v_prediction", variance_type="learned_range"
+    )
+    g = torch.Generator().manual_seed(4)
+    x0 = MIXTURE.sample((8, 1, 4, 4), g)
+    noise = torch.randn(8, 1, 4, 4, generator=g, dtype=torch.float64)
+    timesteps = ConsistencySettings(calls=1, sigmas=18).timesteps(learned)
+    index = torch.arange(8) * 2
+    teacher, network = exact_teacher(SCHEDULER), exact_network(SCHEDULER)  # the same alpha_bar
+
+    def with_variance(x_t, t, y=None):  # the mean channels, then variance values that vary with x_t
+        return torch.cat([network(x_t, t, y), x_t.tanh()], dim=1)
+
+    mean_only = consistency_distillation_losses(
+        network, network, teacher, learned, x0, noise, index, timesteps
+    )
+    both = consistency_distillation_losses(
+        with_variance, with_variance, teacher, learned, x0, noise, index, timesteps
+    )
+    assert mean_only.abs().max() > 1e-3  # not a trivial zero
+    torch.testing.assert_close(both, mean_only, rtol=0, atol=0)
 
 
 @FORMULATIONS

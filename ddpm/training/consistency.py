@@ -63,8 +63,8 @@ from ddpm.training.distiller import (
 
 CONSISTENCY_LR = 2e-4  # AdamW's constant learning rate (Song et al. 2023 used 4e-4 at batch 512 on CIFAR-10)
 # The top of the Karras grid below the schedule's sigma_max, in data units: EDM's and Song et al.'s sigma_max
-# for data in [-1, 1]. Above it the data no longer shows; the digits' cosine schedule reaches 2e4, where a grid
-# to sigma_max put 25 of 40 levels, and as many hops the target network's EMA must pass the boundary
+# for data in [-1, 1]. Above it the data no longer shows; the digits' cosine schedule reaches 2e4, where a
+# grid to sigma_max put 25 of 40 levels, and as many hops the target network's EMA must pass the boundary
 # condition through before it reaches the first call (BENCHMARKS.md section 9).
 GRID_SIGMA_MAX = 80.0
 TEACHER = "teacher"
