@@ -224,7 +224,8 @@ def test_the_ideal_consistency_function_has_near_zero_loss_and_a_shifted_one_its
     # 12 in sigma, across modes of width 0.05: its error, not the function's, then dominates the loss)
     timesteps = ConsistencySettings(calls=1, sigmas=400).timesteps(scheduler)
     # pairs from the second level to sigma_min's: the discrete schedule's first pair spans its sigma_max (2e4)
-    # and GRID_SIGMA_MAX (80), where one Heun step errs by 1e-3 (below)
+    # and GRID_SIGMA_MAX (80), where the ideal's own 100 steps err more (below; Karras' trapezoid there, in
+    # place of Euler's step, doubles it: test_heun_takes_eulers_step_across_more_than_10x_in_sigma...)
     index = torch.linspace(1, 398, 16).round().long()
     ideal, teacher = network_of(ideal_consistency, scheduler), exact_teacher(scheduler)
 
@@ -232,7 +233,7 @@ def test_the_ideal_consistency_function_has_near_zero_loss_and_a_shifted_one_its
     assert losses.abs().max() < 1e-4, losses  # the errors of one Heun step and of the 100 of the ideal
     top = torch.zeros_like(index)
     top_losses = consistency_distillation_losses(ideal, ideal, teacher, scheduler, x0, noise, top, timesteps)
-    assert top_losses.abs().max() < (2e-3 if scheduler is SCHEDULER else 1e-4), top_losses
+    assert top_losses.abs().max() < (5e-3 if scheduler is SCHEDULER else 1e-4), top_losses
 
     c = PSEUDO_HUBER_C * 16**0.5
     shifted = consistency_distillation_losses(
@@ -264,7 +265,7 @@ def test_a_learned_variances_channels_are_left_out_of_the_loss():
         return torch.cat([network(x_t, t, y), x_t.tanh()], dim=1)
 
     mean_only = consistency_distillation_losses(
-        network, network, teacher, learned, x0, noise, index, timesteps
+        network, network, teacher, SCHEDULER, x0, noise, index, timesteps
     )
     both = consistency_distillation_losses(
         with_variance, with_variance, teacher, learned, x0, noise, index, timesteps
