@@ -1,23 +1,26 @@
 """Distil a trained model into a sampler of 1, 2 or 4 network calls.
 
-    ddpm-distill RUN --calls N --out STUDENT [--method progressive] [--teacher-steps 16] [--stage-steps 200]
-        [--guidance-scale S] [--lr 5e-4] [--batch-size B] [--resume]
-    ddpm-distill RUN --calls N --out STUDENT --method consistency [--steps 600] [--sigmas 40]
+    ddpm-distill RUN --calls N --out STUDENT [--method consistency] [--steps 700] [--sigmas 20]
         [--target-ema 0.95] [--solver heun] [--guidance-scale S] [--lr 2e-4] [--batch-size B] [--resume]
+    ddpm-distill RUN --calls N --out STUDENT --method progressive [--teacher-steps 16] [--stage-steps 200]
+        [--guidance-scale S] [--lr 5e-4] [--batch-size B] [--resume]
+
+Consistency distillation (Song et al. 2023, Alg. 2; the default): the student, started from the teacher,
+learns the consistency function of the teacher's ODE on a Karras grid of --sigmas noise levels, one teacher
+Heun (or Euler, --solver) step per pair, against a target network that follows it with EMA decay
+--target-ema, for --steps optimizer steps; `ddpm-sample --checkpoint STUDENT` samples it with the multistep
+consistency sampler (Alg. 1) at --calls calls, with no flags. See `ddpm.training.consistency`.
 
 Progressive distillation (Salimans & Ho 2022): the student, started from the teacher's EMA weights, learns to
 take in one DDIM step two of the teacher's; each stage halves the steps, from --teacher-steps down to --calls.
-STUDENT is a run directory: `ddpm-sample --checkpoint STUDENT` samples it with DDIM at --calls steps, the
-timesteps it was trained on, with no flags. A class-conditional teacher is distilled with one guidance scale
-baked in (--guidance-scale, default the teacher run's sample.guidance_scale); the student is sampled without
-guidance. `--resume` with the same settings continues the latest checkpoint of STUDENT.
-See `ddpm.training.distiller`.
+`ddpm-sample --checkpoint STUDENT` samples it with DDIM at --calls steps, the timesteps it was trained on,
+with no flags. See `ddpm.training.distiller`.
 
-Consistency distillation (Song et al. 2023, Alg. 2): the student, started from the teacher, learns the
-consistency function of the teacher's ODE on a Karras grid of --sigmas noise levels, one teacher Heun (or
-Euler, --solver) step per pair, against a target network that follows it with EMA decay --target-ema, for
---steps optimizer steps; `ddpm-sample --checkpoint STUDENT` samples it with the multistep consistency
-sampler (Alg. 1) at --calls calls. See `ddpm.training.consistency`. Each method refuses the other's options.
+Either way STUDENT is a run directory; a class-conditional teacher is distilled with one guidance scale
+baked in (--guidance-scale, default the teacher run's sample.guidance_scale) and the student is sampled
+without guidance; `--resume` with the same settings continues the latest checkpoint of STUDENT; each method
+refuses the other's options. On the digits the consistency student at 1 call is within the kernel distance's
+floor of the real digits; the progressive one is not (BENCHMARKS.md section 9).
 
 (`python -m ddpm.distill` and `ddpm distill` are the same.)
 
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run", metavar="RUN", help="the teacher: a run directory or one of its checkpoints")
     parser.add_argument("--out", required=True, metavar="STUDENT", help="the student's run directory")
     parser.add_argument(
-        "--method", choices=(*METHODS, "consistency"), default="progressive", help="(default: %(default)s)"
+        "--method", choices=("consistency", *METHODS), default="consistency", help="(default: %(default)s)"
     )
     parser.add_argument("--calls", type=int, required=True, help="the student's network calls: 1, 2, 4, ...")
     parser.add_argument(

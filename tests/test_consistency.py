@@ -427,7 +427,10 @@ def test_bad_settings_are_refused_with_one_line(teacher, tmp_path, args, message
 
 def test_consistency_options_are_refused_with_progressive_distillation(teacher, tmp_path):
     with pytest.raises(SystemExit) as stopped:
-        distill_main([str(teacher), "--calls", "1", "--target-ema", "0.9", "--out", str(tmp_path / "s")])
+        distill_main(
+            [str(teacher), "--method", "progressive", "--calls", "1", "--target-ema", "0.9"]
+            + ["--out", str(tmp_path / "s")]
+        )
     assert str(stopped.value.code) == (
         "error: --target-ema is an option of --method consistency, not of progressive: drop it (or pass "
         "--method consistency)"
@@ -437,10 +440,10 @@ def test_consistency_options_are_refused_with_progressive_distillation(teacher, 
 def test_a_resume_of_a_progressive_distillation_with_the_consistency_method_is_refused(teacher, tmp_path):
     student = tmp_path / "student"
     common = [str(teacher), "--calls", "1", "--out", str(student)]
-    distill_main([*common, "--teacher-steps", "2", "--stage-steps", "1"])
+    distill_main([*common, "--method", "progressive", "--teacher-steps", "2", "--stage-steps", "1"])
     AcceleratorState._reset_state(reset_partial_state=True)
     with pytest.raises(SystemExit) as stopped:
-        distill_main([*common, "--method", "consistency", "--resume"])
+        distill_main([*common, "--resume"])  # the default method, consistency
     assert str(stopped.value.code) == (
         f"error: {student} holds a progressive distillation: resume it with --method progressive, or start "
         "again in another --out"

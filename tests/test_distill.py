@@ -23,7 +23,7 @@ from test_edm import exact_edm_network
 
 from ddpm import sample
 from ddpm.config import load_config
-from ddpm.distill import main as distill_main
+from ddpm.distill import main as ddpm_distill
 from ddpm.edm import EDMScheduler
 from ddpm.exact_score import MIXTURE, GaussianMixture, exact_predictor
 from ddpm.inference import generate, load_for_sampling
@@ -33,6 +33,13 @@ from ddpm.schedule import NoiseScheduler
 from ddpm.training import Trainer
 from ddpm.training.distiller import Distiller, start_distillation
 from ddpm.training.interruption import STOP_HINT
+
+
+def distill_main(argv: list[str]) -> None:
+    """`python -m ddpm.distill` with --method progressive, these tests' method (the default is consistency,
+    tests/test_consistency.py)."""
+    ddpm_distill(["--method", "progressive", *argv])
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
