@@ -96,7 +96,7 @@ def ode_step(
 
     Why Euler on wide steps: Heun's trapezoid weighs eps at the end by (sigma - sigma') / 2, which over a
     step of 250x in sigma (the digits' 2e4 down to `ddpm.training.consistency.GRID_SIGMA_MAX`) turns the
-    denoiser's small change there, of order (sigma_data / sigma')^2, into an error 30x Euler's on the
+    denoiser's small change there, of order (sigma_data / sigma')^2, into an error 27x Euler's on the
     exact-score mixture; Euler's step, DDIM's, is exact for a denoiser that does not change."""
     if solver not in ODE_SOLVERS:
         raise ValueError(f"unknown ODE solver {solver!r}; valid: {', '.join(ODE_SOLVERS)}")
