@@ -16,10 +16,12 @@ take in one DDIM step two of the teacher's; each stage halves the steps, from --
 `ddpm-sample --checkpoint STUDENT` samples it with DDIM at --calls steps, the timesteps it was trained on,
 with no flags. See `ddpm.training.distiller`.
 
-Either way STUDENT is a run directory; a class-conditional teacher is distilled with one guidance scale
-baked in (--guidance-scale, default the teacher run's sample.guidance_scale) and the student is sampled
-without guidance; `--resume` with the same settings continues the latest checkpoint of STUDENT; each method
-refuses the other's options. On the digits the consistency student at 1 call is within the kernel distance's
+Either way STUDENT is a run directory; a conditioned teacher (class labels, data.task's image or vector,
+condition files, a data set's conditions) is distilled on the conditions its training gave it, with one
+guidance scale baked in (--guidance-scale, default the teacher run's sample.guidance_scale), and the student
+is sampled without guidance, given its conditions as the teacher is (--cond-image, --mask, --cond);
+`--resume` with the same settings continues the latest checkpoint of STUDENT; each method refuses the other's
+options. On the digits the consistency student at 1 call is within the kernel distance's
 floor of the real digits; the progressive one is not (BENCHMARKS.md section 9).
 
 (`python -m ddpm.distill` and `ddpm distill` are the same.)

@@ -171,14 +171,14 @@ def progressive_target(
 
 
 def progressive_distillation_losses(
-    student: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    student: Callable[[Tensor, Tensor, Conditions | Tensor | None], Tensor],
     teacher: Denoiser,
     scheduler: NoiseScheduler,
     x0: Tensor,
     noise: Tensor,
     index: Tensor,
     teacher_timesteps: Tensor,
-    labels: Tensor | None = None,
+    cond: Conditions | Tensor | None = None,
 ) -> Tensor:
     """The loss of each image of a batch in one stage of progressive distillation (Salimans & Ho 2022,
     Algorithm 2): the student learns in one DDIM step the two steps of the teacher,
@@ -194,9 +194,10 @@ def progressive_distillation_losses(
     teacher_timesteps: (2n,) descending, the teacher's DDIM grid; the student's has n steps, its step i going
     from teacher_timesteps[2i] to teacher_timesteps[2i + 2] (alpha_bar = 1 after the last), through the
     midpoint teacher_timesteps[2i + 1]. index: (N,) long, each image's student step i in 0..n-1.
-    student: the network call (x_t, t, labels) -> its prediction (scheduler.prediction_type; with a learned
+    student: the network call (x_t, t, cond) -> its prediction (scheduler.prediction_type; with a learned
     variance, (N, 2C, H, W): the prediction, then the variance values, which the loss leaves out). x0, noise:
-    (N, C, H, W); labels: (N,) long or None (given to the student; the teacher has its own in `teacher`).
+    (N, C, H, W); cond: the student's conditions as the network takes them (`network_argument`: labels (N,)
+    long, a Conditions, or None; the teacher has its own in `teacher`).
     Returns (N,) float32.
     """
     grid = teacher_timesteps.to(x0.device)
@@ -212,7 +213,7 @@ def progressive_distillation_losses(
     with torch.no_grad():
         target = progressive_target(teacher, x_t, t, t_mid, ab_t, at(2 * index + 1), at(2 * index + 2))
     # A learned variance's channels ("learned_range") are split off untrained: DDIM never reads them.
-    prediction, _ = scheduler.split_output(student(x_t, t, labels).float(), x0.shape[1])
+    prediction, _ = scheduler.split_output(student(x_t, t, cond).float(), x0.shape[1])
     x0_student, _ = scheduler.predict_x0_and_eps(prediction, x_t.float(), t, clip=False)
     per_sample = F.mse_loss(x0_student, target.float(), reduction="none").mean(dim=(1, 2, 3))  # (N,)
     weight = scheduler.snr(t).clamp(min=1.0)  # max(SNR, 1)
@@ -220,15 +221,15 @@ def progressive_distillation_losses(
 
 
 def consistency_distillation_losses(
-    student: Callable[[Tensor, Tensor, Tensor | None], Tensor],
-    target: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+    student: Callable[[Tensor, Tensor, Conditions | Tensor | None], Tensor],
+    target: Callable[[Tensor, Tensor, Conditions | Tensor | None], Tensor],
     teacher: Denoiser,
     scheduler: NoiseScheduler,
     x0: Tensor,
     noise: Tensor,
     index: Tensor,
     timesteps: Tensor,
-    labels: Tensor | None = None,
+    cond: Conditions | Tensor | None = None,
     *,
     solver: str = "heun",
 ) -> Tensor:
@@ -245,11 +246,13 @@ def consistency_distillation_losses(
 
     timesteps: (K,) descending, the noise levels sigma_0 > ... > sigma_{K-1} of the discretisation as
     timesteps (float64; `ConsistencySettings.timesteps`); index: (N,) long in 0..K-2, each image's pair
-    (timesteps[index], timesteps[index + 1]). student, target: the network calls (x_t, t, labels) -> their
+    (timesteps[index], timesteps[index + 1]). student, target: the network calls (x_t, t, cond) -> their
     prediction (scheduler.prediction_type; with a learned variance, (N, 2C, H, W): the prediction, then the
     variance values, which the loss leaves out); target is called without gradient. teacher: the teacher's
-    denoiser (`ddpm.samplers.denoiser`: guidance baked in there). x0, noise: (N, C, H, W); labels: (N,)
-    long or None. Returns (N,) float32 (float64 for float64 images).
+    denoiser (`ddpm.samplers.denoiser`: guidance and its conditions baked in there). x0, noise: (N, C, H,
+    W); cond: the conditions the student and the target are given, as the network takes them
+    (`network_argument`: labels (N,) long, a Conditions, or None). Returns (N,) float32 (float64 for
+    float64 images).
     """
     grid = timesteps.to(x0.device)
     t, t_next = grid[index], grid[index + 1]
@@ -258,7 +261,7 @@ def consistency_distillation_losses(
 
     def f(network, x: Tensor, at: Tensor) -> Tensor:
         # A learned variance's channels are split off untrained, as in progressive distillation.
-        prediction, _ = scheduler.split_output(network(x, at, labels).float(), x.shape[1])
+        prediction, _ = scheduler.split_output(network(x, at, cond).float(), x.shape[1])
         x0_hat, _ = scheduler.predict_x0_and_eps(prediction, x.float(), at, clip=False)
         return consistency_output(x0_hat, x, at, scheduler, sigma_data)
 

@@ -14,9 +14,18 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
-from test_distill import exact_network, sample_py
+from test_distill import (
+    CONDITIONED_KINDS,
+    conditioned_teacher,
+    exact_network,
+    recorded,
+    sample_py,
+    samples_with_its_conditions,
+)
 
 from ddpm import sample
+from ddpm.config import load_config
+from ddpm.data import inpaint_condition, inpaint_masks
 from ddpm.distill import main as distill_main
 from ddpm.edm import EDMScheduler
 from ddpm.exact_score import MIXTURE, GaussianMixture, exact_predictor, wasserstein1
@@ -358,6 +367,47 @@ def test_the_student_is_a_run_folder_that_sample_py_samples_with_the_consistency
     assert result.returncode == 0, result.stderr
     assert "consistency: 2 steps, 2 network calls" in result.stderr
     assert Path(result.stdout.strip()).name == "sample-step-0000004-ema-consistency2-seed0-n4.png"
+
+
+@pytest.mark.parametrize("kind", CONDITIONED_KINDS)
+def test_a_teacher_conditioned_on_what_its_data_gives_distils_into_a_student_that_samples_with_it(
+    tmp_path, kind, capsys
+):
+    run, options = conditioned_teacher(kind, tmp_path)
+    student = tmp_path / "student"
+    distill_main(
+        [str(run), "--method", "consistency", "--calls", "1", "--steps", "2", "--sigmas", "8"]
+        + ["--guidance-scale", "2", "--out", str(student)]  # guided: every kind dropped to its null
+    )
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    assert load_config(student / "config.yaml").data == load_config(run / "config.yaml").data
+    samples_with_its_conditions(student, options, "consistency: 1 steps, 1 network calls", capsys)
+
+
+def test_the_student_the_target_and_the_guided_teacher_get_the_batchs_conditions_drawn_last(tmp_path):
+    run, _ = conditioned_teacher("inpaint", tmp_path)
+    distiller = start_consistency_distillation(run, tmp_path / "student", calls=1, guidance_scale=2.0, **TINY)
+    student, target, teacher = [], [], []
+    distiller.forward = recorded(distiller.forward, student)
+    distiller.target.module = recorded(distiller.target.module, target)
+    distiller.teacher = recorded(distiller.teacher, teacher)
+    x0 = torch.stack([distiller.dataset[i][0] for i in range(4)])
+    torch.manual_seed(7)
+    distiller._loss(x0, torch.full((4,), -1))
+
+    # The draws' order: eps, each image's pair, then the masks of inpaint's condition (the global RNG's)
+    torch.manual_seed(7)
+    torch.randn_like(x0), torch.randint(0, len(distiller.timesteps) - 1, (4,))
+    holed = inpaint_condition(x0, inpaint_masks(4, 8))
+    ((given,), (targeted,)) = student, target
+    for cond in (given, targeted):
+        assert cond.kinds == ("image",) and torch.equal(cond["image"], holed)
+        assert not cond.is_dropped("image").any()
+    assert teacher  # each teacher call (Heun's, or Euler's on the top hop) one guided call on [cond, null]
+    for guided in teacher:
+        assert torch.equal(guided["image"], torch.cat([holed, holed]))
+        assert guided.is_dropped("image").tolist() == [False] * 4 + [True] * 4
 
 
 def test_an_edm_teacher_distils_into_a_student_that_samples_at_its_calls_with_no_flags(edm_teacher, tmp_path):

@@ -13,16 +13,21 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from accelerate.state import AcceleratorState
-from conftest import TINY_TEACHER
-from safetensors.torch import load_file
+from conftest import TINY_MODEL, TINY_TEACHER
+from safetensors.torch import load_file, save_file
+from test_condition_files import folder_config, make_folder
 from test_edm import exact_edm_network
+from test_superres import run_sample_cli, write_png
 
 from ddpm import sample
-from ddpm.config import load_config
+from ddpm.config import ConfigError, build_model, load_config
+from ddpm.data import build_dataset, item_conditions, superres_condition
+from ddpm.digit_strips import EMPTY, sequence_tokens
 from ddpm.distill import main as ddpm_distill
 from ddpm.edm import EDMScheduler
 from ddpm.exact_score import MIXTURE, GaussianMixture, exact_predictor
@@ -31,7 +36,7 @@ from ddpm.losses import progressive_distillation_losses, progressive_target
 from ddpm.samplers import denoiser
 from ddpm.schedule import NoiseScheduler
 from ddpm.training import Trainer
-from ddpm.training.distiller import Distiller, start_distillation
+from ddpm.training.distiller import Distiller, _check_guidance, start_distillation
 from ddpm.training.interruption import STOP_HINT
 
 
@@ -373,6 +378,131 @@ def test_an_edm_teacher_distils_into_a_student_that_sample_py_samples_at_its_cal
     sample_py(student, "ddim: 2 steps, 2 network calls")
 
 
+# ---- teachers conditioned on what their data gives ---------------------------------------------------------
+
+# Tiny teachers conditioned on more than labels (configs/*_digits.yaml, TINY_TEACHER), kind -> the config and
+# its overrides: data.task's image (superres; inpaint's masked image and mask) and vector (attributes), a
+# data set's token sequences (digit_strips) and images (digit_masks: the cluttered digit to segment); "files",
+# an image, a vector and a token sequence read from files, is test_condition_files' folder.
+CONDITIONED = {
+    "superres": ("superres_digits.yaml", ["data.superres_factor=4"]),
+    "inpaint": ("inpaint_digits.yaml", []),
+    "attributes": ("attributes_digits.yaml", []),
+    "digit_strips": ("strips_digits.yaml", []),
+    "digit_masks": ("segment_digits.yaml", []),
+}
+CONDITIONED_KINDS = [*CONDITIONED, "files"]
+
+
+def conditioned_teacher(kind: str, folder: Path) -> tuple[Path, list[str]]:
+    """A tiny teacher run of `kind` (CONDITIONED_KINDS) in folder/teacher, and the sample.py options that give
+    it two different conditions of its kind, written in `folder` (--cond-image, --mask, --cond)."""
+    run = folder / "teacher"
+    rng = np.random.default_rng(0)
+    if kind == "files":  # an image, a vector and a token sequence beside each image of a folder
+        make_folder(folder / "data")
+        config = folder_config(folder / "data", "train.sample_every=0", run=run)
+    else:
+        name, overrides = CONDITIONED[kind]
+        config = load_config(ROOT / "configs" / name, [*TINY_TEACHER, *overrides, f"output_dir={run}"])
+    Trainer(config).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    if kind in ("superres", "inpaint", "digit_masks", "files"):  # superres': the 8x8 model's 2x2 images
+        side = 2 if kind == "superres" else 8
+        for i in range(2):
+            write_png(folder / "images" / f"{i}.png", rng.integers(0, 256, (side, side)))
+    if kind == "inpaint":  # white: keep; one keeps the top half, the other the left
+        for i, keep in enumerate((np.s_[:4, :], np.s_[:, :4])):
+            mask = np.zeros((8, 8))
+            mask[keep] = 255
+            write_png(folder / "masks" / f"{i}.png", mask)
+    (folder / "conds").mkdir()
+    if kind == "attributes":  # standardised ink, thickness, slant
+        for i, vector in enumerate(([0.0, 0.0, 0.0], [2.0, -1.0, 1.5])):
+            np.save(folder / "conds" / f"{i}.npy", np.array(vector, dtype=np.float32))
+    if kind == "digit_strips":  # the tokens of "1 2" and of "5"
+        tokens, mask = sequence_tokens(torch.tensor([[1, 2, EMPTY], [5, EMPTY, EMPTY]]))
+        for i in range(2):
+            np.save(folder / "conds" / f"{i}.npy", tokens[i, mask[i]].numpy())
+    if kind == "files":
+        for i in range(2):
+            cond = {"vector": torch.randn(3), "context": torch.randn(i + 1, 4)}
+            save_file(cond, folder / "conds" / f"{i}.safetensors")
+    options = {
+        "superres": ["--cond-image", folder / "images"],
+        "inpaint": ["--cond-image", folder / "images", "--mask", folder / "masks"],
+        "digit_masks": ["--cond-image", folder / "images"],
+        "attributes": ["--cond", folder / "conds"],
+        "digit_strips": ["--cond", folder / "conds"],
+        "files": ["--cond-image", folder / "images", "--cond", folder / "conds"],
+    }
+    return run, [str(option) for option in options[kind]]
+
+
+def samples_with_its_conditions(student: Path, options: list[str], announced: str, capsys) -> None:
+    """sample.py --checkpoint STUDENT with `options` (two conditions, `conditioned_teacher`'s) draws a grid
+    with no other flag, announcing `announced`; and the student's images under the conditions of the data's
+    first two images (`item_conditions`: what it was distilled on) are finite, of the data's shape, and follow
+    their conditions: the first image's noise under the second's condition gives another image."""
+    out = student / "conditioned.png"
+    code, stdout, stderr = run_sample_cli(["--checkpoint", str(student), *options, "--out", str(out)], capsys)
+    assert code is None and stdout.strip() == str(out) and out.is_file(), stderr
+    assert announced in stderr
+    loaded = load_for_sampling(student)
+    config = load_config(student / "config.yaml")
+    dataset = build_dataset(config.data, config.model)
+    _, _, cond = item_conditions(config.data, dataset, [0, 1], labels=False)
+    shape = (config.data.channels, config.data.image_size, config.data.image_size)
+    settings = {"sampler": loaded.sampling.sampler, "steps": loaded.sampling.steps}
+    images = generate(loaded.model, loaded.scheduler, 2, image_shape=shape, cond=cond, **settings)
+    assert images.shape == (2, *shape) and torch.isfinite(images).all()
+    swapped = generate(
+        loaded.model, loaded.scheduler, 2, image_shape=shape, cond=cond.rows([1, 0]), **settings
+    )
+    # (above rounding, 1e-7 here: the tiny strips teacher's cross-attention moves its images by 1e-5 only)
+    assert (swapped[0] - images[0]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("kind", CONDITIONED_KINDS)
+def test_a_teacher_conditioned_on_what_its_data_gives_distils_into_a_student_that_samples_with_it(
+    tmp_path, kind, capsys
+):
+    run, options = conditioned_teacher(kind, tmp_path)
+    student = tmp_path / "student"
+    distill_main(
+        [str(run), "--out", str(student), "--calls", "1", "--teacher-steps", "2", "--stage-steps", "2"]
+        + ["--guidance-scale", "2"]  # guided: every kind dropped to its learned null in the second half
+    )
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    assert load_config(student / "config.yaml").data == load_config(run / "config.yaml").data
+    samples_with_its_conditions(student, options, "ddim: 1 steps, 1 network calls", capsys)
+
+
+def recorded(call, seen: list):
+    """`call` (x, t, y) -> output, recording each y in `seen`."""
+    return lambda x, t, y: seen.append(y) or call(x, t, y)
+
+
+def test_the_student_and_the_guided_teacher_get_the_batchs_conditions(tmp_path):
+    run, _ = conditioned_teacher("superres", tmp_path)
+    distiller = start_distillation(run, tmp_path / "student", calls=1, teacher_steps=2, guidance_scale=2.0)
+    student, teacher = [], []
+    distiller.forward = recorded(distiller.forward, student)
+    distiller.teacher = recorded(distiller.teacher, teacher)
+    x0 = torch.stack([distiller.dataset[i][0] for i in range(4)])
+    distiller._loss(x0, torch.full((4,), -1))
+
+    low = superres_condition(x0, 4)  # the superres condition of the batch's images
+    (given,) = student
+    assert given.kinds == ("image",) and torch.equal(given["image"], low)
+    assert not given.is_dropped("image").any()
+    assert len(teacher) == 2  # the teacher's two DDIM steps, each one guided call on [cond, cond.null()]
+    for guided in teacher:
+        assert torch.equal(guided["image"], torch.cat([low, low]))
+        assert guided.is_dropped("image").tolist() == [False] * 4 + [True] * 4
+
+
 def test_the_learning_rate_decays_linearly_to_zero_within_each_stage_and_restarts(teacher, tmp_path):
     student = tmp_path / "student"
     start_distillation(teacher, student, calls=1, teacher_steps=4, stage_steps=4, lr=1e-3).train()
@@ -554,13 +684,26 @@ def test_a_teacher_that_cannot_be_distilled_is_refused_with_one_line(teacher, tm
     assert refusal(tmp_path / "missing").startswith(f"error: {tmp_path / 'missing'}: no such file or folder")
     eps = edited_run(teacher, tmp_path / "eps", **{"diffusion.prediction_type": "epsilon"})
     assert "predicts epsilon" in refusal(eps) and "diffusion.prediction_type=v_prediction" in refusal(eps)
-    superres = edited_run(
-        teacher, tmp_path / "superres", **{"data.task": "superres", "model.cond_channels": 1}
-    )
-    assert "is conditioned on data.task=superres's images" in refusal(superres)
     with pytest.raises(SystemExit) as stopped:
         distill_main([str(teacher), "--calls", "1", "--out", str(teacher)])
     assert "is the teacher's run directory: name a new folder" in str(stopped.value.code)
+
+
+def test_guidance_is_refused_for_a_teacher_without_conditions_or_without_a_null_label():
+    def network(*overrides: str, name: str = "digits.yaml") -> torch.nn.Module:
+        return build_model(load_config(ROOT / "configs" / name, [*TINY_MODEL, *overrides]).model)
+
+    unconditional = network("model.num_classes=null")
+    with pytest.raises(ConfigError) as refused:
+        _check_guidance(unconditional, 2.0)
+    assert str(refused.value) == (
+        "--guidance-scale 2 needs a conditioned teacher; this one takes no conditions: pass "
+        "--guidance-scale 1"
+    )
+    _check_guidance(unconditional, 1.0)
+    with pytest.raises(ConfigError, match=r"^--guidance-scale 3 needs a null label to drop the labels to; "):
+        _check_guidance(network("model.null_label=false", "train.label_dropout=0"), 3.0)
+    _check_guidance(network(name="superres_digits.yaml"), 2.0)  # the low-resolution image's learned null
 
 
 def test_a_model_folder_outside_a_run_is_refused(teacher, tmp_path):

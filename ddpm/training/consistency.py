@@ -29,8 +29,11 @@ OUT is an ordinary run directory (`ddpm.run_dir`): its config.yaml is the teache
 
 and beside it distill.json (the `ConsistencySettings`, what --resume must repeat) and teacher/ (the teacher
 run's EMA weights, a model folder). Every checkpoint holds the target network in target/ besides the student
-and its EMA (the weights sampled). A class-conditional teacher is distilled with one guidance scale baked
-in, as in progressive distillation.
+and its EMA (the weights sampled). A conditioned teacher (class labels, data.task's image or vector,
+conditions read from files or given by the data set) is distilled as in progressive distillation: the
+student, the target network and the teacher get each batch's conditions as the Trainer gives its network,
+with one guidance scale baked into the teacher's ODE steps, and the student is sampled without guidance,
+with the conditions the teacher is sampled with.
 
 Teachers of the EDM formulation (`ddpm.edm.EDMScheduler`) are distilled as they are: the loss, the grid and
 the sampler work in the samplers' frame, the data over sigma_data, where the consistency function's sigma_data
@@ -47,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm.conditions import Conditions
 from ddpm.config import Config, ConfigError
 from ddpm.ema import EMA
 from ddpm.losses import consistency_distillation_losses
@@ -147,19 +151,21 @@ class ConsistencyDistiller(DistillationTrainer):
     def _checkpointed_networks(self) -> dict[str, torch.nn.Module]:
         return {TARGET: self.target.module}
 
-    def _loss(self, x0: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The mean `consistency_distillation_losses` of one micro-batch, x0: (N, C, H, W), labels: (N,).
-        Its random draws come from the global RNG, which checkpoints restore, in this order: eps ~ N(0, I),
-        then each image's pair n, uniform in 0..N-2."""
+    def _loss(self, x0: torch.Tensor, labels: torch.Tensor, files: Conditions | None = None) -> torch.Tensor:
+        """The mean `consistency_distillation_losses` of one micro-batch, x0: (N, C, H, W), labels: (N,),
+        files: the conditions read from files or given by the data set (or None); the student, the target
+        network and the teacher get the same conditions (`_conditioned`). Its random draws come from the
+        global RNG, which checkpoints restore, in this order: eps ~ N(0, I), each image's pair n, uniform in
+        0..N-2, then data.task inpaint's masks (from the global CPU RNG)."""
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         noise = torch.randn_like(x0)
         index = torch.randint(0, len(self.timesteps) - 1, (x0.shape[0],), device=x0.device)
-        y = labels if self.conditional else None
+        y, teacher = self._conditioned(x0, labels, files)
         return consistency_distillation_losses(
             self._predict,
             self._target_call,
-            self._teacher_denoiser(y),
+            teacher,
             self.scheduler,
             x0,
             noise,
@@ -169,13 +175,16 @@ class ConsistencyDistiller(DistillationTrainer):
             solver=self.settings.solver,
         ).mean()
 
-    def _target_call(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def _target_call(
+        self, x_t: torch.Tensor, t: torch.Tensor, y: Conditions | torch.Tensor | None
+    ) -> torch.Tensor:
+        """The target network's output under the run's autocast."""
         with self.accelerator.autocast():
             return self.target.module(x_t, t, y)
 
-    def _step(self, x0: torch.Tensor, labels: torch.Tensor) -> bool:
+    def _step(self, x0: torch.Tensor, labels: torch.Tensor, *files: Conditions) -> bool:
         """The Trainer's step, then the target network's EMA update (Algorithm 2's last line)."""
-        finished = super()._step(x0, labels)
+        finished = super()._step(x0, labels, *files)
         if finished:
             self.target.update(self.accelerator.unwrap_model(self.model))
         return finished
@@ -206,8 +215,9 @@ def start_consistency_distillation(
     The teacher may be of either formulation, the discrete-time schedule or EDM's (`ddpm.edm`). Raises
     ConfigError or CheckpointError, on one line naming the problem and its fix, for bad settings, a teacher
     that is not a ddpm run or that consistency distillation cannot take (an epsilon prediction, zero
-    terminal SNR, conditions other than class labels, guidance without a null label), an `out` that holds a
-    distillation already (without `resume`) or another one or none (with it).
+    terminal SNR; guidance of a teacher without conditions, or of labels without a null label), an `out`
+    that holds a distillation already (without `resume`) or another one or none (with it). A conditioned
+    teacher is distilled on each batch's conditions, whatever their kinds (see the module docstring).
     """
     kind = DistillationKind(
         ConsistencySettings, _check_consistency_teacher, consistency_student_config, ConsistencyDistiller

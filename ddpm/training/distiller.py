@@ -29,9 +29,15 @@ learns the mean, the first C, alone; the variance channels get no gradient and d
 so they mean nothing after distillation, and the student's sampler, DDIM with eta = 0, never reads them (nor
 should any other: sample it deterministically, as its config says).
 
-Class-conditional teachers: one guidance scale is baked in. The teacher's two steps use classifier-free
-guidance at `guidance_scale` (default: the teacher run's sample.guidance_scale); the student learns them
-with the data's labels and is sampled without guidance (its sample.guidance_scale is 1).
+Conditioned teachers: the student and the teacher get each batch's conditions as the Trainer gives its
+network (`Trainer._conditions`: class labels, data.task's image or vector, conditions read from files,
+what the data set gives with each image), none dropped, and one guidance scale is baked in. The teacher's
+two steps use classifier-free guidance at `guidance_scale` (default: the teacher run's
+sample.guidance_scale), its unconditional half every condition dropped to its null (labels to the null
+label, the other kinds to the network's learned nulls, as sampling guides); the student learns them with the
+batch's conditions and is sampled without guidance (its sample.guidance_scale is 1), with the conditions the
+teacher is sampled with (its config keeps the teacher's data section: sample.py --cond-image, --mask,
+--cond).
 
 Teachers of the EDM formulation (`ddpm.edm.EDMScheduler`, whose F is a v-prediction in the samplers' frame)
 are distilled as they are: the DDIM steps, the target and the truncated SNR weighting are those of the
@@ -50,11 +56,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ddpm.conditions import Conditions
-from ddpm.config import DATASET_CONDITIONS, Config, ConfigError, build_schedule, load_config
+from ddpm.conditions import Conditions, network_argument
+from ddpm.config import Config, ConfigError, build_schedule, load_config
 from ddpm.inference import load_for_sampling
 from ddpm.io import CheckpointError, atomic_write, load_unet, save_pretrained
 from ddpm.losses import progressive_distillation_losses
+from ddpm.models.unet import CONDITION_ARGUMENTS
 from ddpm.run_dir import RUN_CONFIG, latest_checkpoint
 from ddpm.samplers import denoiser
 from ddpm.samplers.solvers import Denoiser
@@ -154,17 +161,28 @@ class DistillationTrainer(Trainer):
         with torch.random.fork_rng(devices=[]):
             return load_unet(folder, device=self.accelerator.device).requires_grad_(False)
 
-    def _teacher_denoiser(self, y: torch.Tensor | None) -> Denoiser:
-        """The teacher's x0 estimate for labels y, guided at settings.guidance_scale."""
-        return denoiser(
+    def _conditioned(
+        self, x0: torch.Tensor, labels: torch.Tensor, files: Conditions | None
+    ) -> tuple[Conditions | torch.Tensor | None, Denoiser]:
+        """The student's network argument for the micro-batch x0: (N, C, H, W), labels: (N,) and files (the
+        conditions read from files or given by the data set, or None), and the teacher's denoiser on the
+        same conditions, guided at settings.guidance_scale: the Trainer's conditions (`_conditions`, none
+        dropped; data.task inpaint's masks drawn from the global CPU RNG), the guided teacher's unconditional
+        half every kind's null (`Conditions.null`, labels the null label), as `ddpm.samplers.denoiser` guides
+        when sampling."""
+        cond = self._conditions(x0, labels, files)
+        teacher = denoiser(
             self._teacher_call,
             self.scheduler,
-            y=y,
+            cond=cond,
             guidance_scale=self.settings.guidance_scale,
             null_class=self.null_class,
         )
+        return network_argument(cond, self.null_class), teacher
 
-    def _teacher_call(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def _teacher_call(
+        self, x_t: torch.Tensor, t: torch.Tensor, y: Conditions | torch.Tensor | None
+    ) -> torch.Tensor:
         """The teacher's output under the run's autocast."""
         with self.accelerator.autocast():
             return self.teacher(x_t, t, y)
@@ -199,19 +217,20 @@ class Distiller(DistillationTrainer):
         return self.state.step % stage_steps, stage_steps
 
     def _loss(self, x0: torch.Tensor, labels: torch.Tensor, files: Conditions | None = None) -> torch.Tensor:
-        """The mean `progressive_distillation_losses` of one micro-batch, x0: (N, C, H, W), labels: (N,), at
-        the current stage (files: none, `_check_teacher` refuses runs with condition files). Its random
-        draws come from the global RNG, which checkpoints restore, in this order: eps ~ N(0, I), then the
-        student step of each image, uniform in 0..n-1."""
+        """The mean `progressive_distillation_losses` of one micro-batch, x0: (N, C, H, W), labels: (N,),
+        files: the conditions read from files or given by the data set (or None), at the current stage; the
+        student and the teacher get the same conditions (`_conditioned`). Its random draws come from the
+        global RNG, which checkpoints restore, in this order: eps ~ N(0, I), the student step of each image,
+        uniform in 0..n-1, then data.task inpaint's masks (from the global CPU RNG)."""
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         stage = self._stage()
         teacher_grid = self.scheduler.inference_timesteps(self.settings.student_steps(stage) * 2)
         noise = torch.randn_like(x0)
         index = torch.randint(0, len(teacher_grid) // 2, (x0.shape[0],), device=x0.device)
-        y = labels if self.conditional else None
+        y, teacher = self._conditioned(x0, labels, files)
         return progressive_distillation_losses(
-            self._predict, self._teacher_denoiser(y), self.scheduler, x0, noise, index, teacher_grid, y
+            self._predict, teacher, self.scheduler, x0, noise, index, teacher_grid, y
         ).mean()
 
     def _step(self, x0: torch.Tensor, labels: torch.Tensor, *files: Conditions) -> bool:
@@ -265,8 +284,9 @@ def start_distillation(
     The teacher may be of either formulation, the discrete-time schedule or EDM's (`ddpm.edm`). Raises
     ConfigError or CheckpointError, on one line naming the problem and its fix, for settings that cannot be
     distilled, a teacher that is not a ddpm run or that progressive distillation cannot take (an epsilon
-    prediction, conditions other than class labels, guidance without a null label), an `out` that holds a
-    distillation already (without `resume`) or another one or none (with it).
+    prediction; guidance of a teacher without conditions, or of labels without a null label), an `out` that
+    holds a distillation already (without `resume`) or another one or none (with it). A conditioned teacher
+    is distilled on each batch's conditions, whatever their kinds (see the module docstring).
     """
     kind = DistillationKind(DistillSettings, _check_teacher, student_config, Distiller)
     settings = {"calls": calls, "teacher_steps": teacher_steps, "stage_steps": stage_steps, "method": method}
@@ -343,8 +363,9 @@ def distilled_config(
     """The teacher run's config made a student's, every value checked as a config file's: output_dir `out`,
     the DISTILLED_SPACING grid, `steps` optimizer steps at learning rate `lr` under `lr_schedule` (no
     warm-up, decaying to 0), a checkpoint at least every `checkpoint_at_most` steps, `batch_size` images a
-    step (None: the teacher's), no label dropout, FID or post-hoc EMA, uniform timesteps, one sample grid at
-    the end, and sample.py's default `sampler` at `calls` steps, eta 0, unguided."""
+    step (None: the teacher's), no condition dropout, FID or post-hoc EMA, uniform timesteps, one sample
+    grid at the end, and sample.py's default `sampler` at `calls` steps, eta 0, unguided; the data section
+    is the teacher's, so that the student is sampled with the conditions the teacher is."""
     config = teacher.to_dict()
     config["diffusion"]["timestep_spacing"] = DISTILLED_SPACING
     config["data"]["batch_size"] = batch_size if batch_size is not None else teacher.data.batch_size
@@ -355,6 +376,7 @@ def distilled_config(
         lr_min=0.0,
         warmup_steps=0,
         label_dropout=0.0,
+        cond_dropout=None,
         checkpoint_every=min(teacher.train.checkpoint_every, checkpoint_at_most),
         sample_every=steps,
         fid_every=0,
@@ -369,21 +391,6 @@ def distilled_config(
 
 def _check_teacher(config: Config, run: str | Path) -> None:
     """ConfigError for a teacher run whose model progressive distillation cannot take."""
-    if config.data.conditions or config.data.paired:
-        raise ConfigError(
-            f"{run} reads conditions from files (data.conditions, data.paired), which distillation does not "
-            "pass to the teacher and student yet: distil a run without them"
-        )
-    if config.data.task != "none":
-        raise ConfigError(
-            f"{run} is conditioned on data.task={config.data.task}'s images, which distillation does not "
-            "pass to the teacher and student yet: distil a run with data.task=none (class labels are taken)"
-        )
-    if config.data.dataset in DATASET_CONDITIONS:
-        raise ConfigError(
-            f"{run} is conditioned on what data.dataset={config.data.dataset} gives with each image, which "
-            "distillation does not pass to the teacher and student yet: distil a run of images alone"
-        )
     if build_schedule(config.diffusion).prediction_type == "epsilon":
         raise ConfigError(
             f"{run} predicts epsilon, whose x0 estimate diverges at the few noisy steps a student takes "
@@ -393,11 +400,19 @@ def _check_teacher(config: Config, run: str | Path) -> None:
 
 
 def _check_guidance(model: torch.nn.Module, guidance_scale: float) -> None:
-    """ConfigError for a guidance scale the teacher cannot take."""
-    if guidance_scale != 1 and getattr(model, "null_class", None) is None:
+    """ConfigError for a guidance scale the teacher cannot take: guidance drops the conditions to their
+    nulls, so it needs a teacher that takes some, and labels a null label to be dropped to."""
+    if guidance_scale == 1:
+        return
+    if not any(getattr(model, name, None) is not None for name in CONDITION_ARGUMENTS.values()):
         raise ConfigError(
-            f"--guidance-scale {guidance_scale:g} needs a class-conditional teacher with a null label; this "
-            "one has none: pass --guidance-scale 1"
+            f"--guidance-scale {guidance_scale:g} needs a conditioned teacher; this one takes no conditions: "
+            "pass --guidance-scale 1"
+        )
+    if getattr(model, "num_classes", None) is not None and getattr(model, "null_class", None) is None:
+        raise ConfigError(
+            f"--guidance-scale {guidance_scale:g} needs a null label to drop the labels to; this "
+            "class-conditional teacher has none (model.null_label=false): pass --guidance-scale 1"
         )
 
 

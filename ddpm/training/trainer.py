@@ -279,7 +279,7 @@ class Trainer:
             t, weights = self.timestep_sampler.sample(x0.shape[0], self.scheduler, x0.device)
         else:
             t, weights = self.scheduler.sample_timesteps(x0.shape[0], device=x0.device), None
-        cond = batch_conditions(self.config.data, x0, labels if self.conditional else None, files=files)
+        cond = self._conditions(x0, labels, files)
         if self.null_class is not None or not self.conditional:
             cond = drop_conditions(cond, train.condition_dropout(cond.kinds))  # no draw without conditions
         # else: labels without a null label to drop them to (label_dropout is then 0, cond_dropout null)
@@ -301,6 +301,14 @@ class Trainer:
         all_t, all_losses = self.accelerator.gather((t, losses.detach()))
         self._step_t_losses.append((all_t.cpu(), all_losses.cpu()))
         return (weights * losses).mean()
+
+    def _conditions(self, x0: torch.Tensor, labels: torch.Tensor, files: Conditions | None) -> Conditions:
+        """The conditions of a micro-batch before any dropout, what the network is trained on (and, in the
+        distillations, the teacher too): `batch_conditions` of x0 (N, C, H, W), its labels (N,) where the
+        network takes labels, the conditions read from files or given by the data set (`files`, or None),
+        and data.task's (inpaint's masks drawn from the global CPU RNG). `network_argument` makes them the
+        network's argument."""
+        return batch_conditions(self.config.data, x0, labels if self.conditional else None, files=files)
 
     def _end_sampler_step(self, applied: bool) -> None:
         """At the end of an optimizer step, give the timestep sampler the step's losses of every process if
