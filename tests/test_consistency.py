@@ -498,3 +498,25 @@ def test_a_resume_of_a_progressive_distillation_with_the_consistency_method_is_r
         f"error: {student} holds a progressive distillation: resume it with --method progressive, or start "
         "again in another --out"
     )
+
+
+def test_a_resumed_distillation_of_an_inpainting_teacher_ends_as_an_uninterrupted_one(tmp_path):
+    # data.task inpaint's masks are drawn from the global RNG after the loss's own draws: a checkpoint
+    # restores it, so a resumed run sees the masks, noise and pairs an uninterrupted one sees
+    run, _ = conditioned_teacher("inpaint", tmp_path)
+    settings = {"calls": 1, "guidance_scale": 2.0, **TINY}
+    start_consistency_distillation(run, tmp_path / "whole", **settings).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    student = tmp_path / "student"
+    interrupted = start_consistency_distillation(run, student, **settings)
+    interrupted.config.train.checkpoint_every = 2
+    interrupted.signals.stop_requested = lambda step: step == 2
+    interrupted.train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert (student / "checkpoints" / "step-0000002").is_dir()
+    start_consistency_distillation(run, student, **settings, resume=True).train()
+
+    resumed, uninterrupted = final_weights(student, 4), final_weights(tmp_path / "whole", 4)
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=key)
