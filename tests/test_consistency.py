@@ -17,14 +17,13 @@ from safetensors.torch import load_file
 from test_distill import (
     CONDITIONED_KINDS,
     conditioned_teacher,
+    distils_into_a_student_that_samples_with_its_conditions,
     exact_network,
     recorded,
     sample_py,
-    samples_with_its_conditions,
 )
 
 from ddpm import sample
-from ddpm.config import load_config
 from ddpm.data import inpaint_condition, inpaint_masks
 from ddpm.distill import main as distill_main
 from ddpm.edm import EDMScheduler
@@ -373,16 +372,10 @@ def test_the_student_is_a_run_folder_that_sample_py_samples_with_the_consistency
 def test_a_teacher_conditioned_on_what_its_data_gives_distils_into_a_student_that_samples_with_it(
     tmp_path, kind, capsys
 ):
-    run, options = conditioned_teacher(kind, tmp_path)
-    student = tmp_path / "student"
-    distill_main(
-        [str(run), "--method", "consistency", "--calls", "1", "--steps", "2", "--sigmas", "8"]
-        + ["--guidance-scale", "2", "--out", str(student)]  # guided: every kind dropped to its null
+    consistency = ["--method", "consistency", "--steps", "2", "--sigmas", "8"]
+    distils_into_a_student_that_samples_with_its_conditions(
+        kind, tmp_path, consistency, "consistency: 1 steps, 1 network calls", capsys
     )
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-    assert load_config(student / "config.yaml").data == load_config(run / "config.yaml").data
-    samples_with_its_conditions(student, options, "consistency: 1 steps, 1 network calls", capsys)
 
 
 def test_the_student_the_target_and_the_guided_teacher_get_the_batchs_conditions_drawn_last(tmp_path):

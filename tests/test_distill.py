@@ -439,11 +439,22 @@ def conditioned_teacher(kind: str, folder: Path) -> tuple[Path, list[str]]:
     return run, [str(option) for option in options[kind]]
 
 
-def samples_with_its_conditions(student: Path, options: list[str], announced: str, capsys) -> None:
-    """sample.py --checkpoint STUDENT with `options` (two conditions, `conditioned_teacher`'s) draws a grid
-    with no other flag, announcing `announced`; and the student's images under the conditions of the data's
-    first two images (`item_conditions`: what it was distilled on) are finite, of the data's shape, and follow
-    their conditions: the first image's noise under the second's condition gives another image."""
+def distils_into_a_student_that_samples_with_its_conditions(
+    kind: str, folder: Path, method_args: list[str], announced: str, capsys
+) -> None:
+    """A tiny teacher of `kind` (`conditioned_teacher`, in `folder`) distilled to 1 call by `python -m
+    ddpm.distill` with `method_args` (--method and its options) at guidance 2 (every kind dropped to its
+    learned null in the unconditional half) gives a student whose data section is the teacher's, and:
+    sample.py --checkpoint STUDENT with the conditions' options draws a grid with no other flag, announcing
+    `announced`; the student's images under the conditions of the data's first two images (`item_conditions`:
+    what it was distilled on) are finite, of the data's shape, and follow their conditions: the first image's
+    noise under the second's condition gives another image."""
+    run, options = conditioned_teacher(kind, folder)
+    student = folder / "student"
+    ddpm_distill([str(run), "--out", str(student), "--calls", "1", "--guidance-scale", "2", *method_args])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert load_config(student / "config.yaml").data == load_config(run / "config.yaml").data
+
     out = student / "conditioned.png"
     code, stdout, stderr = run_sample_cli(["--checkpoint", str(student), *options, "--out", str(out)], capsys)
     assert code is None and stdout.strip() == str(out) and out.is_file(), stderr
@@ -467,16 +478,10 @@ def samples_with_its_conditions(student: Path, options: list[str], announced: st
 def test_a_teacher_conditioned_on_what_its_data_gives_distils_into_a_student_that_samples_with_it(
     tmp_path, kind, capsys
 ):
-    run, options = conditioned_teacher(kind, tmp_path)
-    student = tmp_path / "student"
-    distill_main(
-        [str(run), "--out", str(student), "--calls", "1", "--teacher-steps", "2", "--stage-steps", "2"]
-        + ["--guidance-scale", "2"]  # guided: every kind dropped to its learned null in the second half
+    progressive = ["--method", "progressive", "--teacher-steps", "2", "--stage-steps", "2"]
+    distils_into_a_student_that_samples_with_its_conditions(
+        kind, tmp_path, progressive, "ddim: 1 steps, 1 network calls", capsys
     )
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-    assert load_config(student / "config.yaml").data == load_config(run / "config.yaml").data
-    samples_with_its_conditions(student, options, "ddim: 1 steps, 1 network calls", capsys)
 
 
 def recorded(call, seen: list):
